@@ -1,0 +1,44 @@
+# Everything a fresh machine with Python 3.11 needs: `make demo`, `make test`.
+PYTHON ?= python3.11
+TOOLS  := .venv-tools
+VENV   := .venv
+UV     := $(TOOLS)/bin/uv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fedbeam-installed
+UV_VERSION := 0.13.8
+
+.PHONY: demo test bench env clean lock
+
+env: $(STAMP)
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+$(STAMP): $(UV) pyproject.toml requirements/lock.txt requirements/overrides.txt
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(PY) -r requirements/lock.txt \
+	    --override requirements/overrides.txt
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	touch $(STAMP)
+
+# The main job end to end on real data (scikit-learn's handwritten digits).
+demo: $(STAMP)
+	$(PY) -m fedbeam.demo --workdir build/demo
+
+# The test suite.
+test: $(STAMP)
+	mkdir -p build
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+# Re-pin requirements/lock.txt after changing pyproject.toml.
+lock: $(UV)
+	$(UV) pip compile pyproject.toml --extra test \
+	    --override requirements/overrides.txt --python-version 3.11 \
+	    --no-annotate --no-header -o requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) $(TOOLS) build

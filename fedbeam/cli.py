@@ -1,0 +1,140 @@
+"""The `fedbeam` command: prepare, inspect, train.
+
+`prepare` passes every flag it does not know to Beam as a pipeline option
+(`--runner`, `--direct_num_workers`, `--project`, ...) after checking that
+Beam knows it. Exit codes: 0 success, 1 the job or input failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def _beam_option_names() -> set[str]:
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  return set(PipelineOptions([]).get_all_options(drop_default=False).keys())
+
+
+def _check_beam_args(args: Sequence[str]) -> Optional[str]:
+  """Returns an error message for a pass-through flag Beam does not know, else None."""
+  known = _beam_option_names()
+  for arg in args:
+    if not arg.startswith("--"):
+      continue
+    name = arg[2:].split("=", 1)[0]
+    if name.replace("-", "_") not in known:
+      return (f"unknown flag --{name} (neither a fedbeam prepare flag nor a Beam pipeline "
+              "option)")
+  return None
+
+
+def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--input", required=True,
+                 help="input file pattern (comma-separated patterns allowed; one file for tff-sqlite)")
+  p.add_argument("--input-format", required=True, choices=["tfrecord", "avro", "tff-sqlite"])
+  p.add_argument("--client-id-key",
+                 help="feature (tfrecord) or field (avro) holding the client id; required for both")
+  p.add_argument("--element-spec", metavar="FILE",
+                 help='JSON {"feature": {"dtype": "float32", "shape": [28, 28]}, ...}; '
+                      "null marks a variable-length leading dimension. Default: inferred")
+  p.add_argument("--order-by", metavar="FEATURE",
+                 help="order examples inside a client by this feature; '@input' keeps input "
+                      "order; default: by serialized content")
+  p.add_argument("--sqlite-split", metavar="NAME",
+                 help="with tff-sqlite: read only rows of this split_name")
+  p.add_argument("--output", required=True, help="store directory (local or gs://)")
+  p.add_argument("--num-shards", type=int,
+                 help="shard directories per split (default: one per ~4096 clients)")
+  p.add_argument("--overwrite", action="store_true", help="replace a committed store at --output")
+
+
+def _run_prepare(args, beam_args) -> int:
+  from fedbeam.element_spec import ElementSpec, ElementSpecError  # pylint: disable=g-import-not-at-top
+  from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare  # pylint: disable=g-import-not-at-top
+  error = _check_beam_args(beam_args)
+  if error:
+    print(f"fedbeam prepare: error: {error}", file=sys.stderr)
+    return 2
+  try:
+    spec = ElementSpec.from_json_file(args.element_spec) if args.element_spec else None
+  except ElementSpecError as e:
+    print(f"fedbeam prepare: error: --element-spec: {e}", file=sys.stderr)
+    return 2
+  config = PrepareConfig(
+      input=args.input, input_format=args.input_format, output=args.output,
+      client_id_key=args.client_id_key, element_spec=spec,
+      element_spec_path=args.element_spec, order_by=args.order_by,
+      num_shards=args.num_shards, overwrite=args.overwrite, sqlite_split=args.sqlite_split)
+  try:
+    result = run_prepare(config, beam_args)
+  except PrepareError as e:
+    print(f"fedbeam prepare: error: {e}", file=sys.stderr)
+    print("fedbeam prepare: no store was committed", file=sys.stderr)
+    return 1
+  print(result.summary())
+  return 0
+
+
+def _run_inspect(args) -> int:
+  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  from fedbeam.store_summary import format_summary, summarize_store  # pylint: disable=g-import-not-at-top
+  try:
+    summary = summarize_store(args.store)
+  except sf.StoreFormatError as e:
+    print(f"fedbeam inspect: error: {e}", file=sys.stderr)
+    return 1
+  if args.json:
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+  else:
+    print(format_summary(summary))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="fedbeam",
+      description="Prepare federated client datasets with Apache Beam and train on them.")
+  parser.add_argument("--verbose", action="store_true", help="log at INFO level")
+  sub = parser.add_subparsers(dest="command", required=True)
+  prepare = sub.add_parser(
+      "prepare", help="input files -> a store of one TFRecord file per client",
+      description="Runs the prepare pipeline. Unknown --flags go to Beam as pipeline options.")
+  _add_prepare_arguments(prepare)
+  inspect = sub.add_parser("inspect", help="summarize a store")
+  inspect.add_argument("store")
+  inspect.add_argument("--json", action="store_true", help="print one JSON object")
+  try:
+    from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    train_module = None
+  if train_module is not None and hasattr(train_module, "add_train_arguments"):
+    train = sub.add_parser("train", help="federated training over a store")
+    train_module.add_train_arguments(train)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  # TensorFlow's C++ start-up chatter would bury the job's own messages.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="%(levelname)s %(name)s: %(message)s")
+  if args.command != "prepare" and extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  if args.command == "prepare":
+    return _run_prepare(args, extra)
+  if args.command == "inspect":
+    return _run_inspect(args)
+  from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
+  return train_module.run_train(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,93 @@
+"""Encode input records in the store encoding and group them by client.
+
+Order inside a client is deterministic whatever the runner or worker count:
+by the `--order-by` feature (ties broken by record bytes), by input position
+with `--order-by @input`, or, by default, by the serialized record bytes (a
+stable content key).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import apache_beam as beam
+import numpy as np
+
+from fedbeam.element_spec import ElementSpec
+from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord, conform_record
+from fedbeam.store_format import encode_example
+
+ORDER_BY_INPUT = "@input"
+
+
+def check_order_by(order_by: Optional[str], spec: ElementSpec) -> None:
+  """Raises InputError unless `order_by` is None, '@input' or a fixed-size feature of `spec`."""
+  if order_by is None or order_by == ORDER_BY_INPUT:
+    return
+  if order_by not in spec:
+    raise InputError(f"--order-by {order_by!r} is not a feature; features are {spec.names}")
+  if spec[order_by].is_variable_length:
+    raise InputError(f"--order-by {order_by!r} is a variable-length feature; pick a fixed-size one")
+
+
+def _sort_key(record: InputRecord, values, order_by: Optional[str]) -> tuple:
+  if order_by is None:
+    return ()
+  if order_by == ORDER_BY_INPUT:
+    return tuple(record.position)
+  return tuple(np.asarray(values[order_by]).reshape(-1).tolist())
+
+
+class _EncodeRecord(beam.DoFn):
+
+  def __init__(self, order_by: Optional[str]):
+    self._order_by = order_by
+
+  def process(self, record: InputRecord, spec: Optional[ElementSpec]):
+    if spec is None:  # Unreachable: an empty input has no record to encode.
+      return
+    values = conform_record(record, spec)
+    yield record.client_id, (_sort_key(record, values, self._order_by), encode_example(values, spec))
+
+
+def _to_client(element) -> ClientRecords:
+  client_id, entries = element
+  # None marks a client the input declares (it may have no record).
+  keyed = sorted(e for e in entries if e is not None)
+  return ClientRecords(client_id=client_id, records=[data for _, data in keyed])
+
+
+def _check_spec(spec: Optional[ElementSpec], order_by: Optional[str]) -> ElementSpec:
+  if spec is None:
+    raise InputError("the input holds no record, so no element spec can be inferred; "
+                     "pass --element-spec FILE")
+  check_order_by(order_by, spec)
+  return spec
+
+
+class GroupByClient(beam.PTransform):
+  """Encodes records and groups them into one `ClientRecords` per client id.
+
+  Input: a dict with `records` (PCollection[InputRecord]) and `clients`
+  (PCollection[str], ids declared by the input, possibly without records).
+  `spec` is a singleton PCollection[ElementSpec].
+  Output: PCollection[ClientRecords], records in store order.
+  Raises (at run time) InputError naming the file and record that does not
+  match the spec.
+  """
+
+  def __init__(self, spec, order_by: Optional[str] = None):
+    super().__init__()
+    self._spec = spec
+    self._order_by = order_by
+
+  def expand(self, inputs):
+    order_by = self._order_by
+    spec = self._spec | "CheckSpec" >> beam.Map(_check_spec, order_by)
+    encoded = inputs["records"] | "Encode" >> beam.ParDo(
+        _EncodeRecord(order_by), beam.pvalue.AsSingleton(spec))
+    declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, None))
+    return ((encoded, declared)
+            | "Merge" >> beam.Flatten()
+            | "GroupByClient" >> beam.GroupByKey()
+            | "SortClient" >> beam.Map(_to_client))

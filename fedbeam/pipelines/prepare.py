@@ -1,0 +1,258 @@
+"""The prepare job: input files -> committed store.
+
+`PrepareStore` is the composite transform (read -> element spec -> group by
+client -> optional pseudo-client expansion -> empty-client check -> optional
+train/test split -> write). `run_prepare` prepares the output directory,
+runs the pipeline on the chosen runner (the local FnApiRunner unless
+`--runner` says otherwise) and returns a summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from fedbeam.element_spec import ElementSpec, ElementSpecError
+from fedbeam.pipelines import sources
+from fedbeam.pipelines.grouping import GroupByClient, check_order_by
+from fedbeam.pipelines.records import InputError
+from fedbeam.pipelines.spec_inference import InferElementSpec
+from fedbeam.pipelines.store_writer import StoreWriteError, WriteStore
+from fedbeam import store_format as sf
+
+
+class PrepareError(ValueError):
+  """A prepare job that cannot run or failed; the message says what and where."""
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+  """What a prepare job reads, does and writes (the `fedbeam prepare` flags)."""
+
+  input: str
+  input_format: str
+  output: str
+  client_id_key: Optional[str] = None
+  element_spec: Optional[ElementSpec] = None
+  element_spec_path: Optional[str] = None
+  order_by: Optional[str] = None
+  num_shards: Optional[int] = None
+  overwrite: bool = False
+  sqlite_split: Optional[str] = None
+
+  def parameters(self) -> dict[str, Any]:
+    """The parameters recorded in the store's metadata (JSON scalars only)."""
+    return {
+        "input": self.input,
+        "input_format": self.input_format,
+        "client_id_key": self.client_id_key,
+        "element_spec": self.element_spec_path,
+        "order_by": self.order_by,
+        "num_shards": self.num_shards,
+        "sqlite_split": self.sqlite_split,
+    }
+
+  def validate(self) -> None:
+    if self.input_format not in sources.INPUT_FORMATS:
+      raise PrepareError(f"--input-format {self.input_format!r}: use one of "
+                         f"{list(sources.INPUT_FORMATS)}")
+    if self.input_format in ("tfrecord", "avro") and not self.client_id_key:
+      raise PrepareError(f"--client-id-key is required with --input-format {self.input_format}")
+    if self.num_shards is not None and self.num_shards < 1:
+      raise PrepareError(f"--num-shards must be >= 1, got {self.num_shards}")
+    if self.element_spec is not None and self.client_id_key in self.element_spec:
+      raise PrepareError(f"--element-spec lists the client-id feature {self.client_id_key!r}; "
+                         "the id is not part of the elements")
+    if self.element_spec is not None:
+      try:
+        check_order_by(self.order_by, self.element_spec)
+      except InputError as e:
+        raise PrepareError(str(e)) from None
+
+
+class PrepareStore(beam.PTransform):
+  """Input files -> committed store.
+
+  Input: the pipeline root. Output: singleton PCollection with the store's
+  metadata dict. `paths` are the input files (already matched).
+  """
+
+  def __init__(self, config: PrepareConfig, paths: Sequence[str], job_key: str):
+    super().__init__()
+    self._config = config
+    self._paths = list(paths)
+    self._job_key = job_key
+
+  def expand(self, pbegin):
+    c = self._config
+    inputs = pbegin | "Read" >> sources.ReadClientInput(
+        self._paths, c.input_format, c.client_id_key, c.sqlite_split)
+    if c.element_spec is not None:
+      spec = pbegin | "ElementSpec" >> beam.Create([c.element_spec])
+    else:
+      spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
+    clients = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by)
+    return clients | "WriteStore" >> WriteStore(
+        c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
+        job_key=self._job_key)
+
+
+def prepare_output_dir(output: str, overwrite: bool) -> None:
+  """Makes `output` ready for a new store and marks the write in progress.
+
+  An existing committed store is removed only with `overwrite` (metadata
+  first, so an interrupted removal never leaves a store that looks valid).
+  Leftovers of an interrupted fedbeam write are cleared; any other non-empty
+  directory is refused.
+
+  Raises:
+    PrepareError: the path holds a store and `overwrite` is False, or holds
+      files that are not fedbeam's, or cannot be written.
+  """
+  meta = sf.metadata_path(output)
+  marker = sf.join(output, sf.IN_PROGRESS_FILE)
+  try:
+    if FileSystems.exists(meta):
+      if not overwrite:
+        raise PrepareError(f"--output {output} already holds a committed fedbeam store; "
+                           "pass --overwrite to replace it")
+      FileSystems.delete([meta])
+      FileSystems.delete([output])
+    elif FileSystems.exists(output):
+      listing = FileSystems.match([sf.join(output, "*")])[0].metadata_list
+      if listing and not FileSystems.exists(marker):
+        raise PrepareError(
+            f"--output {output} is not empty and holds no fedbeam store; pick an empty or "
+            "new directory")
+      if listing:
+        FileSystems.delete([output])
+    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
+    with FileSystems.create(marker) as f:
+      f.write(b"a fedbeam prepare job is writing this store; it is not valid until "
+              b"metadata.json exists\n")
+  except PrepareError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise PrepareError(f"--output {output}: cannot prepare the directory: {e}") from None
+
+
+def job_key(config: PrepareConfig, paths: Sequence[str]) -> str:
+  """A stable key for this job (inputs and parameters), used to derive Avro sync markers."""
+  payload = json.dumps({"paths": list(paths), "parameters": config.parameters(),
+                        "spec": config.element_spec.to_json() if config.element_spec else None},
+                       sort_keys=True)
+  return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, Any]:
+  """Pipeline options from pass-through flags, and the runner to use.
+
+  Without `--runner`, the local FnApiRunner (in-process, or multi-process with
+  `--direct_running_mode=multi_processing`): the DirectRunner would first try
+  the Prism runner, which downloads a binary.
+  """
+  options = PipelineOptions(list(beam_args))
+  if options.view_as(StandardOptions).runner is None:
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
+    return options, FnApiRunner()
+  return options, None
+
+
+_KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "InvalidClientIdError",
+                 "ExpansionError", "SplitError", "EmptyClientsError")
+
+
+def explain_pipeline_error(error: BaseException) -> str:
+  """The user-facing message of a failed pipeline: ours if one of our errors caused it."""
+  seen = set()
+  e: Optional[BaseException] = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if type(e).__name__ in _KNOWN_ERRORS:
+      return str(e).split(" [while running")[0].strip()
+    e = e.__cause__ or e.__context__
+  text = str(error)
+  for line in text.splitlines():
+    for name in _KNOWN_ERRORS:
+      marker = f"{name}: "
+      if marker in line:
+        return line.split(marker, 1)[1].split(" [while running")[0].strip()
+  return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+
+
+@dataclasses.dataclass
+class PrepareResult:
+  metadata: dict[str, Any]
+  counters: dict[str, int]
+  seconds: float
+
+  def summary(self) -> str:
+    m = self.metadata
+    clients = sum(s["num_clients"] for s in m["splits"])
+    examples = sum(s["num_examples"] for s in m["splits"])
+    size = sum(s["num_bytes"] for s in m["splits"])
+    rate = examples / self.seconds if self.seconds > 0 else float("inf")
+    lines = [f"store written: {clients} clients, {examples} examples, {size} bytes "
+             f"in {self.seconds:.1f} s ({rate:,.0f} examples/s)"]
+    for s in m["splits"]:
+      lines.append(f"  split {s['name']}: {s['num_clients']} clients, {s['num_examples']} "
+                   f"examples, {s['num_empty_clients']} empty")
+    e = m["empty_clients"]
+    if e["found"]:
+      lines.append(f"  empty clients: {e['found']} found, policy {e['policy']}, "
+                   f"{e['dropped']} dropped")
+    return "\n".join(lines)
+
+
+def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> PrepareResult:
+  """Runs a prepare job to completion and returns its result.
+
+  Raises:
+    PrepareError: bad configuration or input, or a failed pipeline; the
+      message names the flag, file, record or client at fault. The output
+      then holds no committed store.
+  """
+  config.validate()
+  try:
+    if config.input_format == "tff-sqlite":
+      paths = [config.input]
+      sources.sqlite_row_ranges(config.input, config.sqlite_split)
+    else:
+      paths = sources.match_input_files(config.input)
+  except InputError as e:
+    raise PrepareError(str(e)) from None
+  if any(sf.join(config.output, "") in sf.join(p, "") for p in paths) or \
+      config.output.rstrip("/") in [p.rstrip("/") for p in paths]:
+    raise PrepareError(f"--output {config.output} overlaps the input files")
+  options, runner = default_runner_options(beam_args)
+  prepare_output_dir(config.output, config.overwrite)
+  key = job_key(config, paths)
+  start = time.monotonic()
+  try:
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    _ = pipeline | "Prepare" >> PrepareStore(config, paths, key)
+    result = pipeline.run()
+    result.wait_until_finish()
+  except (ElementSpecError, InputError, StoreWriteError) as e:
+    raise PrepareError(str(e).split(" [while running")[0]) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise PrepareError(explain_pipeline_error(e)) from e
+  seconds = time.monotonic() - start
+  counters = {}
+  try:
+    for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("fedbeam"))["counters"]:
+      counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+  except Exception:  # pylint: disable=broad-except
+    pass  # Some runners do not report metrics; the metadata has the counts.
+  try:
+    metadata = sf.read_metadata(config.output)
+  except sf.StoreFormatError as e:
+    raise PrepareError(f"the pipeline finished but the store is not committed: {e}") from None
+  return PrepareResult(metadata, counters, seconds)

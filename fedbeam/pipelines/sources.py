@@ -1,0 +1,377 @@
+"""Input sources: TFRecord of tf.train.Example, Avro, and TFF SQLite client data.
+
+Each source is a `beam.PTransform` applied to the pipeline root that outputs
+`InputRecord`s, plus a PCollection of client ids the input declares even when
+they have no example (TFF's SQLite `client_metadata` can list empty clients).
+Files are read whole by one worker each, in a DoFn, so every record keeps
+its file and index for error messages and for `--order-by @input`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Iterable, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+import numpy as np
+
+from fedbeam.pipelines.records import (ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
+                                       SCALAR, STRING, InputError, InputRecord, RawFeature)
+from fedbeam.store_format import InvalidClientIdError, check_client_id
+
+INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite")
+# Rows of a TFF SQLite database read by one work item.
+SQLITE_ROWS_PER_RANGE = 20_000
+
+
+def match_input_files(pattern: str) -> list[str]:
+  """Expands a file pattern (comma-separated patterns allowed), sorted.
+
+  Raises:
+    InputError: a pattern matches no file.
+  """
+  paths = []
+  for part in [p.strip() for p in pattern.split(",") if p.strip()]:
+    try:
+      result = FileSystems.match([part])[0]
+    except Exception as e:  # pylint: disable=broad-except
+      raise InputError(f"--input {part!r}: cannot list files: {e}") from None
+    found = [m.path for m in result.metadata_list]
+    if not found:
+      raise InputError(f"--input {part!r} matches no file")
+    paths.extend(found)
+  return sorted(set(paths))
+
+
+# ----------------------------------------------------------------------------
+# tf.train.Example
+# ----------------------------------------------------------------------------
+
+def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
+                         position: tuple[str, int]) -> InputRecord:
+  """Turns a serialized tf.train.Example into an InputRecord.
+
+  With `client_id_key` None the caller supplies the id separately (SQLite);
+  the returned record then has an empty client id.
+  """
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  try:
+    example = example_pb2.Example.FromString(data)
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(f"{source}: not a serialized tf.train.Example ({e})") from None
+  features = {}
+  client_id = ""
+  for name, feature in example.features.feature.items():
+    kind = feature.WhichOneof("kind")
+    if name == client_id_key:
+      if kind != "bytes_list":
+        raise InputError(
+            f"{source}: client-id feature {name!r} is a {kind or 'typeless feature'}, "
+            "expected a bytes_list holding one UTF-8 string")
+      if len(feature.bytes_list.value) != 1:
+        raise InputError(
+            f"{source}: client-id feature {name!r} has {len(feature.bytes_list.value)} "
+            "values, expected exactly one")
+      try:
+        client_id = check_client_id(feature.bytes_list.value[0], source)
+      except InvalidClientIdError as e:
+        raise InputError(str(e)) from None
+      continue
+    if kind == "bytes_list":
+      values = np.array(list(feature.bytes_list.value), dtype=object)
+      features[name] = RawFeature(values, STRING, ANY_RANK)
+    elif kind == "float_list":
+      features[name] = RawFeature(
+          np.array(feature.float_list.value, dtype=np.float32), FLOAT32, ANY_RANK)
+    elif kind == "int64_list":
+      features[name] = RawFeature(
+          np.array(feature.int64_list.value, dtype=np.int64), INT64, ANY_RANK)
+    else:
+      raise InputError(f"{source}: feature {name!r} has no value list (bytes, float or int64)")
+  if client_id_key is not None and not client_id:
+    raise InputError(
+        f"{source}: client-id feature {client_id_key!r} is missing "
+        f"(features present: {sorted(example.features.feature.keys())})")
+  return InputRecord(client_id, features, position)
+
+
+class _ReadTFRecordFile(beam.DoFn):
+
+  def __init__(self, client_id_key: str):
+    self._client_id_key = client_id_key
+    self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
+
+  def process(self, path: str) -> Iterable[InputRecord]:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    index = 0
+    try:
+      for data in tf.compat.v1.io.tf_record_iterator(path):
+        source = f"{path} record {index}"
+        yield parse_example_record(data, self._client_id_key, source, (path, index))
+        self._records.inc()
+        index += 1
+    except (tf.errors.DataLossError, tf.errors.OpError) as e:
+      raise InputError(
+          f"{path}: unreadable TFRecord file at record {index}: {e.message}") from None
+
+
+class ReadTFRecordExamples(beam.PTransform):
+  """Reads TFRecord files of serialized tf.train.Example.
+
+  Input: the pipeline root. Output: `InputRecord`s; the bytes feature
+  `client_id_key` (one UTF-8 string) is the client id and is not a feature.
+  """
+
+  def __init__(self, paths: Sequence[str], client_id_key: str):
+    super().__init__()
+    self._paths = list(paths)
+    self._client_id_key = client_id_key
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "ListFiles" >> beam.Create(self._paths)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadFiles" >> beam.ParDo(_ReadTFRecordFile(self._client_id_key)))
+
+
+# ----------------------------------------------------------------------------
+# Avro
+# ----------------------------------------------------------------------------
+
+_AVRO_KINDS = {
+    "string": STRING, "bytes": STRING, "enum": STRING, "fixed": STRING,
+    "int": INT32, "long": INT64, "float": FLOAT32, "double": FLOAT64, "boolean": BOOL,
+}
+
+
+def _avro_field_kind(schema, field: str, path: str) -> tuple[str, str]:
+  """(kind, rank) of an Avro field schema; unions with null are allowed (null is an error later)."""
+  if isinstance(schema, list):
+    branches = [s for s in schema if s != "null"]
+    if len(branches) != 1:
+      raise InputError(f"{path}: Avro field {field!r} is a union {schema}; only [\"null\", T] is supported")
+    schema = branches[0]
+  if isinstance(schema, dict):
+    t = schema.get("type")
+    if t == "array":
+      kind, rank = _avro_field_kind(schema["items"], field, path)
+      if rank != SCALAR:
+        raise InputError(f"{path}: Avro field {field!r} is a nested array; only flat arrays are supported")
+      return kind, LIST
+    if t in ("enum", "fixed"):
+      return STRING, SCALAR
+    if isinstance(t, str) and t in _AVRO_KINDS and "logicalType" not in schema:
+      return _AVRO_KINDS[t], SCALAR
+    raise InputError(f"{path}: Avro field {field!r} has unsupported type {schema}")
+  if schema in _AVRO_KINDS:
+    return _AVRO_KINDS[schema], SCALAR
+  raise InputError(f"{path}: Avro field {field!r} has unsupported type {schema!r}")
+
+
+_NUMPY_OF_KIND = {STRING: object, FLOAT32: np.float32, FLOAT64: np.float64,
+                  INT32: np.int32, INT64: np.int64, BOOL: np.bool_}
+
+
+class _ReadAvroFile(beam.DoFn):
+
+  def __init__(self, client_id_key: str):
+    self._client_id_key = client_id_key
+    self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
+
+  def process(self, path: str) -> Iterable[InputRecord]:
+    import fastavro  # pylint: disable=g-import-not-at-top
+    index = 0
+    try:
+      with FileSystems.open(path) as f:
+        reader = fastavro.reader(f)
+        schema = reader.writer_schema
+        if not isinstance(schema, dict) or schema.get("type") != "record":
+          raise InputError(f"{path}: Avro file does not hold records")
+        kinds = {}
+        for field in schema["fields"]:
+          if field["name"] != self._client_id_key:
+            kinds[field["name"]] = _avro_field_kind(field["type"], field["name"], path)
+        for row in reader:
+          source = f"{path} record {index}"
+          yield self._to_record(row, kinds, source, (path, index))
+          self._records.inc()
+          index += 1
+    except InputError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise InputError(f"{path}: unreadable Avro file at record {index}: {e}") from None
+
+  def _to_record(self, row, kinds, source, position) -> InputRecord:
+    if self._client_id_key not in row:
+      raise InputError(f"{source}: client-id field {self._client_id_key!r} is missing "
+                       f"(fields present: {sorted(row)})")
+    raw_id = row[self._client_id_key]
+    if not isinstance(raw_id, (str, bytes)):
+      raise InputError(f"{source}: client-id field {self._client_id_key!r} is "
+                       f"{type(raw_id).__name__} {raw_id!r}, expected a string")
+    try:
+      client_id = check_client_id(raw_id, source)
+    except InvalidClientIdError as e:
+      raise InputError(str(e)) from None
+    features = {}
+    for name, (kind, rank) in kinds.items():
+      value = row.get(name)
+      if value is None:
+        raise InputError(f"{source}: field {name!r} is null; fedbeam needs a value in every record")
+      items = value if rank == LIST else [value]
+      if kind == STRING:
+        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in items]
+      features[name] = RawFeature(np.array(items, dtype=_NUMPY_OF_KIND[kind]).reshape(-1), kind, rank)
+    return InputRecord(client_id, features, position)
+
+
+class ReadAvroRecords(beam.PTransform):
+  """Reads Avro container files of flat records.
+
+  Input: the pipeline root. Output: `InputRecord`s; the string field
+  `client_id_key` is the client id; every other field is a feature (scalars
+  and flat arrays of string/bytes/int/long/float/double/boolean).
+  """
+
+  def __init__(self, paths: Sequence[str], client_id_key: str):
+    super().__init__()
+    self._paths = list(paths)
+    self._client_id_key = client_id_key
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "ListFiles" >> beam.Create(self._paths)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadFiles" >> beam.ParDo(_ReadAvroFile(self._client_id_key)))
+
+
+# ----------------------------------------------------------------------------
+# TFF SQLite client data
+# ----------------------------------------------------------------------------
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+  return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, int]]:
+  """Splits the `examples` table of a TFF SQLite database into rowid ranges.
+
+  Raises:
+    InputError: not a local file, not SQLite, or not TFF's layout.
+  """
+  if "://" in path:
+    raise InputError(f"--input {path}: TFF SQLite databases must be local files "
+                     "(copy it to the machine first)")
+  if not os.path.isfile(path):
+    raise InputError(f"--input {path}: no such file")
+  try:
+    with _connect_readonly(path) as con:
+      tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+      missing = {"examples", "client_metadata"} - tables
+      if missing:
+        raise InputError(f"{path}: not a TFF client-data database (missing table(s) "
+                         f"{sorted(missing)}; found {sorted(tables)})")
+      lo, hi = con.execute("SELECT min(rowid), max(rowid) FROM examples").fetchone()
+  except sqlite3.DatabaseError as e:
+    raise InputError(f"{path}: not a readable SQLite database ({e})") from None
+  if lo is None:
+    return []
+  return [(start, min(start + SQLITE_ROWS_PER_RANGE - 1, hi))
+          for start in range(lo, hi + 1, SQLITE_ROWS_PER_RANGE)]
+
+
+class _ReadSqliteRange(beam.DoFn):
+
+  def __init__(self, path: str, split_name: Optional[str]):
+    self._path = path
+    self._split_name = split_name
+    self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
+
+  def process(self, row_range: tuple[int, int]) -> Iterable[InputRecord]:
+    query = ("SELECT rowid, client_id, serialized_example_proto FROM examples "
+             "WHERE rowid BETWEEN ? AND ?")
+    params: list = list(row_range)
+    if self._split_name is not None:
+      query += " AND split_name = ?"
+      params.append(self._split_name)
+    with _connect_readonly(self._path) as con:
+      for rowid, raw_id, data in con.execute(query, params):
+        source = f"{self._path} rowid {rowid}"
+        try:
+          client_id = check_client_id(raw_id, source)
+        except InvalidClientIdError as e:
+          raise InputError(str(e)) from None
+        record = parse_example_record(bytes(data), None, source, (self._path, rowid))
+        self._records.inc()
+        yield InputRecord(client_id, record.features, record.position)
+
+
+def _sqlite_declared_clients(path: str, split_name: Optional[str]) -> Iterable[str]:
+  query = "SELECT DISTINCT client_id FROM client_metadata"
+  params: list = []
+  if split_name is not None:
+    query += " WHERE split_name = ?"
+    params.append(split_name)
+  with _connect_readonly(path) as con:
+    for (raw_id,) in con.execute(query, params):
+      try:
+        yield check_client_id(raw_id, f"{path} table client_metadata")
+      except InvalidClientIdError as e:
+        raise InputError(str(e)) from None
+
+
+class ReadTffSqlite(beam.PTransform):
+  """Reads a database written by `tff.simulation.datasets.save_to_sql_client_data`.
+
+  Input: the pipeline root. Output: a dict with `records` (`InputRecord`s from
+  the `examples` table) and `clients` (every id in `client_metadata`, so
+  clients without examples are kept). `split_name` filters both tables like
+  TFF's `load_and_parse_sql_client_data(..., split_name=...)`.
+  """
+
+  def __init__(self, path: str, split_name: Optional[str] = None):
+    super().__init__()
+    self._path = path
+    self._split_name = split_name
+
+  def expand(self, pbegin):
+    ranges = sqlite_row_ranges(self._path, self._split_name)
+    records = (pbegin
+               | "RowRanges" >> beam.Create(ranges)
+               | "SpreadRanges" >> beam.Reshuffle()
+               | "ReadRows" >> beam.ParDo(_ReadSqliteRange(self._path, self._split_name)))
+    path, split = self._path, self._split_name
+    clients = (pbegin
+               | "Database" >> beam.Create([path])
+               | "ReadClientMetadata" >> beam.FlatMap(
+                   lambda p: _sqlite_declared_clients(p, split)))
+    return {"records": records, "clients": clients}
+
+
+class ReadClientInput(beam.PTransform):
+  """Reads any supported input. Output: {"records": InputRecord, "clients": str}."""
+
+  def __init__(self, paths: Sequence[str], input_format: str,
+               client_id_key: Optional[str] = None, sqlite_split: Optional[str] = None):
+    super().__init__()
+    if input_format not in INPUT_FORMATS:
+      raise InputError(f"--input-format {input_format!r}: use one of {list(INPUT_FORMATS)}")
+    if input_format in ("tfrecord", "avro") and not client_id_key:
+      raise InputError(f"--client-id-key is required with --input-format {input_format}")
+    if input_format == "tff-sqlite" and len(paths) != 1:
+      raise InputError(f"--input-format tff-sqlite reads one database, got {len(paths)} files")
+    self._paths = list(paths)
+    self._format = input_format
+    self._key = client_id_key
+    self._sqlite_split = sqlite_split
+
+  def expand(self, pbegin):
+    if self._format == "tff-sqlite":
+      return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split)
+    reader = (ReadTFRecordExamples if self._format == "tfrecord" else ReadAvroRecords)(
+        self._paths, self._key)
+    records = pbegin | ("TFRecord" if self._format == "tfrecord" else "Avro") >> reader
+    clients = pbegin | "NoDeclaredClients" >> beam.Create([])
+    return {"records": records, "clients": clients}

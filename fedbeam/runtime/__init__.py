@@ -1,0 +1,24 @@
+"""Loading stores as TFF ClientData, client work, and the simulation loop.
+
+Names are imported lazily: `import fedbeam.runtime.train` (for its argument
+parser) must not pay for importing TensorFlow Federated.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "StoreClientData": "fedbeam.runtime.client_data",
+    "load_client_data": "fedbeam.runtime.client_data",
+    "register_worker_cleanup": "fedbeam.runtime.tff_worker",
+    "stop_tff_workers": "fedbeam.runtime.tff_worker",
+    "build_model_delta_client_work": "fedbeam.runtime.client_work",
+}
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'fedbeam.runtime' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

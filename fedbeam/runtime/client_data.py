@@ -1,0 +1,238 @@
+"""`StoreClientData`: a fedbeam store loaded as a `tff.simulation.datasets.ClientData`."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from fedbeam.element_spec import ElementSpec
+from fedbeam import store_format as sf
+from fedbeam.runtime.tff_worker import register_worker_cleanup
+
+register_worker_cleanup()
+
+# Bytes of read-ahead per client file.
+_READ_BUFFER_BYTES = 1 << 20
+
+
+class StoreClientData(tff.simulation.datasets.ClientData):
+  """The clients of one or more splits of a store.
+
+  Built by `load_client_data`. Beyond TFF's contract: O(1) membership checks,
+  `num_examples(client_id)` from the manifest, and a `train_test_client_split`
+  that reads manifest counts instead of opening datasets.
+  """
+
+  def __init__(self, root: str, metadata: Mapping[str, Any], splits: Sequence[str],
+               rows: Mapping[str, tuple[str, int]]):
+    """Use `load_client_data`. `rows` maps client id -> (split, num_examples)."""
+    self._root = root.rstrip("/") if root != "/" else root
+    self._metadata = dict(metadata)
+    self._splits = tuple(splits)
+    self._rows = dict(rows)
+    self._client_ids = sorted(self._rows)
+    self._spec = ElementSpec.from_metadata(metadata["element_spec"])
+    self._element_type_structure = self._spec.to_tensor_specs()
+    self._num_shards = int(metadata["num_shards"])
+    self._dataset_fn = self._build_dataset_fn()
+
+  # -- TFF contract -----------------------------------------------------------
+
+  @property
+  def client_ids(self) -> list[str]:
+    return self._client_ids
+
+  @property
+  def element_type_structure(self):
+    return self._element_type_structure
+
+  @property
+  def serializable_dataset_fn(self):
+    """fn(client_id) -> tf.data.Dataset, traceable by tf.function (no py_function)."""
+    return self._dataset_fn
+
+  def create_tf_dataset_for_client(self, client_id: str) -> tf.data.Dataset:
+    """The client's examples in store order.
+
+    Raises:
+      ValueError: `client_id` is not a client of this ClientData (named).
+    """
+    if client_id not in self._rows:
+      raise ValueError(f"client id {client_id!r} is not a client of this ClientData "
+                       f"(store {self._root}, splits {list(self._splits)})")
+    return self._dataset_fn(client_id)
+
+  def create_tf_dataset_from_all_clients(self, seed: Optional[Union[int, Sequence[int]]] = None
+                                         ) -> tf.data.Dataset:
+    """Every client's examples, clients in TFF's seeded order, files read in parallel.
+
+    Same order as TFF's implementation: clients shuffled by
+    `np.random.RandomState(seed)`, each client's examples together.
+    """
+    tff.simulation.datasets.client_data.check_numpy_random_seed(seed)
+    client_ids = list(self._client_ids)
+    np.random.RandomState(seed=seed).shuffle(client_ids)
+    paths = [sf.join(self._root, self._relative_path(cid)) for cid in client_ids]
+    files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+    # deterministic=True keeps TFF's client order while reading ahead in parallel.
+    records = files.interleave(
+        lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES),
+        cycle_length=1, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
+    return sf.records_to_elements(records, self._spec)
+
+  # -- Store extras -----------------------------------------------------------
+
+  @property
+  def root(self) -> str:
+    return self._root
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return self._splits
+
+  @property
+  def metadata(self) -> dict[str, Any]:
+    return dict(self._metadata)
+
+  @property
+  def element_spec(self) -> ElementSpec:
+    return self._spec
+
+  def __contains__(self, client_id: str) -> bool:
+    return client_id in self._rows
+
+  def __len__(self) -> int:
+    return len(self._client_ids)
+
+  def num_examples(self, client_id: str) -> int:
+    """Examples of a client, from the manifest. Raises ValueError for an unknown id."""
+    try:
+      return self._rows[client_id][1]
+    except KeyError:
+      raise ValueError(f"client id {client_id!r} is not a client of this ClientData") from None
+
+  def split_of(self, client_id: str) -> str:
+    """The split directory holding a client."""
+    try:
+      return self._rows[client_id][0]
+    except KeyError:
+      raise ValueError(f"client id {client_id!r} is not a client of this ClientData") from None
+
+  def subset(self, client_ids: Iterable[str]) -> "StoreClientData":
+    """A StoreClientData over some of these clients (ids must belong to it)."""
+    rows = {}
+    for cid in client_ids:
+      if cid not in self._rows:
+        raise ValueError(f"client id {cid!r} is not a client of this ClientData")
+      rows[cid] = self._rows[cid]
+    if not rows:
+      raise ValueError("a ClientData needs at least one client")
+    splits = sorted({s for s, _ in rows.values()})
+    return StoreClientData(self._root, self._metadata, splits, rows)
+
+  @classmethod
+  def train_test_client_split(cls, client_data: "tff.simulation.datasets.ClientData",
+                              num_test_clients: int,
+                              seed: Optional[Union[int, Sequence[int]]] = None):
+    """TFF's `train_test_client_split`, using manifest counts for StoreClientData.
+
+    Same choice as TFF 0.87 for the same ids and seed: ids shuffled with
+    `np.random.RandomState(seed)`, test clients popped from the end, clients
+    without examples skipped; `ValueError` when `num_test_clients` is not in
+    `1..len(client_ids)-1` or more than `5 * num_test_clients + 10` empty
+    clients were skipped. Returns StoreClientData objects; never opens a
+    dataset. Other ClientData types go to TFF's implementation.
+    """
+    if not isinstance(client_data, StoreClientData):
+      return tff.simulation.datasets.ClientData.train_test_client_split(
+          client_data, num_test_clients, seed)
+    if num_test_clients <= 0:
+      raise ValueError("Please specify num_test_clients > 0.")
+    if len(client_data.client_ids) <= num_test_clients:
+      raise ValueError(
+          f"The client_data supplied has only {len(client_data.client_ids)} clients, but "
+          f"{num_test_clients} test clients were requested.")
+    tff.simulation.datasets.client_data.check_numpy_random_seed(seed)
+    train_ids = list(client_data.client_ids)
+    np.random.RandomState(seed).shuffle(train_ids)
+    skipped, test_ids = [], []
+    while len(test_ids) < num_test_clients:
+      if not train_ids or len(skipped) > 5 * num_test_clients + 10:
+        raise ValueError("Encountered too many clients with no data.")
+      cid = train_ids.pop()
+      if client_data.num_examples(cid) == 0:
+        skipped.append(cid)
+        continue
+      test_ids.append(cid)
+    return client_data.subset(train_ids + skipped), client_data.subset(test_ids)
+
+  # -- Internals --------------------------------------------------------------
+
+  def _relative_path(self, client_id: str) -> str:
+    return sf.client_relative_path(client_id, self._rows[client_id][0], self._num_shards)
+
+  def _build_dataset_fn(self):
+    root, spec, num_shards = self._root, self._spec, self._num_shards
+    splits = self._splits
+    if len(splits) == 1:
+      only = splits[0]
+      split_of_id = lambda cid: tf.constant(only)  # noqa: E731
+    else:
+      # Several splits: the id -> split table holds only the clients outside
+      # the largest split (the test clients, typically few); every other id
+      # maps to the largest split without a lookup entry.
+      counts = {s: 0 for s in splits}
+      for s, _ in self._rows.values():
+        counts[s] += 1
+      largest = max(splits, key=lambda s: (counts[s], s))
+      keys = [cid for cid, (s, _) in self._rows.items() if s != largest]
+      values = [self._rows[cid][0] for cid in keys]
+
+      def split_of_id(cid):
+        if not keys:
+          return tf.constant(largest)
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(keys, tf.string), tf.constant(values, tf.string)),
+            default_value=largest)
+        return table.lookup(cid)
+
+    def dataset_fn(client_id):
+      client_id = tf.convert_to_tensor(client_id, tf.string)
+      rel = sf.client_relative_path_tf(client_id, split_of_id(client_id), num_shards)
+      path = tf.strings.join([root, "/", rel])
+      records = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES)
+      return sf.records_to_elements(records, spec)
+
+    return dataset_fn
+
+
+def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
+  """Loads a committed store as a `StoreClientData`.
+
+  Args:
+    path: the store directory (local or gs://...).
+    split: a split name (e.g. "train", "test"), or None for every client of
+      every split.
+
+  Raises:
+    StoreFormatError: no committed store at `path`, an unsupported format
+      version, or a damaged manifest.
+    ValueError: `split` is not a split of the store, or it has no client.
+  """
+  metadata = sf.read_metadata(path)
+  names = [s["name"] for s in metadata["splits"]]
+  if split is not None and split not in names:
+    raise ValueError(f"split {split!r} is not in store {path}; its splits are {names}")
+  wanted = set(names) if split is None else {split}
+  rows: dict[str, tuple[str, int]] = {}
+  for row in sf.read_manifest(path, metadata):
+    if row["split"] in wanted:
+      rows[row["client_id"]] = (row["split"], int(row["num_examples"]))
+  if not rows:
+    raise ValueError(f"store {path} has no client in split(s) {sorted(wanted)}")
+  return StoreClientData(path, metadata, sorted(wanted), rows)

@@ -1,0 +1,360 @@
+"""Store format v1: the one definition used by the writer and the reader.
+
+A store is a directory (local or any Beam/TensorFlow filesystem such as gs://)::
+
+    STORE/
+      metadata.json                      commit marker, written last
+      manifest/part-SSSSS-of-NNNNN.avro  one row per client (schemas/manifest.avsc)
+      <split>/<shard:05d>/<name>.tfrecord one file per client, records are
+                                         serialized tf.train.Example
+
+`docs/store-format.md` describes every file, field and invariant. The id ->
+file mapping below exists twice, in Python (writer) and in TensorFlow ops
+(reader, traceable by `tf.function`), and tests pin them to each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import posixpath
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+
+from fedbeam.element_spec import ElementSpec, ElementSpecError, FeatureSpec
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+MANIFEST_DIR = "manifest"
+# Present while a job is writing into a store directory; lets a rerun tell its
+# own leftovers from unrelated files.
+IN_PROGRESS_FILE = "_FEDBEAM_WRITE_IN_PROGRESS"
+CLIENT_FILE_SUFFIX = ".tfrecord"
+ID_ENCODING = "base64url-v1"
+UNSPLIT = "all"
+
+# Ids up to this many UTF-8 bytes are named by their full base64url encoding
+# (<= 200 characters); longer ids by the encoding of their first
+# LONG_ID_PREFIX_BYTES bytes, "~" (never produced by base64url) and their
+# farmhash64 fingerprint in hex, which keeps names under 255 bytes.
+MAX_PLAIN_ID_BYTES = 150
+LONG_ID_PREFIX_BYTES = 96
+MAX_FILES_PER_DIRECTORY = 10_000
+TARGET_FILES_PER_SHARD = 4_096
+
+_SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
+
+
+class StoreFormatError(ValueError):
+  """A path that holds no readable fedbeam store, or a store fedbeam cannot read."""
+
+
+class InvalidClientIdError(ValueError):
+  """A client id that cannot be stored (empty, or not valid UTF-8 text)."""
+
+
+def check_client_id(client_id: Any, where: str = "") -> str:
+  """Returns `client_id` if it is a storable id; raises InvalidClientIdError naming `where`."""
+  suffix = f" ({where})" if where else ""
+  if isinstance(client_id, bytes):
+    try:
+      client_id = client_id.decode("utf-8")
+    except UnicodeDecodeError:
+      raise InvalidClientIdError(f"client id {client_id!r} is not valid UTF-8{suffix}") from None
+  if not isinstance(client_id, str):
+    raise InvalidClientIdError(
+        f"client id must be a string, got {type(client_id).__name__} {client_id!r}{suffix}")
+  if not client_id:
+    raise InvalidClientIdError(f"client id is empty{suffix}; every client needs a non-empty id")
+  return client_id
+
+
+# --------------------------------------------------------------------------
+# Schemas
+# --------------------------------------------------------------------------
+
+def load_schema(name: str) -> dict[str, Any]:
+  """Returns the parsed Avro schema `schemas/<name>.avsc`."""
+  with open(os.path.join(_SCHEMA_DIR, f"{name}.avsc"), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def parsed_schema(name: str):
+  import fastavro  # pylint: disable=g-import-not-at-top
+  return fastavro.parse_schema(load_schema(name))
+
+
+# --------------------------------------------------------------------------
+# Client id -> file (Python side, used by the writer)
+# --------------------------------------------------------------------------
+
+def _b64(data: bytes) -> str:
+  return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _fingerprint_hex(client_id: str) -> str:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  fp = tf.fingerprint(tf.constant([client_id]), method="farmhash64").numpy()[0]
+  return bytes(fp).hex()
+
+
+def client_file_name(client_id: str) -> str:
+  """The file name of a client: base64url of the id, or prefix~fingerprint for long ids."""
+  raw = check_client_id(client_id).encode("utf-8")
+  if len(raw) <= MAX_PLAIN_ID_BYTES:
+    return _b64(raw) + CLIENT_FILE_SUFFIX
+  return _b64(raw[:LONG_ID_PREFIX_BYTES]) + "~" + _fingerprint_hex(client_id) + CLIENT_FILE_SUFFIX
+
+
+def shard_of(client_id: str, num_shards: int) -> int:
+  """The shard directory of a client: `tf.strings.to_hash_bucket_fast(id, num_shards)`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return int(tf.strings.to_hash_bucket_fast(check_client_id(client_id), num_shards).numpy())
+
+
+def shard_dir_name(shard: int) -> str:
+  return f"{shard:05d}"
+
+
+def client_relative_path(client_id: str, split: str, num_shards: int) -> str:
+  """`<split>/<shard>/<name>.tfrecord`, relative to the store root, '/'-separated."""
+  return posixpath.join(split, shard_dir_name(shard_of(client_id, num_shards)),
+                        client_file_name(client_id))
+
+
+def default_num_shards(num_clients: int) -> int:
+  """Enough shard directories that each holds about TARGET_FILES_PER_SHARD files."""
+  return max(1, -(-num_clients // TARGET_FILES_PER_SHARD))
+
+
+def join(root: str, *parts: str) -> str:
+  """Joins store paths with '/', which every Beam and TF filesystem accepts."""
+  return posixpath.join(root.rstrip("/") if root != "/" else root, *parts)
+
+
+# --------------------------------------------------------------------------
+# Client id -> file (TensorFlow side, traceable, used by the reader)
+# --------------------------------------------------------------------------
+
+_HEX_BYTES = [f"{i:02x}" for i in range(256)]
+
+
+def client_relative_path_tf(client_id, split, num_shards: int):
+  """In-graph twin of `client_relative_path`: a scalar tf.string path.
+
+  `client_id` and `split` are scalar tf.string tensors; O(1) per lookup, no
+  table of ids.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  client_id = tf.convert_to_tensor(client_id, tf.string)
+  shard = tf.strings.to_hash_bucket_fast(client_id, num_shards)
+  shard_dir = tf.strings.as_string(shard, width=5, fill="0")
+
+  def plain_name():
+    return tf.io.encode_base64(client_id, pad=False)
+
+  def long_name():
+    prefix = tf.io.encode_base64(
+        tf.strings.substr(client_id, 0, LONG_ID_PREFIX_BYTES, unit="BYTE"), pad=False)
+    fp = tf.fingerprint(tf.reshape(client_id, [1]), method="farmhash64")[0]
+    hex_digits = tf.gather(tf.constant(_HEX_BYTES), tf.cast(fp, tf.int32))
+    return tf.strings.join([prefix, "~", tf.strings.reduce_join(hex_digits)])
+
+  name = tf.cond(
+      tf.strings.length(client_id, unit="BYTE") <= MAX_PLAIN_ID_BYTES, plain_name, long_name)
+  return tf.strings.join([split, "/", shard_dir, "/", name, CLIENT_FILE_SUFFIX])
+
+
+# --------------------------------------------------------------------------
+# Records: encoding (writer) and parsing (reader)
+# --------------------------------------------------------------------------
+
+def encode_example(values: Mapping[str, np.ndarray], spec: ElementSpec) -> bytes:
+  """Serializes one element as a tf.train.Example, deterministically.
+
+  `values` maps every feature of `spec` to a flat (or any-shaped) numpy array
+  already converted to the feature's dtype (strings as `bytes`); see
+  `fedbeam.pipelines.records.conform_record`.
+  """
+  from tensorflow.core.example import example_pb2, feature_pb2  # pylint: disable=g-import-not-at-top
+  example = example_pb2.Example()
+  fmap = example.features.feature
+  for f in spec.features:
+    arr = np.asarray(values[f.name]).reshape(-1)
+    feature = feature_pb2.Feature()
+    if f.encoding == "bytes":
+      feature.bytes_list.value.extend(arr.tolist())
+    elif f.encoding == "float":
+      feature.float_list.value.extend(arr.astype(np.float32).tolist())
+    elif f.encoding == "int64":
+      feature.int64_list.value.extend(arr.astype(np.int64).tolist())
+    else:  # bits64: keep the exact 64-bit pattern of float64/uint64.
+      feature.int64_list.value.extend(
+          np.ascontiguousarray(arr.astype(f.dtype)).view(np.int64).tolist())
+    fmap[f.name].CopyFrom(feature)
+  return example.SerializeToString(deterministic=True)
+
+
+def _parse_config(f: FeatureSpec):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  wire = {"bytes": tf.string, "float": tf.float32, "int64": tf.int64, "bits64": tf.int64}[f.encoding]
+  if f.is_variable_length:
+    return tf.io.FixedLenSequenceFeature(list(f.shape[1:]), wire, allow_missing=True)
+  return tf.io.FixedLenFeature(list(f.shape), wire)
+
+
+def _restore_dtype(f: FeatureSpec, tensor):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  target = tf.dtypes.as_dtype(f.dtype)
+  if f.encoding == "bits64":
+    return tf.bitcast(tensor, target)
+  if tensor.dtype == target:
+    return tensor
+  return tf.cast(tensor, target)
+
+
+def has_variable_length(spec: ElementSpec) -> bool:
+  return any(f.is_variable_length for f in spec.features)
+
+
+def make_batch_parser(spec: ElementSpec) -> Callable[[Any], "collections.OrderedDict"]:
+  """Returns fn(serialized: tf.string[n]) -> OrderedDict of batched tensors.
+
+  Only for specs without variable-length features (a batch would pad them).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = {f.name: _parse_config(f) for f in spec.features}
+
+  def parse(serialized):
+    parsed = tf.io.parse_example(serialized, config)
+    return collections.OrderedDict((f.name, _restore_dtype(f, parsed[f.name])) for f in spec.features)
+
+  return parse
+
+
+def make_record_parser(spec: ElementSpec) -> Callable[[Any], "collections.OrderedDict"]:
+  """Returns fn(serialized: scalar tf.string) -> OrderedDict element with the spec's dtypes/shapes."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = {f.name: _parse_config(f) for f in spec.features}
+
+  def parse(serialized):
+    parsed = tf.io.parse_single_example(serialized, config)
+    return collections.OrderedDict((f.name, _restore_dtype(f, parsed[f.name])) for f in spec.features)
+
+  return parse
+
+
+# Records parsed per vectorized parse_example call when a spec has no
+# variable-length feature.
+PARSE_BATCH = 256
+
+
+def records_to_elements(records, spec: ElementSpec):
+  """Maps a dataset of serialized records to a dataset of elements with the spec's element_spec."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if has_variable_length(spec):
+    return records.map(make_record_parser(spec), num_parallel_calls=tf.data.AUTOTUNE)
+  return records.batch(PARSE_BATCH).map(
+      make_batch_parser(spec), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+# --------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------
+
+def metadata_path(root: str) -> str:
+  return join(root, METADATA_FILE)
+
+
+def validate_metadata(metadata: Mapping[str, Any], where: str) -> None:
+  """Checks a metadata document against schemas/metadata.avsc; raises StoreFormatError."""
+  from fastavro.validation import validate  # pylint: disable=g-import-not-at-top
+  from fastavro._validate_common import ValidationError  # pylint: disable=g-import-not-at-top
+  try:
+    validate(dict(metadata), parsed_schema("metadata"), raise_errors=True)
+  except ValidationError as e:
+    raise StoreFormatError(f"{where}: metadata does not match schemas/metadata.avsc: {e}") from None
+
+
+def read_metadata(root: str) -> dict[str, Any]:
+  """Reads and checks `STORE/metadata.json`.
+
+  Raises:
+    StoreFormatError: no committed store at `root`, unreadable metadata, or a
+      format version this fedbeam cannot read.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = metadata_path(root)
+  if not tf.io.gfile.exists(path):
+    if tf.io.gfile.exists(join(root, IN_PROGRESS_FILE)):
+      raise StoreFormatError(
+          f"{root} is not a committed fedbeam store: a write into it did not finish "
+          f"({METADATA_FILE} is missing, {IN_PROGRESS_FILE} is present); rerun the job")
+    raise StoreFormatError(f"{root} holds no committed fedbeam store ({path} not found)")
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      metadata = json.loads(f.read().decode("utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise StoreFormatError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(metadata, dict):
+    raise StoreFormatError(f"{path}: expected a JSON object")
+  version = metadata.get("format_version")
+  if version != FORMAT_VERSION:
+    raise StoreFormatError(
+        f"{root}: store format version {version!r} is not supported by this fedbeam "
+        f"(it reads version {FORMAT_VERSION}); use a fedbeam release that writes it")
+  validate_metadata(metadata, path)
+  return metadata
+
+
+def metadata_to_json(metadata: Mapping[str, Any]) -> bytes:
+  return (json.dumps(metadata, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------
+
+def manifest_file_name(index: int, count: int) -> str:
+  return f"part-{index:05d}-of-{count:05d}.avro"
+
+
+def manifest_sync_marker(job_key: str, index: int) -> bytes:
+  """A 16-byte Avro sync marker derived from the job and the file, so reruns are byte-identical."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha256(f"fedbeam-manifest:{job_key}:{index}".encode("utf-8")).digest()[:16]
+
+
+def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
+  """Yields every manifest row of the store (all splits), file by file."""
+  import fastavro  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  count = metadata["manifest"]["num_files"]
+  for i in range(count):
+    path = join(root, MANIFEST_DIR, manifest_file_name(i, count))
+    if not tf.io.gfile.exists(path):
+      raise StoreFormatError(f"manifest file {path} is missing (metadata lists {count} files)")
+    with tf.io.gfile.GFile(path, "rb") as f:
+      try:
+        yield from fastavro.reader(f)
+      except Exception as e:  # pylint: disable=broad-except
+        raise StoreFormatError(f"manifest file {path} is damaged: {e}") from None
+
+
+def checksum(data: bytes) -> int:
+  """CRC32C of a client file's bytes, as an unsigned int (the same value GCS reports)."""
+  import google_crc32c  # pylint: disable=g-import-not-at-top
+  return int.from_bytes(google_crc32c.Checksum(data).digest(), "big")
+
+
+__all__ = [
+    "FORMAT_VERSION", "METADATA_FILE", "MANIFEST_DIR", "IN_PROGRESS_FILE", "UNSPLIT",
+    "ElementSpec", "ElementSpecError", "StoreFormatError", "InvalidClientIdError",
+    "check_client_id", "client_file_name", "shard_of", "client_relative_path",
+    "client_relative_path_tf", "default_num_shards", "encode_example",
+    "make_record_parser", "make_batch_parser", "records_to_elements", "read_metadata",
+    "read_manifest", "checksum", "manifest_sync_marker", "manifest_file_name",
+]
