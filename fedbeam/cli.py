@@ -51,6 +51,26 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--num-shards", type=int,
                  help="shard directories per split (default: one per ~4096 clients)")
   p.add_argument("--overwrite", action="store_true", help="replace a committed store at --output")
+  g = p.add_argument_group("pseudo-client expansion (TransformingClientData semantics)")
+  g.add_argument("--num-transformed-clients", type=int, metavar="N",
+                 help="expand the raw clients into N clients named '{raw_id}_{index}'")
+  g.add_argument("--transform", metavar="MODULE:FUNCTION",
+                 help="make_transform_fn(raw_client_id, index) -> fn or None, e.g. "
+                      "fedbeam.transforms:random_affine (default with N: identity)")
+  g.add_argument("--empty-clients", choices=["keep", "drop", "fail"], default="keep",
+                 help="what to do with clients that have no example (default keep; never "
+                      "in the test split)")
+  s = p.add_argument_group("train/test client split (train_test_client_split semantics)")
+  s.add_argument("--num-test-clients", type=int, metavar="K", help="number of test clients")
+  s.add_argument("--test-fraction", type=float, metavar="F",
+                 help="fraction of clients in the test split (instead of K)")
+  s.add_argument("--split-seed", type=int, default=0, metavar="S", help="default 0")
+  s.add_argument("--split-method", choices=["hash", "tff"], default="hash",
+                 help="hash: scalable seeded ranking (default); tff: exactly TFF 0.87's choice")
+  s.add_argument("--split-by", choices=["client", "raw"], default="client",
+                 help="raw: all pseudo-clients of a raw client land on the same side")
+  s.add_argument("--min-test-examples", type=int, default=1, metavar="M",
+                 help="test clients hold at least M examples (default 1)")
 
 
 def _run_prepare(args, beam_args) -> int:
@@ -69,7 +89,12 @@ def _run_prepare(args, beam_args) -> int:
       input=args.input, input_format=args.input_format, output=args.output,
       client_id_key=args.client_id_key, element_spec=spec,
       element_spec_path=args.element_spec, order_by=args.order_by,
-      num_shards=args.num_shards, overwrite=args.overwrite, sqlite_split=args.sqlite_split)
+      num_shards=args.num_shards, overwrite=args.overwrite, sqlite_split=args.sqlite_split,
+      num_transformed_clients=args.num_transformed_clients, transform=args.transform,
+      empty_clients=args.empty_clients, num_test_clients=args.num_test_clients,
+      test_fraction=args.test_fraction, split_seed=args.split_seed,
+      split_method=args.split_method, split_by=args.split_by,
+      min_test_examples=args.min_test_examples)
   try:
     result = run_prepare(config, beam_args)
   except PrepareError as e:

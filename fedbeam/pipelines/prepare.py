@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -21,11 +21,16 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from fedbeam.element_spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
+from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
+from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
+                                         load_transform)
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
+from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.store_writer import StoreWriteError, WriteStore
 from fedbeam import store_format as sf
+from fedbeam.transforms import identity
 
 
 class PrepareError(ValueError):
@@ -46,6 +51,39 @@ class PrepareConfig:
   num_shards: Optional[int] = None
   overwrite: bool = False
   sqlite_split: Optional[str] = None
+  # Pseudo-client expansion: a make_transform_fn or its 'module:function'.
+  num_transformed_clients: Optional[int] = None
+  transform: Optional[Union[str, MakeTransformFn]] = None
+  empty_clients: str = "keep"
+  # Train/test split: exactly one of num_test_clients and test_fraction.
+  num_test_clients: Optional[int] = None
+  test_fraction: Optional[float] = None
+  split_seed: int = 0
+  split_method: str = "hash"
+  split_by: str = "client"
+  min_test_examples: int = 1
+
+  @property
+  def expands(self) -> bool:
+    return self.transform is not None or self.num_transformed_clients is not None
+
+  @property
+  def splits(self) -> bool:
+    return self.num_test_clients is not None or self.test_fraction is not None
+
+  def split_config(self) -> SplitConfig:
+    return SplitConfig(num_test_clients=self.num_test_clients, test_fraction=self.test_fraction,
+                       seed=self.split_seed, method=self.split_method, split_by=self.split_by,
+                       min_test_examples=self.min_test_examples)
+
+  def transform_name(self) -> Optional[str]:
+    if self.transform is None:
+      return "fedbeam.transforms:identity" if self.expands else None
+    if isinstance(self.transform, str):
+      return self.transform
+    module = getattr(self.transform, "__module__", None) or "?"
+    name = getattr(self.transform, "__qualname__", None) or type(self.transform).__qualname__
+    return f"{module}:{name}"
 
   def parameters(self) -> dict[str, Any]:
     """The parameters recorded in the store's metadata (JSON scalars only)."""
@@ -57,6 +95,15 @@ class PrepareConfig:
         "order_by": self.order_by,
         "num_shards": self.num_shards,
         "sqlite_split": self.sqlite_split,
+        "num_transformed_clients": self.num_transformed_clients,
+        "transform": self.transform_name(),
+        "empty_clients": self.empty_clients,
+        "num_test_clients": self.num_test_clients,
+        "test_fraction": self.test_fraction,
+        "split_seed": self.split_seed if self.splits else None,
+        "split_method": self.split_method if self.splits else None,
+        "split_by": self.split_by if self.splits else None,
+        "min_test_examples": self.min_test_examples if self.splits else None,
     }
 
   def validate(self) -> None:
@@ -75,6 +122,27 @@ class PrepareConfig:
         check_order_by(self.order_by, self.element_spec)
       except InputError as e:
         raise PrepareError(str(e)) from None
+    if self.num_transformed_clients is not None and self.num_transformed_clients <= 0:
+      raise PrepareError(
+          f"--num-transformed-clients must be positive, got {self.num_transformed_clients}")
+    if isinstance(self.transform, str):
+      try:
+        load_transform(self.transform)
+      except ExpansionError as e:
+        raise PrepareError(str(e)) from None
+    elif self.transform is not None and not callable(self.transform):
+      raise PrepareError(f"transform must be callable or 'module:function', got {self.transform!r}")
+    if self.empty_clients not in EMPTY_POLICIES:
+      raise PrepareError(f"--empty-clients {self.empty_clients!r}: use one of "
+                         f"{list(EMPTY_POLICIES)}")
+    if self.splits:
+      try:
+        self.split_config()
+      except SplitError as e:
+        raise PrepareError(str(e)) from None
+    elif (self.split_method, self.split_by, self.min_test_examples) != ("hash", "client", 1):
+      raise PrepareError("--split-method, --split-by and --min-test-examples need "
+                         "--num-test-clients or --test-fraction")
 
 
 class PrepareStore(beam.PTransform):
@@ -99,9 +167,19 @@ class PrepareStore(beam.PTransform):
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
     clients = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by)
+    if c.expands:
+      clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
+          c.transform if c.transform is not None else identity, c.num_transformed_clients, spec)
+    checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
+    clients, reports = checked["clients"], []
+    if c.splits:
+      split = clients | "SplitTrainTest" >> SplitTrainTest(c.split_config())
+      clients = split["clients"]
+      reports.append(split["report"])
     return clients | "WriteStore" >> WriteStore(
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
-        job_key=self._job_key)
+        job_key=self._job_key, empty_report=checked["report"],
+        empty_policy=c.empty_clients, reports=reports)
 
 
 def prepare_output_dir(output: str, overwrite: bool) -> None:
@@ -228,9 +306,9 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
       paths = sources.match_input_files(config.input)
   except InputError as e:
     raise PrepareError(str(e)) from None
-  if any(sf.join(config.output, "") in sf.join(p, "") for p in paths) or \
-      config.output.rstrip("/") in [p.rstrip("/") for p in paths]:
-    raise PrepareError(f"--output {config.output} overlaps the input files")
+  out_prefix = config.output.rstrip("/") + "/"
+  if any(p.startswith(out_prefix) or p.rstrip("/") == config.output.rstrip("/") for p in paths):
+    raise PrepareError(f"--output {config.output} holds input files; write the store elsewhere")
   options, runner = default_runner_options(beam_args)
   prepare_output_dir(config.output, config.overwrite)
   key = job_key(config, paths)
@@ -240,7 +318,7 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
     _ = pipeline | "Prepare" >> PrepareStore(config, paths, key)
     result = pipeline.run()
     result.wait_until_finish()
-  except (ElementSpecError, InputError, StoreWriteError) as e:
+  except (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError) as e:
     raise PrepareError(str(e).split(" [while running")[0]) from None
   except Exception as e:  # pylint: disable=broad-except
     raise PrepareError(explain_pipeline_error(e)) from e

@@ -168,6 +168,15 @@ class StoreStatsFn(beam.CombineFn):
     return acc
 
 
+def _merge_reports(parameters: Mapping[str, Any], reports) -> dict[str, Any]:
+  """Job parameters plus what steps resolved at run time (e.g. the number of test clients)."""
+  merged = dict(parameters)
+  for report in reports:
+    for key, value in sorted(report.items()):
+      merged[key] = value
+  return merged
+
+
 class _CommitStore(beam.DoFn):
   """Writes metadata.json last (temp + rename), then drops the in-progress marker."""
 
@@ -177,7 +186,7 @@ class _CommitStore(beam.DoFn):
     self._empty_policy = empty_policy
 
   def process(self, _, stats, spec: ElementSpec, num_shards: int, manifest_files,
-              empty_report: Optional[Mapping[str, Any]] = None):
+              empty_report: Optional[Mapping[str, Any]] = None, reports=()):
     splits = [
         {"name": name, "num_clients": c[0], "num_examples": c[1], "num_bytes": c[2],
          "num_empty_clients": c[3]}
@@ -198,7 +207,7 @@ class _CommitStore(beam.DoFn):
             "dropped": int(report.get("dropped", 0)),
             "sample": list(report.get("sample", stats["empty_sample"])),
         },
-        "parameters": self._parameters,
+        "parameters": _merge_reports(self._parameters, reports),
     }
     sf.validate_metadata(metadata, "new store metadata")
     write_file_atomically(sf.metadata_path(self._root), [sf.metadata_to_json(metadata)])
@@ -220,8 +229,9 @@ class WriteStore(beam.PTransform):
 
   def __init__(self, root: str, spec, *, num_shards: Optional[int] = None,
                parameters: Optional[Mapping[str, Any]] = None, job_key: str = "",
-               empty_report=None, empty_policy: str = "keep"):
+               empty_report=None, empty_policy: str = "keep", reports=()):
     super().__init__()
+    self._reports = list(reports)
     self._root = root
     self._spec = spec
     self._num_shards = num_shards
@@ -270,6 +280,9 @@ class WriteStore(beam.PTransform):
     )
     if self._empty_report is not None:
       side["empty_report"] = beam.pvalue.AsSingleton(self._empty_report)
+    if self._reports:
+      side["reports"] = beam.pvalue.AsList(
+          tuple(self._reports) | "MergeReports" >> beam.Flatten())
     # The collision check must finish before the commit.
     checked = p | "CommitTrigger" >> beam.Create([root])
     checked = checked | "AfterPathCheck" >> beam.Map(

@@ -1,0 +1,234 @@
+"""Pseudo-client expansion with the semantics of the seed `TransformingClientData`.
+
+"Each client of raw_client_data is expanded into some number of
+pseudo-clients. Each pseudo-client id is the original client id with an
+integer index appended." With N = `num_transformed_clients` and R raw
+clients (reference implementation, exactly):
+
+- N omitted or N == R: ids unchanged; `make_transform_fn(raw_id, 0)` applies.
+- N > R: k = N // R pseudo-clients per raw client, indices 0..k-1; the
+  remainder g = N - k*R comes from the first g raw clients in sorted id order,
+  with index k. Ids are `"{raw_id}_{index}"`, the index zero-padded to the
+  number of digits of N - 1; the resulting ids are sorted.
+- N < R, which the reference silently ignored, and N <= 0 are errors here.
+
+`make_transform_fn(raw_id, index)` returns `fn(element) -> element` or None
+(no transformation). It runs on the workers: pass it as a module-level
+function or a picklable callable, or as a 'module:function' reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Iterable, Optional, Union
+
+import apache_beam as beam
+
+from fedbeam.element_spec import ElementSpec
+from fedbeam.pipelines.ranking import SmallestN
+from fedbeam.pipelines.records import ClientRecords
+from fedbeam import store_format as sf
+
+MakeTransformFn = Callable[[str, int], Optional[Callable[[Any], Any]]]
+
+
+class ExpansionError(ValueError):
+  """Bad expansion request or a transform that fails; names the raw client and index."""
+
+
+def load_transform(reference: str) -> MakeTransformFn:
+  """Imports 'module:function' (the `--transform` flag).
+
+  Raises:
+    ExpansionError: malformed reference, module or attribute not found, or
+      not callable.
+  """
+  if not isinstance(reference, str) or reference.count(":") != 1:
+    raise ExpansionError(f"--transform {reference!r}: expected 'module:function'")
+  module_name, attr = reference.split(":")
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExpansionError(f"--transform {reference!r}: cannot import module {module_name!r}: "
+                         f"{type(e).__name__}: {e}") from None
+  fn = getattr(module, attr, None)
+  if fn is None:
+    raise ExpansionError(f"--transform {reference!r}: module {module_name!r} has no "
+                         f"attribute {attr!r}")
+  if not callable(fn):
+    raise ExpansionError(f"--transform {reference!r}: {attr!r} is not callable")
+  return fn
+
+
+def index_digits(num_transformed_clients: int) -> int:
+  """Digits of the zero-padded index: len(str(N - 1)), as the reference formats it."""
+  return len(str(num_transformed_clients - 1))
+
+
+def pseudo_client_id(raw_client_id: str, index: int, digits: int) -> str:
+  return f"{raw_client_id}_{index:0{digits}d}"
+
+
+def expansion_plan(num_raw: int, num_transformed_clients: Optional[int]) -> tuple[int, int, int]:
+  """(k, g, digits) for N over `num_raw` raw clients; digits 0 means ids unchanged.
+
+  Raises:
+    ExpansionError: N <= 0 or N < num_raw, with the numbers.
+  """
+  if num_raw <= 0:
+    raise ExpansionError("the input has no client to expand")
+  if num_transformed_clients is None or num_transformed_clients == num_raw:
+    return 1, 0, 0
+  n = num_transformed_clients
+  if n <= 0:
+    raise ExpansionError(f"--num-transformed-clients must be positive, got {n}")
+  if n < num_raw:
+    raise ExpansionError(
+        f"--num-transformed-clients {n} is smaller than the number of raw clients "
+        f"({num_raw}); expansion cannot drop clients (pass at least {num_raw})")
+  k = n // num_raw
+  return k, n - k * num_raw, index_digits(n)
+
+
+class _ExpandClient(beam.DoFn):
+  """ClientRecords (raw) -> ClientRecords per pseudo-client, transformed."""
+
+  def __init__(self, make_transform_fn: Union[str, MakeTransformFn],
+               num_transformed_clients: Optional[int]):
+    self._make = make_transform_fn
+    self._n = num_transformed_clients
+    self._pseudo = beam.metrics.Metrics.counter("fedbeam", "pseudo_clients")
+
+  def setup(self):
+    self._fn = load_transform(self._make) if isinstance(self._make, str) else self._make
+
+  def process(self, client: ClientRecords, num_raw: int, remainder_last: Optional[str],
+              spec: ElementSpec) -> Iterable[ClientRecords]:
+    k, g, digits = expansion_plan(num_raw, self._n)
+    count = k + (1 if g and remainder_last is not None and client.client_id <= remainder_last else 0)
+    raw_id = client.client_id
+    for index in range(count):
+      cid = raw_id if digits == 0 else pseudo_client_id(raw_id, index, digits)
+      records = apply_transform(self._fn, raw_id, index, client.records, spec)
+      self._pseudo.inc()
+      yield ClientRecords(client_id=cid, records=records, raw_client_id=raw_id,
+                          pseudo_index=index)
+
+
+def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, index: int,
+                    records: list[bytes], spec: ElementSpec) -> list[bytes]:
+  """Runs `make_transform_fn(raw_client_id, index)` over serialized records.
+
+  Returns the re-encoded records in the same order (the input list itself when
+  the transform is None).
+
+  Raises:
+    ExpansionError: the factory or the transform raises, or the transform
+      changes the element's structure, dtypes or shapes; names the raw client
+      and index.
+  """
+  where = f"transform for raw client {raw_client_id!r}, index {index}"
+  try:
+    fn = make_transform_fn(raw_client_id, index)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExpansionError(f"make_transform_fn({raw_client_id!r}, {index}) raised "
+                         f"{type(e).__name__}: {e}") from None
+  if fn is None:
+    return records
+  if not callable(fn):
+    raise ExpansionError(f"make_transform_fn({raw_client_id!r}, {index}) returned "
+                         f"{type(fn).__name__}, expected a callable or None")
+  if not records:
+    return records
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  expected = spec.to_tensor_specs()
+  parse = sf.make_record_parser(spec)
+  try:
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).map(parse)
+    dataset = dataset.map(fn)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
+  got = dataset.element_spec
+  if not isinstance(got, dict) or set(got) != set(expected):
+    raise ExpansionError(f"{where} changed the element structure: expected features "
+                         f"{list(expected)}, got {got}")
+  for name, want in expected.items():
+    have = got[name]
+    if not isinstance(have, tf.TensorSpec) or have.dtype != want.dtype:
+      raise ExpansionError(f"{where} changed feature {name!r} from {want} to {have}")
+    if not want.shape.is_compatible_with(have.shape):
+      raise ExpansionError(f"{where} changed the shape of feature {name!r} from "
+                           f"{want.shape} to {have.shape}")
+  out = []
+  try:
+    for element in dataset.as_numpy_iterator():
+      values = {}
+      for f in spec.features:
+        v = np.asarray(element[f.name])
+        if not want_shape_ok(f, v.shape):
+          raise ExpansionError(f"{where} produced feature {f.name!r} of shape {v.shape}, "
+                               f"which does not fit {list(f.shape)}")
+        values[f.name] = v.reshape(-1)
+      out.append(sf.encode_example(values, spec))
+  except ExpansionError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
+  return out
+
+
+def want_shape_ok(feature, shape: tuple) -> bool:
+  """Whether a produced value's shape fits the feature's declared shape."""
+  if len(shape) != len(feature.shape):
+    return False
+  return all(d is None or d == s for d, s in zip(feature.shape, shape))
+
+
+class ExpandPseudoClients(beam.PTransform):
+  """Raw clients -> pseudo-clients (see the module docstring for the exact scheme).
+
+  Input: PCollection[ClientRecords] of raw clients. `spec`: singleton
+  PCollection[ElementSpec]. Output: PCollection[ClientRecords] with
+  `raw_client_id` and `pseudo_index` set. Only raw ids and their count are
+  combined globally (the remainder clients are the g smallest raw ids).
+  Raises (at run time) ExpansionError.
+  """
+
+  def __init__(self, make_transform_fn: Union[str, MakeTransformFn],
+               num_transformed_clients: Optional[int], spec):
+    super().__init__()
+    if num_transformed_clients is not None and num_transformed_clients <= 0:
+      raise ExpansionError(
+          f"--num-transformed-clients must be positive, got {num_transformed_clients}")
+    if isinstance(make_transform_fn, str):
+      load_transform(make_transform_fn)  # Fail at construction, not on a worker.
+    elif not callable(make_transform_fn):
+      raise ExpansionError(f"make_transform_fn must be callable or 'module:function', got "
+                           f"{make_transform_fn!r}")
+    self._make = make_transform_fn
+    self._n = num_transformed_clients
+    self._spec = spec
+
+  def expand(self, clients):
+    n = self._n
+    ids = clients | "RawIds" >> beam.Map(lambda c: c.client_id)
+    num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
+
+    def remainder_ids(count):
+      _, g, _ = expansion_plan(count, n)
+      return g
+
+    g = num_raw | "RemainderSize" >> beam.Map(remainder_ids)
+    # The largest of the g smallest raw ids: raw clients at or below it get index k.
+    smallest = ids | "TagWithG" >> beam.FlatMap(
+        lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g))
+    remainder_last = (smallest
+                      | "TopG" >> beam.CombineGlobally(SmallestN())
+                      | "LastOfTopG" >> beam.Map(
+                          lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None,
+                          beam.pvalue.AsSingleton(g)))
+    return clients | "Expand" >> beam.ParDo(
+        _ExpandClient(self._make, n),
+        beam.pvalue.AsSingleton(num_raw), beam.pvalue.AsSingleton(remainder_last),
+        beam.pvalue.AsSingleton(self._spec))

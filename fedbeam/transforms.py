@@ -1,0 +1,118 @@
+"""Built-in `make_transform_fn`s for pseudo-client expansion.
+
+A `make_transform_fn(raw_client_id: str, index: int)` returns `fn(element) ->
+element` (as in `tf.data.Dataset.map`) or None for "no transformation"
+(the contract of `tff.simulation.TransformingClientData`). Reference them
+from the CLI as `fedbeam.transforms:identity` or
+`fedbeam.transforms:random_affine`.
+
+"For images, make_transform_fn('client_a', 0) may be the identity, while
+make_transform_fn('client_a', 1) may be a random rotation whose angle is
+determined by a hash of 'client_a' and 1." -- the seed's TransformingClientData
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+
+def identity(raw_client_id: str, index: int) -> None:
+  """Every pseudo-client holds its raw client's examples unchanged."""
+  del raw_client_id, index
+  return None
+
+
+def transform_seed(raw_client_id: str, index: int, salt: str = "") -> int:
+  """A 63-bit seed from a stable hash of (salt, raw id, index); never Python's hash()."""
+  digest = hashlib.sha256(f"{salt}\x00{raw_client_id}\x00{index}".encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") >> 1
+
+
+def affine_matrix(angle_deg: float, shear: float, scale_x: float, scale_y: float,
+                  tx: float, ty: float, height: int, width: int) -> np.ndarray:
+  """3x3 matrix mapping output pixel (x, y, 1) to input pixel, for a warp about the center.
+
+  The forward warp is: move the center to the origin, scale, shear, rotate,
+  move back and translate by (tx, ty) pixels. Image warps sample the input,
+  so this returns the inverse of that forward map.
+  """
+  cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+  a = math.radians(angle_deg)
+  to_origin = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]], dtype=np.float64)
+  scale = np.diag([scale_x, scale_y, 1.0])
+  shear_m = np.array([[1, shear, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+  rotate = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+  back = np.array([[1, 0, cx + tx], [0, 1, cy + ty], [0, 0, 1]], dtype=np.float64)
+  forward = back @ rotate @ shear_m @ scale @ to_origin
+  return np.linalg.inv(forward)
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineTransform:
+  """A make_transform_fn: a random affine warp of one image feature per pseudo-client.
+
+  Index 0 is the identity (returns None); index i > 0 warps `feature` (a
+  [H, W] or [H, W, C] float image) by a rotation, shear, scale and
+  translation drawn from a generator seeded by a hash of (raw id, i), so
+  every rerun and every worker draws the same warp. Other features pass
+  through. Pixels outside the source repeat the nearest border pixel, which
+  suits both white (EMNIST) and black (digits) backgrounds.
+  """
+
+  feature: str = "pixels"
+  max_rotation_deg: float = 20.0
+  max_shear: float = 0.2
+  max_scale_change: float = 0.1
+  max_translation_frac: float = 0.1
+
+  def parameters(self, raw_client_id: str, index: int) -> dict[str, float]:
+    """The warp of pseudo-client `index` of `raw_client_id`."""
+    rng = np.random.default_rng(transform_seed(raw_client_id, index, "affine"))
+    return {
+        "angle_deg": float(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)),
+        "shear": float(rng.uniform(-self.max_shear, self.max_shear)),
+        "scale_x": float(1.0 + rng.uniform(-self.max_scale_change, self.max_scale_change)),
+        "scale_y": float(1.0 + rng.uniform(-self.max_scale_change, self.max_scale_change)),
+        "tx_frac": float(rng.uniform(-self.max_translation_frac, self.max_translation_frac)),
+        "ty_frac": float(rng.uniform(-self.max_translation_frac, self.max_translation_frac)),
+    }
+
+  def __call__(self, raw_client_id: str, index: int) -> Optional[Callable[[Any], Any]]:
+    if index == 0:
+      return None
+    params = self.parameters(raw_client_id, index)
+    feature = self.feature
+
+    def warp(element):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      image = element[feature]
+      shape = image.shape
+      if shape.rank not in (2, 3) or not shape[:2].is_fully_defined():
+        raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image, "
+                         f"got shape {shape}")
+      height, width = int(shape[0]), int(shape[1])
+      inv = affine_matrix(params["angle_deg"], params["shear"], params["scale_x"],
+                          params["scale_y"], params["tx_frac"] * width,
+                          params["ty_frac"] * height, height, width)
+      transform = tf.constant([[inv[0, 0], inv[0, 1], inv[0, 2], inv[1, 0], inv[1, 1],
+                                inv[1, 2], inv[2, 0], inv[2, 1]]], tf.float32)
+      batch = tf.cast(image if shape.rank == 3 else image[..., tf.newaxis], tf.float32)[tf.newaxis]
+      warped = tf.raw_ops.ImageProjectiveTransformV3(
+          images=batch, transforms=transform, output_shape=tf.constant([height, width]),
+          fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
+      if shape.rank == 2:
+        warped = warped[..., 0]
+      out = dict(element)
+      out[feature] = tf.cast(warped, image.dtype)
+      return type(element)(out)
+
+    return warp
+
+
+random_affine = AffineTransform()
+"""The default random affine make_transform_fn on the `pixels` feature."""
