@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   # TensorFlow's C++ start-up chatter would bury the job's own messages.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # Beam warns at import that crcmod is missing even when google-crc32c, which
+  # fedbeam installs and Beam prefers, is present.
+  logging.getLogger().addFilter(
+      lambda record: "crcmod package not found" not in record.getMessage())
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)

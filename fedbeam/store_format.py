@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import posixpath
+import struct
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
@@ -342,6 +343,54 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
         yield from fastavro.reader(f)
       except Exception as e:  # pylint: disable=broad-except
         raise StoreFormatError(f"manifest file {path} is damaged: {e}") from None
+
+
+# --------------------------------------------------------------------------
+# TFRecord framing
+# --------------------------------------------------------------------------
+
+def _masked_crc(data: bytes) -> int:
+  import google_crc32c  # pylint: disable=g-import-not-at-top
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_frame(record: bytes) -> bytes:
+  """One TFRecord: uint64 length, masked CRC32C of the length, data, masked CRC32C of the data."""
+  header = struct.pack("<Q", len(record))
+  return (header + struct.pack("<I", _masked_crc(header)) + record
+          + struct.pack("<I", _masked_crc(record)))
+
+
+class CorruptRecordError(ValueError):
+  """A TFRecord stream that is truncated or fails its CRC check."""
+
+
+def read_tfrecords(f) -> Iterable[bytes]:
+  """Yields the records of a TFRecord stream (a binary file object), checking every CRC.
+
+  Raises:
+    CorruptRecordError: truncated data or a CRC mismatch, with the record index.
+  """
+  index = 0
+  while True:
+    header = f.read(12)
+    if not header:
+      return
+    if len(header) < 12:
+      raise CorruptRecordError(f"record {index}: truncated length header")
+    length, length_crc = struct.unpack("<QI", header)
+    if _masked_crc(header[:8]) != length_crc:
+      raise CorruptRecordError(f"record {index}: length CRC mismatch (not a TFRecord file, or "
+                               "damaged)")
+    data = f.read(length)
+    footer = f.read(4)
+    if len(data) < length or len(footer) < 4:
+      raise CorruptRecordError(f"record {index}: truncated data")
+    if _masked_crc(data) != struct.unpack("<I", footer)[0]:
+      raise CorruptRecordError(f"record {index}: data CRC mismatch (damaged file)")
+    yield data
+    index += 1
 
 
 def checksum(data: bytes) -> int:

@@ -14,12 +14,14 @@ import sqlite3
 from typing import Iterable, Optional, Sequence
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
 from fedbeam.pipelines.records import (ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
                                        SCALAR, STRING, InputError, InputRecord, RawFeature)
-from fedbeam.store_format import InvalidClientIdError, check_client_id
+from fedbeam.store_format import (CorruptRecordError, InvalidClientIdError, check_client_id,
+                                  read_tfrecords)
 
 INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite")
 # Rows of a TFF SQLite database read by one work item.
@@ -104,17 +106,18 @@ class _ReadTFRecordFile(beam.DoFn):
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
   def process(self, path: str) -> Iterable[InputRecord]:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     index = 0
     try:
-      for data in tf.compat.v1.io.tf_record_iterator(path):
-        source = f"{path} record {index}"
-        yield parse_example_record(data, self._client_id_key, source, (path, index))
-        self._records.inc()
-        index += 1
-    except (tf.errors.DataLossError, tf.errors.OpError) as e:
-      raise InputError(
-          f"{path}: unreadable TFRecord file at record {index}: {e.message}") from None
+      with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+        for data in read_tfrecords(f):
+          source = f"{path} record {index}"
+          yield parse_example_record(data, self._client_id_key, source, (path, index))
+          self._records.inc()
+          index += 1
+    except CorruptRecordError as e:
+      raise InputError(f"{path}: unreadable TFRecord file: {e}") from None
+    except (OSError, IOError) as e:
+      raise InputError(f"{path}: cannot read: {e}") from None
 
 
 class ReadTFRecordExamples(beam.PTransform):

@@ -10,7 +10,6 @@ manifest file and so on every client file.
 from __future__ import annotations
 
 import posixpath
-import struct
 import uuid
 import zlib
 from typing import Any, Iterable, Mapping, Optional
@@ -33,17 +32,6 @@ EMPTY_SAMPLE_SIZE = 20
 
 class StoreWriteError(RuntimeError):
   """The store could not be written (I/O failure, or two ids mapping to one file)."""
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = google_crc32c.value(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(record: bytes) -> bytes:
-  """One TFRecord: length, masked CRC32C of the length, data, masked CRC32C of the data."""
-  header = struct.pack("<Q", len(record))
-  return header + struct.pack("<I", _masked_crc(header)) + record + struct.pack("<I", _masked_crc(record))
 
 
 def _temp_name(final_path: str) -> str:
@@ -87,7 +75,7 @@ class _WriteClientFile(beam.DoFn):
   def process(self, client: ClientRecords, num_shards: int) -> Iterable[dict[str, Any]]:
     rel = sf.client_relative_path(client.client_id, client.split, num_shards)
     size, crc = write_file_atomically(
-        sf.join(self._root, rel), (tfrecord_frame(r) for r in client.records))
+        sf.join(self._root, rel), (sf.tfrecord_frame(r) for r in client.records))
     self._clients.inc()
     self._examples.inc(len(client.records))
     self._bytes.inc(size)
