@@ -1,4 +1,4 @@
-"""The `fedbeam` command: prepare, inspect, train.
+"""The `fedbeam` command: prepare, inspect, validate, train.
 
 `prepare` passes every flag it does not know to Beam as a pipeline option
 (`--runner`, `--direct_num_workers`, `--project`, ...) after checking that
@@ -120,6 +120,18 @@ def _run_inspect(args) -> int:
   return 0
 
 
+def _run_validate(args) -> int:
+  from fedbeam.store_validation import validate_store  # pylint: disable=g-import-not-at-top
+  report = validate_store(args.store, deep=args.deep)
+  if report.ok:
+    print(report.summary())
+    return 0
+  for problem in report.problems:
+    print(f"  {problem}")
+  print(report.summary(), file=sys.stderr)
+  return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="fedbeam",
@@ -133,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
   inspect = sub.add_parser("inspect", help="summarize a store")
   inspect.add_argument("store")
   inspect.add_argument("--json", action="store_true", help="print one JSON object")
+  validate = sub.add_parser(
+      "validate", help="check that a store's metadata, manifest and client files agree")
+  validate.add_argument("store")
+  validate.add_argument("--deep", action="store_true",
+                        help="also parse every record against the element spec")
   try:
     from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -161,6 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _run_prepare(args, extra)
   if args.command == "inspect":
     return _run_inspect(args)
+  if args.command == "validate":
+    return _run_validate(args)
   from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
   return train_module.run_train(args)
 

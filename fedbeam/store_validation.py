@@ -1,0 +1,221 @@
+"""`fedbeam validate`: do the metadata, the manifest and the client files agree?
+
+Checks (every one reports the file and client at fault):
+- the metadata parses, has a supported format version and matches its schema;
+- every manifest file listed exists and parses; no client id appears twice;
+  every row names a split of the metadata and the path the id maps to (so no
+  path can point outside the store);
+- per-split client, example, byte and empty-client counts add up to the
+  metadata's;
+- every client file exists with the manifest's size and CRC32C, its TFRecord
+  framing and CRCs are intact and it holds `num_examples` records;
+- no stray file (temporary files, leftovers of an interrupted write);
+- with `deep`, every record is a tf.train.Example with exactly the element
+  spec's features, value types and value counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import posixpath
+from typing import Any, Optional
+
+from fedbeam.element_spec import ElementSpec
+from fedbeam import store_format as sf
+
+# Problems listed before the report stops collecting (the count stays exact).
+MAX_LISTED_PROBLEMS = 1000
+
+
+@dataclasses.dataclass
+class ValidationReport:
+  """What `validate_store` found. `ok` is True when `problems` is empty."""
+
+  path: str
+  problems: list[str]
+  num_problems: int = 0
+  num_clients: int = 0
+  num_examples: int = 0
+  num_files_checked: int = 0
+  deep: bool = False
+
+  @property
+  def ok(self) -> bool:
+    return self.num_problems == 0
+
+  def add(self, problem: str) -> None:
+    self.num_problems += 1
+    if len(self.problems) < MAX_LISTED_PROBLEMS:
+      self.problems.append(problem)
+
+  def summary(self) -> str:
+    if self.ok:
+      depth = "every record parsed against the element spec" if self.deep else "sizes and checksums match"
+      return (f"OK {self.path}: {self.num_clients} clients, {self.num_examples} examples, "
+              f"{self.num_files_checked} client files verified ({depth})")
+    more = self.num_problems - len(self.problems)
+    return (f"INVALID {self.path}: {self.num_problems} problem(s)"
+            + (f" ({more} not listed)" if more > 0 else ""))
+
+
+_WIRE_KIND = {"bytes": "bytes_list", "float": "float_list", "int64": "int64_list",
+              "bits64": "int64_list"}
+
+
+def _check_record(data: bytes, spec: ElementSpec) -> Optional[str]:
+  """Why a record does not match the spec, or None."""
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  try:
+    example = example_pb2.Example.FromString(data)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"not a tf.train.Example ({e})"
+  fmap = example.features.feature
+  extra = sorted(set(fmap) - set(spec.names))
+  if extra:
+    return f"features {extra} are not in the element spec"
+  for f in spec.features:
+    if f.name not in fmap:
+      return f"feature {f.name!r} is missing"
+    kind = fmap[f.name].WhichOneof("kind")
+    if kind != _WIRE_KIND[f.encoding]:
+      return f"feature {f.name!r} is a {kind}, the spec's {f.dtype} is stored as {_WIRE_KIND[f.encoding]}"
+    n = len(getattr(fmap[f.name], kind).value)
+    if f.is_variable_length:
+      ok = (n % f.inner_size == 0) if f.inner_size else n == 0
+    else:
+      ok = n == f.inner_size
+    if not ok:
+      return f"feature {f.name!r} has {n} values, which does not fit shape {list(f.shape)}"
+  return None
+
+
+def _list_files(root: str) -> set[str]:
+  """Every file under `root`, as '/'-separated paths relative to it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  found = set()
+  base = root.rstrip("/")
+  for dirpath, _, filenames in tf.io.gfile.walk(base):
+    rel_dir = dirpath[len(base):].lstrip("/")
+    for name in filenames:
+      found.add(posixpath.join(rel_dir, name) if rel_dir else name)
+  return found
+
+
+def validate_store(path: str, deep: bool = False) -> ValidationReport:
+  """Checks a store; never raises for a damaged store (problems are in the report)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  report = ValidationReport(path=path, problems=[], deep=deep)
+  try:
+    metadata = sf.read_metadata(path)
+  except sf.StoreFormatError as e:
+    report.add(str(e))
+    return report
+  spec = ElementSpec.from_metadata(metadata["element_spec"])
+  num_shards = metadata["num_shards"]
+  split_names = {s["name"] for s in metadata["splits"]}
+  num_manifest = metadata["manifest"]["num_files"]
+  expected_files = {sf.METADATA_FILE}
+  expected_files.update(posixpath.join(sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
+                        for i in range(num_manifest))
+  totals: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in split_names}
+  seen: dict[str, str] = {}
+
+  for i in range(num_manifest):
+    rel = posixpath.join(sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
+    rows = _read_manifest_file(sf.join(path, rel), report)
+    for row in rows:
+      cid = row["client_id"]
+      where = f"client {cid!r} ({rel})"
+      if cid in seen:
+        report.add(f"{where}: client id listed twice (also in {seen[cid]})")
+        continue
+      seen[cid] = rel
+      if row["split"] not in split_names:
+        report.add(f"{where}: split {row['split']!r} is not in the metadata {sorted(split_names)}")
+        continue
+      try:
+        expected_path = sf.client_relative_path(cid, row["split"], num_shards)
+      except sf.InvalidClientIdError as e:
+        report.add(f"{where}: {e}")
+        continue
+      if row["path"] != expected_path:
+        report.add(f"{where}: path {row['path']!r} is not where the id maps "
+                   f"({expected_path!r})")
+        continue
+      expected_files.add(expected_path)
+      t = totals[row["split"]]
+      t[0] += 1
+      t[1] += row["num_examples"]
+      t[2] += row["num_bytes"]
+      t[3] += 1 if row["num_examples"] == 0 else 0
+      report.num_clients += 1
+      report.num_examples += row["num_examples"]
+      _check_client_file(path, row, spec, deep, report)
+
+  for s in metadata["splits"]:
+    got = totals.get(s["name"], [0, 0, 0, 0])
+    for i, field in enumerate(("num_clients", "num_examples", "num_bytes", "num_empty_clients")):
+      if got[i] != s[field]:
+        report.add(f"split {s['name']!r}: metadata says {field} = {s[field]}, the manifest adds "
+                   f"up to {got[i]}")
+
+  try:
+    present = _list_files(path)
+  except tf.errors.OpError as e:
+    report.add(f"cannot list {path}: {e.message}")
+    present = expected_files
+  for stray in sorted(present - expected_files):
+    report.add(f"stray file {stray}: not listed in the manifest or metadata")
+  return report
+
+
+def _read_manifest_file(path: str, report: ValidationReport) -> list[dict[str, Any]]:
+  import fastavro  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.exists(path):
+    report.add(f"manifest file {path} is missing")
+    return []
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      return list(fastavro.reader(io.BytesIO(f.read())))
+  except Exception as e:  # pylint: disable=broad-except
+    report.add(f"manifest file {path} is damaged: {e}")
+    return []
+
+
+def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec, deep: bool,
+                       report: ValidationReport) -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  cid, rel = row["client_id"], row["path"]
+  where = f"client {cid!r} ({rel})"
+  full = sf.join(root, rel)
+  try:
+    with tf.io.gfile.GFile(full, "rb") as f:
+      data = f.read()
+  except tf.errors.NotFoundError:
+    report.add(f"{where}: file is missing")
+    return
+  except tf.errors.OpError as e:
+    report.add(f"{where}: cannot read: {e.message}")
+    return
+  report.num_files_checked += 1
+  if len(data) != row["num_bytes"]:
+    report.add(f"{where}: {len(data)} bytes, the manifest says {row['num_bytes']}")
+  crc = sf.checksum(data)
+  if crc != row["crc32c"]:
+    report.add(f"{where}: CRC32C {crc:08x}, the manifest says {row['crc32c']:08x}")
+  count = 0
+  try:
+    for record in sf.read_tfrecords(io.BytesIO(data)):
+      if deep:
+        problem = _check_record(record, spec)
+        if problem:
+          report.add(f"{where}: record {count}: {problem}")
+          return
+      count += 1
+  except sf.CorruptRecordError as e:
+    report.add(f"{where}: damaged TFRecord data: {e}")
+    return
+  if count != row["num_examples"]:
+    report.add(f"{where}: {count} records, the manifest says {row['num_examples']}")
