@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  # TensorFlow's C++ start-up chatter would bury the job's own messages.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # TensorFlow's C++ start-up chatter (CUDA plugin registration on a CPU-only
+  # machine) would bury the job's own messages; errors still raise in Python.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   # Beam warns at import that crcmod is missing even when google-crc32c, which
   # fedbeam installs and Beam prefers, is present.
   logging.getLogger().addFilter(

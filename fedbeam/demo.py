@@ -100,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--rounds", type=int, default=20)
   parser.add_argument("--clients-per-round", type=int, default=10)
   args = parser.parse_args(argv)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   from fedbeam import cli  # pylint: disable=g-import-not-at-top
 
   workdir = os.path.abspath(args.workdir)

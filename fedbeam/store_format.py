@@ -3,10 +3,15 @@
 A store is a directory (local or any Beam/TensorFlow filesystem such as gs://)::
 
     STORE/
-      metadata.json                      commit marker, written last
-      manifest/part-SSSSS-of-NNNNN.avro  one row per client (schemas/manifest.avsc)
-      <split>/<shard:05d>/<name>.tfrecord one file per client, records are
-                                         serialized tf.train.Example
+      metadata.json                             commit marker, written last
+      data-<job>/manifest/part-SSSSS-of-NNNNN.avro   one row per client
+      data-<job>/<split>/<shard:05d>/<name>.tfrecord one file per client, records
+                                                are serialized tf.train.Example
+
+`data-<job>` is named by a hash of the job (inputs, their sizes and times, and
+parameters): a rerun of the same job writes the same bytes to the same paths,
+and two different jobs aimed at one output never write into each other's
+files; the metadata names the data directory of the committed job.
 
 `docs/store-format.md` describes every file, field and invariant. The id ->
 file mapping below exists twice, in Python (writer) and in TensorFlow ops
@@ -30,9 +35,7 @@ from fedbeam.element_spec import ElementSpec, ElementSpecError, FeatureSpec
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 MANIFEST_DIR = "manifest"
-# Present while a job is writing into a store directory; lets a rerun tell its
-# own leftovers from unrelated files.
-IN_PROGRESS_FILE = "_FEDBEAM_WRITE_IN_PROGRESS"
+DATA_DIR_PREFIX = "data-"
 CLIENT_FILE_SUFFIX = ".tfrecord"
 ID_ENCODING = "base64url-v1"
 UNSPLIT = "all"
@@ -120,8 +123,13 @@ def shard_dir_name(shard: int) -> str:
   return f"{shard:05d}"
 
 
+def data_dir_name(job_key: str) -> str:
+  """The data directory of a job: 'data-' and 16 hex digits of the job key."""
+  return DATA_DIR_PREFIX + job_key[:16]
+
+
 def client_relative_path(client_id: str, split: str, num_shards: int) -> str:
-  """`<split>/<shard>/<name>.tfrecord`, relative to the store root, '/'-separated."""
+  """`<split>/<shard>/<name>.tfrecord`, relative to the data directory, '/'-separated."""
   return posixpath.join(split, shard_dir_name(shard_of(client_id, num_shards)),
                         client_file_name(client_id))
 
@@ -290,10 +298,11 @@ def read_metadata(root: str) -> dict[str, Any]:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   path = metadata_path(root)
   if not tf.io.gfile.exists(path):
-    if tf.io.gfile.exists(join(root, IN_PROGRESS_FILE)):
+    if tf.io.gfile.isdir(root) and any(
+        n.rstrip("/").startswith(DATA_DIR_PREFIX) for n in tf.io.gfile.listdir(root)):
       raise StoreFormatError(
           f"{root} is not a committed fedbeam store: a write into it did not finish "
-          f"({METADATA_FILE} is missing, {IN_PROGRESS_FILE} is present); rerun the job")
+          f"({METADATA_FILE} is missing); rerun the job")
     raise StoreFormatError(f"{root} holds no committed fedbeam store ({path} not found)")
   try:
     with tf.io.gfile.GFile(path, "rb") as f:
@@ -308,7 +317,16 @@ def read_metadata(root: str) -> dict[str, Any]:
         f"{root}: store format version {version!r} is not supported by this fedbeam "
         f"(it reads version {FORMAT_VERSION}); use a fedbeam release that writes it")
   validate_metadata(metadata, path)
+  data_dir = metadata["data_dir"]
+  if (not data_dir.startswith(DATA_DIR_PREFIX) or "/" in data_dir or "\\" in data_dir
+      or data_dir in (".", "..")):
+    raise StoreFormatError(f"{path}: data_dir {data_dir!r} is not a data directory of the store")
   return metadata
+
+
+def data_root(root: str, metadata: Mapping[str, Any]) -> str:
+  """The committed data directory of the store at `root`."""
+  return join(root, metadata["data_dir"])
 
 
 def metadata_to_json(metadata: Mapping[str, Any]) -> bytes:
@@ -335,7 +353,7 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   count = metadata["manifest"]["num_files"]
   for i in range(count):
-    path = join(root, MANIFEST_DIR, manifest_file_name(i, count))
+    path = join(root, metadata["data_dir"], MANIFEST_DIR, manifest_file_name(i, count))
     if not tf.io.gfile.exists(path):
       raise StoreFormatError(f"manifest file {path} is missing (metadata lists {count} files)")
     with tf.io.gfile.GFile(path, "rb") as f:
@@ -400,7 +418,8 @@ def checksum(data: bytes) -> int:
 
 
 __all__ = [
-    "FORMAT_VERSION", "METADATA_FILE", "MANIFEST_DIR", "IN_PROGRESS_FILE", "UNSPLIT",
+    "FORMAT_VERSION", "METADATA_FILE", "MANIFEST_DIR", "DATA_DIR_PREFIX", "UNSPLIT",
+    "data_dir_name", "data_root",
     "ElementSpec", "ElementSpecError", "StoreFormatError", "InvalidClientIdError",
     "check_client_id", "client_file_name", "shard_of", "client_relative_path",
     "client_relative_path_tf", "default_num_shards", "encode_example",

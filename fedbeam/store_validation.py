@@ -115,14 +115,16 @@ def validate_store(path: str, deep: bool = False) -> ValidationReport:
   num_shards = metadata["num_shards"]
   split_names = {s["name"] for s in metadata["splits"]}
   num_manifest = metadata["manifest"]["num_files"]
+  data_dir = metadata["data_dir"]
   expected_files = {sf.METADATA_FILE}
-  expected_files.update(posixpath.join(sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
-                        for i in range(num_manifest))
+  expected_files.update(
+      posixpath.join(data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
+      for i in range(num_manifest))
   totals: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in split_names}
   seen: dict[str, str] = {}
 
   for i in range(num_manifest):
-    rel = posixpath.join(sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
+    rel = posixpath.join(data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
     rows = _read_manifest_file(sf.join(path, rel), report)
     for row in rows:
       cid = row["client_id"]
@@ -135,7 +137,8 @@ def validate_store(path: str, deep: bool = False) -> ValidationReport:
         report.add(f"{where}: split {row['split']!r} is not in the metadata {sorted(split_names)}")
         continue
       try:
-        expected_path = sf.client_relative_path(cid, row["split"], num_shards)
+        expected_path = posixpath.join(
+            data_dir, sf.client_relative_path(cid, row["split"], num_shards))
       except sf.InvalidClientIdError as e:
         report.add(f"{where}: {e}")
         continue

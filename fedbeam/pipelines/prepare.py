@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from typing import Any, Optional, Sequence, Union
 
@@ -179,51 +180,54 @@ class PrepareStore(beam.PTransform):
     return clients | "WriteStore" >> WriteStore(
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
         job_key=self._job_key, empty_report=checked["report"],
-        empty_policy=c.empty_clients, reports=reports)
+        empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite)
 
 
 def prepare_output_dir(output: str, overwrite: bool) -> None:
-  """Makes `output` ready for a new store and marks the write in progress.
+  """Checks that `output` may receive a new store and creates it.
 
-  An existing committed store is removed only with `overwrite` (metadata
-  first, so an interrupted removal never leaves a store that looks valid).
-  Leftovers of an interrupted fedbeam write are cleared; any other non-empty
-  directory is refused.
+  A committed store is replaced only with `overwrite`, and only when the new
+  one commits: until then the old metadata and data stay valid. Data
+  directories without metadata (an interrupted fedbeam write) are fine; the
+  job that commits removes them. Any other non-empty directory is refused.
 
   Raises:
     PrepareError: the path holds a store and `overwrite` is False, or holds
-      files that are not fedbeam's, or cannot be written.
+      files that are not fedbeam's, or cannot be created.
   """
-  meta = sf.metadata_path(output)
-  marker = sf.join(output, sf.IN_PROGRESS_FILE)
   try:
-    if FileSystems.exists(meta):
+    if FileSystems.exists(sf.metadata_path(output)):
       if not overwrite:
         raise PrepareError(f"--output {output} already holds a committed fedbeam store; "
                            "pass --overwrite to replace it")
-      FileSystems.delete([meta])
-      FileSystems.delete([output])
-    elif FileSystems.exists(output):
-      listing = FileSystems.match([sf.join(output, "*")])[0].metadata_list
-      if listing and not FileSystems.exists(marker):
+      return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if tf.io.gfile.exists(output):
+      if not tf.io.gfile.isdir(output):
+        raise PrepareError(f"--output {output} is a file, not a directory")
+      foreign = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(output)
+                       if not n.startswith(sf.DATA_DIR_PREFIX)
+                       and not n.startswith(f".{sf.METADATA_FILE}.tmp-"))
+      if foreign:
         raise PrepareError(
-            f"--output {output} is not empty and holds no fedbeam store; pick an empty or "
-            "new directory")
-      if listing:
-        FileSystems.delete([output])
-    FileSystems.mkdirs(output) if not FileSystems.exists(output) else None
-    with FileSystems.create(marker) as f:
-      f.write(b"a fedbeam prepare job is writing this store; it is not valid until "
-              b"metadata.json exists\n")
+            f"--output {output} is not empty and holds no fedbeam store (it holds {foreign[0]!r}"
+            f"{' and more' if len(foreign) > 1 else ''}); pick an empty or new directory")
+    else:
+      tf.io.gfile.makedirs(output)
   except PrepareError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise PrepareError(f"--output {output}: cannot prepare the directory: {e}") from None
 
 
-def job_key(config: PrepareConfig, paths: Sequence[str]) -> str:
-  """A stable key for this job (inputs and parameters), used to derive Avro sync markers."""
-  payload = json.dumps({"paths": list(paths), "parameters": config.parameters(),
+def job_key(config: PrepareConfig, inputs: Sequence[tuple[str, int, float]]) -> str:
+  """A stable key for this job: inputs (with sizes and times) and parameters.
+
+  Names the job's data directory and seeds the Avro sync markers, so a rerun
+  of the same job over the same input writes byte-identical files to the
+  same paths.
+  """
+  payload = json.dumps({"inputs": [list(i) for i in inputs], "parameters": config.parameters(),
                         "spec": config.element_spec.to_json() if config.element_spec else None},
                        sort_keys=True)
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()
@@ -300,10 +304,12 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
   config.validate()
   try:
     if config.input_format == "tff-sqlite":
-      paths = [config.input]
       sources.sqlite_row_ranges(config.input, config.sqlite_split)
+      stat = os.stat(config.input)
+      inputs = [(config.input, stat.st_size, stat.st_mtime)]
     else:
-      paths = sources.match_input_files(config.input)
+      inputs = sources.match_input_files(config.input)
+    paths = [path for path, _, _ in inputs]
   except InputError as e:
     raise PrepareError(str(e)) from None
   out_prefix = config.output.rstrip("/") + "/"
@@ -311,7 +317,7 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
     raise PrepareError(f"--output {config.output} holds input files; write the store elsewhere")
   options, runner = default_runner_options(beam_args)
   prepare_output_dir(config.output, config.overwrite)
-  key = job_key(config, paths)
+  key = job_key(config, inputs)
   start = time.monotonic()
   try:
     pipeline = beam.Pipeline(runner=runner, options=options)

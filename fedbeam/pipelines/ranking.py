@@ -8,23 +8,28 @@ on counts computed by the same pipeline. Each element carries N, as
 
 from __future__ import annotations
 
-import bisect
-
 import apache_beam as beam
 
 
 class SmallestN(beam.CombineFn):
-  """(n, item) -> the n smallest items, sorted ([] when there is no input)."""
+  """(n, item) -> the n smallest items, sorted ([] when there is no input).
+
+  Inputs are appended and the buffer is cut back to the n smallest once it
+  holds 2n items, so adding m items costs O(m log n) (inserting each one in
+  sorted order would cost O(m * n)).
+  """
 
   def create_accumulator(self):
     return (0, [])
 
   def add_input(self, acc, element):
     n, item = element
-    _, items = acc
-    bisect.insort(items, item)
-    if len(items) > n:
-      items.pop()
+    acc_n, items = acc
+    n = max(n, acc_n)
+    items.append(item)
+    if len(items) >= 2 * n + 16:
+      items.sort()
+      del items[n:]
     return (n, items)
 
   def merge_accumulators(self, accs):
@@ -32,7 +37,16 @@ class SmallestN(beam.CombineFn):
     for a_n, a_items in accs:
       n = max(n, a_n)
       items.extend(a_items)
-    return (n, sorted(items)[:n])
+    items.sort()
+    del items[n:]
+    return (n, items)
+
+  def compact(self, acc):
+    n, items = acc
+    items.sort()
+    del items[n:]
+    return (n, items)
 
   def extract_output(self, acc):
-    return acc[1]
+    n, items = acc
+    return sorted(items)[:n]

@@ -28,23 +28,26 @@ INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite")
 SQLITE_ROWS_PER_RANGE = 20_000
 
 
-def match_input_files(pattern: str) -> list[str]:
-  """Expands a file pattern (comma-separated patterns allowed), sorted.
+def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
+  """Expands a file pattern (comma-separated patterns allowed).
+
+  Returns sorted (path, size in bytes, modification time) triples.
 
   Raises:
     InputError: a pattern matches no file.
   """
-  paths = []
+  found_all: dict[str, tuple[str, int, float]] = {}
   for part in [p.strip() for p in pattern.split(",") if p.strip()]:
     try:
       result = FileSystems.match([part])[0]
     except Exception as e:  # pylint: disable=broad-except
       raise InputError(f"--input {part!r}: cannot list files: {e}") from None
-    found = [m.path for m in result.metadata_list]
-    if not found:
+    if not result.metadata_list:
       raise InputError(f"--input {part!r} matches no file")
-    paths.extend(found)
-  return sorted(set(paths))
+    for m in result.metadata_list:
+      found_all[m.path] = (m.path, int(m.size_in_bytes),
+                           float(getattr(m, "last_updated_in_seconds", 0) or 0))
+  return [found_all[p] for p in sorted(found_all)]
 
 
 # ----------------------------------------------------------------------------

@@ -2,13 +2,17 @@
 
 Every file is written to a temporary name beside its final one and renamed
 into place, so a retried bundle replaces a file whole and never leaves a
-partial or duplicate client. The metadata file, which commits the store, is
+partial or duplicate client. Files go to the job's own data directory
+(`data-<job key>`); a sweep per shard directory removes temporary files a
+killed worker left behind. The metadata file, which commits the store, is
 written by the last step, which depends (through side inputs) on every
-manifest file and so on every client file.
+manifest file, every sweep and so on every client file. Without `overwrite`
+the commit is exclusive: when another job committed first, this one fails.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import uuid
 import zlib
@@ -66,14 +70,16 @@ def write_file_atomically(final_path: str, chunks: Iterable[bytes]) -> tuple[int
 class _WriteClientFile(beam.DoFn):
   """ClientRecords -> manifest row (dict), after writing the client's file."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, data_dir: str):
     self._root = root
+    self._data_dir = data_dir
     self._clients = beam.metrics.Metrics.counter("fedbeam", "clients_written")
     self._examples = beam.metrics.Metrics.counter("fedbeam", "examples_written")
     self._bytes = beam.metrics.Metrics.counter("fedbeam", "bytes_written")
 
   def process(self, client: ClientRecords, num_shards: int) -> Iterable[dict[str, Any]]:
     rel = sf.client_relative_path(client.client_id, client.split, num_shards)
+    rel = posixpath.join(self._data_dir, rel)
     size, crc = write_file_atomically(
         sf.join(self._root, rel), (sf.tfrecord_frame(r) for r in client.records))
     self._clients.inc()
@@ -97,8 +103,9 @@ def _manifest_bucket(client_id: str, num_files: int) -> int:
 
 class _WriteManifestFile(beam.DoFn):
 
-  def __init__(self, root: str, job_key: str):
+  def __init__(self, root: str, data_dir: str, job_key: str):
     self._root = root
+    self._data_dir = data_dir
     self._job_key = job_key
 
   def process(self, element, num_files: int) -> Iterable[str]:
@@ -110,8 +117,46 @@ class _WriteManifestFile(beam.DoFn):
     fastavro.writer(buf, sf.parsed_schema("manifest"), rows, codec="null",
                     sync_marker=sf.manifest_sync_marker(self._job_key, index))
     name = sf.manifest_file_name(index, num_files)
-    write_file_atomically(sf.join(self._root, sf.MANIFEST_DIR, name), [buf.getvalue()])
+    write_file_atomically(sf.join(self._root, self._data_dir, sf.MANIFEST_DIR, name),
+                          [buf.getvalue()])
     yield name
+
+
+def _list_directory(directory: str) -> list[str]:
+  """Names of the entries (files and directories, hidden ones too) of `directory`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.isdir(directory):
+    return []
+  return sorted({name.rstrip("/") for name in tf.io.gfile.listdir(directory)})
+
+
+def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
+  """Deletes files in `directory` whose names are not in `keep`; returns their names.
+
+  Clears what a killed worker or an earlier run of the same job left behind
+  (temporary files, clients that are not in this run's manifest).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  keep = set(keep)
+  stray = [n for n in _list_directory(directory)
+           if n not in keep and not tf.io.gfile.isdir(sf.join(directory, n))]
+  if stray:
+    FileSystems.delete([sf.join(directory, n) for n in stray])
+  return stray
+
+
+class _SweepShardDirectory(beam.DoFn):
+  """(shard directory, file names) -> number of stray files removed."""
+
+  def __init__(self, root: str):
+    self._root = root
+    self._swept = beam.metrics.Metrics.counter("fedbeam", "stray_files_removed")
+
+  def process(self, element):
+    directory, names = element
+    removed = sweep_directory(sf.join(self._root, directory), names)
+    self._swept.inc(len(removed))
+    yield len(removed)
 
 
 def _check_no_path_collision(element):
@@ -165,16 +210,69 @@ def _merge_reports(parameters: Mapping[str, Any], reports) -> dict[str, Any]:
   return merged
 
 
-class _CommitStore(beam.DoFn):
-  """Writes metadata.json last (temp + rename), then drops the in-progress marker."""
+def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool) -> None:
+  """Writes `root/metadata.json`, the commit point of a store.
 
-  def __init__(self, root: str, parameters: Mapping[str, Any], empty_policy: str):
+  Without `overwrite` the commit is exclusive: on local disks through a hard
+  link, which fails atomically when the file exists; elsewhere by checking
+  first (object stores offer no exclusive rename through Beam's FileSystems).
+
+  Raises:
+    StoreWriteError: another job committed a store at `root` first.
+  """
+  final = sf.metadata_path(root)
+  data = sf.metadata_to_json(metadata)
+  if overwrite:
+    write_file_atomically(final, [data])
+    return
+  taken = StoreWriteError(
+      f"another job committed a store at {root} while this one was writing; this job's "
+      "files were not committed (rerun with --overwrite to replace that store)")
+  if "://" in root:
+    if FileSystems.exists(final):
+      raise taken
+    write_file_atomically(final, [data])
+    return
+  import os  # pylint: disable=g-import-not-at-top
+  tmp = _temp_name(final)
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  try:
+    os.link(tmp, final)
+  except FileExistsError:
+    raise taken from None
+  finally:
+    os.unlink(tmp)
+
+
+def remove_other_data_dirs(root: str, keep: str) -> list[str]:
+  """Deletes data directories of `root` other than `keep` (old stores, dead jobs)."""
+  removed = []
+  for name in _list_directory(root):
+    if name.startswith(sf.DATA_DIR_PREFIX) and name != keep:
+      FileSystems.delete([sf.join(root, name)])
+      removed.append(name)
+  for name in _list_directory(root):  # Top-level temporary files of killed commits.
+    if name.startswith(f".{sf.METADATA_FILE}.tmp-"):
+      FileSystems.delete([sf.join(root, name)])
+  return removed
+
+
+class _CommitStore(beam.DoFn):
+  """Writes metadata.json last, then removes other jobs' data directories."""
+
+  def __init__(self, root: str, data_dir: str, parameters: Mapping[str, Any],
+               empty_policy: str, overwrite: bool):
     self._root = root
+    self._data_dir = data_dir
     self._parameters = dict(parameters)
     self._empty_policy = empty_policy
+    self._overwrite = overwrite
 
   def process(self, _, stats, spec: ElementSpec, num_shards: int, manifest_files,
-              empty_report: Optional[Mapping[str, Any]] = None, reports=()):
+              empty_report: Optional[Mapping[str, Any]] = None, reports=(), swept=()):
     splits = [
         {"name": name, "num_clients": c[0], "num_examples": c[1], "num_bytes": c[2],
          "num_empty_clients": c[3]}
@@ -185,6 +283,7 @@ class _CommitStore(beam.DoFn):
         "format_version": sf.FORMAT_VERSION,
         "fedbeam_version": fedbeam.__version__,
         "element_spec": spec.to_metadata(),
+        "data_dir": self._data_dir,
         "id_encoding": sf.ID_ENCODING,
         "num_shards": int(num_shards),
         "manifest": {"num_files": len(manifest_files)},
@@ -198,15 +297,20 @@ class _CommitStore(beam.DoFn):
         "parameters": _merge_reports(self._parameters, reports),
     }
     sf.validate_metadata(metadata, "new store metadata")
-    write_file_atomically(sf.metadata_path(self._root), [sf.metadata_to_json(metadata)])
-    marker = sf.join(self._root, sf.IN_PROGRESS_FILE)
-    if FileSystems.exists(marker):
-      FileSystems.delete([marker])
+    sweep_directory(sf.join(self._root, self._data_dir, sf.MANIFEST_DIR),
+                    [sf.manifest_file_name(i, len(manifest_files))
+                     for i in range(len(manifest_files))])
+    commit_metadata(self._root, metadata, self._overwrite)
+    remove_other_data_dirs(self._root, self._data_dir)
     yield metadata
 
 
 class WriteStore(beam.PTransform):
   """Writes `ClientRecords` (with their split set) as a committed store at `root`.
+
+  Files go to `root/<data_dir>`; `data_dir` defaults to the one
+  `sf.data_dir_name(job_key)` names. With `overwrite` the commit replaces an
+  existing metadata file; without it, an existing one fails the job.
 
   Input: PCollection[ClientRecords]. Side data: `spec` (singleton
   PCollection[ElementSpec]); optional `empty_report` singleton (the empty
@@ -217,8 +321,12 @@ class WriteStore(beam.PTransform):
 
   def __init__(self, root: str, spec, *, num_shards: Optional[int] = None,
                parameters: Optional[Mapping[str, Any]] = None, job_key: str = "",
-               empty_report=None, empty_policy: str = "keep", reports=()):
+               empty_report=None, empty_policy: str = "keep", reports=(),
+               overwrite: bool = False):
     super().__init__()
+    self._overwrite = overwrite
+    self._data_dir = sf.data_dir_name(hashlib.sha256(job_key.encode()).hexdigest()
+                                      if len(job_key) < 16 else job_key)
     self._reports = list(reports)
     self._root = root
     self._spec = spec
@@ -237,8 +345,14 @@ class WriteStore(beam.PTransform):
     else:
       fixed = self._num_shards
       num_shards = p | "NumShards" >> beam.Create([fixed])
+    data_dir = self._data_dir
     rows = clients | "WriteClientFiles" >> beam.ParDo(
-        _WriteClientFile(root), beam.pvalue.AsSingleton(num_shards))
+        _WriteClientFile(root, data_dir), beam.pvalue.AsSingleton(num_shards))
+    swept = (rows
+             | "KeyByShardDirectory" >> beam.Map(
+                 lambda r: (posixpath.dirname(r["path"]), posixpath.basename(r["path"])))
+             | "GroupByShardDirectory" >> beam.GroupByKey()
+             | "SweepShardDirectories" >> beam.ParDo(_SweepShardDirectory(root)))
 
     # Only long ids are named by a hash; check those never share a file.
     collisions = (rows
@@ -257,7 +371,7 @@ class WriteStore(beam.PTransform):
                       | "MergeManifestRows" >> beam.Flatten()
                       | "GroupManifestRows" >> beam.GroupByKey()
                       | "WriteManifestFiles" >> beam.ParDo(
-                          _WriteManifestFile(root, self._job_key),
+                          _WriteManifestFile(root, data_dir, self._job_key),
                           beam.pvalue.AsSingleton(num_files)))
     stats = rows | "Stats" >> beam.CombineGlobally(StoreStatsFn())
     side = dict(
@@ -265,6 +379,7 @@ class WriteStore(beam.PTransform):
         spec=beam.pvalue.AsSingleton(self._spec),
         num_shards=beam.pvalue.AsSingleton(num_shards),
         manifest_files=beam.pvalue.AsList(manifest_files),
+        swept=beam.pvalue.AsList(swept),
     )
     if self._empty_report is not None:
       side["empty_report"] = beam.pvalue.AsSingleton(self._empty_report)
@@ -276,4 +391,5 @@ class WriteStore(beam.PTransform):
     checked = checked | "AfterPathCheck" >> beam.Map(
         lambda r, _: r, beam.pvalue.AsList(collisions))
     return checked | "Commit" >> beam.ParDo(
-        _CommitStore(root, self._parameters, self._empty_policy), **side)
+        _CommitStore(root, data_dir, self._parameters, self._empty_policy, self._overwrite),
+        **side)

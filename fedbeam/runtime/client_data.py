@@ -30,6 +30,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
                rows: Mapping[str, tuple[str, int]]):
     """Use `load_client_data`. `rows` maps client id -> (split, num_examples)."""
     self._root = root.rstrip("/") if root != "/" else root
+    self._data_root = sf.data_root(self._root, metadata)
     self._metadata = dict(metadata)
     self._splits = tuple(splits)
     self._rows = dict(rows)
@@ -75,7 +76,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     tff.simulation.datasets.client_data.check_numpy_random_seed(seed)
     client_ids = list(self._client_ids)
     np.random.RandomState(seed=seed).shuffle(client_ids)
-    paths = [sf.join(self._root, self._relative_path(cid)) for cid in client_ids]
+    paths = [sf.join(self._data_root, self._relative_path(cid)) for cid in client_ids]
     files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
     # deterministic=True keeps TFF's client order while reading ahead in parallel.
     records = files.interleave(
@@ -176,7 +177,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     return sf.client_relative_path(client_id, self._rows[client_id][0], self._num_shards)
 
   def _build_dataset_fn(self):
-    root, spec, num_shards = self._root, self._spec, self._num_shards
+    data_root, spec, num_shards = self._data_root, self._spec, self._num_shards
     splits = self._splits
     if len(splits) == 1:
       only = splits[0]
@@ -204,7 +205,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     def dataset_fn(client_id):
       client_id = tf.convert_to_tensor(client_id, tf.string)
       rel = sf.client_relative_path_tf(client_id, split_of_id(client_id), num_shards)
-      path = tf.strings.join([root, "/", rel])
+      path = tf.strings.join([data_root, "/", rel])
       records = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES)
       return sf.records_to_elements(records, spec)
 

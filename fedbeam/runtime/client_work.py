@@ -10,8 +10,17 @@
 TFF 0.87 only kept the first kind, in
 `tff.learning.templates.proximal_client_work`, with a `loop_implementation`
 argument instead of the `use_experimental_simulation_loop` flag. This module
-reuses that code as is for TFF optimizers and adds the Keras kind beside it,
-with the same FedProx proximal term and the same loop implementations.
+reuses that code for TFF optimizers and adds the Keras kind beside it, with
+the same FedProx proximal term and the same loop implementations.
+
+One exception: TFF 0.87's FedProx term has the wrong sign. Its
+`build_model_delta_update_with_tff_optimizer` adds
+`delta_l2_regularizer * (w_initial - w)` to the gradient, which pushes the
+client away from the server model instead of holding it back (the gradient
+of `mu/2 * ||w - w_initial||^2` is `mu * (w - w_initial)`;
+tests/test_client_work.py computes both by hand). So TFF's code runs
+unchanged for `delta_l2_regularizer == 0.0` (FedAvg), where it is right, and
+a positive regularizer runs the same update with the sign corrected.
 
 `build_client_update` exposes the very `tf.function` the client work runs, so
 the simulation loop (`fedbeam.runtime.simulation`) can run it in Python
@@ -43,6 +52,7 @@ __all__ = [
     "build_client_update",
     "build_model_delta_client_work",
     "build_model_delta_update_with_keras_optimizer",
+    "build_model_delta_update_with_tff_optimizer",
     "check_delta_l2_regularizer",
     "loop_implementation_for",
 ]
@@ -230,6 +240,135 @@ def _initial_values(variables: list[tf.Variable]) -> list[tf.Tensor]:
   return [v.initial_value for v in variables]
 
 
+def _add_proximal_term(
+    gradients: Any, weights: Any, initial_weights: Any, strength: float
+) -> Any:
+  """Adds the gradient of `strength/2 * ||w - w_initial||^2`: a pull back."""
+  return tf.nest.map_structure(
+      lambda g, w, w0: g + strength * (w - w0),
+      gradients, weights, initial_weights,
+  )
+
+
+def _client_weight(
+    weighting: tff.learning.ClientWeighting,
+    has_non_finite_delta: tf.Tensor,
+    num_examples: tf.Tensor,
+) -> tf.Tensor:
+  # TFF's rule (`_choose_client_weight`): a client whose delta is not finite
+  # gets weight 0 (its delta was zeroed).
+  if has_non_finite_delta > 0:
+    return tf.constant(0.0, tf.float32)
+  if weighting == tff.learning.ClientWeighting.NUM_EXAMPLES:
+    return tf.cast(num_examples, tf.float32)
+  return tf.constant(1.0, tf.float32)
+
+
+def _count_examples(num_examples_sum: tf.Tensor, output: Any) -> tf.Tensor:
+  if output.num_examples is None:
+    return num_examples_sum + tf.shape(output.predictions, out_type=tf.int64)[0]
+  return num_examples_sum + tf.cast(output.num_examples, tf.int64)
+
+
+def build_model_delta_update_with_tff_optimizer(
+    model_fn: ModelFn,
+    *,
+    weighting: tff.learning.ClientWeighting,
+    delta_l2_regularizer: float,
+    loop_implementation: tff.learning.LoopImplementation,
+) -> Callable[[Any, Any, tf.data.Dataset], tuple[Any, Any]]:
+  """Creates the FedAvg/FedProx client update for a TFF optimizer.
+
+  With `delta_l2_regularizer == 0.0` this is TFF's own
+  `proximal_client_work.build_model_delta_update_with_tff_optimizer`. With a
+  positive value it is the same update (no optimizer variables; weights set
+  from `optimizer.next`) whose proximal term pulls toward the initial weights,
+  `gradient + mu * (w - w_initial)`, where TFF 0.87 adds
+  `mu * (w_initial - w)`.
+
+  Args:
+    model_fn: No-arg callable returning a new `tff.learning.models.VariableModel`.
+    weighting: A `tff.learning.ClientWeighting`.
+    delta_l2_regularizer: Nonnegative float (0.0 for FedAvg).
+    loop_implementation: A `tff.learning.LoopImplementation`.
+
+  Returns:
+    A `tf.function` `client_update(optimizer, initial_weights, data)`
+    returning `(tff.learning.templates.ClientResult, unfinalized_metrics)`.
+  """
+  if delta_l2_regularizer == 0.0:
+    return proximal_client_work.build_model_delta_update_with_tff_optimizer(
+        model_fn,
+        weighting=weighting,
+        delta_l2_regularizer=0.0,
+        loop_implementation=loop_implementation,
+    )
+  model = model_fn()
+  dataset_reduce_fn = loop_builder.build_training_loop(
+      loop_implementation=loop_implementation
+  )
+
+  @tf.function
+  def client_update(optimizer, initial_weights, data):
+    model_weights = tff.learning.models.ModelWeights.from_model(model)
+    tf.nest.map_structure(
+        lambda a, b: a.assign(b), model_weights, initial_weights
+    )
+
+    def reduce_fn(state, batch):
+      num_examples_sum, optimizer_state = state
+      with tf.GradientTape() as tape:
+        output = model.forward_pass(batch, training=True)
+      gradients = tape.gradient(output.loss, model_weights.trainable)
+      gradients = _add_proximal_term(
+          gradients, model_weights.trainable, initial_weights.trainable,
+          delta_l2_regularizer,
+      )
+      optimizer_state, updated_weights = optimizer.next(
+          optimizer_state,
+          tuple(tf.nest.flatten(model_weights.trainable)),
+          tuple(tf.nest.flatten(gradients)),
+      )
+      updated_weights = tf.nest.pack_sequence_as(
+          model_weights.trainable, updated_weights
+      )
+      tf.nest.map_structure(
+          lambda a, b: a.assign(b), model_weights.trainable, updated_weights
+      )
+      return _count_examples(num_examples_sum, output), optimizer_state
+
+    def initial_state_for_reduce_fn():
+      # Flat tuples: "for batch in data" would stack lists of tensors.
+      trainable_tensor_specs = tf.nest.map_structure(
+          lambda v: tf.TensorSpec(v.shape, v.dtype),
+          tuple(tf.nest.flatten(model_weights.trainable)),
+      )
+      return (
+          tf.zeros(shape=[], dtype=tf.int64),
+          optimizer.initialize(trainable_tensor_specs),
+      )
+
+    num_examples, _ = dataset_reduce_fn(
+        reduce_fn, data, initial_state_for_reduce_fn
+    )
+    client_delta = tf.nest.map_structure(
+        tf.subtract, initial_weights.trainable, model_weights.trainable
+    )
+    client_delta, has_non_finite_delta = (
+        tensor_utils.zero_all_if_any_non_finite(client_delta)
+    )
+    return (
+        tff.learning.templates.ClientResult(
+            update=client_delta,
+            update_weight=_client_weight(
+                weighting, has_non_finite_delta, num_examples),
+        ),
+        model.report_local_unfinalized_metrics(),
+    )
+
+  return client_update
+
+
 def build_model_delta_update_with_keras_optimizer(
     model_fn: ModelFn,
     optimizer_fn: KerasOptimizerFn,
@@ -240,9 +379,8 @@ def build_model_delta_update_with_keras_optimizer(
 ) -> Callable[[Any, tf.data.Dataset], tuple[Any, Any]]:
   """Creates the FedProx client update for a Keras optimizer factory.
 
-  The Keras counterpart of TFF's
-  `proximal_client_work.build_model_delta_update_with_tff_optimizer`: the same
-  loss gradient plus `delta_l2_regularizer * (w - w_initial)`, the same loop
+  The Keras counterpart of `build_model_delta_update_with_tff_optimizer`: the
+  same loss gradient plus `delta_l2_regularizer * (w - w_initial)`, the same loop
   implementations, the same non-finite handling and client weight; the
   weights are updated in place with `optimizer.apply_gradients`.
 
@@ -298,18 +436,12 @@ def build_model_delta_update_with_keras_optimizer(
         output = model.forward_pass(batch, training=True)
       gradients = tape.gradient(output.loss, model_weights.trainable)
       if delta_l2_regularizer > 0.0:
-        proximal_term = tf.nest.map_structure(
-            lambda x, y: delta_l2_regularizer * (y - x),
-            model_weights.trainable,
-            initial_weights.trainable,
+        gradients = _add_proximal_term(
+            gradients, model_weights.trainable, initial_weights.trainable,
+            delta_l2_regularizer,
         )
-        gradients = tf.nest.map_structure(tf.add, gradients, proximal_term)
       optimizer.apply_gradients(zip(tf.nest.flatten(gradients), trainable))
-      if output.num_examples is None:
-        num_examples_sum += tf.shape(output.predictions, out_type=tf.int64)[0]
-      else:
-        num_examples_sum += tf.cast(output.num_examples, tf.int64)
-      return num_examples_sum
+      return _count_examples(num_examples_sum, output)
 
     num_examples = dataset_reduce_fn(
         reduce_fn, data, lambda: tf.zeros(shape=[], dtype=tf.int64)
@@ -320,16 +452,11 @@ def build_model_delta_update_with_keras_optimizer(
     client_delta, has_non_finite_delta = (
         tensor_utils.zero_all_if_any_non_finite(client_delta)
     )
-    # Same rule as TFF's private `_choose_client_weight`.
-    if has_non_finite_delta > 0:
-      client_weight = tf.constant(0.0, tf.float32)
-    elif weighting == tff.learning.ClientWeighting.NUM_EXAMPLES:
-      client_weight = tf.cast(num_examples, tf.float32)
-    else:
-      client_weight = tf.constant(1.0, tf.float32)
     return (
         tff.learning.templates.ClientResult(
-            update=client_delta, update_weight=client_weight
+            update=client_delta,
+            update_weight=_client_weight(
+                weighting, has_non_finite_delta, num_examples),
         ),
         model.report_local_unfinalized_metrics(),
     )
@@ -366,9 +493,9 @@ def build_client_update(
   """Builds the client update that `build_model_delta_client_work` runs.
 
   Call it in the context (eager, under `tf.device`) where the model's
-  variables should live. For a TFF optimizer the update is TFF's own
-  `proximal_client_work.build_model_delta_update_with_tff_optimizer`; for a
-  Keras optimizer factory it is
+  variables should live. For a TFF optimizer the update is
+  `build_model_delta_update_with_tff_optimizer` (TFF's own function for
+  FedAvg); for a Keras optimizer factory it is
   `build_model_delta_update_with_keras_optimizer`.
 
   Args:
@@ -406,7 +533,7 @@ def build_client_update(
     return model
 
   if isinstance(optimizer, tff.learning.optimizers.Optimizer):
-    tff_update = proximal_client_work.build_model_delta_update_with_tff_optimizer(
+    tff_update = build_model_delta_update_with_tff_optimizer(
         recording_model_fn,
         weighting=client_weighting,
         delta_l2_regularizer=delta_l2_regularizer,
@@ -444,6 +571,11 @@ def build_model_delta_client_work(
   assigning the result to the model weights (while a
   tf.keras.optimizers.Optimizer will modify the model weight in place using
   optimizer.apply_gradients)."
+
+  For a TFF optimizer and `delta_l2_regularizer == 0.0` the process is TFF's
+  own `proximal_client_work.build_model_delta_client_work`; otherwise it has
+  the same structure around `build_model_delta_update_with_tff_optimizer`
+  (sign-corrected FedProx) or `build_model_delta_update_with_keras_optimizer`.
 
   The process has empty server state; `next(state, weights@CLIENTS,
   data@CLIENTS)` returns `ClientResult(update=initial - trained trainable
@@ -506,7 +638,8 @@ def build_model_delta_client_work(
         )
     metrics_aggregation_fn = metrics_aggregator(model.metric_finalizers())
 
-  if isinstance(optimizer, tff.learning.optimizers.Optimizer):
+  is_tff_optimizer = isinstance(optimizer, tff.learning.optimizers.Optimizer)
+  if is_tff_optimizer and delta_l2_regularizer == 0.0:
     with _without_zero_regularizer_warning():
       return proximal_client_work.build_model_delta_client_work(
           model_fn=model_fn,
@@ -523,6 +656,14 @@ def build_model_delta_client_work(
 
   @tff.tensorflow.computation(weights_type, data_type)
   def client_update_computation(initial_model_weights, dataset):
+    if is_tff_optimizer:
+      client_update = build_model_delta_update_with_tff_optimizer(
+          model_fn,
+          weighting=client_weighting,
+          delta_l2_regularizer=delta_l2_regularizer,
+          loop_implementation=loop_implementation,
+      )
+      return client_update(optimizer, initial_model_weights, dataset)
     client_update = build_model_delta_update_with_keras_optimizer(
         model_fn,
         optimizer,

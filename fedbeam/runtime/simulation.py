@@ -1,0 +1,881 @@
+"""Federated training rounds in Python TensorFlow, on GPUs when present.
+
+TFF's PyPI runtime (`worker_binary`) is built without CUDA, so a
+`ClientWorkProcess` run through it uses the CPU only. `SimulationLoop` runs
+the very client update `tf.function` the client work runs
+(`fedbeam.runtime.client_work.build_client_update`) in Python TensorFlow
+under `tf.device`, spreading the clients of a round round-robin over the
+devices (one thread per device, so several GPUs work at once), and does the
+server side itself: the weighted mean of the client deltas (as
+`tff.aggregators.MeanFactory`) and one step of a TFF server optimizer (as
+`tff.learning.templates.build_apply_optimizer_finalizer`, including its
+rejection of non-finite updates). The numbers match TFF's runtime on the same
+inputs to float tolerance (tests/test_simulation.py).
+
+Every random choice of a round (which clients, the order of their examples)
+is a pure function of `(seed, round number, client id)`, so a run resumed
+from a checkpoint ends exactly where an uninterrupted run does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from fedbeam.runtime import client_work
+
+__all__ = [
+    "ClientReport",
+    "RoundResult",
+    "SimulationConfig",
+    "SimulationLoop",
+    "SimulationState",
+    "default_devices",
+    "initial_model_weights",
+    "load_state",
+    "loss_and_accuracy",
+    "save_state",
+]
+
+logger = logging.getLogger(__name__)
+
+Preprocess = Callable[[tf.data.Dataset], tf.data.Dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationConfig:
+  """What a round does.
+
+  Attributes:
+    clients_per_round: Clients sampled (without replacement) each round.
+    client_epochs: Passes over its data each client makes per round.
+    batch_size: Client batch size.
+    shuffle_buffer: Shuffle buffer of each client's examples (0: keep the
+      stored order).
+    seed: Nonnegative int; with the round number and client id it fixes every
+      random choice.
+    eval_every: Evaluate on the test data every this many rounds (0: never).
+    eval_batch_size: Batch size of evaluation.
+    client_weighting: `tff.learning.ClientWeighting` of the mean of deltas.
+    delta_l2_regularizer: FedProx strength (0.0: FedAvg).
+    use_experimental_simulation_loop: Dataset-iterator loop (True, needed to
+      place work on GPUs) or `DatasetReduce` loop (False).
+  """
+
+  clients_per_round: int
+  client_epochs: int = 1
+  batch_size: int = 20
+  shuffle_buffer: int = 1000
+  seed: int = 0
+  eval_every: int = 1
+  eval_batch_size: int = 256
+  client_weighting: tff.learning.ClientWeighting = (
+      tff.learning.ClientWeighting.NUM_EXAMPLES
+  )
+  delta_l2_regularizer: float = 0.0
+  use_experimental_simulation_loop: bool = True
+
+  def __post_init__(self):
+    positive = ("clients_per_round", "client_epochs", "batch_size",
+                "eval_batch_size")
+    for name in positive:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("shuffle_buffer", "seed", "eval_every"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a nonnegative int, got {value!r}")
+    if not isinstance(self.client_weighting, tff.learning.ClientWeighting):
+      raise ValueError(
+          "client_weighting must be a tff.learning.ClientWeighting, got "
+          f"{self.client_weighting!r}"
+      )
+    object.__setattr__(
+        self,
+        "delta_l2_regularizer",
+        client_work.check_delta_l2_regularizer(self.delta_l2_regularizer),
+    )
+
+
+@dataclasses.dataclass
+class SimulationState:
+  """Everything that carries from one round to the next.
+
+  Attributes:
+    round_num: Rounds completed (0 before the first).
+    model_weights: `tff.learning.models.ModelWeights` of numpy arrays.
+    server_optimizer_state: The server optimizer's state, a structure of
+      numpy values.
+  """
+
+  round_num: int
+  model_weights: tff.learning.models.ModelWeights
+  server_optimizer_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientReport:
+  """What one client did in a round.
+
+  Attributes:
+    client_id: The client.
+    device: The device the loop assigned (an entry of `SimulationLoop.devices`).
+    ran_on: The full name of the device that holds the client's result
+      (e.g. `/job:localhost/replica:0/task:0/device:GPU:1`).
+    num_examples: Examples trained on, counting every epoch.
+    weight: The client's weight in the mean of deltas.
+    seconds: Wall time of the client's update, input included.
+  """
+
+  client_id: str
+  device: str
+  ran_on: str
+  num_examples: int
+  weight: float
+  seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+  """The outcome of one round.
+
+  Attributes:
+    round_num: The round (1-based).
+    clients: One report per sampled client, in sampling order.
+    train_metrics: The model's metrics summed over the clients, then
+      finalized (`tff.learning.metrics.sum_then_finalize` semantics).
+    eval_metrics: Finalized metrics on the test data after the round, or
+      None when the round did not evaluate.
+    num_examples: Examples trained on in the round.
+    seconds: Wall time of the round, evaluation included.
+    eval_seconds: Wall time of the evaluation (0.0 if none).
+    update_applied: False when the mean delta was non-finite and the server
+      kept its weights (as TFF's finalizer does).
+  """
+
+  round_num: int
+  clients: tuple[ClientReport, ...]
+  train_metrics: dict[str, float]
+  eval_metrics: Optional[dict[str, float]]
+  num_examples: int
+  seconds: float
+  eval_seconds: float
+  update_applied: bool
+
+
+def default_devices() -> list[str]:
+  """Returns the visible logical GPUs, or `['/device:CPU:0']` without one."""
+  gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+  return gpus or [tf.config.list_logical_devices("CPU")[0].name]
+
+
+def _stable_int(*parts: Any, bits: int = 63) -> int:
+  # hashlib, not hash(): Python salts str hashes per process.
+  digest = hashlib.sha256(
+      json.dumps([str(p) for p in parts]).encode("utf-8")
+  ).digest()
+  return int.from_bytes(digest[:8], "big") >> (64 - bits)
+
+
+def initial_model_weights(
+    model_fn: Callable[[], tff.learning.models.VariableModel], seed: int
+) -> tff.learning.models.ModelWeights:
+  """Initializes a model's weights deterministically from `seed`.
+
+  The model is built in a private graph whose graph-level seed and Python
+  `random` state (Keras draws unseeded initializer seeds from it) are set
+  from `seed`; the global TF and Python random states are left unchanged.
+
+  Args:
+    model_fn: No-arg callable returning a new VariableModel.
+    seed: Nonnegative int.
+
+  Returns:
+    `ModelWeights` of numpy arrays (lists of trainable and non-trainable).
+  """
+  python_random_state = random.getstate()
+  random.seed(_stable_int("init", seed))
+  try:
+    with tf.Graph().as_default() as graph:
+      graph.seed = _stable_int("init-graph", seed, bits=31)
+      model = model_fn()
+      weights = tff.learning.models.ModelWeights.from_model(model)
+      variables = list(weights.trainable) + list(weights.non_trainable)
+      with tf.compat.v1.Session(graph=graph) as session:
+        session.run(tf.compat.v1.variables_initializer(variables))
+        trainable, non_trainable = session.run(
+            (list(weights.trainable), list(weights.non_trainable))
+        )
+  finally:
+    random.setstate(python_random_state)
+  return tff.learning.models.ModelWeights(
+      trainable=list(trainable), non_trainable=list(non_trainable)
+  )
+
+
+def loss_and_accuracy(
+    metrics: Optional[dict[str, float]],
+) -> tuple[Optional[float], Optional[float]]:
+  """Picks the loss and the accuracy out of finalized model metrics.
+
+  Args:
+    metrics: Finalized metrics, e.g. `RoundResult.train_metrics`, or None.
+
+  Returns:
+    `(metrics['loss'], first metric whose name contains 'accuracy')`, each
+    None when absent.
+  """
+  if not metrics:
+    return None, None
+  loss = metrics.get("loss")
+  accuracy = next(
+      (v for k, v in metrics.items() if "accuracy" in k.lower()), None
+  )
+  return loss, accuracy
+
+
+def _to_numpy(structure: Any) -> Any:
+  return tf.nest.map_structure(lambda t: np.asarray(t), structure)
+
+
+def _finalize(
+    finalizers: dict[str, Callable[[Any], Any]], unfinalized: dict[str, Any]
+) -> dict[str, float]:
+  finalized = {}
+  for name, finalizer in finalizers.items():
+    # TFF's Keras finalizers are tf.functions that build a metric (variables)
+    # on every trace, written for one trace per TFF computation; called
+    # eagerly they fail on tf.function's second, variable-lifting trace. The
+    # wrapped Python function runs them eagerly instead.
+    finalize_fn = getattr(finalizer, "python_function", finalizer)
+    value = np.asarray(finalize_fn(
+        tf.nest.map_structure(tf.convert_to_tensor, unfinalized[name])
+    ))
+    finalized[name] = value.item() if value.size == 1 else value.tolist()
+  return finalized
+
+
+def _check_input_spec(element_spec: Any, input_spec: Any) -> None:
+  try:
+    tf.nest.assert_same_structure(element_spec, input_spec, check_types=False)
+    compatible = all(
+        e.dtype == i.dtype and i.shape.is_compatible_with(e.shape)
+        for e, i in zip(tf.nest.flatten(element_spec),
+                        tf.nest.flatten(input_spec))
+    )
+  except (ValueError, TypeError):
+    compatible = False
+  if not compatible:
+    raise ValueError(
+        "the preprocessed, batched client data does not match the model's "
+        f"input spec: data {element_spec} vs model {input_spec}; check the "
+        "model's preprocessing against the store's features"
+    )
+
+
+class SimulationLoop:
+  """Runs federated rounds over a `tff.simulation.datasets.ClientData`.
+
+  The loop codes only against the `ClientData` interface (`client_ids`,
+  `create_tf_dataset_for_client`, `create_tf_dataset_from_all_clients`), so
+  a store loaded with `fedbeam.runtime.client_data.load_client_data` and
+  TFF's own ClientData classes both work.
+  """
+
+  def __init__(
+      self,
+      model_fn: Callable[[], tff.learning.models.VariableModel],
+      client_optimizer: client_work.OptimizerArg,
+      server_optimizer: tff.learning.optimizers.Optimizer,
+      train_data: tff.simulation.datasets.ClientData,
+      config: SimulationConfig,
+      *,
+      test_data: Optional[tff.simulation.datasets.ClientData] = None,
+      preprocess: Optional[Preprocess] = None,
+      devices: Optional[Sequence[str]] = None,
+      initial_weights: Optional[tff.learning.models.ModelWeights] = None,
+  ):
+    """Builds one client model per device and the server state.
+
+    Args:
+      model_fn: No-arg callable returning a new VariableModel.
+      client_optimizer: A `tff.learning.optimizers.Optimizer` or a no-arg
+        callable returning a `tf.keras.optimizers.Optimizer`.
+      server_optimizer: A `tff.learning.optimizers.Optimizer` applied to the
+        mean delta (SGD with learning rate 1.0 is FedAvg).
+      train_data: The clients to sample from.
+      config: A `SimulationConfig`.
+      test_data: Optional ClientData evaluated every `config.eval_every`
+        rounds (all its examples).
+      preprocess: Optional map from a client's unbatched dataset to unbatched
+        model examples, applied before shuffling, repeating and batching.
+      devices: Device names to spread clients over, e.g. `['/device:GPU:0',
+        '/device:GPU:1']`; default `default_devices()`.
+      initial_weights: Starting `ModelWeights`; default
+        `initial_model_weights(model_fn, config.seed)`.
+
+    Raises:
+      TypeError: If the data, optimizers or model are of the wrong kind.
+      ValueError: If there are fewer clients than `clients_per_round`, no
+        devices, or the preprocessed data does not match the model.
+    """
+    if not isinstance(config, SimulationConfig):
+      raise TypeError(f"config must be a SimulationConfig, got {config!r}")
+    if not isinstance(train_data, tff.simulation.datasets.ClientData):
+      raise TypeError(
+          "train_data must be a tff.simulation.datasets.ClientData, got "
+          f"{type(train_data).__name__}"
+      )
+    if test_data is not None and not isinstance(
+        test_data, tff.simulation.datasets.ClientData
+    ):
+      raise TypeError(
+          "test_data must be a tff.simulation.datasets.ClientData or None, "
+          f"got {type(test_data).__name__}"
+      )
+    if not isinstance(server_optimizer, tff.learning.optimizers.Optimizer):
+      raise TypeError(
+          "server_optimizer must be a tff.learning.optimizers.Optimizer, got "
+          f"{server_optimizer!r}"
+      )
+    self._config = config
+    self._train_data = train_data
+    self._test_data = test_data
+    self._preprocess = preprocess
+    # Sorted once so sampling does not depend on the order a ClientData
+    # happens to list its ids in.
+    self._client_ids = sorted(train_data.client_ids)
+    if config.clients_per_round > len(self._client_ids):
+      raise ValueError(
+          f"clients_per_round={config.clients_per_round} exceeds the "
+          f"{len(self._client_ids)} training clients"
+      )
+    self._devices = list(devices) if devices is not None else default_devices()
+    if not self._devices:
+      raise ValueError("devices must name at least one device")
+
+    if initial_weights is None:
+      # Before the eager models below: Keras swaps its layer classes between
+      # graph (v1) and eager (v2) versions on every construction, and a model
+      # built in a `tf.Graph` invalidates the untraced eager ones.
+      initial_weights = initial_model_weights(model_fn, config.seed)
+
+    self._updates: list[client_work.ClientUpdate] = []
+    for device in self._devices:
+      with tf.device(device):
+        self._updates.append(
+            client_work.build_client_update(
+                model_fn,
+                client_optimizer,
+                config.client_weighting,
+                config.delta_l2_regularizer,
+                config.use_experimental_simulation_loop,
+            )
+        )
+    first_model = self._updates[0].model
+    self._weights_template = tff.learning.models.ModelWeights.from_model(
+        first_model
+    )
+    self._finalizers = first_model.metric_finalizers()
+    first_batches = self._batched(self._client_ids[0], round_num=1)
+    _check_input_spec(first_batches.element_spec, first_model.input_spec)
+    weights = self._checked_weights(initial_weights)
+
+    self._server_optimizer = server_optimizer
+    trainable_specs = tuple(
+        tf.TensorSpec(v.shape, v.dtype)
+        for v in tf.nest.flatten(self._weights_template.trainable)
+    )
+    # Traced, as in TFF's finalizer, so Python-number hyperparameters become
+    # float32 tensors rather than float64 numpy values.
+    server_state = tf.function(
+        lambda: server_optimizer.initialize(trainable_specs)
+    )()
+
+    @tf.function
+    def server_step(state, trainable, update):
+      return server_optimizer.next(state, trainable, update)
+
+    self._server_step = server_step
+    self._eval_fn = self._build_eval_fn(first_model)
+    self._state = SimulationState(
+        round_num=0,
+        model_weights=weights,
+        server_optimizer_state=_to_numpy(server_state),
+    )
+    self._trace(first_batches.take(0))
+
+  def _trace(self, no_batches: tf.data.Dataset) -> None:
+    """Traces every device's functions now, on an empty dataset.
+
+    Once traced, a function no longer calls Keras layers from Python, so
+    Keras models built later in a `tf.Graph` (TFF computations do that)
+    cannot invalidate the loop's models. Running on no batches changes no
+    state the rounds depend on.
+    """
+    weights = self._packed_weights()
+    for device, update in zip(self._devices, self._updates):
+      with tf.device(device):
+        update.model.reset_metrics()
+        update.update_fn(
+            weights,
+            no_batches.apply(
+                tf.data.experimental.prefetch_to_device(device, 2)
+            ),
+        )
+    with tf.device(self._devices[0]):
+      self._eval_fn(
+          weights,
+          no_batches.apply(
+              tf.data.experimental.prefetch_to_device(self._devices[0], 2)
+          ),
+      )
+      self._updates[0].model.reset_metrics()
+
+  @property
+  def devices(self) -> list[str]:
+    """The devices clients are spread over, in round-robin order."""
+    return list(self._devices)
+
+  @property
+  def config(self) -> SimulationConfig:
+    return self._config
+
+  @property
+  def state(self) -> SimulationState:
+    """The current state (a copy: mutating it does not affect the loop)."""
+    return SimulationState(
+        round_num=self._state.round_num,
+        model_weights=tf.nest.map_structure(
+            np.copy, self._state.model_weights
+        ),
+        server_optimizer_state=tf.nest.map_structure(
+            np.copy, self._state.server_optimizer_state
+        ),
+    )
+
+  def set_state(self, state: SimulationState) -> None:
+    """Replaces the loop's state, e.g. with one loaded from a checkpoint.
+
+    Raises:
+      ValueError: If the weights or optimizer state do not fit this model.
+    """
+    weights = self._checked_weights(state.model_weights)
+    expected = self._state.server_optimizer_state
+    try:
+      tf.nest.assert_same_structure(
+          expected, state.server_optimizer_state, check_types=False
+      )
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+          f"server optimizer state does not fit this optimizer: {error}"
+      ) from error
+    if isinstance(state.round_num, bool) or not isinstance(
+        state.round_num, (int, np.integer)
+    ) or state.round_num < 0:
+      raise ValueError(f"round_num must be a nonnegative int: {state.round_num!r}")
+    self._state = SimulationState(
+        round_num=int(state.round_num),
+        model_weights=weights,
+        server_optimizer_state=tf.nest.map_structure(
+            lambda old, new: np.asarray(new, dtype=np.asarray(old).dtype),
+            expected,
+            state.server_optimizer_state,
+        ),
+    )
+
+  def _checked_weights(
+      self, weights: tff.learning.models.ModelWeights
+  ) -> tff.learning.models.ModelWeights:
+    trainable = [np.asarray(w) for w in tf.nest.flatten(weights.trainable)]
+    non_trainable = [
+        np.asarray(w) for w in tf.nest.flatten(weights.non_trainable)
+    ]
+    template = self._weights_template
+    for got, variables, label in (
+        (trainable, tf.nest.flatten(template.trainable), "trainable"),
+        (non_trainable, tf.nest.flatten(template.non_trainable),
+         "non_trainable"),
+    ):
+      if len(got) != len(variables) or any(
+          g.shape != tuple(v.shape) or g.dtype != v.dtype.as_numpy_dtype
+          for g, v in zip(got, variables)
+      ):
+        raise ValueError(
+            f"{label} weights do not fit the model: got "
+            f"{[(g.shape, g.dtype.name) for g in got]}, model has "
+            f"{[(tuple(v.shape), v.dtype.name) for v in variables]}"
+        )
+    return tff.learning.models.ModelWeights(
+        trainable=trainable, non_trainable=non_trainable
+    )
+
+  def _packed_weights(self) -> Any:
+    # The update assigns with tf.nest over the model's own containers, which
+    # must match exactly (a list is not a tuple to tf.nest).
+    # Tensors, not numpy arrays, so every call matches the traced signature.
+    weights = self._state.model_weights
+    return tff.learning.models.ModelWeights(
+        trainable=tf.nest.pack_sequence_as(
+            self._weights_template.trainable,
+            [tf.convert_to_tensor(w) for w in weights.trainable],
+        ),
+        non_trainable=tf.nest.pack_sequence_as(
+            self._weights_template.non_trainable,
+            [tf.convert_to_tensor(w) for w in weights.non_trainable],
+        ),
+    )
+
+  def sample_clients(self, round_num: int) -> list[str]:
+    """Returns the clients of round `round_num` (a function of seed and round).
+
+    Args:
+      round_num: 1-based round number.
+
+    Returns:
+      `clients_per_round` distinct client ids, in the order they are
+      assigned to devices.
+    """
+    rng = np.random.default_rng(
+        [self._config.seed, round_num, _stable_int("sample")]
+    )
+    chosen = rng.choice(
+        len(self._client_ids), size=self._config.clients_per_round,
+        replace=False,
+    )
+    return [self._client_ids[i] for i in chosen]
+
+  def shuffle_seed(self, client_id: str, round_num: int) -> int:
+    """The shuffle seed of a client's examples in round `round_num`."""
+    return _stable_int("shuffle", self._config.seed, round_num, client_id,
+                       bits=31)
+
+  def _batched(self, client_id: str, round_num: int) -> tf.data.Dataset:
+    dataset = self._train_data.create_tf_dataset_for_client(client_id)
+    if self._preprocess is not None:
+      dataset = self._preprocess(dataset)
+    if self._config.shuffle_buffer > 0:
+      # reshuffle_each_iteration gives each epoch its own order; all of them
+      # follow from the seed, the dataset being built anew for every client.
+      dataset = dataset.shuffle(
+          self._config.shuffle_buffer,
+          seed=self.shuffle_seed(client_id, round_num),
+          reshuffle_each_iteration=True,
+      )
+    if self._config.client_epochs > 1:
+      dataset = dataset.repeat(self._config.client_epochs)
+    return dataset.batch(self._config.batch_size)
+
+  def client_dataset(
+      self, client_id: str, round_num: int, device: Optional[str] = None
+  ) -> tf.data.Dataset:
+    """The batches client `client_id` trains on in round `round_num`.
+
+    Args:
+      client_id: A training client id.
+      round_num: 1-based round number (it seeds the shuffle).
+      device: If given, the batches are prefetched to this device.
+
+    Returns:
+      A dataset: preprocess, shuffle (seeded), repeat for the local epochs,
+      batch, and prefetch.
+    """
+    dataset = self._batched(client_id, round_num)
+    if device is None:
+      return dataset.prefetch(tf.data.AUTOTUNE)
+    return dataset.apply(tf.data.experimental.prefetch_to_device(device, 2))
+
+  def _run_client(
+      self, index: int, client_id: str, round_num: int, weights: Any
+  ) -> tuple[list[np.ndarray], float, dict[str, Any], ClientReport]:
+    device_index = index % len(self._devices)
+    device = self._devices[device_index]
+    update = self._updates[device_index]
+    start = time.perf_counter()
+    with tf.device(device):
+      dataset = self.client_dataset(client_id, round_num, device=device)
+      update.model.reset_metrics()
+      result, unfinalized = update.update_fn(weights, dataset)
+      delta_tensors = tf.nest.flatten(result.update)
+    ran_on = delta_tensors[0].device
+    delta = [t.numpy() for t in delta_tensors]
+    weight = float(result.update_weight.numpy())
+    unfinalized = _to_numpy(unfinalized)
+    seconds = time.perf_counter() - start
+    if "num_examples" in unfinalized:
+      num_examples = int(np.sum(unfinalized["num_examples"]))
+    elif self._config.client_weighting == tff.learning.ClientWeighting.NUM_EXAMPLES:
+      num_examples = int(weight)
+    else:
+      num_examples = -1
+    report = ClientReport(
+        client_id=client_id,
+        device=device,
+        ran_on=ran_on,
+        num_examples=num_examples,
+        weight=weight,
+        seconds=seconds,
+    )
+    logger.info(
+        "round %d: client %r ran on %s (%d examples, %.3fs)",
+        round_num, client_id, ran_on, num_examples, seconds,
+    )
+    return delta, weight, unfinalized, report
+
+  def _run_clients(
+      self, client_ids: list[str], round_num: int
+  ) -> list[tuple[list[np.ndarray], float, dict[str, Any], ClientReport]]:
+    weights = self._packed_weights()
+    num_devices = len(self._devices)
+    results: list[Any] = [None] * len(client_ids)
+
+    def run_device(device_index: int) -> None:
+      for index in range(device_index, len(client_ids), num_devices):
+        results[index] = self._run_client(
+            index, client_ids[index], round_num, weights
+        )
+
+    if num_devices == 1:
+      run_device(0)
+    else:
+      # One thread per device: TF releases the GIL while a device computes,
+      # so devices work concurrently. Results are kept in sampling order, so
+      # the aggregate does not depend on which thread finishes first.
+      with concurrent.futures.ThreadPoolExecutor(num_devices) as pool:
+        for future in [pool.submit(run_device, d) for d in range(num_devices)]:
+          future.result()
+    return results
+
+  def run_round(self, evaluate: Optional[bool] = None) -> RoundResult:
+    """Runs the next round and advances the state.
+
+    Args:
+      evaluate: Evaluate on the test data after the round; None follows
+        `config.eval_every`. Ignored without test data.
+
+    Returns:
+      A `RoundResult`.
+    """
+    start = time.perf_counter()
+    round_num = self._state.round_num + 1
+    client_ids = self.sample_clients(round_num)
+    results = self._run_clients(client_ids, round_num)
+
+    # MeanFactory's arithmetic: sum of weight * delta over clients, divided
+    # by the sum of weights, in float32.
+    total_weight = np.float32(0.0)
+    weighted_sum = [np.zeros_like(w) for w in self._state.model_weights.trainable]
+    for delta, weight, _, _ in results:
+      weight32 = np.float32(weight)
+      total_weight += weight32
+      for acc, d in zip(weighted_sum, delta):
+        acc += d * weight32.astype(d.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      mean_delta = [acc / total_weight.astype(acc.dtype) for acc in weighted_sum]
+
+    update_applied = all(np.all(np.isfinite(d)) for d in mean_delta)
+    if update_applied:
+      new_state, new_trainable = self._server_step(
+          tf.nest.map_structure(tf.convert_to_tensor,
+                                self._state.server_optimizer_state),
+          tuple(tf.convert_to_tensor(w)
+                for w in self._state.model_weights.trainable),
+          tuple(tf.convert_to_tensor(d) for d in mean_delta),
+      )
+      model_weights = tff.learning.models.ModelWeights(
+          trainable=[np.asarray(w) for w in new_trainable],
+          non_trainable=list(self._state.model_weights.non_trainable),
+      )
+      server_state = _to_numpy(new_state)
+    else:
+      # TFF's finalizer rejects a non-finite update and keeps its state.
+      logger.warning(
+          "round %d: the mean client delta is not finite (total weight %s); "
+          "the server keeps its weights", round_num, total_weight,
+      )
+      model_weights = self._state.model_weights
+      server_state = self._state.server_optimizer_state
+    self._state = SimulationState(round_num, model_weights, server_state)
+
+    summed = None
+    for _, _, unfinalized, _ in results:
+      summed = unfinalized if summed is None else tf.nest.map_structure(
+          np.add, summed, unfinalized
+      )
+    train_metrics = _finalize(self._finalizers, summed)
+    reports = tuple(r[3] for r in results)
+
+    if evaluate is None:
+      evaluate = (self._config.eval_every > 0
+                  and round_num % self._config.eval_every == 0)
+    eval_metrics = None
+    eval_seconds = 0.0
+    if evaluate and self._test_data is not None:
+      eval_start = time.perf_counter()
+      eval_metrics = self.evaluate()
+      eval_seconds = time.perf_counter() - eval_start
+    return RoundResult(
+        round_num=round_num,
+        clients=reports,
+        train_metrics=train_metrics,
+        eval_metrics=eval_metrics,
+        num_examples=sum(max(r.num_examples, 0) for r in reports),
+        seconds=time.perf_counter() - start,
+        eval_seconds=eval_seconds,
+        update_applied=update_applied,
+    )
+
+  def run(
+      self,
+      total_rounds: int,
+      on_round: Optional[Callable[[RoundResult, SimulationLoop], None]] = None,
+  ) -> list[RoundResult]:
+    """Runs rounds until `total_rounds` are done (none if already there).
+
+    The last round always evaluates (when there is test data).
+
+    Args:
+      total_rounds: The round number to stop after.
+      on_round: Called after each round with its result and this loop (e.g.
+        to write metrics and a checkpoint).
+
+    Returns:
+      The results of the rounds run by this call.
+    """
+    results = []
+    while self._state.round_num < total_rounds:
+      is_last = self._state.round_num + 1 == total_rounds
+      result = self.run_round(evaluate=True if is_last else None)
+      results.append(result)
+      if on_round is not None:
+        on_round(result, self)
+    return results
+
+  def _build_eval_fn(self, model: tff.learning.models.VariableModel):
+    weights_template = self._weights_template
+
+    @tf.function
+    def evaluate(weights, data):
+      tf.nest.map_structure(
+          lambda v, w: v.assign(w), weights_template, weights
+      )
+      for batch in iter(data):
+        model.forward_pass(batch, training=False)
+      return model.report_local_unfinalized_metrics()
+
+    return evaluate
+
+  def evaluate(self) -> Optional[dict[str, float]]:
+    """Evaluates the current weights on all test examples (first device).
+
+    Returns:
+      Finalized metrics (e.g. `loss`, `sparse_categorical_accuracy`), or None
+      without test data.
+    """
+    if self._test_data is None:
+      return None
+    device = self._devices[0]
+    dataset = self._test_data.create_tf_dataset_from_all_clients(seed=0)
+    if self._preprocess is not None:
+      dataset = self._preprocess(dataset)
+    dataset = dataset.batch(self._config.eval_batch_size).apply(
+        tf.data.experimental.prefetch_to_device(device, 2)
+    )
+    model = self._updates[0].model
+    with tf.device(device):
+      model.reset_metrics()
+      unfinalized = self._eval_fn(self._packed_weights(), dataset)
+    return _finalize(self._finalizers, _to_numpy(unfinalized))
+
+
+def save_state(
+    path: str, state: SimulationState, metadata: Optional[dict[str, Any]] = None
+) -> None:
+  """Writes `state` to `path` atomically (a temporary file, then a rename).
+
+  A reader never sees a partial file: a crash leaves the previous checkpoint
+  or the new one. (On object stores such as `gs://` a rename is a copy; the
+  file is still complete or absent.)
+
+  Args:
+    path: Destination file (any `tf.io.gfile` path).
+    state: The state to save.
+    metadata: JSON-serializable facts stored beside it (seed, flags...).
+  """
+  arrays: dict[str, np.ndarray] = {
+      "round_num": np.asarray(state.round_num, np.int64),
+      "metadata": np.asarray(json.dumps(metadata or {}, sort_keys=True)),
+  }
+  for i, w in enumerate(state.model_weights.trainable):
+    arrays[f"trainable/{i}"] = np.asarray(w)
+  for i, w in enumerate(state.model_weights.non_trainable):
+    arrays[f"non_trainable/{i}"] = np.asarray(w)
+  for i, w in enumerate(tf.nest.flatten(state.server_optimizer_state)):
+    arrays[f"server_optimizer/{i}"] = np.asarray(w)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  temporary = f"{path}.tmp"
+  with tf.io.gfile.GFile(temporary, "wb") as f:
+    f.write(buffer.getvalue())
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def load_state(
+    path: str, like: SimulationState
+) -> tuple[SimulationState, dict[str, Any]]:
+  """Reads a state written by `save_state`.
+
+  Args:
+    path: The checkpoint file.
+    like: A state of the same model and server optimizer (e.g.
+      `SimulationLoop.state`), which gives the optimizer state's structure.
+
+  Returns:
+    `(state, metadata)`.
+
+  Raises:
+    ValueError: If the file does not hold a state shaped like `like`.
+  """
+  with tf.io.gfile.GFile(path, "rb") as f:
+    content = f.read()
+  with np.load(io.BytesIO(content), allow_pickle=False) as npz:
+    arrays = {name: npz[name] for name in npz.files}
+
+  def numbered(prefix: str) -> list[np.ndarray]:
+    keys = sorted(
+        (k for k in arrays if k.startswith(prefix + "/")),
+        key=lambda k: int(k.split("/")[1]),
+    )
+    return [arrays[k] for k in keys]
+
+  server_flat = numbered("server_optimizer")
+  expected = tf.nest.flatten(like.server_optimizer_state)
+  if len(server_flat) != len(expected):
+    raise ValueError(
+        f"checkpoint {path} holds {len(server_flat)} server optimizer values, "
+        f"this optimizer has {len(expected)}"
+    )
+  state = SimulationState(
+      round_num=int(arrays["round_num"]),
+      model_weights=tff.learning.models.ModelWeights(
+          trainable=numbered("trainable"),
+          non_trainable=numbered("non_trainable"),
+      ),
+      server_optimizer_state=tf.nest.pack_sequence_as(
+          like.server_optimizer_state, server_flat
+      ),
+  )
+  return state, json.loads(str(arrays["metadata"]))
