@@ -6,6 +6,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.data.ops import dataset_ops  # pylint: disable=g-direct-tensorflow-import
 import tensorflow_federated as tff
 
 from fedbeam.element_spec import ElementSpec
@@ -16,6 +17,50 @@ register_worker_cleanup()
 
 # Bytes of read-ahead per client file.
 _READ_BUFFER_BYTES = 1 << 20
+
+
+class ClientFileError(IOError):
+  """A client file that is missing or damaged; the message names the client."""
+
+
+class _ClientIterator:
+  """Iterator over one client's dataset that names the client when its file is bad."""
+
+  def __init__(self, iterator, client_id: str, root: str):
+    self._iterator = iterator
+    self._client_id = client_id
+    self._root = root
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    try:
+      return next(self._iterator)
+    except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
+      what = "is damaged" if isinstance(e, tf.errors.DataLossError) else "is missing"
+      raise ClientFileError(
+          f"the file of client {self._client_id!r} in store {self._root} {what} "
+          f"({e.message.split('}}')[-1].strip()}); run `fedbeam validate {self._root}`") from None
+
+  next = __next__
+
+
+class _ClientDataset(dataset_ops.UnaryUnchangedStructureDataset):
+  """The dataset of one client: iterating it names the client on read errors.
+
+  Graph-mode consumers (tf.function, TFF computations) see TensorFlow's own
+  DataLossError, which the record CRCs raise all the same.
+  """
+
+  def __init__(self, input_dataset, client_id: str, root: str):
+    self._input_dataset = input_dataset
+    self._client_id = client_id
+    self._root = root
+    super().__init__(input_dataset, input_dataset._variant_tensor)  # pylint: disable=protected-access
+
+  def __iter__(self):
+    return _ClientIterator(super().__iter__(), self._client_id, self._root)
 
 
 class StoreClientData(tff.simulation.datasets.ClientData):
@@ -64,7 +109,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     if client_id not in self._rows:
       raise ValueError(f"client id {client_id!r} is not a client of this ClientData "
                        f"(store {self._root}, splits {list(self._splits)})")
-    return self._dataset_fn(client_id)
+    return _ClientDataset(self._dataset_fn(client_id), client_id, self._root)
 
   def create_tf_dataset_from_all_clients(self, seed: Optional[Union[int, Sequence[int]]] = None
                                          ) -> tf.data.Dataset:
@@ -236,4 +281,10 @@ def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
       rows[row["client_id"]] = (row["split"], int(row["num_examples"]))
   if not rows:
     raise ValueError(f"store {path} has no client in split(s) {sorted(wanted)}")
+  data_root = sf.data_root(path, metadata)
+  for name in sorted({s for s, _ in rows.values()}):
+    if not tf.io.gfile.isdir(sf.join(data_root, name)):
+      raise sf.StoreFormatError(
+          f"store {path} is damaged: the directory of split {name!r} "
+          f"({sf.join(data_root, name)}) is missing")
   return StoreClientData(path, metadata, sorted(wanted), rows)
