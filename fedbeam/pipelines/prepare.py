@@ -168,11 +168,12 @@ class PrepareStore(beam.PTransform):
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
     clients = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by)
+    accounted = _account_for_every_record(inputs["records"], clients)
     if c.expands:
       clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
           c.transform if c.transform is not None else identity, c.num_transformed_clients, spec)
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
-    clients, reports = checked["clients"], []
+    clients, reports = checked["clients"], [accounted]
     if c.splits:
       split = clients | "SplitTrainTest" >> SplitTrainTest(c.split_config())
       clients = split["clients"]
@@ -181,6 +182,32 @@ class PrepareStore(beam.PTransform):
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
         job_key=self._job_key, empty_report=checked["report"],
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite)
+
+
+class RecordCountMismatchError(RuntimeError):
+  """Records went missing between reading and grouping (a runner fault)."""
+
+
+def _check_counts(num_read: int, num_grouped: int) -> dict[str, int]:
+  if num_read != num_grouped:
+    raise RecordCountMismatchError(
+        f"read {num_read} input records but grouped {num_grouped}; the runner lost or "
+        "duplicated data, so the store was not committed (rerun the job)")
+  return {"num_input_records": num_read}
+
+
+def _account_for_every_record(records, clients):
+  """Singleton report {num_input_records}; fails the job if grouping lost or duplicated records.
+
+  The commit waits for it, so a store is never committed with fewer examples
+  than were read, whatever the runner did.
+  """
+  num_read = records | "CountRead" >> beam.combiners.Count.Globally()
+  num_grouped = (clients
+                 | "ClientSizes" >> beam.Map(lambda c: len(c.records))
+                 | "CountGrouped" >> beam.CombineGlobally(sum))
+  return num_read | "CheckRecordCounts" >> beam.Map(
+      _check_counts, beam.pvalue.AsSingleton(num_grouped))
 
 
 def prepare_output_dir(output: str, overwrite: bool) -> None:
@@ -248,7 +275,8 @@ def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, A
 
 
 _KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "InvalidClientIdError",
-                 "ExpansionError", "SplitError", "EmptyClientsError")
+                 "ExpansionError", "SplitError", "EmptyClientsError",
+                 "RecordCountMismatchError")
 
 
 def explain_pipeline_error(error: BaseException) -> str:
