@@ -17,7 +17,7 @@ $(UV):
 
 $(STAMP): $(UV) pyproject.toml requirements/lock.txt requirements/overrides.txt
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
-	$(UV) pip install --quiet --python $(PY) -r requirements/lock.txt \
+	$(UV) pip install --quiet --compile-bytecode --python $(PY) -r requirements/lock.txt \
 	    --override requirements/overrides.txt
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import apache_beam as beam
-import numpy as np
 
-from fedbeam.element_spec import ElementSpec
-from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord, conform_record
+from fedbeam.element_spec import ElementSpec, numpy_dtype
+from fedbeam.pipelines.records import (ClientRecords, InputError, InputRecord, conform_record,
+                                       encode_as_read)
 from fedbeam.store_format import encode_example
 
 ORDER_BY_INPUT = "@input"
@@ -30,12 +30,22 @@ def check_order_by(order_by: Optional[str], spec: ElementSpec) -> None:
     raise InputError(f"--order-by {order_by!r} is a variable-length feature; pick a fixed-size one")
 
 
-def _sort_key(record: InputRecord, values, order_by: Optional[str]) -> tuple:
+def _sort_key(record: InputRecord, spec: ElementSpec, order_by: Optional[str]) -> tuple:
   if order_by is None:
     return ()
   if order_by == ORDER_BY_INPUT:
     return tuple(record.position)
-  return tuple(np.asarray(values[order_by]).reshape(-1).tolist())
+  values = record.features[order_by].values.reshape(-1)
+  return tuple(_orderable(v) for v in values.astype(numpy_dtype(spec[order_by].dtype)).tolist())
+
+
+def _orderable(value) -> tuple:
+  # NaN compares false both ways, so records keyed by NaN would stay in the
+  # order the shuffle delivered them; NaNs sort last, as equals, and the
+  # record bytes break the tie like for any other equal keys.
+  if isinstance(value, float) and value != value:
+    return (1, 0.0)
+  return (0, value)
 
 
 class _EncodeRecord(beam.DoFn):
@@ -46,8 +56,10 @@ class _EncodeRecord(beam.DoFn):
   def process(self, record: InputRecord, spec: Optional[ElementSpec]):
     if spec is None:  # Unreachable: an empty input has no record to encode.
       return
-    values = conform_record(record, spec)
-    yield record.client_id, (_sort_key(record, values, self._order_by), encode_example(values, spec))
+    data = encode_as_read(record, spec)
+    if data is None:
+      data = encode_example(conform_record(record, spec), spec)
+    yield record.client_id, (_sort_key(record, spec, self._order_by), data)
 
 
 def _to_client(element) -> ClientRecords:

@@ -10,7 +10,7 @@ its values to the spec's dtypes, naming the input file and record on failure.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -29,13 +29,35 @@ class InputError(ValueError):
   """Bad input data; the message names the file and record at fault."""
 
 
+_NUMPY_OF_KIND = {STRING: object, FLOAT32: np.float32, FLOAT64: np.float64,
+                  INT32: np.int32, INT64: np.int64, BOOL: np.bool_}
+
+
 @dataclasses.dataclass(frozen=True)
 class RawFeature:
-  """A feature's values as read: a flat numpy array, their kind and rank hint."""
+  """A feature's values as read, their kind and rank hint.
 
-  values: np.ndarray
+  `data` is a flat numpy array, or the repeated field of a parsed
+  tf.train.Example, converted only when a record cannot be stored as read.
+  """
+
+  data: Any
   kind: str
   rank: str
+
+  @property
+  def size(self) -> int:
+    return len(self.data)
+
+  @property
+  def values(self) -> np.ndarray:
+    if isinstance(self.data, np.ndarray):
+      return self.data
+    return np.array(list(self.data), dtype=_NUMPY_OF_KIND[self.kind])
+
+  def __reduce__(self):
+    # Protobuf repeated fields do not pickle; runners pickle between stages.
+    return (RawFeature, (self.values, self.kind, self.rank))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +65,16 @@ class InputRecord:
   """One input example.
 
   `position` orders records of one input: (file or database path, index).
-  `source` is a human-readable location for error messages.
+  `source` is a human-readable location for error messages. `example` is
+  the parsed tf.train.Example without its client-id feature when the input
+  holds Examples: records that already match the element spec are stored
+  as read, without converting their values.
   """
 
   client_id: str
   features: Mapping[str, RawFeature]
   position: tuple[str, int]
+  example: Any = None
 
   @property
   def source(self) -> str:
@@ -82,6 +108,47 @@ def _compatible(kind: str, dtype: str) -> bool:
   return kind in _INT_KINDS  # integer and bool dtypes
 
 
+def _count_fits(f, n: int) -> bool:
+  if f.is_variable_length:
+    return (n % f.inner_size == 0) if f.inner_size else n == 0
+  return n == f.inner_size
+
+
+# Wire kind of a raw value -> the Example encoding that stores it unchanged.
+_AS_READ = {STRING: "bytes", FLOAT32: "float", INT64: "int64"}
+
+
+def encode_as_read(record: InputRecord, spec: ElementSpec) -> Optional[bytes]:
+  """The store record of an Example input that already matches `spec`, else None.
+
+  Matching means: exactly the spec's features, each in the list type the
+  spec's dtype is stored as, with a fitting number of values, integers within
+  the dtype's range and bools 0 or 1. Such a record re-serializes to the
+  bytes `encode_example(conform_record(...))` would produce, without a
+  value-by-value conversion. float16 and 64-bit patterns take the slow path,
+  which rounds or reinterprets values.
+  """
+  example = record.example
+  if example is None or len(record.features) != len(spec.features):
+    return None
+  for f in spec.features:
+    raw = record.features.get(f.name)
+    if raw is None or _AS_READ.get(raw.kind) != f.encoding or f.dtype == "float16":
+      return None
+    if not _count_fits(f, raw.size):
+      return None
+    if f.encoding == "int64" and f.dtype != "int64" and raw.size:
+      lo, hi = min(raw.data), max(raw.data)
+      if f.dtype == "bool":
+        if lo < 0 or hi > 1:
+          return None
+      else:
+        info = np.iinfo(np.dtype(f.dtype))
+        if lo < info.min or hi > info.max:
+          return None
+  return example.SerializeToString(deterministic=True)
+
+
 def conform_record(record: InputRecord, spec: ElementSpec) -> dict[str, np.ndarray]:
   """Returns `feature name -> flat numpy array` in the spec's dtypes.
 
@@ -104,12 +171,8 @@ def conform_record(record: InputRecord, spec: ElementSpec) -> dict[str, np.ndarr
       raise InputError(
           f"{where}: feature {f.name!r} holds {raw.kind} values, but the element spec "
           f"says {f.dtype}")
-    n = raw.values.size
-    if f.is_variable_length:
-      ok = f.inner_size == 0 and n == 0 or f.inner_size > 0 and n % f.inner_size == 0
-    else:
-      ok = n == f.inner_size
-    if not ok:
+    n = raw.size
+    if not _count_fits(f, n):
       raise InputError(
           f"{where}: feature {f.name!r} has {n} values, which does not fit shape "
           f"{list(f.shape)}")

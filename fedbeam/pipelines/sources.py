@@ -18,7 +18,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
-from fedbeam.pipelines.records import (ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
+from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
                                        SCALAR, STRING, InputError, InputRecord, RawFeature)
 from fedbeam.store_format import (CorruptRecordError, InvalidClientIdError, check_client_id,
                                   read_tfrecords)
@@ -68,7 +68,8 @@ def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
     raise InputError(f"{source}: not a serialized tf.train.Example ({e})") from None
   features = {}
   client_id = ""
-  for name, feature in example.features.feature.items():
+  fmap = example.features.feature
+  for name, feature in fmap.items():
     kind = feature.WhichOneof("kind")
     if name == client_id_key:
       if kind != "bytes_list":
@@ -85,21 +86,20 @@ def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
         raise InputError(str(e)) from None
       continue
     if kind == "bytes_list":
-      values = np.array(list(feature.bytes_list.value), dtype=object)
-      features[name] = RawFeature(values, STRING, ANY_RANK)
+      features[name] = RawFeature(feature.bytes_list.value, STRING, ANY_RANK)
     elif kind == "float_list":
-      features[name] = RawFeature(
-          np.array(feature.float_list.value, dtype=np.float32), FLOAT32, ANY_RANK)
+      features[name] = RawFeature(feature.float_list.value, FLOAT32, ANY_RANK)
     elif kind == "int64_list":
-      features[name] = RawFeature(
-          np.array(feature.int64_list.value, dtype=np.int64), INT64, ANY_RANK)
+      features[name] = RawFeature(feature.int64_list.value, INT64, ANY_RANK)
     else:
       raise InputError(f"{source}: feature {name!r} has no value list (bytes, float or int64)")
-  if client_id_key is not None and not client_id:
-    raise InputError(
-        f"{source}: client-id feature {client_id_key!r} is missing "
-        f"(features present: {sorted(example.features.feature.keys())})")
-  return InputRecord(client_id, features, position)
+  if client_id_key is not None:
+    if not client_id:
+      raise InputError(
+          f"{source}: client-id feature {client_id_key!r} is missing "
+          f"(features present: {sorted(fmap.keys())})")
+    del fmap[client_id_key]
+  return InputRecord(client_id, features, position, example)
 
 
 class _ReadTFRecordFile(beam.DoFn):
@@ -174,10 +174,6 @@ def _avro_field_kind(schema, field: str, path: str) -> tuple[str, str]:
   if schema in _AVRO_KINDS:
     return _AVRO_KINDS[schema], SCALAR
   raise InputError(f"{path}: Avro field {field!r} has unsupported type {schema!r}")
-
-
-_NUMPY_OF_KIND = {STRING: object, FLOAT32: np.float32, FLOAT64: np.float64,
-                  INT32: np.int32, INT64: np.int64, BOOL: np.bool_}
 
 
 class _ReadAvroFile(beam.DoFn):
@@ -311,7 +307,7 @@ class _ReadSqliteRange(beam.DoFn):
           raise InputError(str(e)) from None
         record = parse_example_record(bytes(data), None, source, (self._path, rowid))
         self._records.inc()
-        yield InputRecord(client_id, record.features, record.position)
+        yield InputRecord(client_id, record.features, record.position, record.example)
 
 
 def _sqlite_declared_clients(path: str, split_name: Optional[str]) -> Iterable[str]:

@@ -67,7 +67,7 @@ class InferElementSpecFn(beam.CombineFn):
     source = record.source
     self._add_feature_set(acc, frozenset(record.features), source)
     for name, raw in record.features.items():
-      n = int(raw.values.size)
+      n = int(raw.size)
       self._add_feature(acc, name, raw.kind, raw.rank, n, n, source)
     acc.records += 1
     return acc
