@@ -300,7 +300,18 @@ class _CommitStore(beam.DoFn):
     sweep_directory(sf.join(self._root, self._data_dir, sf.MANIFEST_DIR),
                     [sf.manifest_file_name(i, len(manifest_files))
                      for i in range(len(manifest_files))])
-    commit_metadata(self._root, metadata, self._overwrite)
+    try:
+      commit_metadata(self._root, metadata, self._overwrite)
+    except StoreWriteError:
+      # Another job won; remove this job's files unless the winner is this
+      # very job (same inputs and parameters write the same data directory).
+      try:
+        winner = sf.read_metadata(self._root).get("data_dir")
+      except sf.StoreFormatError:
+        winner = None
+      if winner != self._data_dir:
+        FileSystems.delete([sf.join(self._root, self._data_dir)])
+      raise
     remove_other_data_dirs(self._root, self._data_dir)
     yield metadata
 
