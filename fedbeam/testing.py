@@ -44,7 +44,8 @@ Clients = Mapping[str, Sequence[Element]]
 
 __all__ = [
     "write_tfrecord_input", "write_avro_input", "write_tff_sqlite_input",
-    "prepare_store", "read_store", "assert_store_equals", "assert_elements_equal",
+    "prepare_store", "read_store", "dataset_elements", "assert_store_equals",
+    "assert_elements_equal",
 ]
 
 
@@ -66,7 +67,9 @@ def _as_array(value: Any) -> np.ndarray:
       arr = np.array(value, dtype=object)
   if arr.dtype.kind in ("S", "U", "O"):
     flat = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in arr.reshape(-1).tolist()]
-    return np.array(flat + [b""], dtype=object)[:-1].reshape(arr.shape)
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(arr.shape)
   return arr
 
 
@@ -372,11 +375,16 @@ def read_store(store_path: str, split: Optional[str] = None) -> dict[str, list[d
   """
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
   data = load_client_data(store_path, split)
-  out = {}
-  for client_id in data.client_ids:
-    ds = data.create_tf_dataset_for_client(client_id)
-    out[client_id] = [{k: _normalized(v) for k, v in e.items()} for e in ds.as_numpy_iterator()]
-  return out
+  return {cid: dataset_elements(data.create_tf_dataset_for_client(cid)) for cid in data.client_ids}
+
+
+def dataset_elements(dataset) -> list[dict[str, np.ndarray]]:
+  """The elements of a `tf.data.Dataset` of flat dicts, as numpy dicts.
+
+  Strings are object arrays of `bytes` (kept exactly, trailing NUL bytes
+  included), so they compare with `assert_elements_equal`.
+  """
+  return [{k: _normalized(v) for k, v in e.items()} for e in dataset.as_numpy_iterator()]
 
 
 def _normalized(value: Any) -> np.ndarray:

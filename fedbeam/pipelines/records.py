@@ -178,6 +178,12 @@ def conform_record(record: InputRecord, spec: ElementSpec) -> dict[str, np.ndarr
           f"{list(f.shape)}")
     values = raw.values
     target = numpy_dtype(f.dtype)
+    if f.dtype == "bool" and raw.kind != BOOL and n:
+      # astype(bool) would turn any non-zero integer into True and lose it.
+      bad = values[(values != 0) & (values != 1)]
+      if bad.size:
+        raise InputError(f"{where}: feature {f.name!r} has value {bad[0]}, but the element "
+                         "spec says bool (0 or 1)")
     if f.dtype != "string" and not f.dtype.startswith("float") and f.dtype != "bool" and n:
       info = np.iinfo(target)
       lo, hi = values.min(), values.max()

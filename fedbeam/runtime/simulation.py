@@ -72,6 +72,15 @@ class SimulationConfig:
     delta_l2_regularizer: FedProx strength (0.0: FedAvg).
     use_experimental_simulation_loop: Dataset-iterator loop (True, needed to
       place work on GPUs) or `DatasetReduce` loop (False).
+    prefetch_to_device: Copy each client's batches to its device ahead of
+      use with `tf.data.experimental.prefetch_to_device`. None (default):
+      for non-CPU devices only; the copy traces functions for every client
+      (about 0.1 s), which buys nothing when the data is already in host
+      memory.
+    clients_per_device: Clients each device trains at the same time, each
+      on its own copy of the model (one thread per copy). More than 1 keeps
+      a device busy while another client's input is read; the numbers do
+      not change.
   """
 
   clients_per_round: int
@@ -86,10 +95,12 @@ class SimulationConfig:
   )
   delta_l2_regularizer: float = 0.0
   use_experimental_simulation_loop: bool = True
+  prefetch_to_device: Optional[bool] = None
+  clients_per_device: int = 1
 
   def __post_init__(self):
     positive = ("clients_per_round", "client_epochs", "batch_size",
-                "eval_batch_size")
+                "eval_batch_size", "clients_per_device")
     for name in positive:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -98,6 +109,11 @@ class SimulationConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a nonnegative int, got {value!r}")
+    if self.prefetch_to_device not in (None, True, False):
+      raise ValueError(
+          "prefetch_to_device must be None, True or False, got "
+          f"{self.prefetch_to_device!r}"
+      )
     if not isinstance(self.client_weighting, tff.learning.ClientWeighting):
       raise ValueError(
           "client_weighting must be a tff.learning.ClientWeighting, got "
@@ -268,6 +284,15 @@ def _finalize(
   return finalized
 
 
+@tf.function
+def _drain(dataset: tf.data.Dataset) -> tf.Tensor:
+  """Produces every element of `dataset` in-graph; returns how many."""
+  count = tf.constant(0, tf.int64)
+  for _ in iter(dataset):
+    count += 1
+  return count
+
+
 def _check_input_spec(element_spec: Any, input_spec: Any) -> None:
   try:
     tf.nest.assert_same_structure(element_spec, input_spec, check_types=False)
@@ -363,6 +388,7 @@ class SimulationLoop:
           f"clients_per_round={config.clients_per_round} exceeds the "
           f"{len(self._client_ids)} training clients"
       )
+    self._make_batches = self._build_batches_fn()
     self._devices = list(devices) if devices is not None else default_devices()
     if not self._devices:
       raise ValueError("devices must name at least one device")
@@ -373,8 +399,11 @@ class SimulationLoop:
       # built in a `tf.Graph` invalidates the untraced eager ones.
       initial_weights = initial_model_weights(model_fn, config.seed)
 
+    # Slot s runs on device s % len(devices), so client i (run by slot
+    # i % len(slots)) lands on device i % len(devices): round-robin.
+    self._slot_devices = self._devices * config.clients_per_device
     self._updates: list[client_work.ClientUpdate] = []
-    for device in self._devices:
+    for device in self._slot_devices:
       with tf.device(device):
         self._updates.append(
             client_work.build_client_update(
@@ -427,22 +456,12 @@ class SimulationLoop:
     state the rounds depend on.
     """
     weights = self._packed_weights()
-    for device, update in zip(self._devices, self._updates):
+    for device, update in zip(self._slot_devices, self._updates):
       with tf.device(device):
         update.model.reset_metrics()
-        update.update_fn(
-            weights,
-            no_batches.apply(
-                tf.data.experimental.prefetch_to_device(device, 2)
-            ),
-        )
+        update.update_fn(weights, self._prefetched(no_batches, device))
     with tf.device(self._devices[0]):
-      self._eval_fn(
-          weights,
-          no_batches.apply(
-              tf.data.experimental.prefetch_to_device(self._devices[0], 2)
-          ),
-      )
+      self._eval_fn(weights, self._prefetched(no_batches, self._devices[0]))
       self._updates[0].model.reset_metrics()
 
   @property
@@ -563,21 +582,54 @@ class SimulationLoop:
     return _stable_int("shuffle", self._config.seed, round_num, client_id,
                        bits=31)
 
-  def _batched(self, client_id: str, round_num: int) -> tf.data.Dataset:
-    dataset = self._train_data.create_tf_dataset_for_client(client_id)
-    if self._preprocess is not None:
-      dataset = self._preprocess(dataset)
-    if self._config.shuffle_buffer > 0:
-      # reshuffle_each_iteration gives each epoch its own order; all of them
-      # follow from the seed, the dataset being built anew for every client.
-      dataset = dataset.shuffle(
-          self._config.shuffle_buffer,
-          seed=self.shuffle_seed(client_id, round_num),
-          reshuffle_each_iteration=True,
+  def _build_batches_fn(self) -> Callable[[tf.Tensor, tf.Tensor], tf.data.Dataset]:
+    """Returns `fn(client_id, shuffle_seed) -> batches`, traced once.
+
+    Built inside one `tf.function` from the ClientData's
+    `serializable_dataset_fn`, the preprocessing (often a `Dataset.map`,
+    which traces its function on every call in Python) is traced once for
+    all clients and rounds. A ClientData without a serializable dataset
+    function falls back to `create_tf_dataset_for_client` in Python.
+    """
+    config = self._config
+    preprocess = self._preprocess
+
+    def finish(dataset, seed):
+      if preprocess is not None:
+        dataset = preprocess(dataset)
+      if config.shuffle_buffer > 0:
+        # reshuffle_each_iteration gives each epoch its own order; all of
+        # them follow from the seed, the dataset being built anew for every
+        # client and round.
+        dataset = dataset.shuffle(
+            config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True
+        )
+      if config.client_epochs > 1:
+        dataset = dataset.repeat(config.client_epochs)
+      return dataset.batch(config.batch_size)
+
+    try:
+      dataset_fn = self._train_data.serializable_dataset_fn
+    except (NotImplementedError, AttributeError):
+      dataset_fn = None
+    if dataset_fn is None:
+      return lambda client_id, seed: finish(
+          self._train_data.create_tf_dataset_for_client(
+              client_id.numpy().decode("utf-8")),
+          seed,
       )
-    if self._config.client_epochs > 1:
-      dataset = dataset.repeat(self._config.client_epochs)
-    return dataset.batch(self._config.batch_size)
+
+    @tf.function
+    def make_batches(client_id, seed):
+      return finish(dataset_fn(client_id), seed)
+
+    return make_batches
+
+  def _batched(self, client_id: str, round_num: int) -> tf.data.Dataset:
+    return self._make_batches(
+        tf.constant(client_id, tf.string),
+        tf.constant(self.shuffle_seed(client_id, round_num), tf.int64),
+    )
 
   def client_dataset(
       self, client_id: str, round_num: int, device: Optional[str] = None
@@ -587,23 +639,34 @@ class SimulationLoop:
     Args:
       client_id: A training client id.
       round_num: 1-based round number (it seeds the shuffle).
-      device: If given, the batches are prefetched to this device.
+      device: The device the client runs on, if any.
 
     Returns:
       A dataset: preprocess, shuffle (seeded), repeat for the local epochs,
-      batch, and prefetch.
+      batch, prefetch (to `device` per `config.prefetch_to_device`).
     """
-    dataset = self._batched(client_id, round_num)
+    return self._prefetched(self._batched(client_id, round_num), device)
+
+  def _prefetched(
+      self, dataset: tf.data.Dataset, device: Optional[str]
+  ) -> tf.data.Dataset:
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
     if device is None:
-      return dataset.prefetch(tf.data.AUTOTUNE)
-    return dataset.apply(tf.data.experimental.prefetch_to_device(device, 2))
+      return dataset
+    to_device = self._config.prefetch_to_device
+    if to_device is None:
+      to_device = tf.DeviceSpec.from_string(device).device_type != "CPU"
+    if to_device:
+      dataset = dataset.apply(
+          tf.data.experimental.prefetch_to_device(device, 2))
+    return dataset
 
   def _run_client(
       self, index: int, client_id: str, round_num: int, weights: Any
   ) -> tuple[list[np.ndarray], float, dict[str, Any], ClientReport]:
-    device_index = index % len(self._devices)
-    device = self._devices[device_index]
-    update = self._updates[device_index]
+    slot = index % len(self._slot_devices)
+    device = self._slot_devices[slot]
+    update = self._updates[slot]
     start = time.perf_counter()
     with tf.device(device):
       dataset = self.client_dataset(client_id, round_num, device=device)
@@ -639,23 +702,24 @@ class SimulationLoop:
       self, client_ids: list[str], round_num: int
   ) -> list[tuple[list[np.ndarray], float, dict[str, Any], ClientReport]]:
     weights = self._packed_weights()
-    num_devices = len(self._devices)
+    num_slots = min(len(self._slot_devices), len(client_ids))
     results: list[Any] = [None] * len(client_ids)
 
-    def run_device(device_index: int) -> None:
-      for index in range(device_index, len(client_ids), num_devices):
+    def run_slot(slot: int) -> None:
+      for index in range(slot, len(client_ids), len(self._slot_devices)):
         results[index] = self._run_client(
             index, client_ids[index], round_num, weights
         )
 
-    if num_devices == 1:
-      run_device(0)
+    if num_slots == 1:
+      run_slot(0)
     else:
-      # One thread per device: TF releases the GIL while a device computes,
-      # so devices work concurrently. Results are kept in sampling order, so
-      # the aggregate does not depend on which thread finishes first.
-      with concurrent.futures.ThreadPoolExecutor(num_devices) as pool:
-        for future in [pool.submit(run_device, d) for d in range(num_devices)]:
+      # One thread per slot: TF releases the GIL while a device computes, so
+      # devices (and clients sharing one) work concurrently. Results are kept
+      # in sampling order, so the aggregate does not depend on which thread
+      # finishes first.
+      with concurrent.futures.ThreadPoolExecutor(num_slots) as pool:
+        for future in [pool.submit(run_slot, s) for s in range(num_slots)]:
           future.result()
     return results
 
@@ -764,6 +828,49 @@ class SimulationLoop:
         on_round(result, self)
     return results
 
+  def measure_input_and_compute(
+      self, round_num: Optional[int] = None
+  ) -> dict[str, float]:
+    """Splits a round's client time into input and compute, for profiling.
+
+    For the clients of `round_num` (default: the next round), times (a)
+    producing every batch of their datasets (reading, preprocessing,
+    shuffling, batching), drained inside a `tf.function` as the update does,
+    and (b) running their updates on the same batches already in memory.
+    Runs on the first device, one client after another; does not change the
+    loop's state.
+
+    Args:
+      round_num: 1-based round whose clients and shuffles to use.
+
+    Returns:
+      `{'input_seconds': ..., 'compute_seconds': ..., 'num_clients': ...}`.
+    """
+    round_num = self._state.round_num + 1 if round_num is None else round_num
+    device = self._devices[0]
+    update = self._updates[0]
+    weights = self._packed_weights()
+    input_seconds = 0.0
+    compute_seconds = 0.0
+    client_ids = self.sample_clients(round_num)
+    for client_id in client_ids:
+      cached = self._batched(client_id, round_num).cache()
+      start = time.perf_counter()
+      _drain(cached).numpy()
+      input_seconds += time.perf_counter() - start
+      with tf.device(device):
+        update.model.reset_metrics()
+        start = time.perf_counter()
+        result, _ = update.update_fn(weights, cached)
+        tf.nest.map_structure(lambda t: t.numpy(), result)
+        compute_seconds += time.perf_counter() - start
+    update.model.reset_metrics()
+    return {
+        "input_seconds": input_seconds,
+        "compute_seconds": compute_seconds,
+        "num_clients": float(len(client_ids)),
+    }
+
   def _build_eval_fn(self, model: tff.learning.models.VariableModel):
     weights_template = self._weights_template
 
@@ -791,9 +898,8 @@ class SimulationLoop:
     dataset = self._test_data.create_tf_dataset_from_all_clients(seed=0)
     if self._preprocess is not None:
       dataset = self._preprocess(dataset)
-    dataset = dataset.batch(self._config.eval_batch_size).apply(
-        tf.data.experimental.prefetch_to_device(device, 2)
-    )
+    dataset = self._prefetched(
+        dataset.batch(self._config.eval_batch_size), device)
     model = self._updates[0].model
     with tf.device(device):
       model.reset_metrics()

@@ -103,12 +103,14 @@ class TrainOptions:
   shuffle_buffer: int = 1000
   loop: str = "iterator"
   devices: Optional[tuple[str, ...]] = None
+  clients_per_device: int = 1
   resume: bool = False
   overwrite: bool = False
   progress: bool = True
 
   def __post_init__(self):
-    for name in ("rounds", "clients_per_round", "client_epochs", "batch_size"):
+    for name in ("rounds", "clients_per_round", "client_epochs", "batch_size",
+                 "clients_per_device"):
       _require(getattr(self, name), _positive_int, name)
     for name in ("eval_every", "seed", "shuffle_buffer"):
       _require(getattr(self, name), _nonnegative_int, name)
@@ -243,6 +245,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="comma-separated devices for clients, e.g. "
                       "/device:GPU:0,/device:GPU:1 (default: all GPUs, else "
                       "the CPU)")
+  parser.add_argument("--clients-per-device", type=_positive_int, default=1,
+                      help="clients each device trains at once, each on its "
+                      "own model copy (default 1; results do not change)")
   parser.add_argument("--output", required=True,
                       help="directory for metrics.csv, tensorboard/, "
                       "checkpoint.npz")
@@ -285,6 +290,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
       shuffle_buffer=args.shuffle_buffer,
       loop=args.loop,
       devices=devices,
+      clients_per_device=getattr(args, "clients_per_device", 1),
       resume=args.resume,
       overwrite=args.overwrite,
       progress=not getattr(args, "no_progress", False),
@@ -318,18 +324,28 @@ def _load_store_splits(store: str):
 def run_train(args: argparse.Namespace) -> int:
   """Runs `fedbeam train` with parsed flags.
 
+  Exit codes follow the `fedbeam` command's: 0 success; 1 the store is
+  missing, damaged, has no usable split, or its data does not fit the model
+  (or has fewer clients than --clients-per-round); 2 bad usage: flag values,
+  an unknown model, or an --output that needs --resume/--overwrite or holds
+  a run with other settings. The reason goes to stderr as
+  `fedbeam train: error: ...`.
+
   Args:
     args: The namespace of a parser set up by `add_train_arguments`.
 
   Returns:
-    0 on success; 2 when a flag, the store, the model or the output
-    directory is unusable (the reason goes to stderr).
+    The exit code.
   """
+
+  def fail(error: Exception, code: int) -> int:
+    print(f"fedbeam train: error: {error}", file=sys.stderr)
+    return code
+
   try:
     options = options_from_args(args)
   except TrainError as error:
-    print(f"fedbeam train: error: {error}", file=sys.stderr)
-    return 2
+    return fail(error, 2)
   from fedbeam.runtime.tff_worker import register_worker_cleanup  # pylint: disable=g-import-not-at-top
 
   register_worker_cleanup()
@@ -337,15 +353,23 @@ def run_train(args: argparse.Namespace) -> int:
 
   try:
     spec = models_lib.get_model(options.model)
-    train_data, test_data = _load_store_splits(args.store)
-    results = run_training(train_data, test_data, spec, options)
   except ValueError as error:
-    # TrainError, unknown models, missing or damaged stores, and data that
-    # does not fit the model are all ValueErrors raised before any round.
-    print(f"fedbeam train: error: {error}", file=sys.stderr)
-    return 2
-  if results.final is not None:
-    print(results.summary_line(), file=sys.stderr)
+    return fail(error, 2)
+  try:
+    train_data, test_data = _load_store_splits(args.store)
+  except ValueError as error:
+    # StoreFormatError and the loader's errors are ValueErrors.
+    return fail(error, 1)
+  try:
+    outcome = run_training(train_data, test_data, spec, options)
+  except TrainError as error:
+    return fail(error, 2)
+  except ValueError as error:
+    # Raised before the first round: data that does not fit the model, too
+    # few clients.
+    return fail(error, 1)
+  if outcome.final is not None:
+    print(outcome.summary_line(), file=sys.stderr)
   return 0
 
 
@@ -523,6 +547,7 @@ def run_training(
       client_weighting=weighting,
       delta_l2_regularizer=options.delta_l2,
       use_experimental_simulation_loop=options.loop == "iterator",
+      clients_per_device=options.clients_per_device,
   )
   loop = simulation.SimulationLoop(
       spec.model_fn, client_optimizer, server_optimizer, train_data, config,

@@ -1,0 +1,276 @@
+"""The store format's two id -> path mappings agree, and records round-trip exactly."""
+
+import base64
+import collections
+import posixpath
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedbeam import store_format as sf
+from fedbeam.element_spec import ENCODINGS, ElementSpec, ElementSpecError, FeatureSpec
+
+# Ids that stress the mapping: separators, dot segments, spaces, non-ASCII,
+# NUL, the 150-byte boundary (also inside multi-byte characters), ids whose
+# 96-byte prefix cuts a character, and ids ending like a shard suffix.
+TRICKY_IDS = [
+    "a", "a/b", "a/b/c/", "/leading", "/", "..", "../..", "../../etc/passwd", ".", "./x",
+    "with space", " ", "tab\there", "new\nline", "nul\x00byte", "naïve", "日本語のクライアント",
+    "emoji 🙂🚀", "é", "-_=+", "a~b", "x" * 149, "x" * 150, "x" * 151, "y" * 300,
+    "é" * 75, "é" * 76, "a" + "é" * 100, "🙂" * 40, "../" * 60,
+    "client_12", "abc_12", "_12", "f0f0_12", "AAAA", "AAAA=", "AAA", "QUFB",
+]
+
+SPLITS = ["all", "train", "test"]
+NUM_SHARDS = [1, 7, 1000]
+
+
+@pytest.fixture(scope="module")
+def tf_paths():
+  """Every (id, split, num_shards) mapped by client_relative_path_tf inside one tf.function."""
+  results = {}
+  for num_shards in NUM_SHARDS:
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.string)])
+    def path_fn(client_id, split, n=num_shards):
+      return sf.client_relative_path_tf(client_id, split, n)
+
+    for split in SPLITS:
+      for cid in TRICKY_IDS:
+        results[cid, split, num_shards] = path_fn(tf.constant(cid), tf.constant(split)).numpy().decode()
+  return results
+
+
+@pytest.mark.parametrize("num_shards", NUM_SHARDS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_python_and_tf_graph_paths_are_identical(tf_paths, split, num_shards):
+  mismatches = {}
+  for cid in TRICKY_IDS:
+    python_path = sf.client_relative_path(cid, split, num_shards)
+    if python_path != tf_paths[cid, split, num_shards]:
+      mismatches[cid] = (python_path, tf_paths[cid, split, num_shards])
+  assert not mismatches
+
+
+def test_paths_follow_the_documented_rule():
+  for cid in TRICKY_IDS:
+    raw = cid.encode("utf-8")
+    shard = int(tf.strings.to_hash_bucket_fast(cid, 7).numpy())
+    if len(raw) <= 150:
+      name = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    else:
+      fingerprint = tf.fingerprint(tf.constant([cid]), method="farmhash64").numpy()[0]
+      name = (base64.urlsafe_b64encode(raw[:96]).decode().rstrip("=") + "~"
+              + bytes(fingerprint).hex())
+    assert sf.client_relative_path(cid, "train", 7) == f"train/{shard:05d}/{name}.tfrecord", cid
+
+
+def test_long_name_fingerprint_and_shard_use_the_same_farmhash64():
+  # The hex digits are Fingerprint64's 8 bytes little-endian; the shard is
+  # the same Fingerprint64 modulo num_shards (docs/store-format.md).
+  for cid in [c for c in TRICKY_IDS if len(c.encode()) > 150]:
+    digits = sf.client_file_name(cid)[:-len(".tfrecord")].split("~")[1]
+    fingerprint = int.from_bytes(bytes.fromhex(digits), "little")
+    for num_shards in (7, 1000, 2**31 - 1):
+      assert sf.shard_of(cid, num_shards) == fingerprint % num_shards
+
+
+def test_every_path_stays_inside_its_split_and_shard_directory():
+  names = set()
+  for cid in TRICKY_IDS:
+    for num_shards in NUM_SHARDS:
+      rel = sf.client_relative_path(cid, "train", num_shards)
+      parts = rel.split("/")
+      assert len(parts) == 3, rel
+      split, shard, name = parts
+      assert split == "train"
+      assert shard.isdigit() and len(shard) == 5 and int(shard) < num_shards
+      assert name not in (".", "..") and not name.startswith(".") and name.endswith(".tfrecord")
+      assert set(name[:-len(".tfrecord")]) <= set(
+          "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~"), name
+      assert posixpath.normpath(posixpath.join("/store", rel)).startswith("/store/train/")
+      # Within common file-name limits, including the writer's temporary name.
+      assert len(name.encode()) + len(".") + len(".tmp-") + 32 <= 255
+    names.add(sf.client_file_name(cid))
+  assert len(names) == len(TRICKY_IDS), "two distinct ids share a file name"
+
+
+def test_long_ids_with_a_common_prefix_get_distinct_names():
+  prefix = "p" * 200
+  names = {sf.client_file_name(prefix + suffix) for suffix in ["a", "b", "_12", "é"]}
+  assert len(names) == 4
+  assert all("~" in n for n in names)
+
+
+@pytest.mark.parametrize("bad", ["", b"", b"\xff\xfe", b"ok\xc3", 12, None])
+def test_check_client_id_rejects_empty_non_utf8_and_non_strings(bad):
+  with pytest.raises(sf.InvalidClientIdError) as e:
+    sf.check_client_id(bad, "input.tfrecord record 3")
+  assert "input.tfrecord record 3" in str(e.value)
+
+
+def test_check_client_id_accepts_text_and_utf8_bytes():
+  assert sf.check_client_id("naïve") == "naïve"
+  assert sf.check_client_id("naïve".encode()) == "naïve"
+  with pytest.raises(sf.InvalidClientIdError, match="empty"):
+    sf.client_relative_path("", "all", 1)
+
+
+# ----------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------
+
+def _bits(dtype, values):
+  return np.array(values, dtype=dtype)
+
+
+F64_SPECIALS = np.array([0x7FF8000000000001, 0xFFF0000000000000, 0x8000000000000000, 0x0000000000000001,
+                         0x7FEFFFFFFFFFFFFF, 0x3FB999999999999A, 0x7FF4000000000000],
+                        dtype=np.uint64).view(np.float64)
+F32_SPECIALS = np.array([0x7FC00001, 0xFF800000, 0x80000000, 0x00000001, 0x7F7FFFFF, 0x3DCCCCCD],
+                        dtype=np.uint32).view(np.float32)
+
+# One value per dtype: a scalar, a fixed [2, 3] block and a variable [None, 2] list.
+SCALARS = {
+    "string": b"nul\x00and\xffraw bytes",
+    "float16": np.float16(-65504.0),
+    "float32": F32_SPECIALS[0],
+    "float64": F64_SPECIALS[0],
+    "bool": True,
+    "int8": np.int8(-128),
+    "int16": np.int16(-32768),
+    "int32": np.int32(-2**31),
+    "int64": np.int64(-2**63),
+    "uint8": np.uint8(255),
+    "uint16": np.uint16(65535),
+    "uint32": np.uint32(2**32 - 1),
+    "uint64": np.uint64(2**64 - 1),
+}
+
+
+def _block(dtype, n):
+  """n values of `dtype` covering its extremes (bit patterns for floats)."""
+  if dtype == "string":
+    pool = [b"", b"\x00", b"a\x00b", "é".encode(), b"\xff\xfe", b"x" * 300]
+    return np.array([pool[i % len(pool)] for i in range(n)], dtype=object)
+  if dtype == "bool":
+    return np.array([i % 2 == 0 for i in range(n)], dtype=bool)
+  if dtype == "float64":
+    return np.resize(F64_SPECIALS, n)
+  if dtype == "float32":
+    return np.resize(F32_SPECIALS, n)
+  if dtype == "float16":
+    return np.resize(np.array([0x7C00, 0x8000, 0x0001, 0x7BFF, 0x3555], np.uint16).view(np.float16), n)
+  info = np.iinfo(dtype)
+  return np.resize(np.array([info.min, info.max, 0, 1, info.max - 1, info.min + 1], dtype=dtype), n)
+
+
+def _spec_and_element(variable_rows: int):
+  features, values = [], collections.OrderedDict()
+  for dtype in ENCODINGS:
+    features.append(FeatureSpec(f"{dtype}_scalar", dtype, ()))
+    values[f"{dtype}_scalar"] = np.array(SCALARS[dtype], dtype=object if dtype == "string" else dtype)
+    features.append(FeatureSpec(f"{dtype}_fixed", dtype, (2, 3)))
+    values[f"{dtype}_fixed"] = _block(dtype, 6).reshape(2, 3)
+    features.append(FeatureSpec(f"{dtype}_variable", dtype, (None, 2)))
+    values[f"{dtype}_variable"] = _block(dtype, 2 * variable_rows).reshape(variable_rows, 2)
+  return ElementSpec(tuple(features)), values
+
+
+def _assert_exact(name, actual, expected):
+  actual = np.asarray(actual)
+  assert actual.shape == expected.shape, name
+  if expected.dtype == object:
+    assert actual.tolist() == expected.tolist(), name
+  elif expected.dtype.kind == "f":
+    assert actual.dtype == expected.dtype, name
+    width = f"u{expected.itemsize}"
+    np.testing.assert_array_equal(actual.view(width), expected.view(width), err_msg=name)
+  else:
+    assert actual.dtype == expected.dtype, name
+    np.testing.assert_array_equal(actual, expected, err_msg=name)
+
+
+@pytest.mark.parametrize("variable_rows", [0, 1, 3])
+def test_record_parser_round_trips_every_dtype_and_shape_bit_for_bit(variable_rows):
+  spec, element = _spec_and_element(variable_rows)
+  record = sf.encode_example(element, spec)
+  parse = tf.function(sf.make_record_parser(spec))
+  parsed = parse(tf.constant(record))
+  assert list(parsed) == spec.names
+  for name, value in element.items():
+    _assert_exact(name, parsed[name].numpy(), value)
+
+
+def test_batch_parser_round_trips_fixed_shapes_bit_for_bit():
+  spec, element = _spec_and_element(1)
+  fixed = ElementSpec(tuple(f for f in spec.features if not f.is_variable_length))
+  elements = [element, collections.OrderedDict(
+      (k, np.flip(v) if v.ndim else v) for k, v in element.items())]
+  records = [sf.encode_example({k: e[k] for k in fixed.names}, fixed) for e in elements]
+  parse = tf.function(sf.make_batch_parser(fixed))
+  parsed = parse(tf.constant(records))
+  for i, e in enumerate(elements):
+    for name in fixed.names:
+      _assert_exact(f"{name}[{i}]", parsed[name].numpy()[i], e[name])
+
+
+def test_records_to_elements_gives_the_spec_and_values():
+  for variable in (False, True):
+    spec, element = _spec_and_element(2)
+    if not variable:
+      spec = ElementSpec(tuple(f for f in spec.features if not f.is_variable_length))
+    element = {k: element[k] for k in spec.names}
+    records = tf.data.Dataset.from_tensor_slices([sf.encode_example(element, spec)] * 3)
+    ds = sf.records_to_elements(records, spec)
+    assert ds.element_spec == spec.to_tensor_specs()
+    out = list(ds.as_numpy_iterator())
+    assert len(out) == 3
+    for name in spec.names:
+      _assert_exact(name, out[2][name], element[name])
+
+
+def test_encoding_is_deterministic_and_uses_the_documented_lists():
+  from tensorflow.core.example import example_pb2
+  spec, element = _spec_and_element(1)
+  record = sf.encode_example(element, spec)
+  assert record == sf.encode_example(element, spec)
+  example = example_pb2.Example.FromString(record)
+  kinds = {"bytes": "bytes_list", "float": "float_list", "int64": "int64_list", "bits64": "int64_list"}
+  for f in spec.features:
+    assert example.features.feature[f.name].WhichOneof("kind") == kinds[f.encoding], f.name
+  # float64 and uint64 are stored as the 64-bit pattern (bits64).
+  stored = example.features.feature["float64_scalar"].int64_list.value[0]
+  assert np.int64(stored).view(np.float64).tobytes() == F64_SPECIALS[0].tobytes()
+  assert example.features.feature["uint64_scalar"].int64_list.value[0] == -1
+
+
+@pytest.mark.parametrize("variable_rows", [0, 1, 3])
+def test_encoding_equals_protobufs_deterministic_serialization(variable_rows):
+  from tensorflow.core.example import example_pb2
+  spec, element = _spec_and_element(variable_rows)
+  example = example_pb2.Example()
+  for f in spec.features:
+    feature = example.features.feature[f.name]
+    values = np.asarray(element[f.name]).reshape(-1)
+    if f.encoding == "bytes":
+      feature.bytes_list.SetInParent()
+      feature.bytes_list.value.extend(values.tolist())
+    elif f.encoding == "float":
+      feature.float_list.SetInParent()
+      feature.float_list.value.extend(values.astype(np.float32).tolist())
+    else:
+      feature.int64_list.SetInParent()
+      ints = values.astype(f.dtype).view(np.int64) if f.encoding == "bits64" else values.astype(np.int64)
+      feature.int64_list.value.extend(ints.tolist())
+  assert sf.encode_example(element, spec) == example.SerializeToString(deterministic=True)
+
+
+def test_element_spec_json_accepts_only_a_variable_leading_dimension():
+  spec = ElementSpec.from_json({"s": {"dtype": "string", "shape": [None]},
+                                "v": {"dtype": "int64", "shape": [None, 3]}})
+  assert spec.to_tensor_specs()["v"] == tf.TensorSpec([None, 3], tf.int64)
+  with pytest.raises(ElementSpecError, match="only the leading dimension"):
+    ElementSpec.from_json({"v": {"dtype": "int64", "shape": [3, None]}})
+  with pytest.raises(ElementSpecError, match="not supported"):
+    ElementSpec.from_json({"v": {"dtype": "complex64", "shape": []}})

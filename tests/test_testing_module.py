@@ -1,0 +1,81 @@
+"""`fedbeam.testing`: the documented example works and failures read well."""
+
+import numpy as np
+import pytest
+
+from fedbeam import testing
+
+CLIENTS = {
+    "alice": [{"x": np.float32(1.5), "label": 0, "name": "a\x00"},
+              {"x": np.float32(2.0), "label": 1, "name": "é"}],
+    "bob/2": [{"x": np.float32(0.5), "label": 1, "name": b"\xff"}],
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  return testing.prepare_store(CLIENTS, tmp_path_factory.mktemp("testing"), order_by="@input")
+
+
+def test_documented_example_passes(store):
+  testing.assert_store_equals(store, CLIENTS)
+  testing.assert_store_equals(store, {k: list(reversed(v)) for k, v in CLIENTS.items()},
+                              ordered=False)
+  # Python floats compare with float32 features after conversion.
+  testing.assert_store_equals(store, {"alice": [{"x": 1.5, "label": 0, "name": "a\x00"},
+                                                {"x": 2.0, "label": 1, "name": "é"}],
+                                      "bob/2": [{"x": 0.5, "label": 1, "name": b"\xff"}]})
+
+
+def _failure(store, expected, **kwargs):
+  with pytest.raises(AssertionError) as e:
+    testing.assert_store_equals(store, expected, **kwargs)
+  return str(e.value)
+
+
+def test_missing_and_extra_client_ids_are_listed(store):
+  message = _failure(store, {"alice": CLIENTS["alice"], "carol": []})
+  assert "client ids missing from the store: ['carol']" in message
+  assert "client ids in the store but not expected: ['bob/2']" in message
+
+
+def test_count_mismatch_names_the_client(store):
+  message = _failure(store, {"alice": CLIENTS["alice"][:1], "bob/2": CLIENTS["bob/2"]})
+  assert "'alice': 2 examples, expected 1" in message
+
+
+def test_first_differing_element_and_feature_show_both_values(store):
+  changed = {"alice": [CLIENTS["alice"][0], dict(CLIENTS["alice"][1], x=2.5)],
+             "bob/2": CLIENTS["bob/2"]}
+  message = _failure(store, changed)
+  assert "client 'alice': element 1: feature 'x' differs" in message
+  assert "actual:   array(2., dtype=float32)" in message
+  assert "expected: array(2.5, dtype=float32)" in message
+  message = _failure(store, {"alice": CLIENTS["alice"], "bob/2": [{"x": 0.5, "label": 1,
+                                                                   "name": b"\xfe"}]},
+                     ordered=False)
+  assert "client 'bob/2'" in message and "feature 'name' differs" in message
+
+
+def test_trailing_nul_bytes_count(store):
+  message = _failure(store, {"alice": [dict(CLIENTS["alice"][0], name="a"), CLIENTS["alice"][1]],
+                             "bob/2": CLIENTS["bob/2"]})
+  assert "feature 'name' differs" in message
+
+
+def test_inputs_of_every_format_give_the_same_store(tmp_path, store):
+  spec = {"x": {"dtype": "float32", "shape": []}, "label": {"dtype": "int64", "shape": []},
+          "name": {"dtype": "string", "shape": []}}
+  # Avro fields have one type: the names, one of them not UTF-8, go in as bytes.
+  as_bytes = {cid: [dict(e, name=e["name"].encode() if isinstance(e["name"], str) else e["name"])
+                    for e in elements] for cid, elements in CLIENTS.items()}
+  avro = testing.write_avro_input(tmp_path / "in.avro", as_bytes)
+  sqlite = testing.write_tff_sqlite_input(tmp_path / "in.sqlite", CLIENTS, spec)
+  for path, flags in [(avro, {"client_id_key": "client_id"}), (sqlite, {})]:
+    out = testing.prepare_store(path, tmp_path, output=str(tmp_path / f"store-{path[-4:]}"),
+                                element_spec=spec, order_by="@input", **flags)
+    testing.assert_store_equals(out, CLIENTS)
+    actual, reference = testing.read_store(out), testing.read_store(store)
+    assert list(actual) == list(reference) == sorted(CLIENTS)
+    for cid in actual:
+      testing.assert_elements_equal(actual[cid], reference[cid], where=cid)
