@@ -21,15 +21,26 @@ def _beam_option_names() -> set[str]:
 
 
 def _check_beam_args(args: Sequence[str]) -> Optional[str]:
-  """Returns an error message for a pass-through flag Beam does not know, else None."""
+  """Returns an error message for a pass-through argument Beam would not use, else None.
+
+  Beam silently discards options it does not know (including dashed spellings
+  of its underscored names), and stray words would be ignored; both are
+  refused here so a typo never changes a job quietly.
+  """
   known = _beam_option_names()
+  expecting_value = False
   for arg in args:
-    if not arg.startswith("--"):
-      continue
-    name = arg[2:].split("=", 1)[0]
-    if name.replace("-", "_") not in known:
-      return (f"unknown flag --{name} (neither a fedbeam prepare flag nor a Beam pipeline "
-              "option)")
+    if arg.startswith("--"):
+      name = arg[2:].split("=", 1)[0]
+      if name not in known:
+        hint = name.replace("-", "_")
+        return (f"unknown flag --{name} (neither a fedbeam prepare flag nor a Beam pipeline "
+                "option" + (f"; did you mean --{hint}?" if hint in known else "") + ")")
+      expecting_value = "=" not in arg
+    elif expecting_value and not arg.startswith("-"):
+      expecting_value = False
+    else:
+      return f"unexpected argument {arg!r}"
   return None
 
 
