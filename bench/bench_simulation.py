@@ -191,7 +191,10 @@ def readme_section(result: dict) -> str:
       "concurrently, while the loop trains one client at a time per model "
       "copy; the loop exists for GPUs, which TFF's PyPI runtime cannot use, "
       "and on several GPUs it trains one client per device at a time (or "
-      "`clients_per_device` of them). No GPU was available for this run.",
+      "`clients_per_device` of them). " + (
+          "No GPU was available for this run." if not mach["gpus"] else
+          f"This machine has {mach['gpus']} GPU(s); the rows above use the "
+          "CPU only."),
       "",
       "Command (from the repository root):",
       "",

@@ -323,8 +323,8 @@ def test_train_test_client_split_matches_tff_without_opening_datasets(
   tff_train, tff_test = tff.simulation.datasets.ClientData.train_test_client_split(
       reference, num_test_clients, seed=seed)
   assert isinstance(train, StoreClientData) and isinstance(test, StoreClientData)
-  assert sorted(test.client_ids) == sorted(tff_test.client_ids)
-  assert sorted(train.client_ids) == sorted(tff_train.client_ids)
+  assert test.client_ids == tff_test.client_ids
+  assert train.client_ids == tff_train.client_ids
   assert all(fixed[cid] for cid in test.client_ids)
   # The same call on the intact store gives the same split, and its data loads.
   train2, test2 = store.train_test_client_split(store, num_test_clients, seed=seed)

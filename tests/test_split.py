@@ -410,8 +410,9 @@ def test_store_client_data_split_equals_tff(unsplit, tff_data, seed, k):
     assert len(test.client_ids) == k and all(test.num_examples(c) > 0 for c in test.client_ids)
   else:
     tff_train, tff_test = TFF_SPLIT(tff_data["mixed"], k, seed)
-    assert set(test.client_ids) == set(tff_test.client_ids)
-    assert set(train.client_ids) == set(tff_train.client_ids)
+    # Same clients in the same order, so datasets(seed) walks them as TFF's would.
+    assert test.client_ids == tff_test.client_ids
+    assert train.client_ids == tff_train.client_ids
     # TFF's own implementation run on the store object picks the same clients.
     _, generic_test = TFF_SPLIT(store, k, seed)
     assert set(generic_test.client_ids) == set(test.client_ids)
@@ -440,3 +441,21 @@ def test_store_client_data_split_errors_match_tff(unsplit, tff_data):
   _, test = StoreClientData.train_test_client_split(heavy, 1, _tff_seed_with_skips(15))
   _, tff_test = TFF_SPLIT(tff_data["empty_heavy"], 1, _tff_seed_with_skips(15))
   assert test.client_ids == tff_test.client_ids
+
+
+# --- the Top-K combiner behind the hash method and the expansion remainder -------------
+
+def test_smallest_n_combiner_is_exact_across_accumulators():
+  import random  # pylint: disable=g-import-not-at-top
+  from fedbeam.pipelines.ranking import SmallestN  # pylint: disable=g-import-not-at-top
+  fn = SmallestN()
+  rng = random.Random(3)
+  for total, n in [(0, 5), (10, 0), (50, 70), (5000, 1), (20_000, 3000)]:
+    items = [(rng.getrandbits(64), f"c{i}") for i in range(total)]
+    accs = []
+    for part in range(4):
+      acc = fn.create_accumulator()
+      for item in items[part::4]:
+        acc = fn.add_input(acc, (n, item))
+      accs.append(fn.compact(acc) if part % 2 else acc)
+    assert fn.extract_output(fn.merge_accumulators(accs)) == sorted(items)[:n]

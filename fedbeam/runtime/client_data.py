@@ -72,14 +72,17 @@ class StoreClientData(tff.simulation.datasets.ClientData):
   """
 
   def __init__(self, root: str, metadata: Mapping[str, Any], splits: Sequence[str],
-               rows: Mapping[str, tuple[str, int]]):
-    """Use `load_client_data`. `rows` maps client id -> (split, num_examples)."""
+               rows: Mapping[str, tuple[str, int]], ordered: bool = False):
+    """Use `load_client_data`. `rows` maps client id -> (split, num_examples).
+
+    `client_ids` are sorted, or in the order of `rows` when `ordered`.
+    """
     self._root = root.rstrip("/") if root != "/" else root
     self._data_root = sf.data_root(self._root, metadata)
     self._metadata = dict(metadata)
     self._splits = tuple(splits)
     self._rows = dict(rows)
-    self._client_ids = sorted(self._rows)
+    self._client_ids = list(self._rows) if ordered else sorted(self._rows)
     self._spec = ElementSpec.from_metadata(metadata["element_spec"])
     self._element_type_structure = self._spec.to_tensor_specs()
     self._num_shards = int(metadata["num_shards"])
@@ -169,7 +172,10 @@ class StoreClientData(tff.simulation.datasets.ClientData):
       raise ValueError(f"client id {client_id!r} is not a client of this ClientData") from None
 
   def subset(self, client_ids: Iterable[str]) -> "StoreClientData":
-    """A StoreClientData over some of these clients (ids must belong to it)."""
+    """A StoreClientData over some of these clients, with `client_ids` in the given order.
+
+    Raises ValueError for an id that is not a client here, or no id.
+    """
     rows = {}
     for cid in client_ids:
       if cid not in self._rows:
@@ -178,7 +184,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     if not rows:
       raise ValueError("a ClientData needs at least one client")
     splits = sorted({s for s, _ in rows.values()})
-    return StoreClientData(self._root, self._metadata, splits, rows)
+    return StoreClientData(self._root, self._metadata, splits, rows, ordered=True)
 
   @classmethod
   def train_test_client_split(cls, client_data: "tff.simulation.datasets.ClientData",
@@ -191,7 +197,10 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     without examples skipped; `ValueError` when `num_test_clients` is not in
     `1..len(client_ids)-1` or more than `5 * num_test_clients + 10` empty
     clients were skipped. Returns StoreClientData objects; never opens a
-    dataset. Other ClientData types go to TFF's implementation.
+    dataset. As in TFF, the test ids keep the order they were drawn in and the
+    train ids the shuffled order followed by the skipped empty clients, so
+    `datasets(seed=...)` walks them as TFF's would. Other ClientData types go
+    to TFF's implementation.
     """
     if not isinstance(client_data, StoreClientData):
       return tff.simulation.datasets.ClientData.train_test_client_split(

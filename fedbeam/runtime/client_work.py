@@ -100,7 +100,7 @@ def check_delta_l2_regularizer(value: Any) -> float:
 def loop_implementation_for(
     use_experimental_simulation_loop: bool,
 ) -> tff.learning.LoopImplementation:
-  """Maps the seed's flag onto TFF 0.87's `LoopImplementation`.
+  """Maps `use_experimental_simulation_loop` onto TFF 0.87's `LoopImplementation`.
 
   Args:
     use_experimental_simulation_loop: True for the dataset-iterator loop
@@ -155,8 +155,9 @@ def _checked_model_in_graph(
 
   The reference page requires: "The model must be constructed entirely from
   scratch on each invocation, returning the same pre-constructed model each
-  call will result in an error." TFF 0.87 fails on that far from the cause,
-  while tracing; this check fails early and says why.
+  call will result in an error." TFF 0.87 builds such a process and fails
+  only when it runs, inside its C++ runtime ("Unknown input node
+  'dense/kernel'"); this check fails at build time and says why.
   """
   if not callable(model_fn):
     raise TypeError(f"model_fn must be a no-arg callable, got {model_fn!r}")

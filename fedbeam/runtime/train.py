@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
   import tensorflow_federated as tff
   from fedbeam.runtime import models as models_lib
-  from fedbeam.runtime import simulation
 
 __all__ = [
     "METRICS_COLUMNS",
