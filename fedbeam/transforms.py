@@ -2,7 +2,11 @@
 
 A `make_transform_fn(raw_client_id: str, index: int)` returns `fn(element) ->
 element` (as in `tf.data.Dataset.map`) or None for "no transformation"
-(the contract of `tff.simulation.TransformingClientData`). Reference them
+(the contract of `tff.simulation.TransformingClientData`). A `fn` may also
+carry `fn.fedbeam_batch_fn(elements) -> elements`, the same transform applied
+to all of a client's elements stacked on axis 0; the pipeline then calls it
+once per pseudo-client instead of mapping element by element (the built-in
+affine warp does, and tests pin both forms to the same output). Reference them
 from the CLI as `fedbeam.transforms:identity` or
 `fedbeam.transforms:random_affine`.
 
@@ -88,29 +92,48 @@ class AffineTransform:
     params = self.parameters(raw_client_id, index)
     feature = self.feature
 
-    def warp(element):
+    def warp_images(images, height: int, width: int):
+      """[N, H, W, C] float32 -> the same images warped."""
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      image = element[feature]
-      shape = image.shape
-      if shape.rank not in (2, 3) or not shape[:2].is_fully_defined():
-        raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image, "
-                         f"got shape {shape}")
-      height, width = int(shape[0]), int(shape[1])
       inv = affine_matrix(params["angle_deg"], params["shear"], params["scale_x"],
                           params["scale_y"], params["tx_frac"] * width,
                           params["ty_frac"] * height, height, width)
       transform = tf.constant([[inv[0, 0], inv[0, 1], inv[0, 2], inv[1, 0], inv[1, 1],
                                 inv[1, 2], inv[2, 0], inv[2, 1]]], tf.float32)
-      batch = tf.cast(image if shape.rank == 3 else image[..., tf.newaxis], tf.float32)[tf.newaxis]
-      warped = tf.raw_ops.ImageProjectiveTransformV3(
-          images=batch, transforms=transform, output_shape=tf.constant([height, width]),
-          fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")[0]
-      if shape.rank == 2:
-        warped = warped[..., 0]
+      transform = tf.tile(transform, [tf.shape(images)[0], 1])
+      return tf.raw_ops.ImageProjectiveTransformV3(
+          images=images, transforms=transform, output_shape=tf.constant([height, width]),
+          fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+
+    def image_size(shape, batched: bool):
+      dims = shape[1:] if batched else shape
+      if dims.rank not in (2, 3) or not dims[:2].is_fully_defined():
+        raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image, "
+                         f"got shape {dims}")
+      return int(dims[0]), int(dims[1]), dims.rank
+
+    def warp(element):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      image = element[feature]
+      height, width, rank = image_size(image.shape, batched=False)
+      batch = tf.cast(image if rank == 3 else image[..., tf.newaxis], tf.float32)[tf.newaxis]
+      warped = warp_images(batch, height, width)[0]
       out = dict(element)
-      out[feature] = tf.cast(warped, image.dtype)
+      out[feature] = tf.cast(warped if rank == 3 else warped[..., 0], image.dtype)
       return type(element)(out)
 
+    def warp_all(elements):
+      # The same warp for every element of the pseudo-client, as one op.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      images = elements[feature]
+      height, width, rank = image_size(images.shape, batched=True)
+      batch = tf.cast(images if rank == 3 else images[..., tf.newaxis], tf.float32)
+      warped = warp_images(batch, height, width)
+      out = dict(elements)
+      out[feature] = tf.cast(warped if rank == 3 else warped[..., 0], images.dtype)
+      return type(elements)(out)
+
+    warp.fedbeam_batch_fn = warp_all
     return warp
 
 

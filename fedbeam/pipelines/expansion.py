@@ -107,20 +107,71 @@ class _ExpandClient(beam.DoFn):
     k, g, digits = expansion_plan(num_raw, self._n)
     count = k + (1 if g and remainder_last is not None and client.client_id <= remainder_last else 0)
     raw_id = client.client_id
+    elements = _ParsedClient(client.records, spec)
     for index in range(count):
       cid = raw_id if digits == 0 else pseudo_client_id(raw_id, index, digits)
-      records = apply_transform(self._fn, raw_id, index, client.records, spec)
+      records = apply_transform(self._fn, raw_id, index, client.records, spec, elements)
       self._pseudo.inc()
       yield ClientRecords(client_id=cid, records=records, raw_client_id=raw_id,
                           pseudo_index=index)
 
 
+class _ParsedClient:
+  """A raw client's records parsed once, stacked on axis 0, shared by its pseudo-clients.
+
+  None for specs with variable-length features (stacking would pad them).
+  """
+
+  def __init__(self, records: list[bytes], spec: ElementSpec):
+    self._records = records
+    self._spec = spec
+    self._stacked = None
+
+  def stacked(self):
+    if self._stacked is None and self._records and not sf.has_variable_length(self._spec):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._stacked = sf.make_batch_parser(self._spec)(tf.constant(self._records, tf.string))
+    return self._stacked
+
+
+def _check_structure(where: str, got, spec: ElementSpec, batched: bool) -> None:
+  """Raises ExpansionError unless `got` (TensorSpecs) has the spec's features and dtypes."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  expected = spec.to_tensor_specs()
+  if not isinstance(got, dict) or set(got) != set(expected):
+    raise ExpansionError(f"{where} changed the element structure: expected features "
+                         f"{list(expected)}, got {got}")
+  for name, want in expected.items():
+    have = got[name]
+    if not isinstance(have, tf.TensorSpec) or have.dtype != want.dtype:
+      raise ExpansionError(f"{where} changed feature {name!r} from {want} to {have}")
+    shape = have.shape[1:] if batched else have.shape
+    if not want.shape.is_compatible_with(shape):
+      raise ExpansionError(f"{where} changed the shape of feature {name!r} from "
+                           f"{want.shape} to {shape}")
+
+
+def _encode_stacked(where: str, columns, count: int, spec: ElementSpec) -> list[bytes]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arrays = {f.name: np.asarray(columns[f.name]) for f in spec.features}
+  for f in spec.features:
+    if arrays[f.name].shape[:1] != (count,):
+      raise ExpansionError(f"{where} returned {arrays[f.name].shape[:1]} values of feature "
+                           f"{f.name!r} for {count} elements")
+  return [sf.encode_example({name: a[i] for name, a in arrays.items()}, spec)
+          for i in range(count)]
+
+
 def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, index: int,
-                    records: list[bytes], spec: ElementSpec) -> list[bytes]:
+                    records: list[bytes], spec: ElementSpec,
+                    parsed: Optional[_ParsedClient] = None) -> list[bytes]:
   """Runs `make_transform_fn(raw_client_id, index)` over serialized records.
 
   Returns the re-encoded records in the same order (the input list itself when
-  the transform is None).
+  the transform is None). The transform maps elements as `tf.data.Dataset.map`
+  would; when the returned fn carries a `fedbeam_batch_fn` attribute (see
+  `fedbeam.transforms`), that is called once on all elements stacked on axis
+  0 instead, which must give the same elements.
 
   Raises:
     ExpansionError: the factory or the transform raises, or the transform
@@ -142,24 +193,28 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
     return records
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  expected = spec.to_tensor_specs()
-  parse = sf.make_record_parser(spec)
+  parsed = parsed or _ParsedClient(records, spec)
+  stacked = parsed.stacked()
+  batch_fn = getattr(fn, "fedbeam_batch_fn", None)
+  if stacked is not None and batch_fn is not None:
+    try:
+      out = batch_fn(stacked)
+      got = {k: tf.TensorSpec.from_tensor(tf.convert_to_tensor(v)) for k, v in out.items()}
+    except Exception as e:  # pylint: disable=broad-except
+      raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
+    _check_structure(where, got, spec, batched=True)
+    return _encode_stacked(where, {k: v.numpy() for k, v in out.items()}, len(records), spec)
+
   try:
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).map(parse)
+    if stacked is not None:
+      dataset = tf.data.Dataset.from_tensor_slices(stacked)
+    else:
+      dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).map(
+          sf.make_record_parser(spec))
     dataset = dataset.map(fn)
   except Exception as e:  # pylint: disable=broad-except
     raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
-  got = dataset.element_spec
-  if not isinstance(got, dict) or set(got) != set(expected):
-    raise ExpansionError(f"{where} changed the element structure: expected features "
-                         f"{list(expected)}, got {got}")
-  for name, want in expected.items():
-    have = got[name]
-    if not isinstance(have, tf.TensorSpec) or have.dtype != want.dtype:
-      raise ExpansionError(f"{where} changed feature {name!r} from {want} to {have}")
-    if not want.shape.is_compatible_with(have.shape):
-      raise ExpansionError(f"{where} changed the shape of feature {name!r} from "
-                           f"{want.shape} to {have.shape}")
+  _check_structure(where, dataset.element_spec, spec, batched=False)
   out = []
   try:
     for element in dataset.as_numpy_iterator():
