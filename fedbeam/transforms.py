@@ -53,7 +53,15 @@ def affine_matrix(angle_deg: float, shear: float, scale_x: float, scale_y: float
   rotate = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
   back = np.array([[1, 0, cx + tx], [0, 1, cy + ty], [0, 0, 1]], dtype=np.float64)
   forward = back @ rotate @ shear_m @ scale @ to_origin
-  return np.linalg.inv(forward)
+  # Closed-form inverse of an affine map [[A, t], [0, 1]]: [[A^-1, -A^-1 t], [0, 1]]
+  # (np.linalg.inv costs more than the warp of a small client).
+  (a, b), (c, d) = forward[:2, :2]
+  det = a * d - b * c
+  a_inv = np.array([[d, -b], [-c, a]]) / det
+  out = np.eye(3)
+  out[:2, :2] = a_inv
+  out[:2, 2] = -a_inv @ forward[:2, 2]
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
