@@ -19,6 +19,8 @@ register_worker_cleanup()
 _READ_BUFFER_BYTES = 1 << 20
 # Records per batch of a whole-client read (more than any client holds).
 _WHOLE_CLIENT_BATCH = (1 << 31) - 1
+# Client files read at once when streaming every client.
+_PARALLEL_CLIENT_READS = 8
 
 
 def _no_static_optimization() -> tf.data.Options:
@@ -143,12 +145,23 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     np.random.RandomState(seed=seed).shuffle(client_ids)
     paths = [sf.join(self._data_root, self._relative_path(cid)) for cid in client_ids]
     files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
-    # deterministic=True keeps TFF's client order while reading ahead in parallel.
-    records = files.interleave(
-        lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES),
-        cycle_length=1, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True)
-    return sf.records_to_elements(records, self._spec)
+    if sf.has_variable_length(self._spec):
+      records = files.interleave(
+          lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES),
+          cycle_length=1, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+          deterministic=True)
+      return sf.records_to_elements(records, self._spec)
+    # Each client file becomes one batch of all its records; several files are
+    # read at once, and deterministic interleaving of one-element inputs keeps
+    # the clients in order (an empty client contributes no batch).
+    whole_clients = files.interleave(
+        lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES).batch(
+            _WHOLE_CLIENT_BATCH),
+        cycle_length=_PARALLEL_CLIENT_READS, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return whole_clients.map(
+        sf.make_batch_parser(self._spec), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True).unbatch()
 
   # -- Store extras -----------------------------------------------------------
 
