@@ -12,6 +12,10 @@ _EXPORTS = {
     "register_worker_cleanup": "fedbeam.runtime.tff_worker",
     "stop_tff_workers": "fedbeam.runtime.tff_worker",
     "build_model_delta_client_work": "fedbeam.runtime.client_work",
+    "SimulationLoop": "fedbeam.runtime.simulation",
+    "SimulationConfig": "fedbeam.runtime.simulation",
+    "ModelSpec": "fedbeam.runtime.models",
+    "get_model": "fedbeam.runtime.models",
 }
 
 

@@ -632,6 +632,15 @@ def run_training(
       postfix["test_acc"] = f"{test_accuracy:.3f}"
     progress.set_postfix(postfix, refresh=False)
     progress.update(1)
+    line = f"round {result.round_num}: {result.seconds:.2f} s"
+    if train_loss is not None:
+      line += f", train loss {train_loss:.4f}"
+    if train_accuracy is not None:
+      line += f", train accuracy {train_accuracy:.4f}"
+    if test_accuracy is not None:
+      line += f", test accuracy {test_accuracy:.4f}"
+    # Above the progress bar, on stdout, so a log keeps every round.
+    progress.write(line, file=sys.stdout)
 
   try:
     rounds = loop.run(options.rounds, on_round=on_round)
