@@ -43,9 +43,17 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "bench", "results", "simulation.json")
 README = os.path.join(ROOT, "bench", "README.md")
-SECTION = "## Simulation loop"
+# Per model: (results file, README section, description of the data).
+OUTPUTS = {
+    "digits-cnn": (os.path.join(ROOT, "bench", "results", "simulation.json"),
+                   "## Simulation loop",
+                   "`digits-cnn` on scikit-learn's 1,797 digits"),
+    "emnist-cnn": (os.path.join(ROOT, "bench", "results", "simulation_emnist.json"),
+                   "## Simulation loop (EMNIST CNN)",
+                   "`emnist-cnn` on EMNIST-like 28x28 clients (lognormal sizes, mean ~90)"),
+}
+RESULTS, SECTION, DATA = OUTPUTS["digits-cnn"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--clients-per-round", type=int, default=10)
   p.add_argument("--client-epochs", type=int, default=2)
   p.add_argument("--batch-size", type=int, default=20)
+  p.add_argument("--model", choices=["digits-cnn", "emnist-cnn"], default="digits-cnn",
+                 help="digits-cnn on load_digits, or emnist-cnn on EMNIST-like 28x28 "
+                      "clients with lognormal sizes (mean ~90)")
   p.add_argument("--no-write", action="store_true",
                  help="do not write results and README")
   return p.parse_args(argv)
@@ -75,6 +86,23 @@ def digits_store(num_clients: int, directory: str) -> str:
       for i, idx in enumerate(np.array_split(order, num_clients))
   }
   return testing.prepare_store(clients, directory)
+
+
+def emnist_like_store(num_clients: int, directory: str) -> str:
+  """EMNIST-like clients (`pixels` float32[28,28], `label` int32), lognormal sizes, as a store."""
+  from fedbeam import testing  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  sizes = np.clip(rng.lognormal(np.log(90) - 0.5, 1.0, num_clients).astype(int), 1, 1500)
+  clients = {
+      f"f{i:04d}": [{"pixels": rng.random((28, 28), dtype=np.float32),
+                     "label": np.int32(rng.integers(10))} for _ in range(n)]
+      for i, n in enumerate(sizes)
+  }
+  return testing.prepare_store(
+      clients, directory,
+      element_spec={"label": {"dtype": "int32", "shape": []},
+                    "pixels": {"dtype": "float32", "shape": [28, 28]}})
 
 
 def tff_process(spec, client_optimizer, server_optimizer, weighting):
@@ -154,7 +182,7 @@ def readme_section(result: dict) -> str:
       "",
       f"Rounds per second of the same FedAvg rounds through TFF's runtime and "
       f"through `fedbeam.runtime.simulation.SimulationLoop`, on the CPU "
-      f"(`/device:CPU:0`): `digits-cnn` on scikit-learn's 1,797 digits in a "
+      f"(`/device:CPU:0`): {DATA} in a "
       f"fedbeam store of {setup['clients']} clients, "
       f"{setup['clients_per_round']} clients per round, "
       f"{setup['client_epochs']} local epochs, batch {setup['batch_size']}; "
@@ -199,7 +227,8 @@ def readme_section(result: dict) -> str:
       "Command (from the repository root):",
       "",
       "```sh",
-      ".venv/bin/python -m bench.bench_simulation > /tmp/bench_simulation.log 2>&1",
+      f".venv/bin/python -m bench.bench_simulation --model {result['setup']['model']} "
+      "> /tmp/bench_simulation.log 2>&1",
       "```",
       "",
       f"Machine: {mach['cpus']} CPUs ({mach['cpu']}), {mach['platform']}; "
@@ -207,7 +236,7 @@ def readme_section(result: dict) -> str:
       f"{', '.join(f'{x:.2f}' for x in mach['load_average_at_start'])}. "
       f"Versions: Python {v['python']}, TensorFlow {v['tensorflow']}, "
       f"TensorFlow Federated {v['tensorflow_federated']}, numpy {v['numpy']}, "
-      f"fedbeam {v['fedbeam']}. Raw numbers: `bench/results/simulation.json`.",
+      f"fedbeam {v['fedbeam']}. Raw numbers: `bench/results/{os.path.basename(RESULTS)}`.",
       "",
   ]
   return "\n".join(lines)
@@ -232,8 +261,10 @@ def write_readme_section(section: str) -> None:
 
 
 def main(argv=None) -> int:
+  global RESULTS, SECTION, DATA  # pylint: disable=global-statement
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   args = parse_args(argv)
+  RESULTS, SECTION, DATA = OUTPUTS[args.model]
   mach = machine()
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime import models  # pylint: disable=g-import-not-at-top
@@ -244,8 +275,9 @@ def main(argv=None) -> int:
   register_worker_cleanup()
   workdir = tempfile.mkdtemp(prefix="fedbeam-bench-simulation-")
   try:
-    data = load_client_data(digits_store(args.clients, workdir))
-    spec = models.get_model("digits-cnn")
+    build = digits_store if args.model == "digits-cnn" else emnist_like_store
+    data = load_client_data(build(args.clients, workdir))
+    spec = models.get_model(args.model)
     client_optimizer = tff.learning.optimizers.build_sgdm(0.1)
     server_optimizer = tff.learning.optimizers.build_sgdm(1.0)
     weighting = tff.learning.ClientWeighting.NUM_EXAMPLES
@@ -302,8 +334,8 @@ def main(argv=None) -> int:
       "benchmark": "simulation loop vs TFF runtime, same rounds",
       "machine": mach,
       "setup": {
-          "model": "digits-cnn",
-          "data": "sklearn load_digits (1797 images) in a fedbeam store",
+          "model": args.model,
+          "data": DATA + " in a fedbeam store",
           "clients": args.clients, "clients_per_round": args.clients_per_round,
           "client_epochs": args.client_epochs, "batch_size": args.batch_size,
           "timed_rounds": args.rounds, "warmup_rounds": 1,
