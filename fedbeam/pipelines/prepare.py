@@ -314,6 +314,9 @@ class PrepareResult:
     for s in m["splits"]:
       lines.append(f"  split {s['name']}: {s['num_clients']} clients, {s['num_examples']} "
                    f"examples, {s['num_empty_clients']} empty")
+    if self.counters:
+      lines.append("  beam metrics: " + ", ".join(
+          f"{name}={value}" for name, value in sorted(self.counters.items())))
     e = m["empty_clients"]
     if e["found"]:
       lines.append(f"  empty clients: {e['found']} found, policy {e['policy']}, "
