@@ -123,12 +123,10 @@ class _ReadTFRecordFile(beam.DoFn):
       raise InputError(f"{path}: cannot read: {e}") from None
 
 
-class ReadTFRecordExamples(beam.PTransform):
-  """Reads TFRecord files of serialized tf.train.Example.
+class _ReadFiles(beam.PTransform):
+  """Spreads a list of files over the workers and reads each whole with `reader_cls`."""
 
-  Input: the pipeline root. Output: `InputRecord`s; the bytes feature
-  `client_id_key` (one UTF-8 string) is the client id and is not a feature.
-  """
+  reader_cls: type = None
 
   def __init__(self, paths: Sequence[str], client_id_key: str):
     super().__init__()
@@ -139,7 +137,17 @@ class ReadTFRecordExamples(beam.PTransform):
     return (pbegin
             | "ListFiles" >> beam.Create(self._paths)
             | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(_ReadTFRecordFile(self._client_id_key)))
+            | "ReadFiles" >> beam.ParDo(self.reader_cls(self._client_id_key)))
+
+
+class ReadTFRecordExamples(_ReadFiles):
+  """Reads TFRecord files of serialized tf.train.Example.
+
+  Input: the pipeline root. Output: `InputRecord`s; the bytes feature
+  `client_id_key` (one UTF-8 string) is the client id and is not a feature.
+  """
+
+  reader_cls = _ReadTFRecordFile
 
 
 # ----------------------------------------------------------------------------
@@ -229,7 +237,7 @@ class _ReadAvroFile(beam.DoFn):
     return InputRecord(client_id, features, position)
 
 
-class ReadAvroRecords(beam.PTransform):
+class ReadAvroRecords(_ReadFiles):
   """Reads Avro container files of flat records.
 
   Input: the pipeline root. Output: `InputRecord`s; the string field
@@ -237,16 +245,7 @@ class ReadAvroRecords(beam.PTransform):
   and flat arrays of string/bytes/int/long/float/double/boolean).
   """
 
-  def __init__(self, paths: Sequence[str], client_id_key: str):
-    super().__init__()
-    self._paths = list(paths)
-    self._client_id_key = client_id_key
-
-  def expand(self, pbegin):
-    return (pbegin
-            | "ListFiles" >> beam.Create(self._paths)
-            | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(_ReadAvroFile(self._client_id_key)))
+  reader_cls = _ReadAvroFile
 
 
 # ----------------------------------------------------------------------------
