@@ -40,7 +40,8 @@ comparison over TFF's unindexed SQLite.
 
 Third part (`streaming`): every client once: fedbeam's
 `create_tf_dataset_from_all_clients(seed=0)` (eager and graph) and
-`datasets(seed=0)` (eager), the same calls on TFF's FilePerUserClientData, and
+`datasets(seed=0)` (eager), `create_tf_dataset_from_all_clients` of TFF's
+FilePerUserClientData, and
 dataset_grouper 0.3.0's `build_group_stream()` over its own pipeline's output
 of the same data (eager and graph), run in its virtualenv by
 bench/grouper_worker.py. A short warm-up, then `--stream-passes` full passes.
@@ -67,7 +68,7 @@ import numpy as np
 from bench import workload as wl
 
 SECTIONS = ("## Client loading", "## Expansion: precomputed vs on the fly",
-            "## Streaming every client")
+            "## Streaming every client", "## Training input share")
 RESULT_FILE = "loading.json"
 WHOLE = (1 << 31) - 1
 
@@ -76,13 +77,15 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--clients", type=int, default=1000)
   p.add_argument("--mean-examples", type=float, default=90.0)
-  p.add_argument("--rounds", type=int, default=10, help="timed rounds (after one warm-up round)")
+  p.add_argument("--rounds", type=int, default=8, help="timed rounds (after one warm-up round)")
   p.add_argument("--clients-per-round", type=int, default=50)
   p.add_argument("--batch-size", type=int, default=20)
   p.add_argument("--expansion", type=int, default=3)
-  p.add_argument("--expansion-rounds", type=int, default=10)
+  p.add_argument("--expansion-rounds", type=int, default=8)
   p.add_argument("--stream-passes", type=int, default=2)
-  p.add_argument("--parts", default="loading,expansion,streaming")
+  p.add_argument("--train-rounds", type=int, default=2,
+                 help="timed training rounds of the input-share part (after one warm-up)")
+  p.add_argument("--parts", default="loading,expansion,streaming,training")
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 120 clients, 2 rounds of 10 clients, 1 streaming pass")
@@ -90,7 +93,7 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.clients, args.rounds, args.clients_per_round = 120, 2, 10
-    args.expansion_rounds, args.stream_passes = 2, 1
+    args.expansion_rounds, args.stream_passes, args.train_rounds = 2, 1, 1
   return args
 
 
@@ -437,7 +440,6 @@ def streaming_part(args, workload) -> dict:
       ("fedbeam_datasets_eager", datasets_eager(fedbeam_cd)),
       ("per_user_all_clients_eager", all_clients_eager(per_user)),
       ("per_user_all_clients_graph", all_clients_graph(per_user)),
-      ("per_user_datasets_eager", datasets_eager(per_user)),
   ])
   want_sum = sum(workload.client_checksum(c)[1] for c in workload.client_ids)
   load_start = os.getloadavg()
@@ -485,6 +487,47 @@ def streaming_part(args, workload) -> dict:
     log("dataset_grouper's virtualenv is missing (bash bench/grouper_env.sh); no grouper rows")
   return {"per_pass": rows, "clients": clients, "examples": want_examples, "grouper": grouper,
           "loadavg": {"start": list(load_start), "end": list(os.getloadavg())}}
+
+
+# --- part 4: input share of training rounds ------------------------------------------------
+
+def training_part(args, workload) -> dict:
+  """`SimulationLoop` with the `emnist-cnn` model over the store: round time and input share."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from fedbeam.runtime import models, simulation  # pylint: disable=g-import-not-at-top
+  from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
+
+  store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log)
+  data = load_client_data(store)
+  spec = models.get_model("emnist-cnn")
+  config = simulation.SimulationConfig(
+      clients_per_round=args.clients_per_round, client_epochs=1, batch_size=args.batch_size,
+      seed=0, eval_every=0)
+  loop = simulation.SimulationLoop(
+      spec.model_fn, tff.learning.optimizers.build_sgdm(0.02),
+      tff.learning.optimizers.build_sgdm(1.0), data, config, preprocess=spec.preprocess,
+      devices=["/device:CPU:0"])
+  load_start = os.getloadavg()
+  rounds, splits = [], []
+  for r in range(args.train_rounds + 1):
+    split = loop.measure_input_and_compute()
+    start = time.perf_counter()
+    loop.run_round()
+    seconds = time.perf_counter() - start
+    log(f"training round {r}{' (warm-up)' if r == 0 else ''}: {seconds:.2f} s; measured apart: "
+        f"input {split['input_seconds']:.3f} s, compute {split['compute_seconds']:.3f} s")
+    if r > 0:
+      rounds.append(seconds)
+      splits.append(split)
+  input_s = statistics.median(s["input_seconds"] for s in splits)
+  compute_s = statistics.median(s["compute_seconds"] for s in splits)
+  return {"model": "emnist-cnn", "device": "/device:CPU:0",
+          "config": {"clients_per_round": args.clients_per_round, "client_epochs": 1,
+                     "batch_size": args.batch_size, "shuffle_buffer": config.shuffle_buffer},
+          "round_s": wl.stats(rounds), "median_input_s": input_s, "median_compute_s": compute_s,
+          "input_fraction": input_s / (input_s + compute_s),
+          "input_fraction_of_round": input_s / statistics.median(rounds),
+          "splits": splits, "loadavg": {"start": list(load_start), "end": list(os.getloadavg())}}
 
 
 # --- README ---------------------------------------------------------------------------
@@ -618,13 +661,34 @@ def streaming_section(result: dict) -> str:
   return "\n".join(lines)
 
 
+def training_section(result: dict) -> str:
+  t = result["training"]
+  if "error" in t:
+    return "\n".join([SECTIONS[3], "", f"Not measured: {t['error']}.", ""])
+  c = t["config"]
+  return "\n".join([
+      SECTIONS[3], "",
+      f"`fedbeam.runtime.simulation.SimulationLoop` with the `emnist-cnn` model over the "
+      f"1,000-client store on the CPU: {c['clients_per_round']} clients per round, "
+      f"{c['client_epochs']} epoch, batch {c['batch_size']}, shuffle buffer "
+      f"{c['shuffle_buffer']}, FedAvg (client SGD 0.02, server SGD 1.0). Round time: median "
+      f"{t['round_s']['median_s']:.2f} s (min–max {t['round_s']['min_s']:.2f}–"
+      f"{t['round_s']['max_s']:.2f}) over {t['round_s']['n']} rounds after a warm-up round. "
+      "`SimulationLoop.measure_input_and_compute()` on the same clients, measured apart: input "
+      f"(reading, preprocessing, shuffling and batching every client) {t['median_input_s']:.3f} s, "
+      f"compute (the updates on the same batches in memory) {t['median_compute_s']:.3f} s: input is "
+      f"**{100 * t['input_fraction']:.1f}%** of the two ({100 * t['input_fraction_of_round']:.1f}% "
+      "of the measured round time).", ""])
+
+
 def write_readme(result: dict) -> None:
   cmd = ["", "Command (from the repository root):", "", "```sh", result["command"], "```", "",
          wl.machine_line(result["machine"], result["versions"]),
          f"Raw numbers: `bench/results/{RESULT_FILE}`.", ""]
   for key, title, render in (("loading", SECTIONS[0], loading_section),
                              ("expansion", SECTIONS[1], expansion_section),
-                             ("streaming", SECTIONS[2], streaming_section)):
+                             ("streaming", SECTIONS[2], streaming_section),
+                             ("training", SECTIONS[3], training_section)):
     if key in result:
       wl.write_readme_section(title, render(result) + "\n".join(cmd))
 
@@ -656,6 +720,12 @@ def main(argv=None) -> int:
       result["expansion"] = expansion_part(args, workload)
     if "streaming" in parts:
       result["streaming"] = streaming_part(args, workload)
+    if "training" in parts:
+      try:
+        result["training"] = training_part(args, workload)
+      except Exception as e:  # pylint: disable=broad-except
+        log(f"training part failed: {type(e).__name__}: {e}")
+        result["training"] = {"error": f"{type(e).__name__}: {e}"}
   finally:
     stop_tff_workers()
   mach["loadavg_at_end"] = list(os.getloadavg())

@@ -1,9 +1,9 @@
 """Throughput and peak memory of building client datasets: `fedbeam prepare` vs peers.
 
-Every contender runs in a fresh process (wall time and peak RSS of its whole
-process tree, Beam's worker processes included, polled with psutil every
-0.1 s) on the same workload (bench/workload.py), at 1x (1,000 clients,
-~91k examples) and 10x (10,000 clients, ~884k examples):
+Every contender runs in a fresh process (wall time and peak memory of its
+whole process tree, Beam's worker processes included, polled with psutil every
+0.2 s) on the same workload (bench/workload.py), at 1x (1,000 clients,
+~91k examples), 3x and 10x (10,000 clients, ~884k examples):
 
 - `fedbeam_full`: `fedbeam prepare` with 3x pseudo-client expansion
   (`--num-transformed-clients 3N --transform fedbeam.transforms:random_affine`)
@@ -24,15 +24,18 @@ Beam contenders read the same TFRecord input files (Examples with a
 `--direct_num_workers=2 --direct_running_mode=multi_processing`. Examples/s
 is input examples / pipeline seconds (the time the contender reports for its
 pipeline or writer call, without interpreter start and imports); the process
-wall time is reported beside it. Each measurement is one run.
+wall time is reported beside it, and peak memory as the summed PSS (shared
+pages counted once) and summed RSS of the tree. Each measurement is one run. A
+run is killed if the machine's available memory falls under 1.5 GB.
 
     .venv/bin/python -m bench.bench_pipeline > build/bench/logs/bench_pipeline.log 2>&1
     .venv/bin/python -m bench.bench_pipeline --full ...   # every contender at 10x too
     .venv/bin/python -m bench.bench_pipeline --scales 0.1 --no-write ...   # smoke run
 
-Without `--full`, the 10x rows of `grouper` and `tff_sqlite` (the slowest) are
-not re-run and the previous run's rows stay in bench/results/pipeline.json,
-marked with the time they were measured. Writes bench/results/pipeline.json
+Scales 1x, 3x and 10x; without `--full` the 10x rows (the slowest, and the
+local runner needs most of the machine's memory for them) are not re-run and
+the previous run's rows stay in bench/results/pipeline.json, marked with the
+time they were measured. Writes bench/results/pipeline.json
 and the "Pipeline" section of bench/README.md.
 """
 
@@ -54,12 +57,11 @@ from bench import workload as wl
 SECTION = "## Pipeline"
 RESULT_FILE = "pipeline.json"
 CONTENDERS = ("fedbeam_full", "fedbeam_group", "plain_beam", "grouper", "tff_sqlite")
-DEFAULT_10X = ("fedbeam_full", "fedbeam_group", "plain_beam")
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--scales", default="1,10", help="data sizes in units of 1,000 clients")
+  p.add_argument("--scales", default="1,3,10", help="data sizes in units of 1,000 clients")
   p.add_argument("--contenders", default=",".join(CONTENDERS))
   p.add_argument("--full", action="store_true", help="every contender at every scale")
   p.add_argument("--expansion", type=int, default=3)
@@ -184,12 +186,12 @@ def run_fedbeam(workload, name: str, extra: list, args) -> dict:
   logf = os.path.join(args.workdir, "logs", f"pipeline-{name}-{workload.name}.log")
   run = wl.run_measured(cmd, logf)
   if run["returncode"] != 0:
-    raise RuntimeError(f"fedbeam prepare failed; see {run['log']}")
+    return _failed(run, "fedbeam prepare", cmd)
   with open(logf, encoding="utf-8") as f:
     found = _FEDBEAM_SECONDS.findall(f.read())
   with open(os.path.join(store, "metadata.json"), encoding="utf-8") as f:
     metadata = json.load(f)
-  wl.stamp_store(store, {"command": cmd, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"]})
+  wl.stamp_store(store, {"command": cmd, "wall_s": run["wall_s"], "peak_pss_mb": run["peak_pss_mb"]})
   run.update(pipeline_s=float(found[-1]), command=" ".join(_rel(c) for c in cmd),
              output_clients=sum(s["num_clients"] for s in metadata["splits"]),
              output_examples=sum(s["num_examples"] for s in metadata["splits"]),
@@ -207,7 +209,7 @@ def run_plain(workload, args) -> dict:
          "--output", out, "--result", result_path, *wl.BEAM_LOCAL_ARGS]
   run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-plain-{workload.name}.log"))
   if run["returncode"] != 0:
-    raise RuntimeError(f"the plain Beam pipeline failed; see {run['log']}")
+    return _failed(run, "the plain Beam pipeline", cmd)
   with open(result_path, encoding="utf-8") as f:
     res = json.load(f)
   if res["files"] != workload.num_clients or res["records"] != workload.num_examples:
@@ -232,7 +234,7 @@ def run_grouper(workload, args) -> dict:
          *wl.BEAM_LOCAL_ARGS]
   run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-grouper-{workload.name}.log"))
   if run["returncode"] != 0:
-    raise RuntimeError(f"dataset_grouper's pipeline failed; see {run['log']}")
+    return _failed(run, "dataset_grouper's pipeline", cmd)
   with open(prefix + ".write.json", encoding="utf-8") as f:
     res = json.load(f)
   with open(prefix + ".done", "w", encoding="utf-8") as f:
@@ -249,7 +251,7 @@ def run_tff(workload, args) -> dict:
          str(workload.num_clients), "--output", out, "--result", result_path]
   run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-tff-{workload.name}.log"))
   if run["returncode"] != 0:
-    raise RuntimeError(f"TFF's save_to_sql_client_data failed; see {run['log']}")
+    return _failed(run, "TFF's save_to_sql_client_data", cmd)
   with open(result_path, encoding="utf-8") as f:
     res = json.load(f)
   # The benchmarks' direct writer must produce TFF's bytes exactly.
@@ -260,6 +262,16 @@ def run_tff(workload, args) -> dict:
              output_examples=res["examples"], identical_to_direct_writer=identical)
   if not identical:
     raise AssertionError("TFF's database differs from bench.workload.write_tff_sqlite_direct's")
+  return run
+
+
+def _failed(run: dict, what: str, cmd: list) -> dict:
+  why = (f"killed when the machine had {run['killed_low_memory']:,.0f} MB available, "
+         f"peak PSS {run['peak_pss_mb']:,.0f} MB" if "killed_low_memory" in run
+         else f"exit status {run['returncode']}, peak PSS {run['peak_pss_mb']:,.0f} MB")
+  run.update(failed=f"{what} failed ({why}, after {run['wall_s']:.0f} s); see {run['log']}",
+             command=" ".join(_rel(c) for c in cmd))
+  log(run["failed"])
   return run
 
 
@@ -288,11 +300,12 @@ def readme_section(result: dict) -> str:
       "--direct_running_mode=multi_processing`. Examples/s = input examples / pipeline seconds "
       "(the contender's own timing of its pipeline or writer call); wall = the whole process "
       "(interpreter start and imports included); peak RSS summed over the process tree (Beam's "
-      "worker processes each load their own libraries). One run per row. "
+      "worker processes each load their own libraries, so shared pages count once in PSS and "
+      "in every process in RSS). One run per row. "
       "![pipeline scaling](results/pipeline_scaling.png)", "",
-      "| data | contender | input examples | pipeline s | examples/s | wall s | peak RSS MB | "
-      "vs plain Beam (time) | measured |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+      "| data | contender | input examples | pipeline s | examples/s | wall s | peak PSS MB | "
+      "peak RSS MB | vs plain Beam (time) | measured |",
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
   ]
   for scale in scales:
     plain = rows.get(f"plain_beam@{scale:g}")
@@ -300,22 +313,28 @@ def readme_section(result: dict) -> str:
       r = rows.get(f"{name}@{scale:g}")
       if not r:
         continue
-      if "skipped" in r:
-        lines.append(f"| {scale:g}x | {LABELS[name]} | | | | | | | {r['skipped']} |")
+      if "skipped" in r or "failed" in r:
+        peak = f"{r['peak_pss_mb']:,.0f}" if "peak_pss_mb" in r else ""
+        rss = f"{r['peak_rss_mb']:,.0f}" if "peak_rss_mb" in r else ""
+        wall = f"{r['wall_s']:.1f}" if "wall_s" in r else ""
+        lines.append(f"| {scale:g}x | {LABELS[name]} | | | | {wall} | {peak} | {rss} | | "
+                     f"{r.get('skipped') or r.get('failed')} |")
         continue
       vs = f"{r['pipeline_s'] / plain['pipeline_s']:.2f}x" if plain and "pipeline_s" in plain else ""
       when = "this run" if r.get("run_id") == result["run_id"] else r.get("measured_at", "?")
       lines.append(
           f"| {scale:g}x ({r['clients']:,} clients) | {LABELS[name]} | {r['input_examples']:,} | "
           f"{r['pipeline_s']:.1f} | {r['examples_per_s']:,.0f} | {r['wall_s']:.1f} | "
-          f"{r['peak_rss_mb']:,.0f} | {vs} | {when} |")
+          f"{r.get('peak_pss_mb', float('nan')):,.0f} | {r['peak_rss_mb']:,.0f} | {vs} | {when} |")
   growth = []
   for name in CONTENDERS:
-    a, b = rows.get(f"{name}@1"), rows.get(f"{name}@10")
-    if a and b and "pipeline_s" in a and "pipeline_s" in b:
-      growth.append(f"{name} time {b['pipeline_s'] / a['pipeline_s']:.1f}x, peak RSS "
-                    f"{b['peak_rss_mb'] / a['peak_rss_mb']:.1f}x")
-  lines += ["", "Growth from 1x to 10x data: " + ("; ".join(growth) if growth else "n/a") + ".",
+    a = rows.get(f"{name}@1")
+    for big in ("3", "10"):
+      b = rows.get(f"{name}@{big}")
+      if a and b and "pipeline_s" in a and "pipeline_s" in b and "peak_pss_mb" in a:
+        growth.append(f"{name} 1x→{big}x: time {b['pipeline_s'] / a['pipeline_s']:.1f}x, peak PSS "
+                      f"{b['peak_pss_mb'] / a['peak_pss_mb']:.1f}x")
+  lines += ["", "Growth with the data: " + ("; ".join(growth) if growth else "n/a") + ".",
             "", "`fedbeam_full` writes 3x the input examples (the expanded pseudo-clients) and "
             "warps two thirds of them; its examples/s counts input examples. The TFF row's "
             "database is byte-identical to the one the other benchmarks use "
@@ -350,7 +369,7 @@ def main(argv=None) -> int:
     wl.ensure_input(workload, args.workdir, log)
     for name in wanted:
       key = f"{name}@{scale_key}"
-      if scale >= 10 and not args.full and name not in DEFAULT_10X:
+      if scale >= 10 and not args.full:
         if key in previous:
           rows[key] = previous[key]
           log(f"{key}: kept from {previous[key].get('measured_at')}")
@@ -375,7 +394,8 @@ def main(argv=None) -> int:
       if "pipeline_s" in run:
         run["examples_per_s"] = workload.num_examples / run["pipeline_s"]
         log(f"{key}: {run['pipeline_s']:.1f} s pipeline, {run['examples_per_s']:,.0f} ex/s, "
-            f"wall {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:,.0f} MB")
+            f"wall {run['wall_s']:.1f} s, peak PSS {run['peak_pss_mb']:,.0f} MB, "
+            f"RSS {run['peak_rss_mb']:,.0f} MB")
       else:
         log(f"{key}: {run}")
       rows[key] = run

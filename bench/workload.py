@@ -275,19 +275,18 @@ def write_tff_sqlite(workload: Workload, path: str) -> dict:
   return {"seconds": time.perf_counter() - start, "examples": workload.num_examples}
 
 
-def write_tff_sqlite_direct(workload: Workload, path: str) -> dict:
-  """The database `save_to_sql_client_data` writes for the workload, written with sqlite3.
+def write_tff_format_sqlite(path: str, clients: Iterable[tuple[str, list[bytes]]]) -> dict:
+  """A database as `save_to_sql_client_data` writes it, from (client id, serialized Examples).
 
-  Same schema statements, same rows in the same order, same serialized
-  Examples (byte-identical to TFF's serializer, checked by
-  `bench_pipeline`), without TFF's per-element Python serialization: used
-  when TFF's own writer is not being timed (e.g. the 10,000-client workload).
+  Same schema statements, same rows in the same order, one transaction.
   """
   if os.path.exists(path):
     os.remove(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   start = time.perf_counter()
-  with sqlite3.connect(path) as con:
+  examples = 0
+  con = sqlite3.connect(path)
+  with con:
     con.execute("""CREATE TABLE examples (
            split_name TEXT NOT NULL,
            client_id TEXT NOT NULL,
@@ -296,15 +295,25 @@ def write_tff_sqlite_direct(workload: Workload, path: str) -> dict:
            client_id TEXT NOT NULL,
            split_name TEXT NOT NULL,
            num_examples INTEGER NOT NULL);""")
-    for cid in workload.client_ids:
-      records = client_records(workload, cid, with_id=False)
+    for cid, records in clients:
       con.executemany("INSERT INTO examples (split_name, client_id, serialized_example_proto) "
                       "VALUES (?, ?, ?);", [("default_split", cid, r) for r in records])
       con.execute("INSERT INTO client_metadata (client_id, split_name, num_examples) "
                   "VALUES (?, ?, ?);", (cid, "default_split", len(records)))
+      examples += len(records)
   con.close()
-  return {"seconds": time.perf_counter() - start, "examples": workload.num_examples,
-          "writer": "bench.workload.write_tff_sqlite_direct"}
+  return {"seconds": time.perf_counter() - start, "examples": examples,
+          "writer": "bench.workload.write_tff_format_sqlite"}
+
+
+def write_tff_sqlite_direct(workload: Workload, path: str) -> dict:
+  """The database `save_to_sql_client_data` writes for the workload, written with sqlite3.
+
+  Byte-identical to TFF's (bench_pipeline checks it with SHA-256 whenever it
+  times TFF's writer), without TFF's per-element Python serialization.
+  """
+  return write_tff_format_sqlite(
+      path, ((cid, client_records(workload, cid, with_id=False)) for cid in workload.client_ids))
 
 
 def ensure_tff_sqlite(workload: Workload, workdir: str = DEFAULT_WORKDIR, log=print) -> str:
@@ -405,16 +414,28 @@ def ensure_fedbeam_store(workload: Workload, name: str, extra: Iterable[str] = (
 
 # --- measuring processes ----------------------------------------------------------
 
-def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
-                 poll_s: float = 0.1, timeout_s: Optional[float] = None) -> dict:
-  """Runs `cmd` with output to `log_path`; wall time and peak RSS of its process tree.
+# A measured process is stopped when the machine's available memory falls below
+# this, so that a runaway benchmark cannot take the machine down with it.
+MIN_AVAILABLE_MB = 1500
 
-  RSS is summed over the process and all its descendants (Beam's worker
-  processes), polled every `poll_s` seconds with psutil.
+
+def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
+                 poll_s: float = 0.2, timeout_s: Optional[float] = None,
+                 min_available_mb: float = MIN_AVAILABLE_MB) -> dict:
+  """Runs `cmd` with output to `log_path`; wall time and peak memory of its process tree.
+
+  Memory is polled every `poll_s` seconds with psutil over the process and
+  all its descendants (Beam's worker processes): `peak_pss_mb` is the peak of
+  the summed proportional set sizes (shared pages such as TensorFlow's
+  libraries, loaded by every worker, counted once), `peak_rss_mb` the peak
+  of the summed RSS (shared pages counted in every process). The tree is
+  killed when the machine's available memory drops under `min_available_mb`
+  (`killed_low_memory` in the result).
   """
   import psutil  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-  peak = [0]
+  peak = {"rss": 0, "pss": 0}
+  killed = [None]
   stop = threading.Event()
   with open(log_path, "w", encoding="utf-8") as out:
     start = time.perf_counter()
@@ -427,17 +448,28 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
       except psutil.NoSuchProcess:
         return
       while not stop.is_set():
-        total = 0
+        rss = pss = 0
         try:
           procs = [parent] + parent.children(recursive=True)
         except psutil.NoSuchProcess:
           break
         for p in procs:
           try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
           except psutil.Error:
             pass
-        peak[0] = max(peak[0], total)
+        peak["rss"] = max(peak["rss"], rss)
+        peak["pss"] = max(peak["pss"], pss)
+        available = psutil.virtual_memory().available
+        if available < min_available_mb * 2 ** 20:
+          killed[0] = available / 2 ** 20
+          try:
+            os.killpg(proc.pid, 9)
+          except OSError:
+            pass
+          break
         stop.wait(poll_s)
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -450,8 +482,11 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
     wall = time.perf_counter() - start
     stop.set()
     thread.join()
-  return {"returncode": returncode, "wall_s": wall, "peak_rss_mb": peak[0] / 2 ** 20,
-          "log": os.path.relpath(log_path, ROOT)}
+  out = {"returncode": returncode, "wall_s": wall, "peak_rss_mb": peak["rss"] / 2 ** 20,
+         "peak_pss_mb": peak["pss"] / 2 ** 20, "log": os.path.relpath(log_path, ROOT)}
+  if killed[0] is not None:
+    out["killed_low_memory"] = killed[0]
+  return out
 
 
 # --- reporting helpers ------------------------------------------------------------
@@ -483,6 +518,7 @@ def versions() -> dict:
          "fedbeam": fedbeam.__version__}
   if "tensorflow_federated" in sys.modules:
     out["tensorflow_federated"] = sys.modules["tensorflow_federated"].__version__
+  out["fedbeam_source_digest"] = fedbeam_source_digest()
   return out
 
 
@@ -547,12 +583,23 @@ class TinyWorkload:
     return int(sum(self.sizes.values()))
 
 
-def _tiny_example(client_id: str, label: int, x_le_f32: bytes) -> bytes:
-  return _field(b"".join([
-      _entry("client_id", _field(_field(client_id.encode("utf-8")))),
-      _entry("label", b"\x1A" + _varint(len(_field(_varint(label)))) + _field(_varint(label))),
-      _entry("x", _field(_field(x_le_f32), 0x12)),
-  ]))
+def _tiny_example(label: int, x_le_f32: bytes, client_id: Optional[str] = None) -> bytes:
+  entries = []
+  if client_id is not None:
+    entries.append(_entry("client_id", _field(_field(client_id.encode("utf-8")))))
+  entries.append(_entry("label", b"\x1A" + _varint(len(_field(_varint(label)))) +
+                        _field(_varint(label))))
+  entries.append(_entry("x", _field(_field(x_le_f32), 0x12)))
+  return _field(b"".join(entries))
+
+
+def tiny_client_records(workload: TinyWorkload, client_id: str, with_id: bool) -> list[bytes]:
+  rng = np.random.default_rng([workload.seed, 0x7118, int(client_id[1:])])
+  n = workload.sizes[client_id]
+  labels = rng.integers(0, 10, size=n)
+  xs = rng.random((n, 4), dtype=np.float32).astype("<f4")
+  cid = client_id if with_id else None
+  return [_tiny_example(int(l), xs[j].tobytes(), cid) for j, l in enumerate(labels)]
 
 
 def ensure_tiny_input(workload: TinyWorkload, workdir: str = DEFAULT_WORKDIR, log=print) -> str:
@@ -564,21 +611,31 @@ def ensure_tiny_input(workload: TinyWorkload, workdir: str = DEFAULT_WORKDIR, lo
     return pattern
   shutil.rmtree(directory, ignore_errors=True)
   os.makedirs(directory)
-  rng = np.random.default_rng([workload.seed, 0x7118])
   ids = sorted(workload.sizes)
   count = 8
   start = time.perf_counter()
   for k in range(count):
     with tf.io.TFRecordWriter(os.path.join(directory, f"part-{k:05d}-of-{count:05d}.tfrecord")) as w:
       for cid in ids[k::count]:
-        for _ in range(workload.sizes[cid]):
-          x = rng.random(4, dtype=np.float32).astype("<f4").tobytes()
-          w.write(_tiny_example(cid, int(rng.integers(0, 10)), x))
+        for record in tiny_client_records(workload, cid, with_id=True):
+          w.write(record)
   _mark_done(directory, {"files": count, "examples": workload.num_examples,
                          "seconds": time.perf_counter() - start})
   log(f"workload {workload.name}: wrote {count} input files, {workload.num_examples} examples "
       f"in {time.perf_counter() - start:.1f} s")
   return pattern
+
+
+def ensure_tiny_sqlite(workload: TinyWorkload, workdir: str = DEFAULT_WORKDIR, log=print) -> str:
+  """The tiny workload in TFF's SQLite format (schema and rows of save_to_sql_client_data)."""
+  path = os.path.join(workdir, workload.name, "tff.sqlite")
+  if not _done(path):
+    ids = sorted(workload.sizes)
+    info = write_tff_format_sqlite(
+        path, ((cid, tiny_client_records(workload, cid, with_id=False)) for cid in ids))
+    _mark_done(path, info)
+    log(f"workload {workload.name}: TFF SQLite database written in {info['seconds']:.1f} s")
+  return path
 
 
 def tiny_spec_file(workdir: str = DEFAULT_WORKDIR) -> str:
@@ -596,7 +653,7 @@ def tiny_spec_file(workdir: str = DEFAULT_WORKDIR) -> str:
 SECTION_ORDER = (
     "## Summary", "## Client loading", "## Expansion: precomputed vs on the fly",
     "## Pseudo-client expansion", "## Streaming every client", "## Pipeline", "## Scale",
-    "## Simulation loop",
+    "## Training input share", "## Simulation loop",
 )
 README_INTRO = ("# Benchmarks\n\nBenchmarks against peers (not tests). Each section is written by "
                 "its script; `python -m bench.run_all` (`make bench`) runs them all and writes "
