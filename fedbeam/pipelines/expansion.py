@@ -251,8 +251,10 @@ class ExpandPseudoClients(beam.PTransform):
   """
 
   def __init__(self, make_transform_fn: Union[str, MakeTransformFn],
-               num_transformed_clients: Optional[int], spec):
+               num_transformed_clients: Optional[int], spec, raw_ids=None):
+    """`raw_ids`: optional PCollection[str] of the raw client ids (counted instead of `clients`)."""
     super().__init__()
+    self._raw_ids = raw_ids
     if num_transformed_clients is not None and num_transformed_clients <= 0:
       raise ExpansionError(
           f"--num-transformed-clients must be positive, got {num_transformed_clients}")
@@ -267,7 +269,8 @@ class ExpandPseudoClients(beam.PTransform):
 
   def expand(self, clients):
     n = self._n
-    ids = clients | "RawIds" >> beam.Map(lambda c: c.client_id)
+    ids = (self._raw_ids if self._raw_ids is not None
+           else clients | "RawIds" >> beam.Map(lambda c: c.client_id))
     num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
 
     def remainder_ids(count):

@@ -169,9 +169,23 @@ class PrepareStore(beam.PTransform):
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
     clients = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by)
     accounted = _account_for_every_record(inputs["records"], clients)
+    # Counts the steps after grouping need as side inputs come from the ids
+    # alone, so the grouped examples flow through expansion and writing in one
+    # pass instead of being held back until a count over them is done.
+    raw_ids = ((inputs["records"] | "RecordIds" >> beam.Map(lambda r: r.client_id),
+                inputs["clients"])
+               | "MergeIds" >> beam.Flatten()
+               | "DistinctIds" >> beam.Distinct())
+    num_raw = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
     if c.expands:
       clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
-          c.transform if c.transform is not None else identity, c.num_transformed_clients, spec)
+          c.transform if c.transform is not None else identity, c.num_transformed_clients, spec,
+          raw_ids=raw_ids)
+      n = c.num_transformed_clients
+      num_clients_hint = num_raw | "ExpandedCount" >> beam.Map(
+          lambda raw: raw if n is None else max(n, raw))
+    else:
+      num_clients_hint = num_raw
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
     clients, reports = checked["clients"], [accounted]
     if c.splits:
@@ -181,7 +195,8 @@ class PrepareStore(beam.PTransform):
     return clients | "WriteStore" >> WriteStore(
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
         job_key=self._job_key, empty_report=checked["report"],
-        empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite)
+        empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
+        num_clients_hint=num_clients_hint)
 
 
 class RecordCountMismatchError(RuntimeError):

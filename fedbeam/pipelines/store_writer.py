@@ -333,8 +333,12 @@ class WriteStore(beam.PTransform):
   def __init__(self, root: str, spec, *, num_shards: Optional[int] = None,
                parameters: Optional[Mapping[str, Any]] = None, job_key: str = "",
                empty_report=None, empty_policy: str = "keep", reports=(),
-               overwrite: bool = False):
+               overwrite: bool = False, num_clients_hint=None):
+    """`num_clients_hint`: optional singleton PCollection[int], about the number of
+    clients, that picks the default shard count without counting `clients`
+    (which would hold every client back until the count is done)."""
     super().__init__()
+    self._num_clients_hint = num_clients_hint
     self._overwrite = overwrite
     self._data_dir = sf.data_dir_name(hashlib.sha256(job_key.encode()).hexdigest()
                                       if len(job_key) < 16 else job_key)
@@ -352,7 +356,8 @@ class WriteStore(beam.PTransform):
     p = clients.pipeline
     num_clients = clients | "CountClients" >> beam.combiners.Count.Globally()
     if self._num_shards is None:
-      num_shards = num_clients | "PickNumShards" >> beam.Map(sf.default_num_shards)
+      basis = num_clients if self._num_clients_hint is None else self._num_clients_hint
+      num_shards = basis | "PickNumShards" >> beam.Map(sf.default_num_shards)
     else:
       fixed = self._num_shards
       num_shards = p | "NumShards" >> beam.Create([fixed])
