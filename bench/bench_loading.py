@@ -19,8 +19,9 @@ Consumption modes:
   vectorized parse) then a `tf.range` loop in the same `tf.function` slicing
   batches of 20 from it;
 - limit: `tf.function(path)`: `TFRecordDataset(path).batch(2**31 - 1)` ->
-  `parse_example` -> one element, the pixels summed once (no per-batch
-  iteration), over the fedbeam store's own client files with the path given;
+  one element -> `parse_example`, the pixels summed once (no per-batch
+  iteration), over the fedbeam store's own client files with the path given
+  (1 MiB read buffer, tf.data's static rewrites off: the fastest form found);
   `limit + slicing` adds the tensors row's `tf.range` batch loop.
 
 Rows: fedbeam (`load_client_data`) eager / graph / tensors; TFF SQLite as
@@ -49,8 +50,11 @@ bench/grouper_worker.py. A short warm-up, then `--stream-passes` full passes.
     .venv/bin/python -m bench.bench_loading > build/bench/logs/bench_loading.log 2>&1
     .venv/bin/python -m bench.bench_loading --quick --no-write > /tmp/loading.log 2>&1  # smoke
 
-Writes bench/results/loading.json and the "Client loading", "Expansion: precomputed vs on
-the fly" and "Streaming every client" sections of bench/README.md.
+`--parts` runs some of the parts; the others keep their last numbers in
+bench/results/loading.json (each part records when it was measured). Writes
+bench/results/loading.json and the "Client loading", "Expansion: precomputed
+vs on the fly", "Streaming every client" and "Training input share" sections
+of bench/README.md.
 """
 
 from __future__ import annotations
@@ -178,12 +182,22 @@ def _parse_one(serialized):
 
 
 def limit_consumer(paths: dict, batch_size: int, sliced: bool):
-  """The whole client file in one read and one parse_example, path given (no id lookup)."""
+  """The whole client file in one read and one parse_example, path given (no id lookup).
+
+  The fastest form found: a 1 MiB read buffer, tf.data's static graph
+  rewrites off (they cost more than a one-element read), and the parse on
+  the single element outside the dataset.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = False
+  options.autotune.enabled = False
 
   @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
   def consume_fn(path):
-    whole = tf.data.TFRecordDataset(path).batch(WHOLE).map(_parse_batch).get_single_element()
+    records = (tf.data.TFRecordDataset(path, buffer_size=1 << 20).batch(WHOLE)
+               .with_options(options).get_single_element())
+    whole = _parse_batch(records)
     if sliced:
       return _slice_batches(whole, batch_size)
     return tf.shape(whole["label"])[0], tf.reduce_sum(whole["pixels"])
@@ -595,8 +609,9 @@ def loading_section(result: dict) -> str:
       "runs one `tf.function(id)` per client reducing `serializable_dataset_fn(id).batch(20)`; "
       "*tensors* is `client_tensors_fn(id)` followed by a `tf.range` loop slicing batches of 20 "
       "in the same `tf.function`. The limit reads each client's file of the same store with one "
-      "`TFRecordDataset(path).batch(2**31-1)` → `parse_example` → single element, the path given "
-      "(no id lookup, no batch loop). SQLite rows: TFF's `SqlClientData` runs `SELECT ... WHERE "
+      "`TFRecordDataset(path, buffer_size=1 MiB).batch(2**31-1)` → single element → "
+      "`parse_example`, tf.data's static rewrites off, the path given (no id lookup, no batch "
+      "loop). SQLite rows: TFF's `SqlClientData` runs `SELECT ... WHERE "
       "client_id = '...'`, which without an index scans the whole `examples` table for each "
       "client. FilePerUserClientData's `serializable_dataset_fn` builds a lookup table of every "
       "id on each call.", "",
@@ -690,7 +705,9 @@ def write_readme(result: dict) -> None:
                              ("streaming", SECTIONS[2], streaming_section),
                              ("training", SECTIONS[3], training_section)):
     if key in result:
-      wl.write_readme_section(title, render(result) + "\n".join(cmd))
+      when = result[key].get("measured_at")
+      wl.write_readme_section(title, render(result) + "\n".join(
+          cmd + ([f"Measured {when}."] if when else [])))
 
 
 def main(argv=None) -> int:
@@ -734,6 +751,14 @@ def main(argv=None) -> int:
     if key in result:
       log(f"{key}: " + json.dumps({k: round(v.get("ms_per_client", 0), 3) for k, v in
                                    result[key].get("per_round", result[key].get("per_pass", {})).items()}))
+  stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  for key in ("loading", "expansion", "streaming", "training"):
+    if key in result:
+      result[key]["measured_at"] = stamp
+  previous = wl.read_json(RESULT_FILE) or {}
+  for key in ("loading", "expansion", "streaming", "training"):
+    if key not in result and key in previous:
+      result[key] = previous[key]  # a part not run this time keeps its last numbers
   if not args.no_write:
     wl.write_json(RESULT_FILE, result)
     write_readme(result)

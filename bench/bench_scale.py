@@ -193,7 +193,8 @@ def load_part(args) -> dict:
   for n in [int(x) for x in args.load_clients.split(",") if x]:
     w = wl.Workload(num_clients=n)
     try:
-      fedbeam_store = wl.ensure_fedbeam_store(w, "plain", workdir=args.workdir, log=log)
+      fedbeam_store = wl.ensure_fedbeam_store(w, "plain", workdir=args.workdir, log=log,
+                                              in_process_fallback=True)
     except RuntimeError as e:
       errors.append(f"{w.name}: {e}")
       log(f"load {w.name}: no store ({e})")
@@ -218,7 +219,8 @@ def rounds_part(args) -> dict:
 
   workload = wl.Workload(num_clients=args.round_clients)
   spec = wl.tff_element_spec()
-  store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log)
+  store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log,
+                                  in_process_fallback=True)
   fedbeam_cd = load_client_data(store)
   metadata = sf.read_metadata(store)
   store_paths = {row["client_id"]: sf.join(store, row["path"])

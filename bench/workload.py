@@ -396,19 +396,41 @@ def prepare_command(input_glob: str, output: str, spec_file: str, extra: Iterabl
 
 
 def ensure_fedbeam_store(workload: Workload, name: str, extra: Iterable[str] = (),
-                         workdir: str = DEFAULT_WORKDIR, log=print) -> str:
-  """A store of the workload prepared by `fedbeam prepare` (reused while fedbeam is unchanged)."""
+                         workdir: str = DEFAULT_WORKDIR, log=print,
+                         in_process_fallback: bool = False) -> str:
+  """A store of the workload prepared by `fedbeam prepare` (reused while fedbeam is unchanged).
+
+  Prepared on 2 worker processes; with `in_process_fallback`, a failed run is
+  retried on the in-process runner (the stamp records it).
+  """
   store = os.path.join(workload_dir(workload, workdir), "stores", name)
   if store_is_current(store):
     return store
   pattern = ensure_input(workload, workdir, log)
   os.makedirs(os.path.dirname(store), exist_ok=True)
   cmd = prepare_command(pattern, store, element_spec_file(workdir), extra)
-  run = run_measured(cmd, os.path.join(os.path.dirname(store), f"{name}.log"))
+  logf = os.path.join(os.path.dirname(store), f"{name}.log")
+  run = run_measured(cmd, logf)
+  note = None
   if run["returncode"] != 0:
-    raise RuntimeError(f"fedbeam prepare failed ({run['returncode']}); see {run['log']}")
-  stamp_store(store, {"command": cmd, "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"]})
-  log(f"workload {workload.name}: store {name} prepared in {run['wall_s']:.1f} s")
+    failed = logf + f".failed-{time.strftime('%H%M%S')}"
+    os.replace(logf, failed)
+    with open(failed, encoding="utf-8", errors="replace") as f:
+      errors = [l.strip() for l in f if l.startswith("fedbeam prepare: error")]
+    note = (f"2 workers: exit {run['returncode']}"
+            + (f" ({errors[-1]})" if errors else "") + f", log {os.path.relpath(failed, ROOT)}")
+    if not in_process_fallback:
+      raise RuntimeError(f"fedbeam prepare failed: {note}")
+    log(f"workload {workload.name}: store {name}: {note}; retrying in-process")
+    cmd = [c for c in cmd if c not in BEAM_LOCAL_ARGS]
+    run = run_measured(cmd, logf)
+    if run["returncode"] != 0:
+      raise RuntimeError(f"fedbeam prepare failed on 2 workers ({note}) and in-process "
+                         f"(exit {run['returncode']}, log {run['log']})")
+  stamp_store(store, {"command": cmd, "wall_s": run["wall_s"], "peak_pss_mb": run["peak_pss_mb"],
+                      "two_worker_failure": note})
+  log(f"workload {workload.name}: store {name} prepared in {run['wall_s']:.1f} s"
+      + (" (in-process)" if note else ""))
   return store
 
 
