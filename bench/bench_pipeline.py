@@ -183,7 +183,7 @@ def run_fedbeam(workload, name: str, extra: list, args) -> dict:
   pattern = wl.ensure_input(workload, args.workdir, log)
   store = os.path.join(wl.workload_dir(workload, args.workdir), "stores", name)
   cmd = wl.prepare_command(pattern, store, wl.element_spec_file(args.workdir), extra)
-  logf = os.path.join(args.workdir, "logs", f"pipeline-{name}-{workload.name}.log")
+  logf = os.path.join(args.workdir, "logs", f"pipeline-fedbeam-{name}-{workload.name}.log")
   run = wl.run_measured(cmd, logf)
   if run["returncode"] != 0:
     return _failed(run, "fedbeam prepare", cmd)
@@ -321,7 +321,7 @@ def readme_section(result: dict) -> str:
         rss = f"{r['peak_rss_mb']:,.0f}" if "peak_rss_mb" in r else ""
         wall = f"{r['wall_s']:.1f}" if "wall_s" in r else ""
         lines.append(f"| {scale:g}x | {LABELS[name]} | | | | {wall} | {peak} | {rss} | | "
-                     f"{r.get('skipped') or r.get('failed')} |")
+                     f"{r.get('skipped') or wl.failure_reason(r)} |")
         continue
       vs = f"{r['pipeline_s'] / plain['pipeline_s']:.2f}x" if plain and "pipeline_s" in plain else ""
       when = "this run" if r.get("run_id") == result["run_id"] else r.get("measured_at", "?")

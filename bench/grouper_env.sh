@@ -21,7 +21,7 @@ mkdir -p build
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet \
-    dataset-grouper==0.3.0 tensorflow-metadata==1.16.1 google-crc32c psutil
+    dataset-grouper==0.3.0 tensorflow-metadata==1.16.1 google-crc32c
 "$VENV/bin/python" -c "import dataset_grouper, apache_beam, tensorflow as tf; \
 print('dataset_grouper ready: tensorflow', tf.__version__, 'apache_beam', apache_beam.__version__)"
 touch "$STAMP"

@@ -158,7 +158,27 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
     p = scale["load"]["prepare_tiny"]
     notes.append(f"The {p['clients']:,}-client store was built by `fedbeam prepare` on 2 workers "
                  f"in {p['pipeline_s']:.0f} s (peak PSS {p.get('peak_pss_mb', p['peak_rss_mb']):,.0f} MB).")
+  # Where the eager path's time goes: dataset creation vs iteration.
+  one_k = [r for r in load_rows if r["loader"] == "fedbeam" and r["clients"] == 1000]
+  if lp and one_k:
+    create = one_k[0]["create_first_ms"]
+    eager = lp["fedbeam_eager"]["ms_per_client"]
+    tff_create = [r for r in load_rows if r["loader"] == "tff_sql" and r["clients"] == 1000]
+    notes.append(
+        f"Where fedbeam's eager time goes: `create_tf_dataset_for_client` alone costs "
+        f"{create:.1f} ms per call (1,000-client store, Scale section; TFF's SqlClientData "
+        f"{tff_create[0]['create_first_ms']:.1f} ms if measured) of the eager path's "
+        f"{eager:.1f} ms per client; the graph path spends "
+        f"{lp['fedbeam_graph']['ms_per_client']:.1f} ms per client building and draining the "
+        f"per-client tf.data pipeline inside the function, while the tensors path "
+        f"({lp['fedbeam_tensors']['ms_per_client']:.2f} ms) is one read and one parse, like the "
+        f"limit ({lp['limit']['ms_per_client']:.2f} ms)." if tff_create else "")
   pipe = (wl.read_json("pipeline.json") or {}).get("rows", {})
+  lost = [f"{k}: {wl.failure_reason(r)}" for k, r in sorted(pipe.items())
+          if "failed" in r and k.startswith("fedbeam")]
+  if lost:
+    notes.append("`fedbeam prepare` did not complete at every scale on the local runner with 2 "
+                 "workers: " + "; ".join(lost) + ". See the Pipeline section.")
   for scale_key in ("1", "3", "10"):
     plain = pipe.get(f"plain_beam@{scale_key}")
     if not plain or ("pipeline_s" not in plain and "failed" not in plain):
@@ -169,7 +189,7 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
       if r and "failed" in r:
         rows.append([f"Pipeline {scale_key}x: `fedbeam prepare` ({what}) at least as fast as "
                      "plain Beam GroupByKey + write",
-                     f"did not complete: {r['failed']}; plain Beam "
+                     f"did not complete: {wl.failure_reason(r)}; plain Beam "
                      + (f"{plain['examples_per_s']:,.0f} ex/s" if "failed" not in plain
                         else f"did not complete either ({plain['failed']})"),
                      "**FAIL**"])

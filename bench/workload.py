@@ -511,6 +511,18 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
   return out
 
 
+def failure_reason(row: dict) -> str:
+  """A failed run's message, with the error line its log holds (if any)."""
+  msg = row.get("failed", "")
+  path = os.path.join(ROOT, row.get("log", ""))
+  if row.get("log") and os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      errors = [l.strip() for l in f if ": error: " in l and not l.startswith("ERROR")]
+    if errors and errors[-1] not in msg:
+      msg = f"{msg} — {errors[-1]}"
+  return msg
+
+
 # --- reporting helpers ------------------------------------------------------------
 
 def machine() -> dict:
