@@ -272,7 +272,16 @@ class _CommitStore(beam.DoFn):
     self._overwrite = overwrite
 
   def process(self, _, stats, spec: ElementSpec, num_shards: int, manifest_files,
-              empty_report: Optional[Mapping[str, Any]] = None, reports=(), swept=()):
+              empty_report: Optional[Mapping[str, Any]] = None, reports=(), swept=(),
+              expected_clients: Optional[int] = None):
+    if expected_clients is not None:
+      written = sum(c[0] for c in stats["splits"].values())
+      dropped = int((empty_report or {}).get("dropped", 0))
+      if written != expected_clients - dropped:
+        raise StoreWriteError(
+            f"wrote {written} client files but the job makes {expected_clients - dropped} "
+            f"clients ({expected_clients} planned, {dropped} dropped as empty); the runner lost "
+            "or duplicated data, so the store was not committed (rerun the job)")
     splits = [
         {"name": name, "num_clients": c[0], "num_examples": c[1], "num_bytes": c[2],
          "num_empty_clients": c[3]}
@@ -399,6 +408,10 @@ class WriteStore(beam.PTransform):
     )
     if self._empty_report is not None:
       side["empty_report"] = beam.pvalue.AsSingleton(self._empty_report)
+    if self._num_clients_hint is not None:
+      # The hint is the exact number of clients the job plans (raw clients,
+      # or N with expansion); fewer files than that means lost data.
+      side["expected_clients"] = beam.pvalue.AsSingleton(self._num_clients_hint)
     if self._reports:
       side["reports"] = beam.pvalue.AsList(
           tuple(self._reports) | "MergeReports" >> beam.Flatten())
