@@ -210,6 +210,15 @@ def load_part(args) -> dict:
 
 # --- rounds at 10,000 clients -------------------------------------------------------------
 
+def store_build(store: str) -> dict:
+  """How the store was prepared (its stamp: command, wall time, peak PSS, 2-worker failure)."""
+  with open(store + ".stamp.json", encoding="utf-8") as f:
+    stamp = json.load(f)
+  stamp["command"] = " ".join(os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT + "/") else c
+                              for c in stamp["command"])
+  return stamp
+
+
 def rounds_part(args) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
@@ -275,6 +284,7 @@ def rounds_part(args) -> dict:
   per_round["sql_eager"]["extrapolated_from_clients"] = k
   return {"clients": workload.num_clients, "examples": workload.num_examples,
           "workload": workload.size_summary(), "per_round": per_round, "rounds_s": times,
+          "store_build": store_build(store),
           "loadavg": {"start": list(load), "end": list(os.getloadavg())},
           "sql_table_bytes": os.path.getsize(wl.tff_sqlite_path(workload, args.workdir))}
 
@@ -321,6 +331,7 @@ def readme_section(result: dict) -> str:
         f"{result['config']['rounds']} rounds after a warm-up. The unindexed-SQLite row read "
         f"the first {r['per_round']['sql_eager']['extrapolated_from_clients']} clients of each "
         "round; its time is scaled to the whole round (extrapolated). "
+        + _store_note(r.get("store_build")) +
         "![round scaling](results/round_scaling.png)", "",
         "| reader | median s/round | min–max s/round | ms/client | at 1,000 clients ms/client | "
         "growth |",
@@ -343,6 +354,18 @@ def readme_section(result: dict) -> str:
             wl.machine_line(result["machine"], result["versions"]),
             f"Raw numbers: `bench/results/{RESULT_FILE}`.", ""]
   return "\n".join(lines)
+
+
+def _store_note(build) -> str:
+  if not build:
+    return ""
+  how = "on the in-process runner" if "direct_num_workers" not in build["command"] else "on 2 workers"
+  note = (f"The fedbeam store was prepared {how} in {build['wall_s']:.0f} s (peak PSS "
+          f"{build['peak_pss_mb']:,.0f} MB)")
+  if build.get("two_worker_failure"):
+    note += (" after the 2-worker run failed: " + build["two_worker_failure"].split(", log ")[0]
+             .replace("2 workers: ", ""))
+  return note + ". "
 
 
 def main(argv=None) -> int:
