@@ -631,8 +631,9 @@ def expansion_section(result: dict) -> str:
       f"{cfg['clients_per_round']} sampled pseudo-clients (every batch of {cfg['batch_size']}), "
       f"{part['examples_per_round']['median']:,.0f} examples per round (median), "
       f"{cfg['expansion_rounds']} rounds after one warm-up round. fedbeam reads the store that "
-      "`fedbeam prepare` expanded once (the full pipeline row of the Pipeline section, "
-      f"{part['prepare_wall_s']:.0f} s); TFF's `TransformingClientData` applies the same warps to "
+      "`fedbeam prepare` expanded once (as in the full pipeline row of the Pipeline section; "
+      f"{part['prepare_wall_s']:.0f} s wall for this store); TFF's `TransformingClientData` "
+      "applies the same warps to "
       "each example on the fly with the same pseudo-client ids (per-client sums checked equal).",
       "",
       "| reader | consumption | median s/round | min–max s/round | ms/client | vs fedbeam tensors |",
@@ -697,17 +698,20 @@ def training_section(result: dict) -> str:
 
 
 def write_readme(result: dict) -> None:
-  cmd = ["", "Command (from the repository root):", "", "```sh", result["command"], "```", "",
-         wl.machine_line(result["machine"], result["versions"]),
-         f"Raw numbers: `bench/results/{RESULT_FILE}`.", ""]
   for key, title, render in (("loading", SECTIONS[0], loading_section),
                              ("expansion", SECTIONS[1], expansion_section),
                              ("streaming", SECTIONS[2], streaming_section),
                              ("training", SECTIONS[3], training_section)):
     if key in result:
-      when = result[key].get("measured_at")
+      part = result[key]
+      cmd = ["", "Command (from the repository root):", "", "```sh",
+             part.get("command", result["command"]), "```", "",
+             wl.machine_line(part.get("machine", result["machine"]),
+                             part.get("versions", result["versions"])),
+             f"Raw numbers: `bench/results/{RESULT_FILE}`."]
+      when = part.get("measured_at")
       wl.write_readme_section(title, render(result) + "\n".join(
-          cmd + ([f"Measured {when}."] if when else [])))
+          cmd + ([f"Measured {when}."] if when else [])) + "\n")
 
 
 def main(argv=None) -> int:
@@ -754,7 +758,8 @@ def main(argv=None) -> int:
   stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
   for key in ("loading", "expansion", "streaming", "training"):
     if key in result:
-      result[key]["measured_at"] = stamp
+      result[key].update(measured_at=stamp, command=result["command"], machine=mach,
+                         versions=result["versions"])
   previous = wl.read_json(RESULT_FILE) or {}
   for key in ("loading", "expansion", "streaming", "training"):
     if key not in result and key in previous:

@@ -302,9 +302,10 @@ def readme_section(result: dict) -> str:
       "feature). Beam rows: FnApiRunner, `--direct_num_workers=2 "
       "--direct_running_mode=multi_processing`. Examples/s = input examples / pipeline seconds "
       "(the contender's own timing of its pipeline or writer call); wall = the whole process "
-      "(interpreter start and imports included); peak RSS summed over the process tree (Beam's "
-      "worker processes each load their own libraries, so shared pages count once in PSS and "
-      "in every process in RSS). One run per row. "
+      "(interpreter start and imports included); peak memory summed over the process tree, as PSS "
+      "(shared pages such as the libraries every Beam worker loads count once) and as RSS (they "
+      "count in every process). One run per row; a run is killed when the machine's available "
+      "memory falls under 1.5 GB. "
       "![pipeline scaling](results/pipeline_scaling.png)", "",
       "| data | contender | input examples | pipeline s | examples/s | wall s | peak PSS MB | "
       "peak RSS MB | vs plain Beam (time) | measured |",

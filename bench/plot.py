@@ -90,21 +90,20 @@ def round_scaling_chart(plt, loading: dict, scale: dict, out: str) -> None:
     return
   n_small = loading["config"]["workload"]["clients"]
   n_big = scale["rounds"]["clients"]
-  fig, ax = plt.subplots(figsize=(7.5, 5))
-  for name in big:
-    if name not in small:
-      continue
+  fig, ax = plt.subplots(figsize=(9, 5))
+  markers = "osD^v<>ph*"
+  for i, name in enumerate(n for n in big if n in small):
     style = "--" if "extrapolated_from_clients" in big[name] else "-"
     ax.plot([n_small, n_big], [small[name]["ms_per_client"], big[name]["ms_per_client"]],
-            style, marker="o", color=_color(name), alpha=0.85)
-    ax.annotate(_label(name), (n_big, big[name]["ms_per_client"]), fontsize=7,
-                xytext=(4, 0), textcoords="offset points", va="center")
+            style, marker=markers[i % len(markers)], color=_color(name), alpha=0.85,
+            label=_label(name) + (" (extrapolated)" if style == "--" else ""))
   ax.set_xscale("log")
   ax.set_yscale("log")
-  ax.set_xlim(n_small * 0.8, n_big * 4)
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   ax.set_xlabel("clients in the dataset (log)")
   ax.set_ylabel("ms per sampled client (median round / 50, log)")
-  ax.set_title("Per-round reading vs dataset size (dashed: extrapolated)", fontsize=10)
+  ax.set_title("Per-round reading vs dataset size (blue: fedbeam, red: TFF, grey: limit)",
+               fontsize=10)
   ax.grid(which="both", alpha=0.3)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
@@ -169,7 +168,8 @@ def pipeline_chart(plt, pipeline: dict, out: str) -> None:
     ax.set_ylabel(ylabel)
     ax.grid(which="both", alpha=0.3)
     ax.legend(fontsize=7)
-  fig.suptitle("Building client datasets: 1x and 10x data (Beam: 2 worker processes)", fontsize=10)
+  fig.suptitle("Building client datasets: 1x, 3x and 10x data (Beam: 2 worker processes; "
+               "missing points: the run did not complete)", fontsize=10)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)

@@ -166,8 +166,8 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
     tff_create = [r for r in load_rows if r["loader"] == "tff_sql" and r["clients"] == 1000]
     notes.append(
         f"Where fedbeam's eager time goes: `create_tf_dataset_for_client` alone costs "
-        f"{create:.1f} ms per call (1,000-client store, Scale section; TFF's SqlClientData "
-        f"{tff_create[0]['create_first_ms']:.1f} ms if measured) of the eager path's "
+        f"{create:.1f} ms per call (1,000-client store, Scale section; TFF's SqlClientData: "
+        f"{tff_create[0]['create_first_ms']:.1f} ms) of the eager path's "
         f"{eager:.1f} ms per client; the graph path spends "
         f"{lp['fedbeam_graph']['ms_per_client']:.1f} ms per client building and draining the "
         f"per-client tf.data pipeline inside the function, while the tensors path "
@@ -177,8 +177,16 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
   lost = [f"{k}: {wl.failure_reason(r)}" for k, r in sorted(pipe.items())
           if "failed" in r and k.startswith("fedbeam")]
   if lost:
+    plain_ok = [k.split("@")[1] + "x" for k, r in sorted(pipe.items())
+                if k.startswith("plain_beam@") and "pipeline_s" in r]
+    build = ((scale.get("rounds") or {}).get("store_build") or {})
+    in_process = ("; the same 10x group + write job completed on the in-process runner in "
+                  f"{build['wall_s']:.0f} s (Scale section)"
+                  if build.get("two_worker_failure") else "")
     notes.append("`fedbeam prepare` did not complete at every scale on the local runner with 2 "
-                 "workers: " + "; ".join(lost) + ". See the Pipeline section.")
+                 "workers: " + "; ".join(lost) + ". The plain Beam pipeline on the same runner "
+                 f"and input wrote every record at {', '.join(plain_ok)} (its counts are "
+                 f"checked){in_process}. See the Pipeline section.")
   for scale_key in ("1", "3", "10"):
     plain = pipe.get(f"plain_beam@{scale_key}")
     if not plain or ("pipeline_s" not in plain and "failed" not in plain):
@@ -255,17 +263,20 @@ def write_summary(run_info: dict) -> str:
   ]
   for target, measured, verdict in rows:
     lines.append(f"| {target} | {measured} | {verdict} |")
-  lines += [""] + notes + ([""] if notes else [])
+  lines.append("")
+  for note in filter(None, notes):
+    lines += [note, ""]
   lines += [
       "Charts: [per-round time by method](results/per_round.png), "
       "[per-round reading vs dataset size](results/round_scaling.png), "
       "[loading vs number of clients](results/load_scaling.png), "
-      "[pipeline time and memory at 1x and 10x](results/pipeline_scaling.png).", "",
+      "[pipeline time and memory at 1x, 3x and 10x](results/pipeline_scaling.png).", "",
       "![per-round time by method](results/per_round.png)", "",
   ]
   if run_info.get("steps"):
     lines += ["Last `python -m bench.run_all" + (" --full" if run_info.get("full") else "") +
-              f"` ({run_info['started']}): " + ", ".join(
+              f"` ({run_info['started']}; a section re-run alone since then gives its own "
+              "command and time): " + ", ".join(
                   f"{s['step']} {s['wall_s'] / 60:.1f} min" + ("" if s["returncode"] == 0 else
                                                               f" (exit {s['returncode']})")
                   for s in run_info["steps"]) +
