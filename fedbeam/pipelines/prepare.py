@@ -26,6 +26,7 @@ from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
 from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
                                          load_transform)
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
+from fedbeam.pipelines.local_runner import guard_local_runner
 from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
@@ -160,6 +161,9 @@ class PrepareStore(beam.PTransform):
     self._job_key = job_key
 
   def expand(self, pbegin):
+    # The runner runs in this process; guarding it here covers pipelines that
+    # apply PrepareStore themselves.
+    guard_local_runner()
     c = self._config
     inputs = pbegin | "Read" >> sources.ReadClientInput(
         self._paths, c.input_format, c.client_id_key, c.sqlite_split)
