@@ -14,7 +14,8 @@ Steps, each a subprocess whose output goes to build/bench/logs/<step>.log
 3. bench_loading (per-round reading, expansion, streaming, training input);
 4. bench_expansion and bench_simulation;
 5. bench_scale;
-6. plot, then the "Summary" section at the top of bench/README.md.
+6. beam_data_plane_loss (the local runner's data-plane race, guarded and not; ~2 minutes);
+7. plot, then the "Summary" section at the top of bench/README.md.
 
 The first run also builds the cached workload files under build/bench
 (~5 minutes more). bench/results/run_all.json records each step's wall time.
@@ -58,6 +59,8 @@ def steps(args) -> list[tuple[str, list[str]]]:
       ("bench_simulation", py + ["bench.bench_simulation"] + (
           ["--rounds", "2", "--no-write"] if q else [])),
       ("bench_scale", py + ["bench.bench_scale"] + (["--quick", "--no-write"] if q else [])),
+      ("beam_data_plane_loss", py + ["bench.beam_data_plane_loss"] + (
+          ["--runs", "1", "--files", "4", "--per-file", "1000", "--no-write"] if q else [])),
       ("plot", py + ["bench.plot"]),
   ]
 
@@ -227,12 +230,35 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
                  f"{100 * training['input_fraction']:.1f}% (input {training['median_input_s']:.2f} s, "
                  f"compute {training['median_compute_s']:.2f} s)",
                  _verdict(training["input_fraction"] < 0.10)])
+  _data_plane_rows(wl.read_json("data_plane_loss.json"), rows)
   sim = wl.read_json("simulation.json")
   try:
     _simulation_rows(sim, rows)
   except (KeyError, TypeError) as e:
     notes.append(f"bench/results/simulation.json could not be summarized ({e!r}).")
   return rows, notes
+
+
+def _data_plane_rows(result, rows) -> None:
+  """An info row: elements the local runner dropped, unguarded vs guarded (data_plane_loss.json)."""
+  for g_u in (result or {}).get("groups", []):
+    if g_u["guard"] or not g_u["completed"]:
+      continue
+    g_g = next((g for g in result["groups"] if g["guard"] and g["mode"] == g_u["mode"]
+                and g["completed"]), None)
+    if g_g is None:
+      continue
+    lost = g_u["lost_per_run"]
+    span = f"{min(lost):,}" if min(lost) == max(lost) else f"{min(lost):,}–{max(lost):,}"
+    guarded = max(g_g["lost_per_run"])
+    rows.append([f"Local runner data-plane race ({g_u['mode']}, {g_u['expected']:,} elements "
+                 "through a materialized stage input; Beam data-plane loss section)",
+                 f"unguarded lost {span} of {g_u['expected']:,} elements in "
+                 f"{g_u['runs_with_loss']}/{g_u['completed']} runs; guarded 0 in "
+                 f"{g_g['completed'] - g_g['runs_with_loss']}/{g_g['completed']} runs"
+                 + (f" (up to {guarded:,} lost in the others)" if guarded else "")
+                 + f", each id once in {g_g['each_id_once_runs']}/{g_g['completed']}",
+                 "info"])
 
 
 def _simulation_rows(sim, rows) -> None:
