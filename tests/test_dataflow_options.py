@@ -133,7 +133,7 @@ def test_every_shipped_function_pickles_and_unpickles_with_beams_pickler(configs
       fedbeam_classes.add(type(fn).__name__)
   assert {"_WriteClientFile", "_WriteManifestFile", "_CommitStore", "StoreStatsFn"} <= fedbeam_classes
   if name == "tfrecord":
-    assert {"_ReadTFRecordFile", "_EncodeRecord", "InferElementSpecFn"} <= fedbeam_classes
+    assert {"_ReadTFRecordFile", "_EncodeAndPregroup", "InferElementSpecFn"} <= fedbeam_classes
 
 
 @pytest.mark.parametrize("name", ["tfrecord", "avro", "tff-sqlite", "split"])

@@ -90,6 +90,39 @@ def expansion_plan(num_raw: int, num_transformed_clients: Optional[int]) -> tupl
   return k, n - k * num_raw, index_digits(n)
 
 
+def pseudo_clients_of(raw_client_id: str, num_raw: int, remainder_last: Optional[str],
+                      num_transformed_clients: Optional[int]) -> list[tuple[str, int]]:
+  """(pseudo-client id, index) of one raw client, in index order.
+
+  `remainder_last` is the largest of the g smallest raw ids (None when g is
+  0): raw clients at or below it get the extra index k.
+  """
+  k, g, digits = expansion_plan(num_raw, num_transformed_clients)
+  count = k + (1 if g and remainder_last is not None and raw_client_id <= remainder_last else 0)
+  return [(raw_client_id if digits == 0 else pseudo_client_id(raw_client_id, index, digits), index)
+          for index in range(count)]
+
+
+def _plan_sides(ids, num_transformed_clients: Optional[int]):
+  """(num_raw, remainder_last) singleton PCollections from the raw ids alone."""
+  n = num_transformed_clients
+  num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
+
+  def remainder_ids(count):
+    _, g, _ = expansion_plan(count, n)
+    return g
+
+  g = num_raw | "RemainderSize" >> beam.Map(remainder_ids)
+  smallest = ids | "TagWithG" >> beam.FlatMap(
+      lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g))
+  remainder_last = (smallest
+                    | "TopG" >> beam.CombineGlobally(SmallestN())
+                    | "LastOfTopG" >> beam.Map(
+                        lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None,
+                        beam.pvalue.AsSingleton(g)))
+  return num_raw, remainder_last
+
+
 class _ExpandClient(beam.DoFn):
   """ClientRecords (raw) -> ClientRecords per pseudo-client, transformed."""
 
@@ -104,12 +137,9 @@ class _ExpandClient(beam.DoFn):
 
   def process(self, client: ClientRecords, num_raw: int, remainder_last: Optional[str],
               spec: ElementSpec) -> Iterable[ClientRecords]:
-    k, g, digits = expansion_plan(num_raw, self._n)
-    count = k + (1 if g and remainder_last is not None and client.client_id <= remainder_last else 0)
     raw_id = client.client_id
     elements = _ParsedClient(client.records, spec)
-    for index in range(count):
-      cid = raw_id if digits == 0 else pseudo_client_id(raw_id, index, digits)
+    for cid, index in pseudo_clients_of(raw_id, num_raw, remainder_last, self._n):
       records = apply_transform(self._fn, raw_id, index, client.records, spec, elements)
       self._pseudo.inc()
       yield ClientRecords(client_id=cid, records=records, raw_client_id=raw_id,
@@ -268,25 +298,35 @@ class ExpandPseudoClients(beam.PTransform):
     self._spec = spec
 
   def expand(self, clients):
-    n = self._n
     ids = (self._raw_ids if self._raw_ids is not None
            else clients | "RawIds" >> beam.Map(lambda c: c.client_id))
-    num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
-
-    def remainder_ids(count):
-      _, g, _ = expansion_plan(count, n)
-      return g
-
-    g = num_raw | "RemainderSize" >> beam.Map(remainder_ids)
-    # The largest of the g smallest raw ids: raw clients at or below it get index k.
-    smallest = ids | "TagWithG" >> beam.FlatMap(
-        lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g))
-    remainder_last = (smallest
-                      | "TopG" >> beam.CombineGlobally(SmallestN())
-                      | "LastOfTopG" >> beam.Map(
-                          lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None,
-                          beam.pvalue.AsSingleton(g)))
+    num_raw, remainder_last = _plan_sides(ids, self._n)
     return clients | "Expand" >> beam.ParDo(
-        _ExpandClient(self._make, n),
+        _ExpandClient(self._make, self._n),
         beam.pvalue.AsSingleton(num_raw), beam.pvalue.AsSingleton(remainder_last),
         beam.pvalue.AsSingleton(self._spec))
+
+
+class PseudoClientSizes(beam.PTransform):
+  """The size every pseudo-client will have, from the raw clients' sizes alone.
+
+  Input: PCollection[(raw client id, number of examples)], one per raw
+  client. Output: PCollection[(client id, raw client id, number of examples)],
+  one per pseudo-client `ExpandPseudoClients` makes with the same
+  `num_transformed_clients`: expansion maps examples one to one, so a
+  pseudo-client has its raw client's count. Lets later steps decide on ids
+  and counts before the expanded examples exist. Raises (at run time)
+  ExpansionError as `ExpandPseudoClients` does.
+  """
+
+  def __init__(self, num_transformed_clients: Optional[int]):
+    super().__init__()
+    self._n = num_transformed_clients
+
+  def expand(self, raw_sizes):
+    n = self._n
+    num_raw, remainder_last = _plan_sides(raw_sizes | "RawIds" >> beam.Keys(), n)
+    return raw_sizes | "Sizes" >> beam.FlatMap(
+        lambda raw, num, last: [(cid, raw[0], raw[1])
+                                for cid, _ in pseudo_clients_of(raw[0], num, last, n)],
+        beam.pvalue.AsSingleton(num_raw), beam.pvalue.AsSingleton(remainder_last))

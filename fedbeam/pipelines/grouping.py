@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindows
 
 from fedbeam.element_spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.records import (ClientRecords, InputError, InputRecord, conform_record,
@@ -48,10 +49,24 @@ def _orderable(value) -> tuple:
   return (0, value)
 
 
-class _EncodeRecord(beam.DoFn):
+# Records a worker gathers per client before handing them to the shuffle.
+PREGROUP_BYTES = 64 << 20
+
+
+class _EncodeAndPregroup(beam.DoFn):
+  """InputRecord -> (client id, [(sort key, store record), ...]) per client and bundle.
+
+  Like a lifted combiner, records of one client met in a bundle leave as one
+  element, so the shuffle moves about one element per client and input file
+  instead of one per record; `PREGROUP_BYTES` bounds what a worker holds.
+  """
 
   def __init__(self, order_by: Optional[str]):
     self._order_by = order_by
+
+  def start_bundle(self):
+    self._groups: dict[str, list] = {}
+    self._bytes = 0
 
   def process(self, record: InputRecord, spec: Optional[ElementSpec]):
     if spec is None:  # Unreachable: an empty input has no record to encode.
@@ -59,13 +74,25 @@ class _EncodeRecord(beam.DoFn):
     data = encode_as_read(record, spec)
     if data is None:
       data = encode_example(conform_record(record, spec), spec)
-    yield record.client_id, (_sort_key(record, spec, self._order_by), data)
+    self._groups.setdefault(record.client_id, []).append(
+        (_sort_key(record, spec, self._order_by), data))
+    self._bytes += len(data)
+    if self._bytes >= PREGROUP_BYTES:
+      yield from self._drain()
+
+  def finish_bundle(self):
+    for kv in self._drain():
+      yield GlobalWindows.windowed_value(kv)
+
+  def _drain(self):
+    groups, self._groups, self._bytes = self._groups, {}, 0
+    return iter(groups.items())
 
 
 def _to_client(element) -> ClientRecords:
-  client_id, entries = element
-  # None marks a client the input declares (it may have no record).
-  keyed = sorted(e for e in entries if e is not None)
+  client_id, parts = element
+  # An empty part marks a client the input declares (it may have no record).
+  keyed = sorted(entry for part in parts for entry in part)
   return ClientRecords(client_id=client_id, records=[data for _, data in keyed])
 
 
@@ -97,8 +124,8 @@ class GroupByClient(beam.PTransform):
     order_by = self._order_by
     spec = self._spec | "CheckSpec" >> beam.Map(_check_spec, order_by)
     encoded = inputs["records"] | "Encode" >> beam.ParDo(
-        _EncodeRecord(order_by), beam.pvalue.AsSingleton(spec))
-    declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, None))
+        _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec))
+    declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, []))
     return ((encoded, declared)
             | "Merge" >> beam.Flatten()
             | "GroupByClient" >> beam.GroupByKey()

@@ -24,7 +24,7 @@ from fedbeam.element_spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
 from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
-                                         load_transform)
+                                         PseudoClientSizes, load_transform)
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.local_runner import guard_local_runner
 from fedbeam.pipelines.records import InputError
@@ -176,10 +176,11 @@ class PrepareStore(beam.PTransform):
     # Counts the steps after grouping need as side inputs come from the ids
     # alone, so the grouped examples flow through expansion and writing in one
     # pass instead of being held back until a count over them is done.
-    raw_ids = ((inputs["records"] | "RecordIds" >> beam.Map(lambda r: r.client_id),
-                inputs["clients"])
-               | "MergeIds" >> beam.Flatten()
-               | "DistinctIds" >> beam.Distinct())
+    raw_sizes = ((inputs["records"] | "RecordIds" >> beam.Map(lambda r: (r.client_id, 1)),
+                  inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0)))
+                 | "MergeIds" >> beam.Flatten()
+                 | "RawClientSizes" >> beam.CombinePerKey(sum))
+    raw_ids = raw_sizes | "RawIds" >> beam.Keys()
     num_raw = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
     if c.expands:
       clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
@@ -193,7 +194,15 @@ class PrepareStore(beam.PTransform):
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
     clients, reports = checked["clients"], [accounted]
     if c.splits:
-      split = clients | "SplitTrainTest" >> SplitTrainTest(c.split_config())
+      # The split is chosen from the sizes the clients will have, so the
+      # clients flow straight from expansion to the writer.
+      if c.expands:
+        sizes = raw_sizes | "PseudoClientSizes" >> PseudoClientSizes(c.num_transformed_clients)
+      else:
+        sizes = raw_sizes | "UnexpandedSizes" >> beam.MapTuple(lambda cid, num: (cid, cid, num))
+      if c.empty_clients == "drop":
+        sizes = sizes | "DropEmptySizes" >> beam.Filter(lambda size: size[2] > 0)
+      split = clients | "SplitTrainTest" >> SplitTrainTest(c.split_config(), sizes=sizes)
       clients = split["clients"]
       reports.append(split["report"])
     return clients | "WriteStore" >> WriteStore(

@@ -137,19 +137,29 @@ class SplitTrainTest(beam.PTransform):
   clients with `split` set) and `report` (singleton dict: num_test_units,
   split_method, split_by, split_seed). Only ids and counts are combined;
   examples stay where they are. Raises (at run time) SplitError.
+
+  `sizes`, optional PCollection[(client id, raw client id, number of
+  examples)] with one entry per client of the input, gives the counts ahead
+  of the clients (see `PseudoClientSizes`): the choice is then made while
+  the clients are still being built, and no client waits for it.
   """
 
-  def __init__(self, config: SplitConfig):
+  def __init__(self, config: SplitConfig, sizes=None):
     super().__init__()
     self._config = config
+    self._sizes = sizes
 
   def expand(self, clients):
     c = self._config
     by_raw = c.split_by == "raw"
     m = c.min_test_examples
-    units = (clients
-             | "UnitCounts" >> beam.Map(
-                 lambda cl: (cl.raw_client_id if by_raw else cl.client_id, len(cl.records)))
+    if self._sizes is not None:
+      unit_counts = self._sizes | "UnitCounts" >> beam.Map(
+          lambda s: (s[1] if by_raw else s[0], s[2]))
+    else:
+      unit_counts = clients | "UnitCounts" >> beam.Map(
+          lambda cl: (cl.raw_client_id if by_raw else cl.client_id, len(cl.records)))
+    units = (unit_counts
              | "MinPerUnit" >> beam.CombinePerKey(min)
              | "Eligibility" >> beam.MapTuple(lambda u, n: (u, n >= m)))
     num_units = units | "CountUnits" >> beam.combiners.Count.Globally()
