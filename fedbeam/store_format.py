@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from fedbeam.element_spec import ElementSpec, ElementSpecError, FeatureSpec
+from fedbeam.fingerprint import fingerprint64, hash_bucket
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -100,9 +101,8 @@ def _b64(data: bytes) -> str:
 
 
 def _fingerprint_hex(client_id: str) -> str:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  fp = tf.fingerprint(tf.constant([client_id]), method="farmhash64").numpy()[0]
-  return bytes(fp).hex()
+  """`tf.fingerprint(id, "farmhash64")` as hex (its bytes are little-endian)."""
+  return fingerprint64(client_id.encode("utf-8")).to_bytes(8, "little").hex()
 
 
 def client_file_name(client_id: str) -> str:
@@ -115,8 +115,7 @@ def client_file_name(client_id: str) -> str:
 
 def shard_of(client_id: str, num_shards: int) -> int:
   """The shard directory of a client: `tf.strings.to_hash_bucket_fast(id, num_shards)`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return int(tf.strings.to_hash_bucket_fast(check_client_id(client_id), num_shards).numpy())
+  return hash_bucket(check_client_id(client_id).encode("utf-8"), num_shards)
 
 
 def shard_dir_name(shard: int) -> str:
@@ -230,6 +229,51 @@ def encode_example(values: Mapping[str, np.ndarray], spec: ElementSpec) -> bytes
     entry = _len_field(0x0A, f.name.encode("utf-8")) + _len_field(0x12, _encode_feature(f, arr))
     entries.append(_len_field(0x0A, entry))
   return _len_field(0x0A, b"".join(entries))
+
+
+def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
+                    count: int) -> list[bytes]:
+  """`encode_example` of each of `count` elements stacked on axis 0 of `columns`.
+
+  Gives the same bytes element by element. Features whose framing does not
+  depend on the values (fixed-size floats) or that take few distinct values
+  (one integer, such as a label) are framed once, not once per element.
+  """
+  if not count:
+    return []
+  per_feature = []
+  for f in sorted(spec.features, key=lambda f: f.name.encode("utf-8")):
+    per_feature.append(_map_entries(f, np.asarray(columns[f.name]).reshape(count, -1)))
+  out = []
+  for parts in zip(*per_feature):
+    body = b"".join(parts)
+    out.append(b"\x0a" + _varint(len(body)) + body)
+  return out
+
+
+def _map_entry(f: FeatureSpec, arr: np.ndarray) -> bytes:
+  """One `Features.feature` map entry (name -> Feature) as encode_example writes it."""
+  key = _len_field(0x0A, f.name.encode("utf-8"))
+  return _len_field(0x0A, key + _len_field(0x12, _encode_feature(f, arr)))
+
+
+def _map_entries(f: FeatureSpec, rows: np.ndarray) -> list[bytes]:
+  width = rows.shape[1]
+  if f.encoding == "float" and width:
+    raw = np.ascontiguousarray(rows, dtype="<f4").tobytes()
+    step = 4 * width
+    prefix = _map_entry(f, np.zeros(width, np.float32))[:-step]
+    return [prefix + raw[i * step:(i + 1) * step] for i in range(len(rows))]
+  if f.encoding == "int64" and width == 1:
+    cache: dict[int, bytes] = {}
+    out = []
+    for v in rows[:, 0].astype(np.int64).tolist():
+      entry = cache.get(v)
+      if entry is None:
+        entry = cache[v] = _map_entry(f, np.array([v], np.int64))
+      out.append(entry)
+    return out
+  return [_map_entry(f, row) for row in rows]
 
 
 def _parse_config(f: FeatureSpec):
@@ -447,7 +491,7 @@ __all__ = [
     "data_dir_name", "data_root",
     "ElementSpec", "ElementSpecError", "StoreFormatError", "InvalidClientIdError",
     "check_client_id", "client_file_name", "shard_of", "client_relative_path",
-    "client_relative_path_tf", "default_num_shards", "encode_example",
+    "client_relative_path_tf", "default_num_shards", "encode_example", "encode_examples",
     "make_record_parser", "make_batch_parser", "records_to_elements", "read_metadata",
     "read_manifest", "checksum", "manifest_sync_marker", "manifest_file_name",
 ]

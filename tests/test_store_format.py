@@ -274,3 +274,18 @@ def test_element_spec_json_accepts_only_a_variable_leading_dimension():
     ElementSpec.from_json({"v": {"dtype": "int64", "shape": [3, None]}})
   with pytest.raises(ElementSpecError, match="not supported"):
     ElementSpec.from_json({"v": {"dtype": "complex64", "shape": []}})
+
+
+def test_encode_examples_gives_encode_example_bytes_for_every_dtype():
+  spec, element = _spec_and_element(1)
+  fixed = ElementSpec(tuple(f for f in spec.features if not f.is_variable_length))
+  rng = np.random.default_rng(3)
+  elements = [element]
+  for _ in range(5):  # Permuted values: other lengths of int64 varints, other floats.
+    elements.append(collections.OrderedDict(
+        (k, rng.permutation(v.reshape(-1)).reshape(v.shape) if v.size > 1 else v)
+        for k, v in element.items()))
+  columns = {name: np.stack([e[name] for e in elements]) for name in fixed.names}
+  want = [sf.encode_example({k: e[k] for k in fixed.names}, fixed) for e in elements]
+  assert sf.encode_examples(columns, fixed, len(elements)) == want
+  assert sf.encode_examples({n: c[:0] for n, c in columns.items()}, fixed, 0) == []

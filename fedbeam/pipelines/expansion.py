@@ -188,8 +188,7 @@ def _encode_stacked(where: str, columns, count: int, spec: ElementSpec) -> list[
     if arrays[f.name].shape[:1] != (count,):
       raise ExpansionError(f"{where} returned {arrays[f.name].shape[:1]} values of feature "
                            f"{f.name!r} for {count} elements")
-  return [sf.encode_example({name: a[i] for name, a in arrays.items()}, spec)
-          for i in range(count)]
+  return sf.encode_examples(arrays, spec, count)
 
 
 def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, index: int,

@@ -115,18 +115,25 @@ class GroupByClient(beam.PTransform):
   match the spec.
   """
 
-  def __init__(self, spec, order_by: Optional[str] = None):
+  def __init__(self, spec, order_by: Optional[str] = None, declared_clients: bool = True):
+    """`declared_clients` False: `clients` is known to be empty and is not read.
+
+    The local runner buffers a Flatten's output between stages, so the records
+    reach the shuffle without one when no client can be declared.
+    """
     super().__init__()
     self._spec = spec
     self._order_by = order_by
+    self._declared_clients = declared_clients
 
   def expand(self, inputs):
     order_by = self._order_by
     spec = self._spec | "CheckSpec" >> beam.Map(_check_spec, order_by)
     encoded = inputs["records"] | "Encode" >> beam.ParDo(
         _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec))
-    declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, []))
-    return ((encoded, declared)
-            | "Merge" >> beam.Flatten()
+    if self._declared_clients:
+      declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, []))
+      encoded = (encoded, declared) | "Merge" >> beam.Flatten()
+    return (encoded
             | "GroupByClient" >> beam.GroupByKey()
             | "SortClient" >> beam.Map(_to_client))

@@ -171,7 +171,8 @@ class PrepareStore(beam.PTransform):
       spec = pbegin | "ElementSpec" >> beam.Create([c.element_spec])
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
-    clients = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by)
+    clients = inputs | "GroupByClient" >> GroupByClient(
+        spec, c.order_by, declared_clients=sources.declares_clients(c.input_format))
     accounted = _account_for_every_record(inputs["records"], clients)
     # Counts the steps after grouping need as side inputs come from the ids
     # alone, so the grouped examples flow through expansion and writing in one

@@ -18,6 +18,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
+from fedbeam.example_proto import Example
 from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
                                        SCALAR, STRING, InputError, InputRecord, RawFeature)
 from fedbeam.store_format import (CorruptRecordError, InvalidClientIdError, check_client_id,
@@ -61,9 +62,8 @@ def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
   With `client_id_key` None the caller supplies the id separately (SQLite);
   the returned record then has an empty client id.
   """
-  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
   try:
-    example = example_pb2.Example.FromString(data)
+    example = Example.FromString(data)
   except Exception as e:  # pylint: disable=broad-except
     raise InputError(f"{source}: not a serialized tf.train.Example ({e})") from None
   features = {}
@@ -351,8 +351,16 @@ class ReadTffSqlite(beam.PTransform):
     return {"records": records, "clients": clients}
 
 
+def declares_clients(input_format: str) -> bool:
+  """Whether the format can list clients that have no record (TFF SQLite's client_metadata)."""
+  return input_format == "tff-sqlite"
+
+
 class ReadClientInput(beam.PTransform):
-  """Reads any supported input. Output: {"records": InputRecord, "clients": str}."""
+  """Reads any supported input. Output: {"records": InputRecord, "clients": str}.
+
+  `clients` is empty unless `declares_clients(input_format)`.
+  """
 
   def __init__(self, paths: Sequence[str], input_format: str,
                client_id_key: Optional[str] = None, sqlite_split: Optional[str] = None):

@@ -13,6 +13,7 @@ the commit is exclusive: when another job committed first, this one fails.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import uuid
 import zlib
@@ -139,12 +140,18 @@ class _WriteManifestFile(beam.DoFn):
     yield name
 
 
-def _list_directory(directory: str) -> list[str]:
-  """Names of the entries (files and directories, hidden ones too) of `directory`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.isdir(directory):
+def _files_in(directory: str) -> list[str]:
+  """Names of the files directly in `directory` (hidden ones too); none if it is missing."""
+  prefix = directory.rstrip("/") + "/"
+  try:
+    found = FileSystems.match([prefix + "*"])[0].metadata_list
+  except Exception:  # pylint: disable=broad-except
+    # Beam reports a pattern over a missing directory as a failed match.
+    if FileSystems.exists(directory):
+      raise
     return []
-  return sorted({name.rstrip("/") for name in tf.io.gfile.listdir(directory)})
+  return sorted(m.path[len(prefix):] for m in found
+                if m.path.startswith(prefix) and "/" not in m.path[len(prefix):])
 
 
 def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
@@ -153,10 +160,8 @@ def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
   Clears what a killed worker or an earlier run of the same job left behind
   (temporary files, clients that are not in this run's manifest).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   keep = set(keep)
-  stray = [n for n in _list_directory(directory)
-           if n not in keep and not tf.io.gfile.isdir(sf.join(directory, n))]
+  stray = [n for n in _files_in(directory) if n not in keep]
   if stray:
     FileSystems.delete([sf.join(directory, n) for n in stray])
   return stray
@@ -262,6 +267,17 @@ def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool) -> 
     raise taken from None
   finally:
     os.unlink(tmp)
+
+
+def _list_directory(directory: str) -> list[str]:
+  """Names of the entries (files and directories, hidden ones too) of `directory`."""
+  if "://" not in directory:
+    # Local paths need no TensorFlow, which would cost a worker seconds to import.
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.isdir(directory):
+    return []
+  return sorted({name.rstrip("/") for name in tf.io.gfile.listdir(directory)})
 
 
 def remove_other_data_dirs(root: str, keep: str) -> list[str]:

@@ -1,0 +1,57 @@
+"""fedbeam.example_proto: the same Example bytes as TensorFlow's class, without TensorFlow."""
+
+import subprocess
+import sys
+import textwrap
+
+import tensorflow as tf
+
+from fedbeam.example_proto import Example
+
+
+def _tf_example():
+  return tf.train.Example(features=tf.train.Features(feature={
+      "bytes": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a", b"", b"\xff" * 300])),
+      "floats": tf.train.Feature(float_list=tf.train.FloatList(value=[1.5, -0.0, 3e38, 1e-45])),
+      "ints": tf.train.Feature(int64_list=tf.train.Int64List(value=[0, -1, 2**63 - 1, -2**63])),
+      "none": tf.train.Feature(),
+  }))
+
+
+def test_tf_example_bytes_parse_and_reserialize_unchanged():
+  data = _tf_example().SerializeToString(deterministic=True)
+  ours = Example.FromString(data)
+  assert ours.SerializeToString(deterministic=True) == data
+  kinds = {k: v.WhichOneof("kind") for k, v in ours.features.feature.items()}
+  assert kinds == {"bytes": "bytes_list", "floats": "float_list", "ints": "int64_list",
+                   "none": None}
+  assert list(ours.features.feature["ints"].int64_list.value) == [0, -1, 2**63 - 1, -2**63]
+
+
+def test_our_bytes_parse_in_tensorflow():
+  ours = Example.FromString(_tf_example().SerializeToString())
+  del ours.features.feature["none"]
+  back = tf.train.Example.FromString(ours.SerializeToString(deterministic=True))
+  assert back.features.feature["floats"].float_list.value[0] == 1.5
+  assert set(back.features.feature) == {"bytes", "floats", "ints"}
+
+
+def test_pipeline_worker_code_paths_do_not_import_tensorflow(tmp_path):
+  # A Beam worker that reads Examples and writes client files would otherwise
+  # spend seconds importing TensorFlow.
+  example = _tf_example()
+  del example.features.feature["none"]
+  script = textwrap.dedent(f"""
+      import sys
+      from fedbeam import store_format as sf
+      from fedbeam.pipelines import sources, store_writer
+      record = {example.SerializeToString()!r}
+      sources.parse_example_record(record, None, "test", ("f", 0))
+      sf.client_relative_path("client_ü", "train", 64)
+      sf.client_file_name("x" * 400)
+      store_writer.sweep_directory({str(tmp_path)!r}, [])
+      print("tensorflow" in sys.modules)
+      """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=True, timeout=300).stdout
+  assert out.strip().splitlines()[-1] == "False"
