@@ -10,9 +10,10 @@ clearing it (`_clear()`), while the runner thread keeps writing the stage's
 input into the same buffer. A chunk written between the copy and the clear is
 dropped, with no error. A stage whose input is large and arrives in many
 chunks (a PCollection that a later stage reads after a side input is ready)
-then loses elements at random: 6,946 to 47,188 of 400,000 in three runs of
-`bench/beam_data_plane_loss.py` with `--direct_running_mode=multi_processing`,
-none with the guard below. In-memory mode (one worker) has no such stream.
+then loses elements at random: 8,985 to 87,426 of 400,000 in each of three
+runs of `bench/beam_data_plane_loss.py` with
+`--direct_running_mode=multi_processing`, none with the guard below
+(bench/README.md). In-memory mode (one worker) has no such stream.
 
 `guard_local_runner()` makes those streams size-based, so nothing flushes
 them from another thread, and has the runner flush its input stream between
