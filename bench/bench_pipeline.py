@@ -48,6 +48,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import struct
 import sys
 import time
@@ -67,6 +68,9 @@ def parse_args(argv=None):
   p.add_argument("--expansion", type=int, default=3)
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--no-write", action="store_true")
+  p.add_argument("--repeat", type=int, default=1,
+                 help="runs per contender and scale, contenders taking turns; rows give the "
+                      "median run and the min-max")
   p.add_argument("--worker", choices=("plain", "tff"), help=argparse.SUPPRESS)
   p.add_argument("--input", help=argparse.SUPPRESS)
   p.add_argument("--output", help=argparse.SUPPRESS)
@@ -268,6 +272,39 @@ def run_tff(workload, args) -> dict:
   return run
 
 
+def _run_contender(name: str, workload, args) -> dict:
+  load = os.getloadavg()
+  if name == "fedbeam_full":
+    run = run_fedbeam(workload, "expanded-split", [
+        "--num-transformed-clients", str(args.expansion * workload.num_clients),
+        "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1"], args)
+  elif name == "fedbeam_group":
+    run = run_fedbeam(workload, "plain", [], args)
+  elif name == "plain_beam":
+    run = run_plain(workload, args)
+  elif name == "grouper":
+    run = run_grouper(workload, args)
+  elif name == "tff_sqlite":
+    run = run_tff(workload, args)
+  else:
+    raise SystemExit(f"unknown contender {name}")
+  run["loadavg_before"] = list(load)
+  return run
+
+
+def _median_run(runs: list) -> dict:
+  """The run with the median pipeline time, carrying every run's time; a failed run wins."""
+  failed = [r for r in runs if "pipeline_s" not in r]
+  if failed:
+    return dict(failed[0], repeats=len(runs), failed_runs=len(failed))
+  ordered = sorted(runs, key=lambda r: r["pipeline_s"])
+  row = dict(ordered[(len(ordered) - 1) // 2])
+  row.update(repeats=len(runs), pipeline_s_runs=[r["pipeline_s"] for r in runs],
+             pipeline_s=statistics.median(r["pipeline_s"] for r in runs))
+  row["examples_per_s"] = row["input_examples"] / row["pipeline_s"]
+  return row
+
+
 def _failed(run: dict, what: str, cmd: list) -> dict:
   why = (f"killed when the machine had {run['killed_low_memory']:,.0f} MB available, "
          f"peak PSS {run['peak_pss_mb']:,.0f} MB" if "killed_low_memory" in run
@@ -304,8 +341,9 @@ def readme_section(result: dict) -> str:
       "(the contender's own timing of its pipeline or writer call); wall = the whole process "
       "(interpreter start and imports included); peak memory summed over the process tree, as PSS "
       "(shared pages such as the libraries every Beam worker loads count once) and as RSS (they "
-      "count in every process). One run per row; a run is killed when the machine's available "
-      "memory falls under 1.5 GB. "
+      "count in every process). Rows with several runs (contenders taking turns) give the "
+      "median pipeline time and its min–max, and the memory of the median run; a run is killed "
+      "when the machine's available memory falls under 1.5 GB. "
       "![pipeline scaling](results/pipeline_scaling.png)", "",
       "| data | contender | input examples | pipeline s | examples/s | wall s | peak PSS MB | "
       "peak RSS MB | vs plain Beam (time) | measured |",
@@ -326,9 +364,12 @@ def readme_section(result: dict) -> str:
         continue
       vs = f"{r['pipeline_s'] / plain['pipeline_s']:.2f}x" if plain and "pipeline_s" in plain else ""
       when = "this run" if r.get("run_id") == result["run_id"] else r.get("measured_at", "?")
+      times = r.get("pipeline_s_runs") or [r["pipeline_s"]]
+      spread = (f" ({min(times):.1f}–{max(times):.1f}, {len(times)} runs)"
+                if len(times) > 1 else "")
       lines.append(
           f"| {scale:g}x ({r['clients']:,} clients) | {LABELS[name]} | {r['input_examples']:,} | "
-          f"{r['pipeline_s']:.1f} | {r['examples_per_s']:,.0f} | {r['wall_s']:.1f} | "
+          f"{r['pipeline_s']:.1f}{spread} | {r['examples_per_s']:,.0f} | {r['wall_s']:.1f} | "
           f"{r.get('peak_pss_mb', float('nan')):,.0f} | {r['peak_rss_mb']:,.0f} | {vs} | {when} |")
   growth = []
   for name in CONTENDERS:
@@ -371,38 +412,28 @@ def main(argv=None) -> int:
     scale_key = f"{scale:g}"
     workload = wl.Workload(num_clients=int(round(1000 * scale)))
     wl.ensure_input(workload, args.workdir, log)
-    for name in wanted:
-      key = f"{name}@{scale_key}"
-      if scale >= 10 and not args.full:
-        if key in previous:
-          rows[key] = previous[key]
-          log(f"{key}: kept from {previous[key].get('measured_at')}")
-        continue
-      load = os.getloadavg()
-      if name == "fedbeam_full":
-        run = run_fedbeam(workload, "expanded-split", [
-            "--num-transformed-clients", str(args.expansion * workload.num_clients),
-            "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1"], args)
-      elif name == "fedbeam_group":
-        run = run_fedbeam(workload, "plain", [], args)
-      elif name == "plain_beam":
-        run = run_plain(workload, args)
-      elif name == "grouper":
-        run = run_grouper(workload, args)
-      elif name == "tff_sqlite":
-        run = run_tff(workload, args)
-      else:
-        raise SystemExit(f"unknown contender {name}")
-      run.update(scale=scale, clients=workload.num_clients, input_examples=workload.num_examples,
-                 loadavg_before=list(load), run_id=run_id, measured_at=run_id)
-      if "pipeline_s" in run:
-        run["examples_per_s"] = workload.num_examples / run["pipeline_s"]
-        log(f"{key}: {run['pipeline_s']:.1f} s pipeline, {run['examples_per_s']:,.0f} ex/s, "
-            f"wall {run['wall_s']:.1f} s, peak PSS {run['peak_pss_mb']:,.0f} MB, "
-            f"RSS {run['peak_rss_mb']:,.0f} MB")
-      else:
-        log(f"{key}: {run}")
-      rows[key] = run
+    runs: dict[str, list] = {}
+    for repeat in range(args.repeat):
+      for name in wanted:
+        key = f"{name}@{scale_key}"
+        if scale >= 10 and not args.full:
+          if key in previous and repeat == 0:
+            rows[key] = previous[key]
+            log(f"{key}: kept from {previous[key].get('measured_at')}")
+          continue
+        run = _run_contender(name, workload, args)
+        run.update(scale=scale, clients=workload.num_clients, input_examples=workload.num_examples,
+                   run_id=run_id, measured_at=run_id)
+        if "pipeline_s" in run:
+          run["examples_per_s"] = workload.num_examples / run["pipeline_s"]
+          log(f"{key} (run {repeat + 1}/{args.repeat}): {run['pipeline_s']:.1f} s pipeline, "
+              f"{run['examples_per_s']:,.0f} ex/s, wall {run['wall_s']:.1f} s, peak PSS "
+              f"{run['peak_pss_mb']:,.0f} MB, RSS {run['peak_rss_mb']:,.0f} MB")
+        else:
+          log(f"{key}: {run}")
+        runs.setdefault(key, []).append(run)
+    for key, done in runs.items():
+      rows[key] = _median_run(done)
   for key, row in previous.items():
     rows.setdefault(key, row)
   mach["loadavg_at_end"] = list(os.getloadavg())

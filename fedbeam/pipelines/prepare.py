@@ -177,10 +177,13 @@ class PrepareStore(beam.PTransform):
     # Counts the steps after grouping need as side inputs come from the ids
     # alone, so the grouped examples flow through expansion and writing in one
     # pass instead of being held back until a count over them is done.
-    raw_sizes = ((inputs["records"] | "RecordIds" >> beam.Map(lambda r: (r.client_id, 1)),
-                  inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0)))
-                 | "MergeIds" >> beam.Flatten()
-                 | "RawClientSizes" >> beam.CombinePerKey(sum))
+    record_ids = inputs["records"] | "RecordIds" >> beam.Map(lambda r: (r.client_id, 1))
+    if sources.declares_clients(c.input_format):
+      declared = inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0))
+      record_ids = (record_ids, declared) | "MergeIds" >> beam.Flatten()
+    # Without a Flatten the count is combined in the reading stage, so one
+    # partial count per client and bundle leaves it instead of one per record.
+    raw_sizes = record_ids | "RawClientSizes" >> beam.CombinePerKey(sum)
     raw_ids = raw_sizes | "RawIds" >> beam.Keys()
     num_raw = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
     if c.expands:
