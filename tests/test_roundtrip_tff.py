@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedbeam import store_format as sf
 from fedbeam import testing
 from fedbeam.cli import main
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
@@ -210,3 +211,102 @@ def test_variable_length_int_feature_round_trips_with_null_shape(shakespeare, st
   cid = "Ophélie — 日本語"
   via_tff = _elements(store.dataset_computation(cid.encode("utf-8")))
   testing.assert_elements_equal(via_tff, _token_clients()[cid], ordered=True, where=cid)
+
+
+# ----------------------------------------------------------------------------
+# Per-client dataset paths against references
+# ----------------------------------------------------------------------------
+
+def _record_by_record(store_path):
+  """{client id: its elements} read with public TF ops only: every record parsed on its own."""
+  metadata = sf.read_metadata(store_path)
+  spec = load_client_data(store_path).element_spec
+  parse = sf.make_record_parser(spec)
+  return {row["client_id"]: _elements(
+      tf.data.TFRecordDataset(sf.join(store_path, row["path"])).map(parse))
+          for row in sf.read_manifest(store_path, metadata)}
+
+
+def _graph_built(store, client_id):
+  """The client's dataset as `serializable_dataset_fn` builds it inside a tf.function."""
+  return tf.function(store.serializable_dataset_fn, autograph=False)(tf.constant(client_id))
+
+
+def _all_store_paths(emnist, shakespeare):
+  return [emnist[k] for k in ("content_order", "input_order", "inferred")] + [
+      shakespeare[k] for k in ("sqlite_store", "tfrecord_store", "avro_store")]
+
+
+def test_every_per_client_path_gives_the_records_in_file_order(emnist, shakespeare):
+  """create_tf_dataset_for_client, serializable_dataset_fn (eager and traced) and datasets()
+  give each client's records in file order, parsed as a record-by-record reader does."""
+  for path in _all_store_paths(emnist, shakespeare):
+    store = load_client_data(path)
+    reference = _record_by_record(path)
+    assert sorted(reference) == store.client_ids
+    spec = store.element_type_structure
+    for cid in store.client_ids:
+      where = f"{path}: {cid}"
+      for ds in (store.create_tf_dataset_for_client(cid), store.serializable_dataset_fn(cid),
+                 store.serializable_dataset_fn(tf.constant(cid)), _graph_built(store, cid)):
+        assert ds.element_spec == spec, where
+        testing.assert_elements_equal(_elements(ds), reference[cid], ordered=True, where=where)
+    walked = list(store.datasets(seed=3))
+    order = list(store.client_ids)
+    np.random.RandomState(3).shuffle(order)
+    assert len(walked) == len(order)
+    for cid, ds in zip(order, walked):
+      testing.assert_elements_equal(_elements(ds), reference[cid], ordered=True, where=cid)
+
+
+def test_client_datasets_equal_tff_sql_client_data_in_order(emnist):
+  store = load_client_data(emnist["input_order"])
+  oracle = emnist["tff"]
+  for cid in store.client_ids:
+    ours = store.create_tf_dataset_for_client(cid)
+    theirs = oracle.create_tf_dataset_for_client(cid)
+    assert ours.element_spec == theirs.element_spec
+    testing.assert_elements_equal(_elements(ours), _elements(theirs), ordered=True, where=cid)
+    # A dataset is read anew each time it is iterated.
+    testing.assert_elements_equal(_elements(ours), _elements(theirs), ordered=True, where=cid)
+
+
+@pytest.mark.parametrize("limit_count,seed", [(None, 0), (2, 7), (10, [3, 1]), (0, 1)])
+def test_datasets_walk_clients_like_tff_sql_client_data(emnist, limit_count, seed):
+  store = load_client_data(emnist["input_order"])
+  oracle = emnist["tff"]
+  assert store.client_ids == oracle.client_ids
+  ours = [_elements(ds) for ds in store.datasets(limit_count=limit_count, seed=seed)]
+  theirs = [_elements(ds) for ds in oracle.datasets(limit_count=limit_count, seed=seed)]
+  expected = len(store.client_ids) if limit_count is None else min(limit_count, len(store.client_ids))
+  assert len(ours) == len(theirs) == expected
+  for i, (a, b) in enumerate(zip(ours, theirs)):
+    testing.assert_elements_equal(a, b, ordered=True, where=f"dataset {i}")
+
+
+def test_unseeded_datasets_give_every_client_once(emnist):
+  store = load_client_data(emnist["input_order"])
+  walked = [_elements(ds) for ds in store.datasets()]
+  assert sorted(len(e) for e in walked) == sorted(len(emnist["data"][c]) for c in store.client_ids)
+
+
+def test_datasets_checks_the_seed_like_tff(emnist):
+  store = load_client_data(emnist["input_order"])
+  walk = store.datasets(seed=-1)  # a generator: nothing is checked before the first dataset
+  with pytest.raises(Exception) as ours:
+    next(walk)
+  with pytest.raises(Exception) as theirs:
+    next(emnist["tff"].datasets(seed=-1))
+  assert type(ours.value) is type(theirs.value)
+
+
+def test_unknown_ids_fail_as_before(emnist):
+  store = load_client_data(emnist["input_order"])
+  with pytest.raises(ValueError, match="'synthetic9'"):
+    store.create_tf_dataset_for_client("synthetic9")
+  # serializable_dataset_fn maps any id to a path in TF ops: an unknown id's
+  # file does not exist, which the read reports.
+  with pytest.raises(tf.errors.NotFoundError):
+    _elements(store.serializable_dataset_fn("synthetic9"))
+  with pytest.raises(tf.errors.NotFoundError):
+    _elements(_graph_built(store, "synthetic9"))

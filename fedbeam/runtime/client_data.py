@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+import json
+import threading
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.data.ops import dataset_ops  # pylint: disable=g-direct-tensorflow-import
+# pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.data.ops import dataset_ops
+from tensorflow.python.data.ops import readers as tf_readers
+from tensorflow.python.data.ops import structured_function
+from tensorflow.python.data.ops import unbatch_op
+from tensorflow.python.ops import gen_dataset_ops
+# pylint: enable=g-direct-tensorflow-import
 import tensorflow_federated as tff
 
 from fedbeam.element_spec import ElementSpec
@@ -34,6 +42,116 @@ def _no_static_optimization() -> tf.data.Options:
 
 
 _NO_STATIC_OPTIMIZATION = _no_static_optimization()
+
+# What a client's dataset costs (TF 2.14; bench/bench_loading.py). Building
+# one eagerly traces its functions anew (~13 ms), so it comes from a function
+# traced once. Iterating one is dominated by what TensorFlow does for each new
+# iterator: it rewrites the dataset graph (tf.data's static optimizations, off
+# here) and instantiates every function of the dataset for that iterator,
+# with a grappler pass over each one it treats as multi-device (~3 ms each).
+# So a client's dataset holds one function, the parse, made single-device by
+# the `experimental_ints_on_device` attribute (int32 values in device memory:
+# tf.data runs its functions on the CPU, where that is host memory), which
+# `Dataset.map` has no argument for. Records come from the single-file reader:
+# `tf.data.TFRecordDataset` adds a `flat_map` function over its file names, and
+# `Dataset.unbatch` a `map` that re-encodes sparse and ragged components, which
+# parsed fixed-shape features do not have. TensorFlow is pinned; without these
+# internals the public ops give the same elements, more slowly.
+_SINGLE_DEVICE_FUNCTION_ATTRIBUTES = {"experimental_ints_on_device": True}
+_HAS_DATASET_INTERNALS = (hasattr(tf_readers, "_TFRecordDataset")
+                          and hasattr(structured_function, "StructuredFunctionWrapper")
+                          and hasattr(gen_dataset_ops, "map_dataset")
+                          and hasattr(unbatch_op, "_UnbatchDataset"))
+
+
+class _SingleDeviceMapDataset(dataset_ops.UnaryDataset):
+  """`dataset.map(fn)` (sequential, cardinality kept) with `fn` a single-device function."""
+
+  def __init__(self, input_dataset, map_func):
+    self._input_dataset = input_dataset
+    self._name = None
+    self._map_func = structured_function.StructuredFunctionWrapper(
+        map_func, "Dataset.map()", dataset=input_dataset,
+        defun_kwargs=dict(_SINGLE_DEVICE_FUNCTION_ATTRIBUTES))
+    variant_tensor = gen_dataset_ops.map_dataset(
+        input_dataset._variant_tensor,  # pylint: disable=protected-access
+        self._map_func.function.captured_inputs,
+        f=self._map_func.function,
+        use_inter_op_parallelism=True,
+        preserve_cardinality=True,
+        **self._common_args)
+    super().__init__(input_dataset, variant_tensor)
+
+  def _functions(self):
+    return [self._map_func]
+
+  @property
+  def element_spec(self):
+    return self._map_func.output_structure
+
+
+def _read_records(path):
+  """The serialized records of one client file (`path`: scalar tf.string)."""
+  if _HAS_DATASET_INTERNALS:
+    return tf_readers._TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES)  # pylint: disable=protected-access
+  return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES)
+
+
+def _map(dataset, fn):
+  if _HAS_DATASET_INTERNALS:
+    return _SingleDeviceMapDataset(dataset, fn)
+  return dataset.map(fn)
+
+
+def _unbatch_dense(dataset):
+  """`dataset.unbatch()` for elements of dense tensors only."""
+  if _HAS_DATASET_INTERNALS:
+    return unbatch_op._UnbatchDataset(dataset)  # pylint: disable=protected-access
+  return dataset.unbatch()
+
+
+def client_dataset_builder(spec: ElementSpec) -> Callable[[Any], tf.data.Dataset]:
+  """fn(path: scalar tf.string) -> the elements of that client file, in file order.
+
+  Records are parsed `store_format.PARSE_BATCH` at a time with one vectorized
+  parse when every feature has a fixed shape, one by one otherwise: the same
+  elements as `store_format.records_to_elements`. tf.data's static graph
+  rewrites and autotuning are off (`options()`; a consumer's `with_options`
+  overrides them): for a client's dataset, built and iterated once, they cost
+  more than they save.
+  """
+  if sf.has_variable_length(spec):
+    parse = sf.make_record_parser(spec)
+
+    def build(path):
+      return _map(_read_records(path), parse).with_options(_NO_STATIC_OPTIMIZATION)
+  else:
+    parse = sf.make_batch_parser(spec)
+
+    def build(path):
+      parsed = _map(_read_records(path).batch(sf.PARSE_BATCH), parse)
+      return _unbatch_dense(parsed).with_options(_NO_STATIC_OPTIMIZATION)
+
+  return build
+
+
+# The traced fn(path: scalar tf.string) -> client dataset, one per element
+# spec, shared by every StoreClientData (subsets and splits of a store trace it
+# once). Called as a concrete function: a tf.function call first binds its
+# arguments in Python, about half of the cost of building a client's dataset.
+_DATASET_BY_PATH: dict[str, Any] = {}
+_DATASET_BY_PATH_LOCK = threading.Lock()
+
+
+def _dataset_by_path_fn(spec: ElementSpec):
+  key = json.dumps(spec.to_json())
+  with _DATASET_BY_PATH_LOCK:
+    fn = _DATASET_BY_PATH.get(key)
+    if fn is None:
+      fn = _DATASET_BY_PATH[key] = tf.function(
+          client_dataset_builder(spec), input_signature=[tf.TensorSpec([], tf.string)],
+          autograph=False).get_concrete_function()
+    return fn
 
 
 class ClientFileError(IOError):
@@ -104,6 +222,9 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     self._element_type_structure = self._spec.to_tensor_specs()
     self._num_shards = int(metadata["num_shards"])
     self._path_fn = self._build_path_fn()
+    self._build = client_dataset_builder(self._spec)
+    self._dataset_by_path = None  # traced on the first dataset, shared per element spec
+    self._dataset_by_id = None
     self._dataset_fn = self._build_dataset_fn()
     self._client_tensors_fn = None
 
@@ -123,7 +244,10 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     return self._dataset_fn
 
   def create_tf_dataset_for_client(self, client_id: str) -> tf.data.Dataset:
-    """The client's examples in store order.
+    """The client's examples in store order, read when the dataset is iterated.
+
+    Building it traces nothing (the pipeline is traced once per element spec).
+    tf.data's static graph rewrites and autotuning are off in its `options()`.
 
     Raises:
       ValueError: `client_id` is not a client of this ClientData (named).
@@ -131,7 +255,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     if client_id not in self._rows:
       raise ValueError(f"client id {client_id!r} is not a client of this ClientData "
                        f"(store {self._root}, splits {list(self._splits)})")
-    return _ClientDataset(self._dataset_fn(client_id), client_id, self._root)
+    return self._client_dataset(client_id)
 
   def create_tf_dataset_from_all_clients(self, seed: Optional[Union[int, Sequence[int]]] = None
                                          ) -> tf.data.Dataset:
@@ -294,12 +418,33 @@ class StoreClientData(tff.simulation.datasets.ClientData):
 
     return path_fn
 
+  def _client_dataset(self, client_id: str) -> tf.data.Dataset:
+    """The dataset of a known client: its path from Python, the pipeline already traced."""
+    path = tf.constant(sf.join(self._data_root, self._relative_path(client_id)), tf.string)
+    if tf.executing_eagerly():
+      if self._dataset_by_path is None:
+        self._dataset_by_path = _dataset_by_path_fn(self._spec)
+      dataset = self._dataset_by_path(path)
+    else:  # Inside a traced function: the pipeline goes into that graph.
+      dataset = self._build(path)
+    return _ClientDataset(dataset, client_id, self._root)
+
   def _build_dataset_fn(self):
-    spec, path_fn = self._spec, self._path_fn
+    """The `serializable_dataset_fn`: the path in TF ops, so any id tensor works.
+
+    Traced (inside a tf.function or a TFF computation) it builds the pipeline
+    in place; called eagerly it runs a tf.function traced on the first call.
+    """
+    build, path_fn = self._build, self._path_fn
 
     def dataset_fn(client_id):
-      records = tf.data.TFRecordDataset(path_fn(client_id), buffer_size=_READ_BUFFER_BYTES)
-      return sf.records_to_elements(records, spec)
+      if not tf.executing_eagerly():
+        return build(path_fn(client_id))
+      if self._dataset_by_id is None:
+        self._dataset_by_id = tf.function(
+            lambda cid: build(path_fn(cid)), input_signature=[tf.TensorSpec([], tf.string)],
+            autograph=False)
+      return self._dataset_by_id(client_id)
 
     return dataset_fn
 
