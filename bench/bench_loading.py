@@ -29,6 +29,8 @@ Rows: fedbeam (`load_client_data`) eager / graph / tensors; TFF SQLite as
 and graph; the same database with `CREATE INDEX ... ON examples(client_id)`;
 TFF `FilePerUserClientData` over one TFRecord file per client (FLAIR's layout,
 `TFRecordDataset(path).map(parse_single_example, AUTOTUNE)`); the limit.
+After the rounds, `create_tf_dataset_for_client(id)` alone (no iteration) is
+timed for each reader over the clients of the timed rounds.
 
 Second part (`expansion`): 3x pseudo-client expansion of the same 1,000 raw
 clients with `fedbeam.transforms:random_affine`: fedbeam's precomputed
@@ -209,6 +211,20 @@ def limit_consumer(paths: dict, batch_size: int, sliced: bool):
   return consume
 
 
+def creation_ms(client_data, client_ids, passes: int = 3) -> dict:
+  """ms per `create_tf_dataset_for_client(id)` call alone (no iteration): median of passes."""
+  for cid in client_ids[:5]:
+    client_data.create_tf_dataset_for_client(cid)
+  per_pass = []
+  for _ in range(passes):
+    start = time.perf_counter()
+    for cid in client_ids:
+      client_data.create_tf_dataset_for_client(cid)
+    per_pass.append(1000 * (time.perf_counter() - start) / len(client_ids))
+  return {"median_ms": statistics.median(per_pass), "min_ms": min(per_pass),
+          "max_ms": max(per_pass), "calls_per_pass": len(client_ids)}
+
+
 # --- rounds ----------------------------------------------------------------------------
 
 def run_rounds(contenders: dict, samples: list, expected, label: str) -> dict:
@@ -306,7 +322,14 @@ def loading_part(args, workload) -> dict:
   load_start = os.getloadavg()
   times = run_rounds(contenders, samples, expected, "loading")
   examples = [sum(workload.sizes[c] for c in s) for s in samples[1:]]
+  timed_ids = [c for s in samples[1:] for c in s]
+  create = collections.OrderedDict(
+      (name, creation_ms(cd, timed_ids)) for name, cd in (
+          ("fedbeam", fedbeam_cd), ("sql", sql), ("sql_indexed", indexed), ("per_user", per_user)))
+  log("create_tf_dataset_for_client alone, ms per call: " + ", ".join(
+      f"{k} {v['median_ms']:.2f}" for k, v in create.items()))
   return {"per_round": summarize(times, args.clients_per_round), "rounds_s": times,
+          "create_ms": create,
           "examples_per_round": {"median": statistics.median(examples), "min": min(examples),
                                  "max": max(examples)},
           "store": os.path.relpath(store, wl.ROOT),
@@ -616,6 +639,16 @@ def loading_section(result: dict) -> str:
       "client. FilePerUserClientData's `serializable_dataset_fn` builds a lookup table of every "
       "id on each call.", "",
   ]
+  create = part.get("create_ms")
+  if create:
+    names = {"fedbeam": "fedbeam", "sql": "TFF SQLite", "sql_indexed": "TFF SQLite + index",
+             "per_user": "FilePerUserClientData"}
+    lines += [
+        "`create_tf_dataset_for_client(id)` alone (building the dataset, no iteration), ms per "
+        f"call, median of 3 passes over the {create['fedbeam']['calls_per_pass']} clients of the "
+        "timed rounds: " + ", ".join(
+            f"{names.get(k, k)} {v['median_ms']:.2f} ({v['min_ms']:.2f}–{v['max_ms']:.2f})"
+            for k, v in create.items()) + ".", ""]
   return "\n".join(lines)
 
 
