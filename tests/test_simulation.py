@@ -391,3 +391,22 @@ def test_clients_alternate_over_logical_devices(tmp_path):
   for client_id, _, ran_on in first_round:
     assert any(f"round 1: client {client_id!r} ran on {ran_on}" in m
                for m in report["messages"])
+
+
+def test_measure_input_and_compute_leaves_the_loop_unchanged():
+  loop = make_loop()
+  before = loop.state
+  split = loop.measure_input_and_compute()
+  assert set(split) == {"input_seconds", "compute_seconds", "produce_seconds", "num_clients"}
+  assert split["num_clients"] == 3.0
+  assert split["compute_seconds"] > 0 and split["produce_seconds"] > 0
+  assert split["input_seconds"] >= 0
+  assert loop.state.round_num == before.round_num
+  tf.nest.map_structure(np.testing.assert_array_equal, loop.state.model_weights,
+                        before.model_weights)
+  # The measured round then runs exactly as in a loop that was not measured.
+  unmeasured = make_loop()
+  loop.run_round()
+  unmeasured.run_round()
+  tf.nest.map_structure(np.testing.assert_array_equal, loop.state.model_weights,
+                        unmeasured.state.model_weights)
