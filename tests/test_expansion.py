@@ -10,6 +10,9 @@ hold the same client ids and the same datasets, element for element.
 import collections
 import os
 
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,7 +20,8 @@ import tensorflow_federated as tff
 
 from fedbeam import store_format as sf
 from fedbeam import testing
-from fedbeam.pipelines.expansion import expansion_plan, pseudo_client_id
+from fedbeam.pipelines.expansion import (PlanPseudoClients, PseudoClientSizes, expansion_plan,
+                                         pseudo_client_id, pseudo_clients_of)
 from fedbeam.pipelines.prepare import PrepareError
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
 from fedbeam.transforms import AffineTransform, random_affine
@@ -419,3 +423,37 @@ def test_affine_warp_geometry_quarter_turn_is_rot90():
                          max_translation_frac=0)
   same = flat("x", 1)({"pixels": tf.constant(image)})["pixels"].numpy()
   np.testing.assert_allclose(same, image, atol=1e-6)
+
+
+def _expanded_ids(n):
+  """Pseudo-client ids TFF's TransformingClientData scheme gives RAW_SIZES, with raw ids."""
+  k, g, digits = expansion_plan(len(RAW_SIZES), n)
+  out = []
+  for j, raw in enumerate(sorted(RAW_SIZES)):
+    for index in range(k + (1 if j < g else 0)):
+      out.append((pseudo_client_id(raw, index, digits) if digits else raw, raw))
+  return sorted(out)
+
+
+@pytest.mark.parametrize("n", [None, 7, 23, 100])
+def test_pseudo_client_sizes_plan_every_expanded_client_with_its_raw_count(n):
+  want = [(cid, raw, RAW_SIZES[raw]) for cid, raw in _expanded_ids(n)]
+  with TestPipeline() as p:
+    raw_sizes = p | beam.Create(sorted(RAW_SIZES.items()))
+    made_here = raw_sizes | "Alone" >> PseudoClientSizes(n)
+    plan = raw_sizes | beam.Keys() | PlanPseudoClients(n)
+    shared = raw_sizes | "WithPlan" >> PseudoClientSizes(n, plan=plan)
+    assert_that(made_here, equal_to(want), label="SizesAlone")
+    assert_that(shared, equal_to(want), label="SizesWithPlan")
+    assert_that(plan["num_raw"], equal_to([len(RAW_SIZES)]), label="NumRaw")
+
+
+@pytest.mark.parametrize("n", [None, 23])
+def test_pseudo_clients_of_names_each_raw_clients_share(n):
+  k, g, _ = expansion_plan(len(RAW_SIZES), n)
+  remainder_last = sorted(RAW_SIZES)[g - 1] if g else None
+  got = sorted((cid, raw) for raw in RAW_SIZES
+               for cid, _ in pseudo_clients_of(raw, len(RAW_SIZES), remainder_last, n))
+  assert got == _expanded_ids(n)
+  assert [i for _, i in pseudo_clients_of("alice", len(RAW_SIZES), remainder_last, n)] == list(
+      range(k + (1 if g else 0)))

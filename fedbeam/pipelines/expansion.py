@@ -103,24 +103,37 @@ def pseudo_clients_of(raw_client_id: str, num_raw: int, remainder_last: Optional
           for index in range(count)]
 
 
-def _plan_sides(ids, num_transformed_clients: Optional[int]):
-  """(num_raw, remainder_last) singleton PCollections from the raw ids alone."""
-  n = num_transformed_clients
-  num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
+class PlanPseudoClients(beam.PTransform):
+  """Raw client ids -> what naming the pseudo-clients needs, from the ids alone.
 
-  def remainder_ids(count):
-    _, g, _ = expansion_plan(count, n)
-    return g
+  Input: PCollection[str] of the raw client ids. Output: a dict of singleton
+  PCollections: `num_raw` (the number of raw clients) and `remainder_last`
+  (the largest of the g smallest raw ids, None when g is 0), the side inputs
+  of `pseudo_clients_of`. Computed once, it serves both `ExpandPseudoClients`
+  and `PseudoClientSizes`.
+  """
 
-  g = num_raw | "RemainderSize" >> beam.Map(remainder_ids)
-  smallest = ids | "TagWithG" >> beam.FlatMap(
-      lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g))
-  remainder_last = (smallest
-                    | "TopG" >> beam.CombineGlobally(SmallestN())
-                    | "LastOfTopG" >> beam.Map(
-                        lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None,
-                        beam.pvalue.AsSingleton(g)))
-  return num_raw, remainder_last
+  def __init__(self, num_transformed_clients: Optional[int]):
+    super().__init__()
+    self._n = num_transformed_clients
+
+  def expand(self, ids):
+    n = self._n
+    num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
+
+    def remainder_ids(count):
+      _, g, _ = expansion_plan(count, n)
+      return g
+
+    g = num_raw | "RemainderSize" >> beam.Map(remainder_ids)
+    smallest = ids | "TagWithG" >> beam.FlatMap(
+        lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g))
+    remainder_last = (smallest
+                      | "TopG" >> beam.CombineGlobally(SmallestN())
+                      | "LastOfTopG" >> beam.Map(
+                          lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None,
+                          beam.pvalue.AsSingleton(g)))
+    return {"num_raw": num_raw, "remainder_last": remainder_last}
 
 
 class _ExpandClient(beam.DoFn):
@@ -280,10 +293,10 @@ class ExpandPseudoClients(beam.PTransform):
   """
 
   def __init__(self, make_transform_fn: Union[str, MakeTransformFn],
-               num_transformed_clients: Optional[int], spec, raw_ids=None):
-    """`raw_ids`: optional PCollection[str] of the raw client ids (counted instead of `clients`)."""
+               num_transformed_clients: Optional[int], spec, plan=None):
+    """`plan`: optional output of `PlanPseudoClients` over the raw ids (else made from `clients`)."""
     super().__init__()
-    self._raw_ids = raw_ids
+    self._plan = plan
     if num_transformed_clients is not None and num_transformed_clients <= 0:
       raise ExpansionError(
           f"--num-transformed-clients must be positive, got {num_transformed_clients}")
@@ -297,12 +310,14 @@ class ExpandPseudoClients(beam.PTransform):
     self._spec = spec
 
   def expand(self, clients):
-    ids = (self._raw_ids if self._raw_ids is not None
-           else clients | "RawIds" >> beam.Map(lambda c: c.client_id))
-    num_raw, remainder_last = _plan_sides(ids, self._n)
+    plan = self._plan
+    if plan is None:
+      plan = (clients
+              | "RawIds" >> beam.Map(lambda c: c.client_id)
+              | "Plan" >> PlanPseudoClients(self._n))
     return clients | "Expand" >> beam.ParDo(
         _ExpandClient(self._make, self._n),
-        beam.pvalue.AsSingleton(num_raw), beam.pvalue.AsSingleton(remainder_last),
+        beam.pvalue.AsSingleton(plan["num_raw"]), beam.pvalue.AsSingleton(plan["remainder_last"]),
         beam.pvalue.AsSingleton(self._spec))
 
 
@@ -314,18 +329,22 @@ class PseudoClientSizes(beam.PTransform):
   one per pseudo-client `ExpandPseudoClients` makes with the same
   `num_transformed_clients`: expansion maps examples one to one, so a
   pseudo-client has its raw client's count. Lets later steps decide on ids
-  and counts before the expanded examples exist. Raises (at run time)
-  ExpansionError as `ExpandPseudoClients` does.
+  and counts before the expanded examples exist. `plan`: optional output of
+  `PlanPseudoClients` over the same raw ids (else made here). Raises (at run
+  time) ExpansionError as `ExpandPseudoClients` does.
   """
 
-  def __init__(self, num_transformed_clients: Optional[int]):
+  def __init__(self, num_transformed_clients: Optional[int], plan=None):
     super().__init__()
     self._n = num_transformed_clients
+    self._plan = plan
 
   def expand(self, raw_sizes):
     n = self._n
-    num_raw, remainder_last = _plan_sides(raw_sizes | "RawIds" >> beam.Keys(), n)
+    plan = self._plan
+    if plan is None:
+      plan = raw_sizes | "RawIds" >> beam.Keys() | "Plan" >> PlanPseudoClients(n)
     return raw_sizes | "Sizes" >> beam.FlatMap(
         lambda raw, num, last: [(cid, raw[0], raw[1])
                                 for cid, _ in pseudo_clients_of(raw[0], num, last, n)],
-        beam.pvalue.AsSingleton(num_raw), beam.pvalue.AsSingleton(remainder_last))
+        beam.pvalue.AsSingleton(plan["num_raw"]), beam.pvalue.AsSingleton(plan["remainder_last"]))

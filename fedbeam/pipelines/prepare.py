@@ -24,7 +24,7 @@ from fedbeam.element_spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
 from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
-                                         PseudoClientSizes, load_transform)
+                                         PlanPseudoClients, PseudoClientSizes, load_transform)
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.local_runner import guard_local_runner
 from fedbeam.pipelines.records import InputError
@@ -171,37 +171,38 @@ class PrepareStore(beam.PTransform):
       spec = pbegin | "ElementSpec" >> beam.Create([c.element_spec])
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
-    clients = inputs | "GroupByClient" >> GroupByClient(
-        spec, c.order_by, declared_clients=sources.declares_clients(c.input_format))
+    declares = sources.declares_clients(c.input_format)
+    clients = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by, declared_clients=declares)
     accounted = _account_for_every_record(inputs["records"], clients)
-    # Counts the steps after grouping need as side inputs come from the ids
-    # alone, so the grouped examples flow through expansion and writing in one
-    # pass instead of being held back until a count over them is done.
+    # What the steps after grouping need as side inputs (expansion counts, the
+    # planned number of clients, the split) comes from ids and sizes alone, so
+    # the grouped examples flow through expansion and writing in one pass.
     record_ids = inputs["records"] | "RecordIds" >> beam.Map(lambda r: (r.client_id, 1))
-    if sources.declares_clients(c.input_format):
+    if declares:
       declared = inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0))
       record_ids = (record_ids, declared) | "MergeIds" >> beam.Flatten()
     # Without a Flatten the count is combined in the reading stage, so one
     # partial count per client and bundle leaves it instead of one per record.
     raw_sizes = record_ids | "RawClientSizes" >> beam.CombinePerKey(sum)
     raw_ids = raw_sizes | "RawIds" >> beam.Keys()
-    num_raw = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
     if c.expands:
+      plan = raw_ids | "PlanPseudoClients" >> PlanPseudoClients(c.num_transformed_clients)
       clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
           c.transform if c.transform is not None else identity, c.num_transformed_clients, spec,
-          raw_ids=raw_ids)
+          plan=plan)
       n = c.num_transformed_clients
-      num_clients_hint = num_raw | "ExpandedCount" >> beam.Map(
+      planned_clients = plan["num_raw"] | "ExpandedCount" >> beam.Map(
           lambda raw: raw if n is None else max(n, raw))
     else:
-      num_clients_hint = num_raw
+      planned_clients = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
     clients, reports = checked["clients"], [accounted]
     if c.splits:
       # The split is chosen from the sizes the clients will have, so the
       # clients flow straight from expansion to the writer.
       if c.expands:
-        sizes = raw_sizes | "PseudoClientSizes" >> PseudoClientSizes(c.num_transformed_clients)
+        sizes = raw_sizes | "PseudoClientSizes" >> PseudoClientSizes(
+            c.num_transformed_clients, plan=plan)
       else:
         sizes = raw_sizes | "UnexpandedSizes" >> beam.MapTuple(lambda cid, num: (cid, cid, num))
       if c.empty_clients == "drop":
@@ -213,7 +214,7 @@ class PrepareStore(beam.PTransform):
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
         job_key=self._job_key, empty_report=checked["report"],
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
-        num_clients_hint=num_clients_hint)
+        planned_clients=planned_clients)
 
 
 class RecordCountMismatchError(RuntimeError):

@@ -375,12 +375,14 @@ class WriteStore(beam.PTransform):
   def __init__(self, root: str, spec, *, num_shards: Optional[int] = None,
                parameters: Optional[Mapping[str, Any]] = None, job_key: str = "",
                empty_report=None, empty_policy: str = "keep", reports=(),
-               overwrite: bool = False, num_clients_hint=None):
-    """`num_clients_hint`: optional singleton PCollection[int], about the number of
-    clients, that picks the default shard count without counting `clients`
-    (which would hold every client back until the count is done)."""
+               overwrite: bool = False, planned_clients=None):
+    """`planned_clients`: optional singleton PCollection[int], the number of
+    clients the job makes before empty ones are dropped, known without
+    counting `clients` (which would hold every client back until the count is
+    done). It picks the default shard count, and the commit fails unless
+    that many files (less the dropped ones) were written."""
     super().__init__()
-    self._num_clients_hint = num_clients_hint
+    self._planned_clients = planned_clients
     self._overwrite = overwrite
     self._data_dir = sf.data_dir_name(hashlib.sha256(job_key.encode()).hexdigest()
                                       if len(job_key) < 16 else job_key)
@@ -398,7 +400,7 @@ class WriteStore(beam.PTransform):
     p = clients.pipeline
     num_clients = clients | "CountClients" >> beam.combiners.Count.Globally()
     if self._num_shards is None:
-      basis = num_clients if self._num_clients_hint is None else self._num_clients_hint
+      basis = num_clients if self._planned_clients is None else self._planned_clients
       num_shards = basis | "PickNumShards" >> beam.Map(sf.default_num_shards)
     else:
       fixed = self._num_shards
@@ -441,10 +443,9 @@ class WriteStore(beam.PTransform):
     )
     if self._empty_report is not None:
       side["empty_report"] = beam.pvalue.AsSingleton(self._empty_report)
-    if self._num_clients_hint is not None:
-      # The hint is the exact number of clients the job plans (raw clients,
-      # or N with expansion); fewer files than that means lost data.
-      side["expected_clients"] = beam.pvalue.AsSingleton(self._num_clients_hint)
+    if self._planned_clients is not None:
+      # Fewer files than planned means the runner lost data.
+      side["expected_clients"] = beam.pvalue.AsSingleton(self._planned_clients)
     if self._reports:
       side["reports"] = beam.pvalue.AsList(
           tuple(self._reports) | "MergeReports" >> beam.Flatten())
