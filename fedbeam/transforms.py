@@ -113,33 +113,26 @@ class AffineTransform:
           images=images, transforms=transform, output_shape=tf.constant([height, width]),
           fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
 
-    def image_size(shape, batched: bool):
-      dims = shape[1:] if batched else shape
-      if dims.rank not in (2, 3) or not dims[:2].is_fully_defined():
-        raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image, "
-                         f"got shape {dims}")
-      return int(dims[0]), int(dims[1]), dims.rank
-
-    def warp(element):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      image = element[feature]
-      height, width, rank = image_size(image.shape, batched=False)
-      batch = tf.cast(image if rank == 3 else image[..., tf.newaxis], tf.float32)[tf.newaxis]
-      warped = warp_images(batch, height, width)[0]
-      out = dict(element)
-      out[feature] = tf.cast(warped if rank == 3 else warped[..., 0], image.dtype)
-      return type(element)(out)
-
     def warp_all(elements):
       # The same warp for every element of the pseudo-client, as one op.
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       images = elements[feature]
-      height, width, rank = image_size(images.shape, batched=True)
-      batch = tf.cast(images if rank == 3 else images[..., tf.newaxis], tf.float32)
+      dims = images.shape[1:]
+      if dims.rank not in (2, 3) or not dims[:2].is_fully_defined():
+        raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image, "
+                         f"got shape {dims}")
+      height, width = int(dims[0]), int(dims[1])
+      batch = tf.cast(images if dims.rank == 3 else images[..., tf.newaxis], tf.float32)
       warped = warp_images(batch, height, width)
       out = dict(elements)
-      out[feature] = tf.cast(warped if rank == 3 else warped[..., 0], images.dtype)
+      out[feature] = tf.cast(warped if dims.rank == 3 else warped[..., 0], images.dtype)
       return type(elements)(out)
+
+    def warp(element):
+      # One element is a batch of one.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      one = warp_all(type(element)((k, tf.expand_dims(v, 0)) for k, v in element.items()))
+      return type(element)((k, v[0]) for k, v in one.items())
 
     warp.fedbeam_batch_fn = warp_all
     return warp

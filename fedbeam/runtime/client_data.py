@@ -469,7 +469,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
 
       @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
       def client_tensors(client_id):
-        records = tf.data.TFRecordDataset(path_fn(client_id), buffer_size=_READ_BUFFER_BYTES)
+        records = _read_records(path_fn(client_id))
         # An empty client yields no batch; the appended empty batch stands in.
         whole = (records.batch(_WHOLE_CLIENT_BATCH)
                  .concatenate(tf.data.Dataset.from_tensors(no_record))
