@@ -290,9 +290,7 @@ def main(argv=None) -> int:
   result = {
       "benchmark": "elements dropped by the local FnApiRunner's data plane",
       "run_id": run_id,
-      "command": ".venv/bin/python -m bench.beam_data_plane_loss"
-                 + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-                 + " > build/bench/logs/beam_data_plane_loss.log 2>&1",
+      "command": wl.command_line("bench.beam_data_plane_loss", argv),
       "parameters": {"files": args.files, "per_file": args.per_file,
                      "value_bytes": args.value_bytes, "workers": args.workers, "modes": modes,
                      "runs": args.runs},

@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from bench import workload as wl
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "expansion.json")
 README = os.path.join(ROOT, "bench", "README.md")
@@ -355,9 +357,7 @@ def main(argv=None) -> int:
     base = per_round["fedbeam_store"]["median_s"]
     result = {
         "benchmark": "pseudo-client expansion: per-round materialization of sampled clients",
-        "command": " ".join([".venv/bin/python -m bench.bench_expansion"]
-                            + (argv if argv is not None else sys.argv[1:])
-                            + ["> /tmp/bench_expansion.log 2>&1"]),
+        "command": wl.command_line("bench.bench_expansion", argv),
         "config": {
             "raw_clients": args.raw_clients, "raw_examples": raw_examples,
             "mean_examples_target": args.mean_examples,

@@ -763,9 +763,7 @@ def main(argv=None) -> int:
   parts = set(args.parts.split(","))
   result = {
       "benchmark": "per-round consumption of sampled clients; expansion; streaming",
-      "command": ".venv/bin/python -m bench.bench_loading"
-                 + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-                 + " > build/bench/logs/bench_loading.log 2>&1",
+      "command": wl.command_line("bench.bench_loading", argv),
       "config": {"workload": workload.size_summary(), "workload_name": workload.name,
                  "rounds": args.rounds, "warmup_rounds": 1,
                  "clients_per_round": args.clients_per_round, "batch_size": args.batch_size,

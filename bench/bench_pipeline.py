@@ -441,9 +441,7 @@ def main(argv=None) -> int:
   result = {
       "benchmark": "pipeline throughput and peak memory",
       "run_id": run_id,
-      "command": ".venv/bin/python -m bench.bench_pipeline"
-                 + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-                 + " > build/bench/logs/bench_pipeline.log 2>&1",
+      "command": wl.command_line("bench.bench_pipeline", argv),
       "beam_args": list(wl.BEAM_LOCAL_ARGS),
       "rows": rows,
       "grouper_versions": grouper_versions,

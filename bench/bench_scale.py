@@ -377,9 +377,7 @@ def main(argv=None) -> int:
   mach = wl.machine()
   parts = set(args.parts.split(","))
   result = {"benchmark": "scaling of loading and per-round reading",
-            "command": ".venv/bin/python -m bench.bench_scale"
-                       + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
-                       + " > build/bench/logs/bench_scale.log 2>&1",
+            "command": wl.command_line("bench.bench_scale", argv),
             "config": {"tiny_clients": args.tiny_clients, "round_clients": args.round_clients,
                        "rounds": args.rounds, "clients_per_round": args.clients_per_round,
                        "sql_clients": args.sql_clients, "batch_size": args.batch_size,

@@ -57,6 +57,17 @@ def _bars(ax, rows: dict, key: str, title: str, xlabel: str, scale: float = 1.0)
   ax.grid(axis="x", which="both", alpha=0.3)
 
 
+def _log_log(axes_and_labels, xlabel: str) -> None:
+  """Log-log axes with a grid and a legend; `axes_and_labels`: (axes, y label) pairs."""
+  for ax, ylabel in axes_and_labels:
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def per_round_chart(plt, loading: dict, out: str) -> None:
   panels = []
   if "loading" in loading:
@@ -126,13 +137,8 @@ def load_scaling_chart(plt, scale: dict, out: str) -> None:
            label=label)
   a.axhline(1.0, color="k", lw=0.8, ls=":", label="target: 1 s")
   b.axhline(200, color="k", lw=0.8, ls=":", label="target: 200 MB")
-  for ax, ylabel in ((a, "seconds until client_ids is ready"), (b, "peak RSS growth, MB")):
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("clients (log)")
-    ax.set_ylabel(ylabel)
-    ax.grid(which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+  _log_log(((a, "seconds until client_ids is ready"), (b, "peak RSS growth, MB")),
+           "clients (log)")
   fig.suptitle("Loading a dataset vs number of clients", fontsize=10)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
@@ -159,15 +165,9 @@ def pipeline_chart(plt, pipeline: dict, out: str) -> None:
     xs = [p[0] for p in pts]
     a.plot(xs, [p[1]["pipeline_s"] for p in pts], marker="o", label=name, color=palette.get(name))
     b.plot(xs, [p[1].get("peak_pss_mb", p[1]["peak_rss_mb"]) / 1024 for p in pts], marker="o",
-           label=name,
-           color=palette.get(name))
-  for ax, ylabel in ((a, "pipeline seconds"), (b, "peak PSS of the process tree, GiB")):
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("input examples (log)")
-    ax.set_ylabel(ylabel)
-    ax.grid(which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+           label=name, color=palette.get(name))
+  _log_log(((a, "pipeline seconds"), (b, "peak PSS of the process tree, GiB")),
+           "input examples (log)")
   fig.suptitle("Building client datasets: 1x, 3x and 10x data (Beam: 2 worker processes; "
                "missing points: the run did not complete)", fontsize=10)
   fig.tight_layout()

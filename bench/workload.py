@@ -138,47 +138,33 @@ def _shifted_glyphs() -> np.ndarray:
   return out
 
 
-# --- tf.train.Example encoding (protobuf wire format, deterministic field order) -------
+# --- tf.train.Example encoding (fedbeam's deterministic encoder) ----------------------
 
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
+_CLIENT_ID_JSON = {"client_id": {"dtype": "string", "shape": []}}
 
 
-def _field(payload: bytes, tag: int = 0x0A) -> bytes:
-  return bytes([tag]) + _varint(len(payload)) + payload
+@functools.lru_cache(maxsize=None)
+def _example_spec(features_json: str, with_id: bool):
+  from fedbeam.element_spec import ElementSpec  # pylint: disable=g-import-not-at-top
+  features = json.loads(features_json)
+  return ElementSpec.from_json({**_CLIENT_ID_JSON, **features} if with_id else features)
 
 
-def _entry(name: str, feature: bytes) -> bytes:
-  return _field(_field(name.encode("utf-8")) + _field(feature, 0x12))
-
-
-def encode_example(label: int, pixels_le_f32: bytes, client_id: Optional[str] = None) -> bytes:
-  """Serialized `tf.train.Example` {client_id?: bytes, label: int64, pixels: float[784]}.
-
-  Same bytes as protobuf's deterministic serialization (map keys sorted).
-  """
-  entries = []
-  if client_id is not None:
-    entries.append(_entry("client_id", _field(_field(client_id.encode("utf-8")))))
-  entries.append(_entry("label", b"\x1A" + _varint(len(_field(_varint(label)))) +
-                        _field(_varint(label))))
-  entries.append(_entry("pixels", _field(_field(pixels_le_f32), 0x12)))
-  return _field(b"".join(entries))
+def encode_client(columns: dict, features_json: dict, client_id: str, with_id: bool
+                  ) -> list[bytes]:
+  """A client's examples (`columns`: feature -> values stacked on axis 0) as serialized
+  `tf.train.Example`s, with a `client_id` feature when `with_id`; protobuf's
+  deterministic bytes (fedbeam.store_format.encode_examples)."""
+  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  n = len(next(iter(columns.values())))
+  if with_id:
+    columns = dict(columns, client_id=np.array([client_id.encode("utf-8")] * n, dtype=object))
+  return sf.encode_examples(columns, _example_spec(json.dumps(features_json), with_id), n)
 
 
 def client_records(workload: Workload, client_id: str, with_id: bool) -> list[bytes]:
   labels, pixels = workload.client_arrays(client_id)
-  flat = pixels.reshape(len(labels), -1).astype("<f4")
-  cid = client_id if with_id else None
-  return [encode_example(int(l), flat[j].tobytes(), cid) for j, l in enumerate(labels)]
+  return encode_client({"label": labels, "pixels": pixels}, ELEMENT_SPEC_JSON, client_id, with_id)
 
 
 # --- cached artifacts ----------------------------------------------------------------
@@ -481,7 +467,7 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
           except psutil.Error:
-            pass
+            pass  # The process ended between listing and reading it.
         peak["rss"] = max(peak["rss"], rss)
         peak["pss"] = max(peak["pss"], pss)
         available = psutil.virtual_memory().available
@@ -490,7 +476,7 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
           try:
             os.killpg(proc.pid, 9)
           except OSError:
-            pass
+            pass  # Already gone.
           break
         stop.wait(poll_s)
 
@@ -525,6 +511,14 @@ def failure_reason(row: dict) -> str:
 
 # --- reporting helpers ------------------------------------------------------------
 
+def command_line(module: str, argv=None, log_name: Optional[str] = None) -> str:
+  """How a benchmark was run, for its report: `.venv/bin/python -m MODULE ARGS > LOG 2>&1`."""
+  args = list(argv if argv is not None else sys.argv[1:])
+  log_name = log_name or module.rsplit(".", 1)[-1]
+  return (f".venv/bin/python -m {module}" + "".join(f" {a}" for a in args)
+          + f" > build/bench/logs/{log_name}.log 2>&1")
+
+
 def machine() -> dict:
   cpu = platform.processor() or platform.machine()
   try:
@@ -532,13 +526,9 @@ def machine() -> dict:
       names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
     cpu = names[0] if names else cpu
   except OSError:
-    pass
-  mem = None
-  try:
-    import psutil  # pylint: disable=g-import-not-at-top
-    mem = round(psutil.virtual_memory().total / 2 ** 30, 1)
-  except ImportError:
-    pass
+    pass  # No /proc (not Linux): keep platform's answer.
+  import psutil  # pylint: disable=g-import-not-at-top
+  mem = round(psutil.virtual_memory().total / 2 ** 30, 1)
   return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": mem, "platform": platform.platform(),
           "loadavg_at_start": list(os.getloadavg())}
 
@@ -617,23 +607,12 @@ class TinyWorkload:
     return int(sum(self.sizes.values()))
 
 
-def _tiny_example(label: int, x_le_f32: bytes, client_id: Optional[str] = None) -> bytes:
-  entries = []
-  if client_id is not None:
-    entries.append(_entry("client_id", _field(_field(client_id.encode("utf-8")))))
-  entries.append(_entry("label", b"\x1A" + _varint(len(_field(_varint(label)))) +
-                        _field(_varint(label))))
-  entries.append(_entry("x", _field(_field(x_le_f32), 0x12)))
-  return _field(b"".join(entries))
-
-
 def tiny_client_records(workload: TinyWorkload, client_id: str, with_id: bool) -> list[bytes]:
   rng = np.random.default_rng([workload.seed, 0x7118, int(client_id[1:])])
   n = workload.sizes[client_id]
-  labels = rng.integers(0, 10, size=n)
-  xs = rng.random((n, 4), dtype=np.float32).astype("<f4")
-  cid = client_id if with_id else None
-  return [_tiny_example(int(l), xs[j].tobytes(), cid) for j, l in enumerate(labels)]
+  labels = rng.integers(0, 10, size=n).astype(np.int32)
+  xs = rng.random((n, 4), dtype=np.float32)
+  return encode_client({"label": labels, "x": xs}, TINY_SPEC_JSON, client_id, with_id)
 
 
 def ensure_tiny_input(workload: TinyWorkload, workdir: str = DEFAULT_WORKDIR, log=print) -> str:
