@@ -4,9 +4,10 @@ A `make_transform_fn(raw_client_id: str, index: int)` returns `fn(element) ->
 element` (as in `tf.data.Dataset.map`) or None for "no transformation"
 (the contract of `tff.simulation.TransformingClientData`). A `fn` may also
 carry `fn.fedbeam_batch_fn(elements) -> elements`, the same transform applied
-to all of a client's elements stacked on axis 0; the pipeline then calls it
-once per pseudo-client instead of mapping element by element (the built-in
-affine warp does, and tests pin both forms to the same output). Reference them
+to all of a client's elements stacked on axis 0 as numpy arrays; the pipeline
+then calls it once per pseudo-client instead of mapping element by element
+(the built-in affine warp does, in numpy, and tests pin both forms to the same
+bits). Reference them
 from the CLI as `fedbeam.transforms:identity` or
 `fedbeam.transforms:random_affine`.
 
@@ -64,6 +65,57 @@ def affine_matrix(angle_deg: float, shear: float, scale_x: float, scale_y: float
   return out
 
 
+def _check_image_shape(feature: str, rank: Optional[int], known_size: bool) -> None:
+  if rank not in (2, 3) or not known_size:
+    raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image of known "
+                     f"height and width, got rank {rank}")
+
+
+def bilinear_warp(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+  """Warps float32 images [N, H, W, C] by one projective map, as TensorFlow does.
+
+  `inverse` (3x3) maps output pixel (x, y, 1) to input pixel coordinates.
+  Computes, in float32 and in the same order of operations, what
+  `tf.raw_ops.ImageProjectiveTransformV3(interpolation="BILINEAR",
+  fill_mode="NEAREST", fill_value=0)` computes (its kernel in
+  tensorflow/core/kernels/image/image_ops.h), so the two agree bit for bit
+  (`tests/test_transforms.py` pins them). All images share the map, so the
+  sampling positions and weights are computed once for the batch.
+  """
+  n, height, width, channels = images.shape
+  t = np.array([inverse[0, 0], inverse[0, 1], inverse[0, 2], inverse[1, 0], inverse[1, 1],
+                inverse[1, 2], inverse[2, 0], inverse[2, 1]], np.float32)
+  out_y, out_x = np.meshgrid(np.arange(height, dtype=np.float32),
+                             np.arange(width, dtype=np.float32), indexing="ij")
+  projection = t[6] * out_x + t[7] * out_y + np.float32(1)
+  in_x = (t[0] * out_x + t[1] * out_y + t[2]) / projection
+  in_y = (t[3] * out_x + t[4] * out_y + t[5]) / projection
+  # fill_mode NEAREST clamps the sampling position into the image.
+  x = np.minimum(np.maximum(in_x, np.float32(0)), np.float32(width - 1))
+  y = np.minimum(np.maximum(in_y, np.float32(0)), np.float32(height - 1))
+  x_floor, y_floor = np.floor(x), np.floor(y)
+  x_ceil, y_ceil = x_floor + np.float32(1), y_floor + np.float32(1)
+  # The ceiling may fall one past the last row or column, where TensorFlow
+  # reads fill_value (0): pad with it rather than branch.
+  padded = np.zeros((n, height + 1, width + 1, channels), np.float32)
+  padded[:, :height, :width] = images
+  flat = padded.reshape(n, (height + 1) * (width + 1), channels)
+  row = y_floor.astype(np.int64) * (width + 1)
+  col = x_floor.astype(np.int64)
+
+  def read(offset_rows: int, offset_cols: int) -> np.ndarray:
+    index = (row + offset_rows * (width + 1) + col + offset_cols).reshape(-1)
+    return flat[:, index].reshape(n, height, width, channels)
+
+  w_x_floor = (x_ceil - x)[..., np.newaxis]
+  w_x_ceil = (x - x_floor)[..., np.newaxis]
+  w_y_floor = (y_ceil - y)[..., np.newaxis]
+  w_y_ceil = (y - y_floor)[..., np.newaxis]
+  value_y_floor = w_x_floor * read(0, 0) + w_x_ceil * read(0, 1)
+  value_y_ceil = w_x_floor * read(1, 0) + w_x_ceil * read(1, 1)
+  return w_y_floor * value_y_floor + w_y_ceil * value_y_ceil
+
+
 @dataclasses.dataclass(frozen=True)
 class AffineTransform:
   """A make_transform_fn: a random affine warp of one image feature per pseudo-client.
@@ -100,39 +152,43 @@ class AffineTransform:
     params = self.parameters(raw_client_id, index)
     feature = self.feature
 
-    def warp_images(images, height: int, width: int):
-      """[N, H, W, C] float32 -> the same images warped."""
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      inv = affine_matrix(params["angle_deg"], params["shear"], params["scale_x"],
-                          params["scale_y"], params["tx_frac"] * width,
-                          params["ty_frac"] * height, height, width)
-      transform = tf.constant([[inv[0, 0], inv[0, 1], inv[0, 2], inv[1, 0], inv[1, 1],
-                                inv[1, 2], inv[2, 0], inv[2, 1]]], tf.float32)
-      transform = tf.tile(transform, [tf.shape(images)[0], 1])
-      return tf.raw_ops.ImageProjectiveTransformV3(
-          images=images, transforms=transform, output_shape=tf.constant([height, width]),
-          fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
-
-    def warp_all(elements):
-      # The same warp for every element of the pseudo-client, as one op.
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      images = elements[feature]
-      dims = images.shape[1:]
-      if dims.rank not in (2, 3) or not dims[:2].is_fully_defined():
-        raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image, "
-                         f"got shape {dims}")
-      height, width = int(dims[0]), int(dims[1])
-      batch = tf.cast(images if dims.rank == 3 else images[..., tf.newaxis], tf.float32)
-      warped = warp_images(batch, height, width)
-      out = dict(elements)
-      out[feature] = tf.cast(warped if dims.rank == 3 else warped[..., 0], images.dtype)
-      return type(elements)(out)
+    def inverse(height: int, width: int) -> np.ndarray:
+      return affine_matrix(params["angle_deg"], params["shear"], params["scale_x"],
+                           params["scale_y"], params["tx_frac"] * width,
+                           params["ty_frac"] * height, height, width)
 
     def warp(element):
-      # One element is a batch of one.
+      # What tf.data maps (traced, graph mode): TensorFlow's projective warp op.
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      one = warp_all(type(element)((k, tf.expand_dims(v, 0)) for k, v in element.items()))
-      return type(element)((k, v[0]) for k, v in one.items())
+      image = element[feature]
+      dims = image.shape
+      _check_image_shape(feature, dims.rank, dims[:2].is_fully_defined() if dims.rank else False)
+      height, width = int(dims[0]), int(dims[1])
+      inv = inverse(height, width)
+      transform = tf.constant([[inv[0, 0], inv[0, 1], inv[0, 2], inv[1, 0], inv[1, 1],
+                                inv[1, 2], inv[2, 0], inv[2, 1]]], tf.float32)
+      batch = tf.cast(image if dims.rank == 3 else image[..., tf.newaxis], tf.float32)
+      warped = tf.raw_ops.ImageProjectiveTransformV3(
+          images=batch[tf.newaxis], transforms=transform,
+          output_shape=tf.constant([height, width]), fill_value=0.0,
+          interpolation="BILINEAR", fill_mode="NEAREST")[0]
+      out = dict(element)
+      out[feature] = tf.cast(warped if dims.rank == 3 else warped[..., 0], image.dtype)
+      return type(element)(out)
+
+    def warp_all(elements):
+      # What the pipeline calls: every element of the pseudo-client at once,
+      # in numpy, so a worker need not load TensorFlow.
+      images = np.asarray(elements[feature])
+      dims = images.shape[1:]
+      _check_image_shape(feature, len(dims), True)
+      batch = images.astype(np.float32, copy=False)
+      warped = bilinear_warp(batch if len(dims) == 3 else batch[..., np.newaxis],
+                             inverse(dims[0], dims[1]))
+      out = dict(elements)
+      out[feature] = (warped if len(dims) == 3 else warped[..., 0]).astype(images.dtype,
+                                                                           copy=False)
+      return type(elements)(out)
 
     warp.fedbeam_batch_fn = warp_all
     return warp

@@ -50,6 +50,18 @@ def test_pipeline_worker_code_paths_do_not_import_tensorflow(tmp_path):
       sf.client_relative_path("client_ü", "train", 64)
       sf.client_file_name("x" * 400)
       store_writer.sweep_directory({str(tmp_path)!r}, [])
+      # Expansion with a transform that has a numpy batch form (the built-in warp).
+      import numpy as np
+      from fedbeam import transforms
+      from fedbeam.element_spec import ElementSpec, FeatureSpec
+      from fedbeam.pipelines import expansion
+      spec = ElementSpec((FeatureSpec("label", "int32", ()),
+                          FeatureSpec("pixels", "float32", (4, 4))))
+      records = sf.encode_examples({{"label": np.arange(3, dtype=np.int32),
+                                    "pixels": np.arange(48, dtype=np.float32).reshape(3, 4, 4)}},
+                                   spec, 3)
+      warped = expansion.apply_transform(transforms.random_affine, "c", 1, records, spec)
+      assert len(warped) == 3 and warped != records
       print("tensorflow" in sys.modules)
       """)
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

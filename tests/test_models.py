@@ -44,6 +44,52 @@ def test_image_preprocess_accepts_flat_pixels():
   assert example["x"].shape == (8, 8) and example["y"].shape == ()
 
 
+def _both_forms(preprocess, elements):
+  """(per-element examples stacked, batch-form examples) as numpy."""
+  dataset = tf.data.Dataset.from_tensor_slices(elements)
+  per_element = _examples(preprocess(dataset))
+  stacked = {k: np.stack([e[k] for e in per_element]) for k in ("x", "y")}
+  batched = {k: v.numpy() for k, v in
+             preprocess.fedbeam_batch_fn(elements).items()}
+  return stacked, batched
+
+
+def test_image_preprocess_batch_form_equals_per_element_form():
+  rng = np.random.default_rng(3)
+  pixels = (rng.random((6, 64)) * 32 - 16).astype(np.float32)
+  pixels[2] = 0.0  # The 1e-6 floor of the scale.
+  elements = collections.OrderedDict(
+      pixels=pixels, label=rng.integers(0, 10, (6, 1)).astype(np.int64))
+  stacked, batched = _both_forms(models.image_preprocess(8, 8), elements)
+  for key in ("x", "y"):
+    assert batched[key].dtype == stacked[key].dtype
+    np.testing.assert_array_equal(batched[key], stacked[key])
+  assert batched["x"].shape == (6, 8, 8) and batched["y"].shape == (6,)
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "emnist-cnn"])
+def test_builtin_image_batch_form_equals_per_element_form(name):
+  data = STORE_LIKE_DATA[name]()
+  preprocess = models.get_model(name).preprocess
+  for client_id in data.client_ids:
+    elements = (data.create_tf_dataset_for_client(client_id)
+                .batch(1000).get_single_element())
+    stacked, batched = _both_forms(preprocess, elements)
+    for key in ("x", "y"):
+      assert batched[key].dtype == stacked[key].dtype
+      np.testing.assert_array_equal(batched[key], stacked[key])
+
+
+def test_image_preprocess_refuses_images_of_another_size_in_both_forms():
+  preprocess = models.image_preprocess(8, 8)
+  elements = collections.OrderedDict(pixels=np.ones((2, 7, 7), np.float32),
+                                     label=np.zeros(2, np.int32))
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    _examples(preprocess(tf.data.Dataset.from_tensor_slices(elements)))
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    preprocess.fedbeam_batch_fn(elements)
+
+
 def test_char_ids_map_printable_ascii_and_frame_the_snippet():
   ids = models.char_ids(tf.constant("a b\né")).numpy().tolist()
   # BOS, 'a', ' ', 'b', newline, OOV for 'é', EOS.

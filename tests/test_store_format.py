@@ -289,3 +289,90 @@ def test_encode_examples_gives_encode_example_bytes_for_every_dtype():
   want = [sf.encode_example({k: e[k] for k in fixed.names}, fixed) for e in elements]
   assert sf.encode_examples(columns, fixed, len(elements)) == want
   assert sf.encode_examples({n: c[:0] for n, c in columns.items()}, fixed, 0) == []
+
+
+def _fixed_elements(count: int):
+  spec, element = _spec_and_element(1)
+  fixed = ElementSpec(tuple(f for f in spec.features if not f.is_variable_length))
+  rng = np.random.default_rng(11)
+  elements = [{k: element[k] for k in fixed.names}]
+  for _ in range(count - 1):  # Permuted values: other varint lengths, other floats.
+    elements.append({k: rng.permutation(v.reshape(-1)).reshape(v.shape) if v.size > 1 else v
+                     for k, v in elements[0].items()})
+  return fixed, elements
+
+
+def test_decode_examples_equals_tensorflows_batch_parse_for_every_dtype():
+  fixed, elements = _fixed_elements(6)
+  records = [sf.encode_example(e, fixed) for e in elements]
+  decoded = sf.decode_examples(records, fixed)
+  parsed = sf.make_batch_parser(fixed)(tf.constant(records))
+  assert list(decoded) == fixed.names
+  for name in fixed.names:
+    _assert_exact(name, decoded[name], parsed[name].numpy())
+    for i, e in enumerate(elements):
+      _assert_exact(f"{name}[{i}]", decoded[name][i], e[name])
+  assert {n: v.shape for n, v in sf.decode_examples([], fixed).items()} == {
+      f.name: (0,) + f.shape for f in fixed.features}
+
+
+def _entry(key: bytes, feature: bytes) -> bytes:
+  body = b"\x0a" + bytes([len(key)]) + key + b"\x12" + bytes([len(feature)]) + feature
+  return b"\x0a" + bytes([len(body)]) + body
+
+
+def _record(*entries: bytes) -> bytes:
+  features = b"".join(entries)
+  return b"\x0a" + bytes([len(features)]) + features
+
+
+def test_decode_examples_reads_any_serializer_output_like_tensorflow():
+  # Unpacked numbers, entries in any order, an extra feature, a repeated key
+  # (the later entry wins) and the `features` field given twice (merged).
+  from fedbeam.example_proto import Example  # pylint: disable=g-import-not-at-top
+  spec = ElementSpec((FeatureSpec("v", "float32", (3,)), FeatureSpec("n", "int64", (2,)),
+                      FeatureSpec("s", "string", ())))
+  floats = np.array([1.5, -2.0, 3.25], "<f4").tobytes()
+  unpacked_floats = b"".join(b"\x0d" + floats[i:i + 4] for i in range(0, 12, 4))
+  float_list = b"\x12" + bytes([len(unpacked_floats)]) + unpacked_floats
+  int_list = b"\x1a\x05\x08\x96\x01\x08\x07"  # 150 and 7, unpacked
+  record = (_record(_entry(b"n", int_list), _entry(b"extra", b"\x12\x00"),
+                    _entry(b"s", b"\x0a\x03\x0a\x01x"), _entry(b"v", b"\x12\x00"))
+            + _record(_entry(b"v", float_list), _entry(b"s", b"\x0a\x04\x0a\x02yz")))
+  reference = Example.FromString(record)  # protobuf's own reading of the same bytes
+  assert list(reference.features.feature["v"].float_list.value) == [1.5, -2.0, 3.25]
+  decoded = sf.decode_examples([record], spec)
+  parsed = sf.make_batch_parser(spec)(tf.constant([record]))
+  for name in spec.names:
+    _assert_exact(name, decoded[name], parsed[name].numpy())
+  assert decoded["n"].tolist() == [[150, 7]] and decoded["s"].tolist() == [b"yz"]
+
+
+@pytest.mark.parametrize("feature, message", [
+    (b"\x1a\x03\x0a\x01\x01\x1a\x03\x0a\x01\x07", "more than one list field"),
+    (b"\x1a\x06\x0a\x01\x01\x0a\x01\x07", "packed values in more than one piece"),
+])
+def test_decode_examples_refuses_encodings_tensorflow_reads_otherwise(feature, message):
+  # Protobuf would merge both lists; TensorFlow's parser reads only the first.
+  spec = ElementSpec((FeatureSpec("n", "int64", (2,)),))
+  with pytest.raises(sf.RecordDecodeError, match=message):
+    sf.decode_examples([_record(_entry(b"n", feature))], spec)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r[:-3], "record 1: .*"),
+    (lambda r: sf.encode_example({"v": np.zeros(2, np.float32)},
+                                 ElementSpec((FeatureSpec("v", "float32", (2,)),))),
+     "record 1: feature 'v' has 2 values, which does not fit shape \\[3\\]"),
+    (lambda r: sf.encode_example({"w": np.zeros(3, np.float32)},
+                                 ElementSpec((FeatureSpec("w", "float32", (3,)),))),
+     "record 1: feature 'v' is missing"),
+    (lambda r: sf.encode_example({"v": np.zeros(3, np.int64)},
+                                 ElementSpec((FeatureSpec("v", "int64", (3,)),))),
+     "record 1: feature 'v' holds a int64_list, the element spec \\(float32\\) needs a float_list"),
+])
+def test_decode_examples_names_the_record_and_feature_at_fault(change, message):
+  spec = ElementSpec((FeatureSpec("v", "float32", (3,)),))
+  good = sf.encode_example({"v": np.ones(3, np.float32)}, spec)
+  with pytest.raises(sf.RecordDecodeError, match=message):
+    sf.decode_examples([good, change(good)], spec)

@@ -19,12 +19,14 @@ function or a picklable callable, or as a 'module:function' reference.
 
 from __future__ import annotations
 
+import collections
 import importlib
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import apache_beam as beam
+import numpy as np
 
-from fedbeam.element_spec import ElementSpec
+from fedbeam.element_spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam import store_format as sf
@@ -160,25 +162,29 @@ class _ExpandClient(beam.DoFn):
 
 
 class _ParsedClient:
-  """A raw client's records parsed once, stacked on axis 0, shared by its pseudo-clients.
+  """A raw client's records decoded once, stacked on axis 0, shared by its pseudo-clients.
 
-  None for specs with variable-length features (stacking would pad them).
+  `arrays()` is None for specs with variable-length features (stacking would
+  pad them). Decoding is numpy (`store_format.decode_examples`), so a worker
+  whose transforms have a numpy batch form never loads TensorFlow.
   """
 
   def __init__(self, records: list[bytes], spec: ElementSpec):
     self._records = records
     self._spec = spec
-    self._stacked = None
+    self._arrays = None
 
-  def stacked(self):
-    if self._stacked is None and self._records and not sf.has_variable_length(self._spec):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._stacked = sf.make_batch_parser(self._spec)(tf.constant(self._records, tf.string))
-    return self._stacked
+  def arrays(self) -> Optional["collections.OrderedDict"]:
+    if self._arrays is None and self._records and not sf.has_variable_length(self._spec):
+      try:
+        self._arrays = sf.decode_examples(self._records, self._spec)
+      except sf.RecordDecodeError as e:
+        raise ExpansionError(f"a stored record of the raw client cannot be decoded: {e}") from None
+    return self._arrays
 
 
-def _check_structure(where: str, got, spec: ElementSpec, batched: bool) -> None:
-  """Raises ExpansionError unless `got` (TensorSpecs) has the spec's features and dtypes."""
+def _check_structure(where: str, got, spec: ElementSpec) -> None:
+  """Raises ExpansionError unless `got` (TensorSpecs of one element) fits the spec."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   expected = spec.to_tensor_specs()
   if not isinstance(got, dict) or set(got) != set(expected):
@@ -188,20 +194,37 @@ def _check_structure(where: str, got, spec: ElementSpec, batched: bool) -> None:
     have = got[name]
     if not isinstance(have, tf.TensorSpec) or have.dtype != want.dtype:
       raise ExpansionError(f"{where} changed feature {name!r} from {want} to {have}")
-    shape = have.shape[1:] if batched else have.shape
-    if not want.shape.is_compatible_with(shape):
+    if not want.shape.is_compatible_with(have.shape):
       raise ExpansionError(f"{where} changed the shape of feature {name!r} from "
-                           f"{want.shape} to {shape}")
+                           f"{want.shape} to {have.shape}")
 
 
-def _encode_stacked(where: str, columns, count: int, spec: ElementSpec) -> list[bytes]:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  arrays = {f.name: np.asarray(columns[f.name]) for f in spec.features}
+def _stacked_columns(where: str, out, count: int, spec: ElementSpec) -> dict[str, np.ndarray]:
+  """A batch form's output as numpy columns; raises ExpansionError unless it fits the spec."""
+  if not isinstance(out, Mapping) or set(out) != set(spec.names):
+    keys = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+    raise ExpansionError(f"{where} changed the element structure: expected features "
+                         f"{spec.names}, got {keys}")
+  columns = {}
   for f in spec.features:
-    if arrays[f.name].shape[:1] != (count,):
-      raise ExpansionError(f"{where} returned {arrays[f.name].shape[:1]} values of feature "
+    try:
+      column = np.asarray(out[f.name])
+    except Exception as e:  # pylint: disable=broad-except
+      raise ExpansionError(f"{where} returned feature {f.name!r} that is not an array: "
+                           f"{type(e).__name__}: {e}") from None
+    want = numpy_dtype(f.dtype)
+    ok_dtype = column.dtype.kind in "OS" if f.dtype == "string" else column.dtype == want
+    if not ok_dtype:
+      raise ExpansionError(f"{where} changed feature {f.name!r} from {f.dtype} to "
+                           f"{column.dtype}")
+    if column.shape[:1] != (count,):
+      raise ExpansionError(f"{where} returned {column.shape[:1]} values of feature "
                            f"{f.name!r} for {count} elements")
-  return sf.encode_examples(arrays, spec, count)
+    if not want_shape_ok(f, column.shape[1:]):
+      raise ExpansionError(f"{where} changed the shape of feature {f.name!r} from "
+                           f"{list(f.shape)} to {list(column.shape[1:])}")
+    columns[f.name] = column
+  return columns
 
 
 def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, index: int,
@@ -233,30 +256,28 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
                          f"{type(fn).__name__}, expected a callable or None")
   if not records:
     return records
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   parsed = parsed or _ParsedClient(records, spec)
-  stacked = parsed.stacked()
+  arrays = parsed.arrays()
   batch_fn = getattr(fn, "fedbeam_batch_fn", None)
-  if stacked is not None and batch_fn is not None:
+  if arrays is not None and batch_fn is not None:
     try:
-      out = batch_fn(stacked)
-      got = {k: tf.TensorSpec.from_tensor(tf.convert_to_tensor(v)) for k, v in out.items()}
+      out = batch_fn(collections.OrderedDict(arrays))
     except Exception as e:  # pylint: disable=broad-except
       raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
-    _check_structure(where, got, spec, batched=True)
-    return _encode_stacked(where, {k: v.numpy() for k, v in out.items()}, len(records), spec)
+    return sf.encode_examples(_stacked_columns(where, out, len(records), spec), spec,
+                              len(records))
 
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    if stacked is not None:
-      dataset = tf.data.Dataset.from_tensor_slices(stacked)
+    if arrays is not None:
+      dataset = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(arrays))
     else:
       dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).map(
           sf.make_record_parser(spec))
     dataset = dataset.map(fn)
   except Exception as e:  # pylint: disable=broad-except
     raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
-  _check_structure(where, dataset.element_spec, spec, batched=False)
+  _check_structure(where, dataset.element_spec, spec)
   out = []
   try:
     for element in dataset.as_numpy_iterator():

@@ -350,6 +350,10 @@ class SimulationLoop:
         rounds (all its examples).
       preprocess: Optional map from a client's unbatched dataset to unbatched
         model examples, applied before shuffling, repeating and batching.
+        If it carries `fedbeam_batch_fn` (as the built-in models' do; see
+        `fedbeam.runtime.models`), a ClientData with `client_tensors_fn`
+        is preprocessed a whole client at a time with it; the batches are
+        the same.
       devices: Device names to spread clients over, e.g. `['/device:GPU:0',
         '/device:GPU:1']`; default `default_devices()`.
       initial_weights: Starting `ModelWeights`; default
@@ -592,6 +596,13 @@ class SimulationLoop:
     which traces its function on every call in Python) is traced once for
     all clients and rounds. A ClientData without a serializable dataset
     function falls back to `create_tf_dataset_for_client` in Python.
+
+    A ClientData with `client_tensors_fn` (a store with fixed-shape
+    features) is read a whole client at a time; a preprocess with a
+    `fedbeam_batch_fn` (see `fedbeam.runtime.models`) is then applied once
+    to those stacked tensors instead of element by element. Either way the
+    batches are the same: the preprocessed elements, in the same order,
+    through the same seeded shuffle, repeat and batch.
     """
     config = self._config
     preprocess = self._preprocess
@@ -603,13 +614,45 @@ class SimulationLoop:
     options.experimental_optimization.apply_default_optimizations = False
     options.autotune.enabled = False
 
-    def finish(dataset, seed):
-      if preprocess is not None:
-        dataset = preprocess(dataset)
+    def per_element(dataset):
+      return dataset if preprocess is None else preprocess(dataset)
+
+    try:
+      dataset_fn = self._train_data.serializable_dataset_fn
+    except (NotImplementedError, AttributeError):
+      dataset_fn = None
+    # A store reads a whole client in one vectorized parse; slicing those
+    # tensors costs less than decoding the file record by record.
+    try:
+      tensors_fn = getattr(self._train_data, "client_tensors_fn", None)
+    except ValueError:  # Variable-length features cannot be stacked.
+      tensors_fn = None
+    batch_fn = getattr(preprocess, "fedbeam_batch_fn", None)
+
+    def examples(client_id):
+      """The client's preprocessed, unbatched elements."""
+      if dataset_fn is None:
+        return per_element(self._train_data.create_tf_dataset_for_client(
+            client_id.numpy().decode("utf-8")))
+      if tensors_fn is None:
+        return per_element(dataset_fn(client_id))
+      if batch_fn is None:
+        return per_element(
+            tf.data.Dataset.from_tensor_slices(tensors_fn(client_id)))
+      # A per-element map instantiates its function for every client's
+      # dataset, which costs several times the vectorized preprocessing of
+      # the whole client (bench/bench_loading.py, training part).
+      return tf.data.Dataset.from_tensor_slices(
+          batch_fn(tensors_fn(client_id)))
+
+    def make_batches(client_id, seed):
+      dataset = examples(client_id)
       if config.shuffle_buffer > 0:
         # reshuffle_each_iteration gives each epoch its own order; all of
         # them follow from the seed, the dataset being built anew for every
-        # client and round.
+        # client and round. The order depends only on the number of
+        # elements, not on their values, so both forms of a preprocess
+        # give the same batches.
         dataset = dataset.shuffle(
             config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True
         )
@@ -617,33 +660,9 @@ class SimulationLoop:
         dataset = dataset.repeat(config.client_epochs)
       return dataset.batch(config.batch_size).with_options(options)
 
-    try:
-      dataset_fn = self._train_data.serializable_dataset_fn
-    except (NotImplementedError, AttributeError):
-      dataset_fn = None
     if dataset_fn is None:
-      return lambda client_id, seed: finish(
-          self._train_data.create_tf_dataset_for_client(
-              client_id.numpy().decode("utf-8")),
-          seed,
-      )
-
-    # A store reads a whole client in one vectorized parse; slicing those
-    # tensors costs less than decoding the file record by record.
-    try:
-      tensors_fn = getattr(self._train_data, "client_tensors_fn", None)
-    except ValueError:  # Variable-length features cannot be stacked.
-      tensors_fn = None
-    if tensors_fn is not None:
-      read = lambda client_id: tf.data.Dataset.from_tensor_slices(tensors_fn(client_id))  # noqa: E731
-    else:
-      read = dataset_fn
-
-    @tf.function
-    def make_batches(client_id, seed):
-      return finish(read(client_id), seed)
-
-    return make_batches
+      return make_batches  # Eager: create_tf_dataset_for_client needs the id in Python.
+    return tf.function(make_batches)
 
   def _batched(self, client_id: str, round_num: int) -> tf.data.Dataset:
     return self._make_batches(
