@@ -84,7 +84,7 @@ def test_image_preprocess_refuses_images_of_another_size_in_both_forms():
   preprocess = models.image_preprocess(8, 8)
   elements = collections.OrderedDict(pixels=np.ones((2, 7, 7), np.float32),
                                      label=np.zeros(2, np.int32))
-  with pytest.raises(tf.errors.InvalidArgumentError):
+  with pytest.raises(ValueError, match="Cannot reshape"):
     _examples(preprocess(tf.data.Dataset.from_tensor_slices(elements)))
   with pytest.raises(tf.errors.InvalidArgumentError):
     preprocess.fedbeam_batch_fn(elements)

@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedbeam.runtime import client_data
 from fedbeam.runtime import client_work
+from fedbeam.runtime import models
 from fedbeam.runtime import simulation
 
 NUM_CLASSES = 4
@@ -195,6 +197,87 @@ def test_client_dataset_shuffles_each_epoch_reproducibly():
     # Every epoch is a permutation of the client's examples.
     np.testing.assert_array_equal(np.sort(first[epoch * 9:(epoch + 1) * 9]),
                                   np.sort(labels))
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+  """A store of 8x8 digit-like clients with 1, 8, 15 and 22 examples."""
+  from fedbeam import testing  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(4)
+  clients = {
+      f"w{i}": [{"pixels": (rng.random((8, 8)) * 16).astype(np.float32),
+                 "label": int(rng.integers(0, 10))}
+                for _ in range(1 + 7 * i)]
+      for i in range(4)
+  }
+  return testing.prepare_store(clients, tmp_path_factory.mktemp("digits"))
+
+
+def digits_loop(data, preprocess, **overrides):
+  settings = dict(clients_per_round=2, batch_size=4, eval_every=0, seed=2)
+  settings.update(overrides)
+  return simulation.SimulationLoop(
+      models.get_model("digits-cnn").model_fn,
+      tff.learning.optimizers.build_sgdm(0.1),
+      tff.learning.optimizers.build_sgdm(1.0),
+      data, simulation.SimulationConfig(**settings), preprocess=preprocess,
+      devices=["/device:CPU:0"],
+  )
+
+
+@pytest.mark.parametrize("shuffle_buffer,client_epochs", [
+    (1000, 1), (5, 3), (0, 2)])
+def test_store_batches_from_a_batch_preprocess_equal_per_element_batches(
+    digits_store, shuffle_buffer, client_epochs):
+  data = client_data.load_client_data(digits_store)
+  spec = models.get_model("digits-cnn")
+  settings = dict(shuffle_buffer=shuffle_buffer, client_epochs=client_epochs)
+  # The batch form on the store's stacked tensors; the per-element form on
+  # the same tensors (the wrapper has no batch form); the per-element form
+  # on the records read one by one (ClientData.preprocess hides
+  # client_tensors_fn).
+  loops = [
+      digits_loop(data, spec.preprocess, **settings),
+      digits_loop(data, lambda dataset: spec.preprocess(dataset), **settings),
+      digits_loop(data.preprocess(lambda dataset: dataset), spec.preprocess,
+                  **settings),
+  ]
+  for round_num in (1, 2):
+    for client_id in data.client_ids:
+      expected = list(loops[0].client_dataset(client_id, round_num))
+      assert sum(len(b["y"]) for b in expected) == (
+          data.num_examples(client_id) * client_epochs)
+      for loop in loops[1:]:
+        batches = list(loop.client_dataset(client_id, round_num))
+        assert len(batches) == len(expected)
+        for got, want in zip(batches, expected):
+          for key in ("x", "y"):
+            assert got[key].dtype == want[key].dtype
+            np.testing.assert_array_equal(got[key].numpy(), want[key].numpy())
+
+
+def test_batch_preprocess_replaces_the_per_element_map_on_store_tensors(
+    digits_store):
+  data = client_data.load_client_data(digits_store)
+  image_preprocess = models.get_model("digits-cnn").preprocess
+  calls = collections.Counter()
+
+  def preprocess(dataset):
+    calls["per_element"] += 1
+    return image_preprocess(dataset)
+
+  def batch_fn(elements):
+    calls["batch"] += 1
+    return image_preprocess.fedbeam_batch_fn(elements)
+
+  preprocess.fedbeam_batch_fn = batch_fn
+  digits_loop(data, preprocess).run_round()
+  assert calls["per_element"] == 0 and calls["batch"] > 0
+  # Without client_tensors_fn there are no stacked tensors to give it.
+  calls.clear()
+  digits_loop(data.preprocess(lambda dataset: dataset), preprocess).run_round()
+  assert calls["per_element"] > 0 and calls["batch"] == 0
 
 
 def test_runs_are_reproducible_and_round_limited_resume_is_exact(tmp_path):

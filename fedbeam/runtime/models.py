@@ -99,9 +99,9 @@ def image_preprocess(height: int, width: int) -> Preprocess:
     carries `fedbeam_batch_fn`, the same map on a client's elements stacked
     on axis 0 (`pixels` [n, height, width] or [n, height*width], `label` [n]
     or [n, 1]) giving `OrderedDict(x=float32 [n, height, width],
-    y=int32 [n])`; an element whose pixels or label do not hold
-    height*width values or one value fails in either form
-    (InvalidArgumentError).
+    y=int32 [n])`. Pixels that are not height*width values per element, or
+    labels that are not one value, fail in either form: ValueError when
+    traced with those shapes known, else InvalidArgumentError when run.
   """
 
   def to_examples(elements):
