@@ -96,24 +96,22 @@ def bilinear_warp(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   x_floor, y_floor = np.floor(x), np.floor(y)
   x_ceil, y_ceil = x_floor + np.float32(1), y_floor + np.float32(1)
   # The ceiling may fall one past the last row or column, where TensorFlow
-  # reads fill_value (0): pad with it rather than branch.
-  padded = np.zeros((n, height + 1, width + 1, channels), np.float32)
-  padded[:, :height, :width] = images
-  flat = padded.reshape(n, (height + 1) * (width + 1), channels)
-  row = y_floor.astype(np.int64) * (width + 1)
-  col = x_floor.astype(np.int64)
-
-  def read(offset_rows: int, offset_cols: int) -> np.ndarray:
-    index = (row + offset_rows * (width + 1) + col + offset_cols).reshape(-1)
-    return flat[:, index].reshape(n, height, width, channels)
-
-  w_x_floor = (x_ceil - x)[..., np.newaxis]
-  w_x_ceil = (x - x_floor)[..., np.newaxis]
-  w_y_floor = (y_ceil - y)[..., np.newaxis]
-  w_y_ceil = (y - y_floor)[..., np.newaxis]
-  value_y_floor = w_x_floor * read(0, 0) + w_x_ceil * read(0, 1)
-  value_y_ceil = w_x_floor * read(1, 0) + w_x_ceil * read(1, 1)
-  return w_y_floor * value_y_floor + w_y_ceil * value_y_ceil
+  # reads fill_value (0): pad with it rather than branch. Pixels go first, so
+  # each read gathers whole rows (one pixel of every image and channel).
+  padded = np.zeros((height + 1, width + 1, n, channels), np.float32)
+  padded[:height, :width] = images.transpose(1, 2, 0, 3)
+  flat = padded.reshape((height + 1) * (width + 1), n * channels)
+  corner = (y_floor.astype(np.intp) * (width + 1) + x_floor.astype(np.intp)).reshape(-1)
+  v00, v01, v10, v11 = (np.take(flat, corner + offset, axis=0)
+                        for offset in (0, 1, width + 1, width + 2))
+  w_x_floor = (x_ceil - x).reshape(-1, 1)
+  w_x_ceil = (x - x_floor).reshape(-1, 1)
+  w_y_floor = (y_ceil - y).reshape(-1, 1)
+  w_y_ceil = (y - y_floor).reshape(-1, 1)
+  value_y_floor = w_x_floor * v00 + w_x_ceil * v01
+  value_y_ceil = w_x_floor * v10 + w_x_ceil * v11
+  out = w_y_floor * value_y_floor + w_y_ceil * value_y_ceil
+  return out.reshape(height, width, n, channels).transpose(2, 0, 1, 3)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
 
 from fedbeam.element_spec import ElementSpec, numpy_dtype
+from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.records import (ClientRecords, InputError, InputRecord, conform_record,
                                        encode_as_read)
 from fedbeam.store_format import encode_example
@@ -63,6 +64,9 @@ class _EncodeAndPregroup(beam.DoFn):
 
   def __init__(self, order_by: Optional[str]):
     self._order_by = order_by
+
+  def setup(self):
+    tune_allocator()
 
   def start_bundle(self):
     self._groups: dict[str, list] = {}

@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from fedbeam.element_spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
+from fedbeam.pipelines.allocator import tune_allocator, tune_worker_processes
 from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
 from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
                                          PlanPseudoClients, PseudoClientSizes, load_transform)
@@ -162,8 +163,11 @@ class PrepareStore(beam.PTransform):
 
   def expand(self, pbegin):
     # The runner runs in this process; guarding it here covers pipelines that
-    # apply PrepareStore themselves.
+    # apply PrepareStore themselves. Local workers start after this and
+    # inherit the allocator settings.
     guard_local_runner()
+    tune_allocator()
+    tune_worker_processes()
     c = self._config
     inputs = pbegin | "Read" >> sources.ReadClientInput(
         self._paths, c.input_format, c.client_id_key, c.sqlite_split)

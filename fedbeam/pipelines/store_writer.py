@@ -26,6 +26,7 @@ import google_crc32c
 
 import fedbeam
 from fedbeam.element_spec import ElementSpec
+from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam import store_format as sf
 
@@ -95,11 +96,14 @@ class _WriteClientFile(beam.DoFn):
     self._examples = beam.metrics.Metrics.counter("fedbeam", "examples_written")
     self._bytes = beam.metrics.Metrics.counter("fedbeam", "bytes_written")
 
+  def setup(self):
+    tune_allocator()
+
   def process(self, client: ClientRecords, num_shards: int) -> Iterable[dict[str, Any]]:
     rel = sf.client_relative_path(client.client_id, client.split, num_shards)
     rel = posixpath.join(self._data_dir, rel)
     size, crc = write_file_atomically(
-        sf.join(self._root, rel), (sf.tfrecord_frame(r) for r in client.records))
+        sf.join(self._root, rel), sf.tfrecord_frames(client.records))
     self._clients.inc()
     self._examples.inc(len(client.records))
     self._bytes.inc(size)
