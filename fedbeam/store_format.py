@@ -469,6 +469,27 @@ def validate_metadata(metadata: Mapping[str, Any], where: str) -> None:
     raise StoreFormatError(f"{where}: metadata does not match schemas/metadata.avsc: {e}") from None
 
 
+FileOps = collections.namedtuple("FileOps", "exists isdir listdir makedirs open")
+
+
+def file_ops(path: str) -> FileOps:
+  """Directory and file functions for `path`: the os module's for local paths,
+  tf.io.gfile's for URLs such as gs://.
+
+  Local paths need no TensorFlow, which takes seconds and hundreds of MB to
+  import in a process (the prepare job's runner and workers) that otherwise
+  does not use it. `listdir` names have no trailing '/'.
+  """
+  if "://" in path:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    gfile = tf.io.gfile
+    return FileOps(gfile.exists, gfile.isdir,
+                   lambda d: [n.rstrip("/") for n in gfile.listdir(d)], gfile.makedirs,
+                   gfile.GFile)
+  return FileOps(os.path.exists, os.path.isdir, os.listdir,
+                 lambda d: os.makedirs(d, exist_ok=True), open)
+
+
 def read_metadata(root: str) -> dict[str, Any]:
   """Reads and checks `STORE/metadata.json`.
 
@@ -476,17 +497,16 @@ def read_metadata(root: str) -> dict[str, Any]:
     StoreFormatError: no committed store at `root`, unreadable metadata, or a
       format version this fedbeam cannot read.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  fs = file_ops(root)
   path = metadata_path(root)
-  if not tf.io.gfile.exists(path):
-    if tf.io.gfile.isdir(root) and any(
-        n.rstrip("/").startswith(DATA_DIR_PREFIX) for n in tf.io.gfile.listdir(root)):
+  if not fs.exists(path):
+    if fs.isdir(root) and any(n.startswith(DATA_DIR_PREFIX) for n in fs.listdir(root)):
       raise StoreFormatError(
           f"{root} is not a committed fedbeam store: a write into it did not finish "
           f"({METADATA_FILE} is missing); rerun the job")
     raise StoreFormatError(f"{root} holds no committed fedbeam store ({path} not found)")
   try:
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with fs.open(path, "rb") as f:
       metadata = json.loads(f.read().decode("utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise StoreFormatError(f"{path} is not valid JSON: {e}") from None

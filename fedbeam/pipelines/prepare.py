@@ -265,11 +265,11 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
         raise PrepareError(f"--output {output} already holds a committed fedbeam store; "
                            "pass --overwrite to replace it")
       return
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    if tf.io.gfile.exists(output):
-      if not tf.io.gfile.isdir(output):
+    fs = sf.file_ops(output)
+    if fs.exists(output):
+      if not fs.isdir(output):
         raise PrepareError(f"--output {output} is a file, not a directory")
-      foreign = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(output)
+      foreign = sorted(n for n in fs.listdir(output)
                        if not n.startswith(sf.DATA_DIR_PREFIX)
                        and not n.startswith(f".{sf.METADATA_FILE}.tmp-"))
       if foreign:
@@ -277,7 +277,7 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
             f"--output {output} is not empty and holds no fedbeam store (it holds {foreign[0]!r}"
             f"{' and more' if len(foreign) > 1 else ''}); pick an empty or new directory")
     else:
-      tf.io.gfile.makedirs(output)
+      fs.makedirs(output)
   except PrepareError:
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -275,13 +275,8 @@ def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool) -> 
 
 def _list_directory(directory: str) -> list[str]:
   """Names of the entries (files and directories, hidden ones too) of `directory`."""
-  if "://" not in directory:
-    # Local paths need no TensorFlow, which would cost a worker seconds to import.
-    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.isdir(directory):
-    return []
-  return sorted({name.rstrip("/") for name in tf.io.gfile.listdir(directory)})
+  fs = sf.file_ops(directory)
+  return sorted(set(fs.listdir(directory))) if fs.isdir(directory) else []
 
 
 def remove_other_data_dirs(root: str, keep: str) -> list[str]:
