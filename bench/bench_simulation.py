@@ -16,9 +16,11 @@ Data: scikit-learn's 1,797 handwritten 8x8 digits split into 40 equal
 clients, prepared into a fedbeam store and read with `load_client_data`;
 model `digits-cnn`. Building a round's client datasets counts in every row.
 Contenders take turns within each round; the first round (tracing) is not
-counted. The loop's round is also split into input (producing every batch of
-the round's clients) and compute (their updates on the same batches already
-in memory), measured separately, one client after another.
+counted. The loop's round is also split with
+`SimulationLoop.measure_input_and_compute()`, one client after another:
+compute (the clients' updates on their batches already in memory) and input
+(how much longer the same updates take on their datasets as the round builds
+them).
 
     .venv/bin/python -m bench.bench_simulation > /tmp/bench_simulation.log 2>&1
 
@@ -203,10 +205,12 @@ def readme_section(result: dict) -> str:
   lines += [
       "",
       f"Loop round split (median over rounds, measured apart, one client "
-      f"after another): input {split['median_input_seconds']:.3f} s "
-      f"(reading, preprocessing, shuffling and batching the round's clients), "
-      f"compute {split['median_compute_seconds']:.3f} s (their updates on "
-      f"the same batches in memory); input is "
+      f"after another, `SimulationLoop.measure_input_and_compute()`): "
+      f"compute {split['median_compute_seconds']:.3f} s (the clients' "
+      f"updates on their batches already in memory), input "
+      f"{split['median_input_seconds']:.3f} s (how much longer the same "
+      f"updates take on their datasets as the round builds them: reading, "
+      f"preprocessing, shuffling, batching); input is "
       f"{100 * split['input_fraction']:.0f}% of the two.",
       "",
       f"After all {setup['timed_rounds'] + 1} rounds the largest weight "
