@@ -62,7 +62,8 @@ class ModelSpec:
       `tff.learning.models.VariableModel` on each call.
     preprocess: Maps one client's unbatched store dataset to unbatched model
       examples (structure matching `model.input_spec` without the batch
-      dimension).
+      dimension). May carry `fedbeam_batch_fn`, its whole-client form (see
+      the module docstring).
     description: One line for help texts.
   """
 
