@@ -63,3 +63,74 @@ def test_materialized_stage_input_arrives_whole_on_two_processes():
                 label="EveryIdArrived")
     assert_that(ids | "SumIds" >> beam.CombineGlobally(sum),
                 equal_to([expected * (expected - 1) // 2]), label="EachIdOnce")
+
+
+def _grouping_buffer(num_keys: int, values_per_key: int, value_bytes: int):
+  from apache_beam import coders  # pylint: disable=g-import-not-at-top
+  from apache_beam.coders.coder_impl import create_OutputStream  # pylint: disable=g-import-not-at-top
+  from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
+  from apache_beam.transforms import core, window  # pylint: disable=g-import-not-at-top
+  kv = coders.TupleCoder([coders.StrUtf8Coder(), coders.BytesCoder()])
+  pre = coders.WindowedValueCoder(kv, coders.coders.GlobalWindowCoder())
+  post = coders.WindowedValueCoder(
+      coders.TupleCoder([coders.StrUtf8Coder(), coders.IterableCoder(coders.BytesCoder())]),
+      coders.coders.GlobalWindowCoder())
+  buffer = execution.GroupingBuffer(pre, post, core.Windowing(window.GlobalWindows()))
+  stream = create_OutputStream()
+  for j in range(values_per_key):
+    for k in range(num_keys):
+      value = bytes([k % 251, j % 251]) * (value_bytes // 2)
+      pre.get_impl().encode_to_stream(
+          window.GlobalWindows.windowed_value((f"key-{k}", value)), stream, True)
+  buffer.append(stream.get())
+  return buffer, post
+
+
+def _decoded(parts, coder):
+  from apache_beam.coders.coder_impl import create_InputStream  # pylint: disable=g-import-not-at-top
+  out = []
+  for part in parts:
+    elements = []
+    for chunk in part:
+      stream = create_InputStream(chunk)
+      while stream.size() > 0:
+        wv = coder.get_impl().decode_from_stream(stream, True)
+        elements.append((wv.windows, wv.timestamp, wv.pane_info, wv.value[0], list(wv.value[1])))
+    out.append(elements)
+  return out
+
+
+def test_grouped_input_is_sent_in_pieces_with_beams_elements_and_order(monkeypatch):
+  local_runner.guard_local_runner()
+  monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 1 << 20)
+  from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
+  original = execution.GroupingBuffer.partition.fedbeam_original
+  # 300 keys x 40 values x 2 KB: 24 MB, several 1 MB pieces per worker.
+  buffer, coder = _grouping_buffer(300, 40, 2048)
+  reference, _ = _grouping_buffer(300, 40, 2048)
+  parts = buffer.partition(3)
+  expected = _decoded(original(reference, 3), coder)
+  assert _decoded(parts, coder) == expected
+  assert _decoded(parts, coder) == expected  # A share can be sent again.
+  sizes = [len(chunk) for part in parts for chunk in part]
+  assert len(sizes) > 3 * 6 and max(sizes) < (1 << 20) + 100_000
+  assert buffer.partition(3) is parts
+  assert [e[3] for e in expected[0][:2]] == ["key-0", "key-3"]
+
+
+def test_grouped_stage_gets_every_value_on_two_processes():
+  local_runner.guard_local_runner()
+  num_keys, per_key = 500, 200
+
+  def values(i):  # Nested, so the workers unpickle it by value.
+    for j in range(per_key):
+      yield f"k{(i * per_key + j) % num_keys}", (i * per_key + j, b"v" * 1000)
+
+  options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  with beam.Pipeline(runner=FnApiRunner(), options=options) as p:
+    grouped = (p | beam.Create(list(range(num_keys))) | beam.Reshuffle()
+               | beam.FlatMap(values) | beam.GroupByKey()
+               | beam.MapTuple(lambda key, vs: (key, sorted(i for i, _ in vs))))
+    total = num_keys * per_key
+    assert_that(grouped, equal_to([(f"k{k}", list(range(k, total, num_keys)))
+                                   for k in range(num_keys)]))

@@ -22,6 +22,16 @@ the worker in pieces of about 10 MB rather than one message that could pass
 gRPC's 2 GB limit. It changes nothing for Dataflow, whose workers do not use
 this code. The record-count checks of the prepare pipeline stay in place
 whatever runner is used.
+
+The guard also changes how the runner hands a grouped PCollection (the output
+of a GroupByKey) to the stage that reads it. Beam's `GroupingBuffer.partition`
+encodes each worker's whole share into one byte string before any of it is
+sent, so the workers wait while the runner encodes, and that share then
+travels as a single message of up to gigabytes (copied several times on
+the way). With the guard each share is encoded when it is sent, in pieces
+of about `GROUPED_CHUNK_BYTES`, so the workers start on the first keys while
+the runner encodes the rest; keys, their order and their values are the same
+(tests/test_local_runner.py compares both partitions element by element).
 """
 
 from __future__ import annotations
@@ -45,6 +55,65 @@ def _send_input_in_flushed_chunks(self, process_bundle_id: str, read_transform_i
   data_out.close()
 
 
+# Encoded size of one piece of a grouped stage input sent to a worker.
+GROUPED_CHUNK_BYTES = 8 << 20
+
+
+class _EncodedShare:
+  """One worker's share of a GroupingBuffer: its (key, values) pairs, encoded on iteration.
+
+  Iterating yields byte strings of whole encoded elements, each about
+  GROUPED_CHUNK_BYTES; iterating again encodes the same bytes again.
+  """
+
+  def __init__(self, items, encode_to_stream, key_decode, windowed_key_values):
+    self._items = items
+    self._encode_to_stream = encode_to_stream
+    self._key_decode = key_decode
+    self._windowed_key_values = windowed_key_values
+
+  def __iter__(self):
+    from apache_beam.coders.coder_impl import create_OutputStream  # pylint: disable=g-import-not-at-top
+    stream = create_OutputStream()
+    for encoded_key, values in self._items:
+      for wkvs in self._windowed_key_values(self._key_decode(encoded_key), values):
+        self._encode_to_stream(wkvs, stream, True)
+      if stream.size() >= GROUPED_CHUNK_BYTES:
+        yield stream.get()
+        stream = create_OutputStream()
+    if stream.size():
+      yield stream.get()
+
+
+def _partition_lazily(original_partition):
+  """GroupingBuffer.partition with `_EncodedShare`s, for the default (global) windowing."""
+
+  def partition(self, n: int):
+    if self._grouped_output or not self._windowing.is_default():
+      return original_partition(self, n)
+    from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
+    from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+    # What Beam's partition emits for each key under the global window.
+    globally_window = window.GlobalWindows.windowed_value(
+        None, timestamp=window.GlobalWindow().max_timestamp(),
+        pane_info=windowed_value.PaneInfo(
+            is_first=True, is_last=True, timing=windowed_value.PaneInfoTiming.ON_TIME,
+            index=0, nonspeculative_index=0)).with_value
+    items = list(self._table.items())
+    self._table.clear()
+    encode = self._post_grouped_coder.get_impl().encode_to_stream
+    key_decode = self._key_coder.get_impl().decode
+    # Key i goes to worker i % n, as in Beam's partition.
+    self._grouped_output = [
+        _EncodedShare(items[k::n], encode, key_decode,
+                      lambda key, values: [globally_window((key, values))])
+        for k in range(n)]
+    return self._grouped_output
+
+  partition.fedbeam_original = original_partition
+  return partition
+
+
 def guard_local_runner() -> bool:
   """Installs the fix in this process (once); safe to call any number of times.
 
@@ -58,6 +127,7 @@ def guard_local_runner() -> bool:
     if _guarded:
       return True
     try:
+      from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
       from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
       from apache_beam.runners.portability.fn_api_runner import worker_handlers  # pylint: disable=g-import-not-at-top
     except ImportError:
@@ -74,6 +144,10 @@ def guard_local_runner() -> bool:
     # server and for in-process (multi_threading) workers alike.
     worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
     manager._send_input_to_worker = _send_input_in_flushed_chunks  # pylint: disable=protected-access
+    grouping = getattr(execution, "GroupingBuffer", None)
+    if grouping is not None and hasattr(grouping, "partition") and all(
+        hasattr(grouping, name) for name in ("__init__", "__iter__")):
+      grouping.partition = _partition_lazily(grouping.partition)
     _guarded = True
     return True
 
