@@ -13,6 +13,10 @@ whole process tree, Beam's worker processes included, polled with psutil every
   + manifest + commit), the like-for-like row;
 - `plain_beam`: a plain Beam pipeline (below): ReadFromTFRecord -> key by the
   Example's `client_id` -> GroupByKey -> one TFRecord file per client;
+- `plain_beam_tuned`: the same plain pipeline after fedbeam's
+  `guard_local_runner()` and allocator settings (what `fedbeam prepare` does
+  to its runner before it starts), to show how much of fedbeam's lead those
+  account for;
 - `grouper`: dataset_grouper 0.3.0's pipeline (bench/grouper_worker.py, in
   its own virtualenv) writing one SequenceExample per client;
 - `tff_sqlite`: TFF's single-process `save_to_sql_client_data`, given every
@@ -57,7 +61,8 @@ from bench import workload as wl
 
 SECTION = "## Pipeline"
 RESULT_FILE = "pipeline.json"
-CONTENDERS = ("fedbeam_full", "fedbeam_group", "plain_beam", "grouper", "tff_sqlite")
+CONTENDERS = ("fedbeam_full", "fedbeam_group", "plain_beam", "plain_beam_tuned", "grouper",
+              "tff_sqlite")
 
 
 def parse_args(argv=None):
@@ -72,6 +77,7 @@ def parse_args(argv=None):
                  help="runs per contender and scale, contenders taking turns; rows give the "
                       "median run and the min-max")
   p.add_argument("--worker", choices=("plain", "tff"), help=argparse.SUPPRESS)
+  p.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--input", help=argparse.SUPPRESS)
   p.add_argument("--output", help=argparse.SUPPRESS)
   p.add_argument("--clients", type=int, help=argparse.SUPPRESS)
@@ -147,6 +153,11 @@ def run_plain_pipeline(input_pattern: str, output: str, beam_args) -> dict:
 
 
 def plain_worker(args, beam_args) -> int:
+  if args.tuned:
+    from fedbeam.pipelines import allocator, local_runner  # pylint: disable=g-import-not-at-top
+    local_runner.guard_local_runner()
+    allocator.tune_allocator()
+    allocator.tune_worker_processes()
   result = run_plain_pipeline(args.input, args.output, beam_args)
   files = os.listdir(args.output)
   result["files"] = len(files)
@@ -204,14 +215,16 @@ def run_fedbeam(workload, name: str, extra: list, args) -> dict:
   return run
 
 
-def run_plain(workload, args) -> dict:
+def run_plain(workload, args, tuned: bool = False) -> dict:
   pattern = wl.ensure_input(workload, args.workdir, log)
-  out = os.path.join(args.workdir, "tmp", f"plain-{workload.name}")
+  name = "plain-tuned" if tuned else "plain"
+  out = os.path.join(args.workdir, "tmp", f"{name}-{workload.name}")
   shutil.rmtree(out, ignore_errors=True)
   result_path = out + ".json"
   cmd = [wl.PYTHON, "-m", "bench.bench_pipeline", "--worker", "plain", "--input", pattern,
-         "--output", out, "--result", result_path, *wl.BEAM_LOCAL_ARGS]
-  run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-plain-{workload.name}.log"))
+         "--output", out, "--result", result_path, *(["--tuned"] if tuned else []),
+         *wl.BEAM_LOCAL_ARGS]
+  run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-{name}-{workload.name}.log"))
   if run["returncode"] != 0:
     return _failed(run, "the plain Beam pipeline", cmd)
   with open(result_path, encoding="utf-8") as f:
@@ -282,6 +295,8 @@ def _run_contender(name: str, workload, args) -> dict:
     run = run_fedbeam(workload, "plain", [], args)
   elif name == "plain_beam":
     run = run_plain(workload, args)
+  elif name == "plain_beam_tuned":
+    run = run_plain(workload, args, tuned=True)
   elif name == "grouper":
     run = run_grouper(workload, args)
   elif name == "tff_sqlite":
@@ -325,6 +340,7 @@ LABELS = {
     "fedbeam_full": "`fedbeam prepare`: group + 3x expansion + split + write + manifest",
     "fedbeam_group": "`fedbeam prepare`: group + write + manifest (no expansion, no split)",
     "plain_beam": "plain Beam: GroupByKey → one TFRecord file per client",
+    "plain_beam_tuned": "plain Beam after fedbeam's `guard_local_runner()` + allocator settings",
     "grouper": "dataset_grouper 0.3.0 pipeline (one SequenceExample per client)",
     "tff_sqlite": "TFF `save_to_sql_client_data` (one process)",
 }

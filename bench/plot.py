@@ -156,7 +156,7 @@ def pipeline_chart(plt, pipeline: dict, out: str) -> None:
     return
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
   palette = {"fedbeam_full": "#1f77b4", "fedbeam_group": "#17becf", "plain_beam": "#ff7f0e",
-             "grouper": "#9467bd", "tff_sqlite": "#d62728"}
+             "plain_beam_tuned": "#e7ba52", "grouper": "#9467bd", "tff_sqlite": "#d62728"}
   for name in names:
     pts = sorted((r["input_examples"], r) for k, r in rows.items()
                  if k.split("@")[0] == name and "pipeline_s" in r)

@@ -215,10 +215,11 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
       if not r or "pipeline_s" not in r:
         continue
       others = []
-      for peer in ("tff_sqlite", "grouper"):
+      for peer, label in (("plain_beam_tuned", "plain Beam with fedbeam's runner settings"),
+                          ("tff_sqlite", "tff sqlite"), ("grouper", "grouper")):
         o = pipe.get(f"{peer}@{scale_key}")
         if o and "pipeline_s" in o:
-          others.append(f"{peer.replace('_', ' ')} {o['examples_per_s']:,.0f} ex/s "
+          others.append(f"{label} {o['examples_per_s']:,.0f} ex/s "
                         f"({_x(r['examples_per_s'] / o['examples_per_s'])})")
       rows.append([f"Pipeline {scale_key}x ({r['input_examples']:,} examples): `fedbeam prepare` "
                    f"({what}) at least as fast as plain Beam GroupByKey + write",

@@ -375,54 +375,122 @@ def decode_examples(records, spec: ElementSpec) -> dict[str, np.ndarray]:
   if has_variable_length(spec):
     raise ValueError("decode_examples needs a spec without variable-length features")
   n = len(records)
-  located = []
-  for i, record in enumerate(records):
-    try:
-      located.append(example_wire.feature_lists(record))
-    except example_wire.ExampleWireError as e:
-      raise RecordDecodeError(f"record {i}: {e}") from None
-  out = {}
+  out = {f.name: np.empty((n,) + tuple(f.shape), numpy_dtype(f.dtype)) for f in spec.features}
+  lengths = np.fromiter(map(len, records), dtype=np.int64, count=n)
+  rest = []
+  for length in np.unique(lengths):
+    rows = np.flatnonzero(lengths == length)
+    rest.extend(_decode_alike(records, rows, spec, out))
+  if rest:
+    rows = np.array(sorted(rest), dtype=np.int64)
+    for name, values in _decode_one_by_one(records, rows, spec).items():
+      out[name][rows] = values
+  return out
+
+
+def _feature_pieces(record, i: int, lists, spec: ElementSpec) -> dict[str, list]:
+  """Checks one record's features against the spec; name -> [(wire, start, end), ...]."""
+  pieces_of = {}
   for f in spec.features:
     want = _LIST_OF_ENCODING[f.encoding]
-    size = f.inner_size
-    chunks, counts = [], []
-    for i, lists in enumerate(located):
-      kind, pieces = lists.get(f.name, (None, ()))
-      if kind is None:
-        raise RecordDecodeError(f"record {i}: feature {f.name!r} is missing")
-      if kind != want and (pieces or kind):
-        raise RecordDecodeError(f"record {i}: feature {f.name!r} holds a {_LIST_NAMES[kind]}, "
-                                f"the element spec ({f.dtype}) needs a {_LIST_NAMES[want]}")
-      record = records[i]
-      if want != example_wire.BYTES_LIST and len(pieces) > 1 and any(w == 2 for w, _, _ in pieces):
-        # TensorFlow's parser would read only part of such a list.
-        raise RecordDecodeError(f"record {i}: feature {f.name!r} holds its packed values in "
-                                "more than one piece")
-      count = 0
-      for wire, s, e in pieces:
-        piece = record[s:e]
-        if wire not in _WIRE_TYPES[want] or (wire == 2 and want == example_wire.FLOAT_LIST
-                                              and (e - s) % 4):
-          raise RecordDecodeError(f"record {i}: feature {f.name!r} holds malformed values")
-        chunks.append(piece)
-        count += _count_values(want, wire, piece)
-      if count != size:
-        raise RecordDecodeError(f"record {i}: feature {f.name!r} has {count} values, which "
-                                f"does not fit shape {list(f.shape)}")
-    shape = (n,) + tuple(f.shape)
-    if want == example_wire.BYTES_LIST:
-      values = np.empty(n * size, dtype=object)
-      values[:] = [bytes(c) for c in chunks]
-      out[f.name] = values.reshape(shape)
-      continue
-    if want == example_wire.FLOAT_LIST:
-      data = np.frombuffer(b"".join(chunks), "<f4")
-    else:
-      data = _decode_varints(b"".join(chunks)).view(np.int64)
+    kind, pieces = lists.get(f.name, (None, ()))
+    if kind is None:
+      raise RecordDecodeError(f"record {i}: feature {f.name!r} is missing")
+    if kind != want and (pieces or kind):
+      raise RecordDecodeError(f"record {i}: feature {f.name!r} holds a {_LIST_NAMES[kind]}, "
+                              f"the element spec ({f.dtype}) needs a {_LIST_NAMES[want]}")
+    if want != example_wire.BYTES_LIST and len(pieces) > 1 and any(w == 2 for w, _, _ in pieces):
+      # TensorFlow's parser would read only part of such a list.
+      raise RecordDecodeError(f"record {i}: feature {f.name!r} holds its packed values in "
+                              "more than one piece")
+    count = 0
+    for wire, s, e in pieces:
+      if wire not in _WIRE_TYPES[want] or (wire == 2 and want == example_wire.FLOAT_LIST
+                                            and (e - s) % 4):
+        raise RecordDecodeError(f"record {i}: feature {f.name!r} holds malformed values")
+      count += _count_values(want, wire, record[s:e])
+    if count != f.inner_size:
+      raise RecordDecodeError(f"record {i}: feature {f.name!r} has {count} values, which "
+                              f"does not fit shape {list(f.shape)}")
+    pieces_of[f.name] = pieces
+  return pieces_of
+
+
+def _locate(record, i: int):
+  try:
+    return example_wire.feature_lists(record)
+  except example_wire.ExampleWireError as e:
+    raise RecordDecodeError(f"record {i}: {e}") from None
+
+
+def _values(f: FeatureSpec, chunks: list, count: int) -> np.ndarray:
+  """Stacked values of `count` elements of feature `f` from its value bytes, in order."""
+  shape = (count,) + tuple(f.shape)
+  if f.encoding == "bytes":
+    values = np.empty(count * f.inner_size, dtype=object)
+    values[:] = [bytes(c) for c in chunks]
+    return values.reshape(shape)
+  if f.encoding == "float":
+    data = np.frombuffer(b"".join(chunks), "<f4")
+  else:
+    data = _decode_varints(b"".join(chunks)).view(np.int64)
     if f.encoding == "bits64":
       data = data.view(f.dtype)
-    out[f.name] = data.astype(numpy_dtype(f.dtype), copy=False).reshape(shape)
-  return out
+  return data.astype(numpy_dtype(f.dtype), copy=False).reshape(shape)
+
+
+def _decode_one_by_one(records, rows, spec: ElementSpec) -> dict[str, np.ndarray]:
+  """Decodes records[rows], walking each record's wire format."""
+  chunks = {f.name: [] for f in spec.features}
+  for i in rows.tolist():
+    record = records[i]
+    for name, pieces in _feature_pieces(record, i, _locate(record, i), spec).items():
+      chunks[name].extend(record[s:e] for _, s, e in pieces)
+  return {f.name: _values(f, chunks[f.name], len(rows)) for f in spec.features}
+
+
+def _decode_alike(records, rows, spec: ElementSpec, out: dict[str, np.ndarray]) -> list[int]:
+  """Decodes the records[rows] (all of one length) that share the first one's layout.
+
+  Records written by one encoder differ only in their values: the bytes that
+  frame them (tags, lengths, names) are the same, at the same offsets. The
+  first record is walked; every record whose other bytes equal its framing
+  has its values at the same offsets, read for all such records at once.
+  Fills `out` at those rows; returns the rows left for the record-by-record
+  walk.
+  """
+  first = int(rows[0])
+  record = records[first]
+  pieces_of = _feature_pieces(record, first, _locate(record, first), spec)
+  if len(rows) == 1 or any(w == 0 for p in pieces_of.values() for w, _, _ in p):
+    # An unpacked varint's extent depends on its value bytes, not the framing.
+    return rows.tolist()
+  block = np.frombuffer(b"".join(records[i] for i in rows.tolist()), np.uint8)
+  block = block.reshape(len(rows), len(record))
+  framing = np.ones(len(record), bool)
+  for pieces in pieces_of.values():
+    for _, s, e in pieces:
+      framing[s:e] = False
+  alike = (block[:, framing] == block[0, framing]).all(axis=1)
+  for f in spec.features:
+    spans = [(s, e) for _, s, e in pieces_of[f.name]]
+    if f.encoding in ("int64", "bits64") and spans:
+      # Equal byte lengths can hold other numbers of varints.
+      payload = np.concatenate([block[:, s:e] for s, e in spans], axis=1)
+      ends = payload < 0x80
+      alike &= ends[:, -1] & (ends.sum(axis=1) == f.inner_size)
+  done = rows[alike]
+  if len(done):
+    sub = block[alike]
+    for f in spec.features:
+      spans = [(s, e) for _, s, e in pieces_of[f.name]]
+      if f.encoding == "bytes":
+        chunks = [bytes(row[s:e]) for row in sub for s, e in spans]
+      else:
+        chunks = [np.ascontiguousarray(np.concatenate([sub[:, s:e] for s, e in spans], axis=1)
+                                       if spans else sub[:, :0]).tobytes()]
+      out[f.name][done] = _values(f, chunks, len(done))
+  return rows[~alike].tolist()
 
 
 def make_record_parser(spec: ElementSpec) -> Callable[[Any], "collections.OrderedDict"]:

@@ -376,3 +376,35 @@ def test_decode_examples_names_the_record_and_feature_at_fault(change, message):
   good = sf.encode_example({"v": np.ones(3, np.float32)}, spec)
   with pytest.raises(sf.RecordDecodeError, match=message):
     sf.decode_examples([good, change(good)], spec)
+
+
+def test_decode_examples_of_equal_length_but_different_layout_equals_tensorflow():
+  # Records of one length are read at the first one's offsets only when their
+  # framing matches it; these do not, or hold other numbers in equal bytes.
+  spec = ElementSpec((FeatureSpec("a", "int64", (2,)), FeatureSpec("b", "int64", ()),
+                      FeatureSpec("v", "float32", (2,))))
+  canonical = [sf.encode_example({"a": np.array(a, np.int64), "b": np.array(b, np.int64),
+                                  "v": np.array(v, np.float32)}, spec)
+               for a, b, v in [([1, 2], 300, [0.5, 1.5]), ([300, 2], 1, [2.5, -1.0]),
+                               ([3, 4], 200, [7.0, 8.0]), ([1, 400], 5, [1.0, 2.0]),
+                               ([5, 6], 129, [3.0, 4.0])]]
+  assert len({len(r) for r in canonical}) == 1
+  floats = np.array([9.0, 10.0], "<f4").tobytes()
+  swapped = _record(_entry(b"v", b"\x12\x0a\x0a\x08" + floats), _entry(b"b", b"\x1a\x04\x0a\x02\xc8\x01"),
+                    _entry(b"a", b"\x1a\x04\x0a\x02\x08\x09"))
+  records = canonical + [swapped] * 2 + canonical[::-1]
+  assert len({len(r) for r in records}) == 1
+  decoded = sf.decode_examples(records, spec)
+  parsed = sf.make_batch_parser(spec)(tf.constant(records))
+  for name in spec.names:
+    _assert_exact(name, decoded[name], parsed[name].numpy())
+  assert decoded["a"][5].tolist() == [8, 9] and decoded["b"][5] == 200 and decoded["b"][1] == 1
+
+
+def test_decode_examples_checks_the_count_of_varints_in_equal_bytes():
+  spec = ElementSpec((FeatureSpec("a", "int64", (3,)),))
+  good = sf.encode_example({"a": np.array([1, 2, 300], np.int64)}, spec)
+  two = _record(_entry(b"a", b"\x1a\x06\x0a\x04\xac\x02\xac\x02"))  # [300, 300]: 4 bytes too
+  assert len(two) == len(good)
+  with pytest.raises(sf.RecordDecodeError, match="record 2: feature 'a' has 2 values"):
+    sf.decode_examples([good, good, two, good], spec)
