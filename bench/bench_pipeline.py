@@ -404,7 +404,10 @@ def readme_section(result: dict) -> str:
             f"{result.get('grouper_versions', {}).get('apache_beam', '?')}, TensorFlow "
             f"{result.get('grouper_versions', {}).get('tensorflow', '?')}); it reads the input "
             "the way its TFDS source would hand examples over (a dict of tensors per example).",
-            "", "Command (from the repository root):", "", "```sh", result["command"], "```", "",
+            "", "Commands (from the repository root; each row was measured by one of them, at the "
+            "time in its last column):", "", "```sh",
+            *sorted({result["command"]} | {r["bench_command"] for r in rows.values()
+                                           if "bench_command" in r}), "```", "",
             wl.machine_line(result["machine"], result["versions"]),
             f"Raw numbers: `bench/results/{RESULT_FILE}`.", ""]
   return "\n".join(lines)
@@ -439,7 +442,8 @@ def main(argv=None) -> int:
           continue
         run = _run_contender(name, workload, args)
         run.update(scale=scale, clients=workload.num_clients, input_examples=workload.num_examples,
-                   run_id=run_id, measured_at=run_id)
+                   run_id=run_id, measured_at=run_id,
+                   bench_command=wl.command_line("bench.bench_pipeline", argv))
         if "pipeline_s" in run:
           run["examples_per_s"] = workload.num_examples / run["pipeline_s"]
           log(f"{key} (run {repeat + 1}/{args.repeat}): {run['pipeline_s']:.1f} s pipeline, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import json
 import os
 import posixpath
@@ -245,11 +246,32 @@ def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
   per_feature = []
   for f in sorted(spec.features, key=lambda f: f.name.encode("utf-8")):
     per_feature.append(_map_entries(f, np.asarray(columns[f.name]).reshape(count, -1)))
+  blocks = [_as_block(entries, count) for entries in per_feature]
+  if all(block is not None for block in blocks):
+    # Every element has the same size: one matrix of records, split by row.
+    body = np.concatenate(blocks, axis=1)
+    header = np.frombuffer(b"\x0a" + _varint(body.shape[1]), np.uint8)
+    rows = np.concatenate([np.broadcast_to(header, (count, len(header))), body], axis=1)
+    return [row.tobytes() for row in rows]
   out = []
-  for parts in zip(*per_feature):
+  for parts in zip(*(_as_list(entries) for entries in per_feature)):
     body = b"".join(parts)
     out.append(b"\x0a" + _varint(len(body)) + body)
   return out
+
+
+def _as_block(entries, count: int) -> Optional[np.ndarray]:
+  """Map entries as a [count, size] uint8 matrix, or None when their sizes differ."""
+  if isinstance(entries, np.ndarray):
+    return entries
+  size = len(entries[0])
+  if any(len(e) != size for e in entries):
+    return None
+  return np.frombuffer(b"".join(entries), np.uint8).reshape(count, size)
+
+
+def _as_list(entries) -> list[bytes]:
+  return [row.tobytes() for row in entries] if isinstance(entries, np.ndarray) else entries
 
 
 def _map_entry(f: FeatureSpec, arr: np.ndarray) -> bytes:
@@ -258,22 +280,22 @@ def _map_entry(f: FeatureSpec, arr: np.ndarray) -> bytes:
   return _len_field(0x0A, key + _len_field(0x12, _encode_feature(f, arr)))
 
 
-def _map_entries(f: FeatureSpec, rows: np.ndarray) -> list[bytes]:
+@functools.lru_cache(maxsize=4096)
+def _single_int_entry(f: FeatureSpec, value: int) -> bytes:
+  return _map_entry(f, np.array([value], np.int64))
+
+
+def _map_entries(f: FeatureSpec, rows: np.ndarray):
+  """Each row's map entry: a [rows, size] uint8 matrix for fixed-size floats, else a list of bytes."""
   width = rows.shape[1]
   if f.encoding == "float" and width:
-    raw = np.ascontiguousarray(rows, dtype="<f4").tobytes()
-    step = 4 * width
-    prefix = _map_entry(f, np.zeros(width, np.float32))[:-step]
-    return [prefix + raw[i * step:(i + 1) * step] for i in range(len(rows))]
+    # The framing of a fixed number of floats does not depend on them.
+    raw = np.ascontiguousarray(rows, dtype="<f4").view(np.uint8)
+    prefix = np.frombuffer(_map_entry(f, np.zeros(width, np.float32))[:-4 * width], np.uint8)
+    return np.concatenate([np.broadcast_to(prefix, (len(rows), len(prefix))), raw], axis=1)
   if f.encoding == "int64" and width == 1:
-    cache: dict[int, bytes] = {}
-    out = []
-    for v in rows[:, 0].astype(np.int64).tolist():
-      entry = cache.get(v)
-      if entry is None:
-        entry = cache[v] = _map_entry(f, np.array([v], np.int64))
-      out.append(entry)
-    return out
+    # One integer (a label) takes few distinct values across a whole job.
+    return [_single_int_entry(f, v) for v in rows[:, 0].astype(np.int64).tolist()]
   return [_map_entry(f, row) for row in rows]
 
 

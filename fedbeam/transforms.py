@@ -108,9 +108,15 @@ def bilinear_warp(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   w_x_ceil = (x - x_floor).reshape(-1, 1)
   w_y_floor = (y_ceil - y).reshape(-1, 1)
   w_y_ceil = (y - y_floor).reshape(-1, 1)
-  value_y_floor = w_x_floor * v00 + w_x_ceil * v01
-  value_y_ceil = w_x_floor * v10 + w_x_ceil * v11
-  out = w_y_floor * value_y_floor + w_y_ceil * value_y_ceil
+  # In place, in TensorFlow's order: (x_ceil - x) * v00 + (x - x_floor) * v01
+  # for each row, then the same across the rows (products commute exactly).
+  for weight, value in ((w_x_floor, v00), (w_x_ceil, v01), (w_x_floor, v10), (w_x_ceil, v11)):
+    np.multiply(value, weight, out=value)
+  value_y_floor = np.add(v00, v01, out=v00)
+  value_y_ceil = np.add(v10, v11, out=v10)
+  np.multiply(value_y_floor, w_y_floor, out=value_y_floor)
+  np.multiply(value_y_ceil, w_y_ceil, out=value_y_ceil)
+  out = np.add(value_y_floor, value_y_ceil, out=value_y_floor)
   return out.reshape(height, width, n, channels).transpose(2, 0, 1, 3)
 
 
