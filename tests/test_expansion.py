@@ -20,14 +20,17 @@ import tensorflow_federated as tff
 
 from fedbeam import store_format as sf
 from fedbeam import testing
-from fedbeam.pipelines.expansion import (PlanPseudoClients, PseudoClientSizes, expansion_plan,
-                                         pseudo_client_id, pseudo_clients_of)
+from fedbeam.element_spec import ElementSpec, FeatureSpec
+from fedbeam.pipelines.expansion import (ExpansionError, PlanPseudoClients, PseudoClientSizes,
+                                         apply_transform, expansion_plan, pseudo_client_id,
+                                         pseudo_clients_of)
 from fedbeam.pipelines.prepare import PrepareError
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
 from fedbeam.transforms import AffineTransform, random_affine
 
 ELEMENT_SPEC = collections.OrderedDict(
     label=tf.TensorSpec([], tf.int32), pixels=tf.TensorSpec([28, 28], tf.float32))
+SPEC = ElementSpec((FeatureSpec("label", "int32", ()), FeatureSpec("pixels", "float32", (28, 28))))
 MULTI_PROCESSING = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
 # Written out of order on purpose; "dave" has no example (TFF lists it in
@@ -372,6 +375,59 @@ def test_failing_transform_names_raw_client_and_index(raw_db, work, transform, m
   if transform is fn_fails_when_run:
     assert "bad label" in str(e.value)
   assert_not_committed(work / name)
+
+
+def _with_batch_form(batch_fn):
+  """A make_transform_fn whose fn is the identity per element and `batch_fn` in batch."""
+
+  def make(raw_client_id, index):
+    del raw_client_id, index
+    fn = lambda element: element  # noqa: E731
+    fn.fedbeam_batch_fn = batch_fn
+    return fn
+
+  return make
+
+
+def _raise(elements):
+  raise RuntimeError("no batch today")
+
+
+@pytest.mark.parametrize("batch_fn, message", [
+    (_raise, "raised RuntimeError: no batch today"),
+    (lambda e: {"pixels": e["pixels"]},
+     "changed the element structure: expected features ['label', 'pixels'], got ['pixels']"),
+    (lambda e: dict(e, label=e["label"].astype(np.int64)),
+     "changed feature 'label' from int32 to int64"),
+    (lambda e: dict(e, pixels=e["pixels"][:, :27]),
+     "changed the shape of feature 'pixels' from [28, 28] to [27, 28]"),
+    (lambda e: dict(e, label=e["label"][:-1]),
+     "returned (2,) values of feature 'label' for 3 elements"),
+], ids=["raises", "drops", "widens", "crops", "short"])
+def test_bad_batch_form_names_raw_client_and_index(batch_fn, message):
+  spec = SPEC
+  records = sf.encode_examples({"label": np.arange(3, dtype=np.int32),
+                                "pixels": np.zeros((3, 28, 28), np.float32)}, spec, 3)
+  with pytest.raises(ExpansionError) as e:
+    apply_transform(_with_batch_form(batch_fn), "dave", 2, records, spec)
+  assert str(e.value) == f"transform for raw client 'dave', index 2 {message}"
+
+
+def test_batch_form_receives_numpy_and_may_return_tensors():
+  spec = SPEC
+  columns = {"label": np.arange(3, dtype=np.int32),
+             "pixels": np.arange(3 * 784, dtype=np.float32).reshape(3, 28, 28)}
+  records = sf.encode_examples(columns, spec, 3)
+  seen = []
+
+  def batch_fn(elements):
+    seen.append({k: type(v) for k, v in elements.items()})
+    return {k: tf.constant(v) * (2 if k == "pixels" else 1) for k, v in elements.items()}
+
+  out = apply_transform(_with_batch_form(batch_fn), "dave", 1, records, spec)
+  assert seen == [{"label": np.ndarray, "pixels": np.ndarray}]
+  doubled = dict(columns, pixels=columns["pixels"] * 2)
+  assert out == sf.encode_examples(doubled, spec, 3)
 
 
 # --- the built-in affine transform --------------------------------------------

@@ -238,7 +238,8 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
   the transform is None). The transform maps elements as `tf.data.Dataset.map`
   would; when the returned fn carries a `fedbeam_batch_fn` attribute (see
   `fedbeam.transforms`), that is called once on all elements stacked on axis
-  0 instead, which must give the same elements.
+  0 as numpy arrays instead, which must give the same elements (then no
+  TensorFlow is needed).
 
   Raises:
     ExpansionError: the factory or the transform raises, or the transform
