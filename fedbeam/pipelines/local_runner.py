@@ -44,14 +44,26 @@ _lock = threading.Lock()
 _guarded = False
 
 
+# Chunks at least this large go to the data channel as they are, not through
+# the stream's buffer (which would copy them twice more).
+_DIRECT_SEND_BYTES = 1 << 20
+
+
 def _send_input_in_flushed_chunks(self, process_bundle_id: str, read_transform_id: str,
                                   byte_streams) -> None:
   # BundleManager._send_input_to_worker, flushing after every chunk on the
-  # writing thread (the only thread that touches the stream).
+  # writing thread (the only thread that touches the stream). Each chunk
+  # holds whole elements, so any chunk boundary is a message boundary.
   data_out = self._worker_handler.data_conn.output_stream(process_bundle_id, read_transform_id)
+  send = getattr(data_out, "_flush_callback", None)
   for byte_stream in (byte_streams or []):
-    data_out.write(byte_stream)
-    data_out.maybe_flush()
+    if send is not None and len(byte_stream) >= _DIRECT_SEND_BYTES:
+      if data_out.size():
+        data_out.flush()  # What was buffered goes first, to keep the order.
+      send(byte_stream)
+    else:
+      data_out.write(byte_stream)
+      data_out.maybe_flush()
   data_out.close()
 
 
