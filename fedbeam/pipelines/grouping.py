@@ -54,12 +54,18 @@ def _orderable(value) -> tuple:
 PREGROUP_BYTES = 64 << 20
 
 
+RECORD_COUNTS = "record_counts"
+
+
 class _EncodeAndPregroup(beam.DoFn):
   """InputRecord -> (client id, [(sort key, store record), ...]) per client and bundle.
 
   Like a lifted combiner, records of one client met in a bundle leave as one
   element, so the shuffle moves about one element per client and input file
   instead of one per record; `PREGROUP_BYTES` bounds what a worker holds.
+  Each such element's size also leaves on the RECORD_COUNTS output as
+  (client id, number of records), so counting the input needs no pass of
+  its own over every record.
   """
 
   def __init__(self, order_by: Optional[str]):
@@ -86,11 +92,16 @@ class _EncodeAndPregroup(beam.DoFn):
 
   def finish_bundle(self):
     for kv in self._drain():
-      yield GlobalWindows.windowed_value(kv)
+      if isinstance(kv, beam.pvalue.TaggedOutput):
+        yield beam.pvalue.TaggedOutput(kv.tag, GlobalWindows.windowed_value(kv.value))
+      else:
+        yield GlobalWindows.windowed_value(kv)
 
   def _drain(self):
     groups, self._groups, self._bytes = self._groups, {}, 0
-    return iter(groups.items())
+    for client_id, part in groups.items():
+      yield client_id, part
+      yield beam.pvalue.TaggedOutput(RECORD_COUNTS, (client_id, len(part)))
 
 
 def _to_client(element) -> ClientRecords:
@@ -114,7 +125,10 @@ class GroupByClient(beam.PTransform):
   Input: a dict with `records` (PCollection[InputRecord]) and `clients`
   (PCollection[str], ids declared by the input, possibly without records).
   `spec` is a singleton PCollection[ElementSpec].
-  Output: PCollection[ClientRecords], records in store order.
+  Output: a dict with `clients` (PCollection[ClientRecords], records in
+  store order) and `record_counts` (PCollection[(client id, count)]: partial
+  counts of the records encoded, several per client; their sum per client is
+  the client's number of input records).
   Raises (at run time) InputError naming the file and record that does not
   match the spec.
   """
@@ -133,11 +147,14 @@ class GroupByClient(beam.PTransform):
   def expand(self, inputs):
     order_by = self._order_by
     spec = self._spec | "CheckSpec" >> beam.Map(_check_spec, order_by)
-    encoded = inputs["records"] | "Encode" >> beam.ParDo(
-        _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec))
+    outputs = inputs["records"] | "Encode" >> beam.ParDo(
+        _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec)).with_outputs(
+            RECORD_COUNTS, main="encoded")
+    encoded = outputs["encoded"]
     if self._declared_clients:
       declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, []))
       encoded = (encoded, declared) | "Merge" >> beam.Flatten()
-    return (encoded
-            | "GroupByClient" >> beam.GroupByKey()
-            | "SortClient" >> beam.Map(_to_client))
+    clients = (encoded
+               | "GroupByClient" >> beam.GroupByKey()
+               | "SortClient" >> beam.Map(_to_client))
+    return {"clients": clients, "record_counts": outputs[RECORD_COUNTS]}

@@ -176,18 +176,17 @@ class PrepareStore(beam.PTransform):
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
     declares = sources.declares_clients(c.input_format)
-    clients = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by, declared_clients=declares)
-    accounted = _account_for_every_record(inputs["records"], clients)
+    grouped = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by, declared_clients=declares)
+    clients, record_counts = grouped["clients"], grouped["record_counts"]
+    accounted = _account_for_every_record(record_counts, clients)
     # What the steps after grouping need as side inputs (expansion counts, the
     # planned number of clients, the split) comes from ids and sizes alone, so
     # the grouped examples flow through expansion and writing in one pass.
-    record_ids = inputs["records"] | "RecordIds" >> beam.Map(lambda r: (r.client_id, 1))
+    # The encoder counts each client's records per bundle as it gathers them.
     if declares:
       declared = inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0))
-      record_ids = (record_ids, declared) | "MergeIds" >> beam.Flatten()
-    # Without a Flatten the count is combined in the reading stage, so one
-    # partial count per client and bundle leaves it instead of one per record.
-    raw_sizes = record_ids | "RawClientSizes" >> beam.CombinePerKey(sum)
+      record_counts = (record_counts, declared) | "MergeIds" >> beam.Flatten()
+    raw_sizes = record_counts | "RawClientSizes" >> beam.CombinePerKey(sum)
     raw_ids = raw_sizes | "RawIds" >> beam.Keys()
     if c.expands:
       plan = raw_ids | "PlanPseudoClients" >> PlanPseudoClients(c.num_transformed_clients)
@@ -233,13 +232,16 @@ def _check_counts(num_read: int, num_grouped: int) -> dict[str, int]:
   return {"num_input_records": num_read}
 
 
-def _account_for_every_record(records, clients):
+def _account_for_every_record(record_counts, clients):
   """Singleton report {num_input_records}; fails the job if grouping lost or duplicated records.
 
-  The commit waits for it, so a store is never committed with fewer examples
-  than were read, whatever the runner did.
+  `record_counts`: (client id, count) pairs of the records read, counted
+  before the shuffle. The commit waits for the report, so a store is never
+  committed with fewer examples than were read, whatever the runner did.
   """
-  num_read = records | "CountRead" >> beam.combiners.Count.Globally()
+  num_read = (record_counts
+              | "ReadCounts" >> beam.Values()
+              | "CountRead" >> beam.CombineGlobally(sum))
   num_grouped = (clients
                  | "ClientSizes" >> beam.Map(lambda c: len(c.records))
                  | "CountGrouped" >> beam.CombineGlobally(sum))
