@@ -368,3 +368,25 @@ def test_order_by_a_float_feature_with_nan_does_not_depend_on_input_order(tmp_pa
   assert forward == backward
   stored = [float(e["v"]) for e in testing.read_store(stores[0])["c"]]
   assert stored[:4] == [-0.0, 0.0, 1.0, 2.0] and np.isnan(stored[4:]).all()
+
+
+def test_group_by_client_counts_every_clients_records():
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.testing.test_pipeline import TestPipeline  # pylint: disable=g-import-not-at-top
+  from apache_beam.testing.util import assert_that, equal_to  # pylint: disable=g-import-not-at-top
+  from fedbeam.element_spec import ElementSpec  # pylint: disable=g-import-not-at-top
+  from fedbeam.pipelines.grouping import GroupByClient  # pylint: disable=g-import-not-at-top
+  from fedbeam.pipelines.records import InputRecord, RawFeature  # pylint: disable=g-import-not-at-top
+  spec = ElementSpec.from_json({"v": {"dtype": "int64", "shape": []}})
+  sizes = {"a": 5, "b": 1, "c": 12}
+  records = [InputRecord(cid, {"v": RawFeature(np.array([i], np.int64), "int64", "list")},
+                         ("mem", i))
+             for cid, n in sizes.items() for i in range(n)]
+  with TestPipeline() as p:
+    inputs = {"records": p | "Records" >> beam.Create(records, reshuffle=True),
+              "clients": p | "NoIds" >> beam.Create([])}
+    grouped = inputs | GroupByClient(p | "Spec" >> beam.Create([spec]), declared_clients=False)
+    counted = grouped["record_counts"] | beam.CombinePerKey(sum)
+    assert_that(counted, equal_to(list(sizes.items())), label="Counts")
+    assert_that(grouped["clients"] | beam.Map(lambda c: (c.client_id, len(c.records))),
+                equal_to(list(sizes.items())), label="Clients")
