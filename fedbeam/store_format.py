@@ -225,12 +225,13 @@ def encode_example(values: Mapping[str, np.ndarray], spec: ElementSpec) -> bytes
   written directly because building the message value by value is the
   pipeline's slowest step.
   """
-  entries = []
-  for f in sorted(spec.features, key=lambda f: f.name.encode("utf-8")):
-    arr = np.asarray(values[f.name]).reshape(-1)
-    entry = _len_field(0x0A, f.name.encode("utf-8")) + _len_field(0x12, _encode_feature(f, arr))
-    entries.append(_len_field(0x0A, entry))
+  entries = [_map_entry(f, np.asarray(values[f.name]).reshape(-1)) for f in _in_key_order(spec)]
   return _len_field(0x0A, b"".join(entries))
+
+
+def _in_key_order(spec: ElementSpec) -> list[FeatureSpec]:
+  # Deterministic serialization sorts map entries by their keys' bytes.
+  return sorted(spec.features, key=lambda f: f.name.encode("utf-8"))
 
 
 def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
@@ -243,9 +244,8 @@ def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
   """
   if not count:
     return []
-  per_feature = []
-  for f in sorted(spec.features, key=lambda f: f.name.encode("utf-8")):
-    per_feature.append(_map_entries(f, np.asarray(columns[f.name]).reshape(count, -1)))
+  per_feature = [_map_entries(f, np.asarray(columns[f.name]).reshape(count, -1))
+                 for f in _in_key_order(spec)]
   blocks = [_as_block(entries, count) for entries in per_feature]
   if all(block is not None for block in blocks):
     # Every element has the same size: one matrix of records, split by row.
@@ -484,7 +484,7 @@ def _decode_alike(records, rows, spec: ElementSpec, out: dict[str, np.ndarray]) 
   first = int(rows[0])
   record = records[first]
   pieces_of = _feature_pieces(record, first, _locate(record, first), spec)
-  if len(rows) == 1 or any(w == 0 for p in pieces_of.values() for w, _, _ in p):
+  if any(w == 0 for p in pieces_of.values() for w, _, _ in p):
     # An unpacked varint's extent depends on its value bytes, not the framing.
     return rows.tolist()
   block = np.frombuffer(b"".join(records[i] for i in rows.tolist()), np.uint8)
@@ -660,15 +660,16 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
 
 def _masked_crc(data: bytes) -> int:
   import google_crc32c  # pylint: disable=g-import-not-at-top
-  crc = google_crc32c.value(data)
+  return _mask(google_crc32c.value(data))
+
+
+def _mask(crc: int) -> int:
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def tfrecord_frame(record: bytes) -> bytes:
   """One TFRecord: uint64 length, masked CRC32C of the length, data, masked CRC32C of the data."""
-  header = struct.pack("<Q", len(record))
-  return (header + struct.pack("<I", _masked_crc(header)) + record
-          + struct.pack("<I", _masked_crc(record)))
+  return b"".join(tfrecord_frames([record]))
 
 
 def tfrecord_frames(records: Iterable[bytes]) -> Iterable[bytes]:
@@ -687,10 +688,9 @@ def tfrecord_frames(records: Iterable[bytes]) -> Iterable[bytes]:
     if header is None:
       length = struct.pack("<Q", n)
       header = headers[n] = length + pack_crc(_masked_crc(length))
-    crc = crc_of(record)
     yield header
     yield record
-    yield pack_crc((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+    yield pack_crc(_mask(crc_of(record)))
 
 
 class CorruptRecordError(ValueError):

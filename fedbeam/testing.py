@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from fedbeam import store_format as sf
 from fedbeam.element_spec import ElementSpec
 
 Element = Mapping[str, Any]
@@ -44,7 +45,7 @@ Clients = Mapping[str, Sequence[Element]]
 
 __all__ = [
     "write_tfrecord_input", "write_avro_input", "write_tff_sqlite_input",
-    "prepare_store", "read_store", "dataset_elements", "assert_store_equals",
+    "prepare_store", "read_store", "client_file", "dataset_elements", "assert_store_equals",
     "assert_elements_equal",
 ]
 
@@ -128,13 +129,12 @@ def write_tfrecord_input(path: Union[str, os.PathLike], clients: Clients,
     ValueError: an element has a feature named `client_id_key`, or a value
       with a dtype `tf.train.Example` cannot hold.
   """
-  from fedbeam.store_format import tfrecord_frame  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   _ensure_parent(path)
   with open(path, "wb") as f:
     for client_id, elements in clients.items():
       for element in elements:
-        f.write(tfrecord_frame(_example_bytes(element, client_id, client_id_key)))
+        f.write(sf.tfrecord_frame(_example_bytes(element, client_id, client_id_key)))
   return path
 
 
@@ -376,6 +376,17 @@ def read_store(store_path: str, split: Optional[str] = None) -> dict[str, list[d
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
   data = load_client_data(store_path, split)
   return {cid: dataset_elements(data.create_tf_dataset_for_client(cid)) for cid in data.client_ids}
+
+
+def client_file(store_path: str, client_id: str, split: str = sf.UNSPLIT) -> str:
+  """The path of a client's TFRecord file in a committed local store (for fault-injection tests).
+
+  Raises:
+    fedbeam.store_format.StoreFormatError: no committed store at `store_path`.
+  """
+  metadata = sf.read_metadata(store_path)
+  rel = sf.client_relative_path(client_id, split, metadata["num_shards"])
+  return os.path.join(store_path, metadata["data_dir"], rel)
 
 
 def dataset_elements(dataset) -> list[dict[str, np.ndarray]]:

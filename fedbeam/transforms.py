@@ -71,6 +71,12 @@ def _check_image_shape(feature: str, rank: Optional[int], known_size: bool) -> N
                      f"height and width, got rank {rank}")
 
 
+def projective_coefficients(inverse: np.ndarray) -> np.ndarray:
+  """The 8 float32 coefficients [a0, a1, a2, b0, b1, b2, c0, c1] of TensorFlow's projective
+  warp ops, from a 3x3 map of output to input pixels normalized so that its last entry is 1."""
+  return np.asarray(inverse, np.float32).reshape(-1)[:8]
+
+
 def bilinear_warp(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   """Warps float32 images [N, H, W, C] by one projective map, as TensorFlow does.
 
@@ -83,8 +89,7 @@ def bilinear_warp(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   sampling positions and weights are computed once for the batch.
   """
   n, height, width, channels = images.shape
-  t = np.array([inverse[0, 0], inverse[0, 1], inverse[0, 2], inverse[1, 0], inverse[1, 1],
-                inverse[1, 2], inverse[2, 0], inverse[2, 1]], np.float32)
+  t = projective_coefficients(inverse)
   out_y, out_x = np.meshgrid(np.arange(height, dtype=np.float32),
                              np.arange(width, dtype=np.float32), indexing="ij")
   projection = t[6] * out_x + t[7] * out_y + np.float32(1)
@@ -168,9 +173,7 @@ class AffineTransform:
       dims = image.shape
       _check_image_shape(feature, dims.rank, dims[:2].is_fully_defined() if dims.rank else False)
       height, width = int(dims[0]), int(dims[1])
-      inv = inverse(height, width)
-      transform = tf.constant([[inv[0, 0], inv[0, 1], inv[0, 2], inv[1, 0], inv[1, 1],
-                                inv[1, 2], inv[2, 0], inv[2, 1]]], tf.float32)
+      transform = tf.constant(projective_coefficients(inverse(height, width))[np.newaxis])
       batch = tf.cast(image if dims.rank == 3 else image[..., tf.newaxis], tf.float32)
       warped = tf.raw_ops.ImageProjectiveTransformV3(
           images=batch[tf.newaxis], transforms=transform,

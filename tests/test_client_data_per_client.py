@@ -43,12 +43,6 @@ def store_copy(clean_store, tmp_path):
   return dst
 
 
-def _client_file(store, client_id):
-  metadata = sf.read_metadata(store)
-  rel = sf.client_relative_path(client_id, sf.UNSPLIT, metadata["num_shards"])
-  return os.path.join(store, metadata["data_dir"], rel)
-
-
 def _per_client_datasets(data, client_id, traced=None):
   """The client's dataset through every per-client path of StoreClientData."""
   traced = traced or tf.function(data.serializable_dataset_fn, autograph=False)
@@ -82,7 +76,7 @@ def test_every_path_keeps_the_input_order_across_parse_batches(clean_store):
 
 
 def test_a_damaged_record_names_the_client_after_the_batches_before_it(store_copy):
-  path = _client_file(store_copy, "big")
+  path = fbt.client_file(store_copy, "big")
   data = bytearray(open(path, "rb").read())
   data[-3] ^= 0xFF  # inside the last record: the first two parse batches are intact
   open(path, "wb").write(bytes(data))
@@ -107,7 +101,7 @@ def test_a_damaged_record_names_the_client_after_the_batches_before_it(store_cop
 
 
 def test_a_missing_file_names_the_client_when_read(store_copy):
-  os.remove(_client_file(store_copy, "two/ü"))
+  os.remove(fbt.client_file(store_copy, "two/ü"))
   store = load_client_data(store_copy)
   dataset = store.create_tf_dataset_for_client("two/ü")  # building it reads nothing
   with pytest.raises(ClientFileError, match=r"client 'two/ü' in store .* is missing"):

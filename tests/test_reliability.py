@@ -67,12 +67,6 @@ def store_copy(clean_store, tmp_path):
   return dst
 
 
-def _client_file(store, client_id):
-  metadata = sf.read_metadata(store)
-  rel = sf.client_relative_path(client_id, sf.UNSPLIT, metadata["num_shards"])
-  return os.path.join(store, metadata["data_dir"], rel)
-
-
 def _run_cli(args, capsys):
   code = cli.main(args)
   out = capsys.readouterr()
@@ -91,7 +85,7 @@ def test_validate_passes_a_sound_store_with_one_line(clean_store, capsys):
 
 
 def test_validate_names_a_missing_client_file(store_copy, capsys):
-  os.remove(_client_file(store_copy, "c3"))
+  os.remove(fbt.client_file(store_copy, "c3"))
   code, out, err = _run_cli(["validate", store_copy], capsys)
   assert code == 1
   assert "client 'c3'" in out and "file is missing" in out
@@ -99,7 +93,7 @@ def test_validate_names_a_missing_client_file(store_copy, capsys):
 
 
 def test_validate_names_a_damaged_client_file(store_copy, capsys):
-  path = _client_file(store_copy, "c4")
+  path = fbt.client_file(store_copy, "c4")
   data = bytearray(open(path, "rb").read())
   data[20] ^= 0x01
   open(path, "wb").write(bytes(data))
@@ -109,7 +103,7 @@ def test_validate_names_a_damaged_client_file(store_copy, capsys):
 
 
 def test_validate_names_a_truncated_client_file(store_copy, capsys):
-  path = _client_file(store_copy, "c5")
+  path = fbt.client_file(store_copy, "c5")
   data = open(path, "rb").read()
   open(path, "wb").write(data[:-7])
   code, out, _ = _run_cli(["validate", store_copy], capsys)
@@ -158,7 +152,7 @@ def test_validate_deep_finds_records_that_do_not_match_the_spec(store_copy, caps
   example = example_pb2.Example()
   example.features.feature["label"].int64_list.value.append(1)
   data = sf.tfrecord_frame(example.SerializeToString())
-  path = _client_file(store_copy, "c0")
+  path = fbt.client_file(store_copy, "c0")
   old_size = os.path.getsize(path)
   open(path, "wb").write(data)
   meta_path = sf.metadata_path(store_copy)
@@ -191,7 +185,7 @@ def test_loading_refuses_a_newer_format_version(store_copy):
 def test_reading_a_damaged_client_file_names_the_client(store_copy):
   from fedbeam.runtime import load_client_data
   from fedbeam.runtime.client_data import ClientFileError
-  path = _client_file(store_copy, "c5")
+  path = fbt.client_file(store_copy, "c5")
   data = bytearray(open(path, "rb").read())
   data[30] ^= 0xFF
   open(path, "wb").write(bytes(data))

@@ -1,5 +1,7 @@
 """`fedbeam.testing`: the documented example works and failures read well."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,14 @@ def test_inputs_of_every_format_give_the_same_store(tmp_path, store):
     assert list(actual) == list(reference) == sorted(CLIENTS)
     for cid in actual:
       testing.assert_elements_equal(actual[cid], reference[cid], where=cid)
+
+
+def test_client_file_is_each_clients_file_in_the_store(store):
+  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  paths = {cid: testing.client_file(store, cid) for cid in CLIENTS}
+  written = {os.path.join(d, n) for d, _, names in os.walk(store) for n in names
+             if n.endswith(sf.CLIENT_FILE_SUFFIX)}
+  assert set(paths.values()) == written
+  for cid, path in paths.items():
+    with open(path, "rb") as f:
+      assert len(list(sf.read_tfrecords(f))) == len(CLIENTS[cid])

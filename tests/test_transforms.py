@@ -51,6 +51,7 @@ def test_affine_keeps_channels_and_dtype():
 
 
 def _tf_warp(images, inverse):
+  # The coefficients spelled out, not through projective_coefficients: the oracle.
   transform = tf.constant([[inverse[0, 0], inverse[0, 1], inverse[0, 2], inverse[1, 0],
                             inverse[1, 1], inverse[1, 2], inverse[2, 0], inverse[2, 1]]],
                           tf.float32)

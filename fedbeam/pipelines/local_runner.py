@@ -78,18 +78,18 @@ class _EncodedShare:
   GROUPED_CHUNK_BYTES; iterating again encodes the same bytes again.
   """
 
-  def __init__(self, items, encode_to_stream, key_decode, windowed_key_values):
+  def __init__(self, items, encode_to_stream, key_decode, in_window):
     self._items = items
     self._encode_to_stream = encode_to_stream
     self._key_decode = key_decode
-    self._windowed_key_values = windowed_key_values
+    self._in_window = in_window
 
   def __iter__(self):
     from apache_beam.coders.coder_impl import create_OutputStream  # pylint: disable=g-import-not-at-top
     stream = create_OutputStream()
     for encoded_key, values in self._items:
-      for wkvs in self._windowed_key_values(self._key_decode(encoded_key), values):
-        self._encode_to_stream(wkvs, stream, True)
+      self._encode_to_stream(self._in_window((self._key_decode(encoded_key), values)), stream,
+                             True)
       if stream.size() >= GROUPED_CHUNK_BYTES:
         yield stream.get()
         stream = create_OutputStream()
@@ -116,10 +116,8 @@ def _partition_lazily(original_partition):
     encode = self._post_grouped_coder.get_impl().encode_to_stream
     key_decode = self._key_coder.get_impl().decode
     # Key i goes to worker i % n, as in Beam's partition.
-    self._grouped_output = [
-        _EncodedShare(items[k::n], encode, key_decode,
-                      lambda key, values: [globally_window((key, values))])
-        for k in range(n)]
+    self._grouped_output = [_EncodedShare(items[k::n], encode, key_decode, globally_window)
+                            for k in range(n)]
     return self._grouped_output
 
   partition.fedbeam_original = original_partition
@@ -157,8 +155,7 @@ def guard_local_runner() -> bool:
     worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
     manager._send_input_to_worker = _send_input_in_flushed_chunks  # pylint: disable=protected-access
     grouping = getattr(execution, "GroupingBuffer", None)
-    if grouping is not None and hasattr(grouping, "partition") and all(
-        hasattr(grouping, name) for name in ("__init__", "__iter__")):
+    if grouping is not None and hasattr(grouping, "partition"):
       grouping.partition = _partition_lazily(grouping.partition)
     _guarded = True
     return True
