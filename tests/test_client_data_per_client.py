@@ -144,14 +144,17 @@ def test_create_tf_dataset_for_client_inside_a_tf_function(clean_store):
 def test_public_ops_give_the_same_elements(clean_store, monkeypatch):
   # Without TensorFlow's dataset internals the pipeline falls back to public ops.
   monkeypatch.setattr(cd_module, "_HAS_DATASET_INTERNALS", False)
-  monkeypatch.setattr(cd_module, "_DATASET_BY_PATH", {})
-  data = load_client_data(clean_store)
-  for cid, expected in _clients().items():
-    ds = data.create_tf_dataset_for_client(cid)
-    assert len(_dataset_functions(ds)) > 1  # really the public ops
-    fbt.assert_elements_equal(fbt.dataset_elements(ds), expected, ordered=True, where=cid)
-    fbt.assert_elements_equal(fbt.dataset_elements(data.serializable_dataset_fn(cid)), expected,
-                              ordered=True, where=cid)
+  cd_module._dataset_by_path_fn.cache_clear()  # Trace anew, with the public ops.
+  try:
+    data = load_client_data(clean_store)
+    for cid, expected in _clients().items():
+      ds = data.create_tf_dataset_for_client(cid)
+      assert len(_dataset_functions(ds)) > 1  # really the public ops
+      fbt.assert_elements_equal(fbt.dataset_elements(ds), expected, ordered=True, where=cid)
+      fbt.assert_elements_equal(fbt.dataset_elements(data.serializable_dataset_fn(cid)),
+                                expected, ordered=True, where=cid)
+  finally:
+    cd_module._dataset_by_path_fn.cache_clear()  # Later tests get the internal ops again.
 
 
 def _dataset_functions(ds):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
+import functools
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -139,19 +138,11 @@ def client_dataset_builder(spec: ElementSpec) -> Callable[[Any], tf.data.Dataset
 # spec, shared by every StoreClientData (subsets and splits of a store trace it
 # once). Called as a concrete function: a tf.function call first binds its
 # arguments in Python, about half of the cost of building a client's dataset.
-_DATASET_BY_PATH: dict[str, Any] = {}
-_DATASET_BY_PATH_LOCK = threading.Lock()
-
-
+@functools.lru_cache(maxsize=None)
 def _dataset_by_path_fn(spec: ElementSpec):
-  key = json.dumps(spec.to_json())
-  with _DATASET_BY_PATH_LOCK:
-    fn = _DATASET_BY_PATH.get(key)
-    if fn is None:
-      fn = _DATASET_BY_PATH[key] = tf.function(
-          client_dataset_builder(spec), input_signature=[tf.TensorSpec([], tf.string)],
-          autograph=False).get_concrete_function()
-    return fn
+  """The traced `client_dataset_builder(spec)`, shared by every store of that element spec."""
+  return tf.function(client_dataset_builder(spec), input_signature=[tf.TensorSpec([], tf.string)],
+                     autograph=False).get_concrete_function()
 
 
 class ClientFileError(IOError):
