@@ -1,10 +1,13 @@
 """The local FnApiRunner guard: every element of a large materialized stage input arrives."""
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
@@ -134,3 +137,66 @@ def test_grouped_stage_gets_every_value_on_two_processes():
     total = num_keys * per_key
     assert_that(grouped, equal_to([(f"k{k}", list(range(k, total, num_keys)))
                                    for k in range(num_keys)]))
+
+
+def _grouped_pipeline(p, num_keys: int, per_key: int, value_bytes: int):
+  def values(i):  # Nested, so the workers unpickle it by value.
+    for j in range(per_key):
+      yield f"k{(i * per_key + j) % num_keys}", b"v" * value_bytes
+
+  return (p | beam.Create(list(range(num_keys))) | beam.Reshuffle() | beam.FlatMap(values)
+          | beam.GroupByKey())
+
+
+def test_workers_start_a_grouped_bundle_while_its_input_is_still_being_sent(
+    monkeypatch, tmp_path):
+  local_runner.guard_local_runner()
+  monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 256 << 10)
+  shares_sent = []
+  encode = local_runner._EncodedShare.__iter__
+
+  def slowly_encoded(self):
+    for chunk in encode(self):
+      time.sleep(0.02)
+      yield chunk
+    shares_sent.append(time.time())
+
+  monkeypatch.setattr(local_runner._EncodedShare, "__iter__", slowly_encoded)
+  out_dir = str(tmp_path)
+
+  def note_first_key(key, _, seen=[]):  # pylint: disable=dangerous-default-value
+    if not seen:  # One file per worker process, for the first key it processes.
+      seen.append(key)
+      with open(os.path.join(out_dir, f"first-{os.getpid()}"), "w") as f:
+        f.write(repr(time.time()))
+    return key
+
+  options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  with beam.Pipeline(runner=FnApiRunner(), options=options) as p:
+    # 400 keys x 50 values x 2 KB: 40 MB, about 80 pieces, 1.6 s to send.
+    _ = _grouped_pipeline(p, 400, 50, 2000) | beam.MapTuple(note_first_key)
+  first_processed = [float(open(tmp_path / name).read()) for name in os.listdir(tmp_path)]
+  assert len(shares_sent) == 2 and len(first_processed) == 2
+  # Beam's runner sends a bundle's whole input before the worker may start on it.
+  assert max(first_processed) < min(shares_sent) - 0.5
+
+
+def test_a_failure_to_send_a_bundles_input_fails_the_pipeline(monkeypatch):
+  local_runner.guard_local_runner()
+  monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 256 << 10)
+  encode = local_runner._EncodedShare.__iter__
+
+  def failing(self):
+    for n, chunk in enumerate(encode(self)):
+      if n == 3:
+        raise ValueError("cannot encode this share")
+      yield chunk
+
+  monkeypatch.setattr(local_runner._EncodedShare, "__iter__", failing)
+  options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  started = time.monotonic()
+  with pytest.raises(Exception, match="failed to send a bundle's input") as raised:
+    with beam.Pipeline(runner=FnApiRunner(), options=options) as p:
+      _ = _grouped_pipeline(p, 400, 50, 2000) | beam.MapTuple(lambda k, vs: (k, len(list(vs))))
+  assert "cannot encode this share" in repr(raised.value.__cause__)
+  assert time.monotonic() - started < 120
