@@ -15,9 +15,8 @@ from apache_beam.transforms.window import GlobalWindows
 
 from fedbeam.element_spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.allocator import tune_allocator
-from fedbeam.pipelines.records import (ClientRecords, InputError, InputRecord, conform_record,
-                                       encode_as_read)
-from fedbeam.store_format import encode_example
+from fedbeam.pipelines.example_records import (ExampleBatch, encode_batch, encode_record)
+from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord
 
 ORDER_BY_INPUT = "@input"
 
@@ -58,7 +57,7 @@ RECORD_COUNTS = "record_counts"
 
 
 class _EncodeAndPregroup(beam.DoFn):
-  """InputRecord -> (client id, [(sort key, store record), ...]) per client and bundle.
+  """InputRecord or ExampleBatch -> (client id, [(sort key, store record), ...]) per client and bundle.
 
   Like a lifted combiner, records of one client met in a bundle leave as one
   element, so the shuffle moves about one element per client and input file
@@ -78,17 +77,25 @@ class _EncodeAndPregroup(beam.DoFn):
     self._groups: dict[str, list] = {}
     self._bytes = 0
 
-  def process(self, record: InputRecord, spec: Optional[ElementSpec]):
+  def process(self, element, spec: Optional[ElementSpec]):
     if spec is None:  # Unreachable: an empty input has no record to encode.
       return
-    data = encode_as_read(record, spec)
-    if data is None:
-      data = encode_example(conform_record(record, spec), spec)
-    self._groups.setdefault(record.client_id, []).append(
-        (_sort_key(record, spec, self._order_by), data))
-    self._bytes += len(data)
+    order_by = self._order_by
+    if isinstance(element, ExampleBatch) and order_by in (None, ORDER_BY_INPUT):
+      # Sort keys that need no feature value: whole batches are encoded at once.
+      by_input = order_by == ORDER_BY_INPUT
+      for client_id, position, data in encode_batch(element, spec):
+        self._add(client_id, position if by_input else (), data)
+    else:
+      records = element.input_records() if isinstance(element, ExampleBatch) else (element,)
+      for record in records:
+        self._add(record.client_id, _sort_key(record, spec, order_by), encode_record(record, spec))
     if self._bytes >= PREGROUP_BYTES:
       yield from self._drain()
+
+  def _add(self, client_id: str, sort_key: tuple, data: bytes) -> None:
+    self._groups.setdefault(client_id, []).append((sort_key, data))
+    self._bytes += len(data)
 
   def finish_bundle(self):
     for kv in self._drain():
@@ -122,7 +129,7 @@ def _check_spec(spec: Optional[ElementSpec], order_by: Optional[str]) -> Element
 class GroupByClient(beam.PTransform):
   """Encodes records and groups them into one `ClientRecords` per client id.
 
-  Input: a dict with `records` (PCollection[InputRecord]) and `clients`
+  Input: a dict with `records` (PCollection of InputRecord or ExampleBatch) and `clients`
   (PCollection[str], ids declared by the input, possibly without records).
   `spec` is a singleton PCollection[ElementSpec].
   Output: a dict with `clients` (PCollection[ClientRecords], records in

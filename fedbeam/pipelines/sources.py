@@ -1,7 +1,7 @@
 """Input sources: TFRecord of tf.train.Example, Avro, and TFF SQLite client data.
 
 Each source is a `beam.PTransform` applied to the pipeline root that outputs
-`InputRecord`s, plus a PCollection of client ids the input declares even when
+`InputRecord`s (TFRecord: `ExampleBatch`es of them), plus a PCollection of client ids the input declares even when
 they have no example (TFF's SQLite `client_metadata` can list empty clients).
 Files are read whole by one worker each, in a DoFn, so every record keeps
 its file and index for error messages and for `--order-by @input`.
@@ -18,13 +18,16 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
-from fedbeam.example_proto import Example
+from fedbeam.pipelines.example_records import ExampleBatch, parse_example_record
 from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
                                        SCALAR, STRING, InputError, InputRecord, RawFeature)
 from fedbeam.store_format import (CorruptRecordError, InvalidClientIdError, check_client_id,
                                   read_tfrecords)
 
 INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite")
+# Records of a TFRecord file handed on together (see ExampleBatch).
+BATCH_RECORDS = 2048
+BATCH_BYTES = 8 << 20
 # Rows of a TFF SQLite database read by one work item.
 SQLITE_ROWS_PER_RANGE = 20_000
 
@@ -55,72 +58,33 @@ def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
 # tf.train.Example
 # ----------------------------------------------------------------------------
 
-def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
-                         position: tuple[str, int]) -> InputRecord:
-  """Turns a serialized tf.train.Example into an InputRecord.
-
-  With `client_id_key` None the caller supplies the id separately (SQLite);
-  the returned record then has an empty client id.
-  """
-  try:
-    example = Example.FromString(data)
-  except Exception as e:  # pylint: disable=broad-except
-    raise InputError(f"{source}: not a serialized tf.train.Example ({e})") from None
-  features = {}
-  client_id = ""
-  fmap = example.features.feature
-  for name, feature in fmap.items():
-    kind = feature.WhichOneof("kind")
-    if name == client_id_key:
-      if kind != "bytes_list":
-        raise InputError(
-            f"{source}: client-id feature {name!r} is a {kind or 'typeless feature'}, "
-            "expected a bytes_list holding one UTF-8 string")
-      if len(feature.bytes_list.value) != 1:
-        raise InputError(
-            f"{source}: client-id feature {name!r} has {len(feature.bytes_list.value)} "
-            "values, expected exactly one")
-      try:
-        client_id = check_client_id(feature.bytes_list.value[0], source)
-      except InvalidClientIdError as e:
-        raise InputError(str(e)) from None
-      continue
-    if kind == "bytes_list":
-      features[name] = RawFeature(feature.bytes_list.value, STRING, ANY_RANK)
-    elif kind == "float_list":
-      features[name] = RawFeature(feature.float_list.value, FLOAT32, ANY_RANK)
-    elif kind == "int64_list":
-      features[name] = RawFeature(feature.int64_list.value, INT64, ANY_RANK)
-    else:
-      raise InputError(f"{source}: feature {name!r} has no value list (bytes, float or int64)")
-  if client_id_key is not None:
-    if not client_id:
-      raise InputError(
-          f"{source}: client-id feature {client_id_key!r} is missing "
-          f"(features present: {sorted(fmap.keys())})")
-    del fmap[client_id_key]
-  return InputRecord(client_id, features, position, example)
-
-
 class _ReadTFRecordFile(beam.DoFn):
+  """path -> `ExampleBatch`es of the file's records, in order."""
 
   def __init__(self, client_id_key: str):
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
-  def process(self, path: str) -> Iterable[InputRecord]:
-    index = 0
+  def process(self, path: str) -> Iterable[ExampleBatch]:
+    batch: list[bytes] = []
+    first = size = 0
     try:
       with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
         for data in read_tfrecords(f):
-          source = f"{path} record {index}"
-          yield parse_example_record(data, self._client_id_key, source, (path, index))
-          self._records.inc()
-          index += 1
+          batch.append(data)
+          size += len(data)
+          if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
+            yield ExampleBatch(path, first, batch, self._client_id_key)
+            self._records.inc(len(batch))
+            first += len(batch)
+            batch, size = [], 0
     except CorruptRecordError as e:
       raise InputError(f"{path}: unreadable TFRecord file: {e}") from None
     except (OSError, IOError) as e:
       raise InputError(f"{path}: cannot read: {e}") from None
+    if batch:
+      yield ExampleBatch(path, first, batch, self._client_id_key)
+      self._records.inc(len(batch))
 
 
 class _ReadFiles(beam.PTransform):
@@ -143,8 +107,9 @@ class _ReadFiles(beam.PTransform):
 class ReadTFRecordExamples(_ReadFiles):
   """Reads TFRecord files of serialized tf.train.Example.
 
-  Input: the pipeline root. Output: `InputRecord`s; the bytes feature
-  `client_id_key` (one UTF-8 string) is the client id and is not a feature.
+  Input: the pipeline root. Output: `ExampleBatch`es (`as_input_records`
+  gives their `InputRecord`s); the bytes feature `client_id_key` (one UTF-8
+  string) is the client id and is not a feature.
   """
 
   reader_cls = _ReadTFRecordFile
@@ -357,7 +322,7 @@ def declares_clients(input_format: str) -> bool:
 
 
 class ReadClientInput(beam.PTransform):
-  """Reads any supported input. Output: {"records": InputRecord, "clients": str}.
+  """Reads any supported input. Output: {"records": InputRecord or ExampleBatch, "clients": str}.
 
   `clients` is empty unless `declares_clients(input_format)`.
   """

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import apache_beam as beam
 
 from fedbeam.element_spec import ElementSpec, FeatureSpec
+from fedbeam.pipelines.example_records import as_input_records
 from fedbeam.pipelines.records import ANY_RANK, LIST, SCALAR, InputError, InputRecord
 
 _DTYPE_OF_KIND = {"string": "string", "float32": "float32", "float64": "float64",
@@ -101,10 +102,15 @@ class InferElementSpecFn(beam.CombineFn):
 
 
 class InferElementSpec(beam.PTransform):
-  """PCollection[InputRecord] -> singleton PCollection[ElementSpec | None] (None: no records)."""
+  """PCollection[InputRecord or ExampleBatch] -> singleton PCollection[ElementSpec | None].
+
+  None: no records.
+  """
 
   def expand(self, records):
-    return records | "Infer" >> beam.CombineGlobally(InferElementSpecFn())
+    return (records
+            | "AsInputRecords" >> beam.FlatMap(as_input_records)
+            | "Infer" >> beam.CombineGlobally(InferElementSpecFn()))
 
 
 __all__ = ["InferElementSpec", "InferElementSpecFn", "LIST", "SCALAR"]

@@ -1,0 +1,304 @@
+"""Serialized tf.train.Example input records: parsed one at a time, or a batch stored as read.
+
+`parse_example_record` turns one record into an `InputRecord`. The TFRecord
+reader emits `ExampleBatch`es (consecutive records of one file) rather than
+one element per record, and `encode_batch` turns a batch into store records
+without a protobuf message per record.
+
+Most inputs hold records that already match the element spec and differ
+only in their values: same features, same value counts, same byte layout
+(the 884,000 records of the 10x benchmark input come in a handful of
+lengths). For such records the store record is the input record with its
+client-id map entry cut out and the outer length fixed; that is exactly
+what parsing, deleting the entry and serializing deterministically gives.
+`encode_batch` proves it on one record of each length (the template) by
+doing both, then takes every other record of that length whose bytes
+outside the value regions equal the template's, checks the values that
+parsing could change (varint integers: where each ends, minimal encoding,
+the dtype's range; client ids: UTF-8) with numpy over all of them at once,
+and cuts them all out of one matrix. Any other record (a lone length, a
+different layout, a value out of range, a bad id) goes the record-by-record
+way, which also raises the errors, naming file and record, as before.
+`tests/test_example_records.py` holds both ways to the same bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from fedbeam import example_wire
+from fedbeam.element_spec import ElementSpec
+from fedbeam.example_proto import Example
+from fedbeam.pipelines.records import (ANY_RANK, FLOAT32, INT64, STRING, InputError, InputRecord,
+                                       RawFeature, conform_record, encode_as_read)
+from fedbeam.store_format import InvalidClientIdError, check_client_id, encode_example
+
+# Records of one length needed before they are encoded as a matrix.
+MIN_ALIKE = 8
+# The longest varint handled as a matrix column: 9 bytes hold values below
+# 2**63; longer ones (negative int64) go record by record.
+_MAX_VARINT_BYTES = 9
+
+
+def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
+                         position: tuple[str, int]) -> InputRecord:
+  """Turns a serialized tf.train.Example into an InputRecord.
+
+  With `client_id_key` None the caller supplies the id separately (SQLite);
+  the returned record then has an empty client id.
+
+  Raises:
+    InputError: not an Example, or a missing or malformed client-id feature;
+      the message starts with `source`.
+  """
+  try:
+    example = Example.FromString(data)
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(f"{source}: not a serialized tf.train.Example ({e})") from None
+  features = {}
+  client_id = ""
+  fmap = example.features.feature
+  for name, feature in fmap.items():
+    kind = feature.WhichOneof("kind")
+    if name == client_id_key:
+      if kind != "bytes_list":
+        raise InputError(
+            f"{source}: client-id feature {name!r} is a {kind or 'typeless feature'}, "
+            "expected a bytes_list holding one UTF-8 string")
+      if len(feature.bytes_list.value) != 1:
+        raise InputError(
+            f"{source}: client-id feature {name!r} has {len(feature.bytes_list.value)} "
+            "values, expected exactly one")
+      try:
+        client_id = check_client_id(feature.bytes_list.value[0], source)
+      except InvalidClientIdError as e:
+        raise InputError(str(e)) from None
+      continue
+    if kind == "bytes_list":
+      features[name] = RawFeature(feature.bytes_list.value, STRING, ANY_RANK)
+    elif kind == "float_list":
+      features[name] = RawFeature(feature.float_list.value, FLOAT32, ANY_RANK)
+    elif kind == "int64_list":
+      features[name] = RawFeature(feature.int64_list.value, INT64, ANY_RANK)
+    else:
+      raise InputError(f"{source}: feature {name!r} has no value list (bytes, float or int64)")
+  if client_id_key is not None:
+    if not client_id:
+      raise InputError(
+          f"{source}: client-id feature {client_id_key!r} is missing "
+          f"(features present: {sorted(fmap.keys())})")
+    del fmap[client_id_key]
+  return InputRecord(client_id, features, position, example)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleBatch:
+  """Consecutive serialized tf.train.Example records of one TFRecord file.
+
+  Record i is record `first_index + i` of `path`; `client_id_key` names the
+  bytes feature holding each record's client id.
+  """
+
+  path: str
+  first_index: int
+  records: list
+  client_id_key: str
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def position(self, i: int) -> tuple[str, int]:
+    return (self.path, self.first_index + i)
+
+  def input_record(self, i: int) -> InputRecord:
+    """Record i parsed (see `parse_example_record`, which also lists what raises)."""
+    path, index = self.position(i)
+    return parse_example_record(self.records[i], self.client_id_key, f"{path} record {index}",
+                                (path, index))
+
+  def input_records(self) -> Iterator[InputRecord]:
+    return (self.input_record(i) for i in range(len(self.records)))
+
+
+def as_input_records(element) -> Iterator[InputRecord]:
+  """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed."""
+  if isinstance(element, ExampleBatch):
+    return element.input_records()
+  return iter((element,))
+
+
+def encode_record(record: InputRecord, spec: ElementSpec) -> bytes:
+  """The store record of one input record (raises InputError, see `conform_record`)."""
+  data = encode_as_read(record, spec)
+  if data is None:
+    data = encode_example(conform_record(record, spec), spec)
+  return data
+
+
+def encode_batch(batch: ExampleBatch, spec: ElementSpec) -> list[tuple[str, tuple[str, int], bytes]]:
+  """(client id, position, store record) of each record of `batch`, in order.
+
+  The store records are those `encode_record(batch.input_record(i), spec)`
+  gives.
+
+  Raises:
+    InputError: a record is not an Example, lacks a valid client id or does
+      not match `spec`; the message names the file and record (the first
+      such record of the batch).
+  """
+  out: list[Any] = [None] * len(batch.records)
+  by_length: dict[int, list[int]] = {}
+  for i, data in enumerate(batch.records):
+    by_length.setdefault(len(data), []).append(i)
+  one_by_one: list[int] = []
+  for rows in by_length.values():
+    if len(rows) < MIN_ALIKE:
+      one_by_one.extend(rows)
+    else:
+      one_by_one.extend(_encode_alike(batch, rows, spec, out))
+  for i in sorted(one_by_one):
+    record = batch.input_record(i)
+    out[i] = (record.client_id, record.position, encode_record(record, spec))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Where a template record keeps what `_encode_alike` copies, compares and checks."""
+
+  features: tuple[int, int]  # Payload of the Example's one `features` field.
+  id_entry: tuple[int, int]  # The client id's whole map entry, tag included.
+  id_value: tuple[int, int]  # The client id's bytes.
+  fixed: np.ndarray  # Bool mask of the bytes every record of the layout shares.
+  varints: tuple  # (start, end, largest value allowed or None) of each integer.
+
+  def cut(self, record: bytes) -> bytes:
+    (fs, fe), (cs, ce) = self.features, self.id_entry
+    return _field_header(fe - fs - (ce - cs)) + record[fs:cs] + record[ce:fe]
+
+
+def _field_header(size: int) -> bytes:
+  out = bytearray(b"\n")  # Example.features: field 1, length-delimited.
+  while size >= 0x80:
+    out.append((size & 0x7F) | 0x80)
+    size >>= 7
+  out.append(size)
+  return bytes(out)
+
+
+def _varint_ends(data: bytes, start: int, end: int) -> Optional[list[int]]:
+  ends = []
+  pos = start
+  while pos < end:
+    first = pos
+    while data[pos] >= 0x80:
+      pos += 1
+    pos += 1
+    if pos - first > _MAX_VARINT_BYTES:
+      return None
+    ends.append(pos)
+  return ends
+
+
+def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[_Layout]:
+  """The template's layout, or None when it is not one `_encode_alike` can take."""
+  try:
+    top = example_wire._fields(template, 0, len(template))  # pylint: disable=protected-access
+    if len(top) != 1 or top[0][:2] != (1, 2) or top[0][3] != len(template):
+      return None
+    fs, fe = top[0][2], top[0][3]
+    id_entry = None
+    entry_start = fs
+    for number, wire, s, e in example_wire._fields(template, fs, fe):  # pylint: disable=protected-access
+      if (number, wire) == (1, 2):
+        for n, w, ks, ke in example_wire._fields(template, s, e):  # pylint: disable=protected-access
+          if (n, w) == (1, 2) and template[ks:ke] == client_id_key.encode("utf-8"):
+            if id_entry is not None:
+              return None
+            id_entry = (entry_start, e)
+      entry_start = e
+    lists = example_wire.feature_lists(template)
+  except example_wire.ExampleWireError:
+    return None
+  if id_entry is None:
+    return None
+  fixed = np.ones(len(template), bool)
+  varints = []
+  id_value = None
+  for name, (kind, pieces) in lists.items():
+    for wire, s, e in pieces:
+      fixed[s:e] = False
+      if name == client_id_key:
+        id_value = (s, e)
+      elif kind == example_wire.INT64_LIST:
+        ends = _varint_ends(template, s, e)
+        if ends is None or name not in spec:
+          return None
+        dtype = spec[name].dtype
+        largest = None
+        if dtype == "bool":
+          largest = 1
+        elif dtype not in ("int64", "uint64") and np.dtype(dtype).kind in "iu":
+          largest = int(np.iinfo(np.dtype(dtype)).max)
+        begin = s
+        for end in ends:
+          varints.append((begin, end, largest))
+          begin = end
+  if id_value is None:
+    return None
+  return _Layout((fs, fe), id_entry, id_value, fixed, tuple(varints))
+
+
+def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: list) -> list[int]:
+  """Fills `out[i]` for the rows of `batch` (all one length) it can cut; returns the others."""
+  records = batch.records
+  template = records[rows[0]]
+  try:
+    expected = encode_as_read(batch.input_record(rows[0]), spec)
+  except InputError:
+    return rows
+  layout = _layout(template, batch.client_id_key, spec) if expected is not None else None
+  if layout is None or layout.cut(template) != expected:
+    return rows
+  n, length = len(rows), len(template)
+  matrix = np.frombuffer(b"".join([records[i] for i in rows]), np.uint8).reshape(n, length)
+  pattern = np.frombuffer(template, np.uint8)
+  alike = (matrix[:, layout.fixed] == pattern[layout.fixed]).all(axis=1)
+  for start, end, largest in layout.varints:
+    digits = matrix[:, start:end]
+    alike &= (digits[:, :-1] >= 0x80).all(axis=1) & (digits[:, -1] < 0x80)
+    if end - start > 1:
+      alike &= digits[:, -1] != 0  # protobuf writes the shortest varint
+    if largest is not None:
+      value = np.zeros(n, np.uint64)
+      for k in range(end - start):
+        value |= (digits[:, k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+      alike &= value <= np.uint64(largest)
+  (fs, fe), (cs, ce), (vs, ve) = layout.features, layout.id_entry, layout.id_value
+  header = np.frombuffer(_field_header(fe - fs - (ce - cs)), np.uint8)
+  cut = np.concatenate([np.broadcast_to(header, (n, header.size)), matrix[:, fs:cs],
+                        matrix[:, ce:fe]], axis=1)
+  width = cut.shape[1]
+  blob = cut.tobytes()
+  ids = matrix[:, vs:ve].tobytes()
+  id_width = ve - vs
+  path, first = batch.path, batch.first_index
+  others = []
+  for j, i in enumerate(rows):
+    if not alike[j]:
+      others.append(i)
+      continue
+    try:
+      client_id = ids[j * id_width:(j + 1) * id_width].decode("utf-8")
+    except UnicodeDecodeError:
+      others.append(i)  # Decoded again one by one, which names the record.
+      continue
+    out[i] = (client_id, (path, first + i), blob[j * width:(j + 1) * width])
+  return others
+
+
+__all__ = ["ExampleBatch", "as_input_records", "encode_batch", "encode_record",
+           "parse_example_record", "MIN_ALIKE"]
