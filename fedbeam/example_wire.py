@@ -66,8 +66,13 @@ def _skip(buf: Buffer, wire: int, pos: int, end: int) -> int:
   return pos
 
 
-def _fields(buf: Buffer, pos: int, end: int) -> list[tuple[int, int, int, int]]:
-  """(field number, wire type, value start, value end) of each field of one message."""
+def message_fields(buf: Buffer, pos: int, end: int) -> list[tuple[int, int, int, int]]:
+  """(field number, wire type, value start, value end) of each field of one message.
+
+  The message is `buf[pos:end]`; a field's key (and length, for wire type 2)
+  sit between the previous field's end and its value start. Raises
+  ExampleWireError when a field runs past `end`.
+  """
   out = []
   while pos < end:
     key = buf[pos]
@@ -95,13 +100,13 @@ def _fields(buf: Buffer, pos: int, end: int) -> list[tuple[int, int, int, int]]:
 def _feature(buf: Buffer, start: int, end: int) -> tuple[int, list[Piece]]:
   """(list kind or 0 when none is set, value pieces) of one serialized Feature."""
   kind, pieces = 0, []
-  for number, wire, s, e in _fields(buf, start, end):
+  for number, wire, s, e in message_fields(buf, start, end):
     if number not in (BYTES_LIST, FLOAT_LIST, INT64_LIST) or wire != 2:
       continue
     if kind:
       raise ExampleWireError("a Feature holds more than one list field")
     kind = number
-    for value_number, value_wire, vs, ve in _fields(buf, s, e):
+    for value_number, value_wire, vs, ve in message_fields(buf, s, e):
       if value_number == 1:
         pieces.append((value_wire, vs, ve))
   return kind, pieces
@@ -118,14 +123,14 @@ def feature_lists(record: Buffer) -> dict[str, tuple[int, list[Piece]]]:
   """
   out: dict[str, tuple[int, list[Piece]]] = {}
   end = len(record)
-  for number, wire, fs, fe in _fields(record, 0, end):
+  for number, wire, fs, fe in message_fields(record, 0, end):
     if number != 1 or wire != 2:
       continue
-    for entry_number, entry_wire, es, ee in _fields(record, fs, fe):
+    for entry_number, entry_wire, es, ee in message_fields(record, fs, fe):
       if entry_number != 1 or entry_wire != 2:
         continue
       name, value = "", None
-      for n, w, s, e in _fields(record, es, ee):
+      for n, w, s, e in message_fields(record, es, ee):
         if n == 1 and w == 2:
           try:
             name = bytes(record[s:e]).decode("utf-8")

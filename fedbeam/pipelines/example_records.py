@@ -194,10 +194,10 @@ def _varint_ends(data: bytes, start: int, end: int) -> Optional[list[int]]:
   pos = start
   while pos < end:
     first = pos
-    while data[pos] >= 0x80:
+    while pos < end and data[pos] >= 0x80:
       pos += 1
     pos += 1
-    if pos - first > _MAX_VARINT_BYTES:
+    if pos > end or pos - first > _MAX_VARINT_BYTES:
       return None
     ends.append(pos)
   return ends
@@ -206,15 +206,15 @@ def _varint_ends(data: bytes, start: int, end: int) -> Optional[list[int]]:
 def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[_Layout]:
   """The template's layout, or None when it is not one `_encode_alike` can take."""
   try:
-    top = example_wire._fields(template, 0, len(template))  # pylint: disable=protected-access
+    top = example_wire.message_fields(template, 0, len(template))
     if len(top) != 1 or top[0][:2] != (1, 2) or top[0][3] != len(template):
       return None
     fs, fe = top[0][2], top[0][3]
     id_entry = None
     entry_start = fs
-    for number, wire, s, e in example_wire._fields(template, fs, fe):  # pylint: disable=protected-access
+    for number, wire, s, e in example_wire.message_fields(template, fs, fe):
       if (number, wire) == (1, 2):
-        for n, w, ks, ke in example_wire._fields(template, s, e):  # pylint: disable=protected-access
+        for n, w, ks, ke in example_wire.message_fields(template, s, e):
           if (n, w) == (1, 2) and template[ks:ke] == client_id_key.encode("utf-8"):
             if id_entry is not None:
               return None
