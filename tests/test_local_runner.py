@@ -121,7 +121,8 @@ def test_grouped_input_is_sent_in_pieces_with_beams_elements_and_order(monkeypat
   assert [e[3] for e in expected[0][:2]] == ["key-0", "key-3"]
 
 
-def test_grouped_stage_gets_every_value_on_two_processes():
+@pytest.mark.parametrize("mode", ["multi_processing", "multi_threading"])
+def test_grouped_stage_gets_every_value_on_two_workers(mode):
   local_runner.guard_local_runner()
   num_keys, per_key = 500, 200
 
@@ -129,7 +130,7 @@ def test_grouped_stage_gets_every_value_on_two_processes():
     for j in range(per_key):
       yield f"k{(i * per_key + j) % num_keys}", (i * per_key + j, b"v" * 1000)
 
-  options = PipelineOptions(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  options = PipelineOptions(["--direct_num_workers=2", f"--direct_running_mode={mode}"])
   with beam.Pipeline(runner=FnApiRunner(), options=options) as p:
     grouped = (p | beam.Create(list(range(num_keys))) | beam.Reshuffle()
                | beam.FlatMap(values) | beam.GroupByKey()
