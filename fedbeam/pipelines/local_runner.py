@@ -68,7 +68,7 @@ def _write_input(data_conn, data_out, byte_streams, may_wait) -> None:
 
   Each chunk holds whole elements, so any chunk boundary is a message
   boundary. `may_wait`, when given, bounds the messages queued on
-  `data_conn` (see `_SENDERS`); it returns False once the bundle is over.
+  `data_conn` (see `_InputSender`); it returns False once the bundle is over.
   """
   send = getattr(data_out, "_flush_callback", None)
   queue = getattr(data_conn, "_to_send", None) if may_wait else None
@@ -95,7 +95,7 @@ class _InputSender:
   of a bundle it has not started; everything else waits, encoded, in the
   runner's memory. For a grouped stage of gigabytes the workers sat idle
   while the runner encoded all of it (about 9 s of a 70 s prepare job on
-  10x data, bench/README.md). Sent from here, the input streams to a worker
+  10x data, docs/reliability.md). Sent from here, the input streams to a worker
   that is already processing it, at most MAX_QUEUED_CHUNKS messages ahead.
   """
 
