@@ -18,7 +18,9 @@ its value twice) are refused rather than guessed at.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Mapping, Union
+
+import numpy as np
 
 BYTES_LIST, FLOAT_LIST, INT64_LIST = 1, 2, 3
 
@@ -142,3 +144,27 @@ def feature_lists(record: Buffer) -> dict[str, tuple[int, list[Piece]]]:
           value = _feature(record, s, e)
       out[name] = value if value is not None else (0, [])
   return out
+
+
+def framed_alike(block: np.ndarray, lists: Mapping[str, tuple[int, list[Piece]]]) -> np.ndarray:
+  """Which rows of `block` are framed like its first row: a bool per row.
+
+  `block` is a [records, length] uint8 matrix of serialized Examples of one
+  length, and `lists` is `feature_lists(block[0])`. A row is framed alike when
+  every byte outside the first row's value pieces equals the first row's, and
+  every byte of its int64 values continues or ends a varint where the first
+  row's does. Such a row holds the same features as the first, with as many
+  values each, at the same offsets: only the values differ.
+  """
+  values = np.zeros(block.shape[1], bool)
+  varints = np.zeros(block.shape[1], bool)
+  for kind, pieces in lists.values():
+    for _, start, end in pieces:
+      values[start:end] = True
+      if kind == INT64_LIST:
+        varints[start:end] = True
+  first = block[0]
+  alike = (block[:, ~values] == first[~values]).all(axis=1)
+  if varints.any():
+    alike &= ((block[:, varints] >= 0x80) == (first[varints] >= 0x80)).all(axis=1)
+  return alike

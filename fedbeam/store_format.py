@@ -195,6 +195,11 @@ def _varint(n: int) -> bytes:
       return bytes(out)
 
 
+def features_field_header(size: int) -> bytes:
+  """The key and length that open a serialized Example whose `features` field holds `size` bytes."""
+  return b"\x0a" + _varint(size)
+
+
 def _len_field(tag: int, payload: bytes) -> bytes:
   return bytes((tag,)) + _varint(len(payload)) + payload
 
@@ -250,13 +255,13 @@ def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
   if all(block is not None for block in blocks):
     # Every element has the same size: one matrix of records, split by row.
     body = np.concatenate(blocks, axis=1)
-    header = np.frombuffer(b"\x0a" + _varint(body.shape[1]), np.uint8)
+    header = np.frombuffer(features_field_header(body.shape[1]), np.uint8)
     rows = np.concatenate([np.broadcast_to(header, (count, len(header))), body], axis=1)
     return [row.tobytes() for row in rows]
   out = []
   for parts in zip(*(_as_list(entries) for entries in per_feature)):
     body = b"".join(parts)
-    out.append(b"\x0a" + _varint(len(body)) + body)
+    out.append(features_field_header(len(body)) + body)
   return out
 
 
@@ -472,35 +477,22 @@ def _decode_one_by_one(records, rows, spec: ElementSpec) -> dict[str, np.ndarray
 
 
 def _decode_alike(records, rows, spec: ElementSpec, out: dict[str, np.ndarray]) -> list[int]:
-  """Decodes the records[rows] (all of one length) that share the first one's layout.
+  """Decodes the records[rows] (all of one length) framed like the first one.
 
   Records written by one encoder differ only in their values: the bytes that
   frame them (tags, lengths, names) are the same, at the same offsets. The
-  first record is walked; every record whose other bytes equal its framing
-  has its values at the same offsets, read for all such records at once.
-  Fills `out` at those rows; returns the rows left for the record-by-record
-  walk.
+  first record is walked; every record framed like it
+  (`example_wire.framed_alike`) has its values at the same offsets, read for
+  all such records at once. Fills `out` at those rows; returns the rows left
+  for the record-by-record walk.
   """
   first = int(rows[0])
   record = records[first]
-  pieces_of = _feature_pieces(record, first, _locate(record, first), spec)
-  if any(w == 0 for p in pieces_of.values() for w, _, _ in p):
-    # An unpacked varint's extent depends on its value bytes, not the framing.
-    return rows.tolist()
+  lists = _locate(record, first)
+  pieces_of = _feature_pieces(record, first, lists, spec)
   block = np.frombuffer(b"".join(records[i] for i in rows.tolist()), np.uint8)
   block = block.reshape(len(rows), len(record))
-  framing = np.ones(len(record), bool)
-  for pieces in pieces_of.values():
-    for _, s, e in pieces:
-      framing[s:e] = False
-  alike = (block[:, framing] == block[0, framing]).all(axis=1)
-  for f in spec.features:
-    spans = [(s, e) for _, s, e in pieces_of[f.name]]
-    if f.encoding in ("int64", "bits64") and spans:
-      # Equal byte lengths can hold other numbers of varints.
-      payload = np.concatenate([block[:, s:e] for s, e in spans], axis=1)
-      ends = payload < 0x80
-      alike &= ends[:, -1] & (ends.sum(axis=1) == f.inner_size)
+  alike = example_wire.framed_alike(block, lists)
   done = rows[alike]
   if len(done):
     sub = block[alike]
@@ -736,6 +728,7 @@ __all__ = [
     "ElementSpec", "ElementSpecError", "StoreFormatError", "InvalidClientIdError",
     "check_client_id", "client_file_name", "shard_of", "client_relative_path",
     "client_relative_path_tf", "default_num_shards", "encode_example", "encode_examples",
+    "features_field_header",
     "make_record_parser", "make_batch_parser", "records_to_elements", "read_metadata",
     "read_manifest", "checksum", "manifest_sync_marker", "manifest_file_name",
 ]

@@ -48,3 +48,22 @@ def test_a_field_running_past_its_message_is_refused():
     example_wire.message_fields(data, 0, len(data) - 1)
   with pytest.raises(example_wire.ExampleWireError):
     example_wire.feature_lists(data[:-3])
+
+
+def test_framed_alike_takes_rows_that_differ_only_in_their_values():
+  def record(client: bytes, labels: list[int], pixels: list[float]) -> bytes:
+    example = Example()
+    fmap = example.features.feature
+    fmap["id"].bytes_list.value.append(client)
+    fmap["label"].int64_list.value.extend(labels)
+    fmap["pixels"].float_list.value.extend(pixels)
+    return example.SerializeToString(deterministic=True)
+
+  rows = [record(b"client-7", [3, 300], [0.5, -1.0]),
+          record(b"client-8", [9, 129], [2.0, 7.5]),     # other values: alike
+          record(b"client-9", [300, 3], [0.5, -1.0]),    # varints end elsewhere
+          record(b"client-7", [3, 300], [0.5, -1.0]).replace(b"pixels", b"pixelz")]  # framing
+  assert len({len(r) for r in rows}) == 1
+  block = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), -1)
+  alike = example_wire.framed_alike(block, example_wire.feature_lists(rows[0]))
+  assert alike.tolist() == [True, True, False, False]

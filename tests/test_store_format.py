@@ -348,6 +348,34 @@ def test_decode_examples_reads_any_serializer_output_like_tensorflow():
   assert decoded["n"].tolist() == [[150, 7]] and decoded["s"].tolist() == [b"yz"]
 
 
+def test_decode_examples_of_unpacked_integers_in_records_of_one_length_equals_tensorflow():
+  # Unpacked varints of other lengths move the bytes after them; records whose
+  # varints end elsewhere than the first record's are read one by one.
+  spec = ElementSpec((FeatureSpec("n", "int64", (2,)), FeatureSpec("s", "string", ())))
+
+  def record(ints: bytes, text: bytes) -> bytes:
+    return _record(_entry(b"n", b"\x1a" + bytes([len(ints)]) + ints),
+                   _entry(b"s", b"\x0a" + bytes([len(text) + 2, 0x0a, len(text)]) + text))
+
+  records = [record(b"\x08\x96\x01\x08\x07", b"ab"),   # 150, 7
+             record(b"\x08\x05\x08\x96\x01", b"cd"),   # 5, 150: same length, other offsets
+             record(b"\x08\xff\x01\x08\x00", b"ef"),   # 255, 0
+             record(b"\x08\x01\x08\x02", b"ghi")]       # shorter ints, longer string
+  assert len({len(r) for r in records}) == 1
+  decoded = sf.decode_examples(records, spec)
+  parsed = sf.make_batch_parser(spec)(tf.constant(records))
+  for name in spec.names:
+    _assert_exact(name, decoded[name], parsed[name].numpy())
+  assert decoded["n"].tolist() == [[150, 7], [5, 150], [255, 0], [1, 2]]
+
+
+def test_features_field_header_opens_what_encode_example_writes():
+  spec = ElementSpec((FeatureSpec("v", "float32", (40,)),))
+  record = sf.encode_example({"v": np.zeros(40, np.float32)}, spec)
+  header = sf.features_field_header(len(record) - 3)  # A two-byte length: 128 or more.
+  assert len(record) - 3 > 127 and len(header) == 3 and record.startswith(header)
+
+
 @pytest.mark.parametrize("feature, message", [
     (b"\x1a\x03\x0a\x01\x01\x1a\x03\x0a\x01\x07", "more than one list field"),
     (b"\x1a\x06\x0a\x01\x01\x0a\x01\x07", "packed values in more than one piece"),

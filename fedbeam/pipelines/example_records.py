@@ -7,18 +7,19 @@ without a protobuf message per record.
 
 Most inputs hold records that already match the element spec and differ
 only in their values: same features, same value counts, same byte layout
-(the 884,000 records of the 10x benchmark input come in a handful of
-lengths). For such records the store record is the input record with its
-client-id map entry cut out and the outer length fixed; that is exactly
-what parsing, deleting the entry and serializing deterministically gives.
-`encode_batch` proves it on one record of each length (the template) by
-doing both, then takes every other record of that length whose bytes
-outside the value regions equal the template's, checks the values that
-parsing could change (varint integers: where each ends, minimal encoding,
-the dtype's range; client ids: UTF-8) with numpy over all of them at once,
-and cuts them all out of one matrix. Any other record (a lone length, a
-different layout, a value out of range, a bad id) goes the record-by-record
-way, which also raises the errors, naming file and record, as before.
+(every record of the benchmark's EMNIST-like input file that was checked
+has one length, 3,203 bytes). For such records the store record is the
+input record with its client-id map entry cut out and the outer length
+fixed; that is exactly what parsing, deleting the entry and serializing
+deterministically gives. `encode_batch` proves it on one record of each
+length (the template) by doing both, then takes every other record of that
+length framed like the template (`example_wire.framed_alike`, which
+`store_format.decode_examples` uses too), checks what parsing could change
+in its values (varints must be the shortest and fit the dtype; client ids
+must be UTF-8) with numpy over all of them at once, and cuts them all out
+of one matrix. Any other record (a lone length, a different layout, a value
+out of range, a bad id) goes the record-by-record way, which also raises
+the errors, naming file and record, as before.
 `tests/test_example_records.py` holds both ways to the same bytes.
 """
 
@@ -34,6 +35,7 @@ from fedbeam.element_spec import ElementSpec
 from fedbeam.example_proto import Example
 from fedbeam.pipelines.records import (ANY_RANK, FLOAT32, INT64, STRING, InputError, InputRecord,
                                        RawFeature, conform_record, encode_as_read)
+from fedbeam import store_format as sf
 from fedbeam.store_format import InvalidClientIdError, check_client_id, encode_example
 
 # Records of one length needed before they are encoded as a matrix.
@@ -167,26 +169,19 @@ def encode_batch(batch: ExampleBatch, spec: ElementSpec) -> list[tuple[str, tupl
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  """Where a template record keeps what `_encode_alike` copies, compares and checks."""
+  """Where a template record keeps what `_encode_alike` copies and checks."""
 
+  header: bytes  # Opens the store record: the `features` key and its length without the id.
   features: tuple[int, int]  # Payload of the Example's one `features` field.
-  id_entry: tuple[int, int]  # The client id's whole map entry, tag included.
+  id_entry: tuple[int, int]  # The client id's whole map entry, key included.
   id_value: tuple[int, int]  # The client id's bytes.
-  fixed: np.ndarray  # Bool mask of the bytes every record of the layout shares.
-  varints: tuple  # (start, end, largest value allowed or None) of each integer.
+  lists: dict  # example_wire.feature_lists(template)
+  long_varint_ends: np.ndarray  # Offset of the last byte of each varint of 2 or more bytes.
+  bounded: tuple  # (start, end, largest value) of each varint whose dtype bounds it.
 
   def cut(self, record: bytes) -> bytes:
     (fs, fe), (cs, ce) = self.features, self.id_entry
-    return _field_header(fe - fs - (ce - cs)) + record[fs:cs] + record[ce:fe]
-
-
-def _field_header(size: int) -> bytes:
-  out = bytearray(b"\n")  # Example.features: field 1, length-delimited.
-  while size >= 0x80:
-    out.append((size & 0x7F) | 0x80)
-    size >>= 7
-  out.append(size)
-  return bytes(out)
+    return self.header + record[fs:cs] + record[ce:fe]
 
 
 def _varint_ends(data: bytes, start: int, end: int) -> Optional[list[int]]:
@@ -203,8 +198,17 @@ def _varint_ends(data: bytes, start: int, end: int) -> Optional[list[int]]:
   return ends
 
 
+def _largest(dtype: str) -> Optional[int]:
+  """The largest value `dtype` holds, when an int64 varint can exceed it."""
+  if dtype == "bool":
+    return 1
+  if dtype in ("int64", "uint64") or np.dtype(dtype).kind not in "iu":
+    return None
+  return int(np.iinfo(np.dtype(dtype)).max)
+
+
 def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[_Layout]:
-  """The template's layout, or None when it is not one `_encode_alike` can take."""
+  """The layout of a template that matches `spec`, or None when `_encode_alike` cannot take it."""
   try:
     top = example_wire.message_fields(template, 0, len(template))
     if len(top) != 1 or top[0][:2] != (1, 2) or top[0][3] != len(template):
@@ -223,33 +227,28 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
     lists = example_wire.feature_lists(template)
   except example_wire.ExampleWireError:
     return None
-  if id_entry is None:
+  if id_entry is None or client_id_key not in lists:
     return None
-  fixed = np.ones(len(template), bool)
-  varints = []
-  id_value = None
+  long_ends, bounded = [], []
   for name, (kind, pieces) in lists.items():
-    for wire, s, e in pieces:
-      fixed[s:e] = False
-      if name == client_id_key:
-        id_value = (s, e)
-      elif kind == example_wire.INT64_LIST:
-        ends = _varint_ends(template, s, e)
-        if ends is None or name not in spec:
-          return None
-        dtype = spec[name].dtype
-        largest = None
-        if dtype == "bool":
-          largest = 1
-        elif dtype not in ("int64", "uint64") and np.dtype(dtype).kind in "iu":
-          largest = int(np.iinfo(np.dtype(dtype)).max)
-        begin = s
-        for end in ends:
-          varints.append((begin, end, largest))
-          begin = end
-  if id_value is None:
-    return None
-  return _Layout((fs, fe), id_entry, id_value, fixed, tuple(varints))
+    if kind != example_wire.INT64_LIST:
+      continue
+    largest = _largest(spec[name].dtype)
+    for _, s, e in pieces:
+      ends = _varint_ends(template, s, e)
+      if ends is None:
+        return None
+      begin = s
+      for end in ends:
+        if end - begin > 1:
+          long_ends.append(end - 1)
+        if largest is not None:
+          bounded.append((begin, end, largest))
+        begin = end
+  _, [(_, vs, ve)] = lists[client_id_key]
+  (cs, ce) = id_entry
+  return _Layout(sf.features_field_header(fe - fs - (ce - cs)), (fs, fe), id_entry, (vs, ve),
+                 lists, np.array(long_ends, np.intp), tuple(bounded))
 
 
 def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: list) -> list[int]:
@@ -263,22 +262,18 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
   layout = _layout(template, batch.client_id_key, spec) if expected is not None else None
   if layout is None or layout.cut(template) != expected:
     return rows
-  n, length = len(rows), len(template)
-  matrix = np.frombuffer(b"".join([records[i] for i in rows]), np.uint8).reshape(n, length)
-  pattern = np.frombuffer(template, np.uint8)
-  alike = (matrix[:, layout.fixed] == pattern[layout.fixed]).all(axis=1)
-  for start, end, largest in layout.varints:
-    digits = matrix[:, start:end]
-    alike &= (digits[:, :-1] >= 0x80).all(axis=1) & (digits[:, -1] < 0x80)
-    if end - start > 1:
-      alike &= digits[:, -1] != 0  # protobuf writes the shortest varint
-    if largest is not None:
-      value = np.zeros(n, np.uint64)
-      for k in range(end - start):
-        value |= (digits[:, k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
-      alike &= value <= np.uint64(largest)
+  n = len(rows)
+  matrix = np.frombuffer(b"".join([records[i] for i in rows]), np.uint8).reshape(n, len(template))
+  alike = example_wire.framed_alike(matrix, layout.lists)
+  # Protobuf writes the shortest varint: a longer one would not survive parse and serialize.
+  alike &= (matrix[:, layout.long_varint_ends] != 0).all(axis=1)
+  for start, end, largest in layout.bounded:
+    value = np.zeros(n, np.uint64)
+    for k in range(end - start):
+      value |= (matrix[:, start + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    alike &= value <= np.uint64(largest)
   (fs, fe), (cs, ce), (vs, ve) = layout.features, layout.id_entry, layout.id_value
-  header = np.frombuffer(_field_header(fe - fs - (ce - cs)), np.uint8)
+  header = np.frombuffer(layout.header, np.uint8)
   cut = np.concatenate([np.broadcast_to(header, (n, header.size)), matrix[:, fs:cs],
                         matrix[:, ce:fe]], axis=1)
   width = cut.shape[1]
