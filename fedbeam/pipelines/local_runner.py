@@ -131,9 +131,10 @@ def _send_input_in_background(self, process_bundle_id: str, read_transform_id: s
   # BundleManager._send_input_to_worker. Over gRPC the input goes on an
   # `_InputSender`; the in-memory worker runs the bundle inside the request
   # that follows, so its input must be written before it (here, in full).
+  from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
   data_conn = self._worker_handler.data_conn
   data_out = data_conn.output_stream(process_bundle_id, read_transform_id)
-  if _grpc_data_channel is not None and isinstance(data_conn, _grpc_data_channel):
+  if isinstance(data_conn, data_plane._GrpcDataChannel):  # pylint: disable=protected-access
     self.__dict__.setdefault("_fedbeam_senders", []).append(
         _InputSender(data_conn, data_out, byte_streams))
     return
@@ -157,9 +158,6 @@ def _finishing_input_senders(original_process_bundle):
 
   process_bundle.fedbeam_original = original_process_bundle
   return process_bundle
-
-
-_grpc_data_channel = None
 
 
 # Encoded size of one piece of a grouped stage input sent to a worker.
@@ -235,22 +233,22 @@ def guard_local_runner() -> bool:
       from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
       from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
       from apache_beam.runners.portability.fn_api_runner import worker_handlers  # pylint: disable=g-import-not-at-top
+      from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
     except ImportError:
       return False
     manager = getattr(fn_runner, "BundleManager", None)
     if (manager is None or not hasattr(manager, "_send_input_to_worker")
-        or not hasattr(worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS")):
+        or not hasattr(worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS")
+        or not hasattr(data_plane, "_GrpcDataChannel")):
       _LOGGER.warning(
           "fedbeam could not guard the local FnApiRunner's data plane against dropped "
-          "elements (this Beam version has no BundleManager._send_input_to_worker or "
-          "DATA_BUFFER_TIME_LIMIT_MS); the prepare job still checks its record counts")
+          "elements (this Beam version has no BundleManager._send_input_to_worker, "
+          "DATA_BUFFER_TIME_LIMIT_MS or _GrpcDataChannel); the prepare job still checks its "
+          "record counts")
       return False
     # 0 selects SizeBasedBufferingClosableOutputStream for the runner's data
     # server and for in-process (multi_threading) workers alike.
     worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
-    global _grpc_data_channel
-    from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
-    _grpc_data_channel = getattr(data_plane, "_GrpcDataChannel", None)
     manager._send_input_to_worker = _send_input_in_background  # pylint: disable=protected-access
     manager.process_bundle = _finishing_input_senders(manager.process_bundle)
     grouping = getattr(execution, "GroupingBuffer", None)

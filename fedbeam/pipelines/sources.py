@@ -66,25 +66,31 @@ class _ReadTFRecordFile(beam.DoFn):
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
   def process(self, path: str) -> Iterable[ExampleBatch]:
-    batch: list[bytes] = []
-    first = size = 0
-    try:
-      with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
-        for data in read_tfrecords(f):
-          batch.append(data)
-          size += len(data)
-          if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
-            yield ExampleBatch(path, first, batch, self._client_id_key)
-            self._records.inc(len(batch))
-            first += len(batch)
-            batch, size = [], 0
-    except CorruptRecordError as e:
-      raise InputError(f"{path}: unreadable TFRecord file: {e}") from None
-    except (OSError, IOError) as e:
-      raise InputError(f"{path}: cannot read: {e}") from None
-    if batch:
-      yield ExampleBatch(path, first, batch, self._client_id_key)
-      self._records.inc(len(batch))
+    first = 0
+    for records in _record_batches(path):
+      yield ExampleBatch(path, first, records, self._client_id_key)
+      self._records.inc(len(records))
+      first += len(records)
+
+
+def _record_batches(path: str) -> Iterable[list[bytes]]:
+  """The records of a TFRecord file in lists of at most BATCH_RECORDS records or about BATCH_BYTES."""
+  batch: list[bytes] = []
+  size = 0
+  try:
+    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+      for data in read_tfrecords(f):
+        batch.append(data)
+        size += len(data)
+        if len(batch) >= BATCH_RECORDS or size >= BATCH_BYTES:
+          yield batch
+          batch, size = [], 0
+  except CorruptRecordError as e:
+    raise InputError(f"{path}: unreadable TFRecord file: {e}") from None
+  except (OSError, IOError) as e:
+    raise InputError(f"{path}: cannot read: {e}") from None
+  if batch:
+    yield batch
 
 
 class _ReadFiles(beam.PTransform):
