@@ -386,7 +386,7 @@ def client_file(store_path: str, client_id: str, split: str = sf.UNSPLIT) -> str
   """
   metadata = sf.read_metadata(store_path)
   rel = sf.client_relative_path(client_id, split, metadata["num_shards"])
-  return os.path.join(store_path, metadata["data_dir"], rel)
+  return sf.join(store_path, metadata["data_dir"], rel)
 
 
 def dataset_elements(dataset) -> list[dict[str, np.ndarray]]:
