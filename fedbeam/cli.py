@@ -47,7 +47,9 @@ def _check_beam_args(args: Sequence[str]) -> Optional[str]:
 def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--input", required=True,
                  help="input file pattern (comma-separated patterns allowed; one file for tff-sqlite)")
-  p.add_argument("--input-format", required=True, choices=["tfrecord", "avro", "tff-sqlite"])
+  p.add_argument("--input-format", required=True, choices=["tfrecord", "avro", "tff-sqlite"],
+                 help="tfrecord: tf.train.Example records; avro: records with a client-id field; "
+                      "tff-sqlite: a TFF client-data SQLite database")
   p.add_argument("--client-id-key",
                  help="feature (tfrecord) or field (avro) holding the client id; required for both")
   p.add_argument("--element-spec", metavar="FILE",
@@ -144,21 +146,24 @@ def _run_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  # No abbreviations: `--num-test-client 10` must not quietly mean `--num-test-clients`.
   parser = argparse.ArgumentParser(
-      prog="fedbeam",
+      prog="fedbeam", allow_abbrev=False,
       description="Prepare federated client datasets with Apache Beam and train on them.")
   parser.add_argument("--verbose", action="store_true", help="log at INFO level")
   sub = parser.add_subparsers(dest="command", required=True)
   prepare = sub.add_parser(
-      "prepare", help="input files -> a store of one TFRecord file per client",
+      "prepare", allow_abbrev=False,
+      help="input files -> a store of one TFRecord file per client",
       description="Runs the prepare pipeline. Unknown --flags go to Beam as pipeline options.")
   _add_prepare_arguments(prepare)
-  inspect = sub.add_parser("inspect", help="summarize a store")
-  inspect.add_argument("store")
+  inspect = sub.add_parser("inspect", allow_abbrev=False, help="summarize a store")
+  inspect.add_argument("store", help="store directory (local or gs://)")
   inspect.add_argument("--json", action="store_true", help="print one JSON object")
   validate = sub.add_parser(
-      "validate", help="check that a store's metadata, manifest and client files agree")
-  validate.add_argument("store")
+      "validate", allow_abbrev=False,
+      help="check that a store's metadata, manifest and client files agree")
+  validate.add_argument("store", help="store directory (local or gs://)")
   validate.add_argument("--deep", action="store_true",
                         help="also parse every record against the element spec")
   try:
@@ -166,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
   except ImportError:
     train_module = None
   if train_module is not None and hasattr(train_module, "add_train_arguments"):
-    train = sub.add_parser("train", help="federated training over a store")
+    train = sub.add_parser("train", allow_abbrev=False, help="federated training over a store")
     train_module.add_train_arguments(train)
   return parser
 

@@ -125,7 +125,8 @@ def plot_accuracy(metrics_csv: str, path: str) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fedbeam.demo", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m fedbeam.demo", description=__doc__,
+                                   allow_abbrev=False)
   parser.add_argument("--workdir", default="build/demo")
   parser.add_argument("--rounds", type=int, default=30)
   parser.add_argument("--clients-per-round", type=int, default=10)

@@ -244,3 +244,27 @@ def test_reference_to_a_model_fn_gets_identity_preprocessing():
 def test_bad_references_explain_themselves(reference, message):
   with pytest.raises(ValueError, match=message):
     models.get_model(reference)
+
+
+def test_char_rnn_accuracy_leaves_out_padding_targets():
+  # A model that always predicts one character: its accuracy is the share of
+  # that character among the non-padding targets, never the padding share.
+  model = models.get_model("char-rnn").model_fn()
+  dense_kernel, dense_bias = model.trainable_variables[-2:]
+  dense_kernel.assign(tf.zeros_like(dense_kernel))
+  e_id = int(models.char_ids(tf.constant("e")).numpy()[1])
+  dense_bias.assign(tf.one_hot(e_id, models.CHAR_VOCAB_SIZE) * 10.0)
+  preprocess = models.char_rnn_preprocess()
+  snippets = ["eel", "Made glorious summer", "e"]
+  batch = next(iter(preprocess(tf.data.Dataset.from_tensor_slices(
+      collections.OrderedDict(snippets=snippets))).batch(8)))
+  targets = batch["y"].numpy()
+  assert (targets == 0).mean() > 0.5  # Mostly padding: the case that misled.
+  model.forward_pass(batch, training=False)
+  # Finalized the way the simulation loop reports them.
+  finalized = simulation._finalize(  # pylint: disable=protected-access
+      model.metric_finalizers(), model.report_local_unfinalized_metrics())
+  real = targets[targets != 0]
+  assert finalized["num_tokens"] == real.size
+  np.testing.assert_allclose(finalized["accuracy"], (real == e_id).mean(), rtol=1e-6)
+  assert simulation.loss_and_accuracy(finalized)[1] == finalized["accuracy"]

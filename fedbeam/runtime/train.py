@@ -208,7 +208,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
       "fedbeam.runtime.models.ModelSpec or a tff.learning VariableModel")
   parser.add_argument("--rounds", type=_positive_int, required=True,
                       help="total rounds (a resumed run stops at this round)")
-  parser.add_argument("--clients-per-round", type=_positive_int, required=True)
+  parser.add_argument("--clients-per-round", type=_positive_int, required=True,
+                      help="clients sampled (seeded) for each round")
   parser.add_argument("--client-epochs", type=_positive_int, default=1,
                       help="local epochs per round (default 1)")
   parser.add_argument("--batch-size", type=_positive_int, default=20,
