@@ -114,8 +114,9 @@ def check_client_file(path: str, num_examples: int, num_bytes: int) -> Optional[
   if reason is not None:
     return reason
   if count != num_examples:
-    more = "more than " if count > num_examples else ""
-    return f"holds {more}{count} records, the manifest says {num_examples}"
+    if count > num_examples:  # the walk stops one record past the manifest's count
+      return f"holds more than {num_examples} records, the manifest says {num_examples}"
+    return f"holds {count} records, the manifest says {num_examples}"
   return None
 
 
