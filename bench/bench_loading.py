@@ -52,6 +52,11 @@ bench/grouper_worker.py. A short warm-up, then `--stream-passes` full passes.
     .venv/bin/python -m bench.bench_loading > build/bench/logs/bench_loading.log 2>&1
     .venv/bin/python -m bench.bench_loading --quick --no-write > /tmp/loading.log 2>&1  # smoke
 
+Part `figures` (not in the default `--parts`): build time, memory and lookup
+cost of the traced reads' id -> manifest figures lookup at 10^5 and 10^6
+clients, against a `tf.lookup.StaticHashTable` of every id. `--rows` limits
+the loading part to some rows (before/after comparisons of fedbeam's paths).
+
 `--parts` runs some of the parts; the others keep their last numbers in
 bench/results/loading.json (each part records when it was measured). Writes
 bench/results/loading.json and the "Client loading", "Expansion: precomputed
@@ -92,6 +97,10 @@ def parse_args(argv=None):
   p.add_argument("--train-rounds", type=int, default=2,
                  help="timed training rounds of the input-share part (after one warm-up)")
   p.add_argument("--parts", default="loading,expansion,streaming,training")
+  p.add_argument("--rows", default="",
+                 help="loading part: only these rows (comma-separated names, e.g. "
+                      "fedbeam_eager,fedbeam_graph,fedbeam_tensors,limit); peers whose rows "
+                      "are all left out are not built")
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--quick", action="store_true",
                  help="smoke run: 120 clients, 2 rounds of 10 clients, 1 streaming pass")
@@ -277,21 +286,25 @@ def loading_part(args, workload) -> dict:
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
 
   spec = wl.tff_element_spec()
+  wanted = set(filter(None, args.rows.split(",")))
+  needed = lambda peer: not wanted or any(r.startswith(peer + "_") for r in wanted)  # noqa: E731
   store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log)
-  sql_path = wl.ensure_tff_sqlite(workload, args.workdir, log)
-  indexed_path = wl.ensure_indexed_sqlite(workload, args.workdir, log)
-  per_user_paths = wl.ensure_per_user_files(workload, args.workdir, log)
-
   fedbeam_cd = load_client_data(store)
   metadata = sf.read_metadata(store)
   store_paths = {row["client_id"]: sf.join(store, row["path"])
                  for row in sf.read_manifest(store, metadata)}
-  sql = tff.simulation.datasets.load_and_parse_sql_client_data(sql_path, spec)
-  indexed = tff.simulation.datasets.load_and_parse_sql_client_data(indexed_path, spec)
-  per_user = tff.simulation.datasets.FilePerUserClientData(
-      per_user_paths,
-      lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE))
-  for name, cd in (("sql", sql), ("sql_indexed", indexed), ("per_user", per_user)):
+  peers = {}
+  if needed("sql"):
+    peers["sql"] = tff.simulation.datasets.load_and_parse_sql_client_data(
+        wl.ensure_tff_sqlite(workload, args.workdir, log), spec)
+  if needed("sql_indexed"):
+    peers["sql_indexed"] = tff.simulation.datasets.load_and_parse_sql_client_data(
+        wl.ensure_indexed_sqlite(workload, args.workdir, log), spec)
+  if needed("per_user"):
+    peers["per_user"] = tff.simulation.datasets.FilePerUserClientData(
+        wl.ensure_per_user_files(workload, args.workdir, log),
+        lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE))
+  for name, cd in peers.items():
     if sorted(cd.client_ids) != fedbeam_cd.client_ids:
       raise AssertionError(f"{name}: different client ids")
     if cd.element_type_structure != fedbeam_cd.element_type_structure:
@@ -301,16 +314,14 @@ def loading_part(args, workload) -> dict:
   contenders = collections.OrderedDict([
       ("fedbeam_eager", eager_consumer(fedbeam_cd, b)),
       ("fedbeam_graph", graph_consumer(fedbeam_cd.serializable_dataset_fn, b)),
-      ("fedbeam_tensors", tensors_consumer(fedbeam_cd.client_tensors_fn, b)),
-      ("sql_eager", eager_consumer(sql, b)),
-      ("sql_graph", graph_consumer(sql.serializable_dataset_fn, b)),
-      ("sql_indexed_eager", eager_consumer(indexed, b)),
-      ("sql_indexed_graph", graph_consumer(indexed.serializable_dataset_fn, b)),
-      ("per_user_eager", eager_consumer(per_user, b)),
-      ("per_user_graph", graph_consumer(per_user.serializable_dataset_fn, b)),
-      ("limit", limit_consumer(store_paths, b, sliced=False)),
-      ("limit_sliced", limit_consumer(store_paths, b, sliced=True)),
-  ])
+      ("fedbeam_tensors", tensors_consumer(fedbeam_cd.client_tensors_fn, b))])
+  for name, cd in peers.items():
+    contenders[f"{name}_eager"] = eager_consumer(cd, b)
+    contenders[f"{name}_graph"] = graph_consumer(cd.serializable_dataset_fn, b)
+  contenders["limit"] = limit_consumer(store_paths, b, sliced=False)
+  contenders["limit_sliced"] = limit_consumer(store_paths, b, sliced=True)
+  if wanted:
+    contenders = collections.OrderedDict((k, v) for k, v in contenders.items() if k in wanted)
   samples = wl.sample_rounds(fedbeam_cd.client_ids, args.rounds, args.clients_per_round)
   checks = {}
 
@@ -324,8 +335,7 @@ def loading_part(args, workload) -> dict:
   examples = [sum(workload.sizes[c] for c in s) for s in samples[1:]]
   timed_ids = [c for s in samples[1:] for c in s]
   create = collections.OrderedDict(
-      (name, creation_ms(cd, timed_ids)) for name, cd in (
-          ("fedbeam", fedbeam_cd), ("sql", sql), ("sql_indexed", indexed), ("per_user", per_user)))
+      (name, creation_ms(cd, timed_ids)) for name, cd in [("fedbeam", fedbeam_cd)] + list(peers.items()))
   log("create_tf_dataset_for_client alone, ms per call: " + ", ".join(
       f"{k} {v['median_ms']:.2f}" for k, v in create.items()))
   return {"per_round": summarize(times, args.clients_per_round), "rounds_s": times,
@@ -334,6 +344,60 @@ def loading_part(args, workload) -> dict:
                                  "max": max(examples)},
           "store": os.path.relpath(store, wl.ROOT),
           "loadavg": {"start": list(load_start), "end": list(os.getloadavg())}}
+
+
+# --- part: the reader's in-graph manifest lookup ------------------------------------------
+
+def _rss_mb() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def figures_part(args) -> dict:
+  """Build time, memory and per-call cost of the traced reads' id -> manifest figures lookup.
+
+  `ManifestFigures` (sorted fingerprints + searchsorted) against a
+  `tf.lookup.StaticHashTable` of every id, at 10^5 and 10^6 synthetic ids of
+  the workload's form; memory is RSS growth in this process (one sample, so
+  read it as an estimate), lookup cost the median of 2,000 calls of a traced
+  lookup.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from fedbeam.runtime.client_file_checks import ManifestFigures  # pylint: disable=g-import-not-at-top
+  out = {}
+  for n in (100_000, 1_000_000):
+    ids = [f"f{i:07d}_{i * 7919 % 1000}" for i in range(n)]
+    counts = np.arange(n, dtype=np.int64) % 2000
+    for kind in ("fingerprints", "hash_table"):
+      rss, start = _rss_mb(), time.perf_counter()
+      if kind == "fingerprints":
+        figures = ManifestFigures(ids, counts, 16 * counts + 100)
+        lookup = figures.lookup
+      else:
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(ids), tf.constant(counts)), default_value=-1)
+        lookup = table.lookup
+      build_s = time.perf_counter() - start
+      fn = tf.function(lambda cid: lookup(cid), input_signature=[tf.TensorSpec([], tf.string)])
+      start = time.perf_counter()
+      fn.get_concrete_function()
+      trace_s = time.perf_counter() - start
+      grown = _rss_mb() - rss
+      probe = [tf.constant(ids[(i * 104729) % n]) for i in range(2000)]
+      times = []
+      for cid in probe:
+        t = time.perf_counter()
+        fn(cid)
+        times.append(time.perf_counter() - t)
+      out[f"{kind}_{n}"] = {"clients": n, "build_s": build_s, "trace_s": trace_s,
+                            "rss_growth_mb": grown, "lookup_us": 1e6 * statistics.median(times)}
+      log(f"figures {kind} {n}: build {build_s:.2f} s, trace {trace_s:.2f} s, RSS +{grown:.0f} MB, "
+          f"lookup {out[f'{kind}_{n}']['lookup_us']:.1f} us")
+      del fn, lookup
+  return out
 
 
 # --- part 2: expansion ------------------------------------------------------------------
@@ -775,6 +839,8 @@ def main(argv=None) -> int:
     wl.ensure_input(workload, args.workdir, log)
     if "loading" in parts:
       result["loading"] = loading_part(args, workload)
+    if "figures" in parts:
+      result["figures"] = figures_part(args)
     if "expansion" in parts:
       result["expansion"] = expansion_part(args, workload)
     if "streaming" in parts:

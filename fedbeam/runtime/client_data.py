@@ -18,6 +18,8 @@ import tensorflow_federated as tff
 
 from fedbeam.element_spec import ElementSpec
 from fedbeam import store_format as sf
+from fedbeam.runtime.client_file_checks import (RECORD_OVERHEAD_BYTES, ManifestFigures,
+                                                check_client_file)
 from fedbeam.runtime.tff_worker import register_worker_cleanup
 
 register_worker_cleanup()
@@ -140,13 +142,54 @@ def client_dataset_builder(spec: ElementSpec) -> Callable[[Any], tf.data.Dataset
 # arguments in Python, about half of the cost of building a client's dataset.
 @functools.lru_cache(maxsize=None)
 def _dataset_by_path_fn(spec: ElementSpec):
-  """The traced `client_dataset_builder(spec)`, shared by every store of that element spec."""
-  return tf.function(client_dataset_builder(spec), input_signature=[tf.TensorSpec([], tf.string)],
+  """fn(path, num_examples) -> `client_dataset_builder(spec)(path)` holding that many elements.
+
+  Traced once, shared by every store of that element spec. The count is
+  asserted in the dataset itself (no function: `assert_cardinality` adds none),
+  so a file that changes after its open check still fails when read.
+  """
+  build = client_dataset_builder(spec)
+
+  def counted(path, num_examples):
+    return build(path).apply(tf.data.experimental.assert_cardinality(num_examples))
+
+  return tf.function(counted, input_signature=[tf.TensorSpec([], tf.string),
+                                               tf.TensorSpec([], tf.int64)],
                      autograph=False).get_concrete_function()
 
 
 class ClientFileError(IOError):
-  """A client file that is missing or damaged; the message names the client."""
+  """A client file that is missing, damaged or not what the manifest says; names the client."""
+
+
+def _file_problem(client_id: str, root: str, reason: str) -> str:
+  return (f"the file of client {client_id!r} in store {root} {reason}; "
+          f"run `fedbeam validate {root}`")
+
+
+# TensorFlow errors a client's read raises, and what each says about the file.
+# InvalidArgument comes from the checks traced into graphs (their messages name
+# the client) and from records that do not parse; FailedPrecondition from
+# `assert_cardinality`.
+_READ_ERRORS = ((tf.errors.NotFoundError, "is missing"),
+                (tf.errors.DataLossError, "is damaged"),
+                (tf.errors.InvalidArgumentError, "does not match the store"),
+                (tf.errors.FailedPreconditionError, "does not match the manifest"))
+
+
+def client_file_error(error: tf.errors.OpError, client_id: str, root: str
+                      ) -> Optional[ClientFileError]:
+  """The ClientFileError for a TensorFlow error raised reading client `client_id`'s file.
+
+  For callers that read a client inside their own graph (a `tf.function` calling
+  `client_tensors_fn` or `serializable_dataset_fn`) and see TensorFlow's error
+  in Python. Returns None for an error that is not about the file.
+  """
+  for kind, what in _READ_ERRORS:
+    if isinstance(error, kind):
+      detail = error.message.split("}}")[-1].strip()
+      return ClientFileError(_file_problem(client_id, root, f"{what} ({detail})"))
+  return None
 
 
 class _ClientIterator:
@@ -163,11 +206,11 @@ class _ClientIterator:
   def __next__(self):
     try:
       return next(self._iterator)
-    except (tf.errors.DataLossError, tf.errors.NotFoundError) as e:
-      what = "is damaged" if isinstance(e, tf.errors.DataLossError) else "is missing"
-      raise ClientFileError(
-          f"the file of client {self._client_id!r} in store {self._root} {what} "
-          f"({e.message.split('}}')[-1].strip()}); run `fedbeam validate {self._root}`") from None
+    except tf.errors.OpError as e:
+      mapped = client_file_error(e, self._client_id, self._root)
+      if mapped is None:
+        raise
+      raise mapped from None
 
   next = __next__
 
@@ -175,18 +218,39 @@ class _ClientIterator:
 class _ClientDataset(dataset_ops.UnaryUnchangedStructureDataset):
   """The dataset of one client: iterating it names the client on read errors.
 
-  Graph-mode consumers (tf.function, TFF computations) see TensorFlow's own
-  DataLossError, which the record CRCs raise all the same.
+  `problem`, when set, is why the file failed its open check: iterating raises
+  it as ClientFileError, and the wrapped dataset (a `_failing_dataset`) raises
+  it as InvalidArgumentError for consumers that iterate a transformation of
+  this dataset. Graph-mode consumers (tf.function, TFF computations) see
+  TensorFlow's errors: the checks' messages name the client, a record CRC
+  failure raises DataLossError naming the file.
   """
 
-  def __init__(self, input_dataset, client_id: str, root: str):
+  def __init__(self, input_dataset, client_id: str, root: str, problem: Optional[str] = None):
     self._input_dataset = input_dataset
     self._client_id = client_id
     self._root = root
+    self._problem = problem
     super().__init__(input_dataset, input_dataset._variant_tensor)  # pylint: disable=protected-access
 
   def __iter__(self):
+    if self._problem is not None:
+      raise ClientFileError(self._problem)
     return _ClientIterator(super().__iter__(), self._client_id, self._root)
+
+
+def _failing_dataset(element_spec, message: str) -> tf.data.Dataset:
+  """A dataset of `element_spec` whose first read raises InvalidArgumentError(message).
+
+  Stands in for a client file that failed its open check, so that no
+  consumer (`.batch()`, a tf.function) hands the file to TensorFlow's reader.
+  """
+  def fail(_):
+    with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+      return tf.nest.map_structure(
+          lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype), element_spec)
+
+  return tf.data.Dataset.range(1).map(fail)
 
 
 class StoreClientData(tff.simulation.datasets.ClientData):
@@ -198,8 +262,8 @@ class StoreClientData(tff.simulation.datasets.ClientData):
   """
 
   def __init__(self, root: str, metadata: Mapping[str, Any], splits: Sequence[str],
-               rows: Mapping[str, tuple[str, int]], ordered: bool = False):
-    """Use `load_client_data`. `rows` maps client id -> (split, num_examples).
+               rows: Mapping[str, tuple[str, int, int]], ordered: bool = False):
+    """Use `load_client_data`. `rows` maps client id -> (split, num_examples, num_bytes).
 
     `client_ids` are sorted, or in the order of `rows` when `ordered`.
     """
@@ -216,6 +280,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     self._build = client_dataset_builder(self._spec)
     self._dataset_by_path = None  # traced on the first dataset, shared per element spec
     self._dataset_by_id = None
+    self._figures = None  # ManifestFigures, built for the first traced read
     self._dataset_fn = self._build_dataset_fn()
     self._client_tensors_fn = None
 
@@ -328,7 +393,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
       rows[cid] = self._rows[cid]
     if not rows:
       raise ValueError("a ClientData needs at least one client")
-    splits = sorted({s for s, _ in rows.values()})
+    splits = sorted({r[0] for r in rows.values()})
     return StoreClientData(self._root, self._metadata, splits, rows, ordered=True)
 
   @classmethod
@@ -387,10 +452,10 @@ class StoreClientData(tff.simulation.datasets.ClientData):
       # the largest split (the test clients, typically few); every other id
       # maps to the largest split without a lookup entry.
       counts = {s: 0 for s in splits}
-      for s, _ in self._rows.values():
-        counts[s] += 1
+      for row in self._rows.values():
+        counts[row[0]] += 1
       largest = max(splits, key=lambda s: (counts[s], s))
-      keys = [cid for cid, (s, _) in self._rows.items() if s != largest]
+      keys = [cid for cid, row in self._rows.items() if row[0] != largest]
       values = [self._rows[cid][0] for cid in keys]
 
       def split_of_id(cid):
@@ -409,28 +474,96 @@ class StoreClientData(tff.simulation.datasets.ClientData):
 
     return path_fn
 
-  def _client_dataset(self, client_id: str) -> tf.data.Dataset:
-    """The dataset of a known client: its path from Python, the pipeline already traced."""
-    path = tf.constant(sf.join(self._data_root, self._relative_path(client_id)), tf.string)
-    if tf.executing_eagerly():
-      if self._dataset_by_path is None:
-        self._dataset_by_path = _dataset_by_path_fn(self._spec)
-      dataset = self._dataset_by_path(path)
-    else:  # Inside a traced function: the pipeline goes into that graph.
+  def client_file_error(self, error: tf.errors.OpError, client_id: str
+                        ) -> Optional[ClientFileError]:
+    """`client_file_error(error, client_id, root)` for this store (None: not a file error)."""
+    return client_file_error(error, client_id, self._root)
+
+  def _open_check(self, client_id: str) -> Optional[str]:
+    """Why a known client's file fails its check against the manifest (message), or None."""
+    _, num_examples, num_bytes = self._rows[client_id]
+    path = sf.join(self._data_root, self._relative_path(client_id))
+    reason = check_client_file(path, num_examples, num_bytes)
+    return None if reason is None else _file_problem(client_id, self._root, reason)
+
+  def _manifest_figures(self) -> ManifestFigures:
+    if self._figures is None:
+      ids = list(self._rows)
+      self._figures = ManifestFigures(ids, [self._rows[c][1] for c in ids],
+                                      [self._rows[c][2] for c in ids])
+    return self._figures
+
+  def _checked_graph_dataset(self, client_id, path, found, num_examples, num_bytes):
+    """The client's dataset traced into the current graph, checked against the manifest.
+
+    The file's size is compared with `num_bytes` when the dataset is made (an
+    Assert whose message names the client and the store; TF has no op that
+    stats a file, so the file is read once more for it), its count with
+    `num_examples` as it is read (`assert_cardinality`, TensorFlow's message).
+    An id the manifest lacks (`found` False) is not checked: its read fails as
+    before (NotFoundError).
+    """
+    size = tf.cast(tf.strings.length(tf.io.read_file(path)), tf.int64)
+    # StringLength is int32: compare sizes modulo 2^32 so files over 2 GiB still pass.
+    low = lambda x: tf.bitwise.bitwise_and(x, 0xFFFFFFFF)  # noqa: E731
+    check = tf.debugging.Assert(
+        tf.logical_or(tf.logical_not(found), tf.equal(low(size), low(num_bytes))),
+        [f"the file of client", client_id, f"in store {self._root} is", size,
+         "bytes, the manifest says", num_bytes, f"; run `fedbeam validate {self._root}`"])
+    with tf.control_dependencies([check]):
       dataset = self._build(path)
-    return _ClientDataset(dataset, client_id, self._root)
+    return dataset.apply(tf.data.experimental.assert_cardinality(
+        tf.where(found, num_examples, tf.constant(-1, tf.int64))))
+
+  def _client_dataset(self, client_id: str, wrap: bool = True) -> tf.data.Dataset:
+    """The dataset of a known client, checked against its manifest row.
+
+    Eagerly the file is checked in Python first (`check_client_file`); a file
+    that fails gives a dataset that raises naming the client, and TensorFlow
+    never opens it. Inside a traced function the checks go into that graph.
+    `wrap`: return the `_ClientDataset` that maps read errors to ClientFileError.
+    """
+    path = tf.constant(sf.join(self._data_root, self._relative_path(client_id)), tf.string)
+    _, num_examples, num_bytes = self._rows[client_id]
+    problem = None
+    if tf.executing_eagerly():
+      problem = self._open_check(client_id)
+      if problem is not None:
+        dataset = _failing_dataset(self._element_type_structure, problem)
+      else:
+        if self._dataset_by_path is None:
+          self._dataset_by_path = _dataset_by_path_fn(self._spec)
+        dataset = self._dataset_by_path(path, tf.constant(num_examples, tf.int64))
+    else:  # Inside a traced function: the pipeline goes into that graph.
+      dataset = self._checked_graph_dataset(
+          tf.constant(client_id), path, tf.constant(True), tf.constant(num_examples, tf.int64),
+          tf.constant(num_bytes, tf.int64))
+    return _ClientDataset(dataset, client_id, self._root, problem) if wrap else dataset
 
   def _build_dataset_fn(self):
     """The `serializable_dataset_fn`: the path in TF ops, so any id tensor works.
 
-    Traced (inside a tf.function or a TFF computation) it builds the pipeline
-    in place; called eagerly it runs a tf.function traced on the first call.
+    Traced (inside a tf.function or a TFF computation) it builds the checked
+    pipeline in place, the manifest's figures looked up from the id. Called
+    eagerly with a client's id it checks the file in Python like
+    `create_tf_dataset_for_client` (without the ClientFileError wrapper: the
+    dataset raises TensorFlow's errors, as a traced one does); an id that is
+    not a client runs a tf.function traced on the first call, whose read fails.
     """
     build, path_fn = self._build, self._path_fn
 
     def dataset_fn(client_id):
       if not tf.executing_eagerly():
-        return build(path_fn(client_id))
+        found, num_examples, num_bytes = self._manifest_figures().lookup(client_id)
+        return self._checked_graph_dataset(client_id, path_fn(client_id), found, num_examples,
+                                           num_bytes)
+      cid = client_id
+      if isinstance(cid, tf.Tensor):
+        cid = cid.numpy()
+      if isinstance(cid, bytes):
+        cid = cid.decode("utf-8", "surrogateescape")
+      if cid in self._rows:
+        return self._client_dataset(cid, wrap=False)
       if self._dataset_by_id is None:
         self._dataset_by_id = tf.function(
             lambda cid: build(path_fn(cid)), input_signature=[tf.TensorSpec([], tf.string)],
@@ -440,12 +573,20 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     return dataset_fn
 
   @property
-  def client_tensors_fn(self):
-    """`tf.function(client_id) -> OrderedDict` of every example of a client, stacked on axis 0.
+  def client_tensors_fn(self) -> "_ClientTensorsFn":
+    """fn(client_id) -> `OrderedDict` of every example of a client, stacked on axis 0.
 
     One read of the file and one vectorized parse, no per-example dataset
     iteration: the fastest way to feed a client update (`fedbeam train` slices
-    batches from it in-graph). Unknown ids fail inside TensorFlow (NotFoundError).
+    batches from it in-graph). The records read are checked against the
+    manifest in-graph: their number against `num_examples`, their framed size
+    (16 bytes per record plus its data, which is the file's size once every
+    record has been read) against `num_bytes`; a mismatch raises
+    InvalidArgumentError naming the client and the store. Called eagerly, the
+    file is first checked in Python as `create_tf_dataset_for_client` does, and
+    any failure raises ClientFileError naming the client; traced into a caller's
+    graph, map TensorFlow's errors with `client_file_error`. Unknown ids fail
+    inside TensorFlow (NotFoundError), or with ValueError when called eagerly.
 
     Raises:
       ValueError: the element spec has a variable-length feature (a stacked
@@ -456,19 +597,108 @@ class StoreClientData(tff.simulation.datasets.ClientData):
         raise ValueError("client_tensors_fn needs fixed-shape features; this store has "
                          f"variable-length ones ({self._spec.to_json()})")
       parse, path_fn = sf.make_batch_parser(self._spec), self._path_fn
+      figures = self._manifest_figures()
       no_record = tf.zeros([0], tf.string)
+      root = self._root
 
       @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
       def client_tensors(client_id):
+        found, num_examples, num_bytes = figures.lookup(client_id)
         records = _read_records(path_fn(client_id))
         # An empty client yields no batch; the appended empty batch stands in.
         whole = (records.batch(_WHOLE_CLIENT_BATCH)
                  .concatenate(tf.data.Dataset.from_tensors(no_record))
-                 .take(1).with_options(_NO_STATIC_OPTIMIZATION))
-        return parse(whole.get_single_element())
+                 .take(1).with_options(_NO_STATIC_OPTIMIZATION)).get_single_element()
+        count = tf.size(whole, out_type=tf.int64)
+        framed = RECORD_OVERHEAD_BYTES * count + tf.reduce_sum(
+            tf.cast(tf.strings.length(whole), tf.int64))
+        check = tf.debugging.Assert(
+            tf.logical_or(tf.logical_not(found), tf.logical_and(
+                tf.equal(count, num_examples), tf.equal(framed, num_bytes))),
+            ["the file of client", client_id, f"in store {root} holds", count, "records in",
+             framed, "bytes, the manifest says", num_examples, "records in", num_bytes,
+             f"bytes; run `fedbeam validate {root}`"])
+        with tf.control_dependencies([check]):
+          return parse(whole)
 
-      self._client_tensors_fn = client_tensors
+      self._client_tensors_fn = _ClientTensorsFn(self, client_tensors)
     return self._client_tensors_fn
+
+
+class _ClientTensorsFn:
+  """`client_tensors_fn`: its tf.function, with Python's checks and errors when called eagerly."""
+
+  def __init__(self, client_data: StoreClientData, function):
+    self._client_data = client_data
+    self._function = function
+
+  def __call__(self, client_id):
+    if not tf.executing_eagerly():
+      return self._function(client_id)
+    cid = client_id.numpy() if isinstance(client_id, tf.Tensor) else client_id
+    cid = cid.decode("utf-8", "surrogateescape") if isinstance(cid, bytes) else cid
+    data = self._client_data
+    if cid not in data:
+      raise ValueError(f"client id {cid!r} is not a client of this ClientData "
+                       f"(store {data.root})")
+    problem = data._open_check(cid)  # pylint: disable=protected-access
+    if problem is not None:
+      raise ClientFileError(problem)
+    try:
+      return self._function(tf.constant(cid, tf.string))
+    except tf.errors.OpError as e:
+      mapped = data.client_file_error(e, cid)
+      if mapped is None:
+        raise
+      raise mapped from None
+
+  def get_concrete_function(self, *args, **kwargs):
+    return self._function.get_concrete_function(*args, **kwargs)
+
+
+def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[str, int, int]]:
+  """Every manifest row as client id -> (split, num_examples, num_bytes), checked.
+
+  The rows must agree with the metadata, which another step of the job wrote:
+  every split a row names is in `metadata["splits"]`, ids are unique, counts
+  are non-negative and fit the bytes (a record is at least 16 bytes), and each
+  split's clients, examples, bytes and empty clients add up to its entry.
+
+  Raises:
+    StoreFormatError: naming the store, the client or split, and the figures.
+  """
+  splits = {s["name"]: s for s in metadata["splits"]}
+  totals = {name: [0, 0, 0, 0] for name in splits}
+  rows: dict[str, tuple[str, int, int]] = {}
+  for row in sf.read_manifest(path, metadata):
+    cid, split = row["client_id"], row["split"]
+    where = f"store {path} is damaged: manifest row of client {cid!r}"
+    if split not in totals:
+      raise sf.StoreFormatError(f"{where} names split {split!r}, which the metadata does not "
+                                f"list (its splits are {sorted(splits)})")
+    if cid in rows:
+      raise sf.StoreFormatError(f"{where} appears twice (splits {rows[cid][0]!r} and {split!r})")
+    num_examples, num_bytes = int(row["num_examples"]), int(row["num_bytes"])
+    if num_examples < 0 or num_bytes < 0:
+      raise sf.StoreFormatError(f"{where} has num_examples {num_examples}, num_bytes "
+                                f"{num_bytes}; counts cannot be negative")
+    if num_bytes < RECORD_OVERHEAD_BYTES * num_examples or (num_examples == 0) != (num_bytes == 0):
+      raise sf.StoreFormatError(
+          f"{where} has num_examples {num_examples} in num_bytes {num_bytes}: each record "
+          f"takes at least {RECORD_OVERHEAD_BYTES} bytes and only an empty client has 0")
+    rows[cid] = (split, num_examples, num_bytes)
+    t = totals[split]
+    t[0] += 1
+    t[1] += num_examples
+    t[2] += num_bytes
+    t[3] += num_examples == 0
+  for name, t in totals.items():
+    for i, field in enumerate(("num_clients", "num_examples", "num_bytes", "num_empty_clients")):
+      if field in splits[name] and int(splits[name][field]) != t[i]:
+        raise sf.StoreFormatError(
+            f"store {path} is damaged: split {name!r} has {field} {splits[name][field]} in "
+            f"the metadata but {t[i]} in the manifest; run `fedbeam validate {path}`")
+  return rows
 
 
 def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
@@ -481,7 +711,8 @@ def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
 
   Raises:
     StoreFormatError: no committed store at `path`, an unsupported format
-      version, or a damaged manifest.
+      version, a damaged manifest, or manifest rows that disagree with the
+      metadata's per-split figures (`_manifest_rows`).
     ValueError: `split` is not a split of the store, or it has no client.
   """
   metadata = sf.read_metadata(path)
@@ -489,14 +720,11 @@ def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
   if split is not None and split not in names:
     raise ValueError(f"split {split!r} is not in store {path}; its splits are {names}")
   wanted = set(names) if split is None else {split}
-  rows: dict[str, tuple[str, int]] = {}
-  for row in sf.read_manifest(path, metadata):
-    if row["split"] in wanted:
-      rows[row["client_id"]] = (row["split"], int(row["num_examples"]))
+  rows = {cid: row for cid, row in _manifest_rows(path, metadata).items() if row[0] in wanted}
   if not rows:
     raise ValueError(f"store {path} has no client in split(s) {sorted(wanted)}")
   data_root = sf.data_root(path, metadata)
-  for name in sorted({s for s, _ in rows.values()}):
+  for name in sorted({r[0] for r in rows.values()}):
     if not tf.io.gfile.isdir(sf.join(data_root, name)):
       raise sf.StoreFormatError(
           f"store {path} is damaged: the directory of split {name!r} "
