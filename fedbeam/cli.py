@@ -15,33 +15,14 @@ import sys
 from typing import Optional, Sequence
 
 
-def _beam_option_names() -> set[str]:
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-  return set(PipelineOptions([]).get_all_options(drop_default=False).keys())
-
-
 def _check_beam_args(args: Sequence[str]) -> Optional[str]:
   """Returns an error message for a pass-through argument Beam would not use, else None.
 
-  Beam silently discards options it does not know (including dashed spellings
-  of its underscored names), and stray words would be ignored; both are
-  refused here so a typo never changes a job quietly.
+  The check is built from Beam's own flag strings, including those of the
+  runner module `--runner` names (fedbeam.beam_flags.check_beam_args).
   """
-  known = _beam_option_names()
-  expecting_value = False
-  for arg in args:
-    if arg.startswith("--"):
-      name = arg[2:].split("=", 1)[0]
-      if name not in known:
-        hint = name.replace("-", "_")
-        return (f"unknown flag --{name} (neither a fedbeam prepare flag nor a Beam pipeline "
-                "option" + (f"; did you mean --{hint}?" if hint in known else "") + ")")
-      expecting_value = "=" not in arg
-    elif expecting_value and not arg.startswith("-"):
-      expecting_value = False
-    else:
-      return f"unexpected argument {arg!r}"
-  return None
+  from fedbeam.beam_flags import check_beam_args  # pylint: disable=g-import-not-at-top
+  return check_beam_args(args)
 
 
 def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
