@@ -20,7 +20,6 @@ import fedbeam
 from fedbeam import cli
 from fedbeam import store_format as sf
 from fedbeam import testing as fbt
-from fedbeam.pipelines import data_dir_lease
 from fedbeam.pipelines.prepare import PrepareConfig, job_key
 from fedbeam.pipelines.store_writer import StoreWriteError, commit_metadata
 from fedbeam.store_validation import validate_store
@@ -152,6 +151,7 @@ def test_two_overwrite_jobs_end_with_one_complete_store_and_the_loser_fails(tmp_
 
 
 def test_a_killed_jobs_directory_is_removed_by_the_next_commit_a_live_ones_never(tmp_path):
+  from fedbeam.pipelines import data_dir_lease  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / "store")
   os.makedirs(root)
   live = data_dir_lease.claim_data_dir(root, "a" * 64)
@@ -176,6 +176,7 @@ def test_a_killed_jobs_directory_is_removed_by_the_next_commit_a_live_ones_never
 
 
 def test_on_object_stores_only_directories_older_than_the_committed_one_are_removed(tmp_path):
+  from fedbeam.pipelines import data_dir_lease  # pylint: disable=g-import-not-at-top
   root = str(tmp_path)
   for name, age in (("data-000000000000000a", 300), ("data-000000000000000b", 0),
                     ("data-000000000000000c", -5)):

@@ -416,9 +416,8 @@ def clean_up_after_commit(root: str, data_dir: str) -> list[str]:
   """
   try:
     removed = remove_other_data_dirs(root, data_dir)
-    if is_object_store(root):
-      with _RootLock(root):
-        _remove_temp_metadata(root)
+    if is_object_store(root):  # Local commits remove them under their lock.
+      _remove_temp_metadata(root)
   except Exception as e:  # pylint: disable=broad-except
     raise CleanupError(
         f"the store at {root} was committed (its metadata names {data_dir}), but removing "
