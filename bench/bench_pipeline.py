@@ -9,6 +9,9 @@ whole process tree, Beam's worker processes included, polled with psutil every
   (`--num-transformed-clients 3N --transform fedbeam.transforms:random_affine`)
   and a train/test split (`--test-fraction 0.1`): group + expand + split +
   write + manifest + commit; it writes 3x the input examples;
+- `fedbeam_full_nofsync` (only when named in `--contenders`): the same with
+  `--no-fsync` (no fsync of client files, manifest files and directories
+  before the commit), to measure what durability costs;
 - `fedbeam_group`: `fedbeam prepare` without expansion or split (group + write
   + manifest + commit), the like-for-like row;
 - `plain_beam`: a plain Beam pipeline (below): ReadFromTFRecord -> key by the
@@ -291,6 +294,11 @@ def _run_contender(name: str, workload, args) -> dict:
     run = run_fedbeam(workload, "expanded-split", [
         "--num-transformed-clients", str(args.expansion * workload.num_clients),
         "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1"], args)
+  elif name == "fedbeam_full_nofsync":
+    run = run_fedbeam(workload, "expanded-split-nofsync", [
+        "--num-transformed-clients", str(args.expansion * workload.num_clients),
+        "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1",
+        "--no-fsync"], args)
   elif name == "fedbeam_group":
     run = run_fedbeam(workload, "plain", [], args)
   elif name == "plain_beam":
@@ -338,6 +346,7 @@ def _rel(c: str) -> str:
 
 LABELS = {
     "fedbeam_full": "`fedbeam prepare`: group + 3x expansion + split + write + manifest",
+    "fedbeam_full_nofsync": "the same with `--no-fsync`",
     "fedbeam_group": "`fedbeam prepare`: group + write + manifest (no expansion, no split)",
     "plain_beam": "plain Beam: GroupByKey → one TFRecord file per client",
     "plain_beam_tuned": "plain Beam after fedbeam's `guard_local_runner()` + allocator settings",

@@ -39,6 +39,8 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 MANIFEST_DIR = "manifest"
 DATA_DIR_PREFIX = "data-"
+# A writing job's lease inside its data directory (fedbeam/pipelines/data_dir_lease.py).
+LEASE_FILE = ".lease"
 CLIENT_FILE_SUFFIX = ".tfrecord"
 ID_ENCODING = "base64url-v1"
 UNSPLIT = "all"
@@ -723,7 +725,7 @@ def checksum(data: bytes) -> int:
 
 
 __all__ = [
-    "FORMAT_VERSION", "METADATA_FILE", "MANIFEST_DIR", "DATA_DIR_PREFIX", "UNSPLIT",
+    "FORMAT_VERSION", "METADATA_FILE", "MANIFEST_DIR", "DATA_DIR_PREFIX", "LEASE_FILE", "UNSPLIT",
     "data_dir_name", "data_root",
     "ElementSpec", "ElementSpecError", "StoreFormatError", "InvalidClientIdError",
     "check_client_id", "client_file_name", "shard_of", "client_relative_path",

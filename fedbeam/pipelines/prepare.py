@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -20,6 +21,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+import fedbeam
 from fedbeam.element_spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.allocator import tune_allocator, tune_worker_processes
@@ -31,13 +33,22 @@ from fedbeam.pipelines.local_runner import guard_local_runner
 from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
-from fedbeam.pipelines.store_writer import StoreWriteError, WriteStore
+from fedbeam.pipelines.data_dir_lease import claim_data_dir
+from fedbeam.pipelines.store_writer import REPLACES_ANY, CleanupError, StoreWriteError, WriteStore
 from fedbeam import store_format as sf
 from fedbeam.transforms import identity
 
 
 class PrepareError(ValueError):
-  """A prepare job that cannot run or failed; the message says what and where."""
+  """A prepare job that cannot run or failed; the message says what and where.
+
+  `committed` is True when the job's store was committed before the failure
+  (only the clean-up after the commit failed): the store is valid.
+  """
+
+  def __init__(self, message: str, committed: bool = False):
+    super().__init__(message)
+    self.committed = committed
 
 
 @dataclasses.dataclass
@@ -65,6 +76,9 @@ class PrepareConfig:
   split_method: str = "hash"
   split_by: str = "client"
   min_test_examples: int = 1
+  # fsync client files, manifest files and their directories before the
+  # commit (local disks). Not a parameter of the store: it changes no byte.
+  fsync: bool = True
 
   @property
   def expands(self) -> bool:
@@ -155,11 +169,15 @@ class PrepareStore(beam.PTransform):
   metadata dict. `paths` are the input files (already matched).
   """
 
-  def __init__(self, config: PrepareConfig, paths: Sequence[str], job_key: str):
+  def __init__(self, config: PrepareConfig, paths: Sequence[str], job_key: str,
+               data_dir: Optional[str] = None, replaces: Optional[str] = REPLACES_ANY):
+    """`data_dir`, `replaces`: from `data_dir_lease.claim_data_dir` (see `WriteStore`)."""
     super().__init__()
     self._config = config
     self._paths = list(paths)
     self._job_key = job_key
+    self._data_dir = data_dir
+    self._replaces = replaces
 
   def expand(self, pbegin):
     # The runner runs in this process; guarding it here covers pipelines that
@@ -217,7 +235,8 @@ class PrepareStore(beam.PTransform):
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
         job_key=self._job_key, empty_report=checked["report"],
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
-        planned_clients=planned_clients)
+        planned_clients=planned_clients, data_dir=self._data_dir, replaces=self._replaces,
+        fsync=c.fsync)
 
 
 class RecordCountMismatchError(RuntimeError):
@@ -253,9 +272,10 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
   """Checks that `output` may receive a new store and creates it.
 
   A committed store is replaced only with `overwrite`, and only when the new
-  one commits: until then the old metadata and data stay valid. Data
-  directories without metadata (an interrupted fedbeam write) are fine; the
-  job that commits removes them. Any other non-empty directory is refused.
+  one commits: until then the old metadata and data stay valid. Other data
+  directories (an interrupted fedbeam write, a job still running) are fine;
+  a job that commits removes the dead ones. Any other non-empty directory is
+  refused.
 
   Raises:
     PrepareError: the path holds a store and `overwrite` is False, or holds
@@ -286,15 +306,39 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
     raise PrepareError(f"--output {output}: cannot prepare the directory: {e}") from None
 
 
-def job_key(config: PrepareConfig, inputs: Sequence[tuple[str, int, float]]) -> str:
-  """A stable key for this job: inputs (with sizes and times) and parameters.
+def _transform_code_digest(transform: Optional[Union[str, MakeTransformFn]]) -> Optional[str]:
+  """SHA-256 of the source file defining the transform, or None (none, or no file to read).
 
-  Names the job's data directory and seeds the Avro sync markers, so a rerun
-  of the same job over the same input writes byte-identical files to the
-  same paths.
+  Cheap (one file read) and enough to tell an edited transform from the one
+  that wrote a store; code the file imports is not covered.
+  """
+  if transform is None:
+    return None
+  fn = load_transform(transform) if isinstance(transform, str) else transform
+  try:
+    path = inspect.getsourcefile(fn) or inspect.getfile(fn)
+    with open(path, "rb") as f:
+      return hashlib.sha256(f.read()).hexdigest()
+  except (TypeError, OSError):
+    return None
+
+
+def job_key(config: PrepareConfig, inputs: Sequence[tuple[str, int, float]]) -> str:
+  """A stable key for this job: inputs (with sizes and times), parameters, code versions.
+
+  Covers the fedbeam version and the transform's source file, so an upgrade
+  or an edited transform is a different job. Names the job's data directory
+  when the output holds no committed store (`data_dir_lease.claim_data_dir`),
+  so a rerun over an interrupted run's leftovers writes byte-identical files
+  to the same paths, and seeds the Avro sync markers of every attempt.
+
+  Raises:
+    ExpansionError: a `module:function` transform cannot be loaded.
   """
   payload = json.dumps({"inputs": [list(i) for i in inputs], "parameters": config.parameters(),
-                        "spec": config.element_spec.to_json() if config.element_spec else None},
+                        "spec": config.element_spec.to_json() if config.element_spec else None,
+                        "fedbeam": fedbeam.__version__,
+                        "transform_code": _transform_code_digest(config.transform)},
                        sort_keys=True)
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -313,7 +357,8 @@ def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, A
   return options, None
 
 
-_KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "InvalidClientIdError",
+_KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "CleanupError",
+                 "InvalidClientIdError",
                  "ExpansionError", "SplitError", "EmptyClientsError",
                  "RecordCountMismatchError")
 
@@ -363,13 +408,44 @@ class PrepareResult:
     return "\n".join(lines)
 
 
+_OWN_ERRORS = (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError)
+
+
+def _failed_job_error(error: BaseException, lease) -> BaseException:
+  """The error to raise for a failed pipeline, after removing the job's partial files.
+
+  A job whose metadata was committed before the failure (its clean-up
+  failed) keeps its data directory and says so. KeyboardInterrupt and the
+  like are returned unchanged once the partial files are gone.
+  """
+  committed = lease.committed()
+  cleanup_note = ""
+  if not committed:
+    try:
+      lease.remove_data_dir()
+    except Exception as e:  # pylint: disable=broad-except
+      cleanup_note = f" (its partial files in {lease.path} could not be removed: {e})"
+  if not isinstance(error, Exception):
+    return error
+  if isinstance(error, _OWN_ERRORS):
+    message = str(error).split(" [while running")[0]
+  else:
+    message = explain_pipeline_error(error)
+  return PrepareError(message + cleanup_note, committed=committed)
+
+
 def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> PrepareResult:
   """Runs a prepare job to completion and returns its result.
+
+  The job writes to a data directory it claims (`data_dir_lease`); a job
+  that fails removes it, so its partial files do not stay on the disk, and a
+  store the output held stays as it was.
 
   Raises:
     PrepareError: bad configuration or input, or a failed pipeline; the
       message names the flag, file, record or client at fault. The output
-      then holds no committed store.
+      then holds no store of this job, unless `committed` is set: then the
+      store was committed and only the clean-up after the commit failed.
   """
   config.validate()
   try:
@@ -388,16 +464,23 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
   options, runner = default_runner_options(beam_args)
   prepare_output_dir(config.output, config.overwrite)
   key = job_key(config, inputs)
-  start = time.monotonic()
   try:
-    pipeline = beam.Pipeline(runner=runner, options=options)
-    _ = pipeline | "Prepare" >> PrepareStore(config, paths, key)
-    result = pipeline.run()
-    result.wait_until_finish()
-  except (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError) as e:
-    raise PrepareError(str(e).split(" [while running")[0]) from None
-  except Exception as e:  # pylint: disable=broad-except
-    raise PrepareError(explain_pipeline_error(e)) from e
+    lease = claim_data_dir(config.output, key)
+  except OSError as e:
+    raise PrepareError(f"--output {config.output}: cannot claim a data directory: {e}") from None
+  with lease:
+    start = time.monotonic()
+    try:
+      pipeline = beam.Pipeline(runner=runner, options=options)
+      _ = pipeline | "Prepare" >> PrepareStore(config, paths, key, data_dir=lease.data_dir,
+                                               replaces=lease.replaces)
+      result = pipeline.run()
+      result.wait_until_finish()
+    except BaseException as e:  # pylint: disable=broad-except
+      error = _failed_job_error(e, lease)
+      if error is e:
+        raise
+      raise error from (None if isinstance(e, _OWN_ERRORS) else e)
   seconds = time.monotonic() - start
   counters = {}
   try:

@@ -6,8 +6,12 @@ partial or duplicate client. Files go to the job's own data directory
 (`data-<job key>`); a sweep per shard directory removes temporary files a
 killed worker left behind. The metadata file, which commits the store, is
 written by the last step, which depends (through side inputs) on every
-manifest file, every sweep and so on every client file. Without `overwrite`
-the commit is exclusive: when another job committed first, this one fails.
+manifest file, every sweep and so on every client file. The commit succeeds
+only if the store at the output is still the one the job found (none, without
+`overwrite`): when another job committed first, this one fails and removes its
+files. On local disks files and directories are fsynced before the commit.
+After it, dead data directories are removed (`data_dir_lease`: never one a
+live job holds).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import google_crc32c
 import fedbeam
 from fedbeam.element_spec import ElementSpec
 from fedbeam.pipelines.allocator import tune_allocator
+from fedbeam.pipelines.data_dir_lease import committed_state, is_object_store, remove_dead_data_dirs
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam import store_format as sf
 
@@ -62,21 +67,54 @@ def _pieces(chunks: Iterable[bytes]) -> Iterable[bytes]:
     yield b"".join(batch)
 
 
-def write_file_atomically(final_path: str, chunks: Iterable[bytes]) -> tuple[int, int]:
+def _fsync_directory(directory: str) -> None:
+  """Makes the entries (names) of a local directory durable; a no-op on object stores."""
+  if is_object_store(directory):
+    return
+  fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_file_atomically(final_path: str, chunks: Iterable[bytes],
+                          fsync: bool = True) -> tuple[int, int]:
   """Writes `chunks` to a temporary file and renames it to `final_path`.
 
+  With `fsync` (local paths only; object stores make an object durable when
+  it is closed) the content reaches the disk before the rename, so after a
+  power loss the file holds its bytes or does not exist. The directory entry
+  is made durable by the caller (`_fsync_directory`, once per directory). A
+  failure deletes the temporary file.
+
   Returns (number of bytes, CRC32C of the content).
+
+  Raises:
+    StoreWriteError: the file could not be written (naming `final_path`).
   """
   tmp = _temp_name(final_path)
   crc = google_crc32c.Checksum()
   size = 0
+  local = not is_object_store(final_path)
   try:
-    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    if local:
+      os.makedirs(posixpath.dirname(tmp) or ".", exist_ok=True)
+      f = open(tmp, "wb")
+    else:
+      f = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+    with f:
       for piece in _pieces(chunks):
         f.write(piece)
         crc.update(piece)
         size += len(piece)
-    FileSystems.rename([tmp], [final_path])
+      if local and fsync:
+        f.flush()
+        os.fsync(f.fileno())
+    if local:
+      os.replace(tmp, final_path)
+    else:
+      FileSystems.rename([tmp], [final_path])
   except Exception as e:
     try:
       FileSystems.delete([tmp])
@@ -89,9 +127,10 @@ def write_file_atomically(final_path: str, chunks: Iterable[bytes]) -> tuple[int
 class _WriteClientFile(beam.DoFn):
   """ClientRecords -> manifest row (dict), after writing the client's file."""
 
-  def __init__(self, root: str, data_dir: str):
+  def __init__(self, root: str, data_dir: str, fsync: bool = True):
     self._root = root
     self._data_dir = data_dir
+    self._fsync = fsync
     self._clients = beam.metrics.Metrics.counter("fedbeam", "clients_written")
     self._examples = beam.metrics.Metrics.counter("fedbeam", "examples_written")
     self._bytes = beam.metrics.Metrics.counter("fedbeam", "bytes_written")
@@ -103,7 +142,7 @@ class _WriteClientFile(beam.DoFn):
     rel = sf.client_relative_path(client.client_id, client.split, num_shards)
     rel = posixpath.join(self._data_dir, rel)
     size, crc = write_file_atomically(
-        sf.join(self._root, rel), sf.tfrecord_frames(client.records))
+        sf.join(self._root, rel), sf.tfrecord_frames(client.records), fsync=self._fsync)
     self._clients.inc()
     self._examples.inc(len(client.records))
     self._bytes.inc(size)
@@ -125,10 +164,11 @@ def _manifest_bucket(client_id: str, num_files: int) -> int:
 
 class _WriteManifestFile(beam.DoFn):
 
-  def __init__(self, root: str, data_dir: str, job_key: str):
+  def __init__(self, root: str, data_dir: str, job_key: str, fsync: bool = True):
     self._root = root
     self._data_dir = data_dir
     self._job_key = job_key
+    self._fsync = fsync
 
   def process(self, element, num_files: int) -> Iterable[str]:
     import io  # pylint: disable=g-import-not-at-top
@@ -140,7 +180,7 @@ class _WriteManifestFile(beam.DoFn):
                     sync_marker=sf.manifest_sync_marker(self._job_key, index))
     name = sf.manifest_file_name(index, num_files)
     write_file_atomically(sf.join(self._root, self._data_dir, sf.MANIFEST_DIR, name),
-                          [buf.getvalue()])
+                          [buf.getvalue()], fsync=self._fsync)
     yield name
 
 
@@ -172,15 +212,22 @@ def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
 
 
 class _SweepShardDirectory(beam.DoFn):
-  """(shard directory, file names) -> number of stray files removed."""
+  """(shard directory, file names) -> number of stray files removed.
 
-  def __init__(self, root: str):
+  With `fsync`, then makes the directory's entries durable: every client file
+  of the shard directory is in place by now (the group waits for them all).
+  """
+
+  def __init__(self, root: str, fsync: bool = True):
     self._root = root
+    self._fsync = fsync
     self._swept = beam.metrics.Metrics.counter("fedbeam", "stray_files_removed")
 
   def process(self, element):
     directory, names = element
     removed = sweep_directory(sf.join(self._root, directory), names)
+    if self._fsync:
+      _fsync_directory(sf.join(self._root, directory))
     self._swept.inc(len(removed))
     yield len(removed)
 
@@ -236,41 +283,113 @@ def _merge_reports(parameters: Mapping[str, Any], reports) -> dict[str, Any]:
   return merged
 
 
-def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool) -> None:
+# `replaces` of a commit that replaces whatever store is there (no check).
+REPLACES_ANY = "*"
+
+
+class CleanupError(StoreWriteError):
+  """The store was committed, but removing what it no longer needs failed."""
+
+
+class _RootLock:
+  """An exclusive flock on a local store directory, held while a commit checks and writes.
+
+  The kernel drops it when the process dies, so a killed commit never blocks
+  the next one. Object stores get no lock (see `commit_metadata`).
+  """
+
+  def __init__(self, root: str):
+    self._root = root
+    self._fd = None
+
+  def __enter__(self):
+    if not is_object_store(self._root):
+      import fcntl  # pylint: disable=g-import-not-at-top
+      self._fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+      fcntl.flock(self._fd, fcntl.LOCK_EX)
+    return self
+
+  def __exit__(self, *exc):
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+
+def _remove_temp_metadata(root: str) -> None:
+  """Deletes top-level temporary metadata files (of killed commits; callers hold the lock)."""
+  for name in _list_directory(root):
+    if name.startswith(f".{sf.METADATA_FILE}.tmp-"):
+      FileSystems.delete([sf.join(root, name)])
+
+
+def _write_metadata(root: str, data: bytes, exclusive: bool, fsync: bool) -> None:
+  """Writes metadata.json from a temporary file; `exclusive`: fail if it exists (local only)."""
+  final = sf.metadata_path(root)
+  if is_object_store(root) or not exclusive:
+    write_file_atomically(final, [data], fsync=fsync)
+  else:
+    tmp = _temp_name(final)
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+          os.fsync(f.fileno())
+      os.link(tmp, final)
+    except OSError as e:
+      if isinstance(e, FileExistsError):
+        raise
+      raise StoreWriteError(f"cannot write {final}: {e}") from e
+    finally:
+      try:
+        os.unlink(tmp)
+      except FileNotFoundError:
+        pass
+  if fsync:
+    _fsync_directory(root)
+
+
+def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool,
+                    replaces: Optional[str] = REPLACES_ANY, fsync: bool = True) -> None:
   """Writes `root/metadata.json`, the commit point of a store.
 
-  Without `overwrite` the commit is exclusive: on local disks through a hard
-  link, which fails atomically when the file exists; elsewhere by checking
-  first (object stores offer no exclusive rename through Beam's FileSystems).
+  The commit succeeds only if the store at `root` is still the one the job
+  found when it started: `replaces` is the SHA-256 of the metadata.json it
+  found (None: it found none; `REPLACES_ANY`: no check). Without `overwrite`
+  the job must have found none. On local disks the check and the write run
+  under an exclusive lock on `root`, and without `overwrite` the file is
+  created through a hard link, which fails atomically when it exists. Object
+  stores (no lock, no exclusive create through Beam's FileSystems) check
+  first and then write, which leaves a window of one write.
+
+  A commit that finds its own metadata already in place (a retried commit)
+  succeeds. Top-level temporary metadata files of killed commits are removed.
 
   Raises:
-    StoreWriteError: another job committed a store at `root` first.
+    StoreWriteError: another job committed a store at `root` first, or the
+      file could not be written (no temporary file is left).
   """
-  final = sf.metadata_path(root)
   data = sf.metadata_to_json(metadata)
-  if overwrite:
-    write_file_atomically(final, [data])
-    return
-  taken = StoreWriteError(
-      f"another job committed a store at {root} while this one was writing; this job's "
-      "files were not committed (rerun with --overwrite to replace that store)")
-  if "://" in root:
-    if FileSystems.exists(final):
-      raise taken
-    write_file_atomically(final, [data])
-    return
-  import os  # pylint: disable=g-import-not-at-top
-  tmp = _temp_name(final)
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  try:
-    os.link(tmp, final)
-  except FileExistsError:
-    raise taken from None
-  finally:
-    os.unlink(tmp)
+  expected = None if not overwrite else replaces
+
+  def taken(what):
+    return StoreWriteError(
+        f"another job committed a store at {root} while this one was writing ({what}); this "
+        "job's files were not committed (rerun the job, with --overwrite to replace that store)")
+
+  with _RootLock(root):
+    found_dir, found = committed_state(root)
+    if found == hashlib.sha256(data).hexdigest():
+      return  # This job's own commit, retried.
+    if expected != REPLACES_ANY and found != expected:
+      raise taken(f"it now names {found_dir}" if found is not None else "and it is gone")
+    try:
+      _write_metadata(root, data, exclusive=expected is None, fsync=fsync)
+    except FileExistsError:
+      raise taken("it appeared during the commit") from None
+    finally:
+      if not is_object_store(root):
+        _remove_temp_metadata(root)
 
 
 def _list_directory(directory: str) -> list[str]:
@@ -280,15 +399,30 @@ def _list_directory(directory: str) -> list[str]:
 
 
 def remove_other_data_dirs(root: str, keep: str) -> list[str]:
-  """Deletes data directories of `root` other than `keep` (old stores, dead jobs)."""
-  removed = []
-  for name in _list_directory(root):
-    if name.startswith(sf.DATA_DIR_PREFIX) and name != keep:
-      FileSystems.delete([sf.join(root, name)])
-      removed.append(name)
-  for name in _list_directory(root):  # Top-level temporary files of killed commits.
-    if name.startswith(f".{sf.METADATA_FILE}.tmp-"):
-      FileSystems.delete([sf.join(root, name)])
+  """Deletes the data directories of `root` no job needs any more; returns their names.
+
+  See `fedbeam.pipelines.data_dir_lease.remove_dead_data_dirs`: directories
+  of live jobs (and `keep`) stay.
+  """
+  return remove_dead_data_dirs(root, keep)
+
+
+def clean_up_after_commit(root: str, data_dir: str) -> list[str]:
+  """Removes dead data directories after `data_dir` was committed at `root`.
+
+  Raises:
+    CleanupError: something could not be deleted; the message says that the
+      store was committed and what is left.
+  """
+  try:
+    removed = remove_other_data_dirs(root, data_dir)
+    if is_object_store(root):  # Local commits remove them under their lock.
+      _remove_temp_metadata(root)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CleanupError(
+        f"the store at {root} was committed (its metadata names {data_dir}), but removing "
+        f"data it no longer needs failed: {e}; delete leftover data-* directories other than "
+        f"{data_dir} by hand, or let the next job that commits there remove them") from e
   return removed
 
 
@@ -296,12 +430,15 @@ class _CommitStore(beam.DoFn):
   """Writes metadata.json last, then removes other jobs' data directories."""
 
   def __init__(self, root: str, data_dir: str, parameters: Mapping[str, Any],
-               empty_policy: str, overwrite: bool):
+               empty_policy: str, overwrite: bool, replaces: Optional[str] = REPLACES_ANY,
+               fsync: bool = True):
     self._root = root
     self._data_dir = data_dir
     self._parameters = dict(parameters)
     self._empty_policy = empty_policy
     self._overwrite = overwrite
+    self._replaces = replaces
+    self._fsync = fsync
 
   def process(self, _, stats, spec: ElementSpec, num_shards: int, manifest_files,
               empty_report: Optional[Mapping[str, Any]] = None, reports=(), swept=(),
@@ -338,23 +475,31 @@ class _CommitStore(beam.DoFn):
         "parameters": _merge_reports(self._parameters, reports),
     }
     sf.validate_metadata(metadata, "new store metadata")
-    sweep_directory(sf.join(self._root, self._data_dir, sf.MANIFEST_DIR),
-                    [sf.manifest_file_name(i, len(manifest_files))
-                     for i in range(len(manifest_files))])
+    self._commit(metadata, [s["name"] for s in splits])
+    clean_up_after_commit(self._root, self._data_dir)
+    yield metadata
+
+  def _commit(self, metadata: Mapping[str, Any], split_names: list[str]) -> None:
+    """Sweeps the manifest directory, makes the data durable, commits the metadata."""
+    data = sf.join(self._root, self._data_dir)
+    num_files = metadata["manifest"]["num_files"]
+    sweep_directory(sf.join(data, sf.MANIFEST_DIR),
+                    [sf.manifest_file_name(i, num_files) for i in range(num_files)])
+    if self._fsync:
+      # Client files were synced before their renames and shard directories
+      # by their sweeps; what is left are the directories above them.
+      for directory in ([sf.join(data, sf.MANIFEST_DIR)]
+                        + [sf.join(data, n) for n in split_names] + [data]):
+        if FileSystems.exists(directory):
+          _fsync_directory(directory)
     try:
-      commit_metadata(self._root, metadata, self._overwrite)
+      commit_metadata(self._root, metadata, self._overwrite, self._replaces, fsync=self._fsync)
     except StoreWriteError:
       # Another job won; remove this job's files unless the winner is this
-      # very job (same inputs and parameters write the same data directory).
-      try:
-        winner = sf.read_metadata(self._root).get("data_dir")
-      except sf.StoreFormatError:
-        winner = None
-      if winner != self._data_dir:
-        FileSystems.delete([sf.join(self._root, self._data_dir)])
+      # very job (a retried commit).
+      if committed_state(self._root)[0] != self._data_dir:
+        FileSystems.delete([data])
       raise
-    remove_other_data_dirs(self._root, self._data_dir)
-    yield metadata
 
 
 class WriteStore(beam.PTransform):
@@ -374,17 +519,26 @@ class WriteStore(beam.PTransform):
   def __init__(self, root: str, spec, *, num_shards: Optional[int] = None,
                parameters: Optional[Mapping[str, Any]] = None, job_key: str = "",
                empty_report=None, empty_policy: str = "keep", reports=(),
-               overwrite: bool = False, planned_clients=None):
+               overwrite: bool = False, planned_clients=None, data_dir: Optional[str] = None,
+               replaces: Optional[str] = REPLACES_ANY, fsync: bool = True):
     """`planned_clients`: optional singleton PCollection[int], the number of
     clients the job makes before empty ones are dropped, known without
     counting `clients` (which would hold every client back until the count is
     done). It picks the default shard count, and the commit fails unless
-    that many files (less the dropped ones) were written."""
+    that many files (less the dropped ones) were written.
+
+    `data_dir` and `replaces` come from `data_dir_lease.claim_data_dir`: the
+    job's data directory and the SHA-256 of the metadata it found (None: no
+    store); the commit fails if another job committed meanwhile.
+    `REPLACES_ANY` skips that check. `fsync`: make files and directories
+    durable before the commit (local disks)."""
     super().__init__()
     self._planned_clients = planned_clients
     self._overwrite = overwrite
-    self._data_dir = sf.data_dir_name(hashlib.sha256(job_key.encode()).hexdigest()
-                                      if len(job_key) < 16 else job_key)
+    self._data_dir = data_dir or sf.data_dir_name(
+        hashlib.sha256(job_key.encode()).hexdigest() if len(job_key) < 16 else job_key)
+    self._replaces = replaces
+    self._fsync = fsync
     self._reports = list(reports)
     self._root = root
     self._spec = spec
@@ -406,12 +560,12 @@ class WriteStore(beam.PTransform):
       num_shards = p | "NumShards" >> beam.Create([fixed])
     data_dir = self._data_dir
     rows = clients | "WriteClientFiles" >> beam.ParDo(
-        _WriteClientFile(root, data_dir), beam.pvalue.AsSingleton(num_shards))
+        _WriteClientFile(root, data_dir, self._fsync), beam.pvalue.AsSingleton(num_shards))
     swept = (rows
              | "KeyByShardDirectory" >> beam.Map(
                  lambda r: (posixpath.dirname(r["path"]), posixpath.basename(r["path"])))
              | "GroupByShardDirectory" >> beam.GroupByKey()
-             | "SweepShardDirectories" >> beam.ParDo(_SweepShardDirectory(root)))
+             | "SweepShardDirectories" >> beam.ParDo(_SweepShardDirectory(root, self._fsync)))
 
     # Only long ids are named by a hash; check those never share a file.
     collisions = (rows
@@ -430,7 +584,7 @@ class WriteStore(beam.PTransform):
                       | "MergeManifestRows" >> beam.Flatten()
                       | "GroupManifestRows" >> beam.GroupByKey()
                       | "WriteManifestFiles" >> beam.ParDo(
-                          _WriteManifestFile(root, data_dir, self._job_key),
+                          _WriteManifestFile(root, data_dir, self._job_key, self._fsync),
                           beam.pvalue.AsSingleton(num_files)))
     stats = rows | "Stats" >> beam.CombineGlobally(StoreStatsFn())
     side = dict(
@@ -453,5 +607,6 @@ class WriteStore(beam.PTransform):
     checked = checked | "AfterPathCheck" >> beam.Map(
         lambda r, _: r, beam.pvalue.AsList(collisions))
     return checked | "Commit" >> beam.ParDo(
-        _CommitStore(root, data_dir, self._parameters, self._empty_policy, self._overwrite),
+        _CommitStore(root, data_dir, self._parameters, self._empty_policy, self._overwrite,
+                     self._replaces, self._fsync),
         **side)
