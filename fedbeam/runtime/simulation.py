@@ -218,11 +218,10 @@ def _error_cause(error: BaseException) -> str:
   if isinstance(error, tf.errors.OpError):
     # "Graph execution error:\n\nDetected at node ...\n\n<cause>\n\t [[{{node X}}]] [Op:Y]"
     text = error.message.rsplit("\n\n", 1)[-1].split("\n\t [[")[0]
-    text = text.split(" [Op:")[0]
+    text = f"{type(error).__name__}: {text.split(' [Op:')[0]}"
   else:
-    text = str(error)
-  line = " ".join(text.split())
-  return line or type(error).__name__
+    text = str(error) or type(error).__name__
+  return " ".join(text.split())
 
 
 class ClientReadError(RuntimeError):
