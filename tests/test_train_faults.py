@@ -22,6 +22,7 @@ import test_train
 from test_train import TINY, parse, read_metrics, tiny_options
 
 helpers = test_train.helpers
+digit_like_clients = test_train._digit_like_clients  # pylint: disable=protected-access
 
 
 # -- Damaged checkpoints --------------------------------------------------------------------
@@ -79,7 +80,8 @@ CHECKPOINT_DAMAGE = [
      " is not a regular file"),
     ("missing", lambda p, c: p.unlink(), " does not exist"),
     ("an array with another shape",
-     lambda p, c: p.write_bytes(_rewritten(c, _replace("trainable/0", np.zeros((4, 5), np.float32)))),
+     lambda p, c: p.write_bytes(
+         _rewritten(c, _replace("trainable/0", np.zeros((4, 5), np.float32)))),
      ": trainable/0 is float32 of shape (4, 5), this model and server optimizer need "
      "float32 of shape (3, 5)"),
     ("an array of another dtype",
@@ -147,7 +149,7 @@ def test_a_checkpoint_from_another_run_directory_is_refused(tiny_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def split_store(tmp_path_factory):
-  return testing.prepare_store(test_train._digit_like_clients(8),  # pylint: disable=protected-access
+  return testing.prepare_store(digit_like_clients(8),
                                tmp_path_factory.mktemp("split"), num_test_clients=2)
 
 
@@ -182,14 +184,14 @@ def test_resume_from_a_truncated_checkpoint_exits_1_and_changes_nothing(split_st
 # -- Resume against another store -----------------------------------------------------------
 
 def test_resume_against_another_store_is_refused_naming_both(tmp_path, capsys):
-  store = testing.prepare_store(test_train._digit_like_clients(7), tmp_path / "first",  # pylint: disable=protected-access
+  store = testing.prepare_store(digit_like_clients(7), tmp_path / "first",
                                 num_test_clients=1)
   output = tmp_path / "run"
   assert train.run_train(train_args(store, output, 1)) == 0
   first_data_dir = load_client_data(store).metadata["data_dir"]
   moved = shutil.copytree(store, tmp_path / "moved")
   # Prepared again at the same path, from other clients.
-  testing.prepare_store(test_train._digit_like_clients(8), tmp_path / "second", output=store,  # pylint: disable=protected-access
+  testing.prepare_store(digit_like_clients(8), tmp_path / "second", output=store,
                         num_test_clients=1, overwrite=True)
   second_data_dir = load_client_data(store).metadata["data_dir"]
   assert second_data_dir != first_data_dir
