@@ -20,13 +20,17 @@ from a checkpoint ends exactly where an uninterrupted run does.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
+import os
 import random
+import stat
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -37,6 +41,8 @@ import tensorflow_federated as tff
 from fedbeam.runtime import client_work
 
 __all__ = [
+    "CheckpointError",
+    "ClientReadError",
     "ClientReport",
     "RoundResult",
     "SimulationConfig",
@@ -192,6 +198,70 @@ class RoundResult:
   seconds: float
   eval_seconds: float
   update_applied: bool
+
+
+# What reading a client's file raises: TensorFlow's errors from graph-mode
+# readers (a missing file, a CRC failure, a directory in its place, a record
+# that does not parse) and, from eager readers, `ClientFileError` (an OSError).
+_READ_ERRORS = (
+    tf.errors.NotFoundError,
+    tf.errors.DataLossError,
+    tf.errors.FailedPreconditionError,
+    tf.errors.PermissionDeniedError,
+    tf.errors.InvalidArgumentError,
+    OSError,
+)
+
+
+def _error_cause(error: BaseException) -> str:
+  """One line of what went wrong, without TensorFlow's graph trace and node names."""
+  if isinstance(error, tf.errors.OpError):
+    # "Graph execution error:\n\nDetected at node ...\n\n<cause>\n\t [[{{node X}}]] [Op:Y]"
+    text = error.message.rsplit("\n\n", 1)[-1].split("\n\t [[")[0]
+    text = f"{type(error).__name__}: {text.split(' [Op:')[0]}"
+  else:
+    text = str(error) or type(error).__name__
+  return " ".join(text.split())
+
+
+class ClientReadError(RuntimeError):
+  """A sampled client's data could not be read (or trained on) in a round.
+
+  Raised by `SimulationLoop` at the round boundary instead of TensorFlow's
+  raw error, which names a file path (or not even that) but not the client.
+
+  Attributes:
+    client_id: The client, or None when evaluation failed and no single
+      test client could be found at fault.
+    round_num: The round, or None while the loop was being built.
+    cause: The original exception.
+    evaluating: True for a test client (read for evaluation), False for a
+      training client.
+  """
+
+  def __init__(self, client_id: Optional[str], round_num: Optional[int],
+               cause: BaseException, evaluating: bool = False):
+    self.client_id = client_id
+    self.round_num = round_num
+    self.cause = cause
+    self.evaluating = evaluating
+    when = "building the loop" if round_num is None else f"round {round_num}"
+    if client_id is None:
+      what = "evaluation on the test data failed"
+    elif evaluating:
+      what = f"test client {client_id!r} could not be read"
+    else:
+      what = f"client {client_id!r} could not be read or trained on"
+    super().__init__(f"{when}: {what}: {_error_cause(cause)}")
+
+
+@contextlib.contextmanager
+def _reading_client(client_id: str, round_num: Optional[int]):
+  """Turns a read error inside the block into a `ClientReadError` naming the client."""
+  try:
+    yield
+  except _READ_ERRORS as error:
+    raise ClientReadError(client_id, round_num, error) from error
 
 
 def default_devices() -> list[str]:
@@ -426,7 +496,8 @@ class SimulationLoop:
         first_model
     )
     self._finalizers = first_model.metric_finalizers()
-    first_batches = self._batched(self._client_ids[0], round_num=1)
+    with _reading_client(self._client_ids[0], None):
+      first_batches = self._batched(self._client_ids[0], round_num=1)
     _check_input_spec(first_batches.element_spec, first_model.input_spec)
     weights = self._checked_weights(initial_weights)
 
@@ -709,15 +780,15 @@ class SimulationLoop:
     device = self._slot_devices[slot]
     update = self._updates[slot]
     start = time.perf_counter()
-    with tf.device(device):
+    with _reading_client(client_id, round_num), tf.device(device):
       dataset = self.client_dataset(client_id, round_num, device=device)
       update.model.reset_metrics()
       result, unfinalized = update.update_fn(weights, dataset)
       delta_tensors = tf.nest.flatten(result.update)
+      delta = [t.numpy() for t in delta_tensors]
+      weight = float(result.update_weight.numpy())
+      unfinalized = _to_numpy(unfinalized)
     ran_on = delta_tensors[0].device
-    delta = [t.numpy() for t in delta_tensors]
-    weight = float(result.update_weight.numpy())
-    unfinalized = _to_numpy(unfinalized)
     seconds = time.perf_counter() - start
     if "num_examples" in unfinalized:
       num_examples = int(np.sum(unfinalized["num_examples"]))
@@ -830,7 +901,10 @@ class SimulationLoop:
     eval_seconds = 0.0
     if evaluate and self._test_data is not None:
       eval_start = time.perf_counter()
-      eval_metrics = self.evaluate()
+      try:
+        eval_metrics = self.evaluate()
+      except _READ_ERRORS as error:
+        raise self._test_read_error(round_num, error) from error
       eval_seconds = time.perf_counter() - eval_start
     return RoundResult(
         round_num=round_num,
@@ -842,6 +916,22 @@ class SimulationLoop:
         eval_seconds=eval_seconds,
         update_applied=update_applied,
     )
+
+  def _test_read_error(self, round_num: int,
+                       error: BaseException) -> ClientReadError:
+    """The error of a failed evaluation, naming the first unreadable test client.
+
+    Evaluation reads all test clients as one dataset, so TensorFlow's error
+    names at most a file; each test client is read again alone (only on
+    this failure path) to find the one at fault.
+    """
+    for client_id in self._test_data.client_ids:
+      try:
+        _drain(self._test_data.create_tf_dataset_for_client(client_id)).numpy()
+      except _READ_ERRORS as client_error:
+        return ClientReadError(client_id, round_num, client_error,
+                               evaluating=True)
+    return ClientReadError(None, round_num, error, evaluating=True)
 
   def run(
       self,
@@ -965,6 +1055,38 @@ class SimulationLoop:
     return _finalize(self._finalizers, _to_numpy(unfinalized))
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be resumed from; the message names the file and the fault.
+
+  Raised for a missing, truncated or damaged file, something else in its
+  place (a directory, a FIFO), and a file whose arrays do not fit the model
+  and server optimizer (counts, shapes, dtypes).
+  """
+
+
+# Bytes a checkpoint holds beyond its arrays' data: the metadata document
+# (settings, store identity), npy headers and zip records.
+_CHECKPOINT_OVERHEAD_BYTES = 16 << 20
+# Groups of numbered arrays in a checkpoint, with what a message calls them.
+_ARRAY_GROUPS = (
+    ("trainable", "trainable weights"),
+    ("non_trainable", "non-trainable weights"),
+    ("server_optimizer", "server optimizer values"),
+)
+
+
+def _state_arrays(state: SimulationState) -> dict[str, np.ndarray]:
+  """The numbered arrays of a state, keyed as in the checkpoint (without the metadata)."""
+  arrays: dict[str, np.ndarray] = {
+      "round_num": np.asarray(state.round_num, np.int64)}
+  values = (state.model_weights.trainable, state.model_weights.non_trainable,
+            tf.nest.flatten(state.server_optimizer_state))
+  for (prefix, _), group in zip(_ARRAY_GROUPS, values):
+    for i, w in enumerate(group):
+      arrays[f"{prefix}/{i}"] = np.asarray(w)
+  return arrays
+
+
 def save_state(
     path: str, state: SimulationState, metadata: Optional[dict[str, Any]] = None
 ) -> None:
@@ -972,23 +1094,16 @@ def save_state(
 
   A reader never sees a partial file: a crash leaves the previous checkpoint
   or the new one. (On object stores such as `gs://` a rename is a copy; the
-  file is still complete or absent.)
+  file is still complete or absent.) The file is an uncompressed `.npz`
+  (a zip of `.npy` arrays), whose per-entry CRC-32 `load_state` checks.
 
   Args:
     path: Destination file (any `tf.io.gfile` path).
     state: The state to save.
     metadata: JSON-serializable facts stored beside it (seed, flags...).
   """
-  arrays: dict[str, np.ndarray] = {
-      "round_num": np.asarray(state.round_num, np.int64),
-      "metadata": np.asarray(json.dumps(metadata or {}, sort_keys=True)),
-  }
-  for i, w in enumerate(state.model_weights.trainable):
-    arrays[f"trainable/{i}"] = np.asarray(w)
-  for i, w in enumerate(state.model_weights.non_trainable):
-    arrays[f"non_trainable/{i}"] = np.asarray(w)
-  for i, w in enumerate(tf.nest.flatten(state.server_optimizer_state)):
-    arrays[f"server_optimizer/{i}"] = np.asarray(w)
+  arrays = _state_arrays(state)
+  arrays["metadata"] = np.asarray(json.dumps(metadata or {}, sort_keys=True))
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   temporary = f"{path}.tmp"
@@ -997,49 +1112,159 @@ def save_state(
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
+def _checkpoint_bytes(path: str, limit: int) -> bytes:
+  """The content of a checkpoint file that is a regular file of at most `limit` bytes."""
+  try:
+    if "://" in path:
+      if tf.io.gfile.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+      size = tf.io.gfile.stat(path).length
+    else:
+      # Checked before opening: opening a FIFO would wait for a writer.
+      info = os.stat(path)
+      if stat.S_ISDIR(info.st_mode):
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+      if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+      size = info.st_size
+    if size > limit:
+      raise CheckpointError(
+          f"checkpoint {path} is {size} bytes, more than a checkpoint of this model "
+          f"and server optimizer can be ({limit} bytes)")
+    with tf.io.gfile.GFile(path, "rb") as f:
+      return f.read()
+  except (FileNotFoundError, tf.errors.NotFoundError):
+    raise CheckpointError(f"checkpoint {path} does not exist") from None
+  except (OSError, tf.errors.OpError) as error:
+    raise CheckpointError(f"checkpoint {path} cannot be read: {_error_cause(error)}") from None
+
+
+def _npy_header(entry) -> tuple[tuple[int, ...], np.dtype]:
+  """`(shape, dtype)` from an `.npy` header, read before any array data is allocated."""
+  version = np.lib.format.read_magic(entry)
+  if version == (1, 0):
+    shape, _, dtype = np.lib.format.read_array_header_1_0(entry)
+  elif version == (2, 0):
+    shape, _, dtype = np.lib.format.read_array_header_2_0(entry)
+  else:
+    raise ValueError(f"npy format version {version} is not one save_state writes")
+  return shape, dtype
+
+
+def _checkpoint_arrays(path: str, content: bytes,
+                       expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Reads the arrays of a checkpoint, each checked against `expected` before it is read.
+
+  `expected` maps entry names (without `.npy`) to arrays of the wanted shape
+  and dtype; `metadata` must be a 0-d unicode string.
+  """
+  try:
+    archive = zipfile.ZipFile(io.BytesIO(content))
+    damaged = archive.testzip()
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+    raise CheckpointError(
+        f"checkpoint {path} is truncated or damaged (not a complete .npz file: "
+        f"{_error_cause(error)})") from None
+  if damaged is not None:
+    raise CheckpointError(
+        f"checkpoint {path} is damaged: its entry {damaged} fails its CRC-32 check")
+  names = {n[:-len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
+  if len(names) != len(archive.namelist()):
+    raise CheckpointError(f"checkpoint {path} holds entries that are not .npy arrays")
+  for prefix, label in _ARRAY_GROUPS:
+    have = sum(1 for n in names if n.startswith(prefix + "/"))
+    want = sum(1 for n in expected if n.startswith(prefix + "/"))
+    if have != want:
+      raise CheckpointError(
+          f"checkpoint {path} holds {have} {label}, this model and server optimizer "
+          f"have {want}")
+  wanted = set(expected) | {"metadata"}
+  if names != wanted:
+    raise CheckpointError(
+        f"checkpoint {path} lacks entries {sorted(wanted - names)} and has unexpected "
+        f"entries {sorted(names - wanted)}")
+  arrays = {}
+  for name in sorted(wanted):
+    try:
+      with archive.open(name + ".npy") as entry:
+        shape, dtype = _npy_header(entry)
+      if name == "metadata":
+        fits = dtype.kind == "U" and shape == ()
+        want = "a unicode string of shape ()"
+      else:
+        like = expected[name]
+        fits = dtype == like.dtype and shape == like.shape
+        want = f"{like.dtype.name} of shape {like.shape}"
+      if not fits:
+        raise CheckpointError(
+            f"checkpoint {path}: {name} is {dtype.name} of shape {shape}, this model and "
+            f"server optimizer need {want}")
+      with archive.open(name + ".npy") as entry:
+        arrays[name] = np.lib.format.read_array(entry, allow_pickle=False)
+        trailing = len(entry.read())
+    except CheckpointError:
+      raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+      raise CheckpointError(
+          f"checkpoint {path}: {name} is damaged ({_error_cause(error)})") from None
+    if trailing:
+      raise CheckpointError(
+          f"checkpoint {path}: {name} has {trailing} bytes after its array data")
+  return arrays
+
+
 def load_state(
     path: str, like: SimulationState
 ) -> tuple[SimulationState, dict[str, Any]]:
-  """Reads a state written by `save_state`.
+  """Reads a state written by `save_state`, checked whole before it is returned.
+
+  Every entry's CRC-32, count, shape and dtype are checked against `like`
+  (the shapes before any array is read), so a damaged file never yields a
+  half-read or misshapen state.
 
   Args:
     path: The checkpoint file.
     like: A state of the same model and server optimizer (e.g.
-      `SimulationLoop.state`), which gives the optimizer state's structure.
+      `SimulationLoop.state`), which gives the arrays' shapes and dtypes and
+      the optimizer state's structure.
 
   Returns:
     `(state, metadata)`.
 
   Raises:
-    ValueError: If the file does not hold a state shaped like `like`.
+    CheckpointError: (a ValueError) If the file is missing, not a regular
+      file, truncated or damaged, or does not hold a state shaped like
+      `like`; the message names the file and what is wrong.
   """
-  with tf.io.gfile.GFile(path, "rb") as f:
-    content = f.read()
-  with np.load(io.BytesIO(content), allow_pickle=False) as npz:
-    arrays = {name: npz[name] for name in npz.files}
+  expected = _state_arrays(like)
+  limit = _CHECKPOINT_OVERHEAD_BYTES + sum(a.nbytes for a in expected.values())
+  arrays = _checkpoint_arrays(path, _checkpoint_bytes(path, limit), expected)
+  try:
+    metadata = json.loads(str(arrays["metadata"]))
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f"checkpoint {path}: its metadata is not JSON ({error})") from None
+  if not isinstance(metadata, dict):
+    raise CheckpointError(f"checkpoint {path}: its metadata is not a JSON object")
+  round_num = int(arrays["round_num"])
+  if round_num < 0:
+    raise CheckpointError(f"checkpoint {path}: round number {round_num} is negative")
+  if "round_num" in metadata and metadata["round_num"] != round_num:
+    raise CheckpointError(
+        f"checkpoint {path}: round number {round_num}, but its metadata says "
+        f"{metadata['round_num']!r}")
 
-  def numbered(prefix: str) -> list[np.ndarray]:
-    keys = sorted(
-        (k for k in arrays if k.startswith(prefix + "/")),
-        key=lambda k: int(k.split("/")[1]),
-    )
-    return [arrays[k] for k in keys]
+  def group(prefix: str) -> list[np.ndarray]:
+    count = sum(1 for n in expected if n.startswith(prefix + "/"))
+    return [arrays[f"{prefix}/{i}"] for i in range(count)]
 
-  server_flat = numbered("server_optimizer")
-  expected = tf.nest.flatten(like.server_optimizer_state)
-  if len(server_flat) != len(expected):
-    raise ValueError(
-        f"checkpoint {path} holds {len(server_flat)} server optimizer values, "
-        f"this optimizer has {len(expected)}"
-    )
   state = SimulationState(
-      round_num=int(arrays["round_num"]),
+      round_num=round_num,
       model_weights=tff.learning.models.ModelWeights(
-          trainable=numbered("trainable"),
-          non_trainable=numbered("non_trainable"),
+          trainable=group("trainable"),
+          non_trainable=group("non_trainable"),
       ),
       server_optimizer_state=tf.nest.pack_sequence_as(
-          like.server_optimizer_state, server_flat
+          like.server_optimizer_state, group("server_optimizer")
       ),
   )
-  return state, json.loads(str(arrays["metadata"]))
+  return state, metadata

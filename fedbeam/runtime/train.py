@@ -11,7 +11,11 @@ Writes into DIR:
 - `checkpoint.npz`: after every round, the model weights, the server
   optimizer state, the round number and the random state (seed), written to a
   temporary file and renamed into place;
-- `config.json`: the flags that determine the result, checked on `--resume`.
+- `config.json`: the flags that determine the result and the identity of the
+  store (data directory, digest of its metadata, splits), checked on
+  `--resume`;
+- `train.lock`: held (`fcntl.flock`) while a run uses DIR, so a second run on
+  the same DIR fails at once instead of interleaving its outputs.
 
 Every random choice of a round is a function of (seed, round, client), so
 `--resume` after a kill ends with exactly the weights of an uninterrupted
@@ -23,12 +27,16 @@ Importing this module does not import TensorFlow: `fedbeam --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METRICS_COLUMNS",
+    "RunDirectoryError",
     "TrainError",
     "TrainOptions",
     "add_train_arguments",
@@ -62,6 +71,7 @@ CHECKPOINT_NAME = "checkpoint.npz"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_NAME = "train.lock"
 
 # Options that change the trained weights; a resumed run must repeat them.
 _RESULT_KEYS = (
@@ -74,6 +84,10 @@ _RESULT_KEYS = (
 
 class TrainError(ValueError):
   """A flag, store or output directory that training cannot work with."""
+
+
+class RunDirectoryError(ValueError):
+  """A file of the run directory (`config.json`) that is damaged or unreadable."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,9 +340,12 @@ def run_train(args: argparse.Namespace) -> int:
 
   Exit codes follow the `fedbeam` command's: 0 success; 1 the store is
   missing, damaged, has no usable split, or its data does not fit the model
-  (or has fewer clients than --clients-per-round); 2 bad usage: flag values,
-  an unknown model, or an --output that needs --resume/--overwrite or holds
-  a run with other settings. The reason goes to stderr as
+  (or has fewer clients than --clients-per-round), a client file cannot be
+  read during training (the message names the client and the store), or
+  the checkpoint or config.json to resume from is damaged; 2 bad usage: flag
+  values, an unknown model, or an --output that needs --resume/--overwrite,
+  holds a run with other settings or of another store, or is in use by
+  another run. The reason goes to stderr, on one line, as
   `fedbeam train: error: ...`.
 
   Args:
@@ -350,6 +367,7 @@ def run_train(args: argparse.Namespace) -> int:
 
   register_worker_cleanup()
   from fedbeam.runtime import models as models_lib  # pylint: disable=g-import-not-at-top
+  from fedbeam.runtime import simulation  # pylint: disable=g-import-not-at-top
 
   try:
     spec = models_lib.get_model(options.model)
@@ -364,9 +382,14 @@ def run_train(args: argparse.Namespace) -> int:
     outcome = run_training(train_data, test_data, spec, options)
   except TrainError as error:
     return fail(error, 2)
+  except simulation.ClientReadError as error:
+    hint = ("" if "fedbeam validate" in str(error)
+            else f"; `fedbeam validate {args.store}` checks every client file")
+    return fail(f"{error} (store {args.store}){hint}", 1)
   except ValueError as error:
     # Raised before the first round: data that does not fit the model, too
-    # few clients.
+    # few clients, a damaged checkpoint (CheckpointError) or config.json
+    # (RunDirectoryError).
     return fail(error, 1)
   if outcome.final is not None:
     print(outcome.summary_line(), file=sys.stderr)
@@ -435,8 +458,117 @@ def _write_atomically(path: str, text: str) -> None:
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
-def _prepare_output(options: TrainOptions, has_test: bool) -> bool:
-  """Checks and prepares the output directory; True when resuming."""
+def _store_identity(data: Optional["tff.simulation.datasets.ClientData"]
+                    ) -> Optional[dict[str, Any]]:
+  """What identifies the store `data` was loaded from; None if it is no store.
+
+  The data directory changes with every prepare job that writes the store
+  and the metadata digest with its content (counts, spec, parameters); the
+  path is recorded for messages only, so a store that was moved or copied
+  whole is still the same store.
+  """
+  from fedbeam.runtime.client_data import StoreClientData  # pylint: disable=g-import-not-at-top
+
+  if not isinstance(data, StoreClientData):
+    return None
+  metadata = data.metadata
+  digest = hashlib.sha256(json.dumps(
+      metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+  return {"path": data.root, "data_dir": metadata.get("data_dir"),
+          "metadata_sha256": digest, "splits": list(data.splits)}
+
+
+def _same_store(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> bool:
+  def key(identity):
+    return None if identity is None else {k: v for k, v in identity.items() if k != "path"}
+
+  return key(a) == key(b)
+
+
+def _describe_store(identity: Optional[dict[str, Any]]) -> str:
+  if identity is None:
+    return "a ClientData that is not a store"
+  return (f"store {identity.get('path')} (data dir {identity.get('data_dir')}, metadata "
+          f"sha256 {str(identity.get('metadata_sha256'))[:16]}, splits "
+          f"{identity.get('splits')})")
+
+
+def _check_same_stores(recorded: dict[str, Any], wanted: dict[str, Any],
+                       where: str) -> Optional[str]:
+  """What differs between two `{'train': identity, 'test': identity}`; None if nothing."""
+  differing = [
+      f"{role} data: the run used {_describe_store(recorded.get(role))}, this is "
+      f"{_describe_store(wanted.get(role))}"
+      for role in ("train", "test") if not _same_store(recorded.get(role), wanted.get(role))
+  ]
+  return f"{where} ({'; '.join(differing)})" if differing else None
+
+
+@contextlib.contextmanager
+def _locked_run_directory(output: str):
+  """Holds `OUTPUT/train.lock` (an exclusive `fcntl.flock`) for the block.
+
+  The kernel drops the lock when its holder exits, however it exits, so a
+  lock file left by a killed run never blocks the next one. The file names
+  its holder (pid, host, start time) for the message of a run refused
+  because of it. Object stores (`gs://...`) offer no lock: runs there are
+  not locked (a warning says so).
+
+  Raises:
+    TrainError: Another process holds the lock.
+  """
+  if "://" in output:
+    logger.warning("%s is not on a local file system: it cannot be locked, so make "
+                   "sure no other run uses it", output)
+    yield
+    return
+  os.makedirs(output, exist_ok=True)
+  path = os.path.join(output, LOCK_NAME)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+      os.close(fd)
+      try:
+        owner = json.loads(holder)
+        holder = (f"pid {owner['pid']} on host {owner['host']}, started "
+                  f"{owner['started']}")
+      except (ValueError, KeyError, TypeError):
+        holder = "holder unknown"
+      raise TrainError(
+          f"{output} is in use by another fedbeam train ({holder}; lock {path}); wait "
+          "for it to finish or use another --output") from None
+    try:
+      same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same_file = False
+    if same_file:
+      break
+    # The previous holder removed the file between our open and our lock:
+    # this lock is on a file no one else will see; take the new one.
+    os.close(fd)
+  try:
+    owner = {"pid": os.getpid(), "host": socket.gethostname(),
+             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(owner) + "\n").encode("utf-8"), 0)
+    yield
+  finally:
+    # Removed while still locked, so no other run locks this file after it.
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(path)
+    os.close(fd)
+
+
+def _prepare_output(options: TrainOptions, has_test: bool,
+                    stores: dict[str, Any]) -> bool:
+  """Checks and prepares the output directory; True when resuming.
+
+  `stores` is `{'train': identity, 'test': identity}` (`_store_identity`),
+  recorded in config.json and compared on `--resume`.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   output = options.output
@@ -456,16 +588,34 @@ def _prepare_output(options: TrainOptions, has_test: bool) -> bool:
         "--resume to continue it or --overwrite to start over"
     )
   tf.io.gfile.makedirs(output)
-  wanted = dict(options.result_config(), has_test_split=has_test)
+  wanted = dict(options.result_config(), has_test_split=has_test, stores=stores)
   if has_checkpoint:
     try:
       recorded = _read_json(config_path)
-    except (tf.errors.NotFoundError, json.JSONDecodeError) as error:
+    except tf.errors.NotFoundError:
       raise TrainError(
-          f"{output} has a checkpoint but no readable {CONFIG_NAME}: {error}"
-      ) from error
+          f"{output} has a checkpoint but no {CONFIG_NAME}; use --overwrite to start over"
+      ) from None
+    except (tf.errors.OpError, ValueError) as error:
+      # ValueError: JSONDecodeError, UnicodeDecodeError.
+      raise RunDirectoryError(
+          f"{config_path} is damaged ({error}); use --overwrite to start over"
+      ) from None
+    if not isinstance(recorded, dict):
+      raise RunDirectoryError(
+          f"{config_path} is damaged (not a JSON object); use --overwrite to start over")
+    if "stores" in recorded:
+      mismatch = _check_same_stores(
+          recorded["stores"] or {}, stores,
+          f"--resume against another store than the run in {output} was trained on")
+      if mismatch:
+        raise TrainError(f"{mismatch}; pass the run's store or use another --output")
+    else:
+      logger.warning("%s records no store (written by an older fedbeam): cannot check "
+                     "that this is the run's store", config_path)
     differing = sorted(
-        k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k)
+        k for k in (set(recorded) | set(wanted)) - {"stores"}
+        if recorded.get(k) != wanted.get(k)
     )
     if differing:
       details = ", ".join(
@@ -520,10 +670,53 @@ def run_training(
 
   Raises:
     TrainError: If the output directory holds another run (without
-      `--resume`/`--overwrite`) or a run with different settings.
+      `--resume`/`--overwrite`), a run with different settings or of
+      another store, or is in use by another run (`train.lock`).
+    fedbeam.runtime.simulation.CheckpointError: (a ValueError) If the
+      checkpoint to resume from is damaged or belongs to another run;
+      nothing has been trained or written then.
+    RunDirectoryError: If config.json is damaged.
+    fedbeam.runtime.simulation.ClientReadError: If a client's data cannot
+      be read during training or evaluation (names the client).
     ValueError: If the data does not fit the model or there are too few
       clients.
   """
+  # The lock is taken before anything in the directory is read or removed.
+  with _locked_run_directory(options.output):
+    return _train_in_locked_directory(train_data, test_data, spec, options)
+
+
+def _check_checkpoint_belongs(path: str, metadata: dict[str, Any],
+                              options: TrainOptions, stores: dict[str, Any]) -> None:
+  """Refuses a checkpoint whose own record of settings or stores is not config.json's.
+
+  config.json is written when a run starts and the checkpoint after every
+  round: a checkpoint copied in from another run directory disagrees.
+  """
+  from fedbeam.runtime import simulation  # pylint: disable=g-import-not-at-top
+
+  if metadata.get("seed") != options.seed:
+    raise TrainError(
+        f"checkpoint seed {metadata.get('seed')!r} differs from --seed {options.seed}")
+  if "config" in metadata and metadata["config"] != options.result_config():
+    raise simulation.CheckpointError(
+        f"checkpoint {path} was written with other settings than {CONFIG_NAME} records; "
+        "it belongs to another run (use --overwrite to start over)")
+  if "stores" in metadata:
+    mismatch = _check_same_stores(
+        metadata["stores"] or {}, stores,
+        f"checkpoint {path} was written for another store than {CONFIG_NAME} records")
+    if mismatch:
+      raise simulation.CheckpointError(f"{mismatch}; use --overwrite to start over")
+
+
+def _train_in_locked_directory(
+    train_data: "tff.simulation.datasets.ClientData",
+    test_data: Optional["tff.simulation.datasets.ClientData"],
+    spec: "models_lib.ModelSpec",
+    options: TrainOptions,
+) -> TrainingOutcome:
+  """`run_training`'s work, while it holds the run directory's lock."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -532,7 +725,8 @@ def run_training(
   from fedbeam.runtime.tff_worker import register_worker_cleanup  # pylint: disable=g-import-not-at-top
 
   register_worker_cleanup()
-  resuming = _prepare_output(options, has_test=test_data is not None)
+  stores = {"train": _store_identity(train_data), "test": _store_identity(test_data)}
+  resuming = _prepare_output(options, has_test=test_data is not None, stores=stores)
   client_optimizer, server_optimizer = _build_optimizers(options)
   weighting = (tff.learning.ClientWeighting.UNIFORM
                if options.client_weighting == "uniform"
@@ -557,12 +751,10 @@ def run_training(
   checkpoint_path = os.path.join(options.output, CHECKPOINT_NAME)
   metrics_path = os.path.join(options.output, METRICS_NAME)
   if resuming:
+    # Read and checked whole before the loop takes it: a damaged file
+    # raises CheckpointError and nothing is trained or written.
     state, metadata = simulation.load_state(checkpoint_path, loop.state)
-    if metadata.get("seed") != options.seed:
-      raise TrainError(
-          f"checkpoint seed {metadata.get('seed')!r} differs from --seed "
-          f"{options.seed}"
-      )
+    _check_checkpoint_belongs(checkpoint_path, metadata, options, stores)
     loop.set_state(state)
     logger.info("resuming %s after round %d", options.output, state.round_num)
   start_round = loop.state.round_num
@@ -623,6 +815,7 @@ def run_training(
             # (seed, round), so these two numbers are all of it.
             "rng": {"seed": options.seed, "next_round": result.round_num + 1},
             "config": options.result_config(),
+            "stores": stores,
             "saved_at": time.time(),
         },
     )
