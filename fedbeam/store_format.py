@@ -668,7 +668,7 @@ def _read_remote_file(path: str, max_bytes: Optional[int], what: str) -> bytes:
       raise StoreFormatError(f"{what} {path} is not a regular file (directory)")
     _check_size(info.length, max_bytes, what, path)
     with tf.io.gfile.GFile(path, "rb") as f:
-      data = f.read()
+      data = f.read(info.length + 1)
   except tf.errors.NotFoundError:
     raise MissingStoreFileError(f"{what} {path} is missing") from None
   except tf.errors.OpError as e:
@@ -716,8 +716,7 @@ def read_metadata(root: str) -> dict[str, Any]:
   try:
     data = read_store_file(root, path, MAX_METADATA_BYTES, "metadata")
   except MissingStoreFileError:
-    fs = file_ops(root)
-    if fs.isdir(root) and any(n.startswith(DATA_DIR_PREFIX) for n in fs.listdir(root)):
+    if _holds_data_dirs(root):
       raise StoreFormatError(
           f"{root} is not a committed fedbeam store: a write into it did not finish "
           f"({METADATA_FILE} is missing); rerun the job") from None
@@ -742,6 +741,16 @@ def read_metadata(root: str) -> dict[str, Any]:
     raise StoreFormatError(f"{path}: data_dir {data_dir!r} is not a data directory of the store")
   _check_metadata_values(metadata, path)
   return metadata
+
+
+def _holds_data_dirs(root: str) -> bool:
+  """Whether `root` is a directory holding data-* directories (False if it cannot be listed)."""
+  fs = file_ops(root)
+  try:
+    return fs.isdir(root) and any(n.startswith(DATA_DIR_PREFIX) for n in fs.listdir(root))
+  except Exception:  # pylint: disable=broad-except
+    # OSError locally, tf.errors.OpError remotely: either way no store is there to read.
+    return False
 
 
 def _check_metadata_values(metadata: Mapping[str, Any], path: str) -> None:
@@ -913,9 +922,10 @@ class CorruptRecordError(ValueError):
 def read_tfrecords(f) -> Iterable[bytes]:
   """Yields the records of a TFRecord stream (a binary file object), checking every CRC.
 
-  A record's length is bounded by what is left in `f` before it is read (when
-  `f` can seek; otherwise it is read in pieces, so memory follows the bytes
-  really there), never trusted to allocate.
+  A record's length is checked against what is left in `f` before it is read
+  when `f`'s size is known (an in-memory buffer, a regular file); otherwise it
+  is read in pieces, so memory follows the bytes really there. A forged length
+  never allocates.
 
   Raises:
     CorruptRecordError: truncated data, a length beyond the end of the file,
@@ -952,17 +962,21 @@ _READ_PIECE = 64 * 2**20
 
 
 def _stream_end(f) -> Optional[int]:
-  """The size of a seekable stream (its position kept), or None."""
-  try:
-    if not f.seekable():
-      return None
-    here = f.tell()
-    f.seek(0, io.SEEK_END)
-    end = f.tell()
-    f.seek(here)
-    return end
-  except (AttributeError, OSError, ValueError):
+  """The size of `f` if it costs nothing to know (a BytesIO, a regular file), else None.
+
+  Not by seeking to the end: on Beam's compressed files that decompresses the
+  whole file.
+  """
+  if isinstance(f, io.BytesIO):
+    return f.getbuffer().nbytes
+  if not isinstance(f, (io.BufferedReader, io.FileIO)):
+    # A wrapper's fileno (gzip.GzipFile's, say) may be a file of another size.
     return None
+  try:
+    info = os.fstat(f.fileno())
+  except (OSError, ValueError):  # io.UnsupportedOperation is both
+    return None
+  return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def _read_at_most(f, length: int) -> bytes:
@@ -993,7 +1007,8 @@ __all__ = [
     "client_relative_path_tf", "default_num_shards", "encode_example", "encode_examples",
     "features_field_header",
     "make_record_parser", "make_batch_parser", "records_to_elements", "read_metadata",
-    "read_manifest", "checksum", "MissingStoreFileError", "read_store_file", "file_kind",
-    "remote_error_line", "check_split_name", "check_manifest_row", "parse_manifest_file",
-    "manifest_path", "read_tfrecords", "CorruptRecordError", "manifest_sync_marker", "manifest_file_name",
+    "read_manifest", "checksum", "manifest_sync_marker", "manifest_file_name",
+    "MissingStoreFileError", "read_store_file", "file_kind", "remote_error_line",
+    "check_split_name", "check_manifest_row", "parse_manifest_file", "manifest_path",
+    "read_tfrecords", "CorruptRecordError",
 ]

@@ -7,6 +7,7 @@ crash or hang fails the test instead of pytest. docs/reliability.md lists
 each case with its test.
 """
 
+import gzip
 import json
 import os
 import shutil
@@ -244,7 +245,7 @@ def test_negative_manifest_counts_are_refused(store):
     list(sf.read_manifest(store, sf.read_metadata(store)))
 
 
-def test_forged_tfrecord_length_is_bounded_by_the_file(store):
+def test_forged_tfrecord_length_is_bounded_by_the_file(store, tmp_path):
   path = fbt.client_file(store, "c3")
   with open(path, "rb") as f:
     data = f.read()
@@ -261,6 +262,16 @@ def test_forged_tfrecord_length_is_bounded_by_the_file(store):
       list(sf.read_tfrecords(f))
   report = validate_store(store)
   assert any(f"its length {2**40} does not fit" in p for p in report.problems)
+  # A stream of unknown size (gzip here) is read in pieces up to its end.
+  with gzip.open(tmp_path / "forged.gz", "wb") as f:
+    f.write(forged)
+  with gzip.open(tmp_path / "forged.gz", "rb") as f:
+    with pytest.raises(sf.CorruptRecordError, match="^record 0: truncated data$"):
+      list(sf.read_tfrecords(f))
+  with gzip.open(tmp_path / "sound.gz", "wb") as f:
+    f.write(data)
+  with gzip.open(tmp_path / "sound.gz", "rb") as f:
+    assert len(list(sf.read_tfrecords(f))) == 4
 
 
 # ---------------------------------------------------------------------------
