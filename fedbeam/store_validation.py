@@ -50,6 +50,8 @@ class ValidationReport:
   num_examples: int = 0
   num_files_checked: int = 0
   deep: bool = False
+  # What --deep saw that bytes cannot prove wrong (they do not change `ok`).
+  notes: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def ok(self) -> bool:
@@ -74,8 +76,58 @@ _WIRE_KIND = {"bytes": "bytes_list", "float": "float_list", "int64": "int64_list
               "bits64": "int64_list"}
 
 
-def _check_record(data: bytes, spec: ElementSpec) -> Optional[str]:
-  """Why a record does not match the spec, or None."""
+class _SpecEvidence:
+  """What a store's records say about dtypes and shapes their bytes cannot prove.
+
+  An int64 feature relabelled float64 in the metadata, or a `[]` shape
+  relabelled `[null]`, reads the very same bytes, so no record is wrong. What
+  is left are patterns such edits leave: float64 values that are all
+  subnormal (small integers read as float64 bits), a variable-length feature
+  that holds the same number of values in every record. They become notes.
+  """
+
+  def __init__(self, spec: ElementSpec):
+    # float64 feature -> [nonzero subnormal values, other nonzero values]
+    self._float64 = {f.name: [0, 0] for f in spec.features if f.dtype == "float64"}
+    # variable-length feature -> distinct value counts seen (at most 2 kept)
+    self._counts = {f.name: set() for f in spec.features if f.is_variable_length}
+    self._spec = spec
+    self._records = 0
+
+  def add_record(self) -> None:
+    self._records += 1
+
+  def observe(self, f: FeatureSpec, values) -> None:
+    if f.name in self._float64 and len(values):
+      x = np.asarray(values, np.int64).view(np.float64)
+      small = np.abs(x) < np.finfo(np.float64).tiny
+      seen = self._float64[f.name]
+      seen[0] += int(np.count_nonzero(small & (x != 0)))
+      seen[1] += int(np.count_nonzero(~small))
+    counts = self._counts.get(f.name)
+    if counts is not None and len(counts) < 2:
+      counts.add(len(values))
+
+  def notes(self) -> list[str]:
+    out = []
+    for name, (subnormal, other) in self._float64.items():
+      if subnormal and not other:
+        out.append(f"feature {name!r} (float64): all {subnormal} nonzero values are subnormal "
+                   "(below 2.2e-308), as integers stored as int64 and read as float64 are; "
+                   "check that the metadata's dtype is the one the store was written with")
+    for name, counts in self._counts.items():
+      if len(counts) == 1 and self._records > 1:
+        shape = list(self._spec[name].shape)
+        n = next(iter(counts))
+        out.append(f"feature {name!r} (shape {shape}): each of the {self._records} records holds "
+                   f"{n} value{'' if n == 1 else 's'}, as a fixed shape would; check that the "
+                   "metadata's shape is the one the store was written with")
+    return out
+
+
+def _check_record(data: bytes, spec: ElementSpec,
+                  evidence: Optional[_SpecEvidence] = None) -> Optional[str]:
+  """Why a record does not match the spec, or None; feeds `evidence` if given."""
   from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
   try:
     example = example_pb2.Example.FromString(data)
@@ -102,6 +154,10 @@ def _check_record(data: bytes, spec: ElementSpec) -> Optional[str]:
     problem = _check_values(f, values)
     if problem:
       return problem
+    if evidence is not None:
+      evidence.observe(f, values)
+  if evidence is not None:
+    evidence.add_record()
   return None
 
 
@@ -198,6 +254,7 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
       for i in range(num_manifest))
   totals: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in split_names}
   seen: dict[str, str] = {}
+  evidence = _SpecEvidence(spec) if deep else None
 
   for i in range(num_manifest):
     rel = posixpath.join(data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
@@ -235,7 +292,7 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
       t[3] += 1 if row["num_examples"] == 0 else 0
       report.num_clients += 1
       report.num_examples += row["num_examples"]
-      _check_client_file(path, row, spec, deep, report)
+      _check_client_file(path, row, spec, evidence, report)
 
   for s in metadata["splits"]:
     got = totals.get(s["name"], [0, 0, 0, 0])
@@ -244,6 +301,8 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
         report.add(f"split {s['name']!r}: metadata says {field} = {s[field]}, the manifest adds "
                    f"up to {got[i]}")
 
+  if evidence is not None:
+    report.notes.extend(evidence.notes())
   present = _list_files(path, report)
   for stray in sorted(present - expected_files if present is not None else ()):
     report.add(f"stray file {stray}: not listed in the manifest or metadata")
@@ -258,8 +317,9 @@ def _read_manifest_file(root: str, path: str, report: ValidationReport) -> list[
     return []
 
 
-def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec, deep: bool,
-                       report: ValidationReport) -> None:
+def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec,
+                       evidence: Optional[_SpecEvidence], report: ValidationReport) -> None:
+  """Checks one client file; with `evidence` (--deep) every record against the spec."""
   cid, rel = row["client_id"], row["path"]
   where = f"client {cid!r} ({rel})"
   try:
@@ -279,8 +339,8 @@ def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec, deep: 
   count = 0
   try:
     for record in sf.read_tfrecords(io.BytesIO(data)):
-      if deep:
-        problem = _check_record(record, spec)
+      if evidence is not None:
+        problem = _check_record(record, spec, evidence)
         if problem:
           report.add(f"{where}: record {count}: {problem}")
           return

@@ -439,6 +439,32 @@ def test_deep_validate_catches_float32_relabelled_float16(store):
   assert "which is not a float16 value" in report.problems[0]
 
 
+def test_deep_validate_notes_int64_relabelled_float64(store, capsys):
+  # The bytes are those of a float64 feature too, so this is a note, not a problem.
+  _edit_metadata(store, lambda m: m["element_spec"][0].update(dtype="float64"))
+  from fedbeam import cli
+  assert cli.main(["validate", store, "--deep"]) == 0
+  out = capsys.readouterr().out
+  assert "  note: feature 'label' (float64): all 21 nonzero values are subnormal (below " \
+         "2.2e-308), as integers stored as int64 and read as float64 are" in out
+  assert out.rstrip().splitlines()[-1].startswith(f"OK {store}: ")
+  assert validate_store(store).notes == []  # only --deep reads values
+
+
+def test_deep_validate_notes_a_scalar_relabelled_variable_length(store):
+  _edit_metadata(store, lambda m: m["element_spec"][0].update(shape=[None]))
+  report = validate_store(store, deep=True)
+  assert report.ok
+  assert report.notes == [
+      "feature 'label' (shape [None]): each of the 21 records holds 1 value, as a fixed shape "
+      "would; check that the metadata's shape is the one the store was written with"]
+
+
+def test_deep_validate_has_no_notes_for_a_sound_store(clean_store):
+  report = validate_store(clean_store, deep=True)
+  assert report.ok and report.notes == []
+
+
 def test_deep_validate_catches_a_removed_feature(store):
   _edit_metadata(store, lambda m: m.update(element_spec=m["element_spec"][1:]))
   assert validate_store(store).ok
