@@ -686,13 +686,18 @@ def _json_depth(text: bytes) -> int:
   return int(np.cumsum(change).max(initial=0))
 
 
+@functools.lru_cache(maxsize=64)  # every manifest row names one of a store's few splits
+def _is_split_name(name: str) -> bool:
+  return bool(SPLIT_NAME_RE.fullmatch(name)) and name != MANIFEST_DIR
+
+
 def check_split_name(name: Any, where: str) -> str:
   """Returns `name` if it is a valid split name (SPLIT_NAME_RE, not 'manifest').
 
   Raises:
     StoreFormatError: naming `where` and the pattern.
   """
-  if not isinstance(name, str) or not SPLIT_NAME_RE.fullmatch(name) or name == MANIFEST_DIR:
+  if not isinstance(name, str) or not _is_split_name(name):
     raise StoreFormatError(
         f"{where}: split name {name!r} is not a split directory name (letters, digits, '_' "
         f"and '-', starting with a letter or digit, at most 64 characters, not {MANIFEST_DIR!r})")
@@ -824,12 +829,13 @@ def parse_manifest_file(data: bytes, path: str) -> list[dict[str, Any]]:
   return rows
 
 
-def check_manifest_row(row: Mapping[str, Any], spec: ElementSpec, where: str) -> None:
+def check_manifest_row(row: Mapping[str, Any], min_record_bytes: int, where: str) -> None:
   """Checks the values of one manifest row that fastavro's types do not bound.
 
   The client id must be storable, the split a valid name, the counts
   non-negative, and the file big enough for its examples: num_examples *
-  `spec.min_record_bytes()` <= num_bytes.
+  `min_record_bytes` (`ElementSpec.min_record_bytes()` of the store's spec)
+  <= num_bytes.
 
   Raises:
     StoreFormatError: naming `where` and the client.
@@ -843,11 +849,10 @@ def check_manifest_row(row: Mapping[str, Any], spec: ElementSpec, where: str) ->
   n, size = row["num_examples"], row["num_bytes"]
   if n < 0 or size < 0:
     raise StoreFormatError(f"{who}: num_examples {n} and num_bytes {size} must not be negative")
-  least = spec.min_record_bytes()
-  if n * least > size:
+  if n * min_record_bytes > size:
     raise StoreFormatError(
-        f"{who}: {n} examples of the element spec take at least {n * least} bytes, the "
-        f"manifest says the file has {size}")
+        f"{who}: {n} examples of the element spec take at least {n * min_record_bytes} bytes, "
+        f"the manifest says the file has {size}")
 
 
 def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
@@ -863,7 +868,7 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
       of bounds, naming the file (and the client).
   """
   count = metadata["manifest"]["num_files"]
-  spec = ElementSpec.from_metadata(metadata["element_spec"])
+  least = ElementSpec.from_metadata(metadata["element_spec"]).min_record_bytes()
   for i in range(count):
     path = manifest_path(root, metadata, i)
     try:
@@ -872,7 +877,7 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
       raise StoreFormatError(
           f"manifest file {path} is missing (metadata lists {count} files)") from None
     for row in parse_manifest_file(data, path):
-      check_manifest_row(row, spec, f"manifest file {path}")
+      check_manifest_row(row, least, f"manifest file {path}")
       yield row
 
 

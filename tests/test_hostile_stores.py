@@ -422,6 +422,15 @@ def test_zero_shards_is_a_finding_and_a_load_error(store, tmp_path):
     load_client_data(store)
 
 
+def test_an_unforeseen_error_is_a_problem_not_a_traceback(store, monkeypatch):
+  def fail(data):
+    raise RuntimeError("checksum failed\n\tin a way no check foresaw")
+  monkeypatch.setattr(sf, "checksum", fail)
+  report = validate_store(store)
+  assert report.problems == [
+      "validation stopped: RuntimeError: checksum failed in a way no check foresaw"]
+
+
 def test_deep_validate_catches_int64_relabelled_int8(store):
   _edit_metadata(store, lambda m: m["element_spec"][0].update(dtype="int8"))
   assert validate_store(store).ok  # the bytes are intact; only their reading changed
