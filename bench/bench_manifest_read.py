@@ -2,19 +2,21 @@
 
 Writes a store's metadata and one manifest file of N rows (the rows only; no
 client files, which these two functions never open) and times reading every
-row back, 3 runs, median. Run it with two checkouts' interpreters to compare
-(e.g. this branch against main, whose reader does not check Avro block
-framing, row bounds or file types):
+row back. With `--peer PATH`, another checkout's `fedbeam/store_format.py`
+(e.g. main's, whose reader checks no Avro block framing, row bounds or file
+types) is loaded beside this one and the two are timed in turn in one
+process, after TensorFlow is imported for both:
 
-    .venv/bin/python -m bench.bench_manifest_read --rows 100000
-    /path/to/main/.venv/bin/python bench/bench_manifest_read.py --rows 100000
+    .venv/bin/python -m bench.bench_manifest_read --rows 100000 \\
+        --peer /work/main/fedbeam/store_format.py
 
-Prints one JSON object: rows, seconds per run, median.
+Prints one JSON object: rows, seconds per run and median for each, ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -59,28 +61,48 @@ def write_manifest_store(root: str, rows: int) -> str:
   return root
 
 
-def time_manifest_read(root: str, runs: int = 3) -> list[float]:
-  """Seconds of `read_metadata` + reading every `read_manifest` row, per run."""
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    metadata = sf.read_metadata(root)
-    count = sum(1 for _ in sf.read_manifest(root, metadata))
-    times.append(time.perf_counter() - start)
-    assert count == metadata["splits"][0]["num_clients"], count
-  return times
+def time_manifest_read(store_format, root: str) -> float:
+  """Seconds of `read_metadata` + reading every `read_manifest` row with module `store_format`."""
+  start = time.perf_counter()
+  metadata = store_format.read_metadata(root)
+  count = sum(1 for _ in store_format.read_manifest(root, metadata))
+  seconds = time.perf_counter() - start
+  assert count == metadata["splits"][0]["num_clients"], count
+  return seconds
+
+
+def _load_peer(path: str):
+  spec = importlib.util.spec_from_file_location("peer_store_format", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--rows", type=int, default=100_000)
   p.add_argument("--runs", type=int, default=3)
+  p.add_argument("--peer", help="another checkout's fedbeam/store_format.py")
   args = p.parse_args(argv)
+  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+  # (main's reader imports TensorFlow; the loader always has it.)
+  modules = {"fedbeam": sf}
+  if args.peer:
+    modules["peer"] = _load_peer(args.peer)
+  times = {name: [] for name in modules}
   with tempfile.TemporaryDirectory() as tmp:
-    times = time_manifest_read(write_manifest_store(tmp, args.rows), args.runs)
-  print(json.dumps({"fedbeam": os.path.dirname(sf.__file__), "rows": args.rows,
-                    "seconds": [round(t, 3) for t in times],
-                    "median": round(statistics.median(times), 3)}))
+    root = write_manifest_store(tmp, args.rows)
+    for module in modules.values():
+      time_manifest_read(module, root)  # warm-up
+    for _ in range(args.runs):
+      for name, module in modules.items():
+        times[name].append(time_manifest_read(module, root))
+  out = {"rows": args.rows}
+  for name, ts in times.items():
+    out[name] = {"seconds": [round(t, 3) for t in ts], "median": round(statistics.median(ts), 3)}
+  if args.peer:
+    out["ratio"] = round(out["fedbeam"]["median"] / out["peer"]["median"], 2)
+  print(json.dumps(out))
   return 0
 
 

@@ -820,13 +820,29 @@ def parse_manifest_file(data: bytes, path: str) -> list[dict[str, Any]]:
   import fastavro  # pylint: disable=g-import-not-at-top
   try:
     count = avro_container.check_blocks(data, MIN_MANIFEST_ROW_BYTES)
-    rows = list(fastavro.reader(io.BytesIO(data), reader_schema=parsed_schema("manifest")))
+    reader = fastavro.reader(io.BytesIO(data))
+    # The file's own schema must be the manifest's, field for field, so every
+    # row has exactly its fields and types. (Decoding with reader_schema would
+    # check the same per row, at 2.5x the cost.)
+    if _fields(reader.writer_schema) != _fields(load_schema("manifest")):
+      raise StoreFormatError(f"manifest file {path} was not written with schemas/manifest.avsc "
+                             f"(its fields: {_fields(reader.writer_schema)})")
+    rows = list(reader)
+  except StoreFormatError:
+    raise
   except Exception as e:  # pylint: disable=broad-except
     raise StoreFormatError(f"manifest file {path} is damaged: {e}") from None
   if len(rows) != count:
     raise StoreFormatError(f"manifest file {path} is damaged: its blocks hold {count} rows, "
                            f"{len(rows)} were decoded")
   return rows
+
+
+def _fields(schema: Any) -> list:
+  """[(name, type)] of a record schema's fields; [] for anything else."""
+  if not isinstance(schema, dict) or not isinstance(schema.get("fields"), list):
+    return []
+  return [(f.get("name"), f.get("type")) for f in schema["fields"] if isinstance(f, dict)]
 
 
 def check_manifest_row(row: Mapping[str, Any], min_record_bytes: int, where: str) -> None:
@@ -855,12 +871,32 @@ def check_manifest_row(row: Mapping[str, Any], min_record_bytes: int, where: str
         f"the manifest says the file has {size}")
 
 
+def check_manifest_rows(rows: list[Mapping[str, Any]], min_record_bytes: int, where: str) -> None:
+  """`check_manifest_row` for every row, at a fraction of its cost per row.
+
+  One pass over the rows finds the first that breaks a bound (each split
+  name is checked once); that row goes through `check_manifest_row` for the
+  message.
+
+  Raises:
+    StoreFormatError: as `check_manifest_row`, for the first row at fault.
+  """
+  bad_splits = {r["split"] for r in rows if not isinstance(r["split"], str) or not
+                _is_split_name(r["split"])}
+  bad = next((r for r in rows
+              if not isinstance(r["client_id"], str) or not r["client_id"]
+              or r["split"] in bad_splits or r["num_examples"] < 0 or r["num_bytes"] < 0
+              or r["num_examples"] * min_record_bytes > r["num_bytes"]), None)
+  if bad is not None:
+    check_manifest_row(bad, min_record_bytes, where)
+
+
 def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
   """Yields every manifest row of the store (all splits), file by file.
 
   Each file is read whole (at most MAX_MANIFEST_FILE_BYTES, regular files
   only; see `read_store_file`), its Avro framing checked, and every row
-  checked with `check_manifest_row`. `metadata` is what `read_metadata`
+  checked with `check_manifest_rows`. `metadata` is what `read_metadata`
   returned.
 
   Raises:
@@ -876,9 +912,9 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
     except MissingStoreFileError:
       raise StoreFormatError(
           f"manifest file {path} is missing (metadata lists {count} files)") from None
-    for row in parse_manifest_file(data, path):
-      check_manifest_row(row, least, f"manifest file {path}")
-      yield row
+    rows = parse_manifest_file(data, path)
+    check_manifest_rows(rows, least, f"manifest file {path}")
+    yield from rows
 
 
 # --------------------------------------------------------------------------
@@ -1014,6 +1050,7 @@ __all__ = [
     "make_record_parser", "make_batch_parser", "records_to_elements", "read_metadata",
     "read_manifest", "checksum", "manifest_sync_marker", "manifest_file_name",
     "MissingStoreFileError", "read_store_file", "file_kind", "remote_error_line",
-    "check_split_name", "check_manifest_row", "parse_manifest_file", "manifest_path",
+    "check_split_name", "check_manifest_row", "check_manifest_rows", "parse_manifest_file",
+    "manifest_path",
     "read_tfrecords", "CorruptRecordError",
 ]

@@ -245,6 +245,24 @@ def test_negative_manifest_counts_are_refused(store):
     list(sf.read_manifest(store, sf.read_metadata(store)))
 
 
+def test_manifest_with_another_schema_is_refused(store):
+  # A string num_examples would reach the loader's arithmetic as text.
+  schema = sf.load_schema("manifest")
+  for field in schema["fields"]:
+    if field["name"] == "num_examples":
+      field["type"] = "string"
+  path = _manifest_file(store)
+  with open(path, "rb") as f:
+    rows = list(fastavro.reader(f))
+  for row in rows:
+    row["num_examples"] = "many"
+  with open(path, "wb") as f:
+    fastavro.writer(f, fastavro.parse_schema(schema), rows)
+  with pytest.raises(sf.StoreFormatError, match=f"manifest file {path} was not written with "
+                                                "schemas/manifest.avsc"):
+    list(sf.read_manifest(store, sf.read_metadata(store)))
+
+
 def test_forged_tfrecord_length_is_bounded_by_the_file(store, tmp_path):
   path = fbt.client_file(store, "c3")
   with open(path, "rb") as f:
