@@ -124,6 +124,8 @@ def _run_inspect(args) -> int:
 def _run_validate(args) -> int:
   from fedbeam.store_validation import validate_store  # pylint: disable=g-import-not-at-top
   report = validate_store(args.store, deep=args.deep)
+  for note in report.notes:
+    print(f"  note: {note}")
   if report.ok:
     print(report.summary())
     return 0

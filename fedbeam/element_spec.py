@@ -24,6 +24,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+# Bounds on a spec read from a store (docs/store-format.md, "Limits"): a
+# forged shape such as [1000000000] would otherwise make the reader allocate
+# gigabytes per example and crash. A tf.train.Example is a protobuf message,
+# at most 2 GiB, and a value takes at least one byte, so no store can hold
+# more values per example than this anyway.
+MAX_VALUES_PER_EXAMPLE = 2**28
+MAX_RANK = 32
+
 # dtype name -> how it is stored in a tf.train.Example.
 #   bytes:  bytes_list
 #   float:  float_list (exact for float16 and float32)
@@ -45,6 +53,13 @@ ENCODINGS: Mapping[str, str] = {
     "uint32": "int64",
     "uint64": "bits64",
 }
+
+
+# The fewest bytes one value of each encoding takes in a serialized Example:
+# packed floats 4, varints 1, a bytes value its tag and length byte.
+_MIN_VALUE_BYTES = {"bytes": 2, "float": 4, "int64": 1, "bits64": 1}
+# The fewest bytes of a TFRecord besides its data: length, its CRC, data CRC.
+_TFRECORD_FRAMING_BYTES = 16
 
 
 class ElementSpecError(ValueError):
@@ -171,6 +186,38 @@ class ElementSpec:
   @classmethod
   def from_metadata(cls, rows: Sequence[Mapping[str, Any]]) -> "ElementSpec":
     return cls(tuple(FeatureSpec(r["name"], r["dtype"], tuple(r["shape"])) for r in rows))
+
+  def check_size_limits(self, source: str = "element spec") -> None:
+    """Checks the spec against MAX_RANK and MAX_VALUES_PER_EXAMPLE.
+
+    The values of an example are those of every fixed-shape feature plus one
+    step (the product of the inner dimensions) of each variable-length one.
+
+    Raises:
+      ElementSpecError: naming `source` and the feature that crosses a limit.
+    """
+    total = 0
+    for f in self.features:
+      if len(f.shape) > MAX_RANK:
+        raise ElementSpecError(f"{source}: feature {f.name!r} has rank {len(f.shape)}; "
+                               f"fedbeam reads at most rank {MAX_RANK}")
+      total += f.inner_size
+      if total > MAX_VALUES_PER_EXAMPLE:
+        raise ElementSpecError(
+            f"{source}: feature {f.name!r} (shape {list(f.shape)}) brings an example to "
+            f"{total} values; fedbeam reads at most {MAX_VALUES_PER_EXAMPLE} per example")
+
+  def min_record_bytes(self) -> int:
+    """The fewest bytes one example of this spec takes as a TFRecord in a client file.
+
+    A lower bound: the TFRecord framing and every fixed-shape feature's values
+    at their smallest encoding (variable-length features may hold nothing;
+    names and protobuf framing are not counted). A client file of n examples
+    has at least n times this many bytes.
+    """
+    return _TFRECORD_FRAMING_BYTES + sum(
+        f.inner_size * _MIN_VALUE_BYTES[f.encoding]
+        for f in self.features if not f.is_variable_length)
 
   def to_tensor_specs(self) -> "collections.OrderedDict[str, Any]":
     """The `tf.TensorSpec`s of a loaded element, as TFF's SQL client data builds them."""

@@ -22,15 +22,20 @@ from __future__ import annotations
 
 import base64
 import collections
+import errno
 import functools
+import io
 import json
 import os
 import posixpath
+import re
+import stat
 import struct
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
+from fedbeam import avro_container
 from fedbeam import example_wire
 from fedbeam.element_spec import ElementSpec, ElementSpecError, FeatureSpec, numpy_dtype
 from fedbeam.fingerprint import fingerprint64, hash_bucket
@@ -54,11 +59,28 @@ LONG_ID_PREFIX_BYTES = 96
 MAX_FILES_PER_DIRECTORY = 10_000
 TARGET_FILES_PER_SHARD = 4_096
 
+# Limits on what is read from a store (docs/store-format.md, "Limits"). Every
+# size, count and name in a store is checked against them, and against the
+# bytes really there, before anything is allocated or followed.
+MAX_METADATA_BYTES = 16 * 2**20
+MAX_JSON_DEPTH = 32
+MAX_MANIFEST_FILES = 100_000
+MAX_MANIFEST_FILE_BYTES = 2**30
+# A manifest row has 8 fields of at least one byte each.
+MIN_MANIFEST_ROW_BYTES = 8
+# Split directory names: what the writer makes ("all", "train", "test") and
+# names like them; never ".", "..", a path, or the manifest directory.
+SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
 _SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
 
 
 class StoreFormatError(ValueError):
   """A path that holds no readable fedbeam store, or a store fedbeam cannot read."""
+
+
+class MissingStoreFileError(StoreFormatError):
+  """A file the store needs is not there."""
 
 
 class InvalidClientIdError(ValueError):
@@ -574,25 +596,143 @@ def file_ops(path: str) -> FileOps:
                  lambda d: os.makedirs(d, exist_ok=True), open)
 
 
+def read_store_file(root: str, path: str, max_bytes: Optional[int], what: str) -> bytes:
+  """The bytes of `path`, a regular file inside the store at `root`.
+
+  On local disks the file is opened with O_NOFOLLOW and O_NONBLOCK and checked
+  with fstat before a byte is read, so a symbolic link, FIFO, device or
+  directory is refused instead of followed or waited on, and its real
+  directory must lie inside the real `root`. On other filesystems (gs://)
+  its size comes from tf.io.gfile.stat. `max_bytes` (None: no limit) bounds
+  what is read.
+
+  Raises:
+    MissingStoreFileError: `path` does not exist.
+    StoreFormatError: any other reason not to read it, naming `what` and
+      `path` (on one line, also for a remote filesystem's error).
+  """
+  if "://" in path:
+    return _read_remote_file(path, max_bytes, what)
+  inside = os.path.realpath(root)
+  if os.path.commonpath([inside, os.path.realpath(os.path.dirname(path))]) != inside:
+    raise StoreFormatError(f"{what} {path} is outside the store {root} (through a symbolic link)")
+  flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+  try:
+    fd = os.open(path, flags)
+  except (FileNotFoundError, NotADirectoryError):
+    raise MissingStoreFileError(f"{what} {path} is missing") from None
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise StoreFormatError(f"{what} {path} is a symbolic link; a store holds only regular "
+                             "files") from None
+    raise StoreFormatError(f"cannot read {what} {path}: {e.strerror}") from None
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      raise StoreFormatError(f"{what} {path} is not a regular file ({file_kind(info.st_mode)})")
+    _check_size(info.st_size, max_bytes, what, path)
+    with os.fdopen(os.dup(fd), "rb") as f:
+      data = f.read(info.st_size + 1)
+  except OSError as e:
+    raise StoreFormatError(f"cannot read {what} {path}: {e.strerror}") from None
+  finally:
+    os.close(fd)
+  _check_size(len(data), max_bytes, what, path)  # it may have grown since fstat
+  return data
+
+
+def file_kind(mode: int) -> str:
+  """'FIFO', 'directory', ... for a file that is not regular (from an lstat/fstat mode)."""
+  for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                     (stat.S_ISLNK, "symbolic link"), (stat.S_ISSOCK, "socket"),
+                     (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+    if test(mode):
+      return name
+  return "special file"
+
+
+def _check_size(size: int, max_bytes: Optional[int], what: str, path: str) -> None:
+  if max_bytes is not None and size > max_bytes:
+    raise StoreFormatError(f"{what} {path} has {size} bytes or more; fedbeam reads at most "
+                           f"{max_bytes}")
+
+
+def remote_error_line(error: Exception) -> str:
+  """A filesystem error (TensorFlow's OpError messages span lines) as one line."""
+  return " ".join(str(getattr(error, "message", error)).split())
+
+
+def _read_remote_file(path: str, max_bytes: Optional[int], what: str) -> bytes:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    info = tf.io.gfile.stat(path)
+    if info.is_directory:
+      raise StoreFormatError(f"{what} {path} is not a regular file (directory)")
+    _check_size(info.length, max_bytes, what, path)
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read(info.length + 1)
+  except tf.errors.NotFoundError:
+    raise MissingStoreFileError(f"{what} {path} is missing") from None
+  except tf.errors.OpError as e:
+    raise StoreFormatError(f"cannot read {what} {path}: {remote_error_line(e)}") from None
+  _check_size(len(data), max_bytes, what, path)
+  return data
+
+
+def _json_depth(text: bytes) -> int:
+  """How deeply the arrays and objects of a JSON text nest (brackets inside strings not counted)."""
+  unquoted = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", text)
+  steps = np.frombuffer(unquoted, np.uint8)
+  change = np.isin(steps, (ord("["), ord("{"))).astype(np.int64)
+  change -= np.isin(steps, (ord("]"), ord("}")))
+  return int(np.cumsum(change).max(initial=0))
+
+
+@functools.lru_cache(maxsize=64)  # every manifest row names one of a store's few splits
+def _is_split_name(name: str) -> bool:
+  return bool(SPLIT_NAME_RE.fullmatch(name)) and name != MANIFEST_DIR
+
+
+def check_split_name(name: Any, where: str) -> str:
+  """Returns `name` if it is a valid split name (SPLIT_NAME_RE, not 'manifest').
+
+  Raises:
+    StoreFormatError: naming `where` and the pattern.
+  """
+  if not isinstance(name, str) or not _is_split_name(name):
+    raise StoreFormatError(
+        f"{where}: split name {name!r} is not a split directory name (letters, digits, '_' "
+        f"and '-', starting with a letter or digit, at most 64 characters, not {MANIFEST_DIR!r})")
+  return name
+
+
 def read_metadata(root: str) -> dict[str, Any]:
   """Reads and checks `STORE/metadata.json`.
 
+  Beyond its schema, the document is bounded (MAX_METADATA_BYTES,
+  MAX_JSON_DEPTH) and its values must make sense: a supported dtype and a
+  shape within `ElementSpec.check_size_limits` for every feature, valid and
+  distinct split names, num_shards >= 1 and 1 <= manifest.num_files <=
+  min(MAX_MANIFEST_FILES, max(1, number of clients)).
+
   Raises:
-    StoreFormatError: no committed store at `root`, unreadable metadata, or a
-      format version this fedbeam cannot read.
+    StoreFormatError: no committed store at `root`, unreadable or malformed
+      metadata, or a format version this fedbeam cannot read.
   """
-  fs = file_ops(root)
   path = metadata_path(root)
-  if not fs.exists(path):
-    if fs.isdir(root) and any(n.startswith(DATA_DIR_PREFIX) for n in fs.listdir(root)):
+  try:
+    data = read_store_file(root, path, MAX_METADATA_BYTES, "metadata")
+  except MissingStoreFileError:
+    if _holds_data_dirs(root):
       raise StoreFormatError(
           f"{root} is not a committed fedbeam store: a write into it did not finish "
-          f"({METADATA_FILE} is missing); rerun the job")
-    raise StoreFormatError(f"{root} holds no committed fedbeam store ({path} not found)")
+          f"({METADATA_FILE} is missing); rerun the job") from None
+    raise StoreFormatError(f"{root} holds no committed fedbeam store ({path} not found)") from None
+  if _json_depth(data) > MAX_JSON_DEPTH:
+    raise StoreFormatError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
   try:
-    with fs.open(path, "rb") as f:
-      metadata = json.loads(f.read().decode("utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    metadata = json.loads(data.decode("utf-8"))
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
     raise StoreFormatError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(metadata, dict):
     raise StoreFormatError(f"{path}: expected a JSON object")
@@ -606,7 +746,42 @@ def read_metadata(root: str) -> dict[str, Any]:
   if (not data_dir.startswith(DATA_DIR_PREFIX) or "/" in data_dir or "\\" in data_dir
       or data_dir in (".", "..")):
     raise StoreFormatError(f"{path}: data_dir {data_dir!r} is not a data directory of the store")
+  _check_metadata_values(metadata, path)
   return metadata
+
+
+def _holds_data_dirs(root: str) -> bool:
+  """Whether `root` is a directory holding data-* directories (False if it cannot be listed)."""
+  fs = file_ops(root)
+  try:
+    return fs.isdir(root) and any(n.startswith(DATA_DIR_PREFIX) for n in fs.listdir(root))
+  except Exception:  # pylint: disable=broad-except
+    # OSError locally, tf.errors.OpError remotely: either way no store is there to read.
+    return False
+
+
+def _check_metadata_values(metadata: Mapping[str, Any], path: str) -> None:
+  """The bounds of `read_metadata` that the schema cannot express."""
+  try:
+    ElementSpec.from_metadata(metadata["element_spec"]).check_size_limits(f"{path}: element_spec")
+  except ElementSpecError as e:
+    raise StoreFormatError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+  names = [check_split_name(s["name"], path) for s in metadata["splits"]]
+  if len(set(names)) != len(names):
+    raise StoreFormatError(f"{path}: split names {names} are not distinct")
+  for s in metadata["splits"]:
+    for field in ("num_clients", "num_examples", "num_bytes", "num_empty_clients"):
+      if s[field] < 0:
+        raise StoreFormatError(f"{path}: split {s['name']!r}: {field} is {s[field]}")
+  if metadata["num_shards"] < 1:
+    raise StoreFormatError(f"{path}: num_shards is {metadata['num_shards']}; it must be at least 1")
+  num_clients = sum(s["num_clients"] for s in metadata["splits"])
+  num_files = metadata["manifest"]["num_files"]
+  most = min(MAX_MANIFEST_FILES, max(1, num_clients))
+  if not 1 <= num_files <= most:
+    raise StoreFormatError(
+        f"{path}: manifest.num_files is {num_files}; a store of {num_clients} clients has "
+        f"1 to {most} manifest files")
 
 
 def data_root(root: str, metadata: Mapping[str, Any]) -> str:
@@ -632,20 +807,116 @@ def manifest_sync_marker(job_key: str, index: int) -> bytes:
   return hashlib.sha256(f"fedbeam-manifest:{job_key}:{index}".encode("utf-8")).digest()[:16]
 
 
-def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
-  """Yields every manifest row of the store (all splits), file by file."""
-  import fastavro  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def manifest_path(root: str, metadata: Mapping[str, Any], index: int) -> str:
+  """The path of manifest file `index` of the store at `root`."""
   count = metadata["manifest"]["num_files"]
+  return join(root, metadata["data_dir"], MANIFEST_DIR, manifest_file_name(index, count))
+
+
+def parse_manifest_file(data: bytes, path: str) -> list[dict[str, Any]]:
+  """The rows of a manifest file's bytes, after `avro_container.check_blocks`.
+
+  Raises:
+    StoreFormatError: the file is not a readable manifest, naming `path`.
+  """
+  import fastavro  # pylint: disable=g-import-not-at-top
+  try:
+    count = avro_container.check_blocks(data, MIN_MANIFEST_ROW_BYTES)
+    reader = fastavro.reader(io.BytesIO(data))
+    # The file's own schema must be the manifest's, field for field, so every
+    # row has exactly its fields and types. (Decoding with reader_schema would
+    # check the same per row, at 2.5x the cost.)
+    if _fields(reader.writer_schema) != _fields(load_schema("manifest")):
+      raise StoreFormatError(f"manifest file {path} was not written with schemas/manifest.avsc "
+                             f"(its fields: {_fields(reader.writer_schema)})")
+    rows = list(reader)
+  except StoreFormatError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise StoreFormatError(f"manifest file {path} is damaged: {e}") from None
+  if len(rows) != count:
+    raise StoreFormatError(f"manifest file {path} is damaged: its blocks hold {count} rows, "
+                           f"{len(rows)} were decoded")
+  return rows
+
+
+def _fields(schema: Any) -> list:
+  """[(name, type)] of a record schema's fields; [] for anything else."""
+  if not isinstance(schema, dict) or not isinstance(schema.get("fields"), list):
+    return []
+  return [(f.get("name"), f.get("type")) for f in schema["fields"] if isinstance(f, dict)]
+
+
+def check_manifest_row(row: Mapping[str, Any], min_record_bytes: int, where: str) -> None:
+  """Checks the values of one manifest row that fastavro's types do not bound.
+
+  The client id must be storable, the split a valid name, the counts
+  non-negative, and the file big enough for its examples: num_examples *
+  `min_record_bytes` (`ElementSpec.min_record_bytes()` of the store's spec)
+  <= num_bytes.
+
+  Raises:
+    StoreFormatError: naming `where` and the client.
+  """
+  try:
+    cid = check_client_id(row["client_id"])
+  except InvalidClientIdError as e:
+    raise StoreFormatError(f"{where}: {e}") from None
+  who = f"{where}: client {cid!r}"
+  check_split_name(row["split"], who)
+  n, size = row["num_examples"], row["num_bytes"]
+  if n < 0 or size < 0:
+    raise StoreFormatError(f"{who}: num_examples {n} and num_bytes {size} must not be negative")
+  if n * min_record_bytes > size:
+    raise StoreFormatError(
+        f"{who}: {n} examples of the element spec take at least {n * min_record_bytes} bytes, "
+        f"the manifest says the file has {size}")
+
+
+def check_manifest_rows(rows: list[Mapping[str, Any]], min_record_bytes: int, where: str) -> None:
+  """`check_manifest_row` for every row, at a fraction of its cost per row.
+
+  One pass over the rows finds the first that breaks a bound (each split
+  name is checked once); that row goes through `check_manifest_row` for the
+  message.
+
+  Raises:
+    StoreFormatError: as `check_manifest_row`, for the first row at fault.
+  """
+  bad_splits = {r["split"] for r in rows if not isinstance(r["split"], str) or not
+                _is_split_name(r["split"])}
+  bad = next((r for r in rows
+              if not isinstance(r["client_id"], str) or not r["client_id"]
+              or r["split"] in bad_splits or r["num_examples"] < 0 or r["num_bytes"] < 0
+              or r["num_examples"] * min_record_bytes > r["num_bytes"]), None)
+  if bad is not None:
+    check_manifest_row(bad, min_record_bytes, where)
+
+
+def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
+  """Yields every manifest row of the store (all splits), file by file.
+
+  Each file is read whole (at most MAX_MANIFEST_FILE_BYTES, regular files
+  only; see `read_store_file`), its Avro framing checked, and every row
+  checked with `check_manifest_rows`. `metadata` is what `read_metadata`
+  returned.
+
+  Raises:
+    StoreFormatError: a manifest file is missing, damaged or holds a row out
+      of bounds, naming the file (and the client).
+  """
+  count = metadata["manifest"]["num_files"]
+  least = ElementSpec.from_metadata(metadata["element_spec"]).min_record_bytes()
   for i in range(count):
-    path = join(root, metadata["data_dir"], MANIFEST_DIR, manifest_file_name(i, count))
-    if not tf.io.gfile.exists(path):
-      raise StoreFormatError(f"manifest file {path} is missing (metadata lists {count} files)")
-    with tf.io.gfile.GFile(path, "rb") as f:
-      try:
-        yield from fastavro.reader(f)
-      except Exception as e:  # pylint: disable=broad-except
-        raise StoreFormatError(f"manifest file {path} is damaged: {e}") from None
+    path = manifest_path(root, metadata, i)
+    try:
+      data = read_store_file(root, path, MAX_MANIFEST_FILE_BYTES, "manifest file")
+    except MissingStoreFileError:
+      raise StoreFormatError(
+          f"manifest file {path} is missing (metadata lists {count} files)") from None
+    rows = parse_manifest_file(data, path)
+    check_manifest_rows(rows, least, f"manifest file {path}")
+    yield from rows
 
 
 # --------------------------------------------------------------------------
@@ -694,9 +965,16 @@ class CorruptRecordError(ValueError):
 def read_tfrecords(f) -> Iterable[bytes]:
   """Yields the records of a TFRecord stream (a binary file object), checking every CRC.
 
+  A record's length is checked against what is left in `f` before it is read
+  when `f`'s size is known (an in-memory buffer, a regular file); otherwise it
+  is read in pieces, so memory follows the bytes really there. A forged length
+  never allocates.
+
   Raises:
-    CorruptRecordError: truncated data or a CRC mismatch, with the record index.
+    CorruptRecordError: truncated data, a length beyond the end of the file,
+      or a CRC mismatch, with the record index.
   """
+  end = _stream_end(f)
   index = 0
   while True:
     header = f.read(12)
@@ -708,7 +986,10 @@ def read_tfrecords(f) -> Iterable[bytes]:
     if _masked_crc(header[:8]) != length_crc:
       raise CorruptRecordError(f"record {index}: length CRC mismatch (not a TFRecord file, or "
                                "damaged)")
-    data = f.read(length)
+    if end is not None and length + 4 > end - f.tell():
+      raise CorruptRecordError(f"record {index}: truncated data (its length {length} does not "
+                               f"fit in the {end - f.tell()} bytes left in the file)")
+    data = _read_at_most(f, length)
     footer = f.read(4)
     if len(data) < length or len(footer) < 4:
       raise CorruptRecordError(f"record {index}: truncated data")
@@ -716,6 +997,43 @@ def read_tfrecords(f) -> Iterable[bytes]:
       raise CorruptRecordError(f"record {index}: data CRC mismatch (damaged file)")
     yield data
     index += 1
+
+
+# Bytes read at a time for a record whose length cannot be checked against
+# the file's size.
+_READ_PIECE = 64 * 2**20
+
+
+def _stream_end(f) -> Optional[int]:
+  """The size of `f` if it costs nothing to know (a BytesIO, a regular file), else None.
+
+  Not by seeking to the end: on Beam's compressed files that decompresses the
+  whole file.
+  """
+  if isinstance(f, io.BytesIO):
+    return f.getbuffer().nbytes
+  if not isinstance(f, (io.BufferedReader, io.FileIO)):
+    # A wrapper's fileno (gzip.GzipFile's, say) may be a file of another size.
+    return None
+  try:
+    info = os.fstat(f.fileno())
+  except (OSError, ValueError):  # io.UnsupportedOperation is both
+    return None
+  return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def _read_at_most(f, length: int) -> bytes:
+  """Up to `length` bytes of `f`, read in pieces so a forged length allocates nothing."""
+  if length <= _READ_PIECE:
+    return f.read(length)
+  pieces = []
+  while length:
+    piece = f.read(min(length, _READ_PIECE))
+    if not piece:
+      break
+    pieces.append(piece)
+    length -= len(piece)
+  return b"".join(pieces)
 
 
 def checksum(data: bytes) -> int:
@@ -733,4 +1051,8 @@ __all__ = [
     "features_field_header",
     "make_record_parser", "make_batch_parser", "records_to_elements", "read_metadata",
     "read_manifest", "checksum", "manifest_sync_marker", "manifest_file_name",
+    "MissingStoreFileError", "read_store_file", "file_kind", "remote_error_line",
+    "check_split_name", "check_manifest_row", "check_manifest_rows", "parse_manifest_file",
+    "manifest_path",
+    "read_tfrecords", "CorruptRecordError",
 ]

@@ -10,18 +10,30 @@ Checks (every one reports the file and client at fault):
 - every client file exists with the manifest's size and CRC32C, its TFRecord
   framing and CRCs are intact and it holds `num_examples` records;
 - no stray file (temporary files, leftovers of an interrupted write);
+- only regular files and directories: a symbolic link or FIFO is listed,
+  never followed or opened (`store_format.read_store_file`);
 - with `deep`, every record is a tf.train.Example with exactly the element
-  spec's features, value types and value counts.
+  spec's features, value types and value counts, and values the spec's dtype
+  holds (an int8 feature's values in [-128, 127], a float16's exact in
+  float16), as the writer makes them; patterns that a relabelled dtype or
+  shape leaves but bytes cannot prove wrong become `notes` (`_SpecEvidence`).
+
+The metadata, manifest and row bounds are those of `store_format.read_metadata`
+and `read_manifest` (docs/store-format.md, "Limits").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import posixpath
-from typing import Any, Optional
+import stat
+from typing import Any, Callable, Optional
 
-from fedbeam.element_spec import ElementSpec
+import numpy as np
+
+from fedbeam.element_spec import ElementSpec, FeatureSpec
 from fedbeam import store_format as sf
 
 # Problems listed before the report stops collecting (the count stays exact).
@@ -39,6 +51,8 @@ class ValidationReport:
   num_examples: int = 0
   num_files_checked: int = 0
   deep: bool = False
+  # What --deep saw that bytes cannot prove wrong (they do not change `ok`).
+  notes: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def ok(self) -> bool:
@@ -63,8 +77,58 @@ _WIRE_KIND = {"bytes": "bytes_list", "float": "float_list", "int64": "int64_list
               "bits64": "int64_list"}
 
 
-def _check_record(data: bytes, spec: ElementSpec) -> Optional[str]:
-  """Why a record does not match the spec, or None."""
+class _SpecEvidence:
+  """What a store's records say about dtypes and shapes their bytes cannot prove.
+
+  An int64 feature relabelled float64 in the metadata, or a `[]` shape
+  relabelled `[null]`, reads the very same bytes, so no record is wrong. What
+  is left are patterns such edits leave: float64 values that are all
+  subnormal (small integers read as float64 bits), a variable-length feature
+  that holds the same number of values in every record. They become notes.
+  """
+
+  def __init__(self, spec: ElementSpec):
+    # float64 feature -> [nonzero subnormal values, other nonzero values]
+    self._float64 = {f.name: [0, 0] for f in spec.features if f.dtype == "float64"}
+    # variable-length feature -> distinct value counts seen (at most 2 kept)
+    self._counts = {f.name: set() for f in spec.features if f.is_variable_length}
+    self._spec = spec
+    self._records = 0
+
+  def add_record(self) -> None:
+    self._records += 1
+
+  def observe(self, f: FeatureSpec, values) -> None:
+    if f.name in self._float64 and len(values):
+      x = np.asarray(values, np.int64).view(np.float64)
+      small = np.abs(x) < np.finfo(np.float64).tiny
+      seen = self._float64[f.name]
+      seen[0] += int(np.count_nonzero(small & (x != 0)))
+      seen[1] += int(np.count_nonzero(~small))
+    counts = self._counts.get(f.name)
+    if counts is not None and len(counts) < 2:
+      counts.add(len(values))
+
+  def notes(self) -> list[str]:
+    out = []
+    for name, (subnormal, other) in self._float64.items():
+      if subnormal and not other:
+        out.append(f"feature {name!r} (float64): all {subnormal} nonzero values are subnormal "
+                   "(below 2.2e-308), as integers stored as int64 and read as float64 are; "
+                   "check that the metadata's dtype is the one the store was written with")
+    for name, counts in self._counts.items():
+      if len(counts) == 1 and self._records > 1:
+        shape = list(self._spec[name].shape)
+        n = next(iter(counts))
+        out.append(f"feature {name!r} (shape {shape}): each of the {self._records} records holds "
+                   f"{n} value{'' if n == 1 else 's'}, as a fixed shape would; check that the "
+                   "metadata's shape is the one the store was written with")
+    return out
+
+
+def _check_record(data: bytes, spec: ElementSpec,
+                  evidence: Optional[_SpecEvidence] = None) -> Optional[str]:
+  """Why a record does not match the spec, or None; feeds `evidence` if given."""
   from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
   try:
     example = example_pb2.Example.FromString(data)
@@ -80,37 +144,112 @@ def _check_record(data: bytes, spec: ElementSpec) -> Optional[str]:
     kind = fmap[f.name].WhichOneof("kind")
     if kind != _WIRE_KIND[f.encoding]:
       return f"feature {f.name!r} is a {kind}, the spec's {f.dtype} is stored as {_WIRE_KIND[f.encoding]}"
-    n = len(getattr(fmap[f.name], kind).value)
+    values = getattr(fmap[f.name], kind).value
+    n = len(values)
     if f.is_variable_length:
       ok = (n % f.inner_size == 0) if f.inner_size else n == 0
     else:
       ok = n == f.inner_size
     if not ok:
       return f"feature {f.name!r} has {n} values, which does not fit shape {list(f.shape)}"
+    problem = _check_values(f, values)
+    if problem:
+      return problem
+    if evidence is not None:
+      evidence.observe(f, values)
+  if evidence is not None:
+    evidence.add_record()
   return None
 
 
-def _list_files(root: str) -> set[str]:
-  """Every file under `root`, as '/'-separated paths relative to it."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def _check_values(f: FeatureSpec, values) -> Optional[str]:
+  """Why a feature's stored values cannot be values of its dtype, or None.
+
+  The writer range-checks integers for their dtype and stores float16 values
+  exactly, so a value outside them means the metadata's dtype is not the one
+  the store was written with (e.g. an int64 feature relabelled int8).
+  """
+  if not values:
+    return None
+  if f.encoding == "int64" and f.dtype != "int64":
+    info = np.iinfo(f.dtype) if f.dtype != "bool" else None
+    lo, hi = (0, 1) if info is None else (int(info.min), int(info.max))
+    bad = next((v for v in values if not lo <= v <= hi), None)
+    if bad is not None:
+      return (f"feature {f.name!r} holds {bad}, outside the range of its dtype {f.dtype} "
+              f"[{lo}, {hi}]")
+  elif f.dtype == "float16":
+    stored = np.asarray(values, np.float32)
+    exact = stored.astype(np.float16).astype(np.float32)
+    if not np.array_equal(exact, stored, equal_nan=True):
+      bad = stored[(exact != stored) & ~np.isnan(stored)][0]
+      return f"feature {f.name!r} holds {bad!r}, which is not a float16 value"
+  return None
+
+
+def _list_files(root: str, report: "ValidationReport",
+                skip_top: Callable[[str], bool] = lambda name: False) -> Optional[set[str]]:
+  """Every regular file under `root`, as '/'-separated paths relative to it.
+
+  On local disks symbolic links and special files (FIFOs, devices) are
+  reported, not followed or listed: a link to / would otherwise walk the
+  whole filesystem. Remote filesystems hold neither. Top-level directories
+  for which `skip_top(name)` holds are not walked (another job's data
+  directory, whose files come and go). None (and a problem in the report)
+  when a remote store cannot be listed.
+  """
+  base = root.rstrip("/") or "/"
+  if "://" in root:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      walk = list(tf.io.gfile.walk(base))
+    except tf.errors.OpError as e:
+      report.add(f"cannot list {root}: {sf.remote_error_line(e)}")
+      return None
+    return {rel for rel in (_relative(base, d, n) for d, _, names in walk for n in names)
+            if not ("/" in rel and skip_top(rel.split("/")[0]))}
   found = set()
-  base = root.rstrip("/")
-  for dirpath, _, filenames in tf.io.gfile.walk(base):
-    rel_dir = dirpath[len(base):].lstrip("/")
-    for name in filenames:
-      found.add(posixpath.join(rel_dir, name) if rel_dir else name)
+  for dirpath, dirnames, filenames in os.walk(
+      base, onerror=lambda e: report.add(f"cannot list {e.filename}: {e.strerror}")):
+    if dirpath == base:
+      dirnames[:] = [d for d in dirnames if not skip_top(d)]
+    for name in filenames + dirnames:
+      full = os.path.join(dirpath, name)
+      mode = os.lstat(full).st_mode
+      if stat.S_ISREG(mode):
+        found.add(_relative(base, dirpath, name))
+      elif not stat.S_ISDIR(mode):
+        target = f" -> {os.readlink(full)}" if stat.S_ISLNK(mode) else ""
+        report.add(f"{_relative(base, dirpath, name)}{target} is a {sf.file_kind(mode)}; a store "
+                   "holds only regular files and directories")
   return found
 
 
+def _relative(base: str, dirpath: str, name: str) -> str:
+  rel_dir = dirpath[len(base):].lstrip("/")
+  return posixpath.join(rel_dir, name) if rel_dir else name
+
+
 def validate_store(path: str, deep: bool = False) -> ValidationReport:
-  """Checks a store; never raises for a damaged store (problems are in the report)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Checks a store; never raises for a damaged store (problems are in the report).
+
+  An error no check foresaw is reported as a problem too (with its type), so
+  `fedbeam validate` exits 1 with a message rather than a traceback.
+  """
   report = ValidationReport(path=path, problems=[], deep=deep)
+  try:
+    _validate(path, deep, report)
+  except Exception as e:  # pylint: disable=broad-except
+    report.add(f"validation stopped: {type(e).__name__}: {sf.remote_error_line(e)}")
+  return report
+
+
+def _validate(path: str, deep: bool, report: ValidationReport) -> None:
   try:
     metadata = sf.read_metadata(path)
   except sf.StoreFormatError as e:
     report.add(str(e))
-    return report
+    return
   spec = ElementSpec.from_metadata(metadata["element_spec"])
   num_shards = metadata["num_shards"]
   split_names = {s["name"] for s in metadata["splits"]}
@@ -122,11 +261,18 @@ def validate_store(path: str, deep: bool = False) -> ValidationReport:
       for i in range(num_manifest))
   totals: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in split_names}
   seen: dict[str, str] = {}
+  evidence = _SpecEvidence(spec) if deep else None
+  least = spec.min_record_bytes()
 
   for i in range(num_manifest):
     rel = posixpath.join(data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
-    rows = _read_manifest_file(sf.join(path, rel), report)
+    rows = _read_manifest_file(path, sf.join(path, rel), report)
     for row in rows:
+      try:
+        sf.check_manifest_row(row, least, rel)
+      except sf.StoreFormatError as e:
+        report.add(str(e))
+        continue
       cid = row["client_id"]
       where = f"client {cid!r} ({rel})"
       if cid in seen:
@@ -154,7 +300,7 @@ def validate_store(path: str, deep: bool = False) -> ValidationReport:
       t[3] += 1 if row["num_examples"] == 0 else 0
       report.num_clients += 1
       report.num_examples += row["num_examples"]
-      _check_client_file(path, row, spec, deep, report)
+      _check_client_file(path, row, spec, evidence, report)
 
   for s in metadata["splits"]:
     got = totals.get(s["name"], [0, 0, 0, 0])
@@ -163,51 +309,39 @@ def validate_store(path: str, deep: bool = False) -> ValidationReport:
         report.add(f"split {s['name']!r}: metadata says {field} = {s[field]}, the manifest adds "
                    f"up to {got[i]}")
 
-  try:
-    present = _list_files(path)
-  except tf.errors.OpError as e:
-    report.add(f"cannot list {path}: {e.message}")
-    present = expected_files
+  if evidence is not None:
+    report.notes.extend(evidence.notes())
   # Other data-* directories are not part of the store (jobs still writing,
   # or leftovers the next commit removes; docs/store-format.md), nor is a
   # lease file its writer left behind.
   expected_files.add(posixpath.join(data_dir, sf.LEASE_FILE))
-  present = {p for p in present
-             if not (p.split("/")[0].startswith(sf.DATA_DIR_PREFIX) and "/" in p
-                     and p.split("/")[0] != data_dir)}
-  for stray in sorted(present - expected_files):
+  present = _list_files(path, report, skip_top=lambda name: (
+      name.startswith(sf.DATA_DIR_PREFIX) and name != data_dir))
+  for stray in sorted(present - expected_files if present is not None else ()):
     report.add(f"stray file {stray}: not listed in the manifest or metadata")
-  return report
 
 
-def _read_manifest_file(path: str, report: ValidationReport) -> list[dict[str, Any]]:
-  import fastavro  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.exists(path):
-    report.add(f"manifest file {path} is missing")
-    return []
+def _read_manifest_file(root: str, path: str, report: ValidationReport) -> list[dict[str, Any]]:
   try:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      return list(fastavro.reader(io.BytesIO(f.read())))
-  except Exception as e:  # pylint: disable=broad-except
-    report.add(f"manifest file {path} is damaged: {e}")
+    return sf.parse_manifest_file(
+        sf.read_store_file(root, path, sf.MAX_MANIFEST_FILE_BYTES, "manifest file"), path)
+  except sf.StoreFormatError as e:
+    report.add(str(e))
     return []
 
 
-def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec, deep: bool,
-                       report: ValidationReport) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec,
+                       evidence: Optional[_SpecEvidence], report: ValidationReport) -> None:
+  """Checks one client file; with `evidence` (--deep) every record against the spec."""
   cid, rel = row["client_id"], row["path"]
   where = f"client {cid!r} ({rel})"
-  full = sf.join(root, rel)
   try:
-    with tf.io.gfile.GFile(full, "rb") as f:
-      data = f.read()
-  except tf.errors.NotFoundError:
+    data = sf.read_store_file(root, sf.join(root, rel), None, "client file")
+  except sf.MissingStoreFileError:
     report.add(f"{where}: file is missing")
     return
-  except tf.errors.OpError as e:
-    report.add(f"{where}: cannot read: {e.message}")
+  except sf.StoreFormatError as e:
+    report.add(f"{where}: {e}")
     return
   report.num_files_checked += 1
   if len(data) != row["num_bytes"]:
@@ -218,8 +352,8 @@ def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec, deep: 
   count = 0
   try:
     for record in sf.read_tfrecords(io.BytesIO(data)):
-      if deep:
-        problem = _check_record(record, spec)
+      if evidence is not None:
+        problem = _check_record(record, spec, evidence)
         if problem:
           report.add(f"{where}: record {count}: {problem}")
           return
