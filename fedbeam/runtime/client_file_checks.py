@@ -45,12 +45,15 @@ def _file_size(path: str) -> tuple[Optional[int], Optional[str]]:
       return None, "is not a regular file"
     return int(info.length), None
   try:
-    st = os.stat(path)
+    # lstat: a symbolic link is refused, not followed out of the store.
+    st = os.lstat(path)
   except FileNotFoundError:
     return None, "is missing"
   except OSError as e:
     return None, f"cannot be read ({e.strerror})"
   # A FIFO or device would block or stream without end when opened.
+  if stat.S_ISLNK(st.st_mode):
+    return None, "is a symbolic link, not a regular file"
   if not stat.S_ISREG(st.st_mode):
     return None, "is not a regular file"
   return st.st_size, None
