@@ -46,6 +46,8 @@ MANIFEST_DIR = "manifest"
 DATA_DIR_PREFIX = "data-"
 # A writing job's lease inside its data directory (fedbeam/pipelines/data_dir_lease.py).
 LEASE_FILE = ".lease"
+# Key of the element spec in each manifest file's Avro header (docs/store-format.md).
+MANIFEST_SPEC_KEY = "fedbeam.element_spec"
 CLIENT_FILE_SUFFIX = ".tfrecord"
 ID_ENCODING = "base64url-v1"
 UNSPLIT = "all"
@@ -813,11 +815,58 @@ def manifest_path(root: str, metadata: Mapping[str, Any], index: int) -> str:
   return join(root, metadata["data_dir"], MANIFEST_DIR, manifest_file_name(index, count))
 
 
-def parse_manifest_file(data: bytes, path: str) -> list[dict[str, Any]]:
-  """The rows of a manifest file's bytes, after `avro_container.check_blocks`.
+def manifest_spec_value(spec: ElementSpec) -> str:
+  """The element spec as the writer puts it in a manifest file's header (MANIFEST_SPEC_KEY)."""
+  return json.dumps(spec.to_metadata(), sort_keys=True, separators=(",", ":"))
+
+
+def _check_manifest_spec(header: Mapping[str, Any], element_spec: Any, path: str) -> None:
+  """Raises StoreFormatError if the manifest header's element spec differs from the metadata's.
+
+  Manifest files written before the header carried the spec have none; they
+  are not checked.
+  """
+  value = header.get(MANIFEST_SPEC_KEY)
+  if value is None:
+    return
+  if isinstance(value, bytes):
+    value = value.decode("utf-8", "replace")
+  try:
+    written = ElementSpec.from_metadata(json.loads(value))
+  except (ValueError, TypeError, KeyError, ElementSpecError) as e:
+    raise StoreFormatError(f"manifest file {path}: its element spec is unreadable: {e}") from None
+  if written != ElementSpec.from_metadata(element_spec):
+    raise StoreFormatError(
+        f"manifest file {path} was written for element spec {written.to_json()}, but "
+        f"metadata.json says {ElementSpec.from_metadata(element_spec).to_json()}: the metadata "
+        "was edited or belongs to another store")
+
+
+def check_manifest_spec(data: bytes, element_spec: Any, path: str) -> None:
+  """Checks that the manifest file `data` was written for the metadata's `element_spec`.
 
   Raises:
-    StoreFormatError: the file is not a readable manifest, naming `path`.
+    StoreFormatError: the file's header names another element spec (or is
+      unreadable), naming `path`.
+  """
+  import fastavro  # pylint: disable=g-import-not-at-top
+  try:
+    header = fastavro.reader(io.BytesIO(data)).metadata
+  except Exception as e:  # pylint: disable=broad-except
+    raise StoreFormatError(f"manifest file {path} is damaged: {e}") from None
+  _check_manifest_spec(header, element_spec, path)
+
+
+def parse_manifest_file(data: bytes, path: str,
+                        element_spec: Optional[Any] = None) -> list[dict[str, Any]]:
+  """The rows of a manifest file's bytes, after `avro_container.check_blocks`.
+
+  `element_spec`: the metadata's `element_spec`; when given, it must equal the
+  spec the writer put in the file's header (`MANIFEST_SPEC_KEY`).
+
+  Raises:
+    StoreFormatError: the file is not a readable manifest, or its element spec
+      differs from `element_spec`, naming `path`.
   """
   import fastavro  # pylint: disable=g-import-not-at-top
   try:
@@ -829,6 +878,8 @@ def parse_manifest_file(data: bytes, path: str) -> list[dict[str, Any]]:
     if _fields(reader.writer_schema) != _fields(load_schema("manifest")):
       raise StoreFormatError(f"manifest file {path} was not written with schemas/manifest.avsc "
                              f"(its fields: {_fields(reader.writer_schema)})")
+    if element_spec is not None:
+      _check_manifest_spec(reader.metadata, element_spec, path)
     rows = list(reader)
   except StoreFormatError:
     raise
@@ -914,7 +965,7 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
     except MissingStoreFileError:
       raise StoreFormatError(
           f"manifest file {path} is missing (metadata lists {count} files)") from None
-    rows = parse_manifest_file(data, path)
+    rows = parse_manifest_file(data, path, metadata["element_spec"])
     check_manifest_rows(rows, least, f"manifest file {path}")
     yield from rows
 
@@ -1053,6 +1104,7 @@ __all__ = [
     "read_manifest", "checksum", "manifest_sync_marker", "manifest_file_name",
     "MissingStoreFileError", "read_store_file", "file_kind", "remote_error_line",
     "check_split_name", "check_manifest_row", "check_manifest_rows", "parse_manifest_file",
+    "MANIFEST_SPEC_KEY", "manifest_spec_value", "check_manifest_spec",
     "manifest_path",
     "read_tfrecords", "CorruptRecordError",
 ]

@@ -266,7 +266,7 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
 
   for i in range(num_manifest):
     rel = posixpath.join(data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
-    rows = _read_manifest_file(path, sf.join(path, rel), report)
+    rows = _read_manifest_file(path, sf.join(path, rel), report, metadata["element_spec"])
     for row in rows:
       try:
         sf.check_manifest_row(row, least, rel)
@@ -321,13 +321,24 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
     report.add(f"stray file {stray}: not listed in the manifest or metadata")
 
 
-def _read_manifest_file(root: str, path: str, report: ValidationReport) -> list[dict[str, Any]]:
+def _read_manifest_file(root: str, path: str, report: ValidationReport,
+                        element_spec: Any) -> list[dict[str, Any]]:
+  """The rows of a manifest file; its problems go to `report`.
+
+  An element spec in the file's header that differs from the metadata's is a
+  problem, but the rows are still returned so the client files get checked.
+  """
   try:
-    return sf.parse_manifest_file(
-        sf.read_store_file(root, path, sf.MAX_MANIFEST_FILE_BYTES, "manifest file"), path)
+    data = sf.read_store_file(root, path, sf.MAX_MANIFEST_FILE_BYTES, "manifest file")
+    rows = sf.parse_manifest_file(data, path)
   except sf.StoreFormatError as e:
     report.add(str(e))
     return []
+  try:
+    sf.check_manifest_spec(data, element_spec, path)
+  except sf.StoreFormatError as e:
+    report.add(str(e))
+  return rows
 
 
 def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec,

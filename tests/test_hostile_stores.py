@@ -220,7 +220,9 @@ def test_huge_metadata_shape_is_refused_at_metadata_read(loader_runs):
 
 def test_shape_too_big_for_the_manifest_sizes_is_refused(store):
   # Within the values limit, but 100,000 float32 values take at least 400 kB per
-  # example, and no client file is that big.
+  # example, and no client file is that big. (Without the manifest headers'
+  # spec, which would catch the edit first, as in a store of an older writer.)
+  _drop_manifest_spec(store)
   def edit(m):
     m["element_spec"][1]["shape"] = [100_000]
   _edit_metadata(store, edit)
@@ -449,7 +451,38 @@ def test_an_unforeseen_error_is_a_problem_not_a_traceback(store, monkeypatch):
       "validation stopped: RuntimeError: checksum failed in a way no check foresaw"]
 
 
+SPEC_EDITS = {
+    "int64 as int8": lambda m: m["element_spec"][0].update(dtype="int8"),
+    "int64 as float64": lambda m: m["element_spec"][0].update(dtype="float64"),
+    "int64 as uint64": lambda m: m["element_spec"][0].update(dtype="uint64"),
+    "scalar as variable length": lambda m: m["element_spec"][0].update(shape=[None]),
+    "feature removed": lambda m: m.update(element_spec=m["element_spec"][1:]),
+    "float32 as float16": lambda m: m["element_spec"][1].update(dtype="float16"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(SPEC_EDITS))
+def test_an_element_spec_edited_in_metadata_is_caught_by_validate_and_load(store, edit):
+  # Some of these edits leave every byte a valid encoding of the new spec
+  # (uint64 and float64 values are stored as int64 bit patterns; a scalar is a
+  # list of one): the manifest files' headers keep the spec the job wrote.
+  _edit_metadata(store, SPEC_EDITS[edit])
+  report = validate_store(store)
+  assert not report.ok
+  assert any("was written for element spec" in p and "metadata.json says" in p
+             for p in report.problems), report.problems
+  from fedbeam.runtime.client_data import load_client_data
+  with pytest.raises(sf.StoreFormatError, match="was written for element spec"):
+    load_client_data(store)
+
+
+def _drop_manifest_spec(store):
+  """Rewrites the manifest without the element spec in its header, as older writers did."""
+  _edit_manifest_rows(store, lambda row: row)
+
+
 def test_deep_validate_catches_int64_relabelled_int8(store):
+  _drop_manifest_spec(store)
   _edit_metadata(store, lambda m: m["element_spec"][0].update(dtype="int8"))
   assert validate_store(store).ok  # the bytes are intact; only their reading changed
   report = validate_store(store, deep=True)
@@ -459,6 +492,7 @@ def test_deep_validate_catches_int64_relabelled_int8(store):
 
 
 def test_deep_validate_catches_float32_relabelled_float16(store):
+  _drop_manifest_spec(store)
   _edit_metadata(store, lambda m: m["element_spec"][1].update(dtype="float16"))
   report = validate_store(store, deep=True)
   assert not report.ok
@@ -467,7 +501,9 @@ def test_deep_validate_catches_float32_relabelled_float16(store):
 
 
 def test_deep_validate_notes_int64_relabelled_float64(store, capsys):
-  # The bytes are those of a float64 feature too, so this is a note, not a problem.
+  # Without the spec in the manifest (an older store), the bytes are those of
+  # a float64 feature too, so this is a note, not a problem.
+  _drop_manifest_spec(store)
   _edit_metadata(store, lambda m: m["element_spec"][0].update(dtype="float64"))
   from fedbeam import cli
   assert cli.main(["validate", store, "--deep"]) == 0
@@ -479,6 +515,7 @@ def test_deep_validate_notes_int64_relabelled_float64(store, capsys):
 
 
 def test_deep_validate_notes_a_scalar_relabelled_variable_length(store):
+  _drop_manifest_spec(store)
   _edit_metadata(store, lambda m: m["element_spec"][0].update(shape=[None]))
   report = validate_store(store, deep=True)
   assert report.ok
@@ -493,6 +530,7 @@ def test_deep_validate_has_no_notes_for_a_sound_store(clean_store):
 
 
 def test_deep_validate_catches_a_removed_feature(store):
+  _drop_manifest_spec(store)
   _edit_metadata(store, lambda m: m.update(element_spec=m["element_spec"][1:]))
   assert validate_store(store).ok
   report = validate_store(store, deep=True)

@@ -194,14 +194,18 @@ class _WriteManifestFile(beam.DoFn):
     self._job_key = job_key
     self._fsync = fsync
 
-  def process(self, element, num_files: int) -> Iterable[str]:
+  def process(self, element, num_files: int, spec: ElementSpec) -> Iterable[str]:
     import io  # pylint: disable=g-import-not-at-top
     import fastavro  # pylint: disable=g-import-not-at-top
     index, rows = element
     rows = sorted((r for r in rows if r is not None), key=lambda r: r["client_id"])
     buf = io.BytesIO()
+    # The element spec also goes into each manifest file's header: a reader
+    # compares it with the metadata's, so a dtype or shape edited in
+    # metadata.json (same bytes, other values) is caught.
     fastavro.writer(buf, sf.parsed_schema("manifest"), rows, codec="null",
-                    sync_marker=sf.manifest_sync_marker(self._job_key, index))
+                    sync_marker=sf.manifest_sync_marker(self._job_key, index),
+                    metadata={sf.MANIFEST_SPEC_KEY: sf.manifest_spec_value(spec)})
     name = sf.manifest_file_name(index, num_files)
     write_file_atomically(sf.join(self._root, self._data_dir, sf.MANIFEST_DIR, name),
                           [buf.getvalue()], fsync=self._fsync)
@@ -612,7 +616,7 @@ class WriteStore(beam.PTransform):
                       | "GroupManifestRows" >> beam.GroupByKey()
                       | "WriteManifestFiles" >> beam.ParDo(
                           _WriteManifestFile(root, data_dir, self._job_key, self._fsync),
-                          beam.pvalue.AsSingleton(num_files)))
+                          beam.pvalue.AsSingleton(num_files), beam.pvalue.AsSingleton(self._spec)))
     stats = rows | "Stats" >> beam.CombineGlobally(StoreStatsFn())
     side = dict(
         stats=beam.pvalue.AsSingleton(stats),
