@@ -204,10 +204,11 @@ class PrepareStore(beam.PTransform):
     raw_sizes = record_counts | "RawClientSizes" >> beam.CombinePerKey(sum)
     declared_rows = (sources.sqlite_row_count(self._paths[0], c.sqlite_split)
                      if c.input_format == "tff-sqlite" else None)
-    accounted = _account_for_every_record(num_read, raw_sizes, clients, declared_rows)
     raw_ids = raw_sizes | "RawIds" >> beam.Keys()
+    num_raw = None
     if c.expands:
       plan = raw_ids | "PlanPseudoClients" >> PlanPseudoClients(c.num_transformed_clients)
+      num_raw = plan["num_raw"]
       clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
           c.transform if c.transform is not None else identity, c.num_transformed_clients, spec,
           plan=plan)
@@ -219,6 +220,8 @@ class PrepareStore(beam.PTransform):
     else:
       planned_clients = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
       sizes = raw_sizes | "UnexpandedSizes" >> beam.MapTuple(lambda cid, num: (cid, cid, num))
+    accounted = _account_for_every_record(num_read, raw_sizes, grouped["clients"], declared_rows,
+                                          num_raw)
     if "clients" in faults:
       clients = clients | "AfterExpansion" >> faults["clients"]
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
@@ -251,7 +254,7 @@ class RecordCountMismatchError(RuntimeError):
 
 
 def _check_counts(num_read: int, num_counted: int, num_grouped: int,
-                  declared_rows: Optional[int]) -> dict[str, int]:
+                  declared_rows: Optional[int], num_raw: Optional[int] = None) -> dict[str, int]:
   rerun = "the runner lost or duplicated data, so the store was not committed (rerun the job)"
   if declared_rows is not None and num_read != declared_rows:
     raise RecordCountMismatchError(
@@ -263,10 +266,13 @@ def _check_counts(num_read: int, num_counted: int, num_grouped: int,
   if num_read != num_counted:
     raise RecordCountMismatchError(
         f"read {num_read} input records but the client sizes add up to {num_counted}; " + rerun)
+  if num_raw == 0:
+    raise ExpansionError("the input has no client to expand")
   return {"num_input_records": num_read}
 
 
-def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optional[int] = None):
+def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optional[int] = None,
+                              num_raw=None):
   """Singleton report {num_input_records}; fails the job if a step lost or duplicated records.
 
   Three figures from three different steps must agree: `num_read`
@@ -276,7 +282,9 @@ def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optio
   records in the grouped `clients`; `declared_rows`, when the input declares
   its size (TFF SQLite's examples table), is a fourth. The commit waits for
   the report, so a store is never committed with fewer examples than were
-  read, whatever the runner did.
+  read, whatever the runner did. `num_raw`, with expansion: singleton count
+  of raw clients; none fails the job (after the checks above, so a runner
+  fault is named as such).
   """
   num_counted = (raw_sizes
                  | "PlannedCounts" >> beam.Values()
@@ -284,9 +292,10 @@ def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optio
   num_grouped = (clients
                  | "ClientSizes" >> beam.Map(lambda c: len(c.records))
                  | "CountGrouped" >> beam.CombineGlobally(sum))
+  extra = [] if num_raw is None else [beam.pvalue.AsSingleton(num_raw)]
   return num_read | "CheckRecordCounts" >> beam.Map(
       _check_counts, beam.pvalue.AsSingleton(num_counted), beam.pvalue.AsSingleton(num_grouped),
-      declared_rows)
+      declared_rows, *extra)
 
 
 def prepare_output_dir(output: str, overwrite: bool) -> None:

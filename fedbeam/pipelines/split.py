@@ -74,6 +74,9 @@ class SplitConfig:
   def resolve_k(self, num_units: int) -> int:
     """K for `num_units` units; raises SplitError unless 1 <= K <= num_units - 1."""
     what = "raw clients" if self.split_by == "raw" else "clients"
+    if num_units <= 0:
+      raise SplitError(f"there are no {what} to split (the input holds none, or the runner "
+                       "lost them)")
     if self.num_test_clients is not None:
       k = self.num_test_clients
     else:
