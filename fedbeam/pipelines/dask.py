@@ -39,6 +39,7 @@ from apache_beam.pipeline import AppliedPTransform, PipelineVisitor
 from apache_beam.runners.common import (DoFnContext, DoFnInvoker, DoFnSignature, Receiver,
                                         _OutputHandler)
 from apache_beam.runners.dask import dask_runner, transform_evaluator
+from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.sideinputs import SideInputMap
 
 __all__ = ["DaskRunner"]
@@ -159,6 +160,21 @@ class _DaskBagVisitor(PipelineVisitor):
       self.bags[output] = bag.filter(functools.partial(_has_tag, tag=tag)).map(_value) if tagged else bag
 
 
+class _DaskRunnerResult(dask_runner.DaskRunnerResult):
+  """Beam's result, which also closes the runner's Dask client once the job has ended.
+
+  Beam's leaves the client open: it keeps reconnecting (and logging errors)
+  after the cluster it ran on has gone.
+  """
+
+  def wait_until_finish(self, duration=None) -> str:
+    try:
+      return super().wait_until_finish(duration)
+    finally:
+      if PipelineState.is_terminal(self._state):
+        self.client.close()
+
+
 class DaskRunner(dask_runner.DaskRunner):
   """Beam's DaskRunner with the fixes listed in this module's docstring.
 
@@ -170,3 +186,7 @@ class DaskRunner(dask_runner.DaskRunner):
   @staticmethod
   def to_dask_bag_visitor(bag_kwargs=None) -> PipelineVisitor:
     return _DaskBagVisitor(bag_kwargs)
+
+  def run_pipeline(self, pipeline, options) -> _DaskRunnerResult:
+    result = super().run_pipeline(pipeline, options)
+    return _DaskRunnerResult(result.client, result.futures)

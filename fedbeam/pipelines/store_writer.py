@@ -248,11 +248,18 @@ def check_planned_splits(planned: Mapping[str, Any], written: Mapping[str, Any])
 
 
 def _merge_reports(parameters: Mapping[str, Any], reports) -> dict[str, Any]:
-  """Job parameters plus what steps resolved at run time (e.g. the number of test clients)."""
+  """Job parameters plus what steps resolved at run time (e.g. the number of test clients).
+
+  Resolved keys follow the parameters in sorted order: the reports arrive in
+  whatever order the runner delivers them, and the metadata's bytes must not
+  depend on it.
+  """
   merged = dict(parameters)
+  resolved: dict[str, Any] = {}
   for report in reports:
-    for key, value in sorted(report.items()):
-      merged[key] = value
+    resolved.update(report)
+  for key in sorted(resolved):
+    merged[key] = resolved[key]
   return merged
 
 
