@@ -195,9 +195,9 @@ def test_group_by_client_is_complete_on_beams_own_dask_runner(cluster, tmp_path)
   from fedbeam.pipelines.records import InputRecord, RawFeature  # pylint: disable=g-import-not-at-top
   spec = ElementSpec.from_json({"v": {"dtype": "int64", "shape": []}})
   sizes = {"a": 5, "b": 1, "c": 12}
-  records = [[InputRecord(cid, {"v": RawFeature(np.array([i], np.int64), "int64", "list")},
-                          ("mem", i))
-              for i in range(n)] for cid, n in sizes.items()]
+  records = [InputRecord(cid, {"v": RawFeature(np.array([i], np.int64), "int64", "list")},
+                         ("mem", i))
+             for cid, n in sizes.items() for i in range(n)]
 
   def build(p):
     inputs = {"records": p | "Records" >> beam.Create(records),

@@ -32,7 +32,7 @@ from fedbeam.pipelines.local_runner import guard_local_runner
 from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
-from fedbeam.pipelines.store_writer import StoreStatsFn, StoreWriteError, WriteStore
+from fedbeam.pipelines.store_writer import RUNNER_FAULT, StoreStatsFn, StoreWriteError, WriteStore
 from fedbeam import store_format as sf
 from fedbeam.transforms import identity
 
@@ -255,17 +255,17 @@ class RecordCountMismatchError(RuntimeError):
 
 def _check_counts(num_read: int, num_counted: int, num_grouped: int,
                   declared_rows: Optional[int], num_raw: Optional[int] = None) -> dict[str, int]:
-  rerun = "the runner lost or duplicated data, so the store was not committed (rerun the job)"
   if declared_rows is not None and num_read != declared_rows:
     raise RecordCountMismatchError(
         f"the input database declares {declared_rows} example rows but {num_read} were read; "
-        + rerun)
+        + RUNNER_FAULT)
   if num_read != num_grouped:
     raise RecordCountMismatchError(
-        f"read {num_read} input records but grouped {num_grouped}; " + rerun)
+        f"read {num_read} input records but grouped {num_grouped}; " + RUNNER_FAULT)
   if num_read != num_counted:
     raise RecordCountMismatchError(
-        f"read {num_read} input records but the client sizes add up to {num_counted}; " + rerun)
+        f"read {num_read} input records but the client sizes add up to {num_counted}; "
+        + RUNNER_FAULT)
   if num_raw == 0:
     raise ExpansionError("the input has no client to expand")
   return {"num_input_records": num_read}

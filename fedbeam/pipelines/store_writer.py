@@ -227,7 +227,9 @@ class StoreStatsFn(beam.CombineFn):
     return acc
 
 
-_RERUN = "the runner lost or duplicated data, so the store was not committed (rerun the job)"
+# The end of every message of a check that found a runner fault.
+RUNNER_FAULT = ("the runner lost or duplicated data, so the store was not committed "
+                "(rerun the job)")
 
 
 def check_planned_splits(planned: Mapping[str, Any], written: Mapping[str, Any]) -> None:
@@ -244,7 +246,7 @@ def check_planned_splits(planned: Mapping[str, Any], written: Mapping[str, Any])
     if tuple(want[:2]) != tuple(got[:2]):
       raise StoreWriteError(
           f"split {name!r}: wrote {got[0]} clients with {got[1]} examples but the job planned "
-          f"{want[0]} clients with {want[1]} examples; {_RERUN}")
+          f"{want[0]} clients with {want[1]} examples; {RUNNER_FAULT}")
 
 
 def _merge_reports(parameters: Mapping[str, Any], reports) -> dict[str, Any]:
@@ -342,13 +344,13 @@ class _CommitStore(beam.DoFn):
     if input_records and not written:
       raise StoreWriteError(
           f"the readers read {input_records} input records but no client file was written; "
-          f"{_RERUN}")
+          f"{RUNNER_FAULT}")
     if expected_clients is not None:
       dropped = int((empty_report or {}).get("dropped", 0))
       if written != expected_clients - dropped:
         raise StoreWriteError(
             f"wrote {written} client files but the job makes {expected_clients - dropped} "
-            f"clients ({expected_clients} planned, {dropped} dropped as empty); {_RERUN}")
+            f"clients ({expected_clients} planned, {dropped} dropped as empty); {RUNNER_FAULT}")
     if planned_splits is not None:
       check_planned_splits(planned_splits, stats)
     splits = [
