@@ -149,15 +149,18 @@ class _DaskBagVisitor(PipelineVisitor):
       one = len(bags) == 1 and not isinstance(op, transform_evaluator.Flatten)
       kws["input_bag"] = bags[0] if one else bags
     if node.side_inputs:
-      kws["side_inputs"] = [
-          SideInputMap(type(si), si._view_options(),  # pylint: disable=protected-access
-                       transform_evaluator.DaskBagWindowedIterator(
-                           self.bags.get(si.pvalue), si._window_mapping_fn))  # pylint: disable=protected-access
-          for si in node.side_inputs]
+      kws["side_inputs"] = [self._side_input(si) for si in node.side_inputs]
     bag = op.apply(**kws)
     tagged = isinstance(op, _ParDo) and len(node.outputs) > 1
     for tag, output in node.outputs.items():
-      self.bags[output] = bag.filter(functools.partial(_has_tag, tag=tag)).map(_value) if tagged else bag
+      self.bags[output] = (bag.filter(functools.partial(_has_tag, tag=tag)).map(_value)
+                           if tagged else bag)
+
+  def _side_input(self, si) -> SideInputMap:
+    # pylint: disable=protected-access
+    values = transform_evaluator.DaskBagWindowedIterator(self.bags.get(si.pvalue),
+                                                         si._window_mapping_fn)
+    return SideInputMap(type(si), si._view_options(), values)
 
 
 class _DaskRunnerResult(dask_runner.DaskRunnerResult):

@@ -1,8 +1,9 @@
 """Input sources: TFRecord of tf.train.Example, Avro, and TFF SQLite client data.
 
 Each source is a `beam.PTransform` applied to the pipeline root that outputs
-lists of `InputRecord`s (TFRecord: `ExampleBatch`es), plus a PCollection of client ids the input declares even when
-they have no example (TFF's SQLite `client_metadata` can list empty clients).
+lists of `InputRecord`s (TFRecord: `ExampleBatch`es), plus a PCollection of
+client ids the input declares even when they have no example (TFF's SQLite
+`client_metadata` can list empty clients).
 Files are read whole by one worker each, in a DoFn, so every record keeps
 its file and index for error messages and for `--order-by @input`.
 """
@@ -364,7 +365,7 @@ def declares_clients(input_format: str) -> bool:
 
 
 class ReadClientInput(beam.PTransform):
-  """Reads any supported input. Output: {"records": ExampleBatch or list of InputRecord, "clients": str}.
+  """Reads any supported input. Output: {"records": ExampleBatch | list[InputRecord], "clients": str}.
 
   `clients` is empty unless `declares_clients(input_format)`.
   """
