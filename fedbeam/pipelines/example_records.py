@@ -126,10 +126,17 @@ class ExampleBatch:
 
 
 def as_input_records(element) -> Iterator[InputRecord]:
-  """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed."""
+  """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed; a list as its items."""
   if isinstance(element, ExampleBatch):
     return element.input_records()
+  if isinstance(element, list):
+    return iter(element)
   return iter((element,))
+
+
+def input_size(element) -> int:
+  """The number of input records in a reader's output element (see `as_input_records`)."""
+  return len(element) if isinstance(element, (ExampleBatch, list)) else 1
 
 
 def encode_record(record: InputRecord, spec: ElementSpec) -> bytes:

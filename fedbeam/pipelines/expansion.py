@@ -125,6 +125,10 @@ class PlanPseudoClients(beam.PTransform):
     num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
 
     def remainder_ids(count):
+      # No raw client: nothing is named, and the job's record accounting
+      # says why (an empty input, or records a faulty runner lost).
+      if not count:
+        return 0
       _, g, _ = expansion_plan(count, n)
       return g
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import apache_beam as beam
-from apache_beam.transforms.window import GlobalWindows
 
 from fedbeam.element_spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.allocator import tune_allocator
-from fedbeam.pipelines.example_records import (ExampleBatch, encode_batch, encode_record)
+from fedbeam.pipelines.example_records import (ExampleBatch, as_input_records, encode_batch,
+                                               encode_record)
 from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord
 
 ORDER_BY_INPUT = "@input"
@@ -49,22 +49,16 @@ def _orderable(value) -> tuple:
   return (0, value)
 
 
-# Records a worker gathers per client before handing them to the shuffle.
-PREGROUP_BYTES = 64 << 20
-
-
-RECORD_COUNTS = "record_counts"
-
-
 class _EncodeAndPregroup(beam.DoFn):
-  """InputRecord or ExampleBatch -> (client id, [(sort key, store record), ...]) per client and bundle.
+  """An input element -> (client id, [(sort key, store record), ...]) per client in it.
 
-  Like a lifted combiner, records of one client met in a bundle leave as one
-  element, so the shuffle moves about one element per client and input file
-  instead of one per record; `PREGROUP_BYTES` bounds what a worker holds.
-  Each such element's size also leaves on the RECORD_COUNTS output as
-  (client id, number of records), so counting the input needs no pass of
-  its own over every record.
+  An element is an `ExampleBatch`, a list of `InputRecord`s (one reader call's
+  batch) or one `InputRecord`. Like a lifted combiner, the records of one
+  client in an element leave as one value, so the shuffle moves about one
+  value per client and input batch instead of one per record. Everything is
+  emitted from `process`: a runner that drops what `finish_bundle` emits
+  (Beam 2.72's DaskRunner) then loses nothing, and a value never outlives the
+  element it came from.
   """
 
   def __init__(self, order_by: Optional[str]):
@@ -73,42 +67,26 @@ class _EncodeAndPregroup(beam.DoFn):
   def setup(self):
     tune_allocator()
 
-  def start_bundle(self):
-    self._groups: dict[str, list] = {}
-    self._bytes = 0
-
   def process(self, element, spec: Optional[ElementSpec]):
     if spec is None:  # Unreachable: an empty input has no record to encode.
       return
     order_by = self._order_by
+    groups: dict[str, list] = {}
     if isinstance(element, ExampleBatch) and order_by in (None, ORDER_BY_INPUT):
       # Sort keys that need no feature value: whole batches are encoded at once.
       by_input = order_by == ORDER_BY_INPUT
       for client_id, position, data in encode_batch(element, spec):
-        self._add(client_id, position if by_input else (), data)
+        groups.setdefault(client_id, []).append((position if by_input else (), data))
     else:
-      records = element.input_records() if isinstance(element, ExampleBatch) else (element,)
-      for record in records:
-        self._add(record.client_id, _sort_key(record, spec, order_by), encode_record(record, spec))
-    if self._bytes >= PREGROUP_BYTES:
-      yield from self._drain()
+      for record in as_input_records(element):
+        groups.setdefault(record.client_id, []).append(
+            (_sort_key(record, spec, order_by), encode_record(record, spec)))
+    yield from groups.items()
 
-  def _add(self, client_id: str, sort_key: tuple, data: bytes) -> None:
-    self._groups.setdefault(client_id, []).append((sort_key, data))
-    self._bytes += len(data)
 
-  def finish_bundle(self):
-    for kv in self._drain():
-      if isinstance(kv, beam.pvalue.TaggedOutput):
-        yield beam.pvalue.TaggedOutput(kv.tag, GlobalWindows.windowed_value(kv.value))
-      else:
-        yield GlobalWindows.windowed_value(kv)
-
-  def _drain(self):
-    groups, self._groups, self._bytes = self._groups, {}, 0
-    for client_id, part in groups.items():
-      yield client_id, part
-      yield beam.pvalue.TaggedOutput(RECORD_COUNTS, (client_id, len(part)))
+def _record_count(encoded) -> tuple[str, int]:
+  client_id, part = encoded
+  return client_id, len(part)
 
 
 def _to_client(element) -> ClientRecords:
@@ -135,33 +113,43 @@ class GroupByClient(beam.PTransform):
   Output: a dict with `clients` (PCollection[ClientRecords], records in
   store order) and `record_counts` (PCollection[(client id, count)]: partial
   counts of the records encoded, several per client; their sum per client is
-  the client's number of input records).
+  the client's number of input records). The counts are a Map over the
+  encoder's output (not a second output of the encoder: Beam 2.72's
+  DaskRunner hands every output of a multi-output ParDo to every consumer),
+  so they and the grouped clients come from one step; checks against what
+  was read count the reader's output instead (`fedbeam.pipelines.prepare`).
   Raises (at run time) InputError naming the file and record that does not
   match the spec.
   """
 
-  def __init__(self, spec, order_by: Optional[str] = None, declared_clients: bool = True):
+  def __init__(self, spec, order_by: Optional[str] = None, declared_clients: bool = True,
+               after_encode: Optional[beam.PTransform] = None):
     """`declared_clients` False: `clients` is known to be empty and is not read.
 
     The local runner buffers a Flatten's output between stages, so the records
     reach the shuffle without one when no client can be declared.
+    `after_encode`: for fault-injection tests only, a PTransform applied to
+    the encoder's output before anything reads it (e.g. a step that loses
+    records, as a faulty runner would).
     """
     super().__init__()
     self._spec = spec
     self._order_by = order_by
     self._declared_clients = declared_clients
+    self._after_encode = after_encode
 
   def expand(self, inputs):
     order_by = self._order_by
     spec = self._spec | "CheckSpec" >> beam.Map(_check_spec, order_by)
-    outputs = inputs["records"] | "Encode" >> beam.ParDo(
-        _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec)).with_outputs(
-            RECORD_COUNTS, main="encoded")
-    encoded = outputs["encoded"]
+    encoded = inputs["records"] | "Encode" >> beam.ParDo(
+        _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec))
+    if self._after_encode is not None:
+      encoded = encoded | "AfterEncode" >> self._after_encode
+    record_counts = encoded | "CountEncoded" >> beam.Map(_record_count)
     if self._declared_clients:
       declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, []))
       encoded = (encoded, declared) | "Merge" >> beam.Flatten()
     clients = (encoded
                | "GroupByClient" >> beam.GroupByKey()
                | "SortClient" >> beam.Map(_to_client))
-    return {"clients": clients, "record_counts": outputs[RECORD_COUNTS]}
+    return {"clients": clients, "record_counts": record_counts}

@@ -15,7 +15,7 @@ import inspect
 import json
 import os
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -28,13 +28,15 @@ from fedbeam.pipelines.allocator import tune_allocator, tune_worker_processes
 from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
 from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
                                          PlanPseudoClients, PseudoClientSizes, load_transform)
+from fedbeam.pipelines.example_records import input_size
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.local_runner import guard_local_runner
 from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.data_dir_lease import claim_data_dir
-from fedbeam.pipelines.store_writer import REPLACES_ANY, CleanupError, StoreWriteError, WriteStore
+from fedbeam.pipelines.store_writer import (REPLACES_ANY, RUNNER_FAULT, CleanupError,
+                                            StoreStatsFn, StoreWriteError, WriteStore)
 from fedbeam import store_format as sf
 from fedbeam.transforms import identity
 
@@ -167,10 +169,16 @@ class PrepareStore(beam.PTransform):
 
   Input: the pipeline root. Output: singleton PCollection with the store's
   metadata dict. `paths` are the input files (already matched).
+  `fault_steps`, for fault-injection tests only (`run_prepare` never sets it):
+  PTransforms inserted into the pipeline, under "encoded" on the encoder's
+  output (see `GroupByClient`'s `after_encode`) and under "clients" on the
+  clients after grouping and expansion, before the empty-client check. A
+  step there that loses or duplicates data must fail the job.
   """
 
   def __init__(self, config: PrepareConfig, paths: Sequence[str], job_key: str,
-               data_dir: Optional[str] = None, replaces: Optional[str] = REPLACES_ANY):
+               data_dir: Optional[str] = None, replaces: Optional[str] = REPLACES_ANY,
+               fault_steps: Optional[Mapping[str, beam.PTransform]] = None):
     """`data_dir`, `replaces`: from `data_dir_lease.claim_data_dir` (see `WriteStore`)."""
     super().__init__()
     self._config = config
@@ -178,6 +186,7 @@ class PrepareStore(beam.PTransform):
     self._job_key = job_key
     self._data_dir = data_dir
     self._replaces = replaces
+    self._fault_steps = dict(fault_steps or {})
 
   def expand(self, pbegin):
     # The runner runs in this process; guarding it here covers pipelines that
@@ -187,85 +196,126 @@ class PrepareStore(beam.PTransform):
     tune_allocator()
     tune_worker_processes()
     c = self._config
+    faults = self._fault_steps
     inputs = pbegin | "Read" >> sources.ReadClientInput(
         self._paths, c.input_format, c.client_id_key, c.sqlite_split)
+    # Records are counted where they are read, by a step of their own, so no
+    # fault of a later step (or of the runner around it) can change both this
+    # figure and the ones it is checked against.
+    num_read = (inputs["records"]
+                | "CountRead" >> beam.Map(input_size)
+                | "SumRead" >> beam.CombineGlobally(sum))
     if c.element_spec is not None:
       spec = pbegin | "ElementSpec" >> beam.Create([c.element_spec])
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
     declares = sources.declares_clients(c.input_format)
-    grouped = inputs | "GroupByClient" >> GroupByClient(spec, c.order_by, declared_clients=declares)
+    grouped = inputs | "GroupByClient" >> GroupByClient(
+        spec, c.order_by, declared_clients=declares, after_encode=faults.get("encoded"))
     clients, record_counts = grouped["clients"], grouped["record_counts"]
-    accounted = _account_for_every_record(record_counts, clients)
     # What the steps after grouping need as side inputs (expansion counts, the
     # planned number of clients, the split) comes from ids and sizes alone, so
     # the grouped examples flow through expansion and writing in one pass.
-    # The encoder counts each client's records per bundle as it gathers them.
+    # The sizes are counted from the encoder's output, before the shuffle.
     if declares:
       declared = inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0))
       record_counts = (record_counts, declared) | "MergeIds" >> beam.Flatten()
     raw_sizes = record_counts | "RawClientSizes" >> beam.CombinePerKey(sum)
+    declared_rows = (sources.sqlite_row_count(self._paths[0], c.sqlite_split)
+                     if c.input_format == "tff-sqlite" else None)
     raw_ids = raw_sizes | "RawIds" >> beam.Keys()
+    num_raw = None
     if c.expands:
       plan = raw_ids | "PlanPseudoClients" >> PlanPseudoClients(c.num_transformed_clients)
+      num_raw = plan["num_raw"]
       clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
           c.transform if c.transform is not None else identity, c.num_transformed_clients, spec,
           plan=plan)
       n = c.num_transformed_clients
       planned_clients = plan["num_raw"] | "ExpandedCount" >> beam.Map(
           lambda raw: raw if n is None else max(n, raw))
+      sizes = raw_sizes | "PseudoClientSizes" >> PseudoClientSizes(
+          c.num_transformed_clients, plan=plan)
     else:
       planned_clients = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
+      sizes = raw_sizes | "UnexpandedSizes" >> beam.MapTuple(lambda cid, num: (cid, cid, num))
+    accounted = _account_for_every_record(num_read, raw_sizes, grouped["clients"], declared_rows,
+                                          num_raw)
+    if "clients" in faults:
+      clients = clients | "AfterExpansion" >> faults["clients"]
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
     clients, reports = checked["clients"], [accounted]
+    if c.empty_clients == "drop":
+      sizes = sizes | "DropEmptySizes" >> beam.Filter(lambda size: size[2] > 0)
     if c.splits:
       # The split is chosen from the sizes the clients will have, so the
       # clients flow straight from expansion to the writer.
-      if c.expands:
-        sizes = raw_sizes | "PseudoClientSizes" >> PseudoClientSizes(
-            c.num_transformed_clients, plan=plan)
-      else:
-        sizes = raw_sizes | "UnexpandedSizes" >> beam.MapTuple(lambda cid, num: (cid, cid, num))
-      if c.empty_clients == "drop":
-        sizes = sizes | "DropEmptySizes" >> beam.Filter(lambda size: size[2] > 0)
       split = clients | "SplitTrainTest" >> SplitTrainTest(c.split_config(), sizes=sizes)
-      clients = split["clients"]
+      clients, planned = split["clients"], split["planned"]
       reports.append(split["report"])
+    else:
+      planned = sizes | "Unsplit" >> beam.MapTuple(lambda cid, _, num: (cid, sf.UNSPLIT, num))
+    # What each split should hold, from the planned sizes alone; the commit
+    # checks it against the manifest rows the writer produced.
+    planned_splits = (planned
+                      | "PlannedRows" >> beam.MapTuple(lambda cid, name, num: {
+                          "client_id": cid, "split": name, "num_examples": num, "num_bytes": 0})
+                      | "PlannedSplits" >> beam.CombineGlobally(StoreStatsFn()))
     return clients | "WriteStore" >> WriteStore(
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
         job_key=self._job_key, empty_report=checked["report"],
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
-        planned_clients=planned_clients, data_dir=self._data_dir, replaces=self._replaces,
-        fsync=c.fsync)
+        planned_clients=planned_clients, planned_splits=planned_splits, input_records=num_read,
+        data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync)
 
 
 class RecordCountMismatchError(RuntimeError):
   """Records went missing between reading and grouping (a runner fault)."""
 
 
-def _check_counts(num_read: int, num_grouped: int) -> dict[str, int]:
+def _check_counts(num_read: int, num_counted: int, num_grouped: int,
+                  declared_rows: Optional[int], num_raw: Optional[int] = None) -> dict[str, int]:
+  if declared_rows is not None and num_read != declared_rows:
+    raise RecordCountMismatchError(
+        f"the input database declares {declared_rows} example rows but {num_read} were read; "
+        + RUNNER_FAULT)
   if num_read != num_grouped:
     raise RecordCountMismatchError(
-        f"read {num_read} input records but grouped {num_grouped}; the runner lost or "
-        "duplicated data, so the store was not committed (rerun the job)")
+        f"read {num_read} input records but grouped {num_grouped}; " + RUNNER_FAULT)
+  if num_read != num_counted:
+    raise RecordCountMismatchError(
+        f"read {num_read} input records but the client sizes add up to {num_counted}; "
+        + RUNNER_FAULT)
+  if num_raw == 0:
+    raise ExpansionError("the input has no client to expand")
   return {"num_input_records": num_read}
 
 
-def _account_for_every_record(record_counts, clients):
-  """Singleton report {num_input_records}; fails the job if grouping lost or duplicated records.
+def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optional[int] = None,
+                              num_raw=None):
+  """Singleton report {num_input_records}; fails the job if a step lost or duplicated records.
 
-  `record_counts`: (client id, count) pairs of the records read, counted
-  before the shuffle. The commit waits for the report, so a store is never
-  committed with fewer examples than were read, whatever the runner did.
+  Three figures from three different steps must agree: `num_read`
+  (singleton: the records the readers output, counted by a step of its own),
+  the sum of `raw_sizes` ((raw client id, size) counted from the encoder's
+  output, which plans expansion, the split and the commit's checks) and the
+  records in the grouped `clients`; `declared_rows`, when the input declares
+  its size (TFF SQLite's examples table), is a fourth. The commit waits for
+  the report, so a store is never committed with fewer examples than were
+  read, whatever the runner did. `num_raw`, with expansion: singleton count
+  of raw clients; none fails the job (after the checks above, so a runner
+  fault is named as such).
   """
-  num_read = (record_counts
-              | "ReadCounts" >> beam.Values()
-              | "CountRead" >> beam.CombineGlobally(sum))
+  num_counted = (raw_sizes
+                 | "PlannedCounts" >> beam.Values()
+                 | "SumPlanned" >> beam.CombineGlobally(sum))
   num_grouped = (clients
                  | "ClientSizes" >> beam.Map(lambda c: len(c.records))
                  | "CountGrouped" >> beam.CombineGlobally(sum))
+  extra = [] if num_raw is None else [beam.pvalue.AsSingleton(num_raw)]
   return num_read | "CheckRecordCounts" >> beam.Map(
-      _check_counts, beam.pvalue.AsSingleton(num_grouped))
+      _check_counts, beam.pvalue.AsSingleton(num_counted), beam.pvalue.AsSingleton(num_grouped),
+      declared_rows, *extra)
 
 
 def prepare_output_dir(output: str, overwrite: bool) -> None:

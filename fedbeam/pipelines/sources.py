@@ -1,8 +1,9 @@
 """Input sources: TFRecord of tf.train.Example, Avro, and TFF SQLite client data.
 
 Each source is a `beam.PTransform` applied to the pipeline root that outputs
-`InputRecord`s (TFRecord: `ExampleBatch`es of them), plus a PCollection of client ids the input declares even when
-they have no example (TFF's SQLite `client_metadata` can list empty clients).
+lists of `InputRecord`s (TFRecord: `ExampleBatch`es), plus a PCollection of
+client ids the input declares even when they have no example (TFF's SQLite
+`client_metadata` can list empty clients).
 Files are read whole by one worker each, in a DoFn, so every record keeps
 its file and index for error messages and for `--order-by @input`.
 """
@@ -93,6 +94,18 @@ def _record_batches(path: str) -> Iterable[list[bytes]]:
     yield batch
 
 
+def _in_lists(records: Iterable[InputRecord]) -> Iterable[list[InputRecord]]:
+  """`records` in lists of at most BATCH_RECORDS, so one reader output element holds many."""
+  batch: list[InputRecord] = []
+  for record in records:
+    batch.append(record)
+    if len(batch) >= BATCH_RECORDS:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
 class _ReadFiles(beam.PTransform):
   """Spreads a list of files over the workers and reads each whole with `reader_cls`."""
 
@@ -161,9 +174,9 @@ class _ReadAvroFile(beam.DoFn):
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
-  def process(self, path: str) -> Iterable[InputRecord]:
+  def process(self, path: str) -> Iterable[list[InputRecord]]:
     import fastavro  # pylint: disable=g-import-not-at-top
-    index = 0
+    read = [0]  # Records read so far, for the error message.
     try:
       with FileSystems.open(path) as f:
         reader = fastavro.reader(f)
@@ -174,15 +187,18 @@ class _ReadAvroFile(beam.DoFn):
         for field in schema["fields"]:
           if field["name"] != self._client_id_key:
             kinds[field["name"]] = _avro_field_kind(field["type"], field["name"], path)
-        for row in reader:
-          source = f"{path} record {index}"
-          yield self._to_record(row, kinds, source, (path, index))
-          self._records.inc()
-          index += 1
+        yield from _in_lists(self._records_of(reader, kinds, path, read))
     except InputError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise InputError(f"{path}: unreadable Avro file at record {index}: {e}") from None
+      raise InputError(f"{path}: unreadable Avro file at record {read[0]}: {e}") from None
+
+  def _records_of(self, reader, kinds, path: str, read: list) -> Iterable[InputRecord]:
+    for row in reader:
+      index = read[0]
+      yield self._to_record(row, kinds, f"{path} record {index}", (path, index))
+      self._records.inc()
+      read[0] += 1
 
   def _to_record(self, row, kinds, source, position) -> InputRecord:
     if self._client_id_key not in row:
@@ -211,7 +227,8 @@ class _ReadAvroFile(beam.DoFn):
 class ReadAvroRecords(_ReadFiles):
   """Reads Avro container files of flat records.
 
-  Input: the pipeline root. Output: `InputRecord`s; the string field
+  Input: the pipeline root. Output: lists of `InputRecord`s (up to BATCH_RECORDS, in
+  file order); the string field
   `client_id_key` is the client id; every other field is a feature (scalars
   and flat arrays of string/bytes/int/long/float/double/boolean).
   """
@@ -254,6 +271,23 @@ def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, i
           for start in range(lo, hi + 1, SQLITE_ROWS_PER_RANGE)]
 
 
+def sqlite_row_count(path: str, split_name: Optional[str]) -> int:
+  """The rows of the `examples` table of a TFF SQLite database (of `split_name`, if given).
+
+  The records the readers must deliver, declared by the input itself. Raises
+  InputError as `sqlite_row_ranges` does (call that first).
+  """
+  query, params = "SELECT count(*) FROM examples", []
+  if split_name is not None:
+    query += " WHERE split_name = ?"
+    params.append(split_name)
+  try:
+    with _connect_readonly(path) as con:
+      return int(con.execute(query, params).fetchone()[0])
+  except sqlite3.DatabaseError as e:
+    raise InputError(f"{path}: not a readable SQLite database ({e})") from None
+
+
 class _ReadSqliteRange(beam.DoFn):
 
   def __init__(self, path: str, split_name: Optional[str]):
@@ -261,13 +295,16 @@ class _ReadSqliteRange(beam.DoFn):
     self._split_name = split_name
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
-  def process(self, row_range: tuple[int, int]) -> Iterable[InputRecord]:
+  def process(self, row_range: tuple[int, int]) -> Iterable[list[InputRecord]]:
     query = ("SELECT rowid, client_id, serialized_example_proto FROM examples "
              "WHERE rowid BETWEEN ? AND ?")
     params: list = list(row_range)
     if self._split_name is not None:
       query += " AND split_name = ?"
       params.append(self._split_name)
+    yield from _in_lists(self._records_of(query, params))
+
+  def _records_of(self, query: str, params: list) -> Iterable[InputRecord]:
     with _connect_readonly(self._path) as con:
       for rowid, raw_id, data in con.execute(query, params):
         source = f"{self._path} rowid {rowid}"
@@ -297,7 +334,7 @@ def _sqlite_declared_clients(path: str, split_name: Optional[str]) -> Iterable[s
 class ReadTffSqlite(beam.PTransform):
   """Reads a database written by `tff.simulation.datasets.save_to_sql_client_data`.
 
-  Input: the pipeline root. Output: a dict with `records` (`InputRecord`s from
+  Input: the pipeline root. Output: a dict with `records` (lists of `InputRecord`s from
   the `examples` table) and `clients` (every id in `client_metadata`, so
   clients without examples are kept). `split_name` filters both tables like
   TFF's `load_and_parse_sql_client_data(..., split_name=...)`.
@@ -328,7 +365,7 @@ def declares_clients(input_format: str) -> bool:
 
 
 class ReadClientInput(beam.PTransform):
-  """Reads any supported input. Output: {"records": InputRecord or ExampleBatch, "clients": str}.
+  """Reads any supported input. Output: {"records": ExampleBatch | list[InputRecord], "clients": str}.
 
   `clients` is empty unless `declares_clients(input_format)`.
   """

@@ -74,6 +74,9 @@ class SplitConfig:
   def resolve_k(self, num_units: int) -> int:
     """K for `num_units` units; raises SplitError unless 1 <= K <= num_units - 1."""
     what = "raw clients" if self.split_by == "raw" else "clients"
+    if num_units <= 0:
+      raise SplitError(f"there are no {what} to split (the input holds none, or the runner "
+                       "lost them)")
     if self.num_test_clients is not None:
       k = self.num_test_clients
     else:
@@ -141,7 +144,9 @@ class SplitTrainTest(beam.PTransform):
   `sizes`, optional PCollection[(client id, raw client id, number of
   examples)] with one entry per client of the input, gives the counts ahead
   of the clients (see `PseudoClientSizes`): the choice is then made while
-  the clients are still being built, and no client waits for it.
+  the clients are still being built, and no client waits for it. The output
+  then also has `planned`: PCollection[(client id, split, number of
+  examples)], the split each size lands in by the same choice.
   """
 
   def __init__(self, config: SplitConfig, sizes=None):
@@ -190,19 +195,27 @@ class SplitTrainTest(beam.PTransform):
           _hash_threshold, k_side, beam.pvalue.AsSingleton(skipped))
       chosen_side = beam.pvalue.AsSingleton(threshold)
 
+    def split_of(unit: str, count: int, chosen) -> str:
+      if c.method == "tff":
+        return TEST if unit in chosen else TRAIN
+      # Expansion maps records one to one, so every pseudo-client of a raw
+      # client has the raw client's count: the client's own eligibility is
+      # its unit's, and all pseudo-clients of a unit land on one side.
+      return TEST if count >= m and (rank_key(c.seed, unit), unit) <= chosen else TRAIN
+
     def assign(cl: ClientRecords, chosen):
       unit = cl.raw_client_id if by_raw else cl.client_id
-      if c.method == "tff":
-        test = unit in chosen
-      else:
-        # Expansion maps records one to one, so every pseudo-client of a raw
-        # client has the raw client's count: the client's own eligibility is
-        # its unit's, and all pseudo-clients of a unit land on one side.
-        test = len(cl.records) >= m and (rank_key(c.seed, unit), unit) <= chosen
-      return dataclasses.replace(cl, split=TEST if test else TRAIN)
+      return dataclasses.replace(cl, split=split_of(unit, len(cl.records), chosen))
 
     assigned = clients | "Assign" >> beam.Map(assign, chosen_side)
     report = k | "Report" >> beam.Map(lambda kk: {
         "num_test_units": kk, "split_method": c.method, "split_by": c.split_by,
         "split_seed": c.seed, "min_test_examples": m})
-    return {"clients": assigned, "report": report}
+    outputs = {"clients": assigned, "report": report}
+    if self._sizes is not None:
+      # The same choice applied to the planned sizes: what each split should
+      # hold, for the commit to check against what was written.
+      outputs["planned"] = self._sizes | "PlannedSplits" >> beam.Map(
+          lambda s, chosen: (s[0], split_of(s[1] if by_raw else s[0], s[2], chosen), s[2]),
+          chosen_side)
+    return outputs

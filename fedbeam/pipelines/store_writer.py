@@ -305,12 +305,41 @@ class StoreStatsFn(beam.CombineFn):
     return acc
 
 
+# The end of every message of a check that found a runner fault.
+RUNNER_FAULT = ("the runner lost or duplicated data, so the store was not committed "
+                "(rerun the job)")
+
+
+def check_planned_splits(planned: Mapping[str, Any], written: Mapping[str, Any]) -> None:
+  """Raises StoreWriteError unless every split holds the clients and examples planned.
+
+  `planned` and `written` are `StoreStatsFn` outputs: over the sizes the job
+  planned for each client (from the raw sizes, the expansion plan and the
+  split's choice) and over the manifest rows of the files written.
+  """
+  none = [0, 0, 0, 0]
+  for name in sorted(set(planned["splits"]) | set(written["splits"])):
+    want = planned["splits"].get(name, none)
+    got = written["splits"].get(name, none)
+    if tuple(want[:2]) != tuple(got[:2]):
+      raise StoreWriteError(
+          f"split {name!r}: wrote {got[0]} clients with {got[1]} examples but the job planned "
+          f"{want[0]} clients with {want[1]} examples; {RUNNER_FAULT}")
+
+
 def _merge_reports(parameters: Mapping[str, Any], reports) -> dict[str, Any]:
-  """Job parameters plus what steps resolved at run time (e.g. the number of test clients)."""
+  """Job parameters plus what steps resolved at run time (e.g. the number of test clients).
+
+  Resolved keys follow the parameters in sorted order: the reports arrive in
+  whatever order the runner delivers them, and the metadata's bytes must not
+  depend on it.
+  """
   merged = dict(parameters)
+  resolved: dict[str, Any] = {}
   for report in reports:
-    for key, value in sorted(report.items()):
-      merged[key] = value
+    resolved.update(report)
+  for key in sorted(resolved):
+    merged[key] = resolved[key]
   return merged
 
 
@@ -473,15 +502,25 @@ class _CommitStore(beam.DoFn):
 
   def process(self, _, stats, spec: ElementSpec, num_shards: int, manifest_files,
               empty_report: Optional[Mapping[str, Any]] = None, reports=(), swept=(),
-              expected_clients: Optional[int] = None):
+              expected_clients: Optional[int] = None,
+              planned_splits: Optional[Mapping[str, Any]] = None,
+              input_records: Optional[int] = None):
+    # Each figure below comes from a step other than the writer's, whose
+    # manifest rows `stats` sums: a runner that loses or duplicates output
+    # cannot make both sides agree.
+    written = sum(c[0] for c in stats["splits"].values())
+    if input_records and not written:
+      raise StoreWriteError(
+          f"the readers read {input_records} input records but no client file was written; "
+          f"{RUNNER_FAULT}")
     if expected_clients is not None:
-      written = sum(c[0] for c in stats["splits"].values())
       dropped = int((empty_report or {}).get("dropped", 0))
       if written != expected_clients - dropped:
         raise StoreWriteError(
             f"wrote {written} client files but the job makes {expected_clients - dropped} "
-            f"clients ({expected_clients} planned, {dropped} dropped as empty); the runner lost "
-            "or duplicated data, so the store was not committed (rerun the job)")
+            f"clients ({expected_clients} planned, {dropped} dropped as empty); {RUNNER_FAULT}")
+    if planned_splits is not None:
+      check_planned_splits(planned_splits, stats)
     splits = [
         {"name": name, "num_clients": c[0], "num_examples": c[1], "num_bytes": c[2],
          "num_empty_clients": c[3]}
@@ -550,13 +589,20 @@ class WriteStore(beam.PTransform):
   def __init__(self, root: str, spec, *, num_shards: Optional[int] = None,
                parameters: Optional[Mapping[str, Any]] = None, job_key: str = "",
                empty_report=None, empty_policy: str = "keep", reports=(),
-               overwrite: bool = False, planned_clients=None, data_dir: Optional[str] = None,
+               overwrite: bool = False, planned_clients=None, planned_splits=None,
+               input_records=None, data_dir: Optional[str] = None,
                replaces: Optional[str] = REPLACES_ANY, fsync: bool = True):
     """`planned_clients`: optional singleton PCollection[int], the number of
     clients the job makes before empty ones are dropped, known without
     counting `clients` (which would hold every client back until the count is
     done). It picks the default shard count, and the commit fails unless
     that many files (less the dropped ones) were written.
+    `planned_splits`: optional singleton `StoreStatsFn` output over the
+    clients' planned sizes; the commit fails unless every split holds the
+    planned clients and examples (`check_planned_splits`).
+    `input_records`: optional singleton PCollection[int], the records the
+    input's readers read; the commit fails if they are not 0 and no client
+    file was written.
 
     `data_dir` and `replaces` come from `data_dir_lease.claim_data_dir`: the
     job's data directory and the SHA-256 of the metadata it found (None: no
@@ -565,6 +611,8 @@ class WriteStore(beam.PTransform):
     durable before the commit (local disks)."""
     super().__init__()
     self._planned_clients = planned_clients
+    self._planned_splits = planned_splits
+    self._input_records = input_records
     self._overwrite = overwrite
     self._data_dir = data_dir or sf.data_dir_name(
         hashlib.sha256(job_key.encode()).hexdigest() if len(job_key) < 16 else job_key)
@@ -630,6 +678,10 @@ class WriteStore(beam.PTransform):
     if self._planned_clients is not None:
       # Fewer files than planned means the runner lost data.
       side["expected_clients"] = beam.pvalue.AsSingleton(self._planned_clients)
+    if self._planned_splits is not None:
+      side["planned_splits"] = beam.pvalue.AsSingleton(self._planned_splits)
+    if self._input_records is not None:
+      side["input_records"] = beam.pvalue.AsSingleton(self._input_records)
     if self._reports:
       side["reports"] = beam.pvalue.AsList(
           tuple(self._reports) | "MergeReports" >> beam.Flatten())
