@@ -659,10 +659,11 @@ class _ClientTensorsFn:
 def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[str, int, int]]:
   """Every manifest row as client id -> (split, num_examples, num_bytes), checked.
 
-  The rows must agree with the metadata, which another step of the job wrote:
-  every split a row names is in `metadata["splits"]`, ids are unique, counts
-  are non-negative and fit the bytes (a record is at least 16 bytes), and each
-  split's clients, examples, bytes and empty clients add up to its entry.
+  `sf.read_manifest` bounds each row on its own (non-negative counts that fit
+  the bytes). The rows must also agree with the metadata, which another step
+  of the job wrote: every split a row names is in `metadata["splits"]`, ids
+  are unique, only an empty client has 0 bytes, and each split's clients,
+  examples, bytes and empty clients add up to its entry.
 
   Raises:
     StoreFormatError: naming the store, the client or split, and the figures.
@@ -679,13 +680,10 @@ def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[st
     if cid in rows:
       raise sf.StoreFormatError(f"{where} appears twice (splits {rows[cid][0]!r} and {split!r})")
     num_examples, num_bytes = int(row["num_examples"]), int(row["num_bytes"])
-    if num_examples < 0 or num_bytes < 0:
-      raise sf.StoreFormatError(f"{where} has num_examples {num_examples}, num_bytes "
-                                f"{num_bytes}; counts cannot be negative")
-    if num_bytes < RECORD_OVERHEAD_BYTES * num_examples or (num_examples == 0) != (num_bytes == 0):
+    if (num_examples == 0) != (num_bytes == 0):
       raise sf.StoreFormatError(
-          f"{where} has num_examples {num_examples} in num_bytes {num_bytes}: each record "
-          f"takes at least {RECORD_OVERHEAD_BYTES} bytes and only an empty client has 0")
+          f"{where} has num_examples {num_examples} in num_bytes {num_bytes}: only an empty "
+          "client has 0 bytes")
     rows[cid] = (split, num_examples, num_bytes)
     t = totals[split]
     t[0] += 1
