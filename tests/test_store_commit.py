@@ -271,10 +271,9 @@ def test_files_and_directories_are_fsynced_before_the_commit(tmp_path, monkeypat
   metadata = sf.read_metadata(output)
   data = os.path.join(output, metadata["data_dir"])
   before = {path for path, committed in calls if not committed}
-  # Manifest and metadata files are synced under their temporary names, before
-  # the rename; client files under their final names, by their shard's sweep.
+  # Files are synced under their temporary names, before the rename.
   synced_files = {os.path.join(os.path.dirname(p), os.path.basename(p)[1:].split(".tmp-")[0])
-                  if ".tmp-" in os.path.basename(p) else p for p in before}
+                  for p in before if ".tmp-" in os.path.basename(p)}
   files = {os.path.join(d, n) for d, _, names in os.walk(data) for n in names}
   assert len(files) == 7  # 6 clients and 1 manifest file.
   assert files <= synced_files

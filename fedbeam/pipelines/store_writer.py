@@ -78,30 +78,15 @@ def _fsync_directory(directory: str) -> None:
     os.close(fd)
 
 
-def _fsync_files(directory: str, names: Iterable[str]) -> None:
-  """fsyncs the named local files of `directory` (their content); a no-op on object stores."""
-  if is_object_store(directory):
-    return
-  for name in names:
-    fd = os.open(posixpath.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-
-
-def write_file_atomically(final_path: str, chunks: Iterable[bytes], fsync: bool = True,
-                          start_writeback: bool = False) -> tuple[int, int]:
+def write_file_atomically(final_path: str, chunks: Iterable[bytes],
+                          fsync: bool = True) -> tuple[int, int]:
   """Writes `chunks` to a temporary file and renames it to `final_path`.
 
   With `fsync` (local paths only; object stores make an object durable when
   it is closed) the content reaches the disk before the rename, so after a
   power loss the file holds its bytes or does not exist. The directory entry
-  is made durable by the caller (`_fsync_directory`, once per directory).
-  `start_writeback` (with `fsync` False) only starts writing the content to
-  the disk and returns: the caller fsyncs the file later (`_fsync_files`),
-  before anything that depends on it is committed. A failure deletes the
-  temporary file.
+  is made durable by the caller (`_fsync_directory`, once per directory). A
+  failure deletes the temporary file.
 
   Returns (number of bytes, CRC32C of the content).
 
@@ -126,11 +111,6 @@ def write_file_atomically(final_path: str, chunks: Iterable[bytes], fsync: bool 
       if local and fsync:
         f.flush()
         os.fsync(f.fileno())
-      elif local and start_writeback:
-        f.flush()
-        # Starts writeback of the dirty pages without waiting for it (Linux),
-        # so the disk works while the worker goes on to the next client.
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if local:
       os.replace(tmp, final_path)
     else:
@@ -161,12 +141,8 @@ class _WriteClientFile(beam.DoFn):
   def process(self, client: ClientRecords, num_shards: int) -> Iterable[dict[str, Any]]:
     rel = sf.client_relative_path(client.client_id, client.split, num_shards)
     rel = posixpath.join(self._data_dir, rel)
-    # Client files are fsynced by their shard directory's sweep, once all are
-    # written: an fsync here would idle the worker while the disk catches up
-    # (bench/README.md, "fsync before the commit").
     size, crc = write_file_atomically(
-        sf.join(self._root, rel), sf.tfrecord_frames(client.records), fsync=False,
-        start_writeback=self._fsync)
+        sf.join(self._root, rel), sf.tfrecord_frames(client.records), fsync=self._fsync)
     self._clients.inc()
     self._examples.inc(len(client.records))
     self._bytes.inc(size)
@@ -242,10 +218,8 @@ def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
 class _SweepShardDirectory(beam.DoFn):
   """(shard directory, file names) -> number of stray files removed.
 
-  With `fsync`, then makes the shard's client files (their writer only started
-  writing them back) and the directory's entries durable: every client file of
-  the shard directory is in place by now (the group waits for them all), and
-  the commit waits for every sweep.
+  With `fsync`, then makes the directory's entries durable: every client file
+  of the shard directory is in place by now (the group waits for them all).
   """
 
   def __init__(self, root: str, fsync: bool = True):
@@ -257,7 +231,6 @@ class _SweepShardDirectory(beam.DoFn):
     directory, names = element
     removed = sweep_directory(sf.join(self._root, directory), names)
     if self._fsync:
-      _fsync_files(sf.join(self._root, directory), names)
       _fsync_directory(sf.join(self._root, directory))
     self._swept.inc(len(removed))
     yield len(removed)
