@@ -927,7 +927,10 @@ class SimulationLoop:
     """
     for client_id in self._test_data.client_ids:
       try:
-        _drain(self._test_data.create_tf_dataset_for_client(client_id)).numpy()
+        # Iterated in Python, not drained in a graph: a store's client dataset
+        # then raises its ClientFileError, which names the client and the fault.
+        for _ in self._test_data.create_tf_dataset_for_client(client_id):
+          pass
       except _READ_ERRORS as client_error:
         return ClientReadError(client_id, round_num, client_error,
                                evaluating=True)
