@@ -479,11 +479,15 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     """`client_file_error(error, client_id, root)` for this store (None: not a file error)."""
     return client_file_error(error, client_id, self._root)
 
-  def _open_check(self, client_id: str) -> Optional[str]:
-    """Why a known client's file fails its check against the manifest (message), or None."""
+  def _client_path(self, client_id: str) -> str:
+    """The file of a known client."""
+    return sf.join(self._data_root, self._relative_path(client_id))
+
+  def _open_check(self, client_id: str, path: Optional[str] = None) -> Optional[str]:
+    """Why a known client's file (at `path`, if the caller has it) fails its check against
+    the manifest (message), or None."""
     _, num_examples, num_bytes = self._rows[client_id]
-    path = sf.join(self._data_root, self._relative_path(client_id))
-    reason = check_client_file(path, num_examples, num_bytes)
+    reason = check_client_file(path or self._client_path(client_id), num_examples, num_bytes)
     return None if reason is None else _file_problem(client_id, self._root, reason)
 
   def _manifest_figures(self) -> ManifestFigures:
@@ -523,11 +527,12 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     never opens it. Inside a traced function the checks go into that graph.
     `wrap`: return the `_ClientDataset` that maps read errors to ClientFileError.
     """
-    path = tf.constant(sf.join(self._data_root, self._relative_path(client_id)), tf.string)
+    file_path = self._client_path(client_id)
+    path = tf.constant(file_path, tf.string)
     _, num_examples, num_bytes = self._rows[client_id]
     problem = None
     if tf.executing_eagerly():
-      problem = self._open_check(client_id)
+      problem = self._open_check(client_id, file_path)
       if problem is not None:
         dataset = _failing_dataset(self._element_type_structure, problem)
       else:
