@@ -282,7 +282,9 @@ def summarize(times: dict, per_round: int) -> dict:
 def loading_part(args, workload) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.layout import join  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
 
   spec = wl.tff_element_spec()
@@ -290,9 +292,9 @@ def loading_part(args, workload) -> dict:
   needed = lambda peer: not wanted or any(r.startswith(peer + "_") for r in wanted)  # noqa: E731
   store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log)
   fedbeam_cd = load_client_data(store)
-  metadata = sf.read_metadata(store)
-  store_paths = {row["client_id"]: sf.join(store, row["path"])
-                 for row in sf.read_manifest(store, metadata)}
+  metadata = read_metadata(store)
+  store_paths = {row["client_id"]: join(store, row["path"])
+                 for row in read_manifest(store, metadata)}
   peers = {}
   if needed("sql"):
     peers["sql"] = tff.simulation.datasets.load_and_parse_sql_client_data(

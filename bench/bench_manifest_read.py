@@ -2,9 +2,10 @@
 
 Writes a store's metadata and one manifest file of N rows (the rows only; no
 client files, which these two functions never open) and times reading every
-row back. With `--peer PATH`, another checkout's `fedbeam/store_format.py`
-(e.g. main's, whose reader checks no Avro block framing, row bounds or file
-types) is loaded beside this one and the two are timed in turn in one
+row back. With `--peer PATH`, a module of another checkout that defines both
+(`fedbeam/store_format.py` of a checkout from before `fedbeam.format`, e.g.
+one whose reader checks no Avro block framing, row bounds or file types) is
+loaded beside this one and the two are timed in turn in one
 process, after TensorFlow is imported for both:
 
     .venv/bin/python -m bench.bench_manifest_read --rows 100000 \\
@@ -23,10 +24,14 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 import fastavro
 
-from fedbeam import store_format as sf
+from fedbeam.format.layout import (FORMAT_VERSION, ID_ENCODING, MANIFEST_DIR, UNSPLIT,
+                                   client_relative_path)
+from fedbeam.format.manifest import manifest_file_name, read_manifest
+from fedbeam.format.metadata import metadata_path, metadata_to_json, parsed_schema, read_metadata
 
 __all__ = ["write_manifest_store", "time_manifest_read"]
 
@@ -34,30 +39,30 @@ __all__ = ["write_manifest_store", "time_manifest_read"]
 def write_manifest_store(root: str, rows: int) -> str:
   """A store directory at `root` with metadata and one manifest file of `rows` clients."""
   data_dir = "data-0123456789abcdef"
-  os.makedirs(os.path.join(root, data_dir, sf.MANIFEST_DIR), exist_ok=True)
+  os.makedirs(os.path.join(root, data_dir, MANIFEST_DIR), exist_ok=True)
   records = []
   for i in range(rows):
     cid = f"client-{i:08d}"
-    records.append({"client_id": cid, "split": sf.UNSPLIT, "raw_client_id": cid,
+    records.append({"client_id": cid, "split": UNSPLIT, "raw_client_id": cid,
                     "pseudo_index": 0, "num_examples": 10, "num_bytes": 1000,
-                    "path": f"{data_dir}/{sf.client_relative_path(cid, sf.UNSPLIT, 25)}",
+                    "path": f"{data_dir}/{client_relative_path(cid, UNSPLIT, 25)}",
                     "crc32c": i})
   records.sort(key=lambda r: r["client_id"])
-  with open(os.path.join(root, data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(0, 1)), "wb") as f:
-    fastavro.writer(f, sf.parsed_schema("manifest"), records, codec="null")
+  with open(os.path.join(root, data_dir, MANIFEST_DIR, manifest_file_name(0, 1)), "wb") as f:
+    fastavro.writer(f, parsed_schema("manifest"), records, codec="null")
   metadata = {
-      "format_version": sf.FORMAT_VERSION, "fedbeam_version": "bench",
+      "format_version": FORMAT_VERSION, "fedbeam_version": "bench",
       "element_spec": [{"name": "label", "dtype": "int64", "shape": []},
                        {"name": "pixels", "dtype": "float32", "shape": [4]}],
-      "data_dir": data_dir, "id_encoding": sf.ID_ENCODING, "num_shards": 25,
+      "data_dir": data_dir, "id_encoding": ID_ENCODING, "num_shards": 25,
       "manifest": {"num_files": 1},
-      "splits": [{"name": sf.UNSPLIT, "num_clients": rows, "num_examples": 10 * rows,
+      "splits": [{"name": UNSPLIT, "num_clients": rows, "num_examples": 10 * rows,
                   "num_bytes": 1000 * rows, "num_empty_clients": 0}],
       "empty_clients": {"found": 0, "policy": "keep", "dropped": 0, "sample": []},
       "parameters": {},
   }
-  with open(sf.metadata_path(root), "wb") as f:
-    f.write(sf.metadata_to_json(metadata))
+  with open(metadata_path(root), "wb") as f:
+    f.write(metadata_to_json(metadata))
   return root
 
 
@@ -82,11 +87,12 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--rows", type=int, default=100_000)
   p.add_argument("--runs", type=int, default=3)
-  p.add_argument("--peer", help="another checkout's fedbeam/store_format.py")
+  p.add_argument("--peer", help="a module file defining read_metadata and read_manifest")
   args = p.parse_args(argv)
   import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   # (main's reader imports TensorFlow; the loader always has it.)
-  modules = {"fedbeam": sf}
+  modules = {"fedbeam": types.SimpleNamespace(read_metadata=read_metadata,
+                                                read_manifest=read_manifest)}
   if args.peer:
     modules["peer"] = _load_peer(args.peer)
   times = {name: [] for name in modules}

@@ -223,7 +223,9 @@ def rounds_part(args) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from bench import bench_loading as bl  # pylint: disable=g-import-not-at-top
-  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.layout import join  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
 
   workload = wl.Workload(num_clients=args.round_clients)
@@ -231,9 +233,9 @@ def rounds_part(args) -> dict:
   store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log,
                                   in_process_fallback=True)
   fedbeam_cd = load_client_data(store)
-  metadata = sf.read_metadata(store)
-  store_paths = {row["client_id"]: sf.join(store, row["path"])
-                 for row in sf.read_manifest(store, metadata)}
+  metadata = read_metadata(store)
+  store_paths = {row["client_id"]: join(store, row["path"])
+                 for row in read_manifest(store, metadata)}
   sql = tff.simulation.datasets.load_and_parse_sql_client_data(
       wl.ensure_tff_sqlite(workload, args.workdir, log), spec)
   indexed = tff.simulation.datasets.load_and_parse_sql_client_data(

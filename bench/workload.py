@@ -145,7 +145,7 @@ _CLIENT_ID_JSON = {"client_id": {"dtype": "string", "shape": []}}
 
 @functools.lru_cache(maxsize=None)
 def _example_spec(features_json: str, with_id: bool):
-  from fedbeam.element_spec import ElementSpec  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.spec import ElementSpec  # pylint: disable=g-import-not-at-top
   features = json.loads(features_json)
   return ElementSpec.from_json({**_CLIENT_ID_JSON, **features} if with_id else features)
 
@@ -154,12 +154,12 @@ def encode_client(columns: dict, features_json: dict, client_id: str, with_id: b
                   ) -> list[bytes]:
   """A client's examples (`columns`: feature -> values stacked on axis 0) as serialized
   `tf.train.Example`s, with a `client_id` feature when `with_id`; protobuf's
-  deterministic bytes (fedbeam.store_format.encode_examples)."""
-  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  deterministic bytes (fedbeam.format.codec.encode_examples)."""
+  from fedbeam.format.codec import encode_examples  # pylint: disable=g-import-not-at-top
   n = len(next(iter(columns.values())))
   if with_id:
     columns = dict(columns, client_id=np.array([client_id.encode("utf-8")] * n, dtype=object))
-  return sf.encode_examples(columns, _example_spec(json.dumps(features_json), with_id), n)
+  return encode_examples(columns, _example_spec(json.dumps(features_json), with_id), n)
 
 
 def client_records(workload: Workload, client_id: str, with_id: bool) -> list[bytes]:

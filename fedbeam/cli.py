@@ -71,7 +71,7 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_prepare(args, beam_args) -> int:
-  from fedbeam.element_spec import ElementSpec, ElementSpecError  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.spec import ElementSpec, ElementSpecError  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare  # pylint: disable=g-import-not-at-top
   error = _check_beam_args(beam_args)
   if error:
@@ -107,11 +107,11 @@ def _run_prepare(args, beam_args) -> int:
 
 
 def _run_inspect(args) -> int:
-  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.layout import StoreFormatError  # pylint: disable=g-import-not-at-top
   from fedbeam.store_summary import format_summary, summarize_store  # pylint: disable=g-import-not-at-top
   try:
     summary = summarize_store(args.store)
-  except sf.StoreFormatError as e:
+  except StoreFormatError as e:
     print(f"fedbeam inspect: error: {e}", file=sys.stderr)
     return 1
   if args.json:

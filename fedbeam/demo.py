@@ -79,10 +79,11 @@ def plot_client_sizes(store: str, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
-  metadata = sf.read_metadata(store)
+  from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+  metadata = read_metadata(store)
   sizes: dict[str, list[int]] = {}
-  for row in sf.read_manifest(store, metadata):
+  for row in read_manifest(store, metadata):
     sizes.setdefault(row["split"], []).append(row["num_examples"])
   fig, ax = plt.subplots(figsize=(6, 3.5))
   ax.hist([sizes[s] for s in sorted(sizes)], bins=20, label=sorted(sizes), stacked=True)

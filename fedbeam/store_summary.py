@@ -6,7 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from fedbeam import store_format as sf
+from fedbeam.format.layout import StoreFormatError
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import read_metadata
 
 PERCENTILES = (("min", 0), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
 
@@ -22,11 +24,11 @@ def summarize_store(path: str) -> dict[str, Any]:
   Raises:
     StoreFormatError: no committed store at `path`, or a damaged one.
   """
-  metadata = sf.read_metadata(path)
+  metadata = read_metadata(path)
   sizes: dict[str, list[int]] = {s["name"]: [] for s in metadata["splits"]}
-  for row in sf.read_manifest(path, metadata):
+  for row in read_manifest(path, metadata):
     if row["split"] not in sizes:
-      raise sf.StoreFormatError(
+      raise StoreFormatError(
           f"{path}: manifest row for client {row['client_id']!r} names split "
           f"{row['split']!r}, which the metadata does not list")
     sizes[row["split"]].append(int(row["num_examples"]))
@@ -34,7 +36,7 @@ def summarize_store(path: str) -> dict[str, Any]:
   for s in metadata["splits"]:
     counts = np.array(sizes[s["name"]], dtype=np.int64)
     if len(counts) != s["num_clients"]:
-      raise sf.StoreFormatError(
+      raise StoreFormatError(
           f"{path}: split {s['name']!r} lists {s['num_clients']} clients in the metadata "
           f"but {len(counts)} in the manifest")
     pct = ({name: int(np.percentile(counts, q, method="nearest")) for name, q in PERCENTILES}

@@ -11,14 +11,14 @@ Checks (every one reports the file and client at fault):
   framing and CRCs are intact and it holds `num_examples` records;
 - no stray file (temporary files, leftovers of an interrupted write);
 - only regular files and directories: a symbolic link or FIFO is listed,
-  never followed or opened (`store_format.read_store_file`);
+  never followed or opened (`fs.read_store_file`);
 - with `deep`, every record is a tf.train.Example with exactly the element
   spec's features, value types and value counts, and values the spec's dtype
   holds (an int8 feature's values in [-128, 127], a float16's exact in
   float16), as the writer makes them; patterns that a relabelled dtype or
   shape leaves but bytes cannot prove wrong become `notes` (`_SpecEvidence`).
 
-The metadata, manifest and row bounds are those of `store_format.read_metadata`
+The metadata, manifest and row bounds are those of `metadata.read_metadata`
 and `read_manifest` (docs/store-format.md, "Limits").
 """
 
@@ -33,8 +33,15 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from fedbeam.element_spec import ElementSpec, FeatureSpec
-from fedbeam import store_format as sf
+from fedbeam.format.spec import ElementSpec, FeatureSpec
+from fedbeam.format.fs import file_kind, read_store_file, remote_error_line
+from fedbeam.format.layout import (DATA_DIR_PREFIX, InvalidClientIdError, LEASE_FILE, MANIFEST_DIR,
+                                   MAX_MANIFEST_FILE_BYTES, METADATA_FILE, MissingStoreFileError,
+                                   StoreFormatError, client_relative_path, join)
+from fedbeam.format.manifest import (check_manifest_row, check_manifest_spec, manifest_file_name,
+                                     parse_manifest_file)
+from fedbeam.format.metadata import read_metadata
+from fedbeam.format.tfrecord import CorruptRecordError, checksum, read_tfrecords
 
 # Problems listed before the report stops collecting (the count stays exact).
 MAX_LISTED_PROBLEMS = 1000
@@ -204,7 +211,7 @@ def _list_files(root: str, report: "ValidationReport",
     try:
       walk = list(tf.io.gfile.walk(base))
     except tf.errors.OpError as e:
-      report.add(f"cannot list {root}: {sf.remote_error_line(e)}")
+      report.add(f"cannot list {root}: {remote_error_line(e)}")
       return None
     return {rel for rel in (_relative(base, d, n) for d, _, names in walk for n in names)
             if not ("/" in rel and skip_top(rel.split("/")[0]))}
@@ -220,7 +227,7 @@ def _list_files(root: str, report: "ValidationReport",
         found.add(_relative(base, dirpath, name))
       elif not stat.S_ISDIR(mode):
         target = f" -> {os.readlink(full)}" if stat.S_ISLNK(mode) else ""
-        report.add(f"{_relative(base, dirpath, name)}{target} is a {sf.file_kind(mode)}; a store "
+        report.add(f"{_relative(base, dirpath, name)}{target} is a {file_kind(mode)}; a store "
                    "holds only regular files and directories")
   return found
 
@@ -240,14 +247,14 @@ def validate_store(path: str, deep: bool = False) -> ValidationReport:
   try:
     _validate(path, deep, report)
   except Exception as e:  # pylint: disable=broad-except
-    report.add(f"validation stopped: {type(e).__name__}: {sf.remote_error_line(e)}")
+    report.add(f"validation stopped: {type(e).__name__}: {remote_error_line(e)}")
   return report
 
 
 def _validate(path: str, deep: bool, report: ValidationReport) -> None:
   try:
-    metadata = sf.read_metadata(path)
-  except sf.StoreFormatError as e:
+    metadata = read_metadata(path)
+  except StoreFormatError as e:
     report.add(str(e))
     return
   spec = ElementSpec.from_metadata(metadata["element_spec"])
@@ -255,9 +262,9 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
   split_names = {s["name"] for s in metadata["splits"]}
   num_manifest = metadata["manifest"]["num_files"]
   data_dir = metadata["data_dir"]
-  expected_files = {sf.METADATA_FILE}
+  expected_files = {METADATA_FILE}
   expected_files.update(
-      posixpath.join(data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
+      posixpath.join(data_dir, MANIFEST_DIR, manifest_file_name(i, num_manifest))
       for i in range(num_manifest))
   totals: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in split_names}
   seen: dict[str, str] = {}
@@ -265,12 +272,12 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
   least = spec.min_record_bytes()
 
   for i in range(num_manifest):
-    rel = posixpath.join(data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(i, num_manifest))
-    rows = _read_manifest_file(path, sf.join(path, rel), report, metadata["element_spec"])
+    rel = posixpath.join(data_dir, MANIFEST_DIR, manifest_file_name(i, num_manifest))
+    rows = _read_manifest_file(path, join(path, rel), report, metadata["element_spec"])
     for row in rows:
       try:
-        sf.check_manifest_row(row, least, rel)
-      except sf.StoreFormatError as e:
+        check_manifest_row(row, least, rel)
+      except StoreFormatError as e:
         report.add(str(e))
         continue
       cid = row["client_id"]
@@ -284,8 +291,8 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
         continue
       try:
         expected_path = posixpath.join(
-            data_dir, sf.client_relative_path(cid, row["split"], num_shards))
-      except sf.InvalidClientIdError as e:
+            data_dir, client_relative_path(cid, row["split"], num_shards))
+      except InvalidClientIdError as e:
         report.add(f"{where}: {e}")
         continue
       if row["path"] != expected_path:
@@ -314,9 +321,9 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
   # Other data-* directories are not part of the store (jobs still writing,
   # or leftovers the next commit removes; docs/store-format.md), nor is a
   # lease file its writer left behind.
-  expected_files.add(posixpath.join(data_dir, sf.LEASE_FILE))
+  expected_files.add(posixpath.join(data_dir, LEASE_FILE))
   present = _list_files(path, report, skip_top=lambda name: (
-      name.startswith(sf.DATA_DIR_PREFIX) and name != data_dir))
+      name.startswith(DATA_DIR_PREFIX) and name != data_dir))
   for stray in sorted(present - expected_files if present is not None else ()):
     report.add(f"stray file {stray}: not listed in the manifest or metadata")
 
@@ -329,14 +336,14 @@ def _read_manifest_file(root: str, path: str, report: ValidationReport,
   problem, but the rows are still returned so the client files get checked.
   """
   try:
-    data = sf.read_store_file(root, path, sf.MAX_MANIFEST_FILE_BYTES, "manifest file")
-    rows = sf.parse_manifest_file(data, path)
-  except sf.StoreFormatError as e:
+    data = read_store_file(root, path, MAX_MANIFEST_FILE_BYTES, "manifest file")
+    rows = parse_manifest_file(data, path)
+  except StoreFormatError as e:
     report.add(str(e))
     return []
   try:
-    sf.check_manifest_spec(data, element_spec, path)
-  except sf.StoreFormatError as e:
+    check_manifest_spec(data, element_spec, path)
+  except StoreFormatError as e:
     report.add(str(e))
   return rows
 
@@ -347,29 +354,29 @@ def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec,
   cid, rel = row["client_id"], row["path"]
   where = f"client {cid!r} ({rel})"
   try:
-    data = sf.read_store_file(root, sf.join(root, rel), None, "client file")
-  except sf.MissingStoreFileError:
+    data = read_store_file(root, join(root, rel), None, "client file")
+  except MissingStoreFileError:
     report.add(f"{where}: file is missing")
     return
-  except sf.StoreFormatError as e:
+  except StoreFormatError as e:
     report.add(f"{where}: {e}")
     return
   report.num_files_checked += 1
   if len(data) != row["num_bytes"]:
     report.add(f"{where}: {len(data)} bytes, the manifest says {row['num_bytes']}")
-  crc = sf.checksum(data)
+  crc = checksum(data)
   if crc != row["crc32c"]:
     report.add(f"{where}: CRC32C {crc:08x}, the manifest says {row['crc32c']:08x}")
   count = 0
   try:
-    for record in sf.read_tfrecords(io.BytesIO(data)):
+    for record in read_tfrecords(io.BytesIO(data)):
       if evidence is not None:
         problem = _check_record(record, spec, evidence)
         if problem:
           report.add(f"{where}: record {count}: {problem}")
           return
       count += 1
-  except sf.CorruptRecordError as e:
+  except CorruptRecordError as e:
     report.add(f"{where}: damaged TFRecord data: {e}")
     return
   if count != row["num_examples"]:

@@ -37,8 +37,10 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from fedbeam import store_format as sf
-from fedbeam.element_spec import ElementSpec
+from fedbeam.format.layout import UNSPLIT, client_relative_path, join
+from fedbeam.format.metadata import read_metadata
+from fedbeam.format.tfrecord import tfrecord_frame
+from fedbeam.format.spec import ElementSpec
 
 Element = Mapping[str, Any]
 Clients = Mapping[str, Sequence[Element]]
@@ -134,7 +136,7 @@ def write_tfrecord_input(path: Union[str, os.PathLike], clients: Clients,
   with open(path, "wb") as f:
     for client_id, elements in clients.items():
       for element in elements:
-        f.write(sf.tfrecord_frame(_example_bytes(element, client_id, client_id_key)))
+        f.write(tfrecord_frame(_example_bytes(element, client_id, client_id_key)))
   return path
 
 
@@ -370,7 +372,7 @@ def read_store(store_path: str, split: Optional[str] = None) -> dict[str, list[d
   strings are `bytes`.
 
   Raises:
-    fedbeam.store_format.StoreFormatError: no committed store at `store_path`.
+    fedbeam.format.StoreFormatError: no committed store at `store_path`.
     ValueError: `split` is not a split of the store.
   """
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
@@ -378,15 +380,15 @@ def read_store(store_path: str, split: Optional[str] = None) -> dict[str, list[d
   return {cid: dataset_elements(data.create_tf_dataset_for_client(cid)) for cid in data.client_ids}
 
 
-def client_file(store_path: str, client_id: str, split: str = sf.UNSPLIT) -> str:
+def client_file(store_path: str, client_id: str, split: str = UNSPLIT) -> str:
   """The path of a client's TFRecord file in a committed local store (for fault-injection tests).
 
   Raises:
-    fedbeam.store_format.StoreFormatError: no committed store at `store_path`.
+    fedbeam.format.StoreFormatError: no committed store at `store_path`.
   """
-  metadata = sf.read_metadata(store_path)
-  rel = sf.client_relative_path(client_id, split, metadata["num_shards"])
-  return sf.join(store_path, metadata["data_dir"], rel)
+  metadata = read_metadata(store_path)
+  rel = client_relative_path(client_id, split, metadata["num_shards"])
+  return join(store_path, metadata["data_dir"], rel)
 
 
 def dataset_elements(dataset) -> list[dict[str, np.ndarray]]:
@@ -509,7 +511,7 @@ def assert_store_equals(store_path: str, expected: Clients, split: Optional[str]
     AssertionError: naming missing and extra client ids, a client whose
       example count differs, or the first differing element and feature with
       both values.
-    fedbeam.store_format.StoreFormatError: no committed store at `store_path`.
+    fedbeam.format.StoreFormatError: no committed store at `store_path`.
   """
   actual = read_store(store_path, split)
   missing = sorted(set(expected) - set(actual))

@@ -18,7 +18,7 @@ from apache_beam.options import pipeline_options
 import pytest
 
 from fedbeam import beam_flags
-from fedbeam import store_format as sf
+from fedbeam.format.metadata import read_metadata
 from fedbeam import testing
 from fedbeam.cli import _check_beam_args, build_parser, main
 
@@ -173,7 +173,7 @@ def test_beam_flags_the_issue_found_refused_run_a_job(tmp_path, capsys):
                "--worker_machine_type", "n1-standard-4", "--resource_hint=min_ram=1GB",
                "--environment_option=k=v", "--dataflow_service_option=x"])
   assert code == 0, capsys.readouterr().err
-  assert [(s["name"], s["num_clients"]) for s in sf.read_metadata(str(out))["splits"]] == [("all", 2)]
+  assert [(s["name"], s["num_clients"]) for s in read_metadata(str(out))["splits"]] == [("all", 2)]
   testing.assert_store_equals(str(out), clients, ordered=False)
 
 

@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fedbeam import store_format as sf
+from fedbeam.format.layout import METADATA_FILE
+from fedbeam.format.metadata import read_metadata
 from fedbeam import testing
 from fedbeam.cli import main
 
@@ -53,7 +54,7 @@ def test_json_summary_has_version_splits_empty_clients_and_percentiles(store, ca
   assert split["num_empty_clients"] == 4
   assert split["client_size"] == {"min": 0, "p50": _nearest(SIZES, 50), "p90": _nearest(SIZES, 90),
                                   "p99": _nearest(SIZES, 99), "max": 9}
-  data_dir = sf.read_metadata(store)["data_dir"]
+  data_dir = read_metadata(store)["data_dir"]
   sizes = sum(os.path.getsize(os.path.join(d, n))
               for d, _, names in os.walk(os.path.join(store, data_dir, "all")) for n in names)
   assert split["num_bytes"] == sizes
@@ -96,7 +97,7 @@ def test_path_without_a_store_exits_non_zero_with_a_clear_message(store, tmp_pat
   elif kind == "uncommitted":
     # What a killed job leaves: data, no metadata.
     shutil.copytree(store, path)
-    os.remove(path / sf.METADATA_FILE)
+    os.remove(path / METADATA_FILE)
   code, out, err = _inspect(capsys, str(path), "--json")
   assert code == 1
   assert out == ""
@@ -109,7 +110,7 @@ def test_path_without_a_store_exits_non_zero_with_a_clear_message(store, tmp_pat
 def test_store_with_a_missing_manifest_file_exits_non_zero(store, tmp_path, capsys):
   damaged = tmp_path / "damaged"
   shutil.copytree(store, damaged)
-  data_dir = sf.read_metadata(str(damaged))["data_dir"]
+  data_dir = read_metadata(str(damaged))["data_dir"]
   os.remove(damaged / data_dir / "manifest" / "part-00000-of-00001.avro")
   code, _, err = _inspect(capsys, str(damaged))
   assert code == 1

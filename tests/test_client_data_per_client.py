@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedbeam import store_format as sf
+from fedbeam.format.codec import PARSE_BATCH
 from fedbeam import testing as fbt
 from fedbeam.runtime import client_data as cd_module
 from fedbeam.runtime.client_data import ClientFileError, load_client_data
 
 SPEC = {"label": {"dtype": "int32", "shape": []}, "pixels": {"dtype": "float32", "shape": [3]}}
 # More records than two parse batches, and not a multiple of one.
-BIG = 2 * sf.PARSE_BATCH + 37
+BIG = 2 * PARSE_BATCH + 37
 
 
 def _clients():
@@ -92,7 +92,7 @@ def test_a_damaged_record_names_the_client_after_the_batches_before_it(store_cop
       with pytest.raises(ClientFileError, match=r"client 'big' in store .* is damaged"):
         for e in ds:
           seen.append(e)
-    assert len(seen) == 2 * sf.PARSE_BATCH, how
+    assert len(seen) == 2 * PARSE_BATCH, how
   with pytest.raises(tf.errors.DataLossError):
     list(store.create_tf_dataset_for_client("big").batch(10))
   # The other clients read as before.

@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedbeam import store_format as sf
+from fedbeam.format.layout import MANIFEST_DIR, StoreFormatError
+from fedbeam.format.manifest import manifest_file_name
+from fedbeam.format.metadata import metadata_path, parsed_schema, read_metadata
+from fedbeam.format.tfrecord import masked_crc, read_tfrecords, tfrecord_frames
 from fedbeam import testing as fbt
 from fedbeam.runtime.client_data import ClientFileError, load_client_data
 
@@ -46,12 +49,12 @@ def store(clean_store, tmp_path):
 
 def _records(path):
   with open(path, "rb") as f:
-    return list(sf.read_tfrecords(f))
+    return list(read_tfrecords(f))
 
 
 def _write_records(path, records):
   with open(path, "wb") as f:
-    f.write(b"".join(sf.tfrecord_frames(records)))
+    f.write(b"".join(tfrecord_frames(records)))
 
 
 def _every_path_fails(store_path, cid, eager_match, graph_match):
@@ -116,11 +119,11 @@ def test_swapped_client_files_fail_instead_of_serving_each_others_data(store):
 def test_a_file_with_more_records_than_the_manifest_fails_on_count(store):
   # The manifest (and the metadata's totals, so the load checks pass) says c2
   # holds 2 records; its file, of the size the manifest gives, holds 3.
-  metadata = sf.read_metadata(store)
+  metadata = read_metadata(store)
   _edit_manifest(store, lambda rows: [dict(r, num_examples=2) if r["client_id"] == "c2" else r
                                       for r in rows])
   metadata["splits"][0]["num_examples"] -= 1
-  with open(sf.metadata_path(store), "w") as f:
+  with open(metadata_path(store), "w") as f:
     json.dump(metadata, f)
   data = load_client_data(store)
   with pytest.raises(ClientFileError, match="client 'c2' .* holds more than 2 records, the "
@@ -162,7 +165,7 @@ def test_a_forged_record_length_is_refused_before_tensorflow_reads_it(store):
   path = fbt.client_file(store, "c5")
   data = bytearray(open(path, "rb").read())
   length = struct.pack("<Q", 1 << 40)
-  data[:12] = length + struct.pack("<I", sf._masked_crc(length))  # pylint: disable=protected-access
+  data[:12] = length + struct.pack("<I", masked_crc(length))  # pylint: disable=protected-access
   open(path, "wb").write(bytes(data))
   # In a child process: unguarded, TensorFlow's record reader allocates 1 TiB
   # and the process dies.
@@ -215,13 +218,13 @@ def test_client_tensors_fn_names_the_client_of_a_missing_or_damaged_file(store):
 # ---------------------------------------------------------------------------
 
 def _edit_manifest(store_path, edit):
-  metadata = sf.read_metadata(store_path)
-  path = os.path.join(store_path, metadata["data_dir"], sf.MANIFEST_DIR,
-                      sf.manifest_file_name(0, metadata["manifest"]["num_files"]))
+  metadata = read_metadata(store_path)
+  path = os.path.join(store_path, metadata["data_dir"], MANIFEST_DIR,
+                      manifest_file_name(0, metadata["manifest"]["num_files"]))
   with open(path, "rb") as f:
     rows = edit(list(fastavro.reader(f)))
   with open(path, "wb") as f:
-    fastavro.writer(f, sf.parsed_schema("manifest"), rows)
+    fastavro.writer(f, parsed_schema("manifest"), rows)
 
 
 def _with(cid, **fields):
@@ -252,7 +255,7 @@ def _with(cid, **fields):
 def test_manifest_rows_that_disagree_with_the_metadata_are_refused(store, edit, match):
   _edit_manifest(store, edit)
   where = re.escape(store)
-  with pytest.raises(sf.StoreFormatError,
+  with pytest.raises(StoreFormatError,
                      match=rf"(store {where} is damaged|manifest file {where}/\S+): .*{match}"):
     load_client_data(store)
 

@@ -19,7 +19,7 @@ from apache_beam.transforms.window import GlobalWindows
 import numpy as np
 import pytest
 
-from fedbeam import store_format as sf
+from fedbeam.format.metadata import metadata_path
 from fedbeam import testing
 from fedbeam.pipelines.dask import DaskRunner
 from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare
@@ -184,13 +184,13 @@ def test_beams_own_dask_runner_fails_the_expansion_job_and_commits_nothing(clust
                          client_id_key="client_id", **FLAGS["expanded"])
   with pytest.raises(PrepareError):
     run_prepare(config, [BEAM_RUNNER, f"--dask_client_address={cluster}"])
-  assert not os.path.exists(sf.metadata_path(output))
+  assert not os.path.exists(metadata_path(output))
 
 
 def test_group_by_client_is_complete_on_beams_own_dask_runner(cluster, tmp_path):
   # The encoder emits from process and its counts are a Map, not a second
   # output: neither of the DaskRunner's finish_bundle and tag bugs touches it.
-  from fedbeam.element_spec import ElementSpec  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.spec import ElementSpec  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.grouping import GroupByClient  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.records import InputRecord, RawFeature  # pylint: disable=g-import-not-at-top
   spec = ElementSpec.from_json({"v": {"dtype": "int64", "shape": []}})

@@ -29,7 +29,7 @@ import pytest
 
 from fedbeam import testing
 from fedbeam.cli import _check_beam_args, build_parser, main
-from fedbeam.element_spec import ElementSpec
+from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.prepare import PrepareConfig, PrepareStore, job_key
 
 DATAFLOW_ARGS = [

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedbeam.element_spec import ElementSpec, FeatureSpec
-from fedbeam.example_proto import Example
+from fedbeam.format.spec import ElementSpec, FeatureSpec
+from fedbeam.format.codec import Example
 from fedbeam.pipelines import example_records as er
 from fedbeam.pipelines.records import InputError
 

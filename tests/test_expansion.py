@@ -18,9 +18,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedbeam import store_format as sf
+from fedbeam.format.codec import encode_examples
+from fedbeam.format.layout import StoreFormatError
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam import testing
-from fedbeam.element_spec import ElementSpec, FeatureSpec
+from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.pipelines.expansion import (ExpansionError, PlanPseudoClients, PseudoClientSizes,
                                          apply_transform, expansion_plan, pseudo_client_id,
                                          pseudo_clients_of)
@@ -59,8 +62,8 @@ def prepare(db, tmp_path, name, beam_args=(), **flags):
 
 
 def assert_not_committed(output):
-  assert not os.path.exists(sf.metadata_path(str(output)))
-  with pytest.raises(sf.StoreFormatError):
+  assert not os.path.exists(metadata_path(str(output)))
+  with pytest.raises(StoreFormatError):
     load_client_data(str(output))
 
 
@@ -236,7 +239,7 @@ def test_identity_expansion_equals_tff(raw_db, work, tff_base, n):
   raw = tff_elements(tff_base)
   for cid, elements in expected.items():
     testing.assert_elements_equal(elements, raw[cid.rsplit("_", 1)[0]], where=cid)
-  metadata = sf.read_metadata(store)
+  metadata = read_metadata(store)
   assert metadata["parameters"]["transform"] == "fedbeam.transforms:identity"
   assert metadata["parameters"]["num_transformed_clients"] == n
 
@@ -249,15 +252,15 @@ def test_unchanged_ids_apply_index_zero(raw_db, work, tff_base, n):
   assert_matches_tff(store, expected)
   raw = tff_elements(tff_base)
   np.testing.assert_array_equal(expected["bob"][0]["pixels"], raw["bob"][0]["pixels"] + 1.0)
-  metadata = sf.read_metadata(store)
-  rows = list(sf.read_manifest(store, metadata))
+  metadata = read_metadata(store)
+  rows = list(read_manifest(store, metadata))
   assert sorted((r["client_id"], r["raw_client_id"], r["pseudo_index"]) for r in rows) == [
       (c, c, 0) for c in sorted(RAW_SIZES)]
 
 
 def test_manifest_records_raw_client_and_index(affine_23):
-  metadata = sf.read_metadata(affine_23)
-  rows = sorted(sf.read_manifest(affine_23, metadata), key=lambda r: r["client_id"])
+  metadata = read_metadata(affine_23)
+  rows = sorted(read_manifest(affine_23, metadata), key=lambda r: r["client_id"])
   assert len(rows) == 23
   for row in rows:
     raw, suffix = row["client_id"].rsplit("_", 1)
@@ -290,7 +293,7 @@ def test_ids_with_digit_suffixes_and_non_ascii(work, tmp_path_factory):
       "a_1_0_00", "a_1_0_01", "naïve_00", "naïve_01", "日本_7_00", "日本_7_01",
       "🙂 space_00", "🙂 space_01"}
   assert_matches_tff(store, expected)
-  rows = {r["client_id"]: r for r in sf.read_manifest(store, sf.read_metadata(store))}
+  rows = {r["client_id"]: r for r in read_manifest(store, read_metadata(store))}
   assert (rows["a_01"]["raw_client_id"], rows["a_01"]["pseudo_index"]) == ("a", 1)
   assert (rows["a_1_00"]["raw_client_id"], rows["a_1_00"]["pseudo_index"]) == ("a_1", 0)
   assert (rows["a_1_0_01"]["raw_client_id"], rows["a_1_0_01"]["pseudo_index"]) == ("a_1_0", 1)
@@ -406,8 +409,8 @@ def _raise(elements):
 ], ids=["raises", "drops", "widens", "crops", "short"])
 def test_bad_batch_form_names_raw_client_and_index(batch_fn, message):
   spec = SPEC
-  records = sf.encode_examples({"label": np.arange(3, dtype=np.int32),
-                                "pixels": np.zeros((3, 28, 28), np.float32)}, spec, 3)
+  records = encode_examples({"label": np.arange(3, dtype=np.int32),
+                             "pixels": np.zeros((3, 28, 28), np.float32)}, spec, 3)
   with pytest.raises(ExpansionError) as e:
     apply_transform(_with_batch_form(batch_fn), "dave", 2, records, spec)
   assert str(e.value) == f"transform for raw client 'dave', index 2 {message}"
@@ -417,7 +420,7 @@ def test_batch_form_receives_numpy_and_may_return_tensors():
   spec = SPEC
   columns = {"label": np.arange(3, dtype=np.int32),
              "pixels": np.arange(3 * 784, dtype=np.float32).reshape(3, 28, 28)}
-  records = sf.encode_examples(columns, spec, 3)
+  records = encode_examples(columns, spec, 3)
   seen = []
 
   def batch_fn(elements):
@@ -427,7 +430,7 @@ def test_batch_form_receives_numpy_and_may_return_tensors():
   out = apply_transform(_with_batch_form(batch_fn), "dave", 1, records, spec)
   assert seen == [{"label": np.ndarray, "pixels": np.ndarray}]
   doubled = dict(columns, pixels=columns["pixels"] * 2)
-  assert out == sf.encode_examples(doubled, spec, 3)
+  assert out == encode_examples(doubled, spec, 3)
 
 
 # --- the built-in affine transform --------------------------------------------

@@ -21,9 +21,14 @@ import fastavro
 import numpy as np
 import pytest
 
-from fedbeam import store_format as sf
+from fedbeam.format.layout import (MANIFEST_DIR, MAX_METADATA_BYTES, StoreFormatError, UNSPLIT,
+                                   check_split_name)
+from fedbeam.format.manifest import manifest_file_name, read_manifest
+from fedbeam.format.metadata import load_schema, metadata_path, parsed_schema, read_metadata
+from fedbeam.format.tfrecord import CorruptRecordError, masked_crc, read_tfrecords
 from fedbeam import testing as fbt
-from fedbeam import element_spec
+from fedbeam.format import spec as element_spec
+from fedbeam import store_validation
 from fedbeam.store_validation import validate_store
 
 # The spec is inferred (label: int64, pixels: float32 [4]); labels above 127
@@ -50,7 +55,7 @@ def store(clean_store, tmp_path):
 
 
 def _edit_metadata(store, edit):
-  path = sf.metadata_path(store)
+  path = metadata_path(store)
   with open(path, encoding="utf-8") as f:
     metadata = json.load(f)
   edit(metadata)
@@ -59,9 +64,9 @@ def _edit_metadata(store, edit):
 
 
 def _manifest_file(store):
-  with open(sf.metadata_path(store), encoding="utf-8") as f:
+  with open(metadata_path(store), encoding="utf-8") as f:
     data_dir = json.load(f)["data_dir"]
-  return os.path.join(store, data_dir, sf.MANIFEST_DIR, sf.manifest_file_name(0, 1))
+  return os.path.join(store, data_dir, MANIFEST_DIR, manifest_file_name(0, 1))
 
 
 def _edit_manifest_rows(store, edit):
@@ -70,7 +75,7 @@ def _edit_manifest_rows(store, edit):
   with open(path, "rb") as f:
     rows = [edit(row) for row in fastavro.reader(f)]
   with open(path, "wb") as f:
-    fastavro.writer(f, sf.parsed_schema("manifest"), rows)
+    fastavro.writer(f, parsed_schema("manifest"), rows)
 
 
 def _run(tmp_path, args, timeout=120):
@@ -101,14 +106,18 @@ def _fedbeam(tmp_path, *args, timeout=120):
 # One process for every store: importing TFF takes most of its time.
 _LOAD_ALL = textwrap.dedent("""
     import sys
-    from fedbeam import store_format as sf
+    from fedbeam.format.layout import (MANIFEST_DIR, MAX_METADATA_BYTES, StoreFormatError, UNSPLIT,
+                                       check_split_name)
+    from fedbeam.format.manifest import manifest_file_name, read_manifest
+    from fedbeam.format.metadata import load_schema, metadata_path, parsed_schema, read_metadata
+    from fedbeam.format.tfrecord import CorruptRecordError, masked_crc, read_tfrecords
     from fedbeam.runtime import load_client_data, stop_tff_workers
     for store in sys.argv[1:]:
       try:
         data = load_client_data(store)
         n = sum(len(list(data.create_tf_dataset_for_client(c))) for c in data.client_ids)
         print(f"{store}: read {n}", flush=True)
-      except sf.StoreFormatError as e:
+      except StoreFormatError as e:
         print(f"{store}: StoreFormatError: {e}", flush=True)
     stop_tff_workers()
 """)
@@ -201,18 +210,18 @@ def test_forged_manifest_block_size_is_a_clear_error_for_load_inspect_and_valida
 def test_negative_manifest_block_count_does_not_drop_rows_silently(store):
   # fastavro reads a negative block count as an empty block: 0 clients, no error.
   _forge_first_block(_manifest_file(store), count=-6)
-  metadata = sf.read_metadata(store)
-  with pytest.raises(sf.StoreFormatError, match="claims -6 records"):
-    list(sf.read_manifest(store, metadata))
+  metadata = read_metadata(store)
+  with pytest.raises(StoreFormatError, match="claims -6 records"):
+    list(read_manifest(store, metadata))
 
 
 def test_huge_metadata_shape_is_refused_at_metadata_read(loader_runs):
   store, line, out = loader_runs["huge_shape"]
   limit = element_spec.MAX_VALUES_PER_EXAMPLE
-  with pytest.raises(sf.StoreFormatError,
+  with pytest.raises(StoreFormatError,
                      match=r"feature 'pixels' \(shape \[1000000000\]\) brings an example to "
                            rf"1000000001 values; fedbeam reads at most {limit}"):
-    sf.read_metadata(store)
+    read_metadata(store)
   assert line.startswith("StoreFormatError: ") and "1000000001 values" in line, out
   report = validate_store(store)
   assert not report.ok and "1000000001 values" in report.problems[0]
@@ -226,11 +235,11 @@ def test_shape_too_big_for_the_manifest_sizes_is_refused(store):
   def edit(m):
     m["element_spec"][1]["shape"] = [100_000]
   _edit_metadata(store, edit)
-  metadata = sf.read_metadata(store)
-  with pytest.raises(sf.StoreFormatError,
+  metadata = read_metadata(store)
+  with pytest.raises(StoreFormatError,
                      match=r"client 'c0': 1 examples of the element spec take at least 400017 "
                            r"bytes, the manifest says the file has \d+"):
-    list(sf.read_manifest(store, metadata))
+    list(read_manifest(store, metadata))
   report = validate_store(store)
   assert not report.ok
   assert sum("take at least" in p for p in report.problems) == 6
@@ -242,14 +251,14 @@ def test_negative_manifest_counts_are_refused(store):
       row["num_examples"] = -3
     return row
   _edit_manifest_rows(store, edit)
-  with pytest.raises(sf.StoreFormatError,
+  with pytest.raises(StoreFormatError,
                      match="client 'c2': num_examples -3 and num_bytes .* must not be negative"):
-    list(sf.read_manifest(store, sf.read_metadata(store)))
+    list(read_manifest(store, read_metadata(store)))
 
 
 def test_manifest_with_another_schema_is_refused(store):
   # A string num_examples would reach the loader's arithmetic as text.
-  schema = sf.load_schema("manifest")
+  schema = load_schema("manifest")
   for field in schema["fields"]:
     if field["name"] == "num_examples":
       field["type"] = "string"
@@ -260,9 +269,9 @@ def test_manifest_with_another_schema_is_refused(store):
     row["num_examples"] = "many"
   with open(path, "wb") as f:
     fastavro.writer(f, fastavro.parse_schema(schema), rows)
-  with pytest.raises(sf.StoreFormatError, match=f"manifest file {path} was not written with "
+  with pytest.raises(StoreFormatError, match=f"manifest file {path} was not written with "
                                                 "schemas/manifest.avsc"):
-    list(sf.read_manifest(store, sf.read_metadata(store)))
+    list(read_manifest(store, read_metadata(store)))
 
 
 def test_forged_tfrecord_length_is_bounded_by_the_file(store, tmp_path):
@@ -270,28 +279,28 @@ def test_forged_tfrecord_length_is_bounded_by_the_file(store, tmp_path):
   with open(path, "rb") as f:
     data = f.read()
   length = struct.pack("<Q", 2**40)
-  forged = length + struct.pack("<I", sf._masked_crc(length)) + data[12:]
+  forged = length + struct.pack("<I", masked_crc(length)) + data[12:]
   with open(path, "wb") as f:
     f.write(forged)
   left = len(forged) - 12
   # A real file: before the bound, f.read(2**40) asked for a terabyte.
   with open(path, "rb") as f:
-    with pytest.raises(sf.CorruptRecordError,
+    with pytest.raises(CorruptRecordError,
                        match=rf"record 0: truncated data \(its length {2**40} does not fit in "
                              rf"the {left} bytes left in the file\)"):
-      list(sf.read_tfrecords(f))
+      list(read_tfrecords(f))
   report = validate_store(store)
   assert any(f"its length {2**40} does not fit" in p for p in report.problems)
   # A stream of unknown size (gzip here) is read in pieces up to its end.
   with gzip.open(tmp_path / "forged.gz", "wb") as f:
     f.write(forged)
   with gzip.open(tmp_path / "forged.gz", "rb") as f:
-    with pytest.raises(sf.CorruptRecordError, match="^record 0: truncated data$"):
-      list(sf.read_tfrecords(f))
+    with pytest.raises(CorruptRecordError, match="^record 0: truncated data$"):
+      list(read_tfrecords(f))
   with gzip.open(tmp_path / "sound.gz", "wb") as f:
     f.write(data)
   with gzip.open(tmp_path / "sound.gz", "rb") as f:
-    assert len(list(sf.read_tfrecords(f))) == 4
+    assert len(list(read_tfrecords(f))) == 4
 
 
 # ---------------------------------------------------------------------------
@@ -349,20 +358,20 @@ def test_huge_manifest_file_count_is_refused_at_once(store, tmp_path):
 
 
 def test_deeply_nested_metadata_is_a_clear_error(store):
-  with open(sf.metadata_path(store), "w") as f:
+  with open(metadata_path(store), "w") as f:
     f.write("[" * 200_000)
-  with pytest.raises(sf.StoreFormatError, match="JSON nested deeper than 32 levels"):
-    sf.read_metadata(store)
+  with pytest.raises(StoreFormatError, match="JSON nested deeper than 32 levels"):
+    read_metadata(store)
   assert "JSON nested deeper than 32 levels" in validate_store(store).problems[0]
 
 
 def test_oversized_metadata_is_refused(store):
-  with open(sf.metadata_path(store), "rb") as f:
+  with open(metadata_path(store), "rb") as f:
     data = f.read()
-  with open(sf.metadata_path(store), "wb") as f:
-    f.write(data + b" " * sf.MAX_METADATA_BYTES)
-  with pytest.raises(sf.StoreFormatError, match=f"fedbeam reads at most {sf.MAX_METADATA_BYTES}"):
-    sf.read_metadata(store)
+  with open(metadata_path(store), "wb") as f:
+    f.write(data + b" " * MAX_METADATA_BYTES)
+  with pytest.raises(StoreFormatError, match=f"fedbeam reads at most {MAX_METADATA_BYTES}"):
+    read_metadata(store)
 
 
 # ---------------------------------------------------------------------------
@@ -371,10 +380,10 @@ def test_oversized_metadata_is_refused(store):
 
 def _move_split(store, name):
   """Renames split 'all' to `name` in metadata and manifest, with the files where it points."""
-  metadata = sf.read_metadata(store)
+  metadata = read_metadata(store)
   data_root = os.path.join(store, metadata["data_dir"])
   target = os.path.normpath(os.path.join(data_root, name))
-  shutil.copytree(os.path.join(data_root, sf.UNSPLIT), target)
+  shutil.copytree(os.path.join(data_root, UNSPLIT), target)
   _edit_metadata(store, lambda m: m["splits"][0].update(name=name))
 
   def edit(row):
@@ -382,16 +391,16 @@ def _move_split(store, name):
     row["path"] = f"{metadata['data_dir']}/{name}/{row['path'].split('/', 2)[2]}"
     return row
   _edit_manifest_rows(store, edit)
-  shutil.rmtree(os.path.join(data_root, sf.UNSPLIT))
+  shutil.rmtree(os.path.join(data_root, UNSPLIT))
 
 
 def test_split_name_leading_out_of_the_store_is_refused(store, tmp_path):
   _move_split(store, "../../outside")
-  with pytest.raises(sf.StoreFormatError,
+  with pytest.raises(StoreFormatError,
                      match=r"split name '\.\./\.\./outside' is not a split directory name"):
-    sf.read_metadata(store)
+    read_metadata(store)
   from fedbeam.runtime import load_client_data
-  with pytest.raises(sf.StoreFormatError, match="split name '../../outside'"):
+  with pytest.raises(StoreFormatError, match="split name '../../outside'"):
     load_client_data(store)
   report = validate_store(store, deep=True)
   assert not report.ok and "split name '../../outside'" in report.problems[0]
@@ -399,13 +408,13 @@ def test_split_name_leading_out_of_the_store_is_refused(store, tmp_path):
 
 @pytest.mark.parametrize("name", ["..", ".", "manifest", "a/b", "", "x" * 65, "tr ain"])
 def test_split_names_are_checked(name):
-  with pytest.raises(sf.StoreFormatError, match="is not a split directory name"):
-    sf.check_split_name(name, "here")
+  with pytest.raises(StoreFormatError, match="is not a split directory name"):
+    check_split_name(name, "here")
 
 
 @pytest.mark.parametrize("name", ["all", "train", "test", "val-1", "Fold_2"])
 def test_split_names_the_writer_makes_pass(name):
-  assert sf.check_split_name(name, "here") == name
+  assert check_split_name(name, "here") == name
 
 
 def test_manifest_row_with_a_bad_split_name_is_refused(store):
@@ -414,8 +423,8 @@ def test_manifest_row_with_a_bad_split_name_is_refused(store):
       row["split"] = "../x"
     return row
   _edit_manifest_rows(store, edit)
-  with pytest.raises(sf.StoreFormatError, match="client 'c4': split name '../x'"):
-    list(sf.read_manifest(store, sf.read_metadata(store)))
+  with pytest.raises(StoreFormatError, match="client 'c4': split name '../x'"):
+    list(read_manifest(store, read_metadata(store)))
 
 
 # ---------------------------------------------------------------------------
@@ -428,8 +437,8 @@ def test_unknown_dtype_is_a_finding_not_a_traceback(store, tmp_path):
   assert code == 1, out
   assert "Traceback" not in out
   assert "feature 'label': dtype 'complex512' is not supported" in out
-  with pytest.raises(sf.StoreFormatError, match="dtype 'complex512' is not supported"):
-    sf.read_metadata(store)
+  with pytest.raises(StoreFormatError, match="dtype 'complex512' is not supported"):
+    read_metadata(store)
 
 
 def test_zero_shards_is_a_finding_and_a_load_error(store, tmp_path):
@@ -438,14 +447,14 @@ def test_zero_shards_is_a_finding_and_a_load_error(store, tmp_path):
   assert code == 1, out
   assert "Traceback" not in out and "num_shards is 0; it must be at least 1" in out
   from fedbeam.runtime import load_client_data
-  with pytest.raises(sf.StoreFormatError, match="num_shards is 0"):
+  with pytest.raises(StoreFormatError, match="num_shards is 0"):
     load_client_data(store)
 
 
 def test_an_unforeseen_error_is_a_problem_not_a_traceback(store, monkeypatch):
   def fail(data):
     raise RuntimeError("checksum failed\n\tin a way no check foresaw")
-  monkeypatch.setattr(sf, "checksum", fail)
+  monkeypatch.setattr(store_validation, "checksum", fail)
   report = validate_store(store)
   assert report.problems == [
       "validation stopped: RuntimeError: checksum failed in a way no check foresaw"]
@@ -472,7 +481,7 @@ def test_an_element_spec_edited_in_metadata_is_caught_by_validate_and_load(store
   assert any("was written for element spec" in p and "metadata.json says" in p
              for p in report.problems), report.problems
   from fedbeam.runtime.client_data import load_client_data
-  with pytest.raises(sf.StoreFormatError, match="was written for element spec"):
+  with pytest.raises(StoreFormatError, match="was written for element spec"):
     load_client_data(store)
 
 

@@ -11,7 +11,8 @@ import fastavro
 import numpy as np
 import pytest
 
-from fedbeam import store_format as sf
+from fedbeam.format.layout import METADATA_FILE, StoreFormatError
+from fedbeam.format.tfrecord import tfrecord_frame
 from fedbeam import testing
 from fedbeam.cli import main
 from fedbeam.runtime.client_data import load_client_data
@@ -28,8 +29,8 @@ def _run(capsys, *args):
 
 
 def _assert_no_store(output):
-  assert not os.path.exists(os.path.join(output, sf.METADATA_FILE))
-  with pytest.raises(sf.StoreFormatError):
+  assert not os.path.exists(os.path.join(output, METADATA_FILE))
+  with pytest.raises(StoreFormatError):
     load_client_data(str(output))
 
 
@@ -51,7 +52,7 @@ def _example(features):
 def _write_records(path, records):
   with open(path, "wb") as f:
     for r in records:
-      f.write(sf.tfrecord_frame(r))
+      f.write(tfrecord_frame(r))
   return str(path)
 
 
@@ -255,12 +256,12 @@ def test_killed_job_leaves_no_store_and_a_rerun_matches_an_uninterrupted_run(tmp
       proc.kill()
       proc.wait()
   assert proc.returncode == -signal.SIGKILL
-  assert not os.path.exists(output / sf.METADATA_FILE), \
+  assert not os.path.exists(output / METADATA_FILE), \
       "the job committed before it was killed; make the input larger"
   written = sum(n.endswith(".tfrecord") for _, _, names in os.walk(output) for n in names)
   assert 0 < written < len(clients)
 
-  with pytest.raises(sf.StoreFormatError, match="not a committed fedbeam store"):
+  with pytest.raises(StoreFormatError, match="not a committed fedbeam store"):
     load_client_data(str(output))
   code, err = _run(capsys, "inspect", str(output))
   assert code != 0 and str(output) in err

@@ -10,7 +10,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedbeam import store_format as sf
+from fedbeam.format.codec import encode_example
+from fedbeam.format.layout import METADATA_FILE, StoreFormatError, client_relative_path
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import data_root, read_metadata
+from fedbeam.format.tfrecord import checksum, read_tfrecords
 from fedbeam import testing
 from fedbeam.pipelines.prepare import PrepareError
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
@@ -62,7 +66,7 @@ def _files(root):
 
 def _data_root(root):
   """The committed data directory of the store at root."""
-  return sf.data_root(str(root), sf.read_metadata(str(root)))
+  return data_root(str(root), read_metadata(str(root)))
 
 
 def _client_files(root):
@@ -106,10 +110,10 @@ def stores(tmp_path_factory):
 def test_multi_processing_runner_writes_a_byte_identical_store(stores):
   single, multi = _files(stores["tfrecord"]), _files(stores["multi"])
   assert sorted(single) == sorted(multi)
-  data_dir = sf.read_metadata(stores["tfrecord"])["data_dir"]
+  data_dir = read_metadata(stores["tfrecord"])["data_dir"]
   assert len([k for k in single if k.endswith(".tfrecord")]) == len(TRICKY_IDS)
   assert [k for k in single if "/manifest/" in k] == [f"{data_dir}/manifest/part-00000-of-00001.avro"]
-  assert sorted({k.split("/")[0] for k in single}) == sorted([data_dir, sf.METADATA_FILE])
+  assert sorted({k.split("/")[0] for k in single}) == sorted([data_dir, METADATA_FILE])
   different = [k for k in single if single[k] != multi[k]]
   assert not different
 
@@ -118,11 +122,11 @@ def test_rerun_with_overwrite_is_byte_identical(stores):
   # A rerun over a committed store writes to a fresh data directory (it never
   # writes into the committed one); apart from that directory's name, which
   # the manifest's paths and the metadata spell out, every byte is the same.
-  old_dir = sf.read_metadata(stores["tfrecord"])["data_dir"]
+  old_dir = read_metadata(stores["tfrecord"])["data_dir"]
   before = _files(stores["tfrecord"])
   testing.prepare_store(stores["tfrecord_input"], stores["root"], output=stores["tfrecord"],
                         client_id_key="client_id", overwrite=True)
-  new_dir = sf.read_metadata(stores["tfrecord"])["data_dir"]
+  new_dir = read_metadata(stores["tfrecord"])["data_dir"]
   assert new_dir != old_dir and len(new_dir) == len(old_dir)
   before = {k.replace(old_dir, new_dir): v.replace(old_dir.encode(), new_dir.encode())
             for k, v in before.items()}
@@ -157,7 +161,7 @@ def test_tricky_ids_round_trip(stores, store_key):
 
 def test_tff_sqlite_input_keeps_declared_empty_clients(stores):
   testing.assert_store_equals(stores["sqlite_store"], stores["fixed"], ordered=True)
-  meta = sf.read_metadata(stores["sqlite_store"])
+  meta = read_metadata(stores["sqlite_store"])
   assert meta["splits"] == [{"name": "all", "num_clients": 12,
                              "num_examples": sum(len(v) for v in stores["fixed"].values()),
                              "num_bytes": meta["splits"][0]["num_bytes"], "num_empty_clients": 4}]
@@ -169,11 +173,11 @@ def test_default_order_is_by_serialized_content(stores):
   data = load_client_data(stores["tfrecord"])
   spec = data.element_spec
   for cid in data.client_ids:
-    with open(os.path.join(_data_root(stores["tfrecord"]), sf.client_relative_path(cid, "all", 1)),
+    with open(os.path.join(_data_root(stores["tfrecord"]), client_relative_path(cid, "all", 1)),
               "rb") as f:
-      records = list(sf.read_tfrecords(f))
+      records = list(read_tfrecords(f))
     assert records == sorted(records)
-    expected = sorted(sf.encode_example(
+    expected = sorted(encode_example(
         {"label": np.asarray(e["label"]), "name": np.array([e["name"].encode()], dtype=object),
          "tokens": e["tokens"], "x": e["x"]}, spec) for e in stores["tricky"][cid])
     assert records == expected
@@ -188,36 +192,36 @@ def test_order_by_feature_sorts_each_client(stores):
     saw_reordering |= labels != [e["label"] for e in stores["tricky"][cid]]
   assert saw_reordering, "the input was already in label order; the check proves nothing"
   testing.assert_store_equals(stores["by_label"], stores["tricky"], ordered=False)
-  assert sf.read_metadata(stores["by_label"])["parameters"]["order_by"] == "label"
+  assert read_metadata(stores["by_label"])["parameters"]["order_by"] == "label"
 
 
 def test_num_shards_spreads_clients_over_shard_directories(stores):
   root = stores["sharded"]
-  meta = sf.read_metadata(root)
+  meta = read_metadata(root)
   assert meta["num_shards"] == 3
   files = sorted(_client_files(root))
-  expected = sorted(sf.client_relative_path(cid, "all", 3) for cid in TRICKY_IDS)
+  expected = sorted(client_relative_path(cid, "all", 3) for cid in TRICKY_IDS)
   assert files == expected
   assert {f.split("/")[1] for f in files} <= {"00000", "00001", "00002"}
   assert len({f.split("/")[1] for f in files}) > 1
-  rows = list(sf.read_manifest(root, meta))
+  rows = list(read_manifest(root, meta))
   assert {r["client_id"]: r["path"] for r in rows} == {
-      cid: f"{meta['data_dir']}/{sf.client_relative_path(cid, 'all', 3)}" for cid in TRICKY_IDS}
+      cid: f"{meta['data_dir']}/{client_relative_path(cid, 'all', 3)}" for cid in TRICKY_IDS}
   testing.assert_store_equals(root, stores["tricky"], ordered=False)
-  assert sf.read_metadata(stores["tfrecord"])["num_shards"] == 1
+  assert read_metadata(stores["tfrecord"])["num_shards"] == 1
 
 
 def test_manifest_rows_describe_each_client_file(stores):
   root = stores["tfrecord"]
-  meta = sf.read_metadata(root)
-  rows = list(sf.read_manifest(root, meta))
+  meta = read_metadata(root)
+  rows = list(read_manifest(root, meta))
   assert [r["client_id"] for r in rows] == sorted(TRICKY_IDS)
   for r in rows:
-    assert r["path"] == f"{meta['data_dir']}/{sf.client_relative_path(r['client_id'], 'all', 1)}"
+    assert r["path"] == f"{meta['data_dir']}/{client_relative_path(r['client_id'], 'all', 1)}"
     with open(os.path.join(root, r["path"]), "rb") as f:
       data = f.read()
     assert r["num_bytes"] == len(data)
-    assert r["crc32c"] == sf.checksum(data)
+    assert r["crc32c"] == checksum(data)
     assert r["num_examples"] == len(stores["tricky"][r["client_id"]])
     assert (r["split"], r["raw_client_id"], r["pseudo_index"]) == ("all", r["client_id"], 0)
 
@@ -232,8 +236,8 @@ def test_empty_client_id_is_rejected(stores, tmp_path, fmt):
   message = str(e.value)
   assert "client id is empty" in message
   assert f"in.{fmt} record 1" in message
-  assert not os.path.exists(tmp_path / "store" / sf.METADATA_FILE)
-  with pytest.raises(sf.StoreFormatError):
+  assert not os.path.exists(tmp_path / "store" / METADATA_FILE)
+  with pytest.raises(StoreFormatError):
     load_client_data(str(tmp_path / "store"))
 
 
@@ -310,7 +314,7 @@ def store_without_client_files(stores, tmp_path_factory):
   root = tmp_path_factory.mktemp("no_client_files") / "store"
   shutil.copytree(stores["sqlite_store"], root)
   removed = 0
-  for dirpath, _, names in os.walk(root / sf.read_metadata(str(root))["data_dir"] / "all"):
+  for dirpath, _, names in os.walk(root / read_metadata(str(root))["data_dir"] / "all"):
     for name in names:
       os.remove(os.path.join(dirpath, name))
       removed += 1
@@ -353,7 +357,7 @@ def test_train_test_client_split_fails_like_tff_when_too_few_clients_have_data(
 
 
 def test_metadata_records_the_job_parameters(stores):
-  meta = sf.read_metadata(stores["sqlite_store"])
+  meta = read_metadata(stores["sqlite_store"])
   params = meta["parameters"]
   assert params["input"] == stores["sqlite"]
   assert params["input_format"] == "tff-sqlite"
@@ -382,7 +386,7 @@ def test_group_by_client_counts_every_clients_records():
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.testing.test_pipeline import TestPipeline  # pylint: disable=g-import-not-at-top
   from apache_beam.testing.util import assert_that, equal_to  # pylint: disable=g-import-not-at-top
-  from fedbeam.element_spec import ElementSpec  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.spec import ElementSpec  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.grouping import GroupByClient  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.records import InputRecord, RawFeature  # pylint: disable=g-import-not-at-top
   spec = ElementSpec.from_json({"v": {"dtype": "int64", "shape": []}})

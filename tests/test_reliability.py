@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from fedbeam import cli
-from fedbeam import store_format as sf
+from fedbeam.format.layout import MANIFEST_DIR, StoreFormatError
+from fedbeam.format.manifest import manifest_file_name, read_manifest
+from fedbeam.format.metadata import metadata_path, parsed_schema, read_metadata
+from fedbeam.format.tfrecord import checksum, read_tfrecords, tfrecord_frame
 from fedbeam import testing as fbt
 from fedbeam.pipelines.prepare import PrepareError
 from fedbeam.pipelines.records import ClientRecords
@@ -45,13 +48,13 @@ def _files(root):
 
 def _rewrite_manifest(store, edit):
   """Applies edit(rows) to the (single) manifest file of a store, keeping it valid Avro."""
-  metadata = sf.read_metadata(store)
-  path = os.path.join(store, metadata["data_dir"], sf.MANIFEST_DIR, sf.manifest_file_name(0, 1))
+  metadata = read_metadata(store)
+  path = os.path.join(store, metadata["data_dir"], MANIFEST_DIR, manifest_file_name(0, 1))
   with open(path, "rb") as f:
     rows = list(fastavro.reader(f))
   rows = edit(rows)
   with open(path, "wb") as f:
-    fastavro.writer(f, sf.parsed_schema("manifest"), rows)
+    fastavro.writer(f, parsed_schema("manifest"), rows)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +116,7 @@ def test_validate_names_a_truncated_client_file(store_copy, capsys):
 
 
 def test_validate_lists_stray_files(store_copy, capsys):
-  metadata = sf.read_metadata(store_copy)
+  metadata = read_metadata(store_copy)
   stray = os.path.join(store_copy, metadata["data_dir"], "all", "00000", ".x.tfrecord.tmp-1")
   open(stray, "wb").write(b"partial")
   code, out, _ = _run_cli(["validate", store_copy], capsys)
@@ -122,7 +125,7 @@ def test_validate_lists_stray_files(store_copy, capsys):
 
 
 def test_validate_reports_counts_that_do_not_add_up(store_copy, capsys):
-  path = sf.metadata_path(store_copy)
+  path = metadata_path(store_copy)
   metadata = json.load(open(path))
   metadata["splits"][0]["num_examples"] += 5
   open(path, "w").write(json.dumps(metadata))
@@ -151,11 +154,11 @@ def test_validate_deep_finds_records_that_do_not_match_the_spec(store_copy, caps
   from tensorflow.core.example import example_pb2
   example = example_pb2.Example()
   example.features.feature["label"].int64_list.value.append(1)
-  data = sf.tfrecord_frame(example.SerializeToString())
+  data = tfrecord_frame(example.SerializeToString())
   path = fbt.client_file(store_copy, "c0")
   old_size = os.path.getsize(path)
   open(path, "wb").write(data)
-  meta_path = sf.metadata_path(store_copy)
+  meta_path = metadata_path(store_copy)
   metadata = json.load(open(meta_path))
   metadata["splits"][0]["num_bytes"] += len(data) - old_size
   open(meta_path, "w").write(json.dumps(metadata))
@@ -163,7 +166,7 @@ def test_validate_deep_finds_records_that_do_not_match_the_spec(store_copy, caps
   def edit(rows):
     for r in rows:
       if r["client_id"] == "c0":
-        r["num_bytes"], r["crc32c"] = len(data), sf.checksum(data)
+        r["num_bytes"], r["crc32c"] = len(data), checksum(data)
     return rows
   _rewrite_manifest(store_copy, edit)
   assert validate_store(store_copy).ok
@@ -173,12 +176,12 @@ def test_validate_deep_finds_records_that_do_not_match_the_spec(store_copy, caps
 
 
 def test_loading_refuses_a_newer_format_version(store_copy):
-  path = sf.metadata_path(store_copy)
+  path = metadata_path(store_copy)
   metadata = json.load(open(path))
   metadata["format_version"] = 2
   open(path, "w").write(json.dumps(metadata))
   from fedbeam.runtime import load_client_data
-  with pytest.raises(sf.StoreFormatError, match="format version 2 is not supported"):
+  with pytest.raises(StoreFormatError, match="format version 2 is not supported"):
     load_client_data(store_copy)
 
 
@@ -199,9 +202,9 @@ def test_reading_a_damaged_client_file_names_the_client(store_copy):
 # ---------------------------------------------------------------------------
 
 def test_missing_metadata_is_no_store_for_load_inspect_and_validate(store_copy, capsys):
-  os.remove(sf.metadata_path(store_copy))
+  os.remove(metadata_path(store_copy))
   from fedbeam.runtime import load_client_data
-  with pytest.raises(sf.StoreFormatError, match="a write into it did not finish"):
+  with pytest.raises(StoreFormatError, match="a write into it did not finish"):
     load_client_data(store_copy)
   code, _, err = _run_cli(["inspect", store_copy], capsys)
   assert code == 1 and "not a committed fedbeam store" in err
@@ -210,12 +213,12 @@ def test_missing_metadata_is_no_store_for_load_inspect_and_validate(store_copy, 
 
 
 def test_truncated_manifest_is_a_clear_error(store_copy, capsys):
-  metadata = sf.read_metadata(store_copy)
-  path = os.path.join(store_copy, metadata["data_dir"], sf.MANIFEST_DIR, sf.manifest_file_name(0, 1))
+  metadata = read_metadata(store_copy)
+  path = os.path.join(store_copy, metadata["data_dir"], MANIFEST_DIR, manifest_file_name(0, 1))
   data = open(path, "rb").read()
   open(path, "wb").write(data[: len(data) // 2])
   from fedbeam.runtime import load_client_data
-  with pytest.raises(sf.StoreFormatError, match="manifest file .* is damaged"):
+  with pytest.raises(StoreFormatError, match="manifest file .* is damaged"):
     load_client_data(store_copy)
   code, _, err = _run_cli(["inspect", store_copy], capsys)
   assert code == 1 and "is damaged" in err
@@ -224,10 +227,10 @@ def test_truncated_manifest_is_a_clear_error(store_copy, capsys):
 
 
 def test_missing_split_directory_is_a_clear_error(store_copy, capsys):
-  metadata = sf.read_metadata(store_copy)
+  metadata = read_metadata(store_copy)
   shutil.rmtree(os.path.join(store_copy, metadata["data_dir"], "all"))
   from fedbeam.runtime import load_client_data
-  with pytest.raises(sf.StoreFormatError, match="the directory of split 'all'.* is missing"):
+  with pytest.raises(StoreFormatError, match="the directory of split 'all'.* is missing"):
     load_client_data(store_copy)
   code, out, _ = _run_cli(["validate", store_copy], capsys)
   assert code == 1 and out.count("file is missing") == 6
@@ -276,7 +279,7 @@ def test_retried_client_write_leaves_exactly_one_complete_file(tmp_path):
            for d, _, names in os.walk(tmp_path) for n in names]
   assert files == [row["path"]]
   with open(tmp_path / row["path"], "rb") as f:
-    assert list(sf.read_tfrecords(f)) == list(list.__iter__(records))
+    assert list(read_tfrecords(f)) == list(list.__iter__(records))
   assert row["num_examples"] == 10
 
 
@@ -288,8 +291,8 @@ def test_rerun_over_leftovers_is_byte_identical_and_sweeps_temp_files(clean_stor
   shutil.copytree(reference, leftovers)
   # What a killed job leaves: no metadata, a half-written temporary file, a
   # client file cut short.
-  os.remove(sf.metadata_path(leftovers))
-  data_dir = sf.read_metadata(reference)["data_dir"]
+  os.remove(metadata_path(leftovers))
+  data_dir = read_metadata(reference)["data_dir"]
   shard = os.path.join(leftovers, data_dir, "all", "00000")
   open(os.path.join(shard, ".abc.tfrecord.tmp-dead"), "wb").write(b"half")
   victim = sorted(os.listdir(shard))[-1]
@@ -315,7 +318,7 @@ def test_commit_is_exclusive_without_overwrite(tmp_path):
   commit_metadata(root, {"job": 1}, overwrite=False)
   with pytest.raises(StoreWriteError, match="another job committed a store"):
     commit_metadata(root, {"job": 2}, overwrite=False)
-  assert json.load(open(sf.metadata_path(root))) == {"job": 1}
+  assert json.load(open(metadata_path(root))) == {"job": 1}
   assert os.listdir(root) == ["metadata.json"]
 
 
@@ -343,9 +346,9 @@ def test_two_jobs_racing_to_one_output_one_wins_and_the_store_is_not_mixed(tmp_p
   report = validate_store(output, deep=True)
   assert report.ok, report.problems
   winner = 1 - loser
-  metadata = sf.read_metadata(output)
+  metadata = read_metadata(output)
   assert metadata["parameters"]["input"] == inputs[winner]
-  ids = {r["client_id"] for r in sf.read_manifest(output, metadata)}
+  ids = {r["client_id"] for r in read_manifest(output, metadata)}
   assert ids == {f"job{winner}_{i}" for i in range(8)}
   assert [n for n in os.listdir(output) if n.startswith("data-")] == [metadata["data_dir"]]
 
@@ -383,7 +386,7 @@ def test_disk_full_is_a_clear_error_and_commits_nothing(tmp_path, tiny_disk, cap
                            "--client-id-key", "client_id", "--output", output], capsys)
   assert code == 1
   assert "No space left on device" in err, err
-  assert not os.path.exists(sf.metadata_path(output))
+  assert not os.path.exists(metadata_path(output))
 
 
 # ---------------------------------------------------------------------------
@@ -429,7 +432,7 @@ def test_a_client_with_many_tiny_examples_is_kept_whole(tmp_path):
       e = example_pb2.Example()
       e.features.feature["client_id"].bytes_list.value.append(b"busy")
       e.features.feature["label"].int64_list.value.append(i)
-      f.write(sf.tfrecord_frame(e.SerializeToString()))
+      f.write(tfrecord_frame(e.SerializeToString()))
   store = fbt.prepare_store(path, str(tmp_path), client_id_key="client_id",
                             element_spec={"label": {"dtype": "int64", "shape": []}},
                             order_by="label")
@@ -449,7 +452,7 @@ def test_input_with_no_examples_is_a_clear_error(tmp_path, capsys):
                            str(tmp_path / "store")], capsys)
   assert code == 1
   assert "the input holds no record" in err and "--element-spec" in err
-  assert not os.path.exists(sf.metadata_path(str(tmp_path / "store")))
+  assert not os.path.exists(metadata_path(str(tmp_path / "store")))
 
 
 def test_input_where_every_client_is_empty_makes_a_store_of_empty_clients(tmp_path):
@@ -457,7 +460,7 @@ def test_input_where_every_client_is_empty_makes_a_store_of_empty_clients(tmp_pa
   spec = {"label": tf.TensorSpec([], tf.int32), "pixels": tf.TensorSpec([4], tf.float32)}
   db = fbt.write_tff_sqlite_input(str(tmp_path / "empty.sqlite"), {"a": [], "b": []}, spec)
   store = fbt.prepare_store(db, str(tmp_path), element_spec=SPEC)
-  metadata = sf.read_metadata(store)
+  metadata = read_metadata(store)
   assert metadata["empty_clients"]["found"] == 2
   assert metadata["splits"][0]["num_examples"] == 0
   from fedbeam.runtime import load_client_data
@@ -482,7 +485,7 @@ def test_non_utf8_client_id_names_the_record(tmp_path, capsys):
       e = example_pb2.Example()
       e.features.feature["client_id"].bytes_list.value.append(raw)
       e.features.feature["label"].int64_list.value.append(1)
-      f.write(sf.tfrecord_frame(e.SerializeToString()))
+      f.write(tfrecord_frame(e.SerializeToString()))
   code, _, err = _run_cli(["prepare", "--input", path, "--input-format", "tfrecord",
                            "--client-id-key", "client_id", "--output",
                            str(tmp_path / "store")], capsys)

@@ -8,7 +8,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedbeam import store_format as sf
+from fedbeam.format.codec import make_record_parser
+from fedbeam.format.layout import join
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import read_metadata
 from fedbeam import testing
 from fedbeam.cli import main
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
@@ -219,12 +222,12 @@ def test_variable_length_int_feature_round_trips_with_null_shape(shakespeare, st
 
 def _record_by_record(store_path):
   """{client id: its elements} read with public TF ops only: every record parsed on its own."""
-  metadata = sf.read_metadata(store_path)
+  metadata = read_metadata(store_path)
   spec = load_client_data(store_path).element_spec
-  parse = sf.make_record_parser(spec)
+  parse = make_record_parser(spec)
   return {row["client_id"]: _elements(
-      tf.data.TFRecordDataset(sf.join(store_path, row["path"])).map(parse))
-          for row in sf.read_manifest(store_path, metadata)}
+      tf.data.TFRecordDataset(join(store_path, row["path"])).map(parse))
+          for row in read_manifest(store_path, metadata)}
 
 
 def _graph_built(store, client_id):

@@ -17,9 +17,10 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 import numpy as np
 import pytest
 
-from fedbeam import store_format as sf
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam import testing
-from fedbeam.element_spec import ElementSpec
+from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines import prepare, sources
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam.pipelines.store_writer import WriteStore
@@ -104,7 +105,7 @@ def test_losing_the_encoders_output_fails_the_job_and_commits_nothing(tfrecord_i
   else:
     assert message == (f"read {num_records} input records but grouped 0; the runner lost or "
                        "duplicated data, so the store was not committed (rerun the job)")
-  assert not os.path.exists(sf.metadata_path(config.output))
+  assert not os.path.exists(metadata_path(config.output))
 
 
 @pytest.mark.parametrize("flags", [{"num_transformed_clients": 30},
@@ -114,10 +115,10 @@ def test_a_record_lost_after_expansion_fails_the_commit(tfrecord_input, tmp_path
   path, _ = tfrecord_input
   sound = testing.prepare_store(path, tmp_path, output=str(tmp_path / "sound"),
                                 input_format="tfrecord", client_id_key="client_id", **flags)
-  metadata = sf.read_metadata(sound)
+  metadata = read_metadata(sound)
   splits = {s["name"]: s for s in metadata["splits"]}
   victim = "c03_01"  # Five records, so it is eligible for the test split either way.
-  victim_split = next(row["split"] for row in sf.read_manifest(sound, metadata)
+  victim_split = next(row["split"] for row in read_manifest(sound, metadata)
                       if row["client_id"] == victim)
   s = splits[victim_split]
   config = _config(path, tmp_path / "store", **flags)
@@ -127,7 +128,7 @@ def test_a_record_lost_after_expansion_fails_the_commit(tfrecord_input, tmp_path
       f"examples but the job planned {s['num_clients']} clients with {s['num_examples']} "
       "examples; the runner lost or duplicated data, so the store was not committed "
       "(rerun the job)")
-  assert not os.path.exists(sf.metadata_path(config.output))
+  assert not os.path.exists(metadata_path(config.output))
 
 
 def test_the_commit_refuses_an_empty_store_when_records_were_read(tmp_path):
@@ -145,4 +146,4 @@ def test_the_commit_refuses_an_empty_store_when_records_were_read(tmp_path):
   assert prepare.explain_pipeline_error(info.value) == (
       "the readers read 5 input records but no client file was written; the runner lost or "
       "duplicated data, so the store was not committed (rerun the job)")
-  assert not os.path.exists(sf.metadata_path(root))
+  assert not os.path.exists(metadata_path(root))

@@ -17,7 +17,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedbeam import store_format as sf
+from fedbeam.format.layout import StoreFormatError
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam import testing
 from fedbeam.pipelines.prepare import PrepareError
 from fedbeam.pipelines.split import rank_key
@@ -84,18 +86,18 @@ def prepare(db, work, name, beam_args=(), **flags):
 def split_ids(store):
   """{split name: sorted client ids} from the manifest."""
   out = collections.defaultdict(list)
-  for row in sf.read_manifest(store, sf.read_metadata(store)):
+  for row in read_manifest(store, read_metadata(store)):
     out[row["split"]].append(row["client_id"])
   return {k: sorted(v) for k, v in out.items()}
 
 
 def counts(store):
-  return {r["client_id"]: r["num_examples"] for r in sf.read_manifest(store, sf.read_metadata(store))}
+  return {r["client_id"]: r["num_examples"] for r in read_manifest(store, read_metadata(store))}
 
 
 def assert_not_committed(output):
-  assert not os.path.exists(sf.metadata_path(str(output)))
-  with pytest.raises(sf.StoreFormatError):
+  assert not os.path.exists(metadata_path(str(output)))
+  with pytest.raises(StoreFormatError):
     load_client_data(str(output))
 
 
@@ -129,7 +131,7 @@ def test_tff_method_picks_tff_test_clients(dbs, tff_data, work, seed, k):
   # Empty clients were skipped on the way for at least one of these seeds; none is in test.
   loaded = load_client_data(store, "test")
   assert all(loaded.num_examples(c) > 0 for c in loaded.client_ids)
-  params = sf.read_metadata(store)["parameters"]
+  params = read_metadata(store)["parameters"]
   assert (params["num_test_units"], params["split_method"], params["split_seed"],
           params["split_by"]) == (k, "tff", seed, "client")
 
@@ -261,7 +263,7 @@ def test_min_test_examples_tff_method_is_tff_with_batches(dbs, tff_data, work):
   assert ids["test"] == sorted(test.client_ids)
   assert all(MIXED[c] >= 3 for c in ids["test"])
   assert any(0 < MIXED[c] < 3 for c in ids["train"])
-  assert sf.read_metadata(store)["parameters"]["min_test_examples"] == 3
+  assert read_metadata(store)["parameters"]["min_test_examples"] == 3
 
 
 def test_min_test_examples_hash_method(dbs, work):
@@ -283,7 +285,7 @@ def test_hash_method_picks_first_non_empty_clients_by_rank(hash_store):
   ids = assert_valid_split(hash_store, MIXED, 8)
   eligible = sorted((c for c in MIXED if MIXED[c] > 0), key=lambda c: (rank_key(7, c), c))
   assert ids["test"] == sorted(eligible[:8])
-  params = sf.read_metadata(hash_store)["parameters"]
+  params = read_metadata(hash_store)["parameters"]
   assert (params["split_method"], params["num_test_units"], params["split_seed"]) == ("hash", 8, 7)
   # Both splits load; the test split has exactly the test clients.
   assert load_client_data(hash_store, "test").client_ids == ids["test"]
@@ -311,7 +313,7 @@ def test_split_by_raw_keeps_raw_clients_on_one_side(dbs, tff_data, work, method)
   store = prepare(dbs["raw7"], work, f"by_raw_{method}", num_transformed_clients=23,
                   num_test_clients=2,
                   split_seed=11, split_method=method, split_by="raw")
-  rows = list(sf.read_manifest(store, sf.read_metadata(store)))
+  rows = list(read_manifest(store, read_metadata(store)))
   assert len(rows) == 23
   sides = collections.defaultdict(set)
   for r in rows:
@@ -329,7 +331,7 @@ def test_split_by_raw_keeps_raw_clients_on_one_side(dbs, tff_data, work, method)
   else:
     eligible = sorted((c for c in RAW7 if RAW7[c] > 0), key=lambda c: (rank_key(11, c), c))
     assert test_raw == sorted(eligible[:2])
-  assert sf.read_metadata(store)["parameters"]["split_by"] == "raw"
+  assert read_metadata(store)["parameters"]["split_by"] == "raw"
 
 
 # --- --test-fraction --------------------------------------------------------------
@@ -339,7 +341,7 @@ def test_test_fraction_rounds_half_to_even(dbs, work, fraction, k):
   store = prepare(dbs["mixed"], work, f"fraction_{fraction}", test_fraction=fraction,
                   split_seed=1)
   assert_valid_split(store, MIXED, k)
-  params = sf.read_metadata(store)["parameters"]
+  params = read_metadata(store)["parameters"]
   assert params["test_fraction"] == fraction and params["num_test_units"] == k
 
 
@@ -354,7 +356,7 @@ def test_test_fraction_selecting_nothing_fails(dbs, work):
 
 def test_keep_reports_empty_clients_in_train_only(hash_store):
   empty = sorted(c for c in MIXED if MIXED[c] == 0)
-  metadata = sf.read_metadata(hash_store)
+  metadata = read_metadata(hash_store)
   assert metadata["empty_clients"] == {"found": 11, "policy": "keep", "dropped": 0,
                                        "sample": empty}
   summary = summarize_store(hash_store)
@@ -370,7 +372,7 @@ def test_drop_removes_empty_clients_and_reports_them(dbs, work, tmp_path):
   ids = assert_valid_split(store, non_empty, 8)
   assert not [c for c in ids["train"] if MIXED[c] == 0]
   empty = sorted(c for c in MIXED if MIXED[c] == 0)
-  assert sf.read_metadata(store)["empty_clients"] == {
+  assert read_metadata(store)["empty_clients"] == {
       "found": 11, "policy": "drop", "dropped": 11, "sample": empty}
   # `fedbeam inspect` reports them (it runs no TFF computation; output goes to a file).
   out, err = tmp_path / "inspect.json", tmp_path / "inspect.err"

@@ -18,7 +18,9 @@ import pytest
 
 import fedbeam
 from fedbeam import cli
-from fedbeam import store_format as sf
+from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE, MANIFEST_DIR
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam import testing as fbt
 from fedbeam.pipelines.prepare import PrepareConfig, job_key
 from fedbeam.pipelines.store_writer import StoreWriteError, commit_metadata
@@ -86,7 +88,7 @@ def _wait_for(path, proc, timeout=180):
 
 
 def _data_dirs(output):
-  return sorted(n for n in os.listdir(output) if n.startswith(sf.DATA_DIR_PREFIX))
+  return sorted(n for n in os.listdir(output) if n.startswith(DATA_DIR_PREFIX))
 
 
 def _client_files(directory):
@@ -109,7 +111,7 @@ def _snapshot(directory):
 def _committed_store(tmp_path, modules, input_path, output):
   proc = _start(_cmd(input_path, output), modules, tmp_path / "first.log")
   assert proc.wait(timeout=300) == 0, open(tmp_path / "first.log").read()
-  return sf.read_metadata(output)
+  return read_metadata(output)
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +132,7 @@ def test_two_overwrite_jobs_end_with_one_complete_store_and_the_loser_fails(tmp_
     # The second job runs to its commit while the first is held.
     other = _start(_cmd(inputs[1], output, "--overwrite"), modules, tmp_path / "b.log")
     assert other.wait(timeout=300) == 0, open(tmp_path / "b.log").read()
-    winner = sf.read_metadata(output)
+    winner = read_metadata(output)
     assert winner["parameters"]["input"] == inputs[1]
     # The winner removed the old store's directory, not the live job's.
     assert _data_dirs(output) == sorted([held_dir, winner["data_dir"]])
@@ -142,11 +144,11 @@ def test_two_overwrite_jobs_end_with_one_complete_store_and_the_loser_fails(tmp_
   assert (f"another job committed a store at {output} while this one was writing (it now "
           f"names {winner['data_dir']}); this job's files were not committed") in text, text
   assert "no store was committed" in text
-  assert sf.read_metadata(output) == winner
+  assert read_metadata(output) == winner
   assert _data_dirs(output) == [winner["data_dir"]]  # The loser removed its own files.
   report = validate_store(output, deep=True)
   assert report.ok, report.problems
-  ids = {r["client_id"] for r in sf.read_manifest(output, winner)}
+  ids = {r["client_id"] for r in read_manifest(output, winner)}
   assert ids == {f"job1_{i}" for i in range(8)}
 
 
@@ -159,7 +161,7 @@ def test_a_killed_jobs_directory_is_removed_by_the_next_commit_a_live_ones_never
   os.makedirs(os.path.join(dead, "all"))
   open(os.path.join(dead, "all", "x.tfrecord"), "wb").write(b"partial")
   # A lease whose process is gone: the file stays, nobody holds its lock.
-  open(os.path.join(dead, sf.LEASE_FILE), "w").write('{"pid": 1}')
+  open(os.path.join(dead, LEASE_FILE), "w").write('{"pid": 1}')
   keep = os.path.join(root, "data-0000000000000001")
   os.makedirs(keep)
   with live:
@@ -202,7 +204,7 @@ def test_a_rerun_with_the_same_job_key_never_touches_the_committed_data_dir(tmp_
   old = _committed_store(tmp_path, modules, input_path, output)
   committed = os.path.join(output, old["data_dir"])
   before = _snapshot(committed)
-  metadata_before = open(sf.metadata_path(output), "rb").read()
+  metadata_before = open(metadata_path(output), "rb").read()
   rerun = _start(_cmd(input_path, output, "--overwrite"), modules, tmp_path / "rerun.log",
                  gate_dir)
   try:
@@ -216,14 +218,14 @@ def test_a_rerun_with_the_same_job_key_never_touches_the_committed_data_dir(tmp_
     rerun.wait()
   assert rerun.returncode == -signal.SIGKILL
   # The killed --overwrite left the old store exactly as it was, and valid.
-  assert open(sf.metadata_path(output), "rb").read() == metadata_before
+  assert open(metadata_path(output), "rb").read() == metadata_before
   assert _snapshot(committed) == before
   report = validate_store(output, deep=True)
   assert report.ok, report.problems
   # The next commit removes the killed job's directory (its lease is free).
   proc = _start(_cmd(input_path, output, "--overwrite"), modules, tmp_path / "again.log")
   assert proc.wait(timeout=300) == 0, open(tmp_path / "again.log").read()
-  new = sf.read_metadata(output)
+  new = read_metadata(output)
   assert _data_dirs(output) == [new["data_dir"]]
   assert new["data_dir"] not in (old["data_dir"], fresh)
   # Same job: the same client bytes under the new directory.
@@ -266,9 +268,9 @@ def _record_fsyncs(monkeypatch, metadata_path):
 
 def test_files_and_directories_are_fsynced_before_the_commit(tmp_path, monkeypatch):
   output = str(tmp_path / "store")
-  calls = _record_fsyncs(monkeypatch, sf.metadata_path(output))
+  calls = _record_fsyncs(monkeypatch, metadata_path(output))
   fbt.prepare_store(_clients(), str(tmp_path), element_spec=SPEC)
-  metadata = sf.read_metadata(output)
+  metadata = read_metadata(output)
   data = os.path.join(output, metadata["data_dir"])
   before = {path for path, committed in calls if not committed}
   # Files are synced under their temporary names, before the rename.
@@ -279,16 +281,16 @@ def test_files_and_directories_are_fsynced_before_the_commit(tmp_path, monkeypat
   assert files <= synced_files
   directories = {d for d, _, _ in os.walk(data)}
   assert directories == {data, os.path.join(data, "all"), os.path.join(data, "all", "00000"),
-                         os.path.join(data, sf.MANIFEST_DIR)}
+                         os.path.join(data, MANIFEST_DIR)}
   assert directories <= before
-  assert sf.metadata_path(output) in synced_files
+  assert metadata_path(output) in synced_files
   # The metadata's directory entry is synced after the commit.
   assert (output, True) in calls
 
 
 def test_no_fsync_skips_every_fsync(tmp_path, monkeypatch):
   output = str(tmp_path / "store")
-  calls = _record_fsyncs(monkeypatch, sf.metadata_path(output))
+  calls = _record_fsyncs(monkeypatch, metadata_path(output))
   fbt.prepare_store(_clients(), str(tmp_path), element_spec=SPEC, fsync=False)
   assert validate_store(output, deep=True).ok
   assert calls == []
@@ -378,11 +380,11 @@ def undeletable_leftover(tmp_path):
 def test_a_failed_clean_up_after_the_commit_says_the_store_was_committed(
     tmp_path, undeletable_leftover, capsys):
   output = undeletable_leftover
-  old = sf.read_metadata(output)["data_dir"]
+  old = read_metadata(output)["data_dir"]
   input_path = fbt.write_tfrecord_input(str(tmp_path / "new.tfrecord"), _clients(3, seed=5))
   code, err = _prepare(capsys, input_path, output, "--overwrite")
   assert code == 1
-  new = sf.read_metadata(output)
+  new = read_metadata(output)
   assert new["parameters"]["input"] == input_path and new["data_dir"] != old
   assert f"the store at {output} was committed (its metadata names {new['data_dir']})" in err
   assert "removing data it no longer needs failed" in err and "Device or resource busy" in err

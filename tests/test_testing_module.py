@@ -84,11 +84,12 @@ def test_inputs_of_every_format_give_the_same_store(tmp_path, store):
 
 
 def test_client_file_is_each_clients_file_in_the_store(store):
-  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.layout import CLIENT_FILE_SUFFIX  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.tfrecord import read_tfrecords  # pylint: disable=g-import-not-at-top
   paths = {cid: testing.client_file(store, cid) for cid in CLIENTS}
   written = {os.path.join(d, n) for d, _, names in os.walk(store) for n in names
-             if n.endswith(sf.CLIENT_FILE_SUFFIX)}
+             if n.endswith(CLIENT_FILE_SUFFIX)}
   assert set(paths.values()) == written
   for cid, path in paths.items():
     with open(path, "rb") as f:
-      assert len(list(sf.read_tfrecords(f))) == len(CLIENTS[cid])
+      assert len(list(read_tfrecords(f))) == len(CLIENTS[cid])

@@ -43,12 +43,13 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from fedbeam import store_format as sf
+from fedbeam.format.fs import file_ops
+from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE, data_dir_name, join
+from fedbeam.format.metadata import metadata_path
 
 __all__ = ["LEASE_FILE", "REMOVING_MARK", "DataDirLease", "claim_data_dir", "committed_state",
            "is_object_store", "remove_dead_data_dirs"]
 
-LEASE_FILE = sf.LEASE_FILE
 # A dead data directory is renamed to '<name><REMOVING_MARK><hex>' before it is deleted.
 REMOVING_MARK = ".removing-"
 # Attempts at locking a lease whose path keeps changing under it (directories being removed).
@@ -68,7 +69,7 @@ def committed_state(root: str) -> tuple[Optional[str], Optional[str]]:
   still the one that was there when the job started. An unreadable metadata
   file gives (None, digest).
   """
-  path = sf.metadata_path(root)
+  path = metadata_path(root)
   try:
     with FileSystems.open(path) as f:
       data = f.read()
@@ -134,7 +135,7 @@ class DataDirLease:
 
   @property
   def path(self) -> str:
-    return sf.join(self.root, self.data_dir)
+    return join(self.root, self.data_dir)
 
   def committed(self) -> bool:
     """True if the store committed at `root` is this job's."""
@@ -174,14 +175,14 @@ class DataDirLease:
 
 
 def _fresh_name(job_key: str) -> str:
-  return sf.data_dir_name(hashlib.sha256(f"{job_key}:{uuid.uuid4().hex}".encode()).hexdigest())
+  return data_dir_name(hashlib.sha256(f"{job_key}:{uuid.uuid4().hex}".encode()).hexdigest())
 
 
 def claim_data_dir(root: str, job_key: str) -> DataDirLease:
   """Chooses and (on local disks) leases the data directory of a job writing to `root`.
 
   `root` must exist (see `prepare.prepare_output_dir`). The key's own
-  directory (`sf.data_dir_name(job_key)`) is used when `root` holds no
+  directory (`data_dir_name(job_key)`) is used when `root` holds no
   committed store and no live job holds it; otherwise a fresh directory for
   this attempt. The Avro sync markers stay derived from `job_key`, so an
   attempt's manifest differs from another's only in the data directory its
@@ -191,7 +192,7 @@ def claim_data_dir(root: str, job_key: str) -> DataDirLease:
     OSError: the lease file cannot be created or locked.
   """
   data_dir, replaces = committed_state(root)
-  own = sf.data_dir_name(job_key)
+  own = data_dir_name(job_key)
   if is_object_store(root):
     return DataDirLease(root, own if replaces is None else _fresh_name(job_key), replaces)
   candidates = [] if replaces is not None else [own]
@@ -216,7 +217,7 @@ def claim_data_dir(root: str, job_key: str) -> DataDirLease:
 
 
 def _is_data_dir(name: str) -> bool:
-  return name.startswith(sf.DATA_DIR_PREFIX)
+  return name.startswith(DATA_DIR_PREFIX)
 
 
 def _remove_if_dead_local(root: str, name: str) -> bool:
@@ -265,19 +266,19 @@ def remove_dead_data_dirs(root: str, keep: str, object_store: Optional[bool] = N
   if object_store is None:
     object_store = is_object_store(root)
   protected = {keep, committed_state(root)[0]}
-  names = [n for n in sorted(set(sf.file_ops(root).listdir(root)))
+  names = [n for n in sorted(set(file_ops(root).listdir(root)))
            if _is_data_dir(n.rstrip("/")) and n.rstrip("/") not in protected]
   removed = []
   if object_store:
-    kept_times = _file_times(sf.join(root, keep))
+    kept_times = _file_times(join(root, keep))
     if not kept_times:
       return removed
     start = min(kept_times)
     for name in names:
       name = name.rstrip("/")
-      times = _file_times(sf.join(root, name))
+      times = _file_times(join(root, name))
       if times and max(times) < start:
-        FileSystems.delete([sf.join(root, name)])
+        FileSystems.delete([join(root, name)])
         removed.append(name)
     return removed
   for name in names:

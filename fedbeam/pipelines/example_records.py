@@ -14,7 +14,7 @@ fixed; that is exactly what parsing, deleting the entry and serializing
 deterministically gives. `encode_batch` proves it on one record of each
 length (the template) by doing both, then takes every other record of that
 length framed like the template (`example_wire.framed_alike`, which
-`store_format.decode_examples` uses too), checks what parsing could change
+`codec.decode_examples` uses too), checks what parsing could change
 in its values (varints must be the shortest and fit the dtype; client ids
 must be UTF-8) with numpy over all of them at once, and cuts them all out
 of one matrix. Any other record (a lone length, a different layout, a value
@@ -30,13 +30,12 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from fedbeam import example_wire
-from fedbeam.element_spec import ElementSpec
-from fedbeam.example_proto import Example
+from fedbeam.format import example_wire
+from fedbeam.format.codec import Example, encode_example, features_field_header
+from fedbeam.format.layout import InvalidClientIdError, check_client_id
+from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.records import (ANY_RANK, FLOAT32, INT64, STRING, InputError, InputRecord,
                                        RawFeature, conform_record, encode_as_read)
-from fedbeam import store_format as sf
-from fedbeam.store_format import InvalidClientIdError, check_client_id, encode_example
 
 # Records of one length needed before they are encoded as a matrix.
 MIN_ALIKE = 8
@@ -254,7 +253,7 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
         begin = end
   _, [(_, vs, ve)] = lists[client_id_key]
   (cs, ce) = id_entry
-  return _Layout(sf.features_field_header(fe - fs - (ce - cs)), (fs, fe), id_entry, (vs, ve),
+  return _Layout(features_field_header(fe - fs - (ce - cs)), (fs, fe), id_entry, (vs, ve),
                  lists, np.array(long_ends, np.intp), tuple(bounded))
 
 

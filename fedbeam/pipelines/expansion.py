@@ -26,11 +26,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import apache_beam as beam
 import numpy as np
 
-from fedbeam.element_spec import ElementSpec, numpy_dtype
+from fedbeam.format.spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
-from fedbeam import store_format as sf
+from fedbeam.format.codec import (RecordDecodeError, decode_examples, encode_example,
+                                  encode_examples, has_variable_length, make_record_parser)
 
 MakeTransformFn = Callable[[str, int], Optional[Callable[[Any], Any]]]
 
@@ -171,7 +172,7 @@ class _ParsedClient:
   """A raw client's records decoded once, stacked on axis 0, shared by its pseudo-clients.
 
   `arrays()` is None for specs with variable-length features (stacking would
-  pad them). Decoding is numpy (`store_format.decode_examples`), so a worker
+  pad them). Decoding is numpy (`codec.decode_examples`), so a worker
   whose transforms have a numpy batch form never loads TensorFlow.
   """
 
@@ -181,10 +182,10 @@ class _ParsedClient:
     self._arrays = None
 
   def arrays(self) -> Optional["collections.OrderedDict"]:
-    if self._arrays is None and self._records and not sf.has_variable_length(self._spec):
+    if self._arrays is None and self._records and not has_variable_length(self._spec):
       try:
-        self._arrays = sf.decode_examples(self._records, self._spec)
-      except sf.RecordDecodeError as e:
+        self._arrays = decode_examples(self._records, self._spec)
+      except RecordDecodeError as e:
         raise ExpansionError(f"a stored record of the raw client cannot be decoded: {e}") from None
     return self._arrays
 
@@ -271,8 +272,8 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
       out = batch_fn(collections.OrderedDict(arrays))
     except Exception as e:  # pylint: disable=broad-except
       raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
-    return sf.encode_examples(_stacked_columns(where, out, len(records), spec), spec,
-                              len(records))
+    return encode_examples(_stacked_columns(where, out, len(records), spec), spec,
+                           len(records))
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
@@ -280,7 +281,7 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
       dataset = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(arrays))
     else:
       dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).map(
-          sf.make_record_parser(spec))
+          make_record_parser(spec))
     dataset = dataset.map(fn)
   except Exception as e:  # pylint: disable=broad-except
     raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
@@ -295,7 +296,7 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
           raise ExpansionError(f"{where} produced feature {f.name!r} of shape {v.shape}, "
                                f"which does not fit {list(f.shape)}")
         values[f.name] = v.reshape(-1)
-      out.append(sf.encode_example(values, spec))
+      out.append(encode_example(values, spec))
   except ExpansionError:
     raise
   except Exception as e:  # pylint: disable=broad-except

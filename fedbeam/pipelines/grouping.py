@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 
 import apache_beam as beam
 
-from fedbeam.element_spec import ElementSpec, numpy_dtype
+from fedbeam.format.spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.example_records import (ExampleBatch, as_input_records, encode_batch,
                                                encode_record)

@@ -22,7 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 import fedbeam
-from fedbeam.element_spec import ElementSpec, ElementSpecError
+from fedbeam.format.spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.allocator import tune_allocator, tune_worker_processes
 from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
@@ -37,7 +37,9 @@ from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.data_dir_lease import claim_data_dir
 from fedbeam.pipelines.store_writer import (REPLACES_ANY, RUNNER_FAULT, CleanupError,
                                             StoreStatsFn, StoreWriteError, WriteStore)
-from fedbeam import store_format as sf
+from fedbeam.format.fs import file_ops
+from fedbeam.format.layout import DATA_DIR_PREFIX, METADATA_FILE, StoreFormatError, UNSPLIT
+from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam.transforms import identity
 
 
@@ -254,7 +256,7 @@ class PrepareStore(beam.PTransform):
       clients, planned = split["clients"], split["planned"]
       reports.append(split["report"])
     else:
-      planned = sizes | "Unsplit" >> beam.MapTuple(lambda cid, _, num: (cid, sf.UNSPLIT, num))
+      planned = sizes | "Unsplit" >> beam.MapTuple(lambda cid, _, num: (cid, UNSPLIT, num))
     # What each split should hold, from the planned sizes alone; the commit
     # checks it against the manifest rows the writer produced.
     planned_splits = (planned
@@ -332,18 +334,18 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
       files that are not fedbeam's, or cannot be created.
   """
   try:
-    if FileSystems.exists(sf.metadata_path(output)):
+    if FileSystems.exists(metadata_path(output)):
       if not overwrite:
         raise PrepareError(f"--output {output} already holds a committed fedbeam store; "
                            "pass --overwrite to replace it")
       return
-    fs = sf.file_ops(output)
+    fs = file_ops(output)
     if fs.exists(output):
       if not fs.isdir(output):
         raise PrepareError(f"--output {output} is a file, not a directory")
       foreign = sorted(n for n in fs.listdir(output)
-                       if not n.startswith(sf.DATA_DIR_PREFIX)
-                       and not n.startswith(f".{sf.METADATA_FILE}.tmp-"))
+                       if not n.startswith(DATA_DIR_PREFIX)
+                       and not n.startswith(f".{METADATA_FILE}.tmp-"))
       if foreign:
         raise PrepareError(
             f"--output {output} is not empty and holds no fedbeam store (it holds {foreign[0]!r}"
@@ -539,7 +541,7 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
   except Exception:  # pylint: disable=broad-except
     pass  # Some runners do not report metrics; the metadata has the counts.
   try:
-    metadata = sf.read_metadata(config.output)
-  except sf.StoreFormatError as e:
+    metadata = read_metadata(config.output)
+  except StoreFormatError as e:
     raise PrepareError(f"the pipeline finished but the store is not committed: {e}") from None
   return PrepareResult(metadata, counters, seconds)

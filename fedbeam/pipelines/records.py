@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from fedbeam.element_spec import ElementSpec, ElementSpecError, numpy_dtype
-from fedbeam.store_format import UNSPLIT
+from fedbeam.format.spec import ElementSpec, ElementSpecError, numpy_dtype
+from fedbeam.format.layout import UNSPLIT
 
 # Kinds of raw values a reader produces.
 STRING, FLOAT32, FLOAT64, INT32, INT64, BOOL = (

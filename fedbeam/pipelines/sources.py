@@ -22,8 +22,8 @@ import numpy as np
 from fedbeam.pipelines.example_records import ExampleBatch, parse_example_record
 from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
                                        SCALAR, STRING, InputError, InputRecord, RawFeature)
-from fedbeam.store_format import (CorruptRecordError, InvalidClientIdError, check_client_id,
-                                  read_tfrecords)
+from fedbeam.format.layout import InvalidClientIdError, check_client_id
+from fedbeam.format.tfrecord import CorruptRecordError, read_tfrecords
 
 INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite")
 # Records of a TFRecord file handed on together (see ExampleBatch).

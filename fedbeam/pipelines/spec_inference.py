@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import apache_beam as beam
 
-from fedbeam.element_spec import ElementSpec, FeatureSpec
+from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.pipelines.example_records import as_input_records
 from fedbeam.pipelines.records import ANY_RANK, LIST, SCALAR, InputError, InputRecord
 

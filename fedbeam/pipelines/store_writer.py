@@ -29,11 +29,18 @@ from apache_beam.io.filesystems import FileSystems
 import google_crc32c
 
 import fedbeam
-from fedbeam.element_spec import ElementSpec
+from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.data_dir_lease import committed_state, is_object_store, remove_dead_data_dirs
 from fedbeam.pipelines.records import ClientRecords
-from fedbeam import store_format as sf
+from fedbeam.format.fs import file_ops
+from fedbeam.format.layout import (FORMAT_VERSION, ID_ENCODING, MANIFEST_DIR, MANIFEST_SPEC_KEY,
+                                   METADATA_FILE, client_relative_path, data_dir_name,
+                                   default_num_shards, join)
+from fedbeam.format.manifest import manifest_file_name, manifest_spec_value, manifest_sync_marker
+from fedbeam.format.metadata import (metadata_path, metadata_to_json, parsed_schema,
+                                     validate_metadata)
+from fedbeam.format.tfrecord import tfrecord_frames
 
 # Manifest rows per manifest file (the file count follows the client count).
 MANIFEST_ROWS_PER_FILE = 100_000
@@ -139,10 +146,10 @@ class _WriteClientFile(beam.DoFn):
     tune_allocator()
 
   def process(self, client: ClientRecords, num_shards: int) -> Iterable[dict[str, Any]]:
-    rel = sf.client_relative_path(client.client_id, client.split, num_shards)
+    rel = client_relative_path(client.client_id, client.split, num_shards)
     rel = posixpath.join(self._data_dir, rel)
     size, crc = write_file_atomically(
-        sf.join(self._root, rel), sf.tfrecord_frames(client.records), fsync=self._fsync)
+        join(self._root, rel), tfrecord_frames(client.records), fsync=self._fsync)
     self._clients.inc()
     self._examples.inc(len(client.records))
     self._bytes.inc(size)
@@ -179,11 +186,11 @@ class _WriteManifestFile(beam.DoFn):
     # The element spec also goes into each manifest file's header: a reader
     # compares it with the metadata's, so a dtype or shape edited in
     # metadata.json (same bytes, other values) is caught.
-    fastavro.writer(buf, sf.parsed_schema("manifest"), rows, codec="null",
-                    sync_marker=sf.manifest_sync_marker(self._job_key, index),
-                    metadata={sf.MANIFEST_SPEC_KEY: sf.manifest_spec_value(spec)})
-    name = sf.manifest_file_name(index, num_files)
-    write_file_atomically(sf.join(self._root, self._data_dir, sf.MANIFEST_DIR, name),
+    fastavro.writer(buf, parsed_schema("manifest"), rows, codec="null",
+                    sync_marker=manifest_sync_marker(self._job_key, index),
+                    metadata={MANIFEST_SPEC_KEY: manifest_spec_value(spec)})
+    name = manifest_file_name(index, num_files)
+    write_file_atomically(join(self._root, self._data_dir, MANIFEST_DIR, name),
                           [buf.getvalue()], fsync=self._fsync)
     yield name
 
@@ -211,7 +218,7 @@ def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
   keep = set(keep)
   stray = [n for n in _files_in(directory) if n not in keep]
   if stray:
-    FileSystems.delete([sf.join(directory, n) for n in stray])
+    FileSystems.delete([join(directory, n) for n in stray])
   return stray
 
 
@@ -229,9 +236,9 @@ class _SweepShardDirectory(beam.DoFn):
 
   def process(self, element):
     directory, names = element
-    removed = sweep_directory(sf.join(self._root, directory), names)
+    removed = sweep_directory(join(self._root, directory), names)
     if self._fsync:
-      _fsync_directory(sf.join(self._root, directory))
+      _fsync_directory(join(self._root, directory))
     self._swept.inc(len(removed))
     yield len(removed)
 
@@ -351,13 +358,13 @@ class _RootLock:
 def _remove_temp_metadata(root: str) -> None:
   """Deletes top-level temporary metadata files (of killed commits; callers hold the lock)."""
   for name in _list_directory(root):
-    if name.startswith(f".{sf.METADATA_FILE}.tmp-"):
-      FileSystems.delete([sf.join(root, name)])
+    if name.startswith(f".{METADATA_FILE}.tmp-"):
+      FileSystems.delete([join(root, name)])
 
 
 def _write_metadata(root: str, data: bytes, exclusive: bool, fsync: bool) -> None:
   """Writes metadata.json from a temporary file; `exclusive`: fail if it exists (local only)."""
-  final = sf.metadata_path(root)
+  final = metadata_path(root)
   if is_object_store(root) or not exclusive:
     write_file_atomically(final, [data], fsync=fsync)
   else:
@@ -402,7 +409,7 @@ def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool,
     StoreWriteError: another job committed a store at `root` first, or the
       file could not be written (no temporary file is left).
   """
-  data = sf.metadata_to_json(metadata)
+  data = metadata_to_json(metadata)
   expected = None if not overwrite else replaces
 
   def taken(what):
@@ -427,7 +434,7 @@ def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool,
 
 def _list_directory(directory: str) -> list[str]:
   """Names of the entries (files and directories, hidden ones too) of `directory`."""
-  fs = sf.file_ops(directory)
+  fs = file_ops(directory)
   return sorted(set(fs.listdir(directory))) if fs.isdir(directory) else []
 
 
@@ -501,11 +508,11 @@ class _CommitStore(beam.DoFn):
     ]
     report = dict(empty_report or {})
     metadata = {
-        "format_version": sf.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "fedbeam_version": fedbeam.__version__,
         "element_spec": spec.to_metadata(),
         "data_dir": self._data_dir,
-        "id_encoding": sf.ID_ENCODING,
+        "id_encoding": ID_ENCODING,
         "num_shards": int(num_shards),
         "manifest": {"num_files": len(manifest_files)},
         "splits": splits,
@@ -517,22 +524,22 @@ class _CommitStore(beam.DoFn):
         },
         "parameters": _merge_reports(self._parameters, reports),
     }
-    sf.validate_metadata(metadata, "new store metadata")
+    validate_metadata(metadata, "new store metadata")
     self._commit(metadata, [s["name"] for s in splits])
     clean_up_after_commit(self._root, self._data_dir)
     yield metadata
 
   def _commit(self, metadata: Mapping[str, Any], split_names: list[str]) -> None:
     """Sweeps the manifest directory, makes the data durable, commits the metadata."""
-    data = sf.join(self._root, self._data_dir)
+    data = join(self._root, self._data_dir)
     num_files = metadata["manifest"]["num_files"]
-    sweep_directory(sf.join(data, sf.MANIFEST_DIR),
-                    [sf.manifest_file_name(i, num_files) for i in range(num_files)])
+    sweep_directory(join(data, MANIFEST_DIR),
+                    [manifest_file_name(i, num_files) for i in range(num_files)])
     if self._fsync:
       # Client files were synced before their renames and shard directories
       # by their sweeps; what is left are the directories above them.
-      for directory in ([sf.join(data, sf.MANIFEST_DIR)]
-                        + [sf.join(data, n) for n in split_names] + [data]):
+      for directory in ([join(data, MANIFEST_DIR)]
+                        + [join(data, n) for n in split_names] + [data]):
         if FileSystems.exists(directory):
           _fsync_directory(directory)
     try:
@@ -549,7 +556,7 @@ class WriteStore(beam.PTransform):
   """Writes `ClientRecords` (with their split set) as a committed store at `root`.
 
   Files go to `root/<data_dir>`; `data_dir` defaults to the one
-  `sf.data_dir_name(job_key)` names. With `overwrite` the commit replaces an
+  `data_dir_name(job_key)` names. With `overwrite` the commit replaces an
   existing metadata file; without it, an existing one fails the job.
 
   Input: PCollection[ClientRecords]. Side data: `spec` (singleton
@@ -587,7 +594,7 @@ class WriteStore(beam.PTransform):
     self._planned_splits = planned_splits
     self._input_records = input_records
     self._overwrite = overwrite
-    self._data_dir = data_dir or sf.data_dir_name(
+    self._data_dir = data_dir or data_dir_name(
         hashlib.sha256(job_key.encode()).hexdigest() if len(job_key) < 16 else job_key)
     self._replaces = replaces
     self._fsync = fsync
@@ -606,7 +613,7 @@ class WriteStore(beam.PTransform):
     num_clients = clients | "CountClients" >> beam.combiners.Count.Globally()
     if self._num_shards is None:
       basis = num_clients if self._planned_clients is None else self._planned_clients
-      num_shards = basis | "PickNumShards" >> beam.Map(sf.default_num_shards)
+      num_shards = basis | "PickNumShards" >> beam.Map(default_num_shards)
     else:
       fixed = self._num_shards
       num_shards = p | "NumShards" >> beam.Create([fixed])

@@ -16,8 +16,13 @@ from tensorflow.python.ops import gen_dataset_ops
 # pylint: enable=g-direct-tensorflow-import
 import tensorflow_federated as tff
 
-from fedbeam.element_spec import ElementSpec
-from fedbeam import store_format as sf
+from fedbeam.format.spec import ElementSpec
+from fedbeam.format.codec import (PARSE_BATCH, has_variable_length, make_batch_parser,
+                                  make_record_parser, records_to_elements)
+from fedbeam.format.layout import (StoreFormatError, client_relative_path, client_relative_path_tf,
+                                   join)
+from fedbeam.format.manifest import read_manifest
+from fedbeam.format.metadata import data_root, read_metadata
 from fedbeam.runtime.client_file_checks import (RECORD_OVERHEAD_BYTES, ManifestFigures,
                                                 check_client_file)
 from fedbeam.runtime.tff_worker import register_worker_cleanup
@@ -114,23 +119,23 @@ def _unbatch_dense(dataset):
 def client_dataset_builder(spec: ElementSpec) -> Callable[[Any], tf.data.Dataset]:
   """fn(path: scalar tf.string) -> the elements of that client file, in file order.
 
-  Records are parsed `store_format.PARSE_BATCH` at a time with one vectorized
+  Records are parsed `codec.PARSE_BATCH` at a time with one vectorized
   parse when every feature has a fixed shape, one by one otherwise: the same
-  elements as `store_format.records_to_elements`. tf.data's static graph
+  elements as `codec.records_to_elements`. tf.data's static graph
   rewrites and autotuning are off (`options()`; a consumer's `with_options`
   overrides them): for a client's dataset, built and iterated once, they cost
   more than they save.
   """
-  if sf.has_variable_length(spec):
-    parse = sf.make_record_parser(spec)
+  if has_variable_length(spec):
+    parse = make_record_parser(spec)
 
     def build(path):
       return _map(_read_records(path), parse).with_options(_NO_STATIC_OPTIMIZATION)
   else:
-    parse = sf.make_batch_parser(spec)
+    parse = make_batch_parser(spec)
 
     def build(path):
-      parsed = _map(_read_records(path).batch(sf.PARSE_BATCH), parse)
+      parsed = _map(_read_records(path).batch(PARSE_BATCH), parse)
       return _unbatch_dense(parsed).with_options(_NO_STATIC_OPTIMIZATION)
 
   return build
@@ -268,7 +273,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     `client_ids` are sorted, or in the order of `rows` when `ordered`.
     """
     self._root = root.rstrip("/") if root != "/" else root
-    self._data_root = sf.data_root(self._root, metadata)
+    self._data_root = data_root(self._root, metadata)
     self._metadata = dict(metadata)
     self._splits = tuple(splits)
     self._rows = dict(rows)
@@ -323,14 +328,14 @@ class StoreClientData(tff.simulation.datasets.ClientData):
     tff.simulation.datasets.client_data.check_numpy_random_seed(seed)
     client_ids = list(self._client_ids)
     np.random.RandomState(seed=seed).shuffle(client_ids)
-    paths = [sf.join(self._data_root, self._relative_path(cid)) for cid in client_ids]
+    paths = [join(self._data_root, self._relative_path(cid)) for cid in client_ids]
     files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
-    if sf.has_variable_length(self._spec):
+    if has_variable_length(self._spec):
       records = files.interleave(
           lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES),
           cycle_length=1, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
           deterministic=True)
-      return sf.records_to_elements(records, self._spec)
+      return records_to_elements(records, self._spec)
     # Each client file becomes one batch of all its records; several files are
     # read at once, and deterministic interleaving of one-element inputs keeps
     # the clients in order (an empty client contributes no batch).
@@ -340,7 +345,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
         cycle_length=_PARALLEL_CLIENT_READS, block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return whole_clients.map(
-        sf.make_batch_parser(self._spec), num_parallel_calls=tf.data.AUTOTUNE,
+        make_batch_parser(self._spec), num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True).unbatch()
 
   # -- Store extras -----------------------------------------------------------
@@ -438,7 +443,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
   # -- Internals --------------------------------------------------------------
 
   def _relative_path(self, client_id: str) -> str:
-    return sf.client_relative_path(client_id, self._rows[client_id][0], self._num_shards)
+    return client_relative_path(client_id, self._rows[client_id][0], self._num_shards)
 
   def _build_path_fn(self):
     """fn(client_id: scalar tf.string) -> the client file's path, in TF ops."""
@@ -469,7 +474,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
 
     def path_fn(client_id):
       client_id = tf.convert_to_tensor(client_id, tf.string)
-      rel = sf.client_relative_path_tf(client_id, split_of_id(client_id), num_shards)
+      rel = client_relative_path_tf(client_id, split_of_id(client_id), num_shards)
       return tf.strings.join([data_root, "/", rel])
 
     return path_fn
@@ -481,7 +486,7 @@ class StoreClientData(tff.simulation.datasets.ClientData):
 
   def _client_path(self, client_id: str) -> str:
     """The file of a known client."""
-    return sf.join(self._data_root, self._relative_path(client_id))
+    return join(self._data_root, self._relative_path(client_id))
 
   def _open_check(self, client_id: str, path: Optional[str] = None) -> Optional[str]:
     """Why a known client's file (at `path`, if the caller has it) fails its check against
@@ -598,10 +603,10 @@ class StoreClientData(tff.simulation.datasets.ClientData):
         tensor would pad it).
     """
     if self._client_tensors_fn is None:
-      if sf.has_variable_length(self._spec):
+      if has_variable_length(self._spec):
         raise ValueError("client_tensors_fn needs fixed-shape features; this store has "
                          f"variable-length ones ({self._spec.to_json()})")
-      parse, path_fn = sf.make_batch_parser(self._spec), self._path_fn
+      parse, path_fn = make_batch_parser(self._spec), self._path_fn
       figures = self._manifest_figures()
       no_record = tf.zeros([0], tf.string)
       root = self._root
@@ -664,7 +669,7 @@ class _ClientTensorsFn:
 def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[str, int, int]]:
   """Every manifest row as client id -> (split, num_examples, num_bytes), checked.
 
-  `sf.read_manifest` bounds each row on its own (non-negative counts that fit
+  `read_manifest` bounds each row on its own (non-negative counts that fit
   the bytes). The rows must also agree with the metadata, which another step
   of the job wrote: every split a row names is in `metadata["splits"]`, ids
   are unique, only an empty client has 0 bytes, and each split's clients,
@@ -676,17 +681,17 @@ def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[st
   splits = {s["name"]: s for s in metadata["splits"]}
   totals = {name: [0, 0, 0, 0] for name in splits}
   rows: dict[str, tuple[str, int, int]] = {}
-  for row in sf.read_manifest(path, metadata):
+  for row in read_manifest(path, metadata):
     cid, split = row["client_id"], row["split"]
     where = f"store {path} is damaged: manifest row of client {cid!r}"
     if split not in totals:
-      raise sf.StoreFormatError(f"{where} names split {split!r}, which the metadata does not "
-                                f"list (its splits are {sorted(splits)})")
+      raise StoreFormatError(f"{where} names split {split!r}, which the metadata does not "
+                             f"list (its splits are {sorted(splits)})")
     if cid in rows:
-      raise sf.StoreFormatError(f"{where} appears twice (splits {rows[cid][0]!r} and {split!r})")
+      raise StoreFormatError(f"{where} appears twice (splits {rows[cid][0]!r} and {split!r})")
     num_examples, num_bytes = int(row["num_examples"]), int(row["num_bytes"])
     if (num_examples == 0) != (num_bytes == 0):
-      raise sf.StoreFormatError(
+      raise StoreFormatError(
           f"{where} has num_examples {num_examples} in num_bytes {num_bytes}: only an empty "
           "client has 0 bytes")
     rows[cid] = (split, num_examples, num_bytes)
@@ -698,7 +703,7 @@ def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[st
   for name, t in totals.items():
     for i, field in enumerate(("num_clients", "num_examples", "num_bytes", "num_empty_clients")):
       if field in splits[name] and int(splits[name][field]) != t[i]:
-        raise sf.StoreFormatError(
+        raise StoreFormatError(
             f"store {path} is damaged: split {name!r} has {field} {splits[name][field]} in "
             f"the metadata but {t[i]} in the manifest; run `fedbeam validate {path}`")
   return rows
@@ -718,7 +723,7 @@ def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
       metadata's per-split figures (`_manifest_rows`).
     ValueError: `split` is not a split of the store, or it has no client.
   """
-  metadata = sf.read_metadata(path)
+  metadata = read_metadata(path)
   names = [s["name"] for s in metadata["splits"]]
   if split is not None and split not in names:
     raise ValueError(f"split {split!r} is not in store {path}; its splits are {names}")
@@ -726,10 +731,10 @@ def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
   rows = {cid: row for cid, row in _manifest_rows(path, metadata).items() if row[0] in wanted}
   if not rows:
     raise ValueError(f"store {path} has no client in split(s) {sorted(wanted)}")
-  data_root = sf.data_root(path, metadata)
+  data_dir = data_root(path, metadata)
   for name in sorted({r[0] for r in rows.values()}):
-    if not tf.io.gfile.isdir(sf.join(data_root, name)):
-      raise sf.StoreFormatError(
+    if not tf.io.gfile.isdir(join(data_dir, name)):
+      raise StoreFormatError(
           f"store {path} is damaged: the directory of split {name!r} "
-          f"({sf.join(data_root, name)}) is missing")
+          f"({join(data_dir, name)}) is missing")
   return StoreClientData(path, metadata, sorted(wanted), rows)

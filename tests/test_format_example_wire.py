@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedbeam import example_wire
-from fedbeam.example_proto import Example
+from fedbeam.format import example_wire
+from fedbeam.format.codec import Example
 
 
 def _example() -> bytes:

@@ -1,124 +1,15 @@
-"""The store format's two id -> path mappings agree, and records round-trip exactly."""
+"""Store records round-trip exactly: the encoders, the numpy decoder and TensorFlow's parser."""
 
-import base64
 import collections
-import posixpath
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedbeam import store_format as sf
-from fedbeam.element_spec import ENCODINGS, ElementSpec, ElementSpecError, FeatureSpec
-
-# Ids that stress the mapping: separators, dot segments, spaces, non-ASCII,
-# NUL, the 150-byte boundary (also inside multi-byte characters), ids whose
-# 96-byte prefix cuts a character, and ids ending like a shard suffix.
-TRICKY_IDS = [
-    "a", "a/b", "a/b/c/", "/leading", "/", "..", "../..", "../../etc/passwd", ".", "./x",
-    "with space", " ", "tab\there", "new\nline", "nul\x00byte", "naïve", "日本語のクライアント",
-    "emoji 🙂🚀", "é", "-_=+", "a~b", "x" * 149, "x" * 150, "x" * 151, "y" * 300,
-    "é" * 75, "é" * 76, "a" + "é" * 100, "🙂" * 40, "../" * 60,
-    "client_12", "abc_12", "_12", "f0f0_12", "AAAA", "AAAA=", "AAA", "QUFB",
-]
-
-SPLITS = ["all", "train", "test"]
-NUM_SHARDS = [1, 7, 1000]
-
-
-@pytest.fixture(scope="module")
-def tf_paths():
-  """Every (id, split, num_shards) mapped by client_relative_path_tf inside one tf.function."""
-  results = {}
-  for num_shards in NUM_SHARDS:
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.string)])
-    def path_fn(client_id, split, n=num_shards):
-      return sf.client_relative_path_tf(client_id, split, n)
-
-    for split in SPLITS:
-      for cid in TRICKY_IDS:
-        results[cid, split, num_shards] = path_fn(tf.constant(cid), tf.constant(split)).numpy().decode()
-  return results
-
-
-@pytest.mark.parametrize("num_shards", NUM_SHARDS)
-@pytest.mark.parametrize("split", SPLITS)
-def test_python_and_tf_graph_paths_are_identical(tf_paths, split, num_shards):
-  mismatches = {}
-  for cid in TRICKY_IDS:
-    python_path = sf.client_relative_path(cid, split, num_shards)
-    if python_path != tf_paths[cid, split, num_shards]:
-      mismatches[cid] = (python_path, tf_paths[cid, split, num_shards])
-  assert not mismatches
-
-
-def test_paths_follow_the_documented_rule():
-  for cid in TRICKY_IDS:
-    raw = cid.encode("utf-8")
-    shard = int(tf.strings.to_hash_bucket_fast(cid, 7).numpy())
-    if len(raw) <= 150:
-      name = base64.urlsafe_b64encode(raw).decode().rstrip("=")
-    else:
-      fingerprint = tf.fingerprint(tf.constant([cid]), method="farmhash64").numpy()[0]
-      name = (base64.urlsafe_b64encode(raw[:96]).decode().rstrip("=") + "~"
-              + bytes(fingerprint).hex())
-    assert sf.client_relative_path(cid, "train", 7) == f"train/{shard:05d}/{name}.tfrecord", cid
-
-
-def test_long_name_fingerprint_and_shard_use_the_same_farmhash64():
-  # The hex digits are Fingerprint64's 8 bytes little-endian; the shard is
-  # the same Fingerprint64 modulo num_shards (docs/store-format.md).
-  for cid in [c for c in TRICKY_IDS if len(c.encode()) > 150]:
-    digits = sf.client_file_name(cid)[:-len(".tfrecord")].split("~")[1]
-    fingerprint = int.from_bytes(bytes.fromhex(digits), "little")
-    for num_shards in (7, 1000, 2**31 - 1):
-      assert sf.shard_of(cid, num_shards) == fingerprint % num_shards
-
-
-def test_every_path_stays_inside_its_split_and_shard_directory():
-  names = set()
-  for cid in TRICKY_IDS:
-    for num_shards in NUM_SHARDS:
-      rel = sf.client_relative_path(cid, "train", num_shards)
-      parts = rel.split("/")
-      assert len(parts) == 3, rel
-      split, shard, name = parts
-      assert split == "train"
-      assert shard.isdigit() and len(shard) == 5 and int(shard) < num_shards
-      assert name not in (".", "..") and not name.startswith(".") and name.endswith(".tfrecord")
-      assert set(name[:-len(".tfrecord")]) <= set(
-          "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~"), name
-      assert posixpath.normpath(posixpath.join("/store", rel)).startswith("/store/train/")
-      # Within common file-name limits, including the writer's temporary name.
-      assert len(name.encode()) + len(".") + len(".tmp-") + 32 <= 255
-    names.add(sf.client_file_name(cid))
-  assert len(names) == len(TRICKY_IDS), "two distinct ids share a file name"
-
-
-def test_long_ids_with_a_common_prefix_get_distinct_names():
-  prefix = "p" * 200
-  names = {sf.client_file_name(prefix + suffix) for suffix in ["a", "b", "_12", "é"]}
-  assert len(names) == 4
-  assert all("~" in n for n in names)
-
-
-@pytest.mark.parametrize("bad", ["", b"", b"\xff\xfe", b"ok\xc3", 12, None])
-def test_check_client_id_rejects_empty_non_utf8_and_non_strings(bad):
-  with pytest.raises(sf.InvalidClientIdError) as e:
-    sf.check_client_id(bad, "input.tfrecord record 3")
-  assert "input.tfrecord record 3" in str(e.value)
-
-
-def test_check_client_id_accepts_text_and_utf8_bytes():
-  assert sf.check_client_id("naïve") == "naïve"
-  assert sf.check_client_id("naïve".encode()) == "naïve"
-  with pytest.raises(sf.InvalidClientIdError, match="empty"):
-    sf.client_relative_path("", "all", 1)
-
-
-# ----------------------------------------------------------------------------
-# Records
-# ----------------------------------------------------------------------------
+from fedbeam.format.codec import (RecordDecodeError, decode_examples, encode_example,
+                                  encode_examples, features_field_header, make_batch_parser,
+                                  make_record_parser, records_to_elements)
+from fedbeam.format.spec import ENCODINGS, ElementSpec, FeatureSpec
 
 def _bits(dtype, values):
   return np.array(values, dtype=dtype)
@@ -194,8 +85,8 @@ def _assert_exact(name, actual, expected):
 @pytest.mark.parametrize("variable_rows", [0, 1, 3])
 def test_record_parser_round_trips_every_dtype_and_shape_bit_for_bit(variable_rows):
   spec, element = _spec_and_element(variable_rows)
-  record = sf.encode_example(element, spec)
-  parse = tf.function(sf.make_record_parser(spec))
+  record = encode_example(element, spec)
+  parse = tf.function(make_record_parser(spec))
   parsed = parse(tf.constant(record))
   assert list(parsed) == spec.names
   for name, value in element.items():
@@ -207,8 +98,8 @@ def test_batch_parser_round_trips_fixed_shapes_bit_for_bit():
   fixed = ElementSpec(tuple(f for f in spec.features if not f.is_variable_length))
   elements = [element, collections.OrderedDict(
       (k, np.flip(v) if v.ndim else v) for k, v in element.items())]
-  records = [sf.encode_example({k: e[k] for k in fixed.names}, fixed) for e in elements]
-  parse = tf.function(sf.make_batch_parser(fixed))
+  records = [encode_example({k: e[k] for k in fixed.names}, fixed) for e in elements]
+  parse = tf.function(make_batch_parser(fixed))
   parsed = parse(tf.constant(records))
   for i, e in enumerate(elements):
     for name in fixed.names:
@@ -221,8 +112,8 @@ def test_records_to_elements_gives_the_spec_and_values():
     if not variable:
       spec = ElementSpec(tuple(f for f in spec.features if not f.is_variable_length))
     element = {k: element[k] for k in spec.names}
-    records = tf.data.Dataset.from_tensor_slices([sf.encode_example(element, spec)] * 3)
-    ds = sf.records_to_elements(records, spec)
+    records = tf.data.Dataset.from_tensor_slices([encode_example(element, spec)] * 3)
+    ds = records_to_elements(records, spec)
     assert ds.element_spec == spec.to_tensor_specs()
     out = list(ds.as_numpy_iterator())
     assert len(out) == 3
@@ -233,8 +124,8 @@ def test_records_to_elements_gives_the_spec_and_values():
 def test_encoding_is_deterministic_and_uses_the_documented_lists():
   from tensorflow.core.example import example_pb2
   spec, element = _spec_and_element(1)
-  record = sf.encode_example(element, spec)
-  assert record == sf.encode_example(element, spec)
+  record = encode_example(element, spec)
+  assert record == encode_example(element, spec)
   example = example_pb2.Example.FromString(record)
   kinds = {"bytes": "bytes_list", "float": "float_list", "int64": "int64_list", "bits64": "int64_list"}
   for f in spec.features:
@@ -263,17 +154,7 @@ def test_encoding_equals_protobufs_deterministic_serialization(variable_rows):
       feature.int64_list.SetInParent()
       ints = values.astype(f.dtype).view(np.int64) if f.encoding == "bits64" else values.astype(np.int64)
       feature.int64_list.value.extend(ints.tolist())
-  assert sf.encode_example(element, spec) == example.SerializeToString(deterministic=True)
-
-
-def test_element_spec_json_accepts_only_a_variable_leading_dimension():
-  spec = ElementSpec.from_json({"s": {"dtype": "string", "shape": [None]},
-                                "v": {"dtype": "int64", "shape": [None, 3]}})
-  assert spec.to_tensor_specs()["v"] == tf.TensorSpec([None, 3], tf.int64)
-  with pytest.raises(ElementSpecError, match="only the leading dimension"):
-    ElementSpec.from_json({"v": {"dtype": "int64", "shape": [3, None]}})
-  with pytest.raises(ElementSpecError, match="not supported"):
-    ElementSpec.from_json({"v": {"dtype": "complex64", "shape": []}})
+  assert encode_example(element, spec) == example.SerializeToString(deterministic=True)
 
 
 def test_encode_examples_gives_encode_example_bytes_for_every_dtype():
@@ -286,9 +167,9 @@ def test_encode_examples_gives_encode_example_bytes_for_every_dtype():
         (k, rng.permutation(v.reshape(-1)).reshape(v.shape) if v.size > 1 else v)
         for k, v in element.items()))
   columns = {name: np.stack([e[name] for e in elements]) for name in fixed.names}
-  want = [sf.encode_example({k: e[k] for k in fixed.names}, fixed) for e in elements]
-  assert sf.encode_examples(columns, fixed, len(elements)) == want
-  assert sf.encode_examples({n: c[:0] for n, c in columns.items()}, fixed, 0) == []
+  want = [encode_example({k: e[k] for k in fixed.names}, fixed) for e in elements]
+  assert encode_examples(columns, fixed, len(elements)) == want
+  assert encode_examples({n: c[:0] for n, c in columns.items()}, fixed, 0) == []
 
 
 def _fixed_elements(count: int):
@@ -304,15 +185,15 @@ def _fixed_elements(count: int):
 
 def test_decode_examples_equals_tensorflows_batch_parse_for_every_dtype():
   fixed, elements = _fixed_elements(6)
-  records = [sf.encode_example(e, fixed) for e in elements]
-  decoded = sf.decode_examples(records, fixed)
-  parsed = sf.make_batch_parser(fixed)(tf.constant(records))
+  records = [encode_example(e, fixed) for e in elements]
+  decoded = decode_examples(records, fixed)
+  parsed = make_batch_parser(fixed)(tf.constant(records))
   assert list(decoded) == fixed.names
   for name in fixed.names:
     _assert_exact(name, decoded[name], parsed[name].numpy())
     for i, e in enumerate(elements):
       _assert_exact(f"{name}[{i}]", decoded[name][i], e[name])
-  assert {n: v.shape for n, v in sf.decode_examples([], fixed).items()} == {
+  assert {n: v.shape for n, v in decode_examples([], fixed).items()} == {
       f.name: (0,) + f.shape for f in fixed.features}
 
 
@@ -329,7 +210,7 @@ def _record(*entries: bytes) -> bytes:
 def test_decode_examples_reads_any_serializer_output_like_tensorflow():
   # Unpacked numbers, entries in any order, an extra feature, a repeated key
   # (the later entry wins) and the `features` field given twice (merged).
-  from fedbeam.example_proto import Example  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.codec import Example  # pylint: disable=g-import-not-at-top
   spec = ElementSpec((FeatureSpec("v", "float32", (3,)), FeatureSpec("n", "int64", (2,)),
                       FeatureSpec("s", "string", ())))
   floats = np.array([1.5, -2.0, 3.25], "<f4").tobytes()
@@ -341,8 +222,8 @@ def test_decode_examples_reads_any_serializer_output_like_tensorflow():
             + _record(_entry(b"v", float_list), _entry(b"s", b"\x0a\x04\x0a\x02yz")))
   reference = Example.FromString(record)  # protobuf's own reading of the same bytes
   assert list(reference.features.feature["v"].float_list.value) == [1.5, -2.0, 3.25]
-  decoded = sf.decode_examples([record], spec)
-  parsed = sf.make_batch_parser(spec)(tf.constant([record]))
+  decoded = decode_examples([record], spec)
+  parsed = make_batch_parser(spec)(tf.constant([record]))
   for name in spec.names:
     _assert_exact(name, decoded[name], parsed[name].numpy())
   assert decoded["n"].tolist() == [[150, 7]] and decoded["s"].tolist() == [b"yz"]
@@ -362,8 +243,8 @@ def test_decode_examples_of_unpacked_integers_in_records_of_one_length_equals_te
              record(b"\x08\xff\x01\x08\x00", b"ef"),   # 255, 0
              record(b"\x08\x01\x08\x02", b"ghi")]       # shorter ints, longer string
   assert len({len(r) for r in records}) == 1
-  decoded = sf.decode_examples(records, spec)
-  parsed = sf.make_batch_parser(spec)(tf.constant(records))
+  decoded = decode_examples(records, spec)
+  parsed = make_batch_parser(spec)(tf.constant(records))
   for name in spec.names:
     _assert_exact(name, decoded[name], parsed[name].numpy())
   assert decoded["n"].tolist() == [[150, 7], [5, 150], [255, 0], [1, 2]]
@@ -371,8 +252,8 @@ def test_decode_examples_of_unpacked_integers_in_records_of_one_length_equals_te
 
 def test_features_field_header_opens_what_encode_example_writes():
   spec = ElementSpec((FeatureSpec("v", "float32", (40,)),))
-  record = sf.encode_example({"v": np.zeros(40, np.float32)}, spec)
-  header = sf.features_field_header(len(record) - 3)  # A two-byte length: 128 or more.
+  record = encode_example({"v": np.zeros(40, np.float32)}, spec)
+  header = features_field_header(len(record) - 3)  # A two-byte length: 128 or more.
   assert len(record) - 3 > 127 and len(header) == 3 and record.startswith(header)
 
 
@@ -383,27 +264,27 @@ def test_features_field_header_opens_what_encode_example_writes():
 def test_decode_examples_refuses_encodings_tensorflow_reads_otherwise(feature, message):
   # Protobuf would merge both lists; TensorFlow's parser reads only the first.
   spec = ElementSpec((FeatureSpec("n", "int64", (2,)),))
-  with pytest.raises(sf.RecordDecodeError, match=message):
-    sf.decode_examples([_record(_entry(b"n", feature))], spec)
+  with pytest.raises(RecordDecodeError, match=message):
+    decode_examples([_record(_entry(b"n", feature))], spec)
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda r: r[:-3], "record 1: .*"),
-    (lambda r: sf.encode_example({"v": np.zeros(2, np.float32)},
-                                 ElementSpec((FeatureSpec("v", "float32", (2,)),))),
+    (lambda r: encode_example({"v": np.zeros(2, np.float32)},
+                              ElementSpec((FeatureSpec("v", "float32", (2,)),))),
      "record 1: feature 'v' has 2 values, which does not fit shape \\[3\\]"),
-    (lambda r: sf.encode_example({"w": np.zeros(3, np.float32)},
-                                 ElementSpec((FeatureSpec("w", "float32", (3,)),))),
+    (lambda r: encode_example({"w": np.zeros(3, np.float32)},
+                              ElementSpec((FeatureSpec("w", "float32", (3,)),))),
      "record 1: feature 'v' is missing"),
-    (lambda r: sf.encode_example({"v": np.zeros(3, np.int64)},
-                                 ElementSpec((FeatureSpec("v", "int64", (3,)),))),
+    (lambda r: encode_example({"v": np.zeros(3, np.int64)},
+                              ElementSpec((FeatureSpec("v", "int64", (3,)),))),
      "record 1: feature 'v' holds a int64_list, the element spec \\(float32\\) needs a float_list"),
 ])
 def test_decode_examples_names_the_record_and_feature_at_fault(change, message):
   spec = ElementSpec((FeatureSpec("v", "float32", (3,)),))
-  good = sf.encode_example({"v": np.ones(3, np.float32)}, spec)
-  with pytest.raises(sf.RecordDecodeError, match=message):
-    sf.decode_examples([good, change(good)], spec)
+  good = encode_example({"v": np.ones(3, np.float32)}, spec)
+  with pytest.raises(RecordDecodeError, match=message):
+    decode_examples([good, change(good)], spec)
 
 
 def test_decode_examples_of_equal_length_but_different_layout_equals_tensorflow():
@@ -411,8 +292,8 @@ def test_decode_examples_of_equal_length_but_different_layout_equals_tensorflow(
   # framing matches it; these do not, or hold other numbers in equal bytes.
   spec = ElementSpec((FeatureSpec("a", "int64", (2,)), FeatureSpec("b", "int64", ()),
                       FeatureSpec("v", "float32", (2,))))
-  canonical = [sf.encode_example({"a": np.array(a, np.int64), "b": np.array(b, np.int64),
-                                  "v": np.array(v, np.float32)}, spec)
+  canonical = [encode_example({"a": np.array(a, np.int64), "b": np.array(b, np.int64),
+                               "v": np.array(v, np.float32)}, spec)
                for a, b, v in [([1, 2], 300, [0.5, 1.5]), ([300, 2], 1, [2.5, -1.0]),
                                ([3, 4], 200, [7.0, 8.0]), ([1, 400], 5, [1.0, 2.0]),
                                ([5, 6], 129, [3.0, 4.0])]]
@@ -422,8 +303,8 @@ def test_decode_examples_of_equal_length_but_different_layout_equals_tensorflow(
                     _entry(b"a", b"\x1a\x04\x0a\x02\x08\x09"))
   records = canonical + [swapped] * 2 + canonical[::-1]
   assert len({len(r) for r in records}) == 1
-  decoded = sf.decode_examples(records, spec)
-  parsed = sf.make_batch_parser(spec)(tf.constant(records))
+  decoded = decode_examples(records, spec)
+  parsed = make_batch_parser(spec)(tf.constant(records))
   for name in spec.names:
     _assert_exact(name, decoded[name], parsed[name].numpy())
   assert decoded["a"][5].tolist() == [8, 9] and decoded["b"][5] == 200 and decoded["b"][1] == 1
@@ -431,8 +312,8 @@ def test_decode_examples_of_equal_length_but_different_layout_equals_tensorflow(
 
 def test_decode_examples_checks_the_count_of_varints_in_equal_bytes():
   spec = ElementSpec((FeatureSpec("a", "int64", (3,)),))
-  good = sf.encode_example({"a": np.array([1, 2, 300], np.int64)}, spec)
+  good = encode_example({"a": np.array([1, 2, 300], np.int64)}, spec)
   two = _record(_entry(b"a", b"\x1a\x06\x0a\x04\xac\x02\xac\x02"))  # [300, 300]: 4 bytes too
   assert len(two) == len(good)
-  with pytest.raises(sf.RecordDecodeError, match="record 2: feature 'a' has 2 values"):
-    sf.decode_examples([good, good, two, good], spec)
+  with pytest.raises(RecordDecodeError, match="record 2: feature 'a' has 2 values"):
+    decode_examples([good, good, two, good], spec)

@@ -4,7 +4,7 @@ import random
 
 import tensorflow as tf
 
-from fedbeam.fingerprint import fingerprint64, hash_bucket
+from fedbeam.format.layout import fingerprint64, hash_bucket
 
 
 def _strings():

@@ -6,7 +6,7 @@ import textwrap
 
 import tensorflow as tf
 
-from fedbeam.example_proto import Example
+from fedbeam.format.codec import Example
 
 
 def _tf_example():
@@ -43,21 +43,22 @@ def test_pipeline_worker_code_paths_do_not_import_tensorflow(tmp_path):
   del example.features.feature["none"]
   script = textwrap.dedent(f"""
       import sys
-      from fedbeam import store_format as sf
+      from fedbeam.format.codec import encode_examples
+      from fedbeam.format.layout import client_file_name, client_relative_path
       from fedbeam.pipelines import sources, store_writer
       record = {example.SerializeToString()!r}
       sources.parse_example_record(record, None, "test", ("f", 0))
-      sf.client_relative_path("client_ü", "train", 64)
-      sf.client_file_name("x" * 400)
+      client_relative_path("client_ü", "train", 64)
+      client_file_name("x" * 400)
       store_writer.sweep_directory({str(tmp_path)!r}, [])
       # Expansion with a transform that has a numpy batch form (the built-in warp).
       import numpy as np
       from fedbeam import transforms
-      from fedbeam.element_spec import ElementSpec, FeatureSpec
+      from fedbeam.format.spec import ElementSpec, FeatureSpec
       from fedbeam.pipelines import expansion
       spec = ElementSpec((FeatureSpec("label", "int32", ()),
                           FeatureSpec("pixels", "float32", (4, 4))))
-      records = sf.encode_examples({{"label": np.arange(3, dtype=np.int32),
+      records = encode_examples({{"label": np.arange(3, dtype=np.int32),
                                     "pixels": np.arange(48, dtype=np.float32).reshape(3, 4, 4)}},
                                    spec, 3)
       warped = expansion.apply_transform(transforms.random_affine, "c", 1, records, spec)

@@ -24,6 +24,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+__all__ = ["ElementSpec", "FeatureSpec", "ElementSpecError", "ENCODINGS", "numpy_dtype",
+           "MAX_VALUES_PER_EXAMPLE", "MAX_RANK"]
+
 # Bounds on a spec read from a store (docs/store-format.md, "Limits"): a
 # forged shape such as [1000000000] would otherwise make the reader allocate
 # gigabytes per example and crash. A tf.train.Example is a protobuf message,

@@ -1,0 +1,123 @@
+"""The filesystem of a store: local paths through `os`, URLs (gs://...) through `tf.io.gfile`.
+
+Local paths need no TensorFlow, which takes seconds and hundreds of MB to
+import in a process (the prepare job's runner and workers) that otherwise
+does not use it; TensorFlow is imported only for a path with a scheme.
+`read_store_file` is how every byte of a store's metadata and manifest is
+read: bounded, regular files only, never through a link out of the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import stat
+from typing import Optional
+
+from fedbeam.format.layout import MissingStoreFileError, StoreFormatError
+
+__all__ = ["FileOps", "file_ops", "read_store_file", "file_kind", "remote_error_line"]
+
+FileOps = collections.namedtuple("FileOps", "exists isdir listdir makedirs open")
+
+
+def file_ops(path: str) -> FileOps:
+  """Directory and file functions for `path`: the os module's for local paths,
+  tf.io.gfile's for URLs such as gs://.
+
+  Local paths need no TensorFlow, which takes seconds and hundreds of MB to
+  import in a process (the prepare job's runner and workers) that otherwise
+  does not use it. `listdir` names have no trailing '/'.
+  """
+  if "://" in path:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    gfile = tf.io.gfile
+    return FileOps(gfile.exists, gfile.isdir,
+                   lambda d: [n.rstrip("/") for n in gfile.listdir(d)], gfile.makedirs,
+                   gfile.GFile)
+  return FileOps(os.path.exists, os.path.isdir, os.listdir,
+                 lambda d: os.makedirs(d, exist_ok=True), open)
+
+
+def read_store_file(root: str, path: str, max_bytes: Optional[int], what: str) -> bytes:
+  """The bytes of `path`, a regular file inside the store at `root`.
+
+  On local disks the file is opened with O_NOFOLLOW and O_NONBLOCK and checked
+  with fstat before a byte is read, so a symbolic link, FIFO, device or
+  directory is refused instead of followed or waited on, and its real
+  directory must lie inside the real `root`. On other filesystems (gs://)
+  its size comes from tf.io.gfile.stat. `max_bytes` (None: no limit) bounds
+  what is read.
+
+  Raises:
+    MissingStoreFileError: `path` does not exist.
+    StoreFormatError: any other reason not to read it, naming `what` and
+      `path` (on one line, also for a remote filesystem's error).
+  """
+  if "://" in path:
+    return _read_remote_file(path, max_bytes, what)
+  inside = os.path.realpath(root)
+  if os.path.commonpath([inside, os.path.realpath(os.path.dirname(path))]) != inside:
+    raise StoreFormatError(f"{what} {path} is outside the store {root} (through a symbolic link)")
+  flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+  try:
+    fd = os.open(path, flags)
+  except (FileNotFoundError, NotADirectoryError):
+    raise MissingStoreFileError(f"{what} {path} is missing") from None
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise StoreFormatError(f"{what} {path} is a symbolic link; a store holds only regular "
+                             "files") from None
+    raise StoreFormatError(f"cannot read {what} {path}: {e.strerror}") from None
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+      raise StoreFormatError(f"{what} {path} is not a regular file ({file_kind(info.st_mode)})")
+    _check_size(info.st_size, max_bytes, what, path)
+    with os.fdopen(os.dup(fd), "rb") as f:
+      data = f.read(info.st_size + 1)
+  except OSError as e:
+    raise StoreFormatError(f"cannot read {what} {path}: {e.strerror}") from None
+  finally:
+    os.close(fd)
+  _check_size(len(data), max_bytes, what, path)  # it may have grown since fstat
+  return data
+
+
+def file_kind(mode: int) -> str:
+  """'FIFO', 'directory', ... for a file that is not regular (from an lstat/fstat mode)."""
+  for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                     (stat.S_ISLNK, "symbolic link"), (stat.S_ISSOCK, "socket"),
+                     (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+    if test(mode):
+      return name
+  return "special file"
+
+
+def _check_size(size: int, max_bytes: Optional[int], what: str, path: str) -> None:
+  if max_bytes is not None and size > max_bytes:
+    raise StoreFormatError(f"{what} {path} has {size} bytes or more; fedbeam reads at most "
+                           f"{max_bytes}")
+
+
+def remote_error_line(error: Exception) -> str:
+  """A filesystem error (TensorFlow's OpError messages span lines) as one line."""
+  return " ".join(str(getattr(error, "message", error)).split())
+
+
+def _read_remote_file(path: str, max_bytes: Optional[int], what: str) -> bytes:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    info = tf.io.gfile.stat(path)
+    if info.is_directory:
+      raise StoreFormatError(f"{what} {path} is not a regular file (directory)")
+    _check_size(info.length, max_bytes, what, path)
+    with tf.io.gfile.GFile(path, "rb") as f:
+      data = f.read(info.length + 1)
+  except tf.errors.NotFoundError:
+    raise MissingStoreFileError(f"{what} {path} is missing") from None
+  except tf.errors.OpError as e:
+    raise StoreFormatError(f"cannot read {what} {path}: {remote_error_line(e)}") from None
+  _check_size(len(data), max_bytes, what, path)
+  return data
