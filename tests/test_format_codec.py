@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedbeam.format.codec import (RecordDecodeError, decode_examples, encode_example,
+from fedbeam.format.codec import (Example, RecordDecodeError, decode_examples, encode_example,
                                   encode_examples, features_field_header, make_batch_parser,
-                                  make_record_parser, records_to_elements)
+                                  make_record_parser, records_to_elements, serialize_example)
 from fedbeam.format.spec import ENCODINGS, ElementSpec, FeatureSpec
 
 def _bits(dtype, values):
@@ -155,6 +155,22 @@ def test_encoding_equals_protobufs_deterministic_serialization(variable_rows):
       ints = values.astype(f.dtype).view(np.int64) if f.encoding == "bits64" else values.astype(np.int64)
       feature.int64_list.value.extend(ints.tolist())
   assert encode_example(element, spec) == example.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("variable_rows", [0, 3])
+def test_serialize_example_gives_encode_example_bytes_for_both_message_classes(variable_rows):
+  from tensorflow.core.example import example_pb2
+  spec, element = _spec_and_element(variable_rows)
+  record = encode_example(element, spec)
+  # Parsed, the map's entries come back in no promised order; serialized again they are sorted.
+  assert serialize_example(example_pb2.Example.FromString(record)) == record
+  ours = Example.FromString(record)
+  assert serialize_example(ours) == record
+  key = spec.features[-1].name
+  value = ours.features.feature[key]
+  del ours.features.feature[key]
+  ours.features.feature[key].CopyFrom(value)  # re-inserted last, still written in key order
+  assert serialize_example(ours) == record
 
 
 def test_encode_examples_gives_encode_example_bytes_for_every_dtype():

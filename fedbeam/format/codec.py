@@ -24,9 +24,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from fedbeam.format import example_wire
 from fedbeam.format.spec import ElementSpec, FeatureSpec, numpy_dtype
 
-__all__ = ["Example", "Feature", "RecordDecodeError", "PARSE_BATCH", "encode_example",
-           "encode_examples", "features_field_header", "decode_examples", "has_variable_length",
-           "make_batch_parser", "make_record_parser", "records_to_elements"]
+__all__ = ["Example", "Feature", "RecordDecodeError", "PARSE_BATCH", "serialize_example",
+           "encode_example", "encode_examples", "features_field_header", "decode_examples",
+           "has_variable_length", "make_batch_parser", "make_record_parser", "records_to_elements"]
 
 # --------------------------------------------------------------------------
 # Records: encoding (writer) and parsing (reader)
@@ -76,9 +76,11 @@ def encode_example(values: Mapping[str, np.ndarray], spec: ElementSpec) -> bytes
   `values` maps every feature of `spec` to a numpy array (any shape; strings
   as `bytes`) already converted to the feature's dtype; see
   `fedbeam.pipelines.records.conform_record`. The bytes equal protobuf's
-  deterministic serialization (map entries sorted by key, packed numbers),
-  written directly because building the message value by value is the
-  pipeline's slowest step.
+  deterministic serialization (map entries sorted by key, packed numbers;
+  `serialize_example` of the same message), written directly because
+  building the message value by value costs 11 to 15 times as much
+  (`bench/bench_codec.py`, row "encode, one element"; `encode_examples` of a
+  single row costs 2 to 3 times as much: its framing is made for many).
   """
   entries = [_map_entry(f, np.asarray(values[f.name]).reshape(-1)) for f in _in_key_order(spec)]
   return _len_field(0x0A, b"".join(entries))
@@ -95,7 +97,10 @@ def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
 
   Gives the same bytes element by element. Features whose framing does not
   depend on the values (fixed-size floats) or that take few distinct values
-  (one integer, such as a label) are framed once, not once per element.
+  (one integer, such as a label) are framed once, not once per element:
+  `bench/bench_codec.py` (row "encode, a client at once") measures this
+  against an `Example` message per element, which costs 17 to 19 times as
+  much.
   """
   if not count:
     return []
@@ -245,6 +250,12 @@ def decode_examples(records, spec: ElementSpec) -> dict[str, np.ndarray]:
   the two). Features of a record that the spec does not name are ignored, as
   parse_example ignores them. Only for specs without variable-length
   features.
+
+  It exists so that a pipeline worker decodes records (for expansion)
+  without importing TensorFlow, which costs a process seconds and hundreds
+  of MB: `tf.io.parse_example` itself is about twice as fast per record,
+  an `Example` message per record three to nine times slower
+  (`bench/bench_codec.py`, row "decode, a client at once").
 
   Raises:
     RecordDecodeError: a record is malformed, lacks a feature, holds it in
@@ -450,4 +461,14 @@ _POOL.Add(_file())
 
 Example = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("fedbeam.example.Example"))
 Feature = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("fedbeam.example.Feature"))
+
+
+def serialize_example(example: Any) -> bytes:
+  """A store record from an `Example` message (ours or TensorFlow's): the per-record protobuf path.
+
+  Deterministic serialization (map entries sorted by key), so equal
+  examples give equal bytes, which are `encode_example`'s for the same
+  values (tests pin the two).
+  """
+  return example.SerializeToString(deterministic=True)
 

@@ -14,8 +14,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from fedbeam.format.spec import ElementSpec, ElementSpecError, numpy_dtype
+from fedbeam.format.codec import serialize_example
 from fedbeam.format.layout import UNSPLIT
+from fedbeam.format.spec import ElementSpec, ElementSpecError, numpy_dtype
 
 # Kinds of raw values a reader produces.
 STRING, FLOAT32, FLOAT64, INT32, INT64, BOOL = (
@@ -146,7 +147,7 @@ def encode_as_read(record: InputRecord, spec: ElementSpec) -> Optional[bytes]:
         info = np.iinfo(np.dtype(f.dtype))
         if lo < info.min or hi > info.max:
           return None
-  return example.SerializeToString(deterministic=True)
+  return serialize_example(example)
 
 
 def conform_record(record: InputRecord, spec: ElementSpec) -> dict[str, np.ndarray]:
