@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fedbeam.format.spec import ElementSpec, FeatureSpec
-from fedbeam.format.fs import file_kind, read_store_file, remote_error_line
+from fedbeam.format.fs import file_kind, is_remote, read_store_file, remote_error_line
 from fedbeam.format.layout import (DATA_DIR_PREFIX, InvalidClientIdError, LEASE_FILE, MANIFEST_DIR,
                                    MAX_MANIFEST_FILE_BYTES, METADATA_FILE, MissingStoreFileError,
                                    StoreFormatError, client_relative_path, join)
@@ -206,7 +206,7 @@ def _list_files(root: str, report: "ValidationReport",
   when a remote store cannot be listed.
   """
   base = root.rstrip("/") or "/"
-  if "://" in root:
+  if is_remote(root):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     try:
       walk = list(tf.io.gfile.walk(base))

@@ -5,6 +5,8 @@ import in a process (the prepare job's runner and workers) that otherwise
 does not use it; TensorFlow is imported only for a path with a scheme.
 `read_store_file` is how every byte of a store's metadata and manifest is
 read: bounded, regular files only, never through a link out of the store.
+`atomic_write` is how every file of a store and of a training run is
+written: whole or not at all.
 """
 
 from __future__ import annotations
@@ -12,12 +14,88 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import posixpath
 import stat
-from typing import Optional
+import uuid
+from typing import Iterable, Optional, Union
 
 from fedbeam.format.layout import MissingStoreFileError, StoreFormatError
 
-__all__ = ["FileOps", "file_ops", "read_store_file", "file_kind", "remote_error_line"]
+__all__ = ["FileOps", "file_ops", "is_remote", "temp_name", "atomic_write", "read_store_file",
+           "file_kind", "remote_error_line"]
+
+def is_remote(path: str) -> bool:
+  """Whether `path` is a URL (gs://...), reached through tf.io.gfile, rather than a local path.
+
+  Remote filesystems (object stores) have no locks, no atomic rename of a
+  directory and no fsync; callers that need those ask this first.
+  """
+  return "://" in path
+
+
+def temp_name(final_path: str) -> str:
+  """A fresh temporary name beside `final_path`: `.<name>.tmp-<32 hex digits>`.
+
+  Hidden, and never a name the store gives a file, so sweeps recognize and
+  remove what a killed writer left.
+  """
+  head, tail = posixpath.split(final_path)
+  return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex}")
+
+
+def atomic_write(path: str, data: Union[bytes, Iterable[bytes]], fsync: bool = True) -> int:
+  """Writes `data` (bytes, or pieces of it in order) to `path`, whole or not at all.
+
+  The bytes go to `temp_name(path)`, which is then renamed to `path`,
+  replacing a file there: a reader sees the old file or the new one, never
+  part of one. With `fsync` (local paths; an object store makes an object
+  durable when it is closed) the content reaches the disk before the
+  rename, so after a power loss `path` holds its bytes or does not exist;
+  the directory entry is made durable by the caller, once per directory.
+  Local parent directories are created.
+
+  Returns the number of bytes written.
+
+  Raises:
+    OSError, or tf.errors.OpError for a remote path: the file could not be
+      written. The temporary file is deleted first.
+  """
+  pieces = (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
+  tmp = temp_name(path)
+  size = 0
+  if is_remote(path):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      with tf.io.gfile.GFile(tmp, "wb") as f:
+        for piece in pieces:
+          f.write(piece)
+          size += len(piece)
+      tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:
+      try:
+        tf.io.gfile.remove(tmp)
+      except Exception:  # pylint: disable=broad-except
+        pass  # never created, or already renamed
+      raise
+    return size
+  os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
+  try:
+    with open(tmp, "wb") as f:
+      for piece in pieces:
+        f.write(piece)
+        size += len(piece)
+      if fsync:
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+    raise
+  return size
+
 
 FileOps = collections.namedtuple("FileOps", "exists isdir listdir makedirs open")
 
@@ -30,7 +108,7 @@ def file_ops(path: str) -> FileOps:
   import in a process (the prepare job's runner and workers) that otherwise
   does not use it. `listdir` names have no trailing '/'.
   """
-  if "://" in path:
+  if is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     gfile = tf.io.gfile
     return FileOps(gfile.exists, gfile.isdir,
@@ -55,7 +133,7 @@ def read_store_file(root: str, path: str, max_bytes: Optional[int], what: str) -
     StoreFormatError: any other reason not to read it, naming `what` and
       `path` (on one line, also for a remote filesystem's error).
   """
-  if "://" in path:
+  if is_remote(path):
     return _read_remote_file(path, max_bytes, what)
   inside = os.path.realpath(root)
   if os.path.commonpath([inside, os.path.realpath(os.path.dirname(path))]) != inside:

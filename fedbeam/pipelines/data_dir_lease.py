@@ -43,7 +43,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from fedbeam.format.fs import file_ops
+from fedbeam.format.fs import file_ops, is_remote
 from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE, data_dir_name, join
 from fedbeam.format.metadata import metadata_path
 
@@ -58,7 +58,7 @@ _CLAIM_ATTEMPTS = 8
 
 def is_object_store(path: str) -> bool:
   """True for URLs such as gs://: no flock, no atomic rename of a directory."""
-  return "://" in path
+  return is_remote(path)
 
 
 def committed_state(root: str) -> tuple[Optional[str], Optional[str]]:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import uuid
 import zlib
 from typing import Any, Iterable, Mapping, Optional
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import google_crc32c
 
@@ -33,7 +31,7 @@ from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.data_dir_lease import committed_state, is_object_store, remove_dead_data_dirs
 from fedbeam.pipelines.records import ClientRecords
-from fedbeam.format.fs import file_ops
+from fedbeam.format.fs import atomic_write, file_ops, temp_name
 from fedbeam.format.layout import (FORMAT_VERSION, ID_ENCODING, MANIFEST_DIR, MANIFEST_SPEC_KEY,
                                    METADATA_FILE, client_relative_path, data_dir_name,
                                    default_num_shards, join)
@@ -50,11 +48,6 @@ EMPTY_SAMPLE_SIZE = 20
 
 class StoreWriteError(RuntimeError):
   """The store could not be written (I/O failure, or two ids mapping to one file)."""
-
-
-def _temp_name(final_path: str) -> str:
-  head, tail = posixpath.split(final_path)
-  return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex}")
 
 
 _PIECE_BYTES = 4 << 20
@@ -87,12 +80,11 @@ def _fsync_directory(directory: str) -> None:
 
 def write_file_atomically(final_path: str, chunks: Iterable[bytes],
                           fsync: bool = True) -> tuple[int, int]:
-  """Writes `chunks` to a temporary file and renames it to `final_path`.
+  """Writes `chunks` to `final_path` with `fedbeam.format.fs.atomic_write`.
 
-  With `fsync` (local paths only; object stores make an object durable when
-  it is closed) the content reaches the disk before the rename, so after a
-  power loss the file holds its bytes or does not exist. The directory entry
-  is made durable by the caller (`_fsync_directory`, once per directory). A
+  A temporary file beside it is renamed into place; with `fsync` (local
+  paths only) its content reaches the disk first, and the directory entry is
+  made durable by the caller (`_fsync_directory`, once per directory). A
   failure deletes the temporary file.
 
   Returns (number of bytes, CRC32C of the content).
@@ -100,33 +92,16 @@ def write_file_atomically(final_path: str, chunks: Iterable[bytes],
   Raises:
     StoreWriteError: the file could not be written (naming `final_path`).
   """
-  tmp = _temp_name(final_path)
   crc = google_crc32c.Checksum()
-  size = 0
-  local = not is_object_store(final_path)
+
+  def checked(pieces):
+    for piece in pieces:
+      crc.update(piece)
+      yield piece
+
   try:
-    if local:
-      os.makedirs(posixpath.dirname(tmp) or ".", exist_ok=True)
-      f = open(tmp, "wb")
-    else:
-      f = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
-    with f:
-      for piece in _pieces(chunks):
-        f.write(piece)
-        crc.update(piece)
-        size += len(piece)
-      if local and fsync:
-        f.flush()
-        os.fsync(f.fileno())
-    if local:
-      os.replace(tmp, final_path)
-    else:
-      FileSystems.rename([tmp], [final_path])
+    size = atomic_write(final_path, checked(_pieces(chunks)), fsync=fsync)
   except Exception as e:
-    try:
-      FileSystems.delete([tmp])
-    except Exception:  # pylint: disable=broad-except
-      pass
     raise StoreWriteError(f"cannot write {final_path}: {e}") from e
   return size, int.from_bytes(crc.digest(), "big")
 
@@ -368,7 +343,7 @@ def _write_metadata(root: str, data: bytes, exclusive: bool, fsync: bool) -> Non
   if is_object_store(root) or not exclusive:
     write_file_atomically(final, [data], fsync=fsync)
   else:
-    tmp = _temp_name(final)
+    tmp = temp_name(final)
     try:
       with open(tmp, "wb") as f:
         f.write(data)

@@ -19,6 +19,7 @@ import tensorflow_federated as tff
 from fedbeam.format.spec import ElementSpec
 from fedbeam.format.codec import (PARSE_BATCH, has_variable_length, make_batch_parser,
                                   make_record_parser, records_to_elements)
+from fedbeam.format.fs import file_ops
 from fedbeam.format.layout import (StoreFormatError, client_relative_path, client_relative_path_tf,
                                    join)
 from fedbeam.format.manifest import read_manifest
@@ -733,7 +734,7 @@ def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
     raise ValueError(f"store {path} has no client in split(s) {sorted(wanted)}")
   data_dir = data_root(path, metadata)
   for name in sorted({r[0] for r in rows.values()}):
-    if not tf.io.gfile.isdir(join(data_dir, name)):
+    if not file_ops(data_dir).isdir(join(data_dir, name)):
       raise StoreFormatError(
           f"store {path} is damaged: the directory of split {name!r} "
           f"({join(data_dir, name)}) is missing")

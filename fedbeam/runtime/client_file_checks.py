@@ -28,6 +28,8 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 # pylint: enable=g-direct-tensorflow-import
 
+from fedbeam.format.fs import is_remote
+
 __all__ = ["RECORD_OVERHEAD_BYTES", "check_client_file", "ManifestFigures"]
 
 # Bytes a TFRecord adds around its data: 8 length, 4 length CRC, 4 data CRC.
@@ -37,7 +39,7 @@ _LENGTH = struct.Struct("<Q")
 
 def _file_size(path: str) -> tuple[Optional[int], Optional[str]]:
   """(size, None) for a regular file, else (None, the reason it cannot be read)."""
-  if "://" in path:
+  if is_remote(path):
     if not tf.io.gfile.exists(path):
       return None, "is missing"
     info = tf.io.gfile.stat(path)
@@ -108,7 +110,7 @@ def check_client_file(path: str, num_examples: int, num_bytes: int) -> Optional[
     return f"is {size} bytes, the manifest says {num_bytes}"
   if size == 0:  # mmap refuses empty files
     count, reason = 0, None
-  elif "://" in path:
+  elif is_remote(path):
     with tf.io.gfile.GFile(path, "rb") as f:
       count, reason = _count_records(f.read(size), size, num_examples)
   else:
