@@ -1,4 +1,4 @@
-"""fedbeam.example_proto: the same Example bytes as TensorFlow's class, without TensorFlow."""
+"""codec.Example: the same Example bytes as TensorFlow's class, without importing TensorFlow."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""fedbeam.example_wire: fields and feature values located in serialized Examples."""
+"""fedbeam.format.example_wire: fields and feature values located in serialized Examples."""
 
 import numpy as np
 import pytest

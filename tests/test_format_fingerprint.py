@@ -1,4 +1,4 @@
-"""fedbeam.fingerprint against TensorFlow's farmhash ops, for every length class."""
+"""fedbeam.format.layout.fingerprint64 against TensorFlow's farmhash ops, for every length class."""
 
 import random
 

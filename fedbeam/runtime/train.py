@@ -41,6 +41,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from fedbeam.format.fs import atomic_write, is_remote
+
 if TYPE_CHECKING:
   import tensorflow_federated as tff
   from fedbeam.runtime import models as models_lib
@@ -449,15 +451,6 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _write_atomically(path: str, text: str) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  temporary = f"{path}.tmp"
-  with tf.io.gfile.GFile(temporary, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 def _store_identity(data: Optional["tff.simulation.datasets.ClientData"]
                     ) -> Optional[dict[str, Any]]:
   """What identifies the store `data` was loaded from; None if it is no store.
@@ -517,7 +510,7 @@ def _locked_run_directory(output: str):
   Raises:
     TrainError: Another process holds the lock.
   """
-  if "://" in output:
+  if is_remote(output):
     logger.warning("%s is not on a local file system: it cannot be locked, so make "
                    "sure no other run uses it", output)
     yield
@@ -629,7 +622,7 @@ def _prepare_output(options: TrainOptions, has_test: bool,
     return True
   if options.resume:
     logger.warning("no checkpoint in %s: starting from round 0", output)
-  _write_atomically(config_path, json.dumps(wanted, indent=2, sort_keys=True))
+  atomic_write(config_path, json.dumps(wanted, indent=2, sort_keys=True).encode("utf-8"))
   return False
 
 
@@ -766,7 +759,7 @@ def _train_in_locked_directory(
   writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS)
   writer.writeheader()
   writer.writerows({k: r.get(k, "") for k in METRICS_COLUMNS} for r in kept_rows)
-  _write_atomically(metrics_path, buffer.getvalue())
+  atomic_write(metrics_path, buffer.getvalue().encode("utf-8"))
 
   summary_writer = tf.summary.create_file_writer(
       os.path.join(options.output, TENSORBOARD_DIR)
