@@ -597,6 +597,7 @@ def streaming_part(args, workload) -> dict:
 def training_part(args, workload) -> dict:
   """`SimulationLoop` with the `emnist-cnn` model over the store: round time and input share."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from bench import loop_profile  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime import models, simulation  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
 
@@ -613,7 +614,7 @@ def training_part(args, workload) -> dict:
   load_start = os.getloadavg()
   rounds, splits = [], []
   for r in range(args.train_rounds + 1):
-    split = loop.measure_input_and_compute()
+    split = loop_profile.measure_input_and_compute(loop)
     start = time.perf_counter()
     loop.run_round()
     seconds = time.perf_counter() - start
@@ -791,7 +792,7 @@ def training_section(result: dict) -> str:
       f"{c['shuffle_buffer']}, FedAvg (client SGD 0.02, server SGD 1.0). Round time: median "
       f"{t['round_s']['median_s']:.2f} s (min–max {t['round_s']['min_s']:.2f}–"
       f"{t['round_s']['max_s']:.2f}) over {t['round_s']['n']} rounds after a warm-up round. "
-      "`SimulationLoop.measure_input_and_compute()` on the same clients: compute (each update "
+      "`bench.loop_profile.measure_input_and_compute()` on the same clients: compute (each update "
       f"on its batches already in memory) {t['median_compute_s']:.3f} s; input (how much longer "
       "the same updates take on their datasets as the round builds them: reading, "
       f"preprocessing, shuffling, batching) {t['median_input_s']:.3f} s, that is "

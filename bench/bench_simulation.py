@@ -17,7 +17,7 @@ clients, prepared into a fedbeam store and read with `load_client_data`;
 model `digits-cnn`. Building a round's client datasets counts in every row.
 Contenders take turns within each round; the first round (tracing) is not
 counted. The loop's round is also split with
-`SimulationLoop.measure_input_and_compute()`, one client after another:
+`bench.loop_profile.measure_input_and_compute()`, one client after another:
 compute (the clients' updates on their batches already in memory) and input
 (how much longer the same updates take on their datasets as the round builds
 them).
@@ -205,7 +205,7 @@ def readme_section(result: dict) -> str:
   lines += [
       "",
       f"Loop round split (median over rounds, measured apart, one client "
-      f"after another, `SimulationLoop.measure_input_and_compute()`): "
+      f"after another, `bench.loop_profile.measure_input_and_compute()`): "
       f"compute {split['median_compute_seconds']:.3f} s (the clients' "
       f"updates on their batches already in memory), input "
       f"{split['median_input_seconds']:.3f} s (how much longer the same "
@@ -273,6 +273,7 @@ def main(argv=None) -> int:
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime import models  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime import simulation  # pylint: disable=g-import-not-at-top
+  from bench import loop_profile  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.tff_worker import register_worker_cleanup  # pylint: disable=g-import-not-at-top
 
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
         loop.run_round()
         seconds[name].append(time.perf_counter() - start)
       if round_num > 1:
-        splits.append(reference.measure_input_and_compute())
+        splits.append(loop_profile.measure_input_and_compute(reference))
       print(f"round {round_num}: " + ", ".join(
           f"{k} {v[-1]:.3f}s" for k, v in seconds.items()), flush=True)
 

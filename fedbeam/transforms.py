@@ -19,11 +19,12 @@ determined by a hash of 'client_a' and 1." -- the seed's TransformingClientData
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from fedbeam.seeded_hash import seeded_int
 
 
 def identity(raw_client_id: str, index: int) -> None:
@@ -34,8 +35,7 @@ def identity(raw_client_id: str, index: int) -> None:
 
 def transform_seed(raw_client_id: str, index: int, salt: str = "") -> int:
   """A 63-bit seed from a stable hash of (salt, raw id, index); never Python's hash()."""
-  digest = hashlib.sha256(f"{salt}\x00{raw_client_id}\x00{index}".encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big") >> 1
+  return seeded_int(salt, raw_client_id, index, bits=63)
 
 
 def affine_matrix(angle_deg: float, shear: float, scale_x: float, scale_y: float,

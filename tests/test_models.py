@@ -9,6 +9,7 @@ import tensorflow_federated as tff
 
 from fedbeam.runtime import models
 from fedbeam.runtime import simulation
+from fedbeam.runtime.simulation import metrics as simulation_metrics
 
 
 def test_builtin_names():
@@ -262,7 +263,7 @@ def test_char_rnn_accuracy_leaves_out_padding_targets():
   assert (targets == 0).mean() > 0.5  # Mostly padding: the case that misled.
   model.forward_pass(batch, training=False)
   # Finalized the way the simulation loop reports them.
-  finalized = simulation._finalize(  # pylint: disable=protected-access
+  finalized = simulation_metrics.finalize_metrics(
       model.metric_finalizers(), model.report_local_unfinalized_metrics())
   real = targets[targets != 0]
   assert finalized["num_tokens"] == real.size

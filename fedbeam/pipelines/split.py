@@ -26,13 +26,13 @@ skipped before the K-th test unit.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Optional
 
 import apache_beam as beam
 
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
+from fedbeam.seeded_hash import seeded_int
 
 SPLIT_METHODS = ("hash", "tff")
 SPLIT_BY = ("client", "raw")
@@ -92,8 +92,7 @@ class SplitConfig:
 
 def rank_key(seed: int, unit_id: str) -> int:
   """The stable rank of a unit for the hash method (sha256 of seed and id)."""
-  digest = hashlib.sha256(f"fedbeam-split\x00{seed}\x00{unit_id}".encode("utf-8")).digest()
-  return int.from_bytes(digest[:8], "big")
+  return seeded_int("fedbeam-split", seed, unit_id)
 
 
 def tff_test_ids(units: list[tuple[str, bool]], k: int, seed: int) -> list[str]:

@@ -20,7 +20,7 @@ import mmap
 import os
 import stat
 import struct
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -167,7 +167,7 @@ class ManifestFigures:
     """Clients whose fingerprints collide with another's: looked up by their full id."""
     return len(self._exact_ids)
 
-  def lookup(self, client_id) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  def lookup(self, client_id: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """scalar tf.string -> (found: bool, num_examples: int64, num_bytes: int64) scalars.
 
     An id that is not in the manifest gives (False, -1, -1).

@@ -14,6 +14,8 @@ import time
 
 import psutil
 
+__all__ = ["register_worker_cleanup", "stop_tff_workers", "tff_worker_pids"]
+
 _WORKER_NAME = "worker_binary"
 _registered = False
 

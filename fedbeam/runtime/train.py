@@ -6,11 +6,14 @@
 Writes into DIR:
 
 - `metrics.csv`: one row per round (round, train_loss, train_accuracy,
-  test_loss, test_accuracy, seconds, examples);
-- `tensorboard/`: the same as TensorBoard scalars;
+  test_loss, test_accuracy, seconds, examples), appended by
+  `tff.program.CSVFileReleaseManager`;
+- `tensorboard/`: the same as TensorBoard scalars, written by
+  `tff.program.TensorBoardReleaseManager` (`fedbeam.runtime.round_releases`);
 - `checkpoint.npz`: after every round, the model weights, the server
   optimizer state, the round number and the random state (seed), written to a
-  temporary file and renamed into place;
+  temporary file and renamed into place
+  (`fedbeam.runtime.simulation.checkpoint`);
 - `config.json`: the flags that determine the result and the identity of the
   store (data directory, digest of its metadata, splits), checked on
   `--resume`;
@@ -42,10 +45,13 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from fedbeam.format.fs import atomic_write, is_remote
+from fedbeam.runtime.option_checks import check_int, check_number, parse_int, parse_number
+from fedbeam.runtime.round_releases import METRICS_COLUMNS
 
 if TYPE_CHECKING:
   import tensorflow_federated as tff
   from fedbeam.runtime import models as models_lib
+  from fedbeam.runtime import simulation
 
 __all__ = [
     "METRICS_COLUMNS",
@@ -60,15 +66,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS_COLUMNS = (
-    "round",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "seconds",
-    "examples",
-)
 CHECKPOINT_NAME = "checkpoint.npz"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.csv"
@@ -124,15 +121,20 @@ class TrainOptions:
   progress: bool = True
 
   def __post_init__(self):
-    for name in ("rounds", "clients_per_round", "client_epochs", "batch_size",
-                 "clients_per_device"):
-      _require(getattr(self, name), _positive_int, name)
-    for name in ("eval_every", "seed", "shuffle_buffer"):
-      _require(getattr(self, name), _nonnegative_int, name)
-    for name in ("client_lr", "server_lr"):
-      _require(getattr(self, name), _positive_float, name)
-    for name in ("server_momentum", "delta_l2"):
-      _require(getattr(self, name), _nonnegative_float, name)
+    # The rules the flag parser applies (fedbeam.runtime.option_checks), for
+    # options built in Python rather than parsed.
+    try:
+      for name in ("rounds", "clients_per_round", "client_epochs", "batch_size",
+                   "clients_per_device"):
+        check_int(_flag(name), getattr(self, name), 1)
+      for name in ("eval_every", "seed", "shuffle_buffer"):
+        check_int(_flag(name), getattr(self, name), 0)
+      for name in ("client_lr", "server_lr"):
+        check_number(_flag(name), getattr(self, name), positive=True)
+      for name in ("server_momentum", "delta_l2"):
+        check_number(_flag(name), getattr(self, name), positive=False)
+    except ValueError as error:
+      raise TrainError(str(error)) from None
     choices = {
         "client_optimizer": ("sgd", "adam"),
         "server_optimizer": ("sgd", "adam"),
@@ -142,7 +144,7 @@ class TrainOptions:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise TrainError(
-            f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+            f"{_flag(name)} must be one of {', '.join(allowed)}, "
             f"got {getattr(self, name)!r}"
         )
     if self.server_optimizer == "adam" and self.server_momentum:
@@ -157,58 +159,25 @@ class TrainOptions:
     return {key: getattr(self, key) for key in _RESULT_KEYS}
 
 
-def _require(value: Any, check, name: str) -> None:
-  try:
-    check(str(value))
-  except argparse.ArgumentTypeError as error:
-    raise TrainError(f"--{name.replace('_', '-')}: {error}") from None
+def _flag(name: str) -> str:
+  return f"--{name.replace('_', '-')}"
 
 
+# argparse types: the rules of fedbeam.runtime.option_checks, on flag text.
 def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
+  return parse_int(text, 1)
 
 
 def _nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected a nonnegative integer, got {text!r}")
-  if value < 0:
-    raise argparse.ArgumentTypeError(
-        f"expected a nonnegative integer, got {text!r}")
-  return value
-
-
-def _float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-  if value != value or value in (float("inf"), float("-inf")):
-    raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-  return value
+  return parse_int(text, 0)
 
 
 def _positive_float(text: str) -> float:
-  value = _float(text)
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-  return value
+  return parse_number(text, positive=True)
 
 
 def _nonnegative_float(text: str) -> float:
-  value = _float(text)
-  if value < 0:
-    raise argparse.ArgumentTypeError(
-        f"expected a nonnegative number, got {text!r}")
-  return value
+  return parse_number(text, positive=False)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -414,7 +383,8 @@ class TrainingOutcome:
   state: Any
 
   @property
-  def final(self):
+  def final(self) -> Optional["simulation.RoundResult"]:
+    """The last round this call ran, or None if it ran none."""
     return self.rounds[-1] if self.rounds else None
 
   def summary_line(self) -> str:
@@ -637,10 +607,6 @@ def _metrics_rows_up_to(path: str, last_round: int) -> list[dict[str, str]]:
           and int(r["round"]) <= last_round]
 
 
-def _format(value: Optional[float]) -> str:
-  return "" if value is None else repr(float(value))
-
-
 def run_training(
     train_data: "tff.simulation.datasets.ClientData",
     test_data: Optional["tff.simulation.datasets.ClientData"],
@@ -710,11 +676,11 @@ def _train_in_locked_directory(
     options: TrainOptions,
 ) -> TrainingOutcome:
   """`run_training`'s work, while it holds the run directory's lock."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   from fedbeam.runtime import simulation  # pylint: disable=g-import-not-at-top
+  from fedbeam.runtime.round_releases import RoundReleases  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.tff_worker import register_worker_cleanup  # pylint: disable=g-import-not-at-top
 
   register_worker_cleanup()
@@ -753,7 +719,9 @@ def _train_in_locked_directory(
   start_round = loop.state.round_num
 
   # Rows of rounds after the checkpoint came from a run killed before it
-  # could checkpoint them; those rounds run again.
+  # could checkpoint them; those rounds run again. The file is rewritten
+  # before the first round (the CSV manager would only drop them when a
+  # round replaces them), keeping well-formed rows only.
   kept_rows = _metrics_rows_up_to(metrics_path, start_round)
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS)
@@ -761,9 +729,7 @@ def _train_in_locked_directory(
   writer.writerows({k: r.get(k, "") for k in METRICS_COLUMNS} for r in kept_rows)
   atomic_write(metrics_path, buffer.getvalue().encode("utf-8"))
 
-  summary_writer = tf.summary.create_file_writer(
-      os.path.join(options.output, TENSORBOARD_DIR)
-  )
+  releases = RoundReleases(metrics_path, os.path.join(options.output, TENSORBOARD_DIR))
   progress = tqdm(
       total=options.rounds, initial=min(start_round, options.rounds),
       unit="round", desc="train", file=sys.stderr,
@@ -772,31 +738,7 @@ def _train_in_locked_directory(
 
   def on_round(result: "simulation.RoundResult",
                current: "simulation.SimulationLoop") -> None:
-    train_loss, train_accuracy = simulation.loss_and_accuracy(
-        result.train_metrics)
-    test_loss, test_accuracy = simulation.loss_and_accuracy(
-        result.eval_metrics)
-    row = {
-        "round": str(result.round_num),
-        "train_loss": _format(train_loss),
-        "train_accuracy": _format(train_accuracy),
-        "test_loss": _format(test_loss),
-        "test_accuracy": _format(test_accuracy),
-        "seconds": f"{result.seconds:.6f}",
-        "examples": str(result.num_examples),
-    }
-    with tf.io.gfile.GFile(metrics_path, "a") as f:
-      csv.DictWriter(f, fieldnames=METRICS_COLUMNS).writerow(row)
-    with summary_writer.as_default(step=result.round_num):
-      for name, value in (("train/loss", train_loss),
-                          ("train/accuracy", train_accuracy),
-                          ("test/loss", test_loss),
-                          ("test/accuracy", test_accuracy)):
-        if value is not None:
-          tf.summary.scalar(name, value)
-      tf.summary.scalar("round/seconds", result.seconds)
-      tf.summary.scalar("round/examples", result.num_examples)
-    summary_writer.flush()
+    releases.release(result)
     # Last, so every round a checkpoint covers has its metrics row.
     simulation.save_state(
         checkpoint_path,
@@ -812,6 +754,8 @@ def _train_in_locked_directory(
             "saved_at": time.time(),
         },
     )
+    train_loss, train_accuracy = simulation.loss_and_accuracy(result.train_metrics)
+    _, test_accuracy = simulation.loss_and_accuracy(result.eval_metrics)
     postfix = {}
     if train_loss is not None:
       postfix["loss"] = f"{train_loss:.3f}"
@@ -830,9 +774,9 @@ def _train_in_locked_directory(
     progress.write(line, file=sys.stdout)
 
   try:
-    rounds = loop.run(options.rounds, on_round=on_round)
+    with releases:
+      rounds = loop.run(options.rounds, on_round=on_round)
   finally:
     progress.close()
-    summary_writer.close()
   return TrainingOutcome(start_round=start_round, rounds=rounds,
                          state=loop.state)
