@@ -296,7 +296,8 @@ def write_tff_sqlite_input(path: Union[str, os.PathLike], clients: Clients, elem
 # ----------------------------------------------------------------------------
 
 _FORMAT_OF_SUFFIX = {".tfrecord": "tfrecord", ".tfrecords": "tfrecord", ".avro": "avro",
-                     ".sqlite": "tff-sqlite", ".db": "tff-sqlite", ".sqlite3": "tff-sqlite"}
+                     ".sqlite": "tff-sqlite", ".db": "tff-sqlite", ".sqlite3": "tff-sqlite",
+                     ".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "leaf"}
 
 
 def prepare_store(clients_or_input_path: Union[Clients, str, os.PathLike],
@@ -312,7 +313,8 @@ def prepare_store(clients_or_input_path: Union[Clients, str, os.PathLike],
     clients_or_input_path: either `{client_id: [element dict, ...]}`, written
       with `write_tfrecord_input` to `tmp_dir/input/clients.tfrecord` (client
       id key `client_id`), or an input file pattern whose format comes from
-      `input_format=` or the file suffix (.tfrecord, .avro, .sqlite/.db).
+      `input_format=` or the file suffix (.tfrecord, .avro, .sqlite/.db,
+      .parquet, .csv, .jsonl, .json for LEAF).
     tmp_dir: a directory for the input (when given clients) and the store.
     output: the store directory; default `tmp_dir/store`.
     beam_args: Beam pipeline options, as on the `fedbeam prepare` command line.
