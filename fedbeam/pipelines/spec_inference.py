@@ -75,10 +75,13 @@ class InferElementSpecFn(beam.CombineFn):
     if cur is None:
       acc.features[name] = [kind, rank, lo, hi, source, inner, widens]
       return
+    # An empty list of unknown kind takes the other records' kind and widening.
+    if kind == UNKNOWN:
+      kind, widens = cur[0], cur[6]
+    elif cur[0] == UNKNOWN:
+      cur[0], cur[6] = kind, widens
     if cur[0] != kind:
-      if cur[0] == UNKNOWN or kind == UNKNOWN:
-        cur[0] = kind if cur[0] == UNKNOWN else cur[0]
-      elif cur[6] and widens and frozenset((cur[0], kind)) in _WIDENED:
+      if cur[6] and widens and frozenset((cur[0], kind)) in _WIDENED:
         cur[0] = _WIDENED[frozenset((cur[0], kind))]
       else:
         raise InputError(
