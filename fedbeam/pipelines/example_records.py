@@ -33,6 +33,7 @@ import numpy as np
 from fedbeam import example_wire
 from fedbeam.element_spec import ElementSpec
 from fedbeam.example_proto import Example
+from fedbeam.pipelines.column_batches import ColumnBatch
 from fedbeam.pipelines.records import (ANY_RANK, FLOAT32, INT64, STRING, InputError, InputRecord,
                                        RawFeature, conform_record, encode_as_read)
 from fedbeam import store_format as sf
@@ -134,8 +135,9 @@ class ExampleBatch:
 
 
 def as_input_records(element) -> Iterator[InputRecord]:
-  """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed; a list as its items."""
-  if isinstance(element, ExampleBatch):
+  """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed; a `ColumnBatch` as its
+  rows; a list as its items."""
+  if isinstance(element, (ExampleBatch, ColumnBatch)):
     return element.input_records()
   if isinstance(element, list):
     return iter(element)
@@ -144,7 +146,7 @@ def as_input_records(element) -> Iterator[InputRecord]:
 
 def input_size(element) -> int:
   """The number of input records in a reader's output element (see `as_input_records`)."""
-  return len(element) if isinstance(element, (ExampleBatch, list)) else 1
+  return len(element) if isinstance(element, (ExampleBatch, ColumnBatch, list)) else 1
 
 
 def encode_record(record: InputRecord, spec: ElementSpec) -> bytes:

@@ -7,6 +7,9 @@ error messages and `--order-by @input`), in record batches of
 Arrow and numpy (values, list offsets, null and shape checks); a row's
 features are then slices of those arrays.
 
+The batches travel as `ColumnBatch`es, which the encoder turns into store
+records a column at a time (`column_batches.encode_columns`).
+
 Columns: the client-id column holds strings, binary (UTF-8) or integers (an
 integer id is stored as its decimal string). Every other column is a
 feature: booleans, integers and floats of any width (the dtype is the
@@ -30,8 +33,8 @@ from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
 from fedbeam.pipelines import sources
-from fedbeam.pipelines.records import (BOOL, LIST, SCALAR, STRING, InputError, InputRecord,
-                                       RawFeature)
+from fedbeam.pipelines.column_batches import Column, ColumnBatch
+from fedbeam.pipelines.records import BOOL, STRING, InputError
 from fedbeam.store_format import InvalidClientIdError, check_client_id
 
 _INT_KINDS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -108,22 +111,7 @@ def _list_offsets(arr, pa) -> np.ndarray:
   return np.asarray(arr.offsets, dtype=np.int64)
 
 
-@dataclasses.dataclass
-class _Column:
-  """A feature column of one batch, converted: row i is leaves[starts[i]:ends[i]] of dims[i]."""
-
-  kind: str
-  rank: str
-  leaves: np.ndarray
-  starts: np.ndarray
-  ends: np.ndarray
-  dims: list
-
-  def feature(self, i: int) -> RawFeature:
-    return RawFeature(self.leaves[self.starts[i]:self.ends[i]], self.kind, self.rank, self.dims[i])
-
-
-def _convert_column(arr, ctype: _ColumnType, name: str, path: str, first: int, pa) -> _Column:
+def _convert_column(arr, ctype: _ColumnType, name: str, path: str, first: int, pa) -> Column:
   """Converts one batch column; raises InputError naming the row of a null or ragged value."""
   n = len(arr)
 
@@ -136,8 +124,8 @@ def _convert_column(arr, ctype: _ColumnType, name: str, path: str, first: int, p
   if null is not None:
     fail(null, "is null; fedbeam needs a value in every row")
   if not n:
-    return _Column(ctype.kind, LIST if ctype.depth else SCALAR, np.empty(0), np.empty(0, np.int64),
-                   np.empty(0, np.int64), [])
+    return Column(ctype.kind, ctype.depth, np.empty(0), np.empty(0, np.int64),
+                  np.empty(0, np.int64), np.zeros((0, ctype.depth), np.int64))
   # Row r's elements at the current level are level[starts[r]:ends[r]]
   # (at the top, row r itself); they are contiguous over the batch.
   starts, ends = np.arange(n, dtype=np.int64), np.arange(1, n + 1, dtype=np.int64)
@@ -171,8 +159,7 @@ def _convert_column(arr, ctype: _ColumnType, name: str, path: str, first: int, p
   leaves = level.to_numpy(zero_copy_only=False)
   if ctype.kind == STRING and leaves.dtype != object:
     leaves = leaves.astype(object)
-  dim_rows = [tuple(None if d < 0 else d for d in row) for row in dims.tolist()]
-  return _Column(ctype.kind, LIST if ctype.depth else SCALAR, leaves, starts, ends, dim_rows)
+  return Column(ctype.kind, ctype.depth, leaves, starts, ends, dims)
 
 
 def _client_ids(arr, key: str, path: str, first: int, pa) -> list[str]:
@@ -194,13 +181,13 @@ def _client_ids(arr, key: str, path: str, first: int, pa) -> list[str]:
 
 
 class _ReadParquetFile(beam.DoFn):
-  """path -> lists of `InputRecord`s of its rows (one list per record batch), in order."""
+  """path -> a `ColumnBatch` of each record batch, in order."""
 
   def __init__(self, client_id_key: str):
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
-  def process(self, path: str) -> Iterable[list[InputRecord]]:
+  def process(self, path: str) -> Iterable[ColumnBatch]:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     key = self._client_id_key
@@ -232,23 +219,20 @@ class _ReadParquetFile(beam.DoFn):
     except Exception as e:  # pylint: disable=broad-except
       raise InputError(f"{path}: unreadable Parquet file at row {first}: {e}") from None
 
-  def _batch_records(self, batch, ctypes, path: str, first: int, pa) -> list[InputRecord]:
+  def _batch_records(self, batch, ctypes, path: str, first: int, pa) -> ColumnBatch:
     ids = _client_ids(batch.column(self._client_id_key), self._client_id_key, path, first, pa)
     columns = {name: _convert_column(batch.column(name), ctype, name, path, first, pa)
                for name, ctype in ctypes.items()}
-    records = []
-    for i, client_id in enumerate(ids):
-      features = {name: column.feature(i) for name, column in columns.items()}
-      records.append(InputRecord(client_id, features, (path, first + i), unit="row"))
-    self._records.inc(len(records))
-    return records
+    self._records.inc(len(ids))
+    return ColumnBatch(path, first, ids, columns)
 
 
 class ReadParquetRecords(sources._ReadFiles):  # pylint: disable=protected-access
   """Reads Parquet files (see the module docstring for the columns it takes).
 
-  Input: the pipeline root. Output: lists of `InputRecord`s (one per record
-  batch, in file order); positions are (file, row number from 0).
+  Input: the pipeline root. Output: a `ColumnBatch` per record batch, in file
+  order (`ColumnBatch.input_records` gives its `InputRecord`s); positions are
+  (file, row number from 0).
   """
 
   reader_cls = _ReadParquetFile
