@@ -16,7 +16,7 @@ in-process Beam runner, and compare a store with the clients you expect::
       testing.assert_store_equals(store, clients)
 
 `write_tfrecord_input`, `write_avro_input` and `write_tff_sqlite_input` write
-the three input formats of `fedbeam prepare`; `prepare_store` runs the prepare
+three of the input formats of `fedbeam prepare`; `prepare_store` runs the prepare
 job on them; `read_store` and `assert_store_equals` read a store back through
 `fedbeam.runtime.load_client_data`, the loader users train from.
 

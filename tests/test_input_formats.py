@@ -232,7 +232,8 @@ def test_integer_client_ids_are_stored_as_their_decimal_string_in_every_format(t
                                                       {"name": "v", "type": "float"}]}
   with open(avro, "wb") as f:
     fastavro.writer(f, fastavro.parse_schema(schema),
-                    [{"client_id": int(cid), "v": e["v"]} for cid, es in clients.items() for e in es])
+                    [{"client_id": int(cid), "v": e["v"]}
+                     for cid, es in clients.items() for e in es])
   stores["avro"] = (testing.prepare_store(str(avro), tmp_path / "avro", client_id_key="client_id"),
                     ref)
   table = pa.table({"client_id": pa.array([int(c) for c, es in clients.items() for _ in es]),

@@ -119,7 +119,8 @@ def encode_columns(batch: ColumnBatch, spec: ElementSpec) -> Optional[list]:
     stacked[f.name] = values
   records = sf.encode_examples(stacked, spec, n)
   path, first = batch.path, batch.first_index
-  return [(client_id, (path, first + i), records[i]) for i, client_id in enumerate(batch.client_ids)]
+  return [(client_id, (path, first + i), records[i])
+          for i, client_id in enumerate(batch.client_ids)]
 
 
 __all__ = ["Column", "ColumnBatch", "encode_columns"]

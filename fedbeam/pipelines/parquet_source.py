@@ -42,7 +42,7 @@ _FLOAT_KINDS = ("float16", "float32", "float64")
 
 
 def _leaf_kind(t, pa) -> tuple[str, Optional[object]]:
-  """(kind, Arrow type to cast to first, or None) of a non-list Arrow type; (None, None) if refused."""
+  """(kind, Arrow type to cast to first or None) of a non-list Arrow type; (None, None): refused."""
   types = pa.types
   if types.is_boolean(t):
     return BOOL, None

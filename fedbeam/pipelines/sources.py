@@ -23,12 +23,11 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-import numpy as np
 
 from fedbeam.pipelines.example_records import ExampleBatch, parse_example_record
 from fedbeam.pipelines.raw_values import client_id_of, typed_feature
-from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
-                                       SCALAR, STRING, InputError, InputRecord, RawFeature)
+from fedbeam.pipelines.records import (BOOL, FLOAT32, FLOAT64, INT32, INT64, STRING, InputError,
+                                       InputRecord)
 from fedbeam.store_format import (CorruptRecordError, InvalidClientIdError, check_client_id,
                                   read_tfrecords)
 
@@ -197,7 +196,8 @@ def _avro_field(schema, field: str, path: str) -> _AvroField:
   if isinstance(schema, list):
     branches = [s for s in schema if s != "null"]
     if len(branches) != 1:
-      raise InputError(f"{path}: Avro field {field!r} is a union {schema}; only [\"null\", T] is supported")
+      raise InputError(f"{path}: Avro field {field!r} is a union {schema}; "
+                       "only [\"null\", T] is supported")
     schema = branches[0]
   if isinstance(schema, dict):
     t = schema.get("type")
@@ -454,7 +454,8 @@ class ReadClientInput(beam.PTransform):
     if self._format == "tff-sqlite":
       return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split)
     # The other readers import this module, so they are imported here.
-    from fedbeam.pipelines import parquet_source, text_sources  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from fedbeam.pipelines import parquet_source, text_sources
     reader_cls, label = {
         "tfrecord": (ReadTFRecordExamples, "TFRecord"),
         "avro": (ReadAvroRecords, "Avro"),

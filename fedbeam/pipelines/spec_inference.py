@@ -31,7 +31,7 @@ _WIDENED = {frozenset((INT64, FLOAT32)): FLOAT32}
 
 
 def _merge_inner(a: Optional[tuple], b: Optional[tuple]) -> Optional[tuple]:
-  """Inner dimensions seen in two records, None entries unknown; raises ValueError if they differ."""
+  """Inner dims seen in two records (None entries: unknown); raises ValueError if they differ."""
   if a is None or b is None:
     return a if b is None else b
   if len(a) != len(b):

@@ -74,7 +74,8 @@ class _ReadTextFile(beam.DoFn):
     try:
       with FileSystems.open(path) as f:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-        yield from sources._in_lists(self._counted(self._records_of(text, path, where)))  # pylint: disable=protected-access
+        records = self._counted(self._records_of(text, path, where))
+        yield from sources._in_lists(records)  # pylint: disable=protected-access
     except InputError:
       raise
     except UnicodeDecodeError as e:
