@@ -28,7 +28,7 @@ import csv
 import io
 import json
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -224,7 +224,7 @@ class ReadLeafRecords(sources._ReadFiles):  # pylint: disable=protected-access
   The client ids are LEAF's users; no client-id key is needed.
   """
 
-  def __init__(self, paths, client_id_key=None):
+  def __init__(self, paths: Sequence[str], client_id_key: Optional[str] = None):
     super().__init__(paths, client_id_key or "")
 
   reader_cls = _ReadLeafFile
