@@ -10,6 +10,7 @@ from fedbeam.pipelines.column_batches import encode_columns
 from fedbeam.pipelines.example_records import as_input_records, encode_record, input_size
 from fedbeam.pipelines.parquet_source import _ReadParquetFile
 from fedbeam.pipelines.records import InputError
+from fedbeam.pipelines.spec_inference import InferElementSpecFn
 
 
 def _batches(tmp_path, table, batch_rows=None):
@@ -75,3 +76,30 @@ def test_variable_length_columns_are_encoded_row_by_row_with_their_dims(tmp_path
   assert [r.features["tokens"].dims for r in records] == [(1, 2), (0, None), (2, 2)]
   assert [r.source for r in records] == [f"{path} row {i}" for i in range(3)]
   assert len(_row_by_row(batches[0], spec)) == 3
+
+
+def _infer(elements):
+  fn = InferElementSpecFn()
+  acc = fn.create_accumulator()
+  for element in elements:
+    acc = fn.add_input(acc, element)
+  return fn.extract_output(fn.merge_accumulators([acc]))
+
+
+def test_spec_inference_adds_a_column_batch_at_once_as_its_rows_would(tmp_path):
+  table = pa.table({"cid": ["a", "b", "c"], "tokens": pa.array([[[1, 2]], [], [[3, 4], [5, 6]]]),
+                    "pixels": pa.array([[[0.5] * 3] * 2] * 3, pa.list_(pa.list_(pa.float32()))),
+                    "label": pa.array([1, 2, 3], pa.uint8())})
+  _, batches = _batches(tmp_path, table)
+  whole = _infer(batches)
+  assert whole == _infer(list(as_input_records(batches[0])))
+  assert whole.to_json() == {"label": {"dtype": "uint8", "shape": []},
+                             "pixels": {"dtype": "float32", "shape": [2, 3]},
+                             "tokens": {"dtype": "int64", "shape": [None, 2]}}
+
+
+def test_spec_inference_names_the_rows_whose_inner_dims_differ(tmp_path):
+  table = pa.table({"cid": ["a", "b", "c"], "m": pa.array([[[1, 2]], [[1, 2]], [[1, 2, 3]]])})
+  path, batches = _batches(tmp_path, table)
+  with pytest.raises(InputError, match=rf"{path} row 0 and .* in {path} row 2; only the leading"):
+    _infer(batches)

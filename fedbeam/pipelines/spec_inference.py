@@ -21,6 +21,7 @@ from typing import Any, Optional
 import apache_beam as beam
 
 from fedbeam.element_spec import ElementSpec, FeatureSpec
+from fedbeam.pipelines.column_batches import ColumnBatch
 from fedbeam.pipelines.example_records import as_input_records
 from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, FLOAT32, INT64, LIST, SCALAR,
                                        UNKNOWN, InputError, InputRecord)
@@ -64,7 +65,8 @@ class _Stats:
 
 
 class InferElementSpecFn(beam.CombineFn):
-  """CombineFn: InputRecord -> ElementSpec (raises InputError on conflicts or no input)."""
+  """CombineFn: InputRecord or ColumnBatch -> ElementSpec (raises InputError on conflicts or no
+  input)."""
 
   def create_accumulator(self) -> _Stats:
     return _Stats()
@@ -112,7 +114,39 @@ class InferElementSpecFn(beam.CombineFn):
           f"{source} has {sorted(names)}")
     acc.feature_sets[names] = source
 
-  def add_input(self, acc: _Stats, record: InputRecord) -> _Stats:
+  def _add_columns(self, acc: _Stats, batch: ColumnBatch) -> _Stats:
+    """Adds a whole batch from its columns' dims; row by row when rows disagree (to name them)."""
+    n = len(batch)
+    if not n:
+      return acc
+    last = batch.first_index + n - 1
+    source = f"{batch.path} {batch.unit}s {batch.first_index}-{last}"
+    summaries = {}
+    for name, column in batch.columns.items():
+      if column.depth == 0:
+        summaries[name] = (column.kind, SCALAR, 1, 1, None)
+        continue
+      lead = column.dims[:, 0]
+      inner = []
+      for k in range(1, column.depth):
+        known = column.dims[:, k][column.dims[:, k] >= 0]
+        if known.size and (known != known[0]).any():
+          for record in batch.input_records():
+            self.add_input(acc, record)
+          return acc
+        inner.append(int(known[0]) if known.size else None)
+      summaries[name] = (column.kind, LIST, int(lead.min()), int(lead.max()),
+                         tuple(inner) or None)
+    self._add_feature_set(acc, frozenset(batch.columns), source)
+    for name, (kind, rank, lo, hi, inner) in summaries.items():
+      self._add_feature(acc, name, kind, rank, lo, hi, source, inner)
+    acc.records += n
+    return acc
+
+  def add_input(self, acc: _Stats, record) -> _Stats:
+    """Adds an `InputRecord`, or a `ColumnBatch` at once."""
+    if isinstance(record, ColumnBatch):
+      return self._add_columns(acc, record)
     source = record.source
     self._add_feature_set(acc, frozenset(record.features), source)
     for name, raw in record.features.items():
@@ -160,15 +194,21 @@ class InferElementSpecFn(beam.CombineFn):
 
 
 class InferElementSpec(beam.PTransform):
-  """PCollection[InputRecord or ExampleBatch] -> singleton PCollection[ElementSpec | None].
+  """PCollection[InputRecord, ExampleBatch or ColumnBatch] -> singleton
+  PCollection[ElementSpec | None].
 
   None: no records.
   """
 
   def expand(self, records):
     return (records
-            | "AsInputRecords" >> beam.FlatMap(as_input_records)
+            | "AsInputRecords" >> beam.FlatMap(_inference_inputs)
             | "Infer" >> beam.CombineGlobally(InferElementSpecFn()))
+
+
+def _inference_inputs(element):
+  """What `InferElementSpecFn` adds: a `ColumnBatch` whole, any other element's records."""
+  return (element,) if isinstance(element, ColumnBatch) else as_input_records(element)
 
 
 __all__ = ["InferElementSpec", "InferElementSpecFn", "LIST", "SCALAR"]
