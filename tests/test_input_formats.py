@@ -407,3 +407,21 @@ def test_inner_dimensions_that_differ_between_records_name_both(tmp_path, capsys
                   '{"client_id": "b", "m": [[1, 2, 3]]}\n', encoding="utf-8")
   _fails(capsys, tmp_path, path, "jsonl", "only the leading dimension may vary",
          f"{path} line 1", f"{path} line 2")
+
+
+def test_gzipped_text_inputs_are_read_like_plain_ones(tmp_path):
+  import gzip  # pylint: disable=import-outside-toplevel
+  from fedbeam.pipelines.text_sources import (  # pylint: disable=import-outside-toplevel
+      _ReadCsvFile, _ReadJsonLinesFile)
+  text = {"csv": "client_id,v\r\na,1\r\nb,2.5\r\n",
+          "jsonl": '{"client_id": 3, "v": [1, 2]}\n{"client_id": "c", "v": [0.5, 1]}\n'}
+  readers = {"csv": _ReadCsvFile, "jsonl": _ReadJsonLinesFile}
+  for fmt, content in text.items():
+    plain, zipped = tmp_path / f"in.{fmt}", tmp_path / f"in.{fmt}.gz"
+    plain.write_text(content, encoding="utf-8", newline="")
+    with gzip.open(zipped, "wt", encoding="utf-8", newline="") as f:
+      f.write(content)
+    read = [[(r.client_id, r.features["v"].data.tolist(), r.position[1])
+             for batch in readers[fmt]("client_id").process(str(path)) for r in batch]
+            for path in (plain, zipped)]
+    assert read[0] == read[1] and len(read[0]) == 2, (fmt, read)

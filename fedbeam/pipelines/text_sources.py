@@ -62,6 +62,26 @@ def _csv_feature(cell: str, name: str, source: str) -> RawFeature:
   return RawFeature(value, STRING, SCALAR, ())
 
 
+class _RawReader(io.RawIOBase):
+  """A binary file object with only `read` (Beam's decompressing CompressedFile) as raw I/O.
+
+  `io.TextIOWrapper` needs a buffered stream; this lets `io.BufferedReader`
+  provide one over any Beam file.
+  """
+
+  def __init__(self, f):
+    super().__init__()
+    self._f = f
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = self._f.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+
 class _ReadTextFile(beam.DoFn):
   """path -> lists of `InputRecord`s of the file, in order; subclasses decode the text."""
 
@@ -73,7 +93,7 @@ class _ReadTextFile(beam.DoFn):
     where = ["the start"]  # What was read last, for the error message.
     try:
       with FileSystems.open(path) as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        text = io.TextIOWrapper(io.BufferedReader(_RawReader(f)), encoding="utf-8", newline="")
         records = self._counted(self._records_of(text, path, where))
         yield from sources._in_lists(records)  # pylint: disable=protected-access
     except InputError:
