@@ -13,7 +13,7 @@ Steps, each a subprocess whose output goes to build/bench/logs/<step>.log
 2. bench_pipeline (writes the stores the next steps read);
 3. bench_loading (per-round reading, expansion, streaming, training input);
 4. bench_expansion and bench_simulation;
-5. bench_scale;
+5. bench_scale and bench_inputs (Parquet input next to TFRecord);
 6. beam_data_plane_loss (the local runner's data-plane race, guarded and not; ~2 minutes);
 7. plot, then the "Summary" section at the top of bench/README.md.
 
@@ -59,6 +59,8 @@ def steps(args) -> list[tuple[str, list[str]]]:
       ("bench_simulation", py + ["bench.bench_simulation"] + (
           ["--rounds", "2", "--no-write"] if q else [])),
       ("bench_scale", py + ["bench.bench_scale"] + (["--quick", "--no-write"] if q else [])),
+      ("bench_inputs", py + ["bench.bench_inputs"] + (
+          ["--clients", "60", "--repeat", "1", "--no-write"] if q else [])),
       ("beam_data_plane_loss", py + ["bench.beam_data_plane_loss"] + (
           ["--runs", "1", "--files", "4", "--per-file", "1000", "--no-write"] if q else [])),
       ("plot", py + ["bench.plot"]),
@@ -247,7 +249,18 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
     _simulation_rows(sim, rows)
   except (KeyError, TypeError) as e:
     notes.append(f"bench/results/simulation.json could not be summarized ({e!r}).")
+  _input_rows(wl.read_json("inputs.json"), rows)
   return rows, notes
+
+
+def _input_rows(inputs, rows) -> None:
+  if inputs:
+    t, p = inputs["rows"]["tfrecord"], inputs["rows"]["parquet"]
+    rows.append([f"Parquet input vs the same records as TFRecord (bench_inputs.py, "
+                 f"{inputs['examples']:,} examples, 2 workers)",
+                 f"{p['examples_per_s']:,.0f} vs {t['examples_per_s']:,.0f} ex/s "
+                 f"({_x(p['examples_per_s'] / t['examples_per_s'])}); client files identical: "
+                 f"{inputs['identical_client_files']}", "info"])
 
 
 def _data_plane_rows(result, rows) -> None:

@@ -28,11 +28,16 @@ def _check_beam_args(args: Sequence[str]) -> Optional[str]:
 def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--input", required=True,
                  help="input file pattern (comma-separated patterns allowed; one file for tff-sqlite)")
-  p.add_argument("--input-format", required=True, choices=["tfrecord", "avro", "tff-sqlite"],
-                 help="tfrecord: tf.train.Example records; avro: records with a client-id field; "
-                      "tff-sqlite: a TFF client-data SQLite database")
+  p.add_argument("--input-format", required=True,
+                 choices=["tfrecord", "avro", "tff-sqlite", "parquet", "csv", "jsonl", "leaf"],
+                 help="tfrecord: tf.train.Example records; avro, parquet, csv (with a header "
+                      "row), jsonl (one JSON object per line): records with a client-id field; "
+                      "tff-sqlite: a TFF client-data SQLite database; leaf: LEAF's JSON files "
+                      "(clients are the users, features x and y)")
   p.add_argument("--client-id-key",
-                 help="feature (tfrecord) or field (avro) holding the client id; required for both")
+                 help="feature, field, column or member holding the client id (a string, or an "
+                      "integer stored as its decimal string); required except for tff-sqlite "
+                      "and leaf")
   p.add_argument("--element-spec", metavar="FILE",
                  help='JSON {"feature": {"dtype": "float32", "shape": [28, 28]}, ...}; '
                       "null marks a variable-length leading dimension. Default: inferred")

@@ -16,7 +16,7 @@ in-process Beam runner, and compare a store with the clients you expect::
       testing.assert_store_equals(store, clients)
 
 `write_tfrecord_input`, `write_avro_input` and `write_tff_sqlite_input` write
-the three input formats of `fedbeam prepare`; `prepare_store` runs the prepare
+three of the input formats of `fedbeam prepare`; `prepare_store` runs the prepare
 job on them; `read_store` and `assert_store_equals` read a store back through
 `fedbeam.runtime.load_client_data`, the loader users train from.
 
@@ -298,7 +298,8 @@ def write_tff_sqlite_input(path: Union[str, os.PathLike], clients: Clients, elem
 # ----------------------------------------------------------------------------
 
 _FORMAT_OF_SUFFIX = {".tfrecord": "tfrecord", ".tfrecords": "tfrecord", ".avro": "avro",
-                     ".sqlite": "tff-sqlite", ".db": "tff-sqlite", ".sqlite3": "tff-sqlite"}
+                     ".sqlite": "tff-sqlite", ".db": "tff-sqlite", ".sqlite3": "tff-sqlite",
+                     ".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "leaf"}
 
 
 def prepare_store(clients_or_input_path: Union[Clients, str, os.PathLike],
@@ -314,7 +315,8 @@ def prepare_store(clients_or_input_path: Union[Clients, str, os.PathLike],
     clients_or_input_path: either `{client_id: [element dict, ...]}`, written
       with `write_tfrecord_input` to `tmp_dir/input/clients.tfrecord` (client
       id key `client_id`), or an input file pattern whose format comes from
-      `input_format=` or the file suffix (.tfrecord, .avro, .sqlite/.db).
+      `input_format=` or the file suffix (.tfrecord, .avro, .sqlite/.db,
+      .parquet, .csv, .jsonl, .json for LEAF).
     tmp_dir: a directory for the input (when given clients) and the store.
     output: the store directory; default `tmp_dir/store`.
     beam_args: Beam pipeline options, as on the `fedbeam prepare` command line.

@@ -73,22 +73,24 @@ def test_missing_client_id_feature_names_the_record(tmp_path, capsys):
                 "client-id feature 'client_id' is missing", f"{path} record 0")
 
 
-def test_int64_client_id_feature_is_rejected(tmp_path, capsys):
+def test_float_client_id_feature_is_rejected(tmp_path, capsys):
+  # Integer ids (int64_list) are accepted as their decimal string
+  # (test_input_formats.py); a float cannot name a client.
   path = _write_records(tmp_path / "ids.tfrecord", [
-      _example({"client_id": ("int64_list", [7]), "x": ("float_list", [1.0])})])
+      _example({"client_id": ("float_list", [7.0]), "x": ("float_list", [1.0])})])
   _assert_fails(capsys, _prepare_args(path, tmp_path / "out"), tmp_path / "out",
-                "client-id feature 'client_id' is a int64_list", f"{path} record 0")
+                "client-id feature 'client_id' is a float_list", f"{path} record 0")
 
 
-def test_avro_int_client_id_field_is_rejected(tmp_path, capsys):
+def test_avro_float_client_id_field_is_rejected(tmp_path, capsys):
   path = str(tmp_path / "ids.avro")
-  schema = {"type": "record", "name": "R", "fields": [{"name": "uid", "type": "int"},
+  schema = {"type": "record", "name": "R", "fields": [{"name": "uid", "type": "double"},
                                                       {"name": "x", "type": "float"}]}
   with open(path, "wb") as f:
-    fastavro.writer(f, fastavro.parse_schema(schema), [{"uid": 3, "x": 1.0}, {"uid": 4, "x": 2.0}])
+    fastavro.writer(f, fastavro.parse_schema(schema), [{"uid": 3.5, "x": 1.0}, {"uid": 4.0, "x": 2.0}])
   _assert_fails(capsys, _prepare_args(path, tmp_path / "out", fmt="avro", key="uid"),
-                tmp_path / "out", "client-id field 'uid' is int 3, expected a string",
-                f"{path} record 0")
+                tmp_path / "out", "client-id field 'uid' is float 3.5, expected a string or an "
+                "integer", f"{path} record 0")
 
 
 def test_inconsistent_feature_types_name_both_files(tmp_path, capsys):

@@ -38,6 +38,7 @@ from fedbeam.format import example_wire
 from fedbeam.format.codec import Example, encode_example, features_field_header
 from fedbeam.format.layout import InvalidClientIdError, check_client_id
 from fedbeam.format.spec import ElementSpec
+from fedbeam.pipelines.column_batches import ColumnBatch
 from fedbeam.pipelines.records import (ANY_RANK, FLOAT32, INT64, STRING, InputError, InputRecord,
                                        RawFeature, conform_record, encode_as_read)
 
@@ -69,18 +70,7 @@ def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
   for name, feature in fmap.items():
     kind = feature.WhichOneof("kind")
     if name == client_id_key:
-      if kind != "bytes_list":
-        raise InputError(
-            f"{source}: client-id feature {name!r} is a {kind or 'typeless feature'}, "
-            "expected a bytes_list holding one UTF-8 string")
-      if len(feature.bytes_list.value) != 1:
-        raise InputError(
-            f"{source}: client-id feature {name!r} has {len(feature.bytes_list.value)} "
-            "values, expected exactly one")
-      try:
-        client_id = check_client_id(feature.bytes_list.value[0], source)
-      except InvalidClientIdError as e:
-        raise InputError(str(e)) from None
+      client_id = _client_id_feature(feature, kind, name, source)
       continue
     if kind == "bytes_list":
       features[name] = RawFeature(feature.bytes_list.value, STRING, ANY_RANK)
@@ -99,12 +89,31 @@ def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
   return InputRecord(client_id, features, position, example)
 
 
+def _client_id_feature(feature, kind: Optional[str], name: str, source: str) -> str:
+  """The id a client-id feature holds: one UTF-8 bytes value, or one int64 as its decimal string."""
+  if kind not in ("bytes_list", "int64_list"):
+    raise InputError(
+        f"{source}: client-id feature {name!r} is a {kind or 'typeless feature'}, "
+        "expected a bytes_list holding one UTF-8 string or an int64_list holding one integer")
+  values = getattr(feature, kind).value
+  if len(values) != 1:
+    raise InputError(
+        f"{source}: client-id feature {name!r} has {len(values)} values, expected exactly one")
+  if kind == "int64_list":
+    return str(values[0])
+  try:
+    return check_client_id(values[0], source)
+  except InvalidClientIdError as e:
+    raise InputError(str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ExampleBatch:
   """Consecutive serialized tf.train.Example records of one TFRecord file.
 
   Record i is record `first_index + i` of `path`; `client_id_key` names the
-  bytes feature holding each record's client id.
+  feature holding each record's client id (one bytes value, or one int64 for
+  an integer id).
   """
 
   path: str
@@ -129,8 +138,9 @@ class ExampleBatch:
 
 
 def as_input_records(element) -> Iterator[InputRecord]:
-  """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed; a list as its items."""
-  if isinstance(element, ExampleBatch):
+  """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed; a `ColumnBatch` as its
+  rows; a list as its items."""
+  if isinstance(element, (ExampleBatch, ColumnBatch)):
     return element.input_records()
   if isinstance(element, list):
     return iter(element)
@@ -139,7 +149,7 @@ def as_input_records(element) -> Iterator[InputRecord]:
 
 def input_size(element) -> int:
   """The number of input records in a reader's output element (see `as_input_records`)."""
-  return len(element) if isinstance(element, (ExampleBatch, list)) else 1
+  return len(element) if isinstance(element, (ExampleBatch, ColumnBatch, list)) else 1
 
 
 def encode_record(record: InputRecord, spec: ElementSpec) -> bytes:
@@ -237,7 +247,8 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
     lists = example_wire.feature_lists(template)
   except example_wire.ExampleWireError:
     return None
-  if id_entry is None or client_id_key not in lists:
+  if id_entry is None or lists.get(client_id_key, (None,))[0] != example_wire.BYTES_LIST:
+    # An integer id (int64_list) is stored as its decimal string: record by record.
     return None
   long_ends, bounded = [], []
   for name, (kind, pieces) in lists.items():

@@ -14,6 +14,7 @@ import apache_beam as beam
 
 from fedbeam.format.spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.allocator import tune_allocator
+from fedbeam.pipelines.column_batches import ColumnBatch, encode_columns
 from fedbeam.pipelines.example_records import (ExampleBatch, as_input_records, encode_batch,
                                                encode_record)
 from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord
@@ -52,8 +53,8 @@ def _orderable(value) -> tuple:
 class _EncodeAndPregroup(beam.DoFn):
   """An input element -> (client id, [(sort key, store record), ...]) per client in it.
 
-  An element is an `ExampleBatch`, a list of `InputRecord`s (one reader call's
-  batch) or one `InputRecord`. Like a lifted combiner, the records of one
+  An element is an `ExampleBatch`, a `ColumnBatch`, a list of `InputRecord`s
+  (one reader call's batch) or one `InputRecord`. Like a lifted combiner, the records of one
   client in an element leave as one value, so the shuffle moves about one
   value per client and input batch instead of one per record. Everything is
   emitted from `process`: a runner that drops what `finish_bundle` emits
@@ -72,10 +73,16 @@ class _EncodeAndPregroup(beam.DoFn):
       return
     order_by = self._order_by
     groups: dict[str, list] = {}
-    if isinstance(element, ExampleBatch) and order_by in (None, ORDER_BY_INPUT):
+    encoded = None
+    if order_by in (None, ORDER_BY_INPUT):
       # Sort keys that need no feature value: whole batches are encoded at once.
+      if isinstance(element, ExampleBatch):
+        encoded = encode_batch(element, spec)
+      elif isinstance(element, ColumnBatch):
+        encoded = encode_columns(element, spec)  # None: row by row, below.
+    if encoded is not None:
       by_input = order_by == ORDER_BY_INPUT
-      for client_id, position, data in encode_batch(element, spec):
+      for client_id, position, data in encoded:
         groups.setdefault(client_id, []).append((position if by_input else (), data))
     else:
       for record in as_input_records(element):

@@ -131,8 +131,11 @@ class PrepareConfig:
     if self.input_format not in sources.INPUT_FORMATS:
       raise PrepareError(f"--input-format {self.input_format!r}: use one of "
                          f"{list(sources.INPUT_FORMATS)}")
-    if self.input_format in ("tfrecord", "avro") and not self.client_id_key:
+    if sources.needs_client_id_key(self.input_format) and not self.client_id_key:
       raise PrepareError(f"--client-id-key is required with --input-format {self.input_format}")
+    if self.input_format == "leaf" and self.client_id_key:
+      raise PrepareError("--client-id-key does not apply to --input-format leaf: "
+                         "the clients are the files' users")
     if self.num_shards is not None and self.num_shards < 1:
       raise PrepareError(f"--num-shards must be >= 1, got {self.num_shards}")
     if self.element_spec is not None and self.client_id_key in self.element_spec:

@@ -18,9 +18,13 @@ from fedbeam.format.codec import serialize_example
 from fedbeam.format.layout import UNSPLIT
 from fedbeam.format.spec import ElementSpec, ElementSpecError, numpy_dtype
 
-# Kinds of raw values a reader produces.
+# Kinds of raw values a reader produces: each names the dtype inference gives it.
 STRING, FLOAT32, FLOAT64, INT32, INT64, BOOL = (
     "string", "float32", "float64", "int32", "int64", "bool")
+FLOAT16, INT8, INT16, UINT8, UINT16, UINT32, UINT64 = (
+    "float16", "int8", "int16", "uint8", "uint16", "uint32", "uint64")
+# The values of an empty list of a format whose lists carry no item type (JSON).
+UNKNOWN = "unknown"
 # How a reader knows a feature's rank: Avro tells scalars from arrays;
 # tf.train.Example cannot (every feature is a list).
 SCALAR, LIST, ANY_RANK = "scalar", "list", "any"
@@ -31,7 +35,9 @@ class InputError(ValueError):
 
 
 _NUMPY_OF_KIND = {STRING: object, FLOAT32: np.float32, FLOAT64: np.float64,
-                  INT32: np.int32, INT64: np.int64, BOOL: np.bool_}
+                  INT32: np.int32, INT64: np.int64, BOOL: np.bool_, FLOAT16: np.float16,
+                  INT8: np.int8, INT16: np.int16, UINT8: np.uint8, UINT16: np.uint16,
+                  UINT32: np.uint32, UINT64: np.uint64, UNKNOWN: object}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +46,19 @@ class RawFeature:
 
   `data` is a flat numpy array, or the repeated field of a parsed
   tf.train.Example, converted only when a record cannot be stored as read.
+  `dims`: the value's shape when the input shows it (nested lists or
+  arrays: `(28, 28)`; a flat list `(n,)`; a scalar `()`), None when it
+  cannot (tf.train.Example). An inner entry may be None when the value is
+  empty and so does not show that dimension. `widens`: the kind was read
+  off a number's text (JSON, CSV), so an int64 feature meets float32 values
+  of other records as float32.
   """
 
   data: Any
   kind: str
   rank: str
+  dims: Optional[tuple] = None
+  widens: bool = False
 
   @property
   def size(self) -> int:
@@ -58,14 +72,16 @@ class RawFeature:
 
   def __reduce__(self):
     # Protobuf repeated fields do not pickle; runners pickle between stages.
-    return (RawFeature, (self.values, self.kind, self.rank))
+    return (RawFeature, (self.values, self.kind, self.rank, self.dims, self.widens))
 
 
 @dataclasses.dataclass(frozen=True)
 class InputRecord:
   """One input example.
 
-  `position` orders records of one input: (file or database path, index).
+  `position` orders records of one input: (file or database path, index);
+  `unit` names what the index counts ("record", "line" of a text file,
+  "row" of a Parquet file, "example" of a LEAF user).
   `source` is a human-readable location for error messages. `example` is
   the parsed tf.train.Example without its client-id feature when the input
   holds Examples: records that already match the element spec are stored
@@ -76,10 +92,11 @@ class InputRecord:
   features: Mapping[str, RawFeature]
   position: tuple[str, int]
   example: Any = None
+  unit: str = "record"
 
   @property
   def source(self) -> str:
-    return f"{self.position[0]} record {self.position[1]}"
+    return f"{self.position[0]} {self.unit} {self.position[1]}"
 
 
 @dataclasses.dataclass
@@ -97,11 +114,13 @@ class ClientRecords:
       self.raw_client_id = self.client_id
 
 
-_FLOAT_KINDS = {FLOAT32, FLOAT64}
-_INT_KINDS = {INT32, INT64, BOOL}
+_FLOAT_KINDS = {FLOAT16, FLOAT32, FLOAT64}
+_INT_KINDS = {INT8, INT16, INT32, INT64, UINT8, UINT16, UINT32, UINT64, BOOL}
 
 
 def _compatible(kind: str, dtype: str) -> bool:
+  if kind == UNKNOWN:  # An empty list fits any dtype.
+    return True
   if dtype == "string":
     return kind == STRING
   if dtype.startswith("float"):
@@ -150,6 +169,17 @@ def encode_as_read(record: InputRecord, spec: ElementSpec) -> Optional[bytes]:
   return serialize_example(example)
 
 
+def _dims_fit(dims: tuple, shape: tuple) -> bool:
+  """Whether nested values of `dims` (None: not shown) are of the spec's `shape`."""
+  if len(dims) != len(shape):
+    return False
+  return all(d is None or s is None or d == s for d, s in zip(dims, shape))
+
+
+def _shape_text(dims: tuple) -> str:
+  return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
 def conform_record(record: InputRecord, spec: ElementSpec) -> dict[str, np.ndarray]:
   """Returns `feature name -> flat numpy array` in the spec's dtypes.
 
@@ -173,6 +203,10 @@ def conform_record(record: InputRecord, spec: ElementSpec) -> dict[str, np.ndarr
           f"{where}: feature {f.name!r} holds {raw.kind} values, but the element spec "
           f"says {f.dtype}")
     n = raw.size
+    if raw.dims is not None and len(raw.dims) > 1 and not _dims_fit(raw.dims, f.shape):
+      raise InputError(
+          f"{where}: feature {f.name!r} has shape {_shape_text(raw.dims)}, which does not fit "
+          f"shape {list(f.shape)}")
     if not _count_fits(f, n):
       raise InputError(
           f"{where}: feature {f.name!r} has {n} values, which does not fit shape "

@@ -1,4 +1,8 @@
-"""Input sources: TFRecord of tf.train.Example, Avro, and TFF SQLite client data.
+"""Input sources: TFRecord of tf.train.Example, Avro, TFF SQLite client data, and the rest.
+
+Parquet is read by `fedbeam.pipelines.parquet_source`, CSV, JSON Lines and
+LEAF's JSON by `fedbeam.pipelines.text_sources`; `ReadClientInput` picks the
+reader of a format.
 
 Each source is a `beam.PTransform` applied to the pipeline root that outputs
 lists of `InputRecord`s (TFRecord: `ExampleBatch`es), plus a PCollection of
@@ -10,22 +14,24 @@ its file and index for error messages and for `--order-by @input`.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
 import sqlite3
-from typing import Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-import numpy as np
 
 from fedbeam.pipelines.example_records import ExampleBatch, parse_example_record
-from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
-                                       SCALAR, STRING, InputError, InputRecord, RawFeature)
 from fedbeam.format.layout import InvalidClientIdError, check_client_id
 from fedbeam.format.tfrecord import CorruptRecordError, read_tfrecords
+from fedbeam.pipelines.raw_values import client_id_of, typed_feature
+from fedbeam.pipelines.records import (BOOL, FLOAT32, FLOAT64, INT32, INT64, STRING, InputError,
+                                       InputRecord)
 
-INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite")
+INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite", "parquet", "csv", "jsonl", "leaf")
 # Records of a TFRecord file handed on together (see ExampleBatch).
 BATCH_RECORDS = 2048
 BATCH_BYTES = 8 << 20
@@ -142,30 +148,85 @@ _AVRO_KINDS = {
     "string": STRING, "bytes": STRING, "enum": STRING, "fixed": STRING,
     "int": INT32, "long": INT64, "float": FLOAT32, "double": FLOAT64, "boolean": BOOL,
 }
+_EPOCH_DATE = datetime.date(1970, 1, 1)
+_EPOCH = datetime.datetime(1970, 1, 1)
+_EPOCH_UTC = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _avro_field_kind(schema, field: str, path: str) -> tuple[str, str]:
-  """(kind, rank) of an Avro field schema; unions with null are allowed (null is an error later)."""
+def _micros_since_epoch(value: datetime.datetime) -> int:
+  delta = value - (_EPOCH if value.tzinfo is None else _EPOCH_UTC)
+  return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _micros_of_day(value: datetime.time) -> int:
+  return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+
+
+def _as_int(convert):
+  # fastavro hands the underlying int on when it cannot decode a value.
+  return lambda v: v if isinstance(v, int) else convert(v)
+
+
+# Avro logical type -> (kind, convert what fastavro decodes into the underlying
+# value: days, milliseconds or microseconds as Avro stores them).
+_AVRO_LOGICAL = {
+    "date": (INT32, _as_int(lambda v: (v - _EPOCH_DATE).days)),
+    "time-millis": (INT32, _as_int(lambda v: _micros_of_day(v) // 1000)),
+    "time-micros": (INT64, _as_int(_micros_of_day)),
+    "timestamp-millis": (INT64, _as_int(lambda v: _micros_since_epoch(v) // 1000)),
+    "timestamp-micros": (INT64, _as_int(_micros_since_epoch)),
+    "local-timestamp-millis": (INT64, _as_int(lambda v: _micros_since_epoch(v) // 1000)),
+    "local-timestamp-micros": (INT64, _as_int(_micros_since_epoch)),
+    "uuid": (STRING, str),
+    "decimal": (FLOAT64, float),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _AvroField:
+  """How to read one Avro field: kind, array depth, and a converter of each leaf value."""
+
+  kind: str
+  depth: int
+  convert: Optional[Callable[[Any], Any]] = None
+
+
+def _avro_field(schema, field: str, path: str) -> _AvroField:
+  """How to read an Avro field; unions with null are allowed (null is an error later)."""
   if isinstance(schema, list):
     branches = [s for s in schema if s != "null"]
     if len(branches) != 1:
-      raise InputError(f"{path}: Avro field {field!r} is a union {schema}; only [\"null\", T] is supported")
+      raise InputError(f"{path}: Avro field {field!r} is a union {schema}; "
+                       "only [\"null\", T] is supported")
     schema = branches[0]
   if isinstance(schema, dict):
     t = schema.get("type")
     if t == "array":
-      kind, rank = _avro_field_kind(schema["items"], field, path)
-      if rank != SCALAR:
-        raise InputError(f"{path}: Avro field {field!r} is a nested array; only flat arrays are supported")
-      return kind, LIST
+      inner = _avro_field(schema["items"], field, path)
+      return _AvroField(inner.kind, inner.depth + 1, inner.convert)
+    logical = schema.get("logicalType")
+    if logical in _AVRO_LOGICAL:
+      kind, convert = _AVRO_LOGICAL[logical]
+      return _AvroField(kind, 0, convert)
     if t in ("enum", "fixed"):
-      return STRING, SCALAR
-    if isinstance(t, str) and t in _AVRO_KINDS and "logicalType" not in schema:
-      return _AVRO_KINDS[t], SCALAR
+      return _AvroField(STRING, 0)
+    if isinstance(t, str) and t in _AVRO_KINDS:
+      # A logical type fastavro does not know is read as its underlying type.
+      return _AvroField(_AVRO_KINDS[t], 0)
     raise InputError(f"{path}: Avro field {field!r} has unsupported type {schema}")
   if schema in _AVRO_KINDS:
-    return _AVRO_KINDS[schema], SCALAR
+    return _AvroField(_AVRO_KINDS[schema], 0)
   raise InputError(f"{path}: Avro field {field!r} has unsupported type {schema!r}")
+
+
+def _converted(value, depth: int, convert):
+  if value is None:
+    return None
+  if depth == 0:
+    return convert(value)
+  if not isinstance(value, list):
+    return value
+  return [_converted(v, depth - 1, convert) for v in value]
 
 
 class _ReadAvroFile(beam.DoFn):
@@ -183,44 +244,37 @@ class _ReadAvroFile(beam.DoFn):
         schema = reader.writer_schema
         if not isinstance(schema, dict) or schema.get("type") != "record":
           raise InputError(f"{path}: Avro file does not hold records")
-        kinds = {}
+        fields = {}
         for field in schema["fields"]:
           if field["name"] != self._client_id_key:
-            kinds[field["name"]] = _avro_field_kind(field["type"], field["name"], path)
-        yield from _in_lists(self._records_of(reader, kinds, path, read))
+            fields[field["name"]] = _avro_field(field["type"], field["name"], path)
+        yield from _in_lists(self._records_of(reader, fields, path, read))
     except InputError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise InputError(f"{path}: unreadable Avro file at record {read[0]}: {e}") from None
 
-  def _records_of(self, reader, kinds, path: str, read: list) -> Iterable[InputRecord]:
+  def _records_of(self, reader, fields, path: str, read: list) -> Iterable[InputRecord]:
     for row in reader:
       index = read[0]
-      yield self._to_record(row, kinds, f"{path} record {index}", (path, index))
+      yield self._to_record(row, fields, f"{path} record {index}", (path, index))
       self._records.inc()
       read[0] += 1
 
-  def _to_record(self, row, kinds, source, position) -> InputRecord:
+  def _to_record(self, row, fields, source, position) -> InputRecord:
     if self._client_id_key not in row:
       raise InputError(f"{source}: client-id field {self._client_id_key!r} is missing "
                        f"(fields present: {sorted(row)})")
-    raw_id = row[self._client_id_key]
-    if not isinstance(raw_id, (str, bytes)):
-      raise InputError(f"{source}: client-id field {self._client_id_key!r} is "
-                       f"{type(raw_id).__name__} {raw_id!r}, expected a string")
-    try:
-      client_id = check_client_id(raw_id, source)
-    except InvalidClientIdError as e:
-      raise InputError(str(e)) from None
+    client_id = client_id_of(row[self._client_id_key], self._client_id_key, source)
     features = {}
-    for name, (kind, rank) in kinds.items():
+    for name, field in fields.items():
       value = row.get(name)
-      if value is None:
-        raise InputError(f"{source}: field {name!r} is null; fedbeam needs a value in every record")
-      items = value if rank == LIST else [value]
-      if kind == STRING:
-        items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in items]
-      features[name] = RawFeature(np.array(items, dtype=_NUMPY_OF_KIND[kind]).reshape(-1), kind, rank)
+      if field.convert is not None:
+        try:
+          value = _converted(value, field.depth, field.convert)
+        except (TypeError, ValueError, AttributeError) as e:
+          raise InputError(f"{source}: field {name!r}: cannot convert {value!r} ({e})") from None
+      features[name] = typed_feature(value, field.kind, field.depth, name, source)
     return InputRecord(client_id, features, position)
 
 
@@ -228,9 +282,13 @@ class ReadAvroRecords(_ReadFiles):
   """Reads Avro container files of flat records.
 
   Input: the pipeline root. Output: lists of `InputRecord`s (up to BATCH_RECORDS, in
-  file order); the string field
-  `client_id_key` is the client id; every other field is a feature (scalars
-  and flat arrays of string/bytes/int/long/float/double/boolean).
+  file order); the string or integer field `client_id_key` is the client id
+  (an integer as its decimal string); every other field is a feature:
+  scalars of string/bytes/enum/fixed/int/long/float/double/boolean or of
+  a logical type (date -> int32 days, time-millis -> int32 ms, time-micros
+  -> int64 us, [local-]timestamp-millis/micros -> int64 since the epoch in
+  that unit, uuid -> string, decimal -> float64), and arrays of them nested
+  to any depth (rectangular: an array of arrays is a dimension each).
   """
 
   reader_cls = _ReadAvroFile
@@ -359,6 +417,14 @@ class ReadTffSqlite(beam.PTransform):
     return {"records": records, "clients": clients}
 
 
+def needs_client_id_key(input_format: str) -> bool:
+  """Whether records of the format name their client in a field (`--client-id-key`).
+
+  TFF SQLite has a client_id column and LEAF files are keyed by user.
+  """
+  return input_format not in ("tff-sqlite", "leaf")
+
+
 def declares_clients(input_format: str) -> bool:
   """Whether the format can list clients that have no record (TFF SQLite's client_metadata)."""
   return input_format == "tff-sqlite"
@@ -375,7 +441,7 @@ class ReadClientInput(beam.PTransform):
     super().__init__()
     if input_format not in INPUT_FORMATS:
       raise InputError(f"--input-format {input_format!r}: use one of {list(INPUT_FORMATS)}")
-    if input_format in ("tfrecord", "avro") and not client_id_key:
+    if needs_client_id_key(input_format) and not client_id_key:
       raise InputError(f"--client-id-key is required with --input-format {input_format}")
     if input_format == "tff-sqlite" and len(paths) != 1:
       raise InputError(f"--input-format tff-sqlite reads one database, got {len(paths)} files")
@@ -387,8 +453,17 @@ class ReadClientInput(beam.PTransform):
   def expand(self, pbegin):
     if self._format == "tff-sqlite":
       return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split)
-    reader = (ReadTFRecordExamples if self._format == "tfrecord" else ReadAvroRecords)(
-        self._paths, self._key)
-    records = pbegin | ("TFRecord" if self._format == "tfrecord" else "Avro") >> reader
+    # The other readers import this module, so they are imported here.
+    # pylint: disable-next=g-import-not-at-top
+    from fedbeam.pipelines import parquet_source, text_sources
+    reader_cls, label = {
+        "tfrecord": (ReadTFRecordExamples, "TFRecord"),
+        "avro": (ReadAvroRecords, "Avro"),
+        "parquet": (parquet_source.ReadParquetRecords, "Parquet"),
+        "csv": (text_sources.ReadCsvRecords, "Csv"),
+        "jsonl": (text_sources.ReadJsonLinesRecords, "JsonLines"),
+        "leaf": (text_sources.ReadLeafRecords, "Leaf"),
+    }[self._format]
+    records = pbegin | label >> reader_cls(self._paths, self._key)
     clients = pbegin | "NoDeclaredClients" >> beam.Create([])
     return {"records": records, "clients": clients}
