@@ -64,8 +64,11 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
   s.add_argument("--split-seed", type=int, default=0, metavar="S", help="default 0")
   s.add_argument("--split-method", choices=["hash", "tff"], default="hash",
                  help="hash: scalable seeded ranking (default); tff: exactly TFF 0.87's choice")
-  s.add_argument("--split-by", choices=["client", "raw"], default="client",
-                 help="raw: all pseudo-clients of a raw client land on the same side")
+  s.add_argument("--split-by", choices=["client", "raw"], default=None,
+                 help="raw (default with expansion): all pseudo-clients of a raw client land "
+                      "on the same side; client: pseudo-clients are split one by one, so test "
+                      "clients then share raw data with train (default without expansion, "
+                      "where the two are the same)")
   s.add_argument("--min-test-examples", type=int, default=1, metavar="M",
                  help="test clients hold at least M examples (default 1)")
 

@@ -76,7 +76,8 @@ class PrepareConfig:
   test_fraction: Optional[float] = None
   split_seed: int = 0
   split_method: str = "hash"
-  split_by: str = "client"
+  # None: "raw" with expansion (no raw client on both sides), else "client".
+  split_by: Optional[str] = None
   min_test_examples: int = 1
   # fsync client files, manifest files and their directories before the
   # commit (local disks). Not a parameter of the store: it changes no byte.
@@ -90,9 +91,17 @@ class PrepareConfig:
   def splits(self) -> bool:
     return self.num_test_clients is not None or self.test_fraction is not None
 
+  @property
+  def effective_split_by(self) -> str:
+    """`split_by`, or its default: "raw" with expansion, so no raw client is on both sides."""
+    if self.split_by is not None:
+      return self.split_by
+    return "raw" if self.expands else "client"
+
   def split_config(self) -> SplitConfig:
     return SplitConfig(num_test_clients=self.num_test_clients, test_fraction=self.test_fraction,
-                       seed=self.split_seed, method=self.split_method, split_by=self.split_by,
+                       seed=self.split_seed, method=self.split_method,
+                       split_by=self.effective_split_by,
                        min_test_examples=self.min_test_examples)
 
   def transform_name(self) -> Optional[str]:
@@ -121,7 +130,7 @@ class PrepareConfig:
         "test_fraction": self.test_fraction,
         "split_seed": self.split_seed if self.splits else None,
         "split_method": self.split_method if self.splits else None,
-        "split_by": self.split_by if self.splits else None,
+        "split_by": self.effective_split_by if self.splits else None,
         "min_test_examples": self.min_test_examples if self.splits else None,
     }
 
@@ -159,7 +168,8 @@ class PrepareConfig:
         self.split_config()
       except SplitError as e:
         raise PrepareError(str(e)) from None
-    elif (self.split_method, self.split_by, self.min_test_examples) != ("hash", "client", 1):
+    elif (self.split_method, self.split_by or "client", self.min_test_examples) != (
+        "hash", "client", 1):
       raise PrepareError("--split-method, --split-by and --min-test-examples need "
                          "--num-test-clients or --test-fraction")
 
@@ -451,6 +461,11 @@ class PrepareResult:
     if self.counters:
       lines.append("  beam metrics: " + ", ".join(
           f"{name}={value}" for name, value in sorted(self.counters.items())))
+    p = m.get("parameters", {})
+    if p.get("split_by") == "client" and (p.get("num_transformed_clients") is not None
+                                          or p.get("transform") is not None):
+      lines.append("  note: --split-by client split pseudo-clients one by one: test clients "
+                   "share raw data with train (warped copies of test raw clients are in train)")
     e = m["empty_clients"]
     if e["found"]:
       lines.append(f"  empty clients: {e['found']} found, policy {e['policy']}, "
