@@ -8,11 +8,12 @@ Beam knows it. Exit codes: 0 success, 1 the job or input failed, 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 
 def _check_beam_args(args: Sequence[str]) -> Optional[str]:
@@ -73,9 +74,33 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
                  help="test clients hold at least M examples (default 1)")
 
 
+@contextlib.contextmanager
+def _current_directory_importable(transform: Optional[str]) -> Iterator[None]:
+  """During the run, a `--transform` module in the current directory can be imported.
+
+  `python -m` puts the current directory on `sys.path`, the `fedbeam` script
+  does not; Beam's local worker processes start with `python -m`, so they
+  find the module too. `sys.path` is restored afterwards.
+  """
+  cwd = os.getcwd()
+  added = transform is not None and not ({cwd, ""} & set(sys.path))
+  if added:
+    sys.path.insert(0, cwd)
+  try:
+    yield
+  finally:
+    if added and cwd in sys.path:
+      sys.path.remove(cwd)
+
+
 def _run_prepare(args, beam_args) -> int:
   from fedbeam.element_spec import ElementSpec, ElementSpecError  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare  # pylint: disable=g-import-not-at-top
+  if args.input_format in ("tfrecord", "avro") and not args.client_id_key:
+    # A flag missing for the chosen format is bad usage, like a missing required flag.
+    print(f"fedbeam prepare: error: --client-id-key is required with --input-format "
+          f"{args.input_format}", file=sys.stderr)
+    return 2
   error = _check_beam_args(beam_args)
   if error:
     print(f"fedbeam prepare: error: {error}", file=sys.stderr)
@@ -96,7 +121,8 @@ def _run_prepare(args, beam_args) -> int:
       split_method=args.split_method, split_by=args.split_by,
       min_test_examples=args.min_test_examples, fsync=args.fsync)
   try:
-    result = run_prepare(config, beam_args)
+    with _current_directory_importable(args.transform):
+      result = run_prepare(config, beam_args)
   except PrepareError as e:
     print(f"fedbeam prepare: error: {e}", file=sys.stderr)
     if e.committed:

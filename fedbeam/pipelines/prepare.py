@@ -35,6 +35,7 @@ from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.data_dir_lease import claim_data_dir
+from fedbeam.pipelines.transform_check import check_transform_on_first_record, first_input_record
 from fedbeam.pipelines.store_writer import (REPLACES_ANY, RUNNER_FAULT, CleanupError,
                                             StoreStatsFn, StoreWriteError, WriteStore)
 from fedbeam import store_format as sf
@@ -499,6 +500,19 @@ def _failed_job_error(error: BaseException, lease) -> BaseException:
   return PrepareError(message + cleanup_note, committed=committed)
 
 
+def _check_transform(config: PrepareConfig, paths: Sequence[str]) -> None:
+  """Raises PrepareError when the transform fails on the input's first record."""
+  fn = load_transform(config.transform) if isinstance(config.transform, str) else config.transform
+  try:
+    record = first_input_record(paths, config.input_format, config.client_id_key,
+                                config.sqlite_split)
+    if record is not None:
+      check_transform_on_first_record(fn, record, config.element_spec,
+                                      config.num_transformed_clients, config.transform_name())
+  except (InputError, ExpansionError) as e:
+    raise PrepareError(str(e)) from None
+
+
 def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> PrepareResult:
   """Runs a prepare job to completion and returns its result.
 
@@ -523,6 +537,8 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
     paths = [path for path, _, _ in inputs]
   except InputError as e:
     raise PrepareError(str(e)) from None
+  if config.transform is not None:
+    _check_transform(config, paths)
   out_prefix = config.output.rstrip("/") + "/"
   if any(p.startswith(out_prefix) or p.rstrip("/") == config.output.rstrip("/") for p in paths):
     raise PrepareError(f"--output {config.output} holds input files; write the store elsewhere")
