@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 from typing import Iterator, Optional, Sequence
+
+from fedbeam.command_logging import CommandLogging
 
 
 def _check_beam_args(args: Sequence[str]) -> Optional[str]:
@@ -93,6 +94,10 @@ def _current_directory_importable(transform: Optional[str]) -> Iterator[None]:
       sys.path.remove(cwd)
 
 
+def _print_progress(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
 def _run_prepare(args, beam_args) -> int:
   from fedbeam.element_spec import ElementSpec, ElementSpecError  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare  # pylint: disable=g-import-not-at-top
@@ -122,7 +127,7 @@ def _run_prepare(args, beam_args) -> int:
       min_test_examples=args.min_test_examples, fsync=args.fsync)
   try:
     with _current_directory_importable(args.transform):
-      result = run_prepare(config, beam_args)
+      result = run_prepare(config, beam_args, report=_print_progress)
   except PrepareError as e:
     print(f"fedbeam prepare: error: {e}", file=sys.stderr)
     if e.committed:
@@ -199,25 +204,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # TensorFlow's C++ start-up chatter (CUDA plugin registration on a CPU-only
   # machine) would bury the job's own messages; errors still raise in Python.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  # Beam warns at import that crcmod is missing even when google-crc32c, which
-  # fedbeam installs and Beam prefers, is present.
-  logging.getLogger().addFilter(
-      lambda record: "crcmod package not found" not in record.getMessage())
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
-  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                      format="%(levelname)s %(name)s: %(message)s")
   if args.command != "prepare" and extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  if args.command == "prepare":
-    return _run_prepare(args, extra)
-  if args.command == "inspect":
-    return _run_inspect(args)
-  if args.command == "validate":
-    return _run_validate(args)
-  from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
-  return train_module.run_train(args)
+  with CommandLogging(args.verbose, keep_file=args.command == "prepare") as log:
+    if args.command == "prepare":
+      code = _run_prepare(args, extra)
+    elif args.command == "inspect":
+      code = _run_inspect(args)
+    elif args.command == "validate":
+      code = _run_validate(args)
+    else:
+      from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
+      code = train_module.run_train(args)
+    if code != 0 and log.deferred:
+      # fedbeam's own error is printed; Beam's traceback comes after it, or
+      # stays in the log file.
+      if args.verbose:
+        log.show_deferred()
+      else:
+        where = f"is in {log.path}" if log.path else "is hidden"
+        print(f"fedbeam {args.command}: Beam's log of the failure, with its traceback, {where} "
+              "(rerun with fedbeam --verbose to see it here)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ runs the pipeline on the chosen runner (the local FnApiRunner unless
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -35,6 +36,8 @@ from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.data_dir_lease import claim_data_dir
+from fedbeam.pipelines.progress import (EXAMPLES_READ, CountProgress, ProgressChannel,
+                                        ProgressMonitor)
 from fedbeam.pipelines.transform_check import check_transform_on_first_record, first_input_record
 from fedbeam.pipelines.store_writer import (REPLACES_ANY, RUNNER_FAULT, CleanupError,
                                             StoreStatsFn, StoreWriteError, WriteStore)
@@ -189,8 +192,13 @@ class PrepareStore(beam.PTransform):
 
   def __init__(self, config: PrepareConfig, paths: Sequence[str], job_key: str,
                data_dir: Optional[str] = None, replaces: Optional[str] = REPLACES_ANY,
-               fault_steps: Optional[Mapping[str, beam.PTransform]] = None):
-    """`data_dir`, `replaces`: from `data_dir_lease.claim_data_dir` (see `WriteStore`)."""
+               fault_steps: Optional[Mapping[str, beam.PTransform]] = None,
+               progress: Optional[ProgressChannel] = None):
+    """`data_dir`, `replaces`: from `data_dir_lease.claim_data_dir` (see `WriteStore`).
+
+    `progress`: a local `ProgressChannel` counting the examples read and the
+    client files written while the job runs (local runners only).
+    """
     super().__init__()
     self._config = config
     self._paths = list(paths)
@@ -198,6 +206,7 @@ class PrepareStore(beam.PTransform):
     self._data_dir = data_dir
     self._replaces = replaces
     self._fault_steps = dict(fault_steps or {})
+    self._progress = progress
 
   def expand(self, pbegin):
     # The runner runs in this process; guarding it here covers pipelines that
@@ -216,6 +225,9 @@ class PrepareStore(beam.PTransform):
     num_read = (inputs["records"]
                 | "CountRead" >> beam.Map(input_size)
                 | "SumRead" >> beam.CombineGlobally(sum))
+    if self._progress is not None:
+      _ = inputs["records"] | "ReportRead" >> beam.ParDo(
+          CountProgress(self._progress, EXAMPLES_READ, input_size))
     if c.element_spec is not None:
       spec = pbegin | "ElementSpec" >> beam.Create([c.element_spec])
     else:
@@ -277,7 +289,8 @@ class PrepareStore(beam.PTransform):
         job_key=self._job_key, empty_report=checked["report"],
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
         planned_clients=planned_clients, planned_splits=planned_splits, input_records=num_read,
-        data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync)
+        data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync,
+        progress=self._progress)
 
 
 class RecordCountMismatchError(RuntimeError):
@@ -513,8 +526,25 @@ def _check_transform(config: PrepareConfig, paths: Sequence[str]) -> None:
     raise PrepareError(str(e)) from None
 
 
-def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> PrepareResult:
+def job_url(result: Any, options: PipelineOptions) -> Optional[str]:
+  """The Dataflow console URL of a submitted job, or None (a runner without job ids)."""
+  job_id = getattr(result, "job_id", None)
+  if not callable(job_id):
+    return None
+  from apache_beam.options.pipeline_options import GoogleCloudOptions  # pylint: disable=g-import-not-at-top
+  gcp = options.view_as(GoogleCloudOptions)
+  return (f"https://console.cloud.google.com/dataflow/jobs/{gcp.region}/{job_id()}"
+          f"?project={gcp.project}")
+
+
+def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
+                report: Optional[Callable[[str], None]] = None) -> PrepareResult:
   """Runs a prepare job to completion and returns its result.
+
+  `report`, if given, receives progress lines while the job runs: on the
+  local runner one every `progress.PROGRESS_INTERVAL_SECONDS` (stage,
+  examples read, clients written, elapsed time); on a runner that names a
+  job (Dataflow), the job's console URL once it is submitted.
 
   The job writes to a data directory it claims (`data_dir_lease`); a job
   that fails removes it, so its partial files do not stay on the disk, and a
@@ -549,13 +579,21 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
     lease = claim_data_dir(config.output, key)
   except OSError as e:
     raise PrepareError(f"--output {config.output}: cannot claim a data directory: {e}") from None
-  with lease:
+  with lease, contextlib.ExitStack() as watching:
     start = time.monotonic()
     try:
+      channel = None
+      if report is not None and runner is not None:  # the local runner: workers share the disk
+        channel = watching.enter_context(ProgressChannel())
       pipeline = beam.Pipeline(runner=runner, options=options)
       _ = pipeline | "Prepare" >> PrepareStore(config, paths, key, data_dir=lease.data_dir,
-                                               replaces=lease.replaces)
+                                               replaces=lease.replaces, progress=channel)
+      if channel is not None:
+        watching.enter_context(ProgressMonitor(channel, report))
       result = pipeline.run()
+      url = job_url(result, options)
+      if report is not None and url:
+        report(f"fedbeam prepare: job submitted: {url}")
       result.wait_until_finish()
     except BaseException as e:  # pylint: disable=broad-except
       error = _failed_job_error(e, lease)
