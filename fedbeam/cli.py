@@ -152,6 +152,17 @@ def _run_inspect(args) -> int:
     print(json.dumps(summary, indent=2, ensure_ascii=False))
   else:
     print(format_summary(summary))
+  if args.plot:
+    from fedbeam.plots import plot_client_sizes  # pylint: disable=g-import-not-at-top
+    try:
+      sizes: dict[str, list[int]] = {}
+      for row in sf.read_manifest(args.store, sf.read_metadata(args.store)):
+        sizes.setdefault(row["split"], []).append(int(row["num_examples"]))
+      plot_client_sizes(sizes, args.plot, title=f"Client sizes of {args.store}")
+    except (sf.StoreFormatError, ValueError, OSError) as e:
+      print(f"fedbeam inspect: error: --plot {args.plot}: {e}", file=sys.stderr)
+      return 1
+    print(f"client-size histogram: {args.plot}", file=sys.stderr if args.json else sys.stdout)
   return 0
 
 
@@ -184,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
   inspect = sub.add_parser("inspect", allow_abbrev=False, help="summarize a store")
   inspect.add_argument("store", help="store directory (local or gs://)")
   inspect.add_argument("--json", action="store_true", help="print one JSON object")
+  inspect.add_argument("--plot", metavar="FILE.png",
+                       help="also write a histogram of examples per client, per split "
+                            "(log count axis), to this PNG file")
   validate = sub.add_parser(
       "validate", allow_abbrev=False,
       help="check that a store's metadata, manifest and client files agree")

@@ -270,6 +270,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="continue from DIR's checkpoint")
   group.add_argument("--overwrite", action="store_true",
                      help="discard a previous run's outputs in DIR")
+  parser.add_argument("--plot", action="store_true",
+                      help="after training, write DIR/accuracy.png: train and test "
+                           "accuracy per round, from metrics.csv")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar on stderr")
 
@@ -399,6 +402,15 @@ def run_train(args: argparse.Namespace) -> int:
     return fail(error, 1)
   if outcome.final is not None:
     print(outcome.summary_line(), file=sys.stderr)
+  if getattr(args, "plot", False):
+    from fedbeam.plots import plot_accuracy  # pylint: disable=g-import-not-at-top
+    plot = os.path.join(options.output, "accuracy.png")
+    try:
+      plot_accuracy(os.path.join(options.output, METRICS_NAME), plot,
+                    title=f"--model {options.model} on {args.store}")
+    except (ValueError, OSError) as error:
+      return fail(f"--plot: {error}", 1)
+    print(f"accuracy plot: {plot}", file=sys.stderr)
   return 0
 
 
