@@ -364,7 +364,8 @@ def test_split_by_help_says_what_splitting_pseudo_clients_one_by_one_does():
   from fedbeam.cli import build_parser
   prepare_parser = next(a for a in build_parser()._actions  # pylint: disable=protected-access
                         if a.dest == "command").choices["prepare"]
-  (action,) = [a for a in prepare_parser._actions if a.dest == "split_by"]  # pylint: disable=protected-access
+  actions = prepare_parser._actions  # pylint: disable=protected-access
+  (action,) = [a for a in actions if a.dest == "split_by"]
   assert action.default is None
   assert "raw (default with expansion)" in action.help
   assert "test clients then share raw data with train" in action.help

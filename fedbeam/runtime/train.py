@@ -343,11 +343,12 @@ def run_train(args: argparse.Namespace) -> int:
 
   Exit codes follow the `fedbeam` command's: 0 success; 1 the store is
   missing, damaged, has no usable split, or its data does not fit the model
-  in a way only training shows (or has fewer clients than --clients-per-round), a client file cannot be
-  read during training (the message names the client and the store), or
-  the checkpoint or config.json to resume from is damaged; 2 bad usage: flag
-  values, an unknown model, a model the store's element spec does not fit
-  (`model_fit.check_model_fits`, before the first round), or an --output that needs --resume/--overwrite,
+  in a way only training shows (or has fewer clients than
+  --clients-per-round), a client file cannot be read during training (the
+  message names the client and the store), or the checkpoint or config.json
+  to resume from is damaged; 2 bad usage: flag values, an unknown model, a
+  model the store's element spec does not fit (`model_fit.check_model_fits`,
+  before the first round), or an --output that needs --resume/--overwrite,
   holds a run with other settings or of another store, or is in use by
   another run. The reason goes to stderr, on one line, as
   `fedbeam train: error: ...`.
