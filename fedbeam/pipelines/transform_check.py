@@ -15,7 +15,7 @@ from fedbeam.element_spec import ElementSpec
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.example_records import ExampleBatch, encode_record
 from fedbeam.pipelines.expansion import ExpansionError, MakeTransformFn, apply_transform
-from fedbeam.pipelines.records import InputError, InputRecord
+from fedbeam.pipelines.records import InputRecord
 from fedbeam.pipelines.spec_inference import InferElementSpecFn
 
 
