@@ -8,11 +8,13 @@ Beam knows it. Exit codes: 0 success, 1 the job or input failed, 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+
+from fedbeam.command_logging import CommandLogging
 
 
 def _check_beam_args(args: Sequence[str]) -> Optional[str]:
@@ -69,15 +71,46 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
   s.add_argument("--split-seed", type=int, default=0, metavar="S", help="default 0")
   s.add_argument("--split-method", choices=["hash", "tff"], default="hash",
                  help="hash: scalable seeded ranking (default); tff: exactly TFF 0.87's choice")
-  s.add_argument("--split-by", choices=["client", "raw"], default="client",
-                 help="raw: all pseudo-clients of a raw client land on the same side")
+  s.add_argument("--split-by", choices=["client", "raw"], default=None,
+                 help="raw (default with expansion): all pseudo-clients of a raw client land "
+                      "on the same side; client: pseudo-clients are split one by one, so test "
+                      "clients then share raw data with train (default without expansion, "
+                      "where the two are the same)")
   s.add_argument("--min-test-examples", type=int, default=1, metavar="M",
                  help="test clients hold at least M examples (default 1)")
+
+
+@contextlib.contextmanager
+def _current_directory_importable(transform: Optional[str]) -> Iterator[None]:
+  """During the run, a `--transform` module in the current directory can be imported.
+
+  `python -m` puts the current directory on `sys.path`, the `fedbeam` script
+  does not; Beam's local worker processes start with `python -m`, so they
+  find the module too. `sys.path` is restored afterwards.
+  """
+  cwd = os.getcwd()
+  added = transform is not None and not ({cwd, ""} & set(sys.path))
+  if added:
+    sys.path.insert(0, cwd)
+  try:
+    yield
+  finally:
+    if added and cwd in sys.path:
+      sys.path.remove(cwd)
+
+
+def _print_progress(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 def _run_prepare(args, beam_args) -> int:
   from fedbeam.format.spec import ElementSpec, ElementSpecError  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare  # pylint: disable=g-import-not-at-top
+  if args.input_format in ("tfrecord", "avro") and not args.client_id_key:
+    # A flag missing for the chosen format is bad usage, like a missing required flag.
+    print(f"fedbeam prepare: error: --client-id-key is required with --input-format "
+          f"{args.input_format}", file=sys.stderr)
+    return 2
   error = _check_beam_args(beam_args)
   if error:
     print(f"fedbeam prepare: error: {error}", file=sys.stderr)
@@ -98,7 +131,8 @@ def _run_prepare(args, beam_args) -> int:
       split_method=args.split_method, split_by=args.split_by,
       min_test_examples=args.min_test_examples, fsync=args.fsync)
   try:
-    result = run_prepare(config, beam_args)
+    with _current_directory_importable(args.transform):
+      result = run_prepare(config, beam_args, report=_print_progress)
   except PrepareError as e:
     print(f"fedbeam prepare: error: {e}", file=sys.stderr)
     if e.committed:
@@ -123,6 +157,19 @@ def _run_inspect(args) -> int:
     print(json.dumps(summary, indent=2, ensure_ascii=False))
   else:
     print(format_summary(summary))
+  if args.plot:
+    from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+    from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+    from fedbeam.plots import plot_client_sizes  # pylint: disable=g-import-not-at-top
+    try:
+      sizes: dict[str, list[int]] = {}
+      for row in read_manifest(args.store, read_metadata(args.store)):
+        sizes.setdefault(row["split"], []).append(int(row["num_examples"]))
+      plot_client_sizes(sizes, args.plot, title=f"Client sizes of {args.store}")
+    except (StoreFormatError, ValueError, OSError) as e:
+      print(f"fedbeam inspect: error: --plot {args.plot}: {e}", file=sys.stderr)
+      return 1
+    print(f"client-size histogram: {args.plot}", file=sys.stderr if args.json else sys.stdout)
   return 0
 
 
@@ -155,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
   inspect = sub.add_parser("inspect", allow_abbrev=False, help="summarize a store")
   inspect.add_argument("store", help="store directory (local or gs://)")
   inspect.add_argument("--json", action="store_true", help="print one JSON object")
+  inspect.add_argument("--plot", metavar="FILE.png",
+                       help="also write a histogram of examples per client, per split "
+                            "(log count axis), to this PNG file")
   validate = sub.add_parser(
       "validate", allow_abbrev=False,
       help="check that a store's metadata, manifest and client files agree")
@@ -175,25 +225,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # TensorFlow's C++ start-up chatter (CUDA plugin registration on a CPU-only
   # machine) would bury the job's own messages; errors still raise in Python.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  # Beam warns at import that crcmod is missing even when google-crc32c, which
-  # fedbeam installs and Beam prefers, is present.
-  logging.getLogger().addFilter(
-      lambda record: "crcmod package not found" not in record.getMessage())
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
-  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                      format="%(levelname)s %(name)s: %(message)s")
   if args.command != "prepare" and extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
-  if args.command == "prepare":
-    return _run_prepare(args, extra)
-  if args.command == "inspect":
-    return _run_inspect(args)
-  if args.command == "validate":
-    return _run_validate(args)
-  from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
-  return train_module.run_train(args)
+  with CommandLogging(args.verbose, keep_file=args.command == "prepare") as log:
+    if args.command == "prepare":
+      code = _run_prepare(args, extra)
+    elif args.command == "inspect":
+      code = _run_inspect(args)
+    elif args.command == "validate":
+      code = _run_validate(args)
+    else:
+      from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
+      code = train_module.run_train(args)
+    if code != 0 and log.deferred:
+      # fedbeam's own error is printed; Beam's traceback comes after it, or
+      # stays in the log file.
+      if args.verbose:
+        log.show_deferred()
+      else:
+        where = f"is in {log.path}" if log.path else "is hidden"
+        print(f"fedbeam {args.command}: Beam's log of the failure, with its traceback, {where} "
+              "(rerun with fedbeam --verbose to see it here)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

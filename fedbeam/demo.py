@@ -75,56 +75,6 @@ def write_input(clients, directory: str, num_files: int = 4) -> str:
   return os.path.join(directory, "digits-*.tfrecord")
 
 
-def plot_client_sizes(store: str, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
-  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
-  metadata = read_metadata(store)
-  sizes: dict[str, list[int]] = {}
-  for row in read_manifest(store, metadata):
-    sizes.setdefault(row["split"], []).append(row["num_examples"])
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.hist([sizes[s] for s in sorted(sizes)], bins=20, label=sorted(sizes), stacked=True)
-  ax.set_xlabel("examples per client")
-  ax.set_ylabel("clients")
-  ax.set_title("Client sizes in the prepared store")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def plot_accuracy(metrics_csv: str, path: str) -> float:
-  """Plots test and train accuracy per round from `fedbeam train`'s metrics.csv.
-
-  Returns the last round's test accuracy.
-  """
-  import csv  # pylint: disable=g-import-not-at-top
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  with open(metrics_csv, encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
-  rounds = [int(r["round"]) for r in rows]
-  test = [float(r["test_accuracy"]) if r["test_accuracy"] else float("nan") for r in rows]
-  train = [float(r["train_accuracy"]) if r["train_accuracy"] else float("nan") for r in rows]
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot(rounds, test, marker="o", label="test (held-out writers)")
-  ax.plot(rounds, train, marker=".", alpha=0.6, label="train (sampled clients)")
-  ax.axhline(0.1, color="grey", linestyle="--", label="chance")
-  ax.set_xlabel("round")
-  ax.set_ylabel("accuracy")
-  ax.set_ylim(0, 1)
-  ax.set_title("Federated averaging on the prepared digits store")
-  ax.legend(loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return test[-1]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m fedbeam.demo", description=__doc__,
                                    allow_abbrev=False)
@@ -158,9 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ])
   if rc != 0:
     return rc
-  cli.main(["inspect", store])
-  plot_client_sizes(store, os.path.join(workdir, "client_sizes.png"))
-  print(f"      client-size histogram: {os.path.join(workdir, 'client_sizes.png')}")
+  cli.main(["inspect", store, "--plot", os.path.join(workdir, "client_sizes.png")])
 
   print(f"[3/3] fedbeam train: {args.rounds} rounds of federated averaging, "
         f"{args.clients_per_round} clients per round", flush=True)
@@ -173,8 +121,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ])
   if rc != 0:
     return rc
-  final = plot_accuracy(os.path.join(train_dir, "metrics.csv"),
-                        os.path.join(workdir, "accuracy.png"))
+  from fedbeam.plots import plot_accuracy, read_accuracy  # pylint: disable=g-import-not-at-top
+  metrics = os.path.join(train_dir, "metrics.csv")
+  plot_accuracy(metrics, os.path.join(workdir, "accuracy.png"),
+                title="Federated averaging on the prepared digits store", chance=0.1)
+  final = read_accuracy(metrics)[2][-1]
   print(f"      test accuracy after {args.rounds} rounds: {final:.3f} (chance: 0.100); "
         f"curve: {os.path.join(workdir, 'accuracy.png')}")
   print(f"demo finished in {time.monotonic() - start:.0f} s; outputs under {workdir}")

@@ -65,10 +65,27 @@ def affine_matrix(angle_deg: float, shear: float, scale_x: float, scale_y: float
   return out
 
 
-def _check_image_shape(feature: str, rank: Optional[int], known_size: bool) -> None:
-  if rank not in (2, 3) or not known_size:
-    raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image of known "
-                     f"height and width, got rank {rank}")
+def _image_dims(feature: str,
+                shape: Optional[tuple]) -> tuple[int, int, Optional[int]]:
+  """(height, width, channels or None) of one image of `shape` (without the batch axis).
+
+  [H, W] and [H, W, C] are images as they are. A flat [n] feature whose n is a
+  perfect square is a square one-channel image stored row by row: what a
+  TFRecord of 28x28 images inferred without --element-spec holds ([784]).
+
+  Raises:
+    ValueError: any other shape, naming the feature and the shape.
+  """
+  if shape is None:
+    raise ValueError(f"feature {feature!r} must be an image of known shape, got unknown rank")
+  if len(shape) in (2, 3) and all(d is not None for d in shape):
+    return int(shape[0]), int(shape[1]), (int(shape[2]) if len(shape) == 3 else None)
+  if len(shape) == 1 and shape[0] is not None:
+    side = math.isqrt(int(shape[0]))
+    if side > 0 and side * side == int(shape[0]):
+      return side, side, None
+  raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image of known height "
+                   f"and width, or a flat square image [H*H], got shape {list(shape)}")
 
 
 def projective_coefficients(inverse: np.ndarray) -> np.ndarray:
@@ -130,7 +147,8 @@ class AffineTransform:
   """A make_transform_fn: a random affine warp of one image feature per pseudo-client.
 
   Index 0 is the identity (returns None); index i > 0 warps `feature` (a
-  [H, W] or [H, W, C] float image) by a rotation, shear, scale and
+  [H, W] or [H, W, C] float image, or a flat [H*H] square one-channel image,
+  as a TFRecord input inferred without --element-spec holds) by a rotation, shear, scale and
   translation drawn from a generator seeded by a hash of (raw id, i), so
   every rerun and every worker draws the same warp. Other features pass
   through. Pixels outside the source repeat the nearest border pixel, which
@@ -170,31 +188,29 @@ class AffineTransform:
       # What tf.data maps (traced, graph mode): TensorFlow's projective warp op.
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       image = element[feature]
-      dims = image.shape
-      _check_image_shape(feature, dims.rank, dims[:2].is_fully_defined() if dims.rank else False)
-      height, width = int(dims[0]), int(dims[1])
+      known = image.shape.rank is not None
+      height, width, channels = _image_dims(
+          feature, tuple(image.shape.as_list()) if known else None)
       transform = tf.constant(projective_coefficients(inverse(height, width))[np.newaxis])
-      batch = tf.cast(image if dims.rank == 3 else image[..., tf.newaxis], tf.float32)
+      batch = tf.reshape(tf.cast(image, tf.float32), [height, width, channels or 1])
       warped = tf.raw_ops.ImageProjectiveTransformV3(
           images=batch[tf.newaxis], transforms=transform,
           output_shape=tf.constant([height, width]), fill_value=0.0,
           interpolation="BILINEAR", fill_mode="NEAREST")[0]
       out = dict(element)
-      out[feature] = tf.cast(warped if dims.rank == 3 else warped[..., 0], image.dtype)
+      out[feature] = tf.cast(tf.reshape(warped, tf.shape(image)), image.dtype)
       return type(element)(out)
 
     def warp_all(elements):
       # What the pipeline calls: every element of the pseudo-client at once,
       # in numpy, so a worker need not load TensorFlow.
       images = np.asarray(elements[feature])
-      dims = images.shape[1:]
-      _check_image_shape(feature, len(dims), True)
-      batch = images.astype(np.float32, copy=False)
-      warped = bilinear_warp(batch if len(dims) == 3 else batch[..., np.newaxis],
-                             inverse(dims[0], dims[1]))
+      height, width, channels = _image_dims(feature, images.shape[1:])
+      batch = images.astype(np.float32, copy=False).reshape(
+          len(images), height, width, channels or 1)
+      warped = bilinear_warp(batch, inverse(height, width))
       out = dict(elements)
-      out[feature] = (warped if len(dims) == 3 else warped[..., 0]).astype(images.dtype,
-                                                                           copy=False)
+      out[feature] = warped.reshape(images.shape).astype(images.dtype, copy=False)
       return type(elements)(out)
 
     warp.fedbeam_batch_fn = warp_all

@@ -155,7 +155,24 @@ def test_input_pattern_matching_nothing_is_named(tmp_path, capsys):
 def test_client_id_key_is_required_for_tfrecord(tmp_path, capsys):
   path = testing.write_tfrecord_input(tmp_path / "in.tfrecord", CLIENTS)
   _assert_fails(capsys, _prepare_args(path, tmp_path / "out", key=None), tmp_path / "out",
-                "--client-id-key is required with --input-format tfrecord")
+                "--client-id-key is required with --input-format tfrecord", code=2)
+
+
+def test_client_id_key_is_required_for_avro_as_a_usage_error(tmp_path, capsys):
+  path = testing.write_avro_input(tmp_path / "in.avro", CLIENTS)
+  _assert_fails(capsys, _prepare_args(path, tmp_path / "out", fmt="avro", key=None),
+                tmp_path / "out", "--client-id-key is required with --input-format avro", code=2)
+
+
+def test_missing_sqlite_split_names_the_splits_that_exist(tmp_path, capsys):
+  import tensorflow as tf
+  spec = {"x": tf.TensorSpec([], tf.float32), "y": tf.TensorSpec([], tf.int64)}
+  path = testing.write_tff_sqlite_input(tmp_path / "in.sqlite", CLIENTS, spec,
+                                        {"alice": "train", "bob": "test"})
+  _assert_fails(capsys, _prepare_args(path, tmp_path / "out", "--sqlite-split", "validation",
+                                      fmt="tff-sqlite", key=None), tmp_path / "out",
+                f"--sqlite-split 'validation': {path} has no such split; its splits are "
+                "'test', 'train'", code=1)
 
 
 def test_existing_store_is_refused_without_overwrite_and_left_intact(tmp_path, capsys):

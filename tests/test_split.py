@@ -334,6 +334,45 @@ def test_split_by_raw_keeps_raw_clients_on_one_side(dbs, tff_data, work, method)
   assert read_metadata(store)["parameters"]["split_by"] == "raw"
 
 
+def test_expansion_with_a_split_keeps_raw_clients_on_one_side_by_default(dbs, work):
+  store = prepare(dbs["raw7"], work, "by_raw_default", num_transformed_clients=23,
+                  num_test_clients=2, split_seed=11)
+  rows = list(read_manifest(store, read_metadata(store)))
+  sides = collections.defaultdict(set)
+  for r in rows:
+    sides[r["raw_client_id"]].add(r["split"])
+  assert all(len(s) == 1 for s in sides.values()), dict(sides)
+  assert sorted(raw for raw, s in sides.items() if s == {"test"}) == sorted(
+      sorted((c for c in RAW7 if RAW7[c] > 0), key=lambda c: (rank_key(11, c), c))[:2])
+  assert read_metadata(store)["parameters"]["split_by"] == "raw"
+
+
+def test_split_by_client_with_expansion_says_test_shares_raw_data_with_train(dbs, work):
+  from fedbeam.pipelines.prepare import PrepareResult
+  store = prepare(dbs["raw7"], work, "by_client", num_transformed_clients=23,
+                  num_test_clients=4, split_seed=11, split_by="client")
+  metadata = read_metadata(store)
+  assert metadata["parameters"]["split_by"] == "client"
+  summary = PrepareResult(metadata, {}, 1.0).summary()
+  assert ("note: --split-by client split pseudo-clients one by one: test clients share raw "
+          "data with train") in summary
+  unexpanded = prepare(dbs["mixed"], work, "unexpanded_default", num_test_clients=4)
+  metadata = read_metadata(unexpanded)
+  assert metadata["parameters"]["split_by"] == "client"  # the same as raw without expansion
+  assert "note:" not in PrepareResult(metadata, {}, 1.0).summary()
+
+
+def test_split_by_help_says_what_splitting_pseudo_clients_one_by_one_does():
+  from fedbeam.cli import build_parser
+  prepare_parser = next(a for a in build_parser()._actions  # pylint: disable=protected-access
+                        if a.dest == "command").choices["prepare"]
+  actions = prepare_parser._actions  # pylint: disable=protected-access
+  (action,) = [a for a in actions if a.dest == "split_by"]
+  assert action.default is None
+  assert "raw (default with expansion)" in action.help
+  assert "test clients then share raw data with train" in action.help
+
+
 # --- --test-fraction --------------------------------------------------------------
 
 @pytest.mark.parametrize("fraction, k", [(0.3, 12), (0.31, 12), (0.3125, 12), (0.4375, 18)])

@@ -36,7 +36,9 @@ GATE_MODULE = textwrap.dedent('''
     def make_transform_fn(raw_client_id, index):
       gate = os.environ.get("FEDBEAM_TEST_GATE")
       _calls[0] += 1
-      if gate and _calls[0] == 3:
+      # Calls 1 and 2 are the launcher's check of the transform on the first
+      # record (pseudo-clients 0 and 1); the job's third client holds.
+      if gate and _calls[0] == 5:
         open(os.path.join(gate, "waiting"), "w").close()
         while not os.path.exists(os.path.join(gate, "release")):
           time.sleep(0.05)

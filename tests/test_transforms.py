@@ -96,3 +96,25 @@ def test_affine_rejects_features_that_are_not_images():
   fn = transforms.random_affine("a", 1)
   with pytest.raises(ValueError, match="'pixels' must be a \\[H, W\\] or \\[H, W, C\\] image"):
     fn.fedbeam_batch_fn({"pixels": np.zeros((2, 5), np.float32)})
+
+
+def test_affine_warps_a_flat_square_image_as_the_same_image_reshaped():
+  # A TFRecord of 28x28 images inferred without --element-spec holds [784].
+  rng = np.random.default_rng(9)
+  images = rng.random((3, 28, 28), dtype=np.float32)
+  fn = transforms.random_affine("f0000", 2)
+  flat = fn.fedbeam_batch_fn({"pixels": images.reshape(3, 784)})["pixels"]
+  square = fn.fedbeam_batch_fn({"pixels": images})["pixels"]
+  assert flat.shape == (3, 784)
+  np.testing.assert_array_equal(flat, square.reshape(3, 784))
+  assert not np.array_equal(flat, images.reshape(3, 784))
+  mapped = list(tf.data.Dataset.from_tensor_slices({"pixels": images.reshape(3, 784)})
+                .map(fn).as_numpy_iterator())
+  for i, element in enumerate(mapped):
+    np.testing.assert_array_equal(element["pixels"], flat[i])
+
+
+def test_affine_rejects_a_flat_feature_that_is_not_square_naming_its_shape():
+  fn = transforms.random_affine("a", 1)
+  with pytest.raises(ValueError, match=r"'pixels' must be .* got shape \[785\]"):
+    fn.fedbeam_batch_fn({"pixels": np.zeros((2, 785), np.float32)})

@@ -9,13 +9,14 @@ runs the pipeline on the chosen runner (the local FnApiRunner unless
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -35,6 +36,9 @@ from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.data_dir_lease import claim_data_dir
+from fedbeam.pipelines.progress import (EXAMPLES_READ, CountProgress, ProgressChannel,
+                                        ProgressMonitor)
+from fedbeam.pipelines.transform_check import check_transform_on_first_record, first_input_record
 from fedbeam.pipelines.store_writer import (REPLACES_ANY, RUNNER_FAULT, CleanupError,
                                             StoreStatsFn, StoreWriteError, WriteStore)
 from fedbeam.format.fs import file_ops
@@ -78,7 +82,8 @@ class PrepareConfig:
   test_fraction: Optional[float] = None
   split_seed: int = 0
   split_method: str = "hash"
-  split_by: str = "client"
+  # None: "raw" with expansion (no raw client on both sides), else "client".
+  split_by: Optional[str] = None
   min_test_examples: int = 1
   # fsync client files, manifest files and their directories before the
   # commit (local disks). Not a parameter of the store: it changes no byte.
@@ -92,9 +97,17 @@ class PrepareConfig:
   def splits(self) -> bool:
     return self.num_test_clients is not None or self.test_fraction is not None
 
+  @property
+  def effective_split_by(self) -> str:
+    """`split_by`, or its default: "raw" with expansion, so no raw client is on both sides."""
+    if self.split_by is not None:
+      return self.split_by
+    return "raw" if self.expands else "client"
+
   def split_config(self) -> SplitConfig:
     return SplitConfig(num_test_clients=self.num_test_clients, test_fraction=self.test_fraction,
-                       seed=self.split_seed, method=self.split_method, split_by=self.split_by,
+                       seed=self.split_seed, method=self.split_method,
+                       split_by=self.effective_split_by,
                        min_test_examples=self.min_test_examples)
 
   def transform_name(self) -> Optional[str]:
@@ -123,7 +136,7 @@ class PrepareConfig:
         "test_fraction": self.test_fraction,
         "split_seed": self.split_seed if self.splits else None,
         "split_method": self.split_method if self.splits else None,
-        "split_by": self.split_by if self.splits else None,
+        "split_by": self.effective_split_by if self.splits else None,
         "min_test_examples": self.min_test_examples if self.splits else None,
     }
 
@@ -164,7 +177,8 @@ class PrepareConfig:
         self.split_config()
       except SplitError as e:
         raise PrepareError(str(e)) from None
-    elif (self.split_method, self.split_by, self.min_test_examples) != ("hash", "client", 1):
+    elif (self.split_method, self.split_by or "client", self.min_test_examples) != (
+        "hash", "client", 1):
       raise PrepareError("--split-method, --split-by and --min-test-examples need "
                          "--num-test-clients or --test-fraction")
 
@@ -183,8 +197,13 @@ class PrepareStore(beam.PTransform):
 
   def __init__(self, config: PrepareConfig, paths: Sequence[str], job_key: str,
                data_dir: Optional[str] = None, replaces: Optional[str] = REPLACES_ANY,
-               fault_steps: Optional[Mapping[str, beam.PTransform]] = None):
-    """`data_dir`, `replaces`: from `data_dir_lease.claim_data_dir` (see `WriteStore`)."""
+               fault_steps: Optional[Mapping[str, beam.PTransform]] = None,
+               progress: Optional[ProgressChannel] = None):
+    """`data_dir`, `replaces`: from `data_dir_lease.claim_data_dir` (see `WriteStore`).
+
+    `progress`: a local `ProgressChannel` counting the examples read and the
+    client files written while the job runs (local runners only).
+    """
     super().__init__()
     self._config = config
     self._paths = list(paths)
@@ -192,6 +211,7 @@ class PrepareStore(beam.PTransform):
     self._data_dir = data_dir
     self._replaces = replaces
     self._fault_steps = dict(fault_steps or {})
+    self._progress = progress
 
   def expand(self, pbegin):
     # The runner runs in this process; guarding it here covers pipelines that
@@ -210,6 +230,9 @@ class PrepareStore(beam.PTransform):
     num_read = (inputs["records"]
                 | "CountRead" >> beam.Map(input_size)
                 | "SumRead" >> beam.CombineGlobally(sum))
+    if self._progress is not None:
+      _ = inputs["records"] | "ReportRead" >> beam.ParDo(
+          CountProgress(self._progress, EXAMPLES_READ, input_size))
     if c.element_spec is not None:
       spec = pbegin | "ElementSpec" >> beam.Create([c.element_spec])
     else:
@@ -271,7 +294,8 @@ class PrepareStore(beam.PTransform):
         job_key=self._job_key, empty_report=checked["report"],
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
         planned_clients=planned_clients, planned_splits=planned_splits, input_records=num_read,
-        data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync)
+        data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync,
+        progress=self._progress)
 
 
 class RecordCountMismatchError(RuntimeError):
@@ -456,6 +480,11 @@ class PrepareResult:
     if self.counters:
       lines.append("  beam metrics: " + ", ".join(
           f"{name}={value}" for name, value in sorted(self.counters.items())))
+    p = m.get("parameters", {})
+    if p.get("split_by") == "client" and (p.get("num_transformed_clients") is not None
+                                          or p.get("transform") is not None):
+      lines.append("  note: --split-by client split pseudo-clients one by one: test clients "
+                   "share raw data with train (warped copies of test raw clients are in train)")
     e = m["empty_clients"]
     if e["found"]:
       lines.append(f"  empty clients: {e['found']} found, policy {e['policy']}, "
@@ -489,8 +518,38 @@ def _failed_job_error(error: BaseException, lease) -> BaseException:
   return PrepareError(message + cleanup_note, committed=committed)
 
 
-def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> PrepareResult:
+def _check_transform(config: PrepareConfig, paths: Sequence[str]) -> None:
+  """Raises PrepareError when the transform fails on the input's first record."""
+  fn = load_transform(config.transform) if isinstance(config.transform, str) else config.transform
+  try:
+    record = first_input_record(paths, config.input_format, config.client_id_key,
+                                config.sqlite_split)
+    if record is not None:
+      check_transform_on_first_record(fn, record, config.element_spec,
+                                      config.num_transformed_clients, config.transform_name())
+  except (InputError, ExpansionError) as e:
+    raise PrepareError(str(e)) from None
+
+
+def job_url(result: Any, options: PipelineOptions) -> Optional[str]:
+  """The Dataflow console URL of a submitted job, or None (a runner without job ids)."""
+  job_id = getattr(result, "job_id", None)
+  if not callable(job_id):
+    return None
+  from apache_beam.options.pipeline_options import GoogleCloudOptions  # pylint: disable=g-import-not-at-top
+  gcp = options.view_as(GoogleCloudOptions)
+  return (f"https://console.cloud.google.com/dataflow/jobs/{gcp.region}/{job_id()}"
+          f"?project={gcp.project}")
+
+
+def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
+                report: Optional[Callable[[str], None]] = None) -> PrepareResult:
   """Runs a prepare job to completion and returns its result.
+
+  `report`, if given, receives progress lines while the job runs: on the
+  local runner one every `progress.PROGRESS_INTERVAL_SECONDS` (stage,
+  examples read, clients written, elapsed time); on a runner that names a
+  job (Dataflow), the job's console URL once it is submitted.
 
   The job writes to a data directory it claims (`data_dir_lease`); a job
   that fails removes it, so its partial files do not stay on the disk, and a
@@ -513,6 +572,8 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
     paths = [path for path, _, _ in inputs]
   except InputError as e:
     raise PrepareError(str(e)) from None
+  if config.transform is not None:
+    _check_transform(config, paths)
   out_prefix = config.output.rstrip("/") + "/"
   if any(p.startswith(out_prefix) or p.rstrip("/") == config.output.rstrip("/") for p in paths):
     raise PrepareError(f"--output {config.output} holds input files; write the store elsewhere")
@@ -523,13 +584,21 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
     lease = claim_data_dir(config.output, key)
   except OSError as e:
     raise PrepareError(f"--output {config.output}: cannot claim a data directory: {e}") from None
-  with lease:
+  with lease, contextlib.ExitStack() as watching:
     start = time.monotonic()
     try:
+      channel = None
+      if report is not None and runner is not None:  # the local runner: workers share the disk
+        channel = watching.enter_context(ProgressChannel())
       pipeline = beam.Pipeline(runner=runner, options=options)
       _ = pipeline | "Prepare" >> PrepareStore(config, paths, key, data_dir=lease.data_dir,
-                                               replaces=lease.replaces)
+                                               replaces=lease.replaces, progress=channel)
+      if channel is not None:
+        watching.enter_context(ProgressMonitor(channel, report))
       result = pipeline.run()
+      url = job_url(result, options)
+      if report is not None and url:
+        report(f"fedbeam prepare: job submitted: {url}")
       result.wait_until_finish()
     except BaseException as e:  # pylint: disable=broad-except
       error = _failed_job_error(e, lease)

@@ -302,11 +302,29 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
   return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
+def _check_sqlite_split(con: sqlite3.Connection, path: str, split_name: str) -> None:
+  """Raises InputError naming the splits that exist when `split_name` is not one of them.
+
+  The client_metadata table (one row per client) is asked first; the examples
+  table only when the split is not there.
+  """
+  declared = {r[0] for r in con.execute("SELECT DISTINCT split_name FROM client_metadata")}
+  if split_name in declared:
+    return
+  if con.execute("SELECT 1 FROM examples WHERE split_name = ? LIMIT 1",
+                 (split_name,)).fetchone():
+    return
+  found = declared | {r[0] for r in con.execute("SELECT DISTINCT split_name FROM examples")}
+  names = ", ".join(repr(n) for n in sorted(found, key=str)) or "none"
+  raise InputError(f"--sqlite-split {split_name!r}: {path} has no such split; "
+                   f"its splits are {names}")
+
+
 def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, int]]:
   """Splits the `examples` table of a TFF SQLite database into rowid ranges.
 
   Raises:
-    InputError: not a local file, not SQLite, or not TFF's layout.
+    InputError: not a local file, not SQLite, not TFF's layout, or no split `split_name`.
   """
   if "://" in path:
     raise InputError(f"--input {path}: TFF SQLite databases must be local files "
@@ -320,6 +338,8 @@ def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, i
       if missing:
         raise InputError(f"{path}: not a TFF client-data database (missing table(s) "
                          f"{sorted(missing)}; found {sorted(tables)})")
+      if split_name is not None:
+        _check_sqlite_split(con, path, split_name)
       lo, hi = con.execute("SELECT min(rowid), max(rowid) FROM examples").fetchone()
   except sqlite3.DatabaseError as e:
     raise InputError(f"{path}: not a readable SQLite database ({e})") from None

@@ -30,6 +30,7 @@ import fedbeam
 from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.data_dir_lease import committed_state, is_object_store, remove_dead_data_dirs
+from fedbeam.pipelines.progress import CLIENTS_WRITTEN, CountProgress, ProgressChannel
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam.format.fs import atomic_write, file_ops, temp_name
 from fedbeam.format.layout import (FORMAT_VERSION, ID_ENCODING, MANIFEST_DIR, MANIFEST_SPEC_KEY,
@@ -546,7 +547,8 @@ class WriteStore(beam.PTransform):
                empty_report=None, empty_policy: str = "keep", reports=(),
                overwrite: bool = False, planned_clients=None, planned_splits=None,
                input_records=None, data_dir: Optional[str] = None,
-               replaces: Optional[str] = REPLACES_ANY, fsync: bool = True):
+               replaces: Optional[str] = REPLACES_ANY, fsync: bool = True,
+               progress: Optional[ProgressChannel] = None):
     """`planned_clients`: optional singleton PCollection[int], the number of
     clients the job makes before empty ones are dropped, known without
     counting `clients` (which would hold every client back until the count is
@@ -563,7 +565,8 @@ class WriteStore(beam.PTransform):
     job's data directory and the SHA-256 of the metadata it found (None: no
     store); the commit fails if another job committed meanwhile.
     `REPLACES_ANY` skips that check. `fsync`: make files and directories
-    durable before the commit (local disks)."""
+    durable before the commit (local disks). `progress`: a local
+    `ProgressChannel` that counts the client files written as they are."""
     super().__init__()
     self._planned_clients = planned_clients
     self._planned_splits = planned_splits
@@ -573,6 +576,7 @@ class WriteStore(beam.PTransform):
         hashlib.sha256(job_key.encode()).hexdigest() if len(job_key) < 16 else job_key)
     self._replaces = replaces
     self._fsync = fsync
+    self._progress = progress
     self._reports = list(reports)
     self._root = root
     self._spec = spec
@@ -595,6 +599,8 @@ class WriteStore(beam.PTransform):
     data_dir = self._data_dir
     rows = clients | "WriteClientFiles" >> beam.ParDo(
         _WriteClientFile(root, data_dir, self._fsync), beam.pvalue.AsSingleton(num_shards))
+    if self._progress is not None:
+      _ = rows | "ReportWritten" >> beam.ParDo(CountProgress(self._progress, CLIENTS_WRITTEN))
     swept = (rows
              | "KeyByShardDirectory" >> beam.Map(
                  lambda r: (posixpath.dirname(r["path"]), posixpath.basename(r["path"])))

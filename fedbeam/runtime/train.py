@@ -241,6 +241,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="continue from DIR's checkpoint")
   group.add_argument("--overwrite", action="store_true",
                      help="discard a previous run's outputs in DIR")
+  parser.add_argument("--plot", action="store_true",
+                      help="after training, write DIR/accuracy.png: train and test "
+                           "accuracy per round, from metrics.csv")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar on stderr")
 
@@ -311,10 +314,12 @@ def run_train(args: argparse.Namespace) -> int:
 
   Exit codes follow the `fedbeam` command's: 0 success; 1 the store is
   missing, damaged, has no usable split, or its data does not fit the model
-  (or has fewer clients than --clients-per-round), a client file cannot be
-  read during training (the message names the client and the store), or
-  the checkpoint or config.json to resume from is damaged; 2 bad usage: flag
-  values, an unknown model, or an --output that needs --resume/--overwrite,
+  in a way only training shows (or has fewer clients than
+  --clients-per-round), a client file cannot be read during training (the
+  message names the client and the store), or the checkpoint or config.json
+  to resume from is damaged; 2 bad usage: flag values, an unknown model, a
+  model the store's element spec does not fit (`model_fit.check_model_fits`,
+  before the first round), or an --output that needs --resume/--overwrite,
   holds a run with other settings or of another store, or is in use by
   another run. The reason goes to stderr, on one line, as
   `fedbeam train: error: ...`.
@@ -349,6 +354,11 @@ def run_train(args: argparse.Namespace) -> int:
   except ValueError as error:
     # StoreFormatError and the loader's errors are ValueErrors.
     return fail(error, 1)
+  from fedbeam.runtime.model_fit import ModelMismatchError, check_model_fits  # pylint: disable=g-import-not-at-top
+  try:
+    check_model_fits(options.model, spec.model_fn, spec.preprocess, train_data.element_spec)
+  except ModelMismatchError as error:
+    return fail(error, 2)
   try:
     outcome = run_training(train_data, test_data, spec, options)
   except TrainError as error:
@@ -364,6 +374,15 @@ def run_train(args: argparse.Namespace) -> int:
     return fail(error, 1)
   if outcome.final is not None:
     print(outcome.summary_line(), file=sys.stderr)
+  if getattr(args, "plot", False):
+    from fedbeam.plots import plot_accuracy  # pylint: disable=g-import-not-at-top
+    plot = os.path.join(options.output, "accuracy.png")
+    try:
+      plot_accuracy(os.path.join(options.output, METRICS_NAME), plot,
+                    title=f"--model {options.model} on {args.store}")
+    except (ValueError, OSError) as error:
+      return fail(f"--plot: {error}", 1)
+    print(f"accuracy plot: {plot}", file=sys.stderr)
   return 0
 
 
