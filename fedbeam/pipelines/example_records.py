@@ -98,28 +98,56 @@ def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
 
 @dataclasses.dataclass(frozen=True)
 class ExampleBatch:
-  """Consecutive serialized tf.train.Example records of one TFRecord file.
+  """Serialized tf.train.Example records of one input file, with their client ids.
 
-  Record i is record `first_index + i` of `path`; `client_id_key` names the
-  bytes feature holding each record's client id.
+  Either each record holds its client id in the bytes feature
+  `client_id_key` (TFRecord input), or the ids come from outside the records
+  (`client_id_key` None, `client_ids[i]` the id of record i: a TFF SQLite
+  column, or a partitioner's choice). A batch with neither holds records
+  that no client owns yet (the input of `fedbeam.pipelines.partition`); its
+  records parse with an empty client id. Record i is record `first_index + i` of
+  `path`, or record `indices[i]` when `indices` is given (SQLite rowids, or
+  the records a partitioner kept); `index_name` is what error messages call
+  the index ("record", "rowid"). The records travel between steps as bytes:
+  a batch pickles as one list of bytes, not as a protobuf message per record.
   """
 
   path: str
   first_index: int
   records: list
-  client_id_key: str
+  client_id_key: Optional[str]
+  client_ids: Optional[tuple] = None
+  indices: Optional[tuple] = None
+  index_name: str = "record"
+
+  def __post_init__(self):
+    if self.client_id_key is not None and self.client_ids is not None:
+      raise ValueError("ExampleBatch takes client_id_key or client_ids, not both")
+    for name in ("client_ids", "indices"):
+      given = getattr(self, name)
+      if given is not None and len(given) != len(self.records):
+        raise ValueError(f"ExampleBatch: {len(given)} {name} for {len(self.records)} records")
 
   def __len__(self) -> int:
     return len(self.records)
 
   def position(self, i: int) -> tuple[str, int]:
+    if self.indices is not None:
+      return (self.path, self.indices[i])
     return (self.path, self.first_index + i)
+
+  def source(self, i: int) -> str:
+    """Where record i is, for error messages: '{path} {index_name} {index}'."""
+    path, index = self.position(i)
+    return f"{path} {self.index_name} {index}"
 
   def input_record(self, i: int) -> InputRecord:
     """Record i parsed (see `parse_example_record`, which also lists what raises)."""
-    path, index = self.position(i)
-    return parse_example_record(self.records[i], self.client_id_key, f"{path} record {index}",
-                                (path, index))
+    record = parse_example_record(self.records[i], self.client_id_key, self.source(i),
+                                  self.position(i))
+    if self.client_ids is not None:
+      record = dataclasses.replace(record, client_id=self.client_ids[i])
+    return record
 
   def input_records(self) -> Iterator[InputRecord]:
     return (self.input_record(i) for i in range(len(self.records)))
@@ -214,8 +242,12 @@ def _largest(dtype: str) -> Optional[int]:
   return int(np.iinfo(np.dtype(dtype)).max)
 
 
-def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[_Layout]:
-  """The layout of a template that matches `spec`, or None when `_encode_alike` cannot take it."""
+def _layout(template: bytes, client_id_key: Optional[str], spec: ElementSpec) -> Optional[_Layout]:
+  """The layout of a template that matches `spec`, or None when `_encode_alike` cannot take it.
+
+  With `client_id_key` None the record holds no id: nothing is cut out
+  (`id_entry` and `id_value` are empty ranges at the end of the features).
+  """
   try:
     top = example_wire.message_fields(template, 0, len(template))
     if len(top) != 1 or top[0][:2] != (1, 2) or top[0][3] != len(template):
@@ -226,7 +258,8 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
     for number, wire, s, e in example_wire.message_fields(template, fs, fe):
       if (number, wire) == (1, 2):
         for n, w, ks, ke in example_wire.message_fields(template, s, e):
-          if (n, w) == (1, 2) and template[ks:ke] == client_id_key.encode("utf-8"):
+          if (client_id_key is not None and (n, w) == (1, 2)
+              and template[ks:ke] == client_id_key.encode("utf-8")):
             if id_entry is not None:
               return None
             id_entry = (entry_start, e)
@@ -234,7 +267,9 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
     lists = example_wire.feature_lists(template)
   except example_wire.ExampleWireError:
     return None
-  if id_entry is None or client_id_key not in lists:
+  if client_id_key is None:
+    id_entry = (fe, fe)
+  elif id_entry is None or client_id_key not in lists:
     return None
   long_ends, bounded = [], []
   for name, (kind, pieces) in lists.items():
@@ -252,7 +287,10 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
         if largest is not None:
           bounded.append((begin, end, largest))
         begin = end
-  _, [(_, vs, ve)] = lists[client_id_key]
+  if client_id_key is None:
+    vs = ve = fe
+  else:
+    _, [(_, vs, ve)] = lists[client_id_key]
   (cs, ce) = id_entry
   return _Layout(sf.features_field_header(fe - fs - (ce - cs)), (fs, fe), id_entry, (vs, ve),
                  lists, np.array(long_ends, np.intp), tuple(bounded))
@@ -287,18 +325,21 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
   blob = cut.tobytes()
   ids = matrix[:, vs:ve].tobytes()
   id_width = ve - vs
-  path, first = batch.path, batch.first_index
+  given_ids = batch.client_ids
   others = []
   for j, i in enumerate(rows):
     if not alike[j]:
       others.append(i)
       continue
-    try:
-      client_id = ids[j * id_width:(j + 1) * id_width].decode("utf-8")
-    except UnicodeDecodeError:
-      others.append(i)  # Decoded again one by one, which names the record.
-      continue
-    out[i] = (client_id, (path, first + i), blob[j * width:(j + 1) * width])
+    if given_ids is not None:
+      client_id = given_ids[i]
+    else:
+      try:
+        client_id = ids[j * id_width:(j + 1) * id_width].decode("utf-8")
+      except UnicodeDecodeError:
+        others.append(i)  # Decoded again one by one, which names the record.
+        continue
+    out[i] = (client_id, batch.position(i), blob[j * width:(j + 1) * width])
   return others
 
 

@@ -31,6 +31,7 @@ from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, Ma
 from fedbeam.pipelines.example_records import input_size
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.local_runner import guard_local_runner
+from fedbeam.pipelines.partition import PartitionClients, PartitionConfig, PartitionError
 from fedbeam.pipelines.records import InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
@@ -67,6 +68,8 @@ class PrepareConfig:
   num_shards: Optional[int] = None
   overwrite: bool = False
   sqlite_split: Optional[str] = None
+  # Input without a client id: the partitioner that assigns examples to clients.
+  partition: Optional[PartitionConfig] = None
   # Pseudo-client expansion: a make_transform_fn or its 'module:function'.
   num_transformed_clients: Optional[int] = None
   transform: Optional[Union[str, MakeTransformFn]] = None
@@ -105,8 +108,12 @@ class PrepareConfig:
     return f"{module}:{name}"
 
   def parameters(self) -> dict[str, Any]:
-    """The parameters recorded in the store's metadata (JSON scalars only)."""
-    return {
+    """The parameters recorded in the store's metadata (JSON scalars only).
+
+    A partitioner's parameters appear only when one is used, so stores of
+    keyed input keep the metadata they had.
+    """
+    out = {
         "input": self.input,
         "input_format": self.input_format,
         "client_id_key": self.client_id_key,
@@ -124,13 +131,32 @@ class PrepareConfig:
         "split_by": self.split_by if self.splits else None,
         "min_test_examples": self.min_test_examples if self.splits else None,
     }
+    if self.partition is not None:
+      out.update(self.partition.parameters())
+    return out
 
   def validate(self) -> None:
     if self.input_format not in sources.INPUT_FORMATS:
       raise PrepareError(f"--input-format {self.input_format!r}: use one of "
                          f"{list(sources.INPUT_FORMATS)}")
-    if self.input_format in ("tfrecord", "avro") and not self.client_id_key:
-      raise PrepareError(f"--client-id-key is required with --input-format {self.input_format}")
+    if self.partition is not None:
+      if self.client_id_key:
+        raise PrepareError("--partition and --client-id-key exclude each other: the client id "
+                           "key is the natural partition")
+      if self.input_format not in ("tfrecord", "avro"):
+        raise PrepareError(f"--partition needs input without client ids (tfrecord or avro), "
+                           f"not --input-format {self.input_format}")
+      try:
+        self.partition.validate()
+      except PartitionError as e:
+        raise PrepareError(str(e)) from None
+      if self.element_spec is not None and self.partition.label_key is not None:
+        if self.partition.label_key not in self.element_spec:
+          raise PrepareError(f"--label-key {self.partition.label_key!r} is not a feature of "
+                             f"--element-spec (features: {self.element_spec.names})")
+    elif self.input_format in ("tfrecord", "avro") and not self.client_id_key:
+      raise PrepareError(f"--client-id-key is required with --input-format {self.input_format} "
+                         "(or --partition, for input without client ids)")
     if self.num_shards is not None and self.num_shards < 1:
       raise PrepareError(f"--num-shards must be >= 1, got {self.num_shards}")
     if self.element_spec is not None and self.client_id_key in self.element_spec:
@@ -198,7 +224,8 @@ class PrepareStore(beam.PTransform):
     c = self._config
     faults = self._fault_steps
     inputs = pbegin | "Read" >> sources.ReadClientInput(
-        self._paths, c.input_format, c.client_id_key, c.sqlite_split)
+        self._paths, c.input_format, c.client_id_key, c.sqlite_split,
+        unkeyed=c.partition is not None)
     # Records are counted where they are read, by a step of their own, so no
     # fault of a later step (or of the runner around it) can change both this
     # figure and the ones it is checked against.
@@ -210,6 +237,16 @@ class PrepareStore(beam.PTransform):
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
     declares = sources.declares_clients(c.input_format)
+    if c.partition is not None:
+      # Every client the partitioner plans is declared, so one that got no
+      # example is still a client (under --empty-clients); the records it
+      # drops (shard) are subtracted from those read, which is what every
+      # later figure is checked against.
+      parted = inputs["records"] | "Partition" >> PartitionClients(c.partition)
+      inputs = {"records": parted["records"], "clients": parted["clients"]}
+      declares = True
+      num_read = num_read | "LessDropped" >> beam.Map(
+          lambda read, dropped: read - dropped, beam.pvalue.AsSingleton(parted["dropped"]))
     grouped = inputs | "GroupByClient" >> GroupByClient(
         spec, c.order_by, declared_clients=declares, after_encode=faults.get("encoded"))
     clients, record_counts = grouped["clients"], grouped["record_counts"]
@@ -245,6 +282,10 @@ class PrepareStore(beam.PTransform):
       clients = clients | "AfterExpansion" >> faults["clients"]
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
     clients, reports = checked["clients"], [accounted]
+    if c.partition is not None:
+      # num_input_records (from `accounted`) counts the records kept.
+      reports.append(parted["dropped"] | "DroppedReport" >> beam.Map(
+          lambda dropped: {"partition_dropped_examples": dropped}))
     if c.empty_clients == "drop":
       sizes = sizes | "DropEmptySizes" >> beam.Filter(lambda size: size[2] > 0)
     if c.splits:
@@ -408,7 +449,7 @@ def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, A
 
 
 _KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "CleanupError",
-                 "InvalidClientIdError",
+                 "InvalidClientIdError", "PartitionError",
                  "ExpansionError", "SplitError", "EmptyClientsError",
                  "RecordCountMismatchError")
 
@@ -458,7 +499,8 @@ class PrepareResult:
     return "\n".join(lines)
 
 
-_OWN_ERRORS = (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError)
+_OWN_ERRORS = (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError,
+               PartitionError)
 
 
 def _failed_job_error(error: BaseException, lease) -> BaseException:

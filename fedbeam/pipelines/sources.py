@@ -1,7 +1,7 @@
 """Input sources: TFRecord of tf.train.Example, Avro, and TFF SQLite client data.
 
 Each source is a `beam.PTransform` applied to the pipeline root that outputs
-lists of `InputRecord`s (TFRecord: `ExampleBatch`es), plus a PCollection of
+lists of `InputRecord`s (TFRecord and TFF SQLite: `ExampleBatch`es), plus a PCollection of
 client ids the input declares even when they have no example (TFF's SQLite
 `client_metadata` can list empty clients).
 Files are read whole by one worker each, in a DoFn, so every record keeps
@@ -19,7 +19,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
-from fedbeam.pipelines.example_records import ExampleBatch, parse_example_record
+from fedbeam.pipelines.example_records import ExampleBatch
 from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, BOOL, FLOAT32, FLOAT64, INT32, INT64, LIST,
                                        SCALAR, STRING, InputError, InputRecord, RawFeature)
 from fedbeam.store_format import (CorruptRecordError, InvalidClientIdError, check_client_id,
@@ -62,7 +62,8 @@ def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
 class _ReadTFRecordFile(beam.DoFn):
   """path -> `ExampleBatch`es of the file's records, in order."""
 
-  def __init__(self, client_id_key: str):
+  def __init__(self, client_id_key: Optional[str]):
+    # None: the records hold no client id (a partitioner assigns them).
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
@@ -111,7 +112,7 @@ class _ReadFiles(beam.PTransform):
 
   reader_cls: type = None
 
-  def __init__(self, paths: Sequence[str], client_id_key: str):
+  def __init__(self, paths: Sequence[str], client_id_key: Optional[str]):
     super().__init__()
     self._paths = list(paths)
     self._client_id_key = client_id_key
@@ -170,7 +171,7 @@ def _avro_field_kind(schema, field: str, path: str) -> tuple[str, str]:
 
 class _ReadAvroFile(beam.DoFn):
 
-  def __init__(self, client_id_key: str):
+  def __init__(self, client_id_key: Optional[str]):
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
@@ -201,17 +202,13 @@ class _ReadAvroFile(beam.DoFn):
       read[0] += 1
 
   def _to_record(self, row, kinds, source, position) -> InputRecord:
-    if self._client_id_key not in row:
+    if self._client_id_key is None:
+      client_id = ""  # A partitioner assigns it.
+    elif self._client_id_key not in row:
       raise InputError(f"{source}: client-id field {self._client_id_key!r} is missing "
                        f"(fields present: {sorted(row)})")
-    raw_id = row[self._client_id_key]
-    if not isinstance(raw_id, (str, bytes)):
-      raise InputError(f"{source}: client-id field {self._client_id_key!r} is "
-                       f"{type(raw_id).__name__} {raw_id!r}, expected a string")
-    try:
-      client_id = check_client_id(raw_id, source)
-    except InvalidClientIdError as e:
-      raise InputError(str(e)) from None
+    else:
+      client_id = self._client_id(row[self._client_id_key], source)
     features = {}
     for name, (kind, rank) in kinds.items():
       value = row.get(name)
@@ -222,6 +219,15 @@ class _ReadAvroFile(beam.DoFn):
         items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in items]
       features[name] = RawFeature(np.array(items, dtype=_NUMPY_OF_KIND[kind]).reshape(-1), kind, rank)
     return InputRecord(client_id, features, position)
+
+  def _client_id(self, raw_id, source: str) -> str:
+    if not isinstance(raw_id, (str, bytes)):
+      raise InputError(f"{source}: client-id field {self._client_id_key!r} is "
+                       f"{type(raw_id).__name__} {raw_id!r}, expected a string")
+    try:
+      return check_client_id(raw_id, source)
+    except InvalidClientIdError as e:
+      raise InputError(str(e)) from None
 
 
 class ReadAvroRecords(_ReadFiles):
@@ -289,32 +295,42 @@ def sqlite_row_count(path: str, split_name: Optional[str]) -> int:
 
 
 class _ReadSqliteRange(beam.DoFn):
+  """A rowid range -> `ExampleBatch`es of its rows (ids from the `client_id` column).
+
+  The rows leave as bytes, parsed only by the steps that need their values:
+  a parsed message per row would be pickled between steps, which cost most
+  of the job's time.
+  """
 
   def __init__(self, path: str, split_name: Optional[str]):
     self._path = path
     self._split_name = split_name
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
-  def process(self, row_range: tuple[int, int]) -> Iterable[list[InputRecord]]:
+  def process(self, row_range: tuple[int, int]) -> Iterable[ExampleBatch]:
     query = ("SELECT rowid, client_id, serialized_example_proto FROM examples "
              "WHERE rowid BETWEEN ? AND ?")
     params: list = list(row_range)
     if self._split_name is not None:
       query += " AND split_name = ?"
       params.append(self._split_name)
-    yield from _in_lists(self._records_of(query, params))
-
-  def _records_of(self, query: str, params: list) -> Iterable[InputRecord]:
-    with _connect_readonly(self._path) as con:
-      for rowid, raw_id, data in con.execute(query, params):
-        source = f"{self._path} rowid {rowid}"
-        try:
-          client_id = check_client_id(raw_id, source)
-        except InvalidClientIdError as e:
-          raise InputError(str(e)) from None
-        record = parse_example_record(bytes(data), None, source, (self._path, rowid))
-        self._records.inc()
-        yield InputRecord(client_id, record.features, record.position, record.example)
+    path = self._path
+    with _connect_readonly(path) as con:
+      cursor = con.execute(query, params)
+      while True:
+        rows = cursor.fetchmany(BATCH_RECORDS)
+        if not rows:
+          break
+        ids = []
+        for rowid, raw_id, _ in rows:
+          try:
+            ids.append(check_client_id(raw_id, f"{path} rowid {rowid}"))
+          except InvalidClientIdError as e:
+            raise InputError(str(e)) from None
+        rowids = tuple(row[0] for row in rows)
+        yield ExampleBatch(path, rowids[0], [bytes(row[2]) for row in rows], None,
+                           client_ids=tuple(ids), indices=rowids, index_name="rowid")
+        self._records.inc(len(rows))
 
 
 def _sqlite_declared_clients(path: str, split_name: Optional[str]) -> Iterable[str]:
@@ -334,8 +350,8 @@ def _sqlite_declared_clients(path: str, split_name: Optional[str]) -> Iterable[s
 class ReadTffSqlite(beam.PTransform):
   """Reads a database written by `tff.simulation.datasets.save_to_sql_client_data`.
 
-  Input: the pipeline root. Output: a dict with `records` (lists of `InputRecord`s from
-  the `examples` table) and `clients` (every id in `client_metadata`, so
+  Input: the pipeline root. Output: a dict with `records` (`ExampleBatch`es of
+  the `examples` table's rows, ids given by its `client_id` column) and `clients` (every id in `client_metadata`, so
   clients without examples are kept). `split_name` filters both tables like
   TFF's `load_and_parse_sql_client_data(..., split_name=...)`.
   """
@@ -367,15 +383,23 @@ def declares_clients(input_format: str) -> bool:
 class ReadClientInput(beam.PTransform):
   """Reads any supported input. Output: {"records": ExampleBatch | list[InputRecord], "clients": str}.
 
-  `clients` is empty unless `declares_clients(input_format)`.
+  `clients` is empty unless `declares_clients(input_format)`. With `unkeyed`,
+  the records have no client id yet (`ExampleBatch`es without ids, records
+  with an empty id): `fedbeam.pipelines.partition` assigns them.
   """
 
   def __init__(self, paths: Sequence[str], input_format: str,
-               client_id_key: Optional[str] = None, sqlite_split: Optional[str] = None):
+               client_id_key: Optional[str] = None, sqlite_split: Optional[str] = None,
+               unkeyed: bool = False):
+    """`unkeyed`: the input has no client id (TFRecord, Avro); a partitioner assigns them."""
     super().__init__()
     if input_format not in INPUT_FORMATS:
       raise InputError(f"--input-format {input_format!r}: use one of {list(INPUT_FORMATS)}")
-    if input_format in ("tfrecord", "avro") and not client_id_key:
+    if unkeyed and (client_id_key or input_format not in ("tfrecord", "avro")):
+      raise InputError(f"--partition takes --input-format tfrecord or avro without "
+                       f"--client-id-key (got {input_format}"
+                       + (f" with --client-id-key {client_id_key})" if client_id_key else ")"))
+    if input_format in ("tfrecord", "avro") and not client_id_key and not unkeyed:
       raise InputError(f"--client-id-key is required with --input-format {input_format}")
     if input_format == "tff-sqlite" and len(paths) != 1:
       raise InputError(f"--input-format tff-sqlite reads one database, got {len(paths)} files")
