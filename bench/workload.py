@@ -665,7 +665,8 @@ def tiny_spec_file(workdir: str = DEFAULT_WORKDIR) -> str:
 # later one present. Sections are replaced in place.
 SECTION_ORDER = (
     "## Summary", "## Client loading", "## Expansion: precomputed vs on the fly",
-    "## Pseudo-client expansion", "## Streaming every client", "## Pipeline", "## Scale",
+    "## Pseudo-client expansion", "## Streaming every client", "## Pipeline", "## Input formats",
+    "## Scale",
     "## Training input share", "## Simulation loop",
 )
 README_INTRO = ("# Benchmarks\n\nBenchmarks against peers (not tests). Each section is written by "

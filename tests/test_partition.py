@@ -15,6 +15,7 @@ import pytest
 from fedbeam import cli
 from fedbeam import store_format as sf
 from fedbeam import testing as fbt
+from fedbeam.element_spec import ElementSpec
 from fedbeam.pipelines.partition import (PartitionConfig, PartitionError, build_plan, permute,
                                          partition_sizes)
 from fedbeam.pipelines.prepare import PrepareError
@@ -48,12 +49,24 @@ def _prepare(inputs, tmp_path, name, beam_args=(), **partition):
                            partition=PartitionConfig(**partition), beam_args=beam_args)
 
 
+def _store_columns(store):
+  """{client id: {feature: values}}, read with numpy (no TensorFlow: these tests read many)."""
+  metadata = sf.read_metadata(store)
+  spec = ElementSpec.from_metadata(metadata["element_spec"])
+  out = {}
+  for row in sf.read_manifest(store, metadata):
+    with open(os.path.join(store, row["path"]), "rb") as f:
+      records = list(sf.read_tfrecords(f))
+    out[row["client_id"]] = sf.decode_examples(records, spec)
+  return out
+
+
 def _label_counts(store):
   """{client id: [examples per label]} and {client id: sorted idx values}."""
   counts, idx = {}, {}
-  for cid, elements in fbt.read_store(store).items():
-    counts[cid] = np.bincount([int(e["label"]) for e in elements], minlength=NUM_LABELS)
-    idx[cid] = sorted(int(e["idx"]) for e in elements)
+  for cid, columns in _store_columns(store).items():
+    counts[cid] = np.bincount(columns["label"].astype(int), minlength=NUM_LABELS)
+    idx[cid] = sorted(columns["idx"].astype(int).tolist())
   return counts, idx
 
 
