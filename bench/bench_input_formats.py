@@ -10,8 +10,8 @@ split) on the local runner with 2 worker processes; the formats take turns
 both alike. Examples/s is input examples / the pipeline seconds `fedbeam
 prepare` prints. After the runs, the two stores' manifests are compared:
 every client must have the same file bytes (CRC32C and size) from both
-inputs. `--baseline-python` adds the same SQLite run with another checkout's
-interpreter (e.g. the code before rows travelled as bytes).
+inputs. `--baseline-python` adds one SQLite run with another checkout's
+`fedbeam` (e.g. the code before rows travelled as bytes).
 
     .venv/bin/python -m bench.bench_input_formats > build/bench/logs/bench_input_formats.log 2>&1
 
@@ -44,7 +44,8 @@ def parse_args(argv=None):
   p.add_argument("--clients", type=int, default=1000, help="workload clients (1000: ~91k examples)")
   p.add_argument("--repeat", type=int, default=3, help="runs per format, taking turns")
   p.add_argument("--baseline-python", metavar="PYTHON",
-                 help="also time the SQLite input with this interpreter's fedbeam (once per round)")
+                 help="also time the SQLite input once with the fedbeam script next to this "
+                      "interpreter (another checkout's venv)")
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--no-write", action="store_true", help="do not write results or README")
   return p.parse_args(argv)
@@ -93,9 +94,11 @@ def main(argv=None) -> int:
       "tfrecord": _command("tfrecord", tfrecord, stores["tfrecord"], spec, [wl.FEDBEAM]),
       "tff-sqlite": _command("tff-sqlite", sqlite, stores["tff-sqlite"], spec, [wl.FEDBEAM])}
   if args.baseline_python:
+    # That interpreter's `fedbeam` script: `python -m fedbeam.cli` would import
+    # the fedbeam of the current directory (this checkout) instead.
     contenders["tff-sqlite-baseline"] = _command(
         "tff-sqlite", sqlite, stores["tff-sqlite"] + "-baseline", spec,
-        [args.baseline_python, "-m", "fedbeam.cli"])
+        [args.baseline_python, os.path.join(os.path.dirname(args.baseline_python), "fedbeam")])
   runs: dict[str, list] = {name: [] for name in contenders}
   for i in range(args.repeat):
     for name, cmd in contenders.items():

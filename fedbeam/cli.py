@@ -40,8 +40,11 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--order-by", metavar="FEATURE",
                  help="order examples inside a client by this feature; '@input' keeps input "
                       "order; default: by serialized content")
-  p.add_argument("--sqlite-split", metavar="NAME",
-                 help="with tff-sqlite: read only rows of this split_name")
+  p.add_argument("--sqlite-split", metavar="NAME", nargs="+",
+                 help="with tff-sqlite: read only rows of these split_names (one or more)")
+  p.add_argument("--keep-sqlite-splits", action="store_true",
+                 help="with tff-sqlite: each TFF split_name read becomes a store split of that "
+                      "name (an id of several splits is a client of each)")
   p.add_argument("--output", required=True, help="store directory (local or gs://)")
   p.add_argument("--num-shards", type=int,
                  help="shard directories per split (default: one per ~4096 clients)")
@@ -134,7 +137,7 @@ def _run_prepare(args, beam_args) -> int:
       client_id_key=args.client_id_key, element_spec=spec,
       element_spec_path=args.element_spec, order_by=args.order_by,
       num_shards=args.num_shards, overwrite=args.overwrite, sqlite_split=args.sqlite_split,
-      partition=partition,
+      keep_sqlite_splits=args.keep_sqlite_splits, partition=partition,
       num_transformed_clients=args.num_transformed_clients, transform=args.transform,
       empty_clients=args.empty_clients, num_test_clients=args.num_test_clients,
       test_fraction=args.test_fraction, split_seed=args.split_seed,

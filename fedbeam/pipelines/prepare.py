@@ -32,7 +32,7 @@ from fedbeam.pipelines.example_records import input_size
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.local_runner import guard_local_runner
 from fedbeam.pipelines.partition import PartitionClients, PartitionConfig, PartitionError
-from fedbeam.pipelines.records import InputError
+from fedbeam.pipelines.records import ClientRecords, InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.data_dir_lease import claim_data_dir
@@ -67,7 +67,10 @@ class PrepareConfig:
   order_by: Optional[str] = None
   num_shards: Optional[int] = None
   overwrite: bool = False
-  sqlite_split: Optional[str] = None
+  # TFF SQLite: the split_name(s) to read (one name or several); with
+  # keep_sqlite_splits, each becomes a store split of that name.
+  sqlite_split: Optional[Union[str, Sequence[str]]] = None
+  keep_sqlite_splits: bool = False
   # Input without a client id: the partitioner that assigns examples to clients.
   partition: Optional[PartitionConfig] = None
   # Pseudo-client expansion: a make_transform_fn or its 'module:function'.
@@ -120,7 +123,8 @@ class PrepareConfig:
         "element_spec": self.element_spec_path,
         "order_by": self.order_by,
         "num_shards": self.num_shards,
-        "sqlite_split": self.sqlite_split,
+        "sqlite_split": (self.sqlite_split if self.sqlite_split is None
+                         or isinstance(self.sqlite_split, str) else ",".join(self.sqlite_split)),
         "num_transformed_clients": self.num_transformed_clients,
         "transform": self.transform_name(),
         "empty_clients": self.empty_clients,
@@ -133,6 +137,8 @@ class PrepareConfig:
     }
     if self.partition is not None:
       out.update(self.partition.parameters())
+    if self.keep_sqlite_splits:
+      out["keep_sqlite_splits"] = True
     return out
 
   def validate(self) -> None:
@@ -157,6 +163,26 @@ class PrepareConfig:
     elif self.input_format in ("tfrecord", "avro") and not self.client_id_key:
       raise PrepareError(f"--client-id-key is required with --input-format {self.input_format} "
                          "(or --partition, for input without client ids)")
+    names = sources.sqlite_split_names(self.sqlite_split)
+    if names is not None and self.input_format != "tff-sqlite":
+      raise PrepareError("--sqlite-split needs --input-format tff-sqlite")
+    if names is not None and (not names or len(set(names)) != len(names)):
+      raise PrepareError(f"--sqlite-split names each split once, got {list(names)}")
+    if self.keep_sqlite_splits:
+      if self.input_format != "tff-sqlite":
+        raise PrepareError("--keep-sqlite-splits needs --input-format tff-sqlite")
+      if self.splits:
+        raise PrepareError("--keep-sqlite-splits keeps TFF's splits; it excludes "
+                           "--num-test-clients and --test-fraction")
+      if self.expands:
+        raise PrepareError("--keep-sqlite-splits does not combine with pseudo-client expansion "
+                           "yet; expand one split at a time (--sqlite-split NAME)")
+      for name in names or ():
+        try:
+          sf.check_split_name(name, f"--sqlite-split {name!r}")
+        except sf.StoreFormatError as e:
+          raise PrepareError(f"{e}; with --keep-sqlite-splits a TFF split becomes a store "
+                             "split of that name") from None
     if self.num_shards is not None and self.num_shards < 1:
       raise PrepareError(f"--num-shards must be >= 1, got {self.num_shards}")
     if self.element_spec is not None and self.client_id_key in self.element_spec:
@@ -225,7 +251,7 @@ class PrepareStore(beam.PTransform):
     faults = self._fault_steps
     inputs = pbegin | "Read" >> sources.ReadClientInput(
         self._paths, c.input_format, c.client_id_key, c.sqlite_split,
-        unkeyed=c.partition is not None)
+        unkeyed=c.partition is not None, keep_sqlite_splits=c.keep_sqlite_splits)
     # Records are counted where they are read, by a step of their own, so no
     # fault of a later step (or of the runner around it) can change both this
     # figure and the ones it is checked against.
@@ -280,6 +306,9 @@ class PrepareStore(beam.PTransform):
                                           num_raw)
     if "clients" in faults:
       clients = clients | "AfterExpansion" >> faults["clients"]
+    if c.keep_sqlite_splits:
+      # Grouped by (TFF split, id); from here on a client is its id in that split.
+      clients = clients | "KeepSqliteSplits" >> beam.Map(_in_kept_split)
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
     clients, reports = checked["clients"], [accounted]
     if c.partition is not None:
@@ -294,6 +323,9 @@ class PrepareStore(beam.PTransform):
       split = clients | "SplitTrainTest" >> SplitTrainTest(c.split_config(), sizes=sizes)
       clients, planned = split["clients"], split["planned"]
       reports.append(split["report"])
+    elif c.keep_sqlite_splits:
+      planned = sizes | "KeptSplits" >> beam.MapTuple(
+          lambda key, _, num: sources.kept_split_client(key)[::-1] + (num,))
     else:
       planned = sizes | "Unsplit" >> beam.MapTuple(lambda cid, _, num: (cid, sf.UNSPLIT, num))
     # What each split should hold, from the planned sizes alone; the commit
@@ -308,6 +340,12 @@ class PrepareStore(beam.PTransform):
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
         planned_clients=planned_clients, planned_splits=planned_splits, input_records=num_read,
         data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync)
+
+
+def _in_kept_split(client: ClientRecords) -> ClientRecords:
+  """A client grouped under `sources.kept_split_key` as its own id in that split."""
+  split, client_id = sources.kept_split_client(client.client_id)
+  return ClientRecords(client_id=client_id, records=client.records, split=split)
 
 
 class RecordCountMismatchError(RuntimeError):
@@ -543,6 +581,12 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = ()) -> Prepare
   try:
     if config.input_format == "tff-sqlite":
       sources.sqlite_row_ranges(config.input, config.sqlite_split)
+      if config.keep_sqlite_splits and config.sqlite_split is None:
+        for name in sources.sqlite_splits(config.input):
+          try:
+            sf.check_split_name(name, f"{config.input}: TFF split_name {name!r}")
+          except sf.StoreFormatError as e:
+            raise PrepareError(f"{e}; pick the splits to keep with --sqlite-split") from None
       stat = os.stat(config.input)
       inputs = [(config.input, stat.st_size, stat.st_mtime)]
     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -250,11 +250,44 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
   return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, int]]:
+def sqlite_split_names(split: Optional[Union[str, Sequence[str]]]) -> Optional[tuple[str, ...]]:
+  """`--sqlite-split` as a tuple of names (one name may be given as a string), or None."""
+  if split is None:
+    return None
+  return (split,) if isinstance(split, str) else tuple(split)
+
+
+def _split_filter(split: Optional[Union[str, Sequence[str]]]) -> tuple[str, list]:
+  """SQL condition on `split_name` (or "1" for every row) and its parameters."""
+  names = sqlite_split_names(split)
+  if names is None:
+    return "1", []
+  return f"split_name IN ({', '.join('?' * len(names))})", list(names)
+
+
+# Between the reader and `kept_split_client`, a client of a TFF split kept as a
+# store split is keyed by split and id: TFF's databases hold the same id in
+# several splits (EMNIST's writers are in train and test). Split names hold no
+# '/' (store_format.SPLIT_NAME_RE), so the first '/' ends the split.
+def kept_split_key(split_name: str, client_id: str) -> str:
+  """The grouping key of `client_id` in TFF split `split_name` (`--keep-sqlite-splits`)."""
+  return f"{split_name}/{client_id}"
+
+
+def kept_split_client(key: str) -> tuple[str, str]:
+  """(split name, client id) of a `kept_split_key`."""
+  split_name, _, client_id = key.partition("/")
+  return split_name, client_id
+
+
+def sqlite_row_ranges(path: str, split_name: Optional[Union[str, Sequence[str]]]
+                      ) -> list[tuple[int, int]]:
   """Splits the `examples` table of a TFF SQLite database into rowid ranges.
 
   Raises:
-    InputError: not a local file, not SQLite, or not TFF's layout.
+    InputError: not a local file, not SQLite, not TFF's layout, or a split
+      name (`--sqlite-split`) the database does not hold; the message lists
+      the split names it holds.
   """
   if "://" in path:
     raise InputError(f"--input {path}: TFF SQLite databases must be local files "
@@ -268,6 +301,13 @@ def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, i
       if missing:
         raise InputError(f"{path}: not a TFF client-data database (missing table(s) "
                          f"{sorted(missing)}; found {sorted(tables)})")
+      names = sqlite_split_names(split_name)
+      if names is not None:
+        present = _splits_in(con)
+        absent = [n for n in names if n not in present]
+        if absent:
+          raise InputError(f"--sqlite-split {absent[0]!r}: {path} has no such split_name; "
+                           f"its splits are {sorted(present, key=str)}")
       lo, hi = con.execute("SELECT min(rowid), max(rowid) FROM examples").fetchone()
   except sqlite3.DatabaseError as e:
     raise InputError(f"{path}: not a readable SQLite database ({e})") from None
@@ -277,19 +317,34 @@ def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, i
           for start in range(lo, hi + 1, SQLITE_ROWS_PER_RANGE)]
 
 
-def sqlite_row_count(path: str, split_name: Optional[str]) -> int:
+def _splits_in(con: sqlite3.Connection) -> set:
+  return {r[0] for r in con.execute("SELECT DISTINCT split_name FROM client_metadata UNION "
+                                    "SELECT DISTINCT split_name FROM examples")}
+
+
+def sqlite_splits(path: str) -> list[str]:
+  """The split names a TFF SQLite database holds (in either table), sorted.
+
+  Raises InputError as `sqlite_row_ranges` does (call that first).
+  """
+  try:
+    with _connect_readonly(path) as con:
+      return sorted(_splits_in(con), key=str)
+  except sqlite3.DatabaseError as e:
+    raise InputError(f"{path}: not a readable SQLite database ({e})") from None
+
+
+def sqlite_row_count(path: str, split_name: Optional[Union[str, Sequence[str]]]) -> int:
   """The rows of the `examples` table of a TFF SQLite database (of `split_name`, if given).
 
   The records the readers must deliver, declared by the input itself. Raises
   InputError as `sqlite_row_ranges` does (call that first).
   """
-  query, params = "SELECT count(*) FROM examples", []
-  if split_name is not None:
-    query += " WHERE split_name = ?"
-    params.append(split_name)
+  condition, params = _split_filter(split_name)
   try:
     with _connect_readonly(path) as con:
-      return int(con.execute(query, params).fetchone()[0])
+      return int(con.execute(f"SELECT count(*) FROM examples WHERE {condition}",
+                             params).fetchone()[0])
   except sqlite3.DatabaseError as e:
     raise InputError(f"{path}: not a readable SQLite database ({e})") from None
 
@@ -299,79 +354,86 @@ class _ReadSqliteRange(beam.DoFn):
 
   The rows leave as bytes, parsed only by the steps that need their values:
   a parsed message per row would be pickled between steps, which cost most
-  of the job's time.
+  of the job's time. With `keep_splits` the ids are `kept_split_key`s.
   """
 
-  def __init__(self, path: str, split_name: Optional[str]):
+  def __init__(self, path: str, split_name: Optional[Sequence[str]], keep_splits: bool = False):
     self._path = path
     self._split_name = split_name
+    self._keep_splits = keep_splits
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
   def process(self, row_range: tuple[int, int]) -> Iterable[ExampleBatch]:
-    query = ("SELECT rowid, client_id, serialized_example_proto FROM examples "
-             "WHERE rowid BETWEEN ? AND ?")
-    params: list = list(row_range)
-    if self._split_name is not None:
-      query += " AND split_name = ?"
-      params.append(self._split_name)
+    condition, params = _split_filter(self._split_name)
+    query = ("SELECT rowid, client_id, serialized_example_proto, split_name FROM examples "
+             f"WHERE rowid BETWEEN ? AND ? AND {condition}")
     path = self._path
     with _connect_readonly(path) as con:
-      cursor = con.execute(query, params)
+      cursor = con.execute(query, list(row_range) + params)
       while True:
         rows = cursor.fetchmany(BATCH_RECORDS)
         if not rows:
           break
         ids = []
-        for rowid, raw_id, _ in rows:
+        for rowid, raw_id, _, split in rows:
           try:
-            ids.append(check_client_id(raw_id, f"{path} rowid {rowid}"))
+            client_id = check_client_id(raw_id, f"{path} rowid {rowid}")
           except InvalidClientIdError as e:
             raise InputError(str(e)) from None
+          ids.append(kept_split_key(split, client_id) if self._keep_splits else client_id)
         rowids = tuple(row[0] for row in rows)
         yield ExampleBatch(path, rowids[0], [bytes(row[2]) for row in rows], None,
                            client_ids=tuple(ids), indices=rowids, index_name="rowid")
         self._records.inc(len(rows))
 
 
-def _sqlite_declared_clients(path: str, split_name: Optional[str]) -> Iterable[str]:
-  query = "SELECT DISTINCT client_id FROM client_metadata"
-  params: list = []
-  if split_name is not None:
-    query += " WHERE split_name = ?"
-    params.append(split_name)
+def _sqlite_declared_clients(path: str, split_name: Optional[Sequence[str]],
+                             keep_splits: bool = False) -> Iterable[str]:
+  condition, params = _split_filter(split_name)
+  query = f"SELECT DISTINCT client_id, split_name FROM client_metadata WHERE {condition}"
+  seen = set()
   with _connect_readonly(path) as con:
-    for (raw_id,) in con.execute(query, params):
+    for raw_id, split in con.execute(query, params):
       try:
-        yield check_client_id(raw_id, f"{path} table client_metadata")
+        client_id = check_client_id(raw_id, f"{path} table client_metadata")
       except InvalidClientIdError as e:
         raise InputError(str(e)) from None
+      key = kept_split_key(split, client_id) if keep_splits else client_id
+      if key not in seen:  # An id of several splits is one client unless they are kept.
+        seen.add(key)
+        yield key
 
 
 class ReadTffSqlite(beam.PTransform):
   """Reads a database written by `tff.simulation.datasets.save_to_sql_client_data`.
 
   Input: the pipeline root. Output: a dict with `records` (`ExampleBatch`es of
-  the `examples` table's rows, ids given by its `client_id` column) and `clients` (every id in `client_metadata`, so
-  clients without examples are kept). `split_name` filters both tables like
-  TFF's `load_and_parse_sql_client_data(..., split_name=...)`.
+  the `examples` table's rows, ids given by its `client_id` column) and
+  `clients` (every id in `client_metadata`, so clients without examples are
+  kept). `split_name` (one name or several) filters both tables like TFF's
+  `load_and_parse_sql_client_data(..., split_name=...)`, for each name.
+  With `keep_splits`, ids are `kept_split_key(split_name, id)`, so a client
+  of several splits stays one client per split.
   """
 
-  def __init__(self, path: str, split_name: Optional[str] = None):
+  def __init__(self, path: str, split_name: Optional[Union[str, Sequence[str]]] = None,
+               keep_splits: bool = False):
     super().__init__()
     self._path = path
-    self._split_name = split_name
+    self._split_name = sqlite_split_names(split_name)
+    self._keep_splits = keep_splits
 
   def expand(self, pbegin):
     ranges = sqlite_row_ranges(self._path, self._split_name)
+    path, split, keep = self._path, self._split_name, self._keep_splits
     records = (pbegin
                | "RowRanges" >> beam.Create(ranges)
                | "SpreadRanges" >> beam.Reshuffle()
-               | "ReadRows" >> beam.ParDo(_ReadSqliteRange(self._path, self._split_name)))
-    path, split = self._path, self._split_name
+               | "ReadRows" >> beam.ParDo(_ReadSqliteRange(path, split, keep)))
     clients = (pbegin
                | "Database" >> beam.Create([path])
                | "ReadClientMetadata" >> beam.FlatMap(
-                   lambda p: _sqlite_declared_clients(p, split)))
+                   lambda p: _sqlite_declared_clients(p, split, keep)))
     return {"records": records, "clients": clients}
 
 
@@ -389,9 +451,13 @@ class ReadClientInput(beam.PTransform):
   """
 
   def __init__(self, paths: Sequence[str], input_format: str,
-               client_id_key: Optional[str] = None, sqlite_split: Optional[str] = None,
-               unkeyed: bool = False):
-    """`unkeyed`: the input has no client id (TFRecord, Avro); a partitioner assigns them."""
+               client_id_key: Optional[str] = None,
+               sqlite_split: Optional[Union[str, Sequence[str]]] = None,
+               unkeyed: bool = False, keep_sqlite_splits: bool = False):
+    """`unkeyed`: the input has no client id (TFRecord, Avro); a partitioner assigns them.
+
+    `keep_sqlite_splits`: TFF SQLite ids are `kept_split_key`s (see `ReadTffSqlite`).
+    """
     super().__init__()
     if input_format not in INPUT_FORMATS:
       raise InputError(f"--input-format {input_format!r}: use one of {list(INPUT_FORMATS)}")
@@ -407,10 +473,12 @@ class ReadClientInput(beam.PTransform):
     self._format = input_format
     self._key = client_id_key
     self._sqlite_split = sqlite_split
+    self._keep_sqlite_splits = keep_sqlite_splits
 
   def expand(self, pbegin):
     if self._format == "tff-sqlite":
-      return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split)
+      return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split,
+                                                   self._keep_sqlite_splits)
     reader = (ReadTFRecordExamples if self._format == "tfrecord" else ReadAvroRecords)(
         self._paths, self._key)
     records = pbegin | ("TFRecord" if self._format == "tfrecord" else "Avro") >> reader
