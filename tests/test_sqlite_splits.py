@@ -126,3 +126,41 @@ def test_a_missing_split_name_is_refused_naming_the_splits_there(db, tmp_path):
 def test_kept_splits_refuse_flags_that_contradict_them(db, tmp_path, flags, message):
   with pytest.raises(PrepareError, match=message):
     fbt.prepare_store(db, tmp_path, element_spec=SPEC, **flags)
+
+
+def test_fedbeam_train_trains_and_evaluates_on_kept_tff_splits(tmp_path):
+  # EMNIST's layout: every writer in both of TFF's digit splits.
+  from fedbeam.runtime import train  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "digits.sqlite")
+  rng = np.random.default_rng(2)
+  con = sqlite3.connect(path)
+  with con:
+    con.execute("CREATE TABLE examples (split_name TEXT NOT NULL, client_id TEXT NOT NULL, "
+                "serialized_example_proto BLOB NOT NULL);")
+    con.execute("CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT "
+                "NULL, num_examples INTEGER NOT NULL);")
+    for split, n in (("digits_only_train", 4), ("digits_only_test", 2)):
+      for w in range(4):
+        for _ in range(n):
+          example = Example()
+          example.features.feature["label"].int64_list.value.append(int(rng.integers(0, 10)))
+          example.features.feature["pixels"].float_list.value.extend(
+              (rng.random(64) * 16).astype(np.float32).tolist())
+          con.execute("INSERT INTO examples VALUES (?, ?, ?)",
+                      (split, f"f{w:04d}", example.SerializeToString()))
+        con.execute("INSERT INTO client_metadata VALUES (?, ?, ?)", (f"f{w:04d}", split, n))
+  con.close()
+  store = fbt.prepare_store(path, tmp_path, keep_sqlite_splits=True, element_spec={
+      "label": {"dtype": "int32", "shape": []}, "pixels": {"dtype": "float32", "shape": [8, 8]}})
+  parser = __import__("argparse").ArgumentParser()
+  train.add_train_arguments(parser)
+  output = tmp_path / "run"
+  args = parser.parse_args([store, "--model", "digits-cnn", "--rounds", "1",
+                            "--clients-per-round", "2", "--output", str(output), "--no-progress",
+                            "--train-split", "digits_only_train",
+                            "--test-split", "digits_only_test"])
+  assert train.run_train(args) == 0
+  with open(output / "metrics.csv", encoding="utf-8") as f:
+    header, row = f.read().splitlines()[:2]
+  values = dict(zip(header.split(","), row.split(",")))
+  assert values["test_accuracy"] and values["train_loss"]

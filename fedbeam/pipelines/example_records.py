@@ -317,6 +317,16 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
     for k in range(end - start):
       value |= (matrix[:, start + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
     alike &= value <= np.uint64(largest)
+  given_ids = batch.client_ids
+  others = []
+  if batch.client_id_key is None:
+    # No id inside the records: an alike record is its own store record.
+    for j, i in enumerate(rows):
+      if alike[j]:
+        out[i] = (given_ids[i] if given_ids is not None else "", batch.position(i), records[i])
+      else:
+        others.append(i)
+    return others
   (fs, fe), (cs, ce), (vs, ve) = layout.features, layout.id_entry, layout.id_value
   header = np.frombuffer(layout.header, np.uint8)
   cut = np.concatenate([np.broadcast_to(header, (n, header.size)), matrix[:, fs:cs],
@@ -325,20 +335,15 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
   blob = cut.tobytes()
   ids = matrix[:, vs:ve].tobytes()
   id_width = ve - vs
-  given_ids = batch.client_ids
-  others = []
   for j, i in enumerate(rows):
     if not alike[j]:
       others.append(i)
       continue
-    if given_ids is not None:
-      client_id = given_ids[i]
-    else:
-      try:
-        client_id = ids[j * id_width:(j + 1) * id_width].decode("utf-8")
-      except UnicodeDecodeError:
-        others.append(i)  # Decoded again one by one, which names the record.
-        continue
+    try:
+      client_id = ids[j * id_width:(j + 1) * id_width].decode("utf-8")
+    except UnicodeDecodeError:
+      others.append(i)  # Decoded again one by one, which names the record.
+      continue
     out[i] = (client_id, batch.position(i), blob[j * width:(j + 1) * width])
   return others
 
