@@ -34,7 +34,10 @@ def load_digits_examples() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_input(images: np.ndarray, labels: np.ndarray, directory: str, num_files: int = 4) -> str:
-  """Writes the examples as TFRecord files of tf.train.Example (no client id); returns the pattern."""
+  """Writes the examples as TFRecord files of tf.train.Example without client ids.
+
+  Returns the file pattern; writes the element spec beside the files.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
   writers = [tf.io.TFRecordWriter(os.path.join(directory, f"digits-{i:02d}.tfrecord"))

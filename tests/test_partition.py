@@ -297,7 +297,8 @@ def test_a_record_without_the_label_is_named(tmp_path):
   elements = _elements(40)
   del elements[17]["label"]
   path = fbt.write_unkeyed_tfrecord_input(tmp_path / "in.tfrecord", elements[17:18] + elements)
-  with pytest.raises(PrepareError, match=r"in\.tfrecord record 0: label feature 'label' is missing"):
+  with pytest.raises(PrepareError,
+                     match=r"in\.tfrecord record 0: label feature 'label' is missing"):
     fbt.prepare_store(path, tmp_path / "s", partition=PartitionConfig(
         "shard", 2, label_key="label", shards_per_client=1), element_spec={
             "idx": {"dtype": "int64", "shape": []}, "x": {"dtype": "float32", "shape": [2]},
