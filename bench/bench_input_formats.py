@@ -62,7 +62,12 @@ def _command(fmt: str, path: str, store: str, spec: str, fedbeam: list[str]) -> 
 def _run(name: str, cmd: list[str], workload, args) -> dict:
   logf = os.path.join(args.workdir, "logs", f"input-formats-{name}.log")
   load = os.getloadavg()[0]
-  run = wl.run_measured(cmd, logf)
+  env = None
+  if name.endswith("baseline"):
+    # Runs start in this checkout; without this, Beam's worker processes
+    # (`python -m ...`) would import this checkout's fedbeam, not the baseline's.
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+  run = wl.run_measured(cmd, logf, env=env)
   if run["returncode"] != 0:
     raise SystemExit(f"{name}: fedbeam prepare failed (log: {logf})")
   with open(logf, encoding="utf-8") as f:

@@ -92,3 +92,23 @@ def test_client_file_is_each_clients_file_in_the_store(store):
   for cid, path in paths.items():
     with open(path, "rb") as f:
       assert len(list(sf.read_tfrecords(f))) == len(CLIENTS[cid])
+
+
+def test_unkeyed_tfrecord_input_holds_the_elements_without_a_client_id(tmp_path):
+  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  from fedbeam.example_proto import Example  # pylint: disable=g-import-not-at-top
+  elements = [e for client in CLIENTS.values() for e in client]
+  path = testing.write_unkeyed_tfrecord_input(tmp_path / "in" / "x.tfrecord", elements)
+  with open(path, "rb") as f:
+    records = [Example.FromString(r).features.feature for r in sf.read_tfrecords(f)]
+  assert [sorted(r.keys()) for r in records] == [["label", "name", "x"]] * 3
+  assert [r["label"].int64_list.value[0] for r in records] == [0, 1, 1]
+  assert [r["name"].bytes_list.value[0] for r in records] == [b"a\x00", "é".encode(), b"\xff"]
+
+
+def test_avro_input_without_a_client_id_key_has_no_id_field(tmp_path):
+  import fastavro  # pylint: disable=g-import-not-at-top
+  path = testing.write_avro_input(tmp_path / "x.avro", CLIENTS, client_id_key=None)
+  with open(path, "rb") as f:
+    rows = list(fastavro.reader(f))
+  assert [sorted(r) for r in rows] == [["label", "name", "x"]] * 3
