@@ -132,6 +132,11 @@ def main(argv=None) -> int:
   return 0 if same else 1
 
 
+def _span(values: list) -> str:
+  low, high = f"{min(values):.1f}", f"{max(values):.1f}"
+  return low if low == high else f"{low}–{high}"
+
+
 def readme_section(result: dict) -> str:
   w = result["workload"]
   lines = [SECTION, "",
@@ -143,18 +148,21 @@ def readme_section(result: dict) -> str:
            "the runs. The machine is shared with other work and was heavily loaded (load "
            "averages below, 2 CPUs): absolute rates are low and noisy, the ratio of medians of "
            "interleaved runs is the figure to read.", "",
-           "| input | runs | median examples/s | min–max examples/s | vs TFRecord |",
-           "| --- | ---: | ---: | ---: | ---: |"]
+           "| input | runs | median examples/s | min–max examples/s | vs TFRecord | 1-min load "
+           "at the starts |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
   base = result["rows"]["tfrecord"]["median_examples_per_s"]
   labels = {"tfrecord": "TFRecord (Examples with a `client_id` feature)",
             "tff-sqlite": "TFF SQLite (rows travel as `ExampleBatch`es of bytes)",
-            "tff-sqlite-baseline": "TFF SQLite, code before this change (a parsed Example per "
-                                   "row pickled between steps)"}
+            "tff-sqlite-baseline": "TFF SQLite, the code before rows travelled as bytes (a "
+                                   "parsed Example per row pickled between steps; main at "
+                                   "6f4cf2a, one run)"}
   for name, row in result["rows"].items():
     lines.append(f"| {labels.get(name, name)} | {len(row['runs'])} | "
                  f"{row['median_examples_per_s']:,.0f} | {row['min_examples_per_s']:,.0f}–"
                  f"{row['max_examples_per_s']:,.0f} | "
-                 f"{row['median_examples_per_s'] / base:.2f}x |")
+                 f"{row['median_examples_per_s'] / base:.2f}x | "
+                 + _span([r["loadavg_1min_at_start"] for r in row["runs"]]) + " |")
   loads = [r["loadavg_1min_at_start"] for row in result["rows"].values() for r in row["runs"]]
   lines += ["",
             f"TFF SQLite reaches {result['sqlite_vs_tfrecord']:.2f}x TFRecord's examples/s "
