@@ -164,3 +164,17 @@ def test_fedbeam_train_trains_and_evaluates_on_kept_tff_splits(tmp_path):
     header, row = f.read().splitlines()[:2]
   values = dict(zip(header.split(","), row.split(",")))
   assert values["test_accuracy"] and values["train_loss"]
+
+
+def test_kept_split_keys_give_back_split_and_id_whatever_the_id_holds():
+  from fedbeam.pipelines import sources  # pylint: disable=g-import-not-at-top
+  for split, cid in [("train", "w1"), ("digits_only_test", "a/b c/ü"), ("t", "")]:
+    assert sources.kept_split_client(sources.kept_split_key(split, cid)) == (split, cid)
+  assert sources.sqlite_split_names("train") == ("train",)
+  assert sources.sqlite_split_names(["a", "b"]) == ("a", "b")
+  assert sources.sqlite_split_names(None) is None
+
+
+def test_sqlite_splits_lists_the_names_of_both_tables(db):
+  from fedbeam.pipelines import sources  # pylint: disable=g-import-not-at-top
+  assert sources.sqlite_splits(db) == ["heldout", "test", "train"]

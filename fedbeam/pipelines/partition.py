@@ -237,7 +237,7 @@ def _record_label(record: InputRecord, label_key: str):
   return bytes(value) if raw.kind == STRING else int(value)
 
 
-def element_labels(element, label_key: Optional[str]) -> list:
+def _element_labels(element, label_key: Optional[str]) -> list:
   """The label of each record of a reader's output element (all None without `label_key`).
 
   Raises InputError naming the record whose label is missing or not one
@@ -259,7 +259,7 @@ class _CountLabels(beam.DoFn):
 
   def process(self, element):
     counts: dict = {}
-    for label in element_labels(element, self._label_key):
+    for label in _element_labels(element, self._label_key):
       counts[label] = counts.get(label, 0) + 1
     yield _element_key(element), tuple(sorted(counts.items(), key=lambda kv: _label_order(kv[0])))
 
@@ -418,7 +418,7 @@ class _Assign(beam.DoFn):
     self._label_key = label_key
 
   def process(self, element, plan: PartitionPlan):
-    labels = element_labels(element, self._label_key)
+    labels = _element_labels(element, self._label_key)
     index = {label: k for k, label in enumerate(plan.labels)}
     ks = np.array([index[label] for label in labels], np.int64)
     offsets = np.array(plan.offsets[_element_key(element)], np.int64)
