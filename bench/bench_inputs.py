@@ -34,7 +34,7 @@ import numpy as np
 from bench import workload as wl
 
 RESULT_FILE = "inputs.json"
-SECTION = "## Input formats"
+SECTION = "## Parquet input"
 _FEDBEAM_SECONDS = re.compile(r"store written: .* in ([0-9.]+) s \(")
 
 

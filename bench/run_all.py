@@ -10,7 +10,7 @@ Steps, each a subprocess whose output goes to build/bench/logs/<step>.log
 `worker_binary` child holding its stdout):
 
 1. `bash bench/grouper_env.sh` (dataset_grouper's virtualenv, once);
-2. bench_pipeline (writes the stores the next steps read);
+2. bench_pipeline (writes the stores the next steps read), bench_input_formats;
 3. bench_loading (per-round reading, expansion, streaming, training input);
 4. bench_expansion and bench_simulation;
 5. bench_scale and bench_inputs (Parquet input next to TFRecord);
@@ -52,6 +52,8 @@ def steps(args) -> list[tuple[str, list[str]]]:
       ("grouper_env", ["bash", os.path.join(wl.ROOT, "bench", "grouper_env.sh")]),
       ("bench_pipeline", py + ["bench.bench_pipeline"] + (
           ["--scales", "0.1", "--no-write"] if q else (["--full"] if args.full else []))),
+      ("bench_input_formats", py + ["bench.bench_input_formats"] + (
+          ["--clients", "30", "--repeat", "1", "--no-write"] if q else [])),
       ("bench_loading", py + ["bench.bench_loading"] + (["--quick", "--no-write"] if q else [])),
       ("bench_expansion", py + ["bench.bench_expansion"] + (
           ["--raw-clients", "30", "--rounds", "2", "--clients-per-round", "10", "--no-write"]
@@ -243,6 +245,7 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
                  f"{100 * training['input_fraction']:.1f}% (input {training['median_input_s']:.2f} s, "
                  f"compute {training['median_compute_s']:.2f} s)",
                  _verdict(training["input_fraction"] < 0.10)])
+  _input_format_rows(wl.read_json("input_formats.json"), rows)
   _data_plane_rows(wl.read_json("data_plane_loss.json"), rows)
   sim = wl.read_json("simulation.json")
   try:
@@ -261,6 +264,22 @@ def _input_rows(inputs, rows) -> None:
                  f"{p['examples_per_s']:,.0f} vs {t['examples_per_s']:,.0f} ex/s "
                  f"({_x(p['examples_per_s'] / t['examples_per_s'])}); client files identical: "
                  f"{inputs['identical_client_files']}", "info"])
+
+
+def _input_format_rows(result, rows) -> None:
+  """TFF SQLite input against the same data as TFRecord (input_formats.json)."""
+  if not result:
+    return
+  r = result["rows"]
+  sqlite, tfrecord = r["tff-sqlite"], r["tfrecord"]
+  base = r.get("tff-sqlite-baseline")
+  rows.append([f"`fedbeam prepare` of TFF SQLite input ≥ 0.7x the examples/s of the same data as "
+               f"TFRecord ({result['workload']['examples']:,} examples; Input formats section)",
+               f"{_x(result['sqlite_vs_tfrecord'])} ({sqlite['median_examples_per_s']:,.0f} vs "
+               f"{tfrecord['median_examples_per_s']:,.0f} ex/s)"
+               + (f"; before rows travelled as bytes {base['median_examples_per_s']:,.0f} ex/s"
+                  if base else ""),
+               _verdict(result["sqlite_vs_tfrecord"] >= 0.7)])
 
 
 def _data_plane_rows(result, rows) -> None:

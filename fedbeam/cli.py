@@ -38,16 +38,19 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
                       "(clients are the users, features x and y)")
   p.add_argument("--client-id-key",
                  help="feature, field, column or member holding the client id (a string, or an "
-                      "integer stored as its decimal string); required except for tff-sqlite "
-                      "and leaf")
+                      "integer stored as its decimal string; the natural partition); required "
+                      "except for tff-sqlite and leaf, or when --partition is given")
   p.add_argument("--element-spec", metavar="FILE",
                  help='JSON {"feature": {"dtype": "float32", "shape": [28, 28]}, ...}; '
                       "null marks a variable-length leading dimension. Default: inferred")
   p.add_argument("--order-by", metavar="FEATURE",
                  help="order examples inside a client by this feature; '@input' keeps input "
                       "order; default: by serialized content")
-  p.add_argument("--sqlite-split", metavar="NAME",
-                 help="with tff-sqlite: read only rows of this split_name")
+  p.add_argument("--sqlite-split", metavar="NAME", nargs="+",
+                 help="with tff-sqlite: read only rows of these split_names (one or more)")
+  p.add_argument("--keep-sqlite-splits", action="store_true",
+                 help="with tff-sqlite: each TFF split_name read becomes a store split of that "
+                      "name (an id of several splits is a client of each)")
   p.add_argument("--output", required=True, help="store directory (local or gs://)")
   p.add_argument("--num-shards", type=int,
                  help="shard directories per split (default: one per ~4096 clients)")
@@ -55,6 +58,31 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-fsync", dest="fsync", action="store_false",
                  help="do not fsync files and directories before the commit (faster on local "
                       "disks; a power loss after the commit can then damage the store)")
+  pa = p.add_argument_group(
+      "partitioners, for input without a client id (Flower Datasets' partitioners of the "
+      "same names; docs/cli.md)")
+  pa.add_argument("--partition", choices=["iid", "dirichlet", "shard"],
+                  help="assign the examples to --num-clients clients named 0..N-1: iid (equal "
+                       "shares of a seeded shuffle), dirichlet (label mix per client ~ "
+                       "Dirichlet(alpha)), shard (each client gets S label-sorted shards)")
+  pa.add_argument("--num-clients", type=int, metavar="N", help="clients to create (--partition)")
+  pa.add_argument("--label-key", metavar="FEATURE",
+                  help="feature holding each example's label: one integer or string "
+                       "(dirichlet, shard)")
+  pa.add_argument("--partition-seed", type=int, default=0, metavar="S",
+                  help="seed of the partitioner's random choices (default 0)")
+  pa.add_argument("--dirichlet-alpha", type=float, metavar="A",
+                  help="dirichlet: concentration; small values give clients few labels")
+  pa.add_argument("--min-client-examples", type=int, default=10, metavar="M",
+                  help="dirichlet: redraw (up to 10 times) until every client has M examples "
+                       "(default 10, as Flower's min_partition_size)")
+  pa.add_argument("--self-balancing", action="store_true",
+                  help="dirichlet: a client above the average size gets no more examples")
+  pa.add_argument("--shards-per-client", type=int, metavar="S",
+                  help="shard: shards each client gets")
+  pa.add_argument("--shard-size", type=int, metavar="K",
+                  help="shard: examples per shard (default: examples // (N * S)); examples "
+                       "outside the chosen shards are dropped")
   g = p.add_argument_group("pseudo-client expansion (TransformingClientData semantics)")
   g.add_argument("--num-transformed-clients", type=int, metavar="N",
                  help="expand the raw clients into N clients named '{raw_id}_{index}'")
@@ -120,11 +148,33 @@ def _run_prepare(args, beam_args) -> int:
   except ElementSpecError as e:
     print(f"fedbeam prepare: error: --element-spec: {e}", file=sys.stderr)
     return 2
+  partition = None
+  if args.partition is not None:
+    from fedbeam.pipelines.partition import PartitionConfig  # pylint: disable=g-import-not-at-top
+    partition = PartitionConfig(
+        method=args.partition, num_clients=args.num_clients, label_key=args.label_key,
+        seed=args.partition_seed, alpha=args.dirichlet_alpha,
+        min_client_examples=args.min_client_examples, self_balancing=args.self_balancing,
+        shards_per_client=args.shards_per_client, shard_size=args.shard_size)
+  else:
+    used = [flag for flag, value in (
+        ("--num-clients", args.num_clients), ("--label-key", args.label_key),
+        ("--dirichlet-alpha", args.dirichlet_alpha),
+        ("--shards-per-client", args.shards_per_client), ("--shard-size", args.shard_size))
+        if value is not None]
+    used += [flag for flag, on in (("--self-balancing", args.self_balancing),
+                                   ("--partition-seed", args.partition_seed != 0),
+                                   ("--min-client-examples", args.min_client_examples != 10))
+             if on]
+    if used:
+      print(f"fedbeam prepare: error: {', '.join(used)} need --partition", file=sys.stderr)
+      return 2
   config = PrepareConfig(
       input=args.input, input_format=args.input_format, output=args.output,
       client_id_key=args.client_id_key, element_spec=spec,
       element_spec_path=args.element_spec, order_by=args.order_by,
       num_shards=args.num_shards, overwrite=args.overwrite, sqlite_split=args.sqlite_split,
+      keep_sqlite_splits=args.keep_sqlite_splits, partition=partition,
       num_transformed_clients=args.num_transformed_clients, transform=args.transform,
       empty_clients=args.empty_clients, num_test_clients=args.num_test_clients,
       test_fraction=args.test_fraction, split_seed=args.split_seed,

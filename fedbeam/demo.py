@@ -1,12 +1,13 @@
 """The main job end to end on real data: `python -m fedbeam.demo` (`make demo`).
 
 scikit-learn's handwritten digits (1,797 real 8x8 images, shipped inside the
-package, no download) are split into writers non-IID (Dirichlet over labels,
-seeded), written as TFRecord input files, prepared into a store with
-pseudo-client expansion (the built-in random affine warp) and a train/test
-client split, then trained on with federated averaging, printing test
-accuracy per round. Writes everything under --workdir, including
-client_sizes.png and accuracy.png.
+package, no download) are written as TFRecord input files without any client
+id, split into writers non-IID by `fedbeam prepare --partition dirichlet`
+(label mix per writer ~ Dirichlet(0.5), seeded), expanded into pseudo-clients
+(the built-in random affine warp) and split into train/test clients in the
+same job, then trained on with federated averaging, printing test accuracy
+per round. Writes everything under --workdir, including client_sizes.png and
+accuracy.png.
 """
 
 from __future__ import annotations
@@ -25,54 +26,46 @@ DIRICHLET_ALPHA = 0.5
 PARTITION_SEED = 7
 
 
-def partition_digits(num_writers: int = NUM_WRITERS, alpha: float = DIRICHLET_ALPHA,
-                     seed: int = PARTITION_SEED) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Splits load_digits into `num_writers` clients, label mix per client ~ Dirichlet(alpha).
-
-  Returns {writer id: (images float32 [n, 8, 8] in [0, 1], labels int64 [n])};
-  every writer gets at least one image.
-  """
+def load_digits_examples() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits: (images float32 [1797, 8, 8] in [0, 1], labels int64 [1797])."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)
-  labels = digits.target.astype(np.int64)
-  rng = np.random.default_rng(seed)
-  owners = np.empty(len(labels), dtype=np.int64)
-  for label in range(10):
-    idx = np.flatnonzero(labels == label)
-    rng.shuffle(idx)
-    share = rng.dirichlet([alpha] * num_writers)
-    cuts = (np.cumsum(share)[:-1] * len(idx)).astype(int)
-    for writer, part in enumerate(np.split(idx, cuts)):
-      owners[part] = writer
-  # A writer left without images takes one from the largest writer.
-  for writer in range(num_writers):
-    if not np.any(owners == writer):
-      largest = np.bincount(owners, minlength=num_writers).argmax()
-      owners[np.flatnonzero(owners == largest)[0]] = writer
-  return {f"writer_{w:02d}": (images[owners == w], labels[owners == w]) for w in range(num_writers)}
+  return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)
 
 
-def write_input(clients, directory: str, num_files: int = 4) -> str:
-  """Writes the clients as TFRecord files of tf.train.Example; returns the file pattern."""
+def write_input(images: np.ndarray, labels: np.ndarray, directory: str, num_files: int = 4) -> str:
+  """Writes the examples as TFRecord files of tf.train.Example without client ids.
+
+  Returns the file pattern; writes the element spec beside the files.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   os.makedirs(directory, exist_ok=True)
   writers = [tf.io.TFRecordWriter(os.path.join(directory, f"digits-{i:02d}.tfrecord"))
              for i in range(num_files)]
-  for n, (client_id, (images, labels)) in enumerate(sorted(clients.items())):
-    for image, label in zip(images, labels):
-      example = tf.train.Example(features=tf.train.Features(feature={
-          "writer_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[client_id.encode()])),
-          "pixels": tf.train.Feature(float_list=tf.train.FloatList(value=image.reshape(-1))),
-          "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
-      }))
-      writers[n % num_files].write(example.SerializeToString())
+  for n, (image, label) in enumerate(zip(images, labels)):
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "pixels": tf.train.Feature(float_list=tf.train.FloatList(value=image.reshape(-1))),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+    }))
+    writers[n % num_files].write(example.SerializeToString())
   for w in writers:
     w.close()
   with open(os.path.join(directory, "element_spec.json"), "w", encoding="utf-8") as f:
     json.dump({"label": {"dtype": "int32", "shape": []},
                "pixels": {"dtype": "float32", "shape": [8, 8]}}, f, indent=2)
   return os.path.join(directory, "digits-*.tfrecord")
+
+
+def writer_sizes(store: str) -> list[int]:
+  """Examples per writer (raw client) of the store, sorted; the pseudo-clients of one add up."""
+  from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+  metadata = read_metadata(store)
+  sizes: dict[str, int] = {}
+  for row in read_manifest(store, metadata):
+    if row["pseudo_index"] == 0:
+      sizes[row["raw_client_id"]] = row["num_examples"]
+  return sorted(sizes.values())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -88,26 +81,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   workdir = os.path.abspath(args.workdir)
   store = os.path.join(workdir, "store")
   start = time.monotonic()
-  clients = partition_digits()
-  pattern = write_input(clients, os.path.join(workdir, "input"))
-  sizes = sorted(len(v[1]) for v in clients.values())
-  print(f"[1/3] input: {sum(sizes)} real handwritten digits from {len(clients)} writers "
-        f"(Dirichlet alpha={DIRICHLET_ALPHA}; examples per writer min {sizes[0]}, "
-        f"median {sizes[len(sizes) // 2]}, max {sizes[-1]}) -> {pattern}", flush=True)
+  images, labels = load_digits_examples()
+  pattern = write_input(images, labels, os.path.join(workdir, "input"))
+  print(f"[1/3] input: {len(labels)} real handwritten digits, no writer ids -> {pattern}",
+        flush=True)
 
-  print("[2/3] fedbeam prepare: group by writer, 3x pseudo-clients (random affine warps), "
-        "20% of writers held out as test", flush=True)
+  print(f"[2/3] fedbeam prepare: {NUM_WRITERS} writers by label Dirichlet(alpha="
+        f"{DIRICHLET_ALPHA}), 3x pseudo-clients (random affine warps), 20% of writers held out "
+        "as test", flush=True)
   rc = cli.main([
       "prepare", "--input", pattern, "--input-format", "tfrecord",
-      "--client-id-key", "writer_id",
+      "--partition", "dirichlet", "--label-key", "label", "--num-clients", str(NUM_WRITERS),
+      "--dirichlet-alpha", str(DIRICHLET_ALPHA), "--partition-seed", str(PARTITION_SEED),
       "--element-spec", os.path.join(workdir, "input", "element_spec.json"),
       "--output", store, "--overwrite",
-      "--num-transformed-clients", str(3 * len(clients)),
+      "--num-transformed-clients", str(3 * NUM_WRITERS),
       "--transform", "fedbeam.transforms:random_affine",
       "--test-fraction", "0.2", "--split-by", "raw", "--split-seed", "1",
   ])
   if rc != 0:
     return rc
+  sizes = writer_sizes(store)
+  print(f"      examples per writer: min {sizes[0]}, median {sizes[len(sizes) // 2]}, "
+        f"max {sizes[-1]}", flush=True)
   cli.main(["inspect", store, "--plot", os.path.join(workdir, "client_sizes.png")])
 
   print(f"[3/3] fedbeam train: {args.rounds} rounds of federated averaging, "

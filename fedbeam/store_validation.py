@@ -2,7 +2,7 @@
 
 Checks (every one reports the file and client at fault):
 - the metadata parses, has a supported format version and matches its schema;
-- every manifest file listed exists and parses; no client id appears twice;
+- every manifest file listed exists and parses; no client id appears twice in a split;
   every row names a split of the metadata and the path the id maps to (so no
   path can point outside the store);
 - per-split client, example, byte and empty-client counts add up to the
@@ -267,7 +267,7 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
       posixpath.join(data_dir, MANIFEST_DIR, manifest_file_name(i, num_manifest))
       for i in range(num_manifest))
   totals: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in split_names}
-  seen: dict[str, str] = {}
+  seen: dict[tuple[str, str], str] = {}
   evidence = _SpecEvidence(spec) if deep else None
   least = spec.min_record_bytes()
 
@@ -282,10 +282,12 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
         continue
       cid = row["client_id"]
       where = f"client {cid!r} ({rel})"
-      if cid in seen:
-        report.add(f"{where}: client id listed twice (also in {seen[cid]})")
+      # Unique within a split: a store of kept TFF splits holds an id in several.
+      if (row["split"], cid) in seen:
+        report.add(f"{where}: client id listed twice in split {row['split']!r} "
+                   f"(also in {seen[row['split'], cid]})")
         continue
-      seen[cid] = rel
+      seen[row["split"], cid] = rel
       if row["split"] not in split_names:
         report.add(f"{where}: split {row['split']!r} is not in the metadata {sorted(split_names)}")
         continue

@@ -46,7 +46,8 @@ Element = Mapping[str, Any]
 Clients = Mapping[str, Sequence[Element]]
 
 __all__ = [
-    "write_tfrecord_input", "write_avro_input", "write_tff_sqlite_input",
+    "write_tfrecord_input", "write_unkeyed_tfrecord_input", "write_avro_input",
+    "write_tff_sqlite_input",
     "prepare_store", "read_store", "client_file", "dataset_elements", "assert_store_equals",
     "assert_elements_equal",
 ]
@@ -140,6 +141,23 @@ def write_tfrecord_input(path: Union[str, os.PathLike], clients: Clients,
   return path
 
 
+def write_unkeyed_tfrecord_input(path: Union[str, os.PathLike],
+                                 elements: Sequence[Element]) -> str:
+  """Writes elements as one TFRecord file of serialized `tf.train.Example` without client ids.
+
+  Input of `fedbeam prepare --input-format tfrecord --partition ...`: one
+  record per element, in list order, values stored as `write_tfrecord_input`
+  stores them. Returns `path` as a string; raises ValueError for a value a
+  `tf.train.Example` cannot hold.
+  """
+  path = os.fspath(path)
+  _ensure_parent(path)
+  with open(path, "wb") as f:
+    for element in elements:
+      f.write(tfrecord_frame(_example_bytes(element, None, None)))
+  return path
+
+
 def _avro_type(name: str, value: Any) -> Any:
   if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
     arr = np.asarray(value)
@@ -177,7 +195,7 @@ def _avro_value(value: Any) -> Any:
 
 
 def write_avro_input(path: Union[str, os.PathLike], clients: Clients,
-                     client_id_key: str = "client_id",
+                     client_id_key: Optional[str] = "client_id",
                      schema: Optional[Mapping[str, Any]] = None) -> str:
   """Writes clients as one Avro container file of flat records.
 
@@ -187,7 +205,8 @@ def write_avro_input(path: Union[str, os.PathLike], clients: Clients,
     path: the file to write (parent directories are created).
     clients: `{client_id: [element dict, ...]}`; elements become records with
       the id in the string field `client_id_key`.
-    client_id_key: the field that holds the client id.
+    client_id_key: the field that holds the client id; None writes records
+      without one (input of `--partition`; the mapping's keys are then unused).
     schema: the Avro record schema to write with. Default: derived from the
       first element: `str` -> string, `bytes` -> bytes, `bool` -> boolean,
       `np.int32` -> int, other integers -> long, `np.float32` -> float, other
@@ -206,7 +225,7 @@ def write_avro_input(path: Union[str, os.PathLike], clients: Clients,
     elements = [e for client in clients.values() for e in client]
     if not elements:
       raise ValueError("no element to derive an Avro schema from; pass `schema`")
-    fields = [{"name": client_id_key, "type": "string"}]
+    fields = [{"name": client_id_key, "type": "string"}] if client_id_key is not None else []
     for name in elements[0]:
       # The first non-empty value says an array's item type.
       sample = next((e[name] for e in elements if np.size(e[name]) > 0), elements[0][name])
@@ -215,7 +234,7 @@ def write_avro_input(path: Union[str, os.PathLike], clients: Clients,
   rows = []
   for client_id, elements in clients.items():
     for element in elements:
-      row = {client_id_key: client_id}
+      row = {client_id_key: client_id} if client_id_key is not None else {}
       row.update({k: _avro_value(v) for k, v in element.items()})
       rows.append(row)
   _ensure_parent(path)

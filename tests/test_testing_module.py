@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedbeam import testing
+from fedbeam.format.tfrecord import read_tfrecords
 
 CLIENTS = {
     "alice": [{"x": np.float32(1.5), "label": 0, "name": "a\x00"},
@@ -85,7 +86,6 @@ def test_inputs_of_every_format_give_the_same_store(tmp_path, store):
 
 def test_client_file_is_each_clients_file_in_the_store(store):
   from fedbeam.format.layout import CLIENT_FILE_SUFFIX  # pylint: disable=g-import-not-at-top
-  from fedbeam.format.tfrecord import read_tfrecords  # pylint: disable=g-import-not-at-top
   paths = {cid: testing.client_file(store, cid) for cid in CLIENTS}
   written = {os.path.join(d, n) for d, _, names in os.walk(store) for n in names
              if n.endswith(CLIENT_FILE_SUFFIX)}
@@ -93,3 +93,23 @@ def test_client_file_is_each_clients_file_in_the_store(store):
   for cid, path in paths.items():
     with open(path, "rb") as f:
       assert len(list(read_tfrecords(f))) == len(CLIENTS[cid])
+
+
+def test_unkeyed_tfrecord_input_holds_the_elements_without_a_client_id(tmp_path):
+  from fedbeam.format.codec import Example  # pylint: disable=g-import-not-at-top
+  elements = [e for client in CLIENTS.values() for e in client]
+  path = testing.write_unkeyed_tfrecord_input(tmp_path / "in" / "x.tfrecord", elements)
+  with open(path, "rb") as f:
+    records = [Example.FromString(r).features.feature for r in read_tfrecords(f)]
+  assert [sorted(r.keys()) for r in records] == [["label", "name", "x"]] * 3
+  assert [r["label"].int64_list.value[0] for r in records] == [0, 1, 1]
+  assert [r["name"].bytes_list.value[0] for r in records] == [b"a\x00", "é".encode(), b"\xff"]
+
+
+def test_avro_input_without_a_client_id_key_has_no_id_field(tmp_path):
+  import fastavro  # pylint: disable=g-import-not-at-top
+  clients = {"a": [{"x": np.float32(1.5), "label": 0}], "b": [{"x": np.float32(2.0), "label": 1}]}
+  path = testing.write_avro_input(tmp_path / "x.avro", clients, client_id_key=None)
+  with open(path, "rb") as f:
+    rows = list(fastavro.reader(f))
+  assert rows == [{"x": 1.5, "label": 0}, {"x": 2.0, "label": 1}]

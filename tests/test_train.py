@@ -292,3 +292,31 @@ def test_fedbeam_train_on_a_store_without_split(tmp_path):
   assert train.run_train(args) == 0
   (row,) = read_metrics(output)
   assert row["train_loss"] and not row["test_loss"]
+
+
+def test_fedbeam_train_evaluates_on_a_split_of_another_store(split_store,
+                                                             tmp_path):
+  from fedbeam import testing  # pylint: disable=g-import-not-at-top
+
+  store = testing.prepare_store(_digit_like_clients(4), tmp_path / "all")
+  output = tmp_path / "run"
+  args = parse([store, "--model", "digits-cnn", "--rounds", "1",
+                "--clients-per-round", "2", "--output", str(output),
+                "--no-progress", "--test-store", split_store,
+                "--test-split", "test"])
+  assert train.run_train(args) == 0
+  (row,) = read_metrics(output)
+  assert row["train_loss"] and row["test_loss"] and row["test_accuracy"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--train-split", "validation"], "split 'validation' is not in store"),
+    (["--test-split", "train"], "--test-split 'train' is the split trained on"),
+])
+def test_fedbeam_train_names_a_bad_split(split_store, tmp_path, capsys, extra,
+                                         message):
+  args = parse([split_store, "--model", "digits-cnn", "--rounds", "1",
+                "--clients-per-round", "2", "--output", str(tmp_path / "o"),
+                "--no-progress"] + extra)
+  assert train.run_train(args) == 1
+  assert message in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 
 from fedbeam import testing
 from fedbeam.cli import main
-from fedbeam.element_spec import ElementSpec
+from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.expansion import ExpansionError
 from fedbeam.pipelines.transform_check import (check_transform_on_first_record, describe_spec,
                                                first_input_record)

@@ -109,29 +109,57 @@ def _client_id_feature(feature, kind: Optional[str], name: str, source: str) -> 
 
 @dataclasses.dataclass(frozen=True)
 class ExampleBatch:
-  """Consecutive serialized tf.train.Example records of one TFRecord file.
+  """Serialized tf.train.Example records of one input file, with their client ids.
 
-  Record i is record `first_index + i` of `path`; `client_id_key` names the
-  feature holding each record's client id (one bytes value, or one int64 for
-  an integer id).
+  Either each record holds its client id in the feature
+  `client_id_key` (TFRecord input: one bytes value, or one int64 for an
+  integer id), or the ids come from outside the records
+  (`client_id_key` None, `client_ids[i]` the id of record i: a TFF SQLite
+  column, or a partitioner's choice). A batch with neither holds records
+  that no client owns yet (the input of `fedbeam.pipelines.partition`); its
+  records parse with an empty client id. Record i is record `first_index + i` of
+  `path`, or record `indices[i]` when `indices` is given (SQLite rowids, or
+  the records a partitioner kept); `index_name` is what error messages call
+  the index ("record", "rowid"). The records travel between steps as bytes:
+  a batch pickles as one list of bytes, not as a protobuf message per record.
   """
 
   path: str
   first_index: int
   records: list
-  client_id_key: str
+  client_id_key: Optional[str]
+  client_ids: Optional[tuple] = None
+  indices: Optional[tuple] = None
+  index_name: str = "record"
+
+  def __post_init__(self):
+    if self.client_id_key is not None and self.client_ids is not None:
+      raise ValueError("ExampleBatch takes client_id_key or client_ids, not both")
+    for name in ("client_ids", "indices"):
+      given = getattr(self, name)
+      if given is not None and len(given) != len(self.records):
+        raise ValueError(f"ExampleBatch: {len(given)} {name} for {len(self.records)} records")
 
   def __len__(self) -> int:
     return len(self.records)
 
   def position(self, i: int) -> tuple[str, int]:
+    if self.indices is not None:
+      return (self.path, self.indices[i])
     return (self.path, self.first_index + i)
+
+  def source(self, i: int) -> str:
+    """Where record i is, for error messages: '{path} {index_name} {index}'."""
+    path, index = self.position(i)
+    return f"{path} {self.index_name} {index}"
 
   def input_record(self, i: int) -> InputRecord:
     """Record i parsed (see `parse_example_record`, which also lists what raises)."""
-    path, index = self.position(i)
-    return parse_example_record(self.records[i], self.client_id_key, f"{path} record {index}",
-                                (path, index))
+    record = parse_example_record(self.records[i], self.client_id_key, self.source(i),
+                                  self.position(i))
+    if self.client_ids is not None:
+      record = dataclasses.replace(record, client_id=self.client_ids[i])
+    return record
 
   def input_records(self) -> Iterator[InputRecord]:
     return (self.input_record(i) for i in range(len(self.records)))
@@ -227,8 +255,12 @@ def _largest(dtype: str) -> Optional[int]:
   return int(np.iinfo(np.dtype(dtype)).max)
 
 
-def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[_Layout]:
-  """The layout of a template that matches `spec`, or None when `_encode_alike` cannot take it."""
+def _layout(template: bytes, client_id_key: Optional[str], spec: ElementSpec) -> Optional[_Layout]:
+  """The layout of a template that matches `spec`, or None when `_encode_alike` cannot take it.
+
+  With `client_id_key` None the record holds no id: nothing is cut out
+  (`id_entry` and `id_value` are empty ranges at the end of the features).
+  """
   try:
     top = example_wire.message_fields(template, 0, len(template))
     if len(top) != 1 or top[0][:2] != (1, 2) or top[0][3] != len(template):
@@ -239,7 +271,8 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
     for number, wire, s, e in example_wire.message_fields(template, fs, fe):
       if (number, wire) == (1, 2):
         for n, w, ks, ke in example_wire.message_fields(template, s, e):
-          if (n, w) == (1, 2) and template[ks:ke] == client_id_key.encode("utf-8"):
+          if (client_id_key is not None and (n, w) == (1, 2)
+              and template[ks:ke] == client_id_key.encode("utf-8")):
             if id_entry is not None:
               return None
             id_entry = (entry_start, e)
@@ -247,7 +280,9 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
     lists = example_wire.feature_lists(template)
   except example_wire.ExampleWireError:
     return None
-  if id_entry is None or lists.get(client_id_key, (None,))[0] != example_wire.BYTES_LIST:
+  if client_id_key is None:
+    id_entry = (fe, fe)
+  elif id_entry is None or lists.get(client_id_key, (None,))[0] != example_wire.BYTES_LIST:
     # An integer id (int64_list) is stored as its decimal string: record by record.
     return None
   long_ends, bounded = [], []
@@ -266,7 +301,10 @@ def _layout(template: bytes, client_id_key: str, spec: ElementSpec) -> Optional[
         if largest is not None:
           bounded.append((begin, end, largest))
         begin = end
-  _, [(_, vs, ve)] = lists[client_id_key]
+  if client_id_key is None:
+    vs = ve = fe
+  else:
+    _, [(_, vs, ve)] = lists[client_id_key]
   (cs, ce) = id_entry
   return _Layout(features_field_header(fe - fs - (ce - cs)), (fs, fe), id_entry, (vs, ve),
                  lists, np.array(long_ends, np.intp), tuple(bounded))
@@ -293,6 +331,16 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
     for k in range(end - start):
       value |= (matrix[:, start + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
     alike &= value <= np.uint64(largest)
+  given_ids = batch.client_ids
+  others = []
+  if batch.client_id_key is None:
+    # No id inside the records: an alike record is its own store record.
+    for j, i in enumerate(rows):
+      if alike[j]:
+        out[i] = (given_ids[i] if given_ids is not None else "", batch.position(i), records[i])
+      else:
+        others.append(i)
+    return others
   (fs, fe), (cs, ce), (vs, ve) = layout.features, layout.id_entry, layout.id_value
   header = np.frombuffer(layout.header, np.uint8)
   cut = np.concatenate([np.broadcast_to(header, (n, header.size)), matrix[:, fs:cs],
@@ -301,8 +349,6 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
   blob = cut.tobytes()
   ids = matrix[:, vs:ve].tobytes()
   id_width = ve - vs
-  path, first = batch.path, batch.first_index
-  others = []
   for j, i in enumerate(rows):
     if not alike[j]:
       others.append(i)
@@ -312,7 +358,7 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
     except UnicodeDecodeError:
       others.append(i)  # Decoded again one by one, which names the record.
       continue
-    out[i] = (client_id, (path, first + i), blob[j * width:(j + 1) * width])
+    out[i] = (client_id, batch.position(i), blob[j * width:(j + 1) * width])
   return others
 
 

@@ -32,7 +32,8 @@ from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, Ma
 from fedbeam.pipelines.example_records import input_size
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.local_runner import guard_local_runner
-from fedbeam.pipelines.records import InputError
+from fedbeam.pipelines.partition import PartitionClients, PartitionConfig, PartitionError
+from fedbeam.pipelines.records import ClientRecords, InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
 from fedbeam.pipelines.data_dir_lease import claim_data_dir
@@ -42,7 +43,8 @@ from fedbeam.pipelines.transform_check import check_transform_on_first_record, f
 from fedbeam.pipelines.store_writer import (REPLACES_ANY, RUNNER_FAULT, CleanupError,
                                             StoreStatsFn, StoreWriteError, WriteStore)
 from fedbeam.format.fs import file_ops
-from fedbeam.format.layout import DATA_DIR_PREFIX, METADATA_FILE, StoreFormatError, UNSPLIT
+from fedbeam.format.layout import (DATA_DIR_PREFIX, METADATA_FILE, UNSPLIT, StoreFormatError,
+                                    check_split_name)
 from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam.transforms import identity
 
@@ -72,7 +74,12 @@ class PrepareConfig:
   order_by: Optional[str] = None
   num_shards: Optional[int] = None
   overwrite: bool = False
-  sqlite_split: Optional[str] = None
+  # TFF SQLite: the split_name(s) to read (one name or several); with
+  # keep_sqlite_splits, each becomes a store split of that name.
+  sqlite_split: Optional[Union[str, Sequence[str]]] = None
+  keep_sqlite_splits: bool = False
+  # Input without a client id: the partitioner that assigns examples to clients.
+  partition: Optional[PartitionConfig] = None
   # Pseudo-client expansion: a make_transform_fn or its 'module:function'.
   num_transformed_clients: Optional[int] = None
   transform: Optional[Union[str, MakeTransformFn]] = None
@@ -120,15 +127,20 @@ class PrepareConfig:
     return f"{module}:{name}"
 
   def parameters(self) -> dict[str, Any]:
-    """The parameters recorded in the store's metadata (JSON scalars only)."""
-    return {
+    """The parameters recorded in the store's metadata (JSON scalars only).
+
+    A partitioner's parameters appear only when one is used, so stores of
+    keyed input keep the metadata they had.
+    """
+    out = {
         "input": self.input,
         "input_format": self.input_format,
         "client_id_key": self.client_id_key,
         "element_spec": self.element_spec_path,
         "order_by": self.order_by,
         "num_shards": self.num_shards,
-        "sqlite_split": self.sqlite_split,
+        "sqlite_split": (self.sqlite_split if self.sqlite_split is None
+                         or isinstance(self.sqlite_split, str) else ",".join(self.sqlite_split)),
         "num_transformed_clients": self.num_transformed_clients,
         "transform": self.transform_name(),
         "empty_clients": self.empty_clients,
@@ -139,16 +151,57 @@ class PrepareConfig:
         "split_by": self.effective_split_by if self.splits else None,
         "min_test_examples": self.min_test_examples if self.splits else None,
     }
+    if self.partition is not None:
+      out.update(self.partition.parameters())
+    if self.keep_sqlite_splits:
+      out["keep_sqlite_splits"] = True
+    return out
 
   def validate(self) -> None:
     if self.input_format not in sources.INPUT_FORMATS:
       raise PrepareError(f"--input-format {self.input_format!r}: use one of "
                          f"{list(sources.INPUT_FORMATS)}")
-    if sources.needs_client_id_key(self.input_format) and not self.client_id_key:
-      raise PrepareError(f"--client-id-key is required with --input-format {self.input_format}")
+    if self.partition is not None:
+      if self.client_id_key:
+        raise PrepareError("--partition and --client-id-key exclude each other: the client id "
+                           "key is the natural partition")
+      if self.input_format not in ("tfrecord", "avro"):
+        raise PrepareError(f"--partition needs input without client ids (tfrecord or avro), "
+                           f"not --input-format {self.input_format}")
+      try:
+        self.partition.validate()
+      except PartitionError as e:
+        raise PrepareError(str(e)) from None
+      if self.element_spec is not None and self.partition.label_key is not None:
+        if self.partition.label_key not in self.element_spec:
+          raise PrepareError(f"--label-key {self.partition.label_key!r} is not a feature of "
+                             f"--element-spec (features: {self.element_spec.names})")
+    elif sources.needs_client_id_key(self.input_format) and not self.client_id_key:
+      raise PrepareError(f"--client-id-key is required with --input-format {self.input_format} "
+                         "(or --partition, for input without client ids)")
     if self.input_format == "leaf" and self.client_id_key:
       raise PrepareError("--client-id-key does not apply to --input-format leaf: "
                          "the clients are the files' users")
+    names = sources.sqlite_split_names(self.sqlite_split)
+    if names is not None and self.input_format != "tff-sqlite":
+      raise PrepareError("--sqlite-split needs --input-format tff-sqlite")
+    if names is not None and (not names or len(set(names)) != len(names)):
+      raise PrepareError(f"--sqlite-split names each split once, got {list(names)}")
+    if self.keep_sqlite_splits:
+      if self.input_format != "tff-sqlite":
+        raise PrepareError("--keep-sqlite-splits needs --input-format tff-sqlite")
+      if self.splits:
+        raise PrepareError("--keep-sqlite-splits keeps TFF's splits; it excludes "
+                           "--num-test-clients and --test-fraction")
+      if self.expands:
+        raise PrepareError("--keep-sqlite-splits does not combine with pseudo-client expansion "
+                           "yet; expand one split at a time (--sqlite-split NAME)")
+      for name in names or ():
+        try:
+          check_split_name(name, f"--sqlite-split {name!r}")
+        except StoreFormatError as e:
+          raise PrepareError(f"{e}; with --keep-sqlite-splits a TFF split becomes a store "
+                             "split of that name") from None
     if self.num_shards is not None and self.num_shards < 1:
       raise PrepareError(f"--num-shards must be >= 1, got {self.num_shards}")
     if self.element_spec is not None and self.client_id_key in self.element_spec:
@@ -223,7 +276,8 @@ class PrepareStore(beam.PTransform):
     c = self._config
     faults = self._fault_steps
     inputs = pbegin | "Read" >> sources.ReadClientInput(
-        self._paths, c.input_format, c.client_id_key, c.sqlite_split)
+        self._paths, c.input_format, c.client_id_key, c.sqlite_split,
+        unkeyed=c.partition is not None, keep_sqlite_splits=c.keep_sqlite_splits)
     # Records are counted where they are read, by a step of their own, so no
     # fault of a later step (or of the runner around it) can change both this
     # figure and the ones it is checked against.
@@ -238,6 +292,16 @@ class PrepareStore(beam.PTransform):
     else:
       spec = inputs["records"] | "InferElementSpec" >> InferElementSpec()
     declares = sources.declares_clients(c.input_format)
+    if c.partition is not None:
+      # Every client the partitioner plans is declared, so one that got no
+      # example is still a client (under --empty-clients); the records it
+      # drops (shard) are subtracted from those read, which is what every
+      # later figure is checked against.
+      parted = inputs["records"] | "Partition" >> PartitionClients(c.partition)
+      inputs = {"records": parted["records"], "clients": parted["clients"]}
+      declares = True
+      num_read = num_read | "LessDropped" >> beam.Map(
+          lambda read, dropped: read - dropped, beam.pvalue.AsSingleton(parted["dropped"]))
     grouped = inputs | "GroupByClient" >> GroupByClient(
         spec, c.order_by, declared_clients=declares, after_encode=faults.get("encoded"))
     clients, record_counts = grouped["clients"], grouped["record_counts"]
@@ -271,8 +335,15 @@ class PrepareStore(beam.PTransform):
                                           num_raw)
     if "clients" in faults:
       clients = clients | "AfterExpansion" >> faults["clients"]
+    if c.keep_sqlite_splits:
+      # Grouped by (TFF split, id); from here on a client is its id in that split.
+      clients = clients | "KeepSqliteSplits" >> beam.Map(_in_kept_split)
     checked = clients | "CheckEmptyClients" >> CheckEmptyClients(c.empty_clients)
     clients, reports = checked["clients"], [accounted]
+    if c.partition is not None:
+      # num_input_records (from `accounted`) counts the records kept.
+      reports.append(parted["dropped"] | "DroppedReport" >> beam.Map(
+          lambda dropped: {"partition_dropped_examples": dropped}))
     if c.empty_clients == "drop":
       sizes = sizes | "DropEmptySizes" >> beam.Filter(lambda size: size[2] > 0)
     if c.splits:
@@ -281,6 +352,9 @@ class PrepareStore(beam.PTransform):
       split = clients | "SplitTrainTest" >> SplitTrainTest(c.split_config(), sizes=sizes)
       clients, planned = split["clients"], split["planned"]
       reports.append(split["report"])
+    elif c.keep_sqlite_splits:
+      planned = sizes | "KeptSplits" >> beam.MapTuple(
+          lambda key, _, num: sources.kept_split_client(key)[::-1] + (num,))
     else:
       planned = sizes | "Unsplit" >> beam.MapTuple(lambda cid, _, num: (cid, UNSPLIT, num))
     # What each split should hold, from the planned sizes alone; the commit
@@ -296,6 +370,12 @@ class PrepareStore(beam.PTransform):
         planned_clients=planned_clients, planned_splits=planned_splits, input_records=num_read,
         data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync,
         progress=self._progress)
+
+
+def _in_kept_split(client: ClientRecords) -> ClientRecords:
+  """A client grouped under `sources.kept_split_key` as its own id in that split."""
+  split, client_id = sources.kept_split_client(client.client_id)
+  return ClientRecords(client_id=client_id, records=client.records, split=split)
 
 
 class RecordCountMismatchError(RuntimeError):
@@ -437,7 +517,7 @@ def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, A
 
 
 _KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "CleanupError",
-                 "InvalidClientIdError",
+                 "InvalidClientIdError", "PartitionError",
                  "ExpansionError", "SplitError", "EmptyClientsError",
                  "RecordCountMismatchError")
 
@@ -492,7 +572,8 @@ class PrepareResult:
     return "\n".join(lines)
 
 
-_OWN_ERRORS = (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError)
+_OWN_ERRORS = (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError,
+               PartitionError)
 
 
 def _failed_job_error(error: BaseException, lease) -> BaseException:
@@ -565,6 +646,12 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
   try:
     if config.input_format == "tff-sqlite":
       sources.sqlite_row_ranges(config.input, config.sqlite_split)
+      if config.keep_sqlite_splits and config.sqlite_split is None:
+        for name in sources.sqlite_splits(config.input):
+          try:
+            check_split_name(name, f"{config.input}: TFF split_name {name!r}")
+          except StoreFormatError as e:
+            raise PrepareError(f"{e}; pick the splits to keep with --sqlite-split") from None
       stat = os.stat(config.input)
       inputs = [(config.input, stat.st_size, stat.st_mtime)]
     else:

@@ -5,7 +5,7 @@ LEAF's JSON by `fedbeam.pipelines.text_sources`; `ReadClientInput` picks the
 reader of a format.
 
 Each source is a `beam.PTransform` applied to the pipeline root that outputs
-lists of `InputRecord`s (TFRecord: `ExampleBatch`es), plus a PCollection of
+lists of `InputRecord`s (TFRecord and TFF SQLite: `ExampleBatch`es), plus a PCollection of
 client ids the input declares even when they have no example (TFF's SQLite
 `client_metadata` can list empty clients).
 Files are read whole by one worker each, in a DoFn, so every record keeps
@@ -18,13 +18,13 @@ import dataclasses
 import datetime
 import os
 import sqlite3
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from fedbeam.pipelines.example_records import ExampleBatch, parse_example_record
+from fedbeam.pipelines.example_records import ExampleBatch
 from fedbeam.format.layout import InvalidClientIdError, check_client_id
 from fedbeam.format.tfrecord import CorruptRecordError, read_tfrecords
 from fedbeam.pipelines.raw_values import client_id_of, typed_feature
@@ -35,8 +35,10 @@ INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite", "parquet", "csv", "jsonl", "l
 # Records of a TFRecord file handed on together (see ExampleBatch).
 BATCH_RECORDS = 2048
 BATCH_BYTES = 8 << 20
-# Rows of a TFF SQLite database read by one work item.
-SQLITE_ROWS_PER_RANGE = 20_000
+# Rows of a TFF SQLite database read by one work item: small enough that the
+# ranges spread evenly over the workers (one range of 20,000 rows beside a
+# short one left a worker idle for a third of the read), two batches each.
+SQLITE_ROWS_PER_RANGE = 2 * BATCH_RECORDS
 
 
 def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
@@ -68,7 +70,8 @@ def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
 class _ReadTFRecordFile(beam.DoFn):
   """path -> `ExampleBatch`es of the file's records, in order."""
 
-  def __init__(self, client_id_key: str):
+  def __init__(self, client_id_key: Optional[str]):
+    # None: the records hold no client id (a partitioner assigns them).
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
@@ -117,7 +120,7 @@ class _ReadFiles(beam.PTransform):
 
   reader_cls: type = None
 
-  def __init__(self, paths: Sequence[str], client_id_key: str):
+  def __init__(self, paths: Sequence[str], client_id_key: Optional[str]):
     super().__init__()
     self._paths = list(paths)
     self._client_id_key = client_id_key
@@ -231,7 +234,7 @@ def _converted(value, depth: int, convert):
 
 class _ReadAvroFile(beam.DoFn):
 
-  def __init__(self, client_id_key: str):
+  def __init__(self, client_id_key: Optional[str]):
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
@@ -262,10 +265,13 @@ class _ReadAvroFile(beam.DoFn):
       read[0] += 1
 
   def _to_record(self, row, fields, source, position) -> InputRecord:
-    if self._client_id_key not in row:
+    if self._client_id_key is None:
+      client_id = ""  # A partitioner assigns it.
+    elif self._client_id_key not in row:
       raise InputError(f"{source}: client-id field {self._client_id_key!r} is missing "
                        f"(fields present: {sorted(row)})")
-    client_id = client_id_of(row[self._client_id_key], self._client_id_key, source)
+    else:
+      client_id = client_id_of(row[self._client_id_key], self._client_id_key, source)
     features = {}
     for name, field in fields.items():
       value = row.get(name)
@@ -302,29 +308,44 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
   return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def _check_sqlite_split(con: sqlite3.Connection, path: str, split_name: str) -> None:
-  """Raises InputError naming the splits that exist when `split_name` is not one of them.
-
-  The client_metadata table (one row per client) is asked first; the examples
-  table only when the split is not there.
-  """
-  declared = {r[0] for r in con.execute("SELECT DISTINCT split_name FROM client_metadata")}
-  if split_name in declared:
-    return
-  if con.execute("SELECT 1 FROM examples WHERE split_name = ? LIMIT 1",
-                 (split_name,)).fetchone():
-    return
-  found = declared | {r[0] for r in con.execute("SELECT DISTINCT split_name FROM examples")}
-  names = ", ".join(repr(n) for n in sorted(found, key=str)) or "none"
-  raise InputError(f"--sqlite-split {split_name!r}: {path} has no such split; "
-                   f"its splits are {names}")
+def sqlite_split_names(split: Optional[Union[str, Sequence[str]]]) -> Optional[tuple[str, ...]]:
+  """`--sqlite-split` as a tuple of names (one name may be given as a string), or None."""
+  if split is None:
+    return None
+  return (split,) if isinstance(split, str) else tuple(split)
 
 
-def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, int]]:
+def _split_filter(split: Optional[Union[str, Sequence[str]]]) -> tuple[str, list]:
+  """SQL condition on `split_name` (or "1" for every row) and its parameters."""
+  names = sqlite_split_names(split)
+  if names is None:
+    return "1", []
+  return f"split_name IN ({', '.join('?' * len(names))})", list(names)
+
+
+# Between the reader and `kept_split_client`, a client of a TFF split kept as a
+# store split is keyed by split and id: TFF's databases hold the same id in
+# several splits (EMNIST's writers are in train and test). Split names hold no
+# '/' (fedbeam.format.layout.SPLIT_NAME_RE), so the first '/' ends the split.
+def kept_split_key(split_name: str, client_id: str) -> str:
+  """The grouping key of `client_id` in TFF split `split_name` (`--keep-sqlite-splits`)."""
+  return f"{split_name}/{client_id}"
+
+
+def kept_split_client(key: str) -> tuple[str, str]:
+  """(split name, client id) of a `kept_split_key`."""
+  split_name, _, client_id = key.partition("/")
+  return split_name, client_id
+
+
+def sqlite_row_ranges(path: str, split_name: Optional[Union[str, Sequence[str]]]
+                      ) -> list[tuple[int, int]]:
   """Splits the `examples` table of a TFF SQLite database into rowid ranges.
 
   Raises:
-    InputError: not a local file, not SQLite, not TFF's layout, or no split `split_name`.
+    InputError: not a local file, not SQLite, not TFF's layout, or a split
+      name (`--sqlite-split`) the database does not hold; the message lists
+      the split names it holds.
   """
   if "://" in path:
     raise InputError(f"--input {path}: TFF SQLite databases must be local files "
@@ -338,8 +359,13 @@ def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, i
       if missing:
         raise InputError(f"{path}: not a TFF client-data database (missing table(s) "
                          f"{sorted(missing)}; found {sorted(tables)})")
-      if split_name is not None:
-        _check_sqlite_split(con, path, split_name)
+      names = sqlite_split_names(split_name)
+      if names is not None:
+        present = _splits_in(con)
+        absent = [n for n in names if n not in present]
+        if absent:
+          raise InputError(f"--sqlite-split {absent[0]!r}: {path} has no such split_name; "
+                           f"its splits are {sorted(present, key=str)}")
       lo, hi = con.execute("SELECT min(rowid), max(rowid) FROM examples").fetchone()
   except sqlite3.DatabaseError as e:
     raise InputError(f"{path}: not a readable SQLite database ({e})") from None
@@ -349,91 +375,123 @@ def sqlite_row_ranges(path: str, split_name: Optional[str]) -> list[tuple[int, i
           for start in range(lo, hi + 1, SQLITE_ROWS_PER_RANGE)]
 
 
-def sqlite_row_count(path: str, split_name: Optional[str]) -> int:
+def _splits_in(con: sqlite3.Connection) -> set:
+  return {r[0] for r in con.execute("SELECT DISTINCT split_name FROM client_metadata UNION "
+                                    "SELECT DISTINCT split_name FROM examples")}
+
+
+def sqlite_splits(path: str) -> list[str]:
+  """The split names a TFF SQLite database holds (in either table), sorted.
+
+  Raises InputError as `sqlite_row_ranges` does (call that first).
+  """
+  try:
+    with _connect_readonly(path) as con:
+      return sorted(_splits_in(con), key=str)
+  except sqlite3.DatabaseError as e:
+    raise InputError(f"{path}: not a readable SQLite database ({e})") from None
+
+
+def sqlite_row_count(path: str, split_name: Optional[Union[str, Sequence[str]]]) -> int:
   """The rows of the `examples` table of a TFF SQLite database (of `split_name`, if given).
 
   The records the readers must deliver, declared by the input itself. Raises
   InputError as `sqlite_row_ranges` does (call that first).
   """
-  query, params = "SELECT count(*) FROM examples", []
-  if split_name is not None:
-    query += " WHERE split_name = ?"
-    params.append(split_name)
+  condition, params = _split_filter(split_name)
   try:
     with _connect_readonly(path) as con:
-      return int(con.execute(query, params).fetchone()[0])
+      return int(con.execute(f"SELECT count(*) FROM examples WHERE {condition}",
+                             params).fetchone()[0])
   except sqlite3.DatabaseError as e:
     raise InputError(f"{path}: not a readable SQLite database ({e})") from None
 
 
 class _ReadSqliteRange(beam.DoFn):
+  """A rowid range -> `ExampleBatch`es of its rows (ids from the `client_id` column).
 
-  def __init__(self, path: str, split_name: Optional[str]):
+  The rows leave as bytes, parsed only by the steps that need their values:
+  a parsed message per row would be pickled between steps, which cost most
+  of the job's time. With `keep_splits` the ids are `kept_split_key`s.
+  """
+
+  def __init__(self, path: str, split_name: Optional[Sequence[str]], keep_splits: bool = False):
     self._path = path
     self._split_name = split_name
+    self._keep_splits = keep_splits
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
-  def process(self, row_range: tuple[int, int]) -> Iterable[list[InputRecord]]:
-    query = ("SELECT rowid, client_id, serialized_example_proto FROM examples "
-             "WHERE rowid BETWEEN ? AND ?")
-    params: list = list(row_range)
-    if self._split_name is not None:
-      query += " AND split_name = ?"
-      params.append(self._split_name)
-    yield from _in_lists(self._records_of(query, params))
+  def process(self, row_range: tuple[int, int]) -> Iterable[ExampleBatch]:
+    condition, params = _split_filter(self._split_name)
+    query = ("SELECT rowid, client_id, serialized_example_proto, split_name FROM examples "
+             f"WHERE rowid BETWEEN ? AND ? AND {condition}")
+    path = self._path
+    with _connect_readonly(path) as con:
+      cursor = con.execute(query, list(row_range) + params)
+      while True:
+        rows = cursor.fetchmany(BATCH_RECORDS)
+        if not rows:
+          break
+        ids = []
+        for rowid, raw_id, _, split in rows:
+          try:
+            client_id = check_client_id(raw_id, f"{path} rowid {rowid}")
+          except InvalidClientIdError as e:
+            raise InputError(str(e)) from None
+          ids.append(kept_split_key(split, client_id) if self._keep_splits else client_id)
+        rowids = tuple(row[0] for row in rows)
+        yield ExampleBatch(path, rowids[0], [bytes(row[2]) for row in rows], None,
+                           client_ids=tuple(ids), indices=rowids, index_name="rowid")
+        self._records.inc(len(rows))
 
-  def _records_of(self, query: str, params: list) -> Iterable[InputRecord]:
-    with _connect_readonly(self._path) as con:
-      for rowid, raw_id, data in con.execute(query, params):
-        source = f"{self._path} rowid {rowid}"
-        try:
-          client_id = check_client_id(raw_id, source)
-        except InvalidClientIdError as e:
-          raise InputError(str(e)) from None
-        record = parse_example_record(bytes(data), None, source, (self._path, rowid))
-        self._records.inc()
-        yield InputRecord(client_id, record.features, record.position, record.example)
 
-
-def _sqlite_declared_clients(path: str, split_name: Optional[str]) -> Iterable[str]:
-  query = "SELECT DISTINCT client_id FROM client_metadata"
-  params: list = []
-  if split_name is not None:
-    query += " WHERE split_name = ?"
-    params.append(split_name)
+def _sqlite_declared_clients(path: str, split_name: Optional[Sequence[str]],
+                             keep_splits: bool = False) -> Iterable[str]:
+  condition, params = _split_filter(split_name)
+  query = f"SELECT DISTINCT client_id, split_name FROM client_metadata WHERE {condition}"
+  seen = set()
   with _connect_readonly(path) as con:
-    for (raw_id,) in con.execute(query, params):
+    for raw_id, split in con.execute(query, params):
       try:
-        yield check_client_id(raw_id, f"{path} table client_metadata")
+        client_id = check_client_id(raw_id, f"{path} table client_metadata")
       except InvalidClientIdError as e:
         raise InputError(str(e)) from None
+      key = kept_split_key(split, client_id) if keep_splits else client_id
+      if key not in seen:  # An id of several splits is one client unless they are kept.
+        seen.add(key)
+        yield key
 
 
 class ReadTffSqlite(beam.PTransform):
   """Reads a database written by `tff.simulation.datasets.save_to_sql_client_data`.
 
-  Input: the pipeline root. Output: a dict with `records` (lists of `InputRecord`s from
-  the `examples` table) and `clients` (every id in `client_metadata`, so
-  clients without examples are kept). `split_name` filters both tables like
-  TFF's `load_and_parse_sql_client_data(..., split_name=...)`.
+  Input: the pipeline root. Output: a dict with `records` (`ExampleBatch`es of
+  the `examples` table's rows, ids given by its `client_id` column) and
+  `clients` (every id in `client_metadata`, so clients without examples are
+  kept). `split_name` (one name or several) filters both tables like TFF's
+  `load_and_parse_sql_client_data(..., split_name=...)`, for each name.
+  With `keep_splits`, ids are `kept_split_key(split_name, id)`, so a client
+  of several splits stays one client per split.
   """
 
-  def __init__(self, path: str, split_name: Optional[str] = None):
+  def __init__(self, path: str, split_name: Optional[Union[str, Sequence[str]]] = None,
+               keep_splits: bool = False):
     super().__init__()
     self._path = path
-    self._split_name = split_name
+    self._split_name = sqlite_split_names(split_name)
+    self._keep_splits = keep_splits
 
   def expand(self, pbegin):
     ranges = sqlite_row_ranges(self._path, self._split_name)
+    path, split, keep = self._path, self._split_name, self._keep_splits
     records = (pbegin
                | "RowRanges" >> beam.Create(ranges)
                | "SpreadRanges" >> beam.Reshuffle()
-               | "ReadRows" >> beam.ParDo(_ReadSqliteRange(self._path, self._split_name)))
-    path, split = self._path, self._split_name
+               | "ReadRows" >> beam.ParDo(_ReadSqliteRange(path, split, keep)))
     clients = (pbegin
                | "Database" >> beam.Create([path])
                | "ReadClientMetadata" >> beam.FlatMap(
-                   lambda p: _sqlite_declared_clients(p, split)))
+                   lambda p: _sqlite_declared_clients(p, split, keep)))
     return {"records": records, "clients": clients}
 
 
@@ -453,15 +511,27 @@ def declares_clients(input_format: str) -> bool:
 class ReadClientInput(beam.PTransform):
   """Reads any supported input. Output: {"records": ExampleBatch | list[InputRecord], "clients": str}.
 
-  `clients` is empty unless `declares_clients(input_format)`.
+  `clients` is empty unless `declares_clients(input_format)`. With `unkeyed`,
+  the records have no client id yet (`ExampleBatch`es without ids, records
+  with an empty id): `fedbeam.pipelines.partition` assigns them.
   """
 
   def __init__(self, paths: Sequence[str], input_format: str,
-               client_id_key: Optional[str] = None, sqlite_split: Optional[str] = None):
+               client_id_key: Optional[str] = None,
+               sqlite_split: Optional[Union[str, Sequence[str]]] = None,
+               unkeyed: bool = False, keep_sqlite_splits: bool = False):
+    """`unkeyed`: the input has no client id (TFRecord, Avro); a partitioner assigns them.
+
+    `keep_sqlite_splits`: TFF SQLite ids are `kept_split_key`s (see `ReadTffSqlite`).
+    """
     super().__init__()
     if input_format not in INPUT_FORMATS:
       raise InputError(f"--input-format {input_format!r}: use one of {list(INPUT_FORMATS)}")
-    if needs_client_id_key(input_format) and not client_id_key:
+    if unkeyed and (client_id_key or input_format not in ("tfrecord", "avro")):
+      raise InputError(f"--partition takes --input-format tfrecord or avro without "
+                       f"--client-id-key (got {input_format}"
+                       + (f" with --client-id-key {client_id_key})" if client_id_key else ")"))
+    if needs_client_id_key(input_format) and not client_id_key and not unkeyed:
       raise InputError(f"--client-id-key is required with --input-format {input_format}")
     if input_format == "tff-sqlite" and len(paths) != 1:
       raise InputError(f"--input-format tff-sqlite reads one database, got {len(paths)} files")
@@ -469,10 +539,12 @@ class ReadClientInput(beam.PTransform):
     self._format = input_format
     self._key = client_id_key
     self._sqlite_split = sqlite_split
+    self._keep_sqlite_splits = keep_sqlite_splits
 
   def expand(self, pbegin):
     if self._format == "tff-sqlite":
-      return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split)
+      return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split,
+                                                   self._keep_sqlite_splits)
     # The other readers import this module, so they are imported here.
     # pylint: disable-next=g-import-not-at-top
     from fedbeam.pipelines import parquet_source, text_sources

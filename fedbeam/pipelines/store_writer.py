@@ -157,7 +157,8 @@ class _WriteManifestFile(beam.DoFn):
     import io  # pylint: disable=g-import-not-at-top
     import fastavro  # pylint: disable=g-import-not-at-top
     index, rows = element
-    rows = sorted((r for r in rows if r is not None), key=lambda r: r["client_id"])
+    # By id, then split: a store of kept TFF splits holds an id in several splits.
+    rows = sorted((r for r in rows if r is not None), key=lambda r: (r["client_id"], r["split"]))
     buf = io.BytesIO()
     # The element spec also goes into each manifest file's header: a reader
     # compares it with the metadata's, so a dtype or shape edited in

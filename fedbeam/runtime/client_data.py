@@ -667,35 +667,47 @@ class _ClientTensorsFn:
     return self._function.get_concrete_function(*args, **kwargs)
 
 
-def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[str, int, int]]:
-  """Every manifest row as client id -> (split, num_examples, num_bytes), checked.
+def _manifest_rows(path: str, metadata: Mapping[str, Any],
+                   wanted: Optional[set] = None) -> dict[str, tuple[str, int, int]]:
+  """The manifest rows of the `wanted` splits (default all) as client id -> (split, num_examples,
+  num_bytes), every row checked.
 
   `read_manifest` bounds each row on its own (non-negative counts that fit
   the bytes). The rows must also agree with the metadata, which another step
   of the job wrote: every split a row names is in `metadata["splits"]`, ids
-  are unique, only an empty client has 0 bytes, and each split's clients,
-  examples, bytes and empty clients add up to its entry.
+  are unique within a split, only an empty client has 0 bytes, and each
+  split's clients, examples, bytes and empty clients add up to its entry. An
+  id may be in several splits (a store of TFF's splits kept,
+  `--keep-sqlite-splits`), but not in two wanted ones: one ClientData has
+  one dataset per id.
 
   Raises:
     StoreFormatError: naming the store, the client or split, and the figures.
+    ValueError: an id is in two wanted splits; the message names them.
   """
   splits = {s["name"]: s for s in metadata["splits"]}
   totals = {name: [0, 0, 0, 0] for name in splits}
   rows: dict[str, tuple[str, int, int]] = {}
+  seen: set = set()
+  shared: Optional[tuple] = None
   for row in read_manifest(path, metadata):
     cid, split = row["client_id"], row["split"]
     where = f"store {path} is damaged: manifest row of client {cid!r}"
     if split not in totals:
       raise StoreFormatError(f"{where} names split {split!r}, which the metadata does not "
-                             f"list (its splits are {sorted(splits)})")
-    if cid in rows:
-      raise StoreFormatError(f"{where} appears twice (splits {rows[cid][0]!r} and {split!r})")
+                                f"list (its splits are {sorted(splits)})")
+    if (split, cid) in seen:
+      raise StoreFormatError(f"{where} appears twice in split {split!r}")
+    seen.add((split, cid))
     num_examples, num_bytes = int(row["num_examples"]), int(row["num_bytes"])
     if (num_examples == 0) != (num_bytes == 0):
       raise StoreFormatError(
           f"{where} has num_examples {num_examples} in num_bytes {num_bytes}: only an empty "
           "client has 0 bytes")
-    rows[cid] = (split, num_examples, num_bytes)
+    if wanted is None or split in wanted:
+      if cid in rows and shared is None:
+        shared = (cid, rows[cid][0], split)
+      rows[cid] = (split, num_examples, num_bytes)
     t = totals[split]
     t[0] += 1
     t[1] += num_examples
@@ -707,6 +719,10 @@ def _manifest_rows(path: str, metadata: Mapping[str, Any]) -> dict[str, tuple[st
         raise StoreFormatError(
             f"store {path} is damaged: split {name!r} has {field} {splits[name][field]} in "
             f"the metadata but {t[i]} in the manifest; run `fedbeam validate {path}`")
+  if shared is not None:
+    cid, one, other = shared
+    raise ValueError(f"store {path}: client {cid!r} is in splits {one!r} and {other!r}; load "
+                     "one split at a time (load_client_data(path, split=...))")
   return rows
 
 
@@ -722,14 +738,15 @@ def load_client_data(path: str, split: Optional[str] = None) -> StoreClientData:
     StoreFormatError: no committed store at `path`, an unsupported format
       version, a damaged manifest, or manifest rows that disagree with the
       metadata's per-split figures (`_manifest_rows`).
-    ValueError: `split` is not a split of the store, or it has no client.
+    ValueError: `split` is not a split of the store, or it has no client, or
+      (with `split` None) a client id is in several splits.
   """
   metadata = read_metadata(path)
   names = [s["name"] for s in metadata["splits"]]
   if split is not None and split not in names:
     raise ValueError(f"split {split!r} is not in store {path}; its splits are {names}")
   wanted = set(names) if split is None else {split}
-  rows = {cid: row for cid, row in _manifest_rows(path, metadata).items() if row[0] in wanted}
+  rows = _manifest_rows(path, metadata, wanted)
   if not rows:
     raise ValueError(f"store {path} has no client in split(s) {sorted(wanted)}")
   data_dir = data_root(path, metadata)

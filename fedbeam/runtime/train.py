@@ -246,6 +246,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                            "accuracy per round, from metrics.csv")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar on stderr")
+  parser.add_argument("--train-split", metavar="NAME",
+                      help="the store's split to train on (default: 'train', "
+                      "or the single split 'all')")
+  parser.add_argument("--test-split", metavar="NAME",
+                      help="the split to evaluate on (default: 'test' when "
+                      "present)")
+  parser.add_argument("--test-store", metavar="STORE",
+                      help="evaluate on a split of this store instead "
+                      "(--test-split, default its 'test', or its single "
+                      "split)")
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
@@ -285,28 +295,49 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
   )
 
 
-def _load_store_splits(store: str):
+def _load_store_splits(store: str, train_split: Optional[str] = None,
+                       test_split: Optional[str] = None,
+                       test_store: Optional[str] = None):
   """Returns `(train, test or None)` ClientData of a store.
 
-  A store with a `train` split trains on it and evaluates on `test` when
-  present; a store whose only split is `all` trains on it without
-  evaluation.
+  By default a store with a `train` split trains on it and evaluates on
+  `test` when present; a store whose only split is `all` trains on it
+  without evaluation. `train_split`, `test_split` name the splits instead;
+  `test_store` evaluates on a split of another store (`test_split`, else its
+  `test`, else its single split). Splits are loaded one at a time, so a
+  store whose splits share client ids (TFF's splits kept) loads too.
   """
+  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
 
-  everything = load_client_data(store)
-  splits = tuple(everything.splits)
-  if "train" in splits:
-    test = load_client_data(store, split="test") if "test" in splits else None
-    return load_client_data(store, split="train"), test
-  if splits == ("all",):
-    logger.warning("store %s has a single split 'all': training on it, "
-                   "no evaluation", store)
-    return everything, None
-  raise TrainError(
-      f"store {store} has splits {list(splits)}; training needs a 'train' "
-      "split (and uses 'test' if present) or a single 'all' split"
-  )
+  splits = tuple(s["name"] for s in read_metadata(store)["splits"])
+  if train_split is None and "train" not in splits and splits != ("all",):
+    raise TrainError(
+        f"store {store} has splits {list(splits)}; training needs a 'train' "
+        "split (and uses 'test' if present), a single 'all' split, or "
+        "--train-split NAME")
+  if train_split is None:
+    train_split = "train" if "train" in splits else "all"
+    if train_split == "all" and test_split is None and test_store is None:
+      logger.warning("store %s has a single split 'all': training on it, "
+                     "no evaluation", store)
+  train = load_client_data(store, split=train_split)
+  if test_store is not None:
+    names = tuple(s["name"] for s in read_metadata(test_store)["splits"])
+    if test_split is None:
+      test_split = "test" if "test" in names else (
+          names[0] if len(names) == 1 else None)
+    if test_split is None:
+      raise TrainError(f"--test-store {test_store} has splits {list(names)}; "
+                       "name one with --test-split")
+    return train, load_client_data(test_store, split=test_split)
+  if test_split is None and train_split != "test" and "test" in splits:
+    test_split = "test"
+  if test_split is None:
+    return train, None
+  if test_split == train_split:
+    raise TrainError(f"--test-split {test_split!r} is the split trained on")
+  return train, load_client_data(store, split=test_split)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -350,7 +381,9 @@ def run_train(args: argparse.Namespace) -> int:
   except ValueError as error:
     return fail(error, 2)
   try:
-    train_data, test_data = _load_store_splits(args.store)
+    train_data, test_data = _load_store_splits(
+        args.store, getattr(args, "train_split", None),
+        getattr(args, "test_split", None), getattr(args, "test_store", None))
   except ValueError as error:
     # StoreFormatError and the loader's errors are ValueErrors.
     return fail(error, 1)
