@@ -21,6 +21,7 @@ from fedbeam import store_format as sf
 from fedbeam import testing
 from fedbeam.element_spec import ElementSpec
 from fedbeam.pipelines import prepare, sources
+from fedbeam.pipelines.local_runner import local_runner_scope
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam.pipelines.store_writer import WriteStore
 
@@ -73,10 +74,11 @@ def _run(config: prepare.PrepareConfig, fault_steps=None) -> None:
   inputs = sources.match_input_files(config.input)
   prepare.prepare_output_dir(config.output, config.overwrite)
   key = prepare.job_key(config, inputs)
-  pipeline = beam.Pipeline(runner=FnApiRunner())
-  _ = pipeline | "Prepare" >> prepare.PrepareStore(
-      config, [p for p, _, _ in inputs], key, fault_steps=fault_steps)
-  pipeline.run().wait_until_finish()
+  with local_runner_scope():
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    _ = pipeline | "Prepare" >> prepare.PrepareStore(
+        config, [p for p, _, _ in inputs], key, fault_steps=fault_steps)
+    pipeline.run().wait_until_finish()
 
 
 def _failure(config: prepare.PrepareConfig, fault_steps) -> str:

@@ -27,7 +27,6 @@ import apache_beam as beam
 import numpy as np
 
 from fedbeam.element_spec import ElementSpec, numpy_dtype
-from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam import store_format as sf
@@ -153,7 +152,6 @@ class _ExpandClient(beam.DoFn):
     self._pseudo = beam.metrics.Metrics.counter("fedbeam", "pseudo_clients")
 
   def setup(self):
-    tune_allocator()
     self._fn = load_transform(self._make) if isinstance(self._make, str) else self._make
 
   def process(self, client: ClientRecords, num_raw: int, remainder_last: Optional[str],

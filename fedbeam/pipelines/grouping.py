@@ -13,7 +13,6 @@ from typing import Iterable, Optional
 import apache_beam as beam
 
 from fedbeam.element_spec import ElementSpec, numpy_dtype
-from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.example_records import (ExampleBatch, as_input_records, encode_batch,
                                                encode_record)
 from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord
@@ -63,9 +62,6 @@ class _EncodeAndPregroup(beam.DoFn):
 
   def __init__(self, order_by: Optional[str]):
     self._order_by = order_by
-
-  def setup(self):
-    tune_allocator()
 
   def process(self, element, spec: Optional[ElementSpec]):
     if spec is None:  # Unreachable: an empty input has no record to encode.
