@@ -13,8 +13,8 @@ stage over its data plane. In apache-beam 2.72 that stream is a
 `TimeBasedBufferingClosableOutputStream` whose background flush can drop a
 chunk the runner thread writes between its copy and its clear of the buffer
 (see fedbeam/pipelines/local_runner.py). A guarded run calls
-`fedbeam.pipelines.local_runner.guard_local_runner()` before building the
-pipeline; an unguarded run does not import fedbeam at all.
+builds and runs the pipeline inside `fedbeam.pipelines.local_runner.guarded_runner()`;
+an unguarded run does not import fedbeam at all.
 
 Each run is a fresh process (so the guard is in place in it or not), one
 after another (each holds about 1.2 GB), unguarded and guarded runs taking
@@ -76,11 +76,18 @@ def log(msg: str) -> None:
 # --- one run (a fresh process) ---------------------------------------------------------
 
 def child(args) -> int:
-  """Runs the pipeline once and prints one `DATA_PLANE_LOSS_RESULT {json}` line."""
-  guarded = None
-  if args.guard:
-    from fedbeam.pipelines.local_runner import guard_local_runner  # pylint: disable=g-import-not-at-top
-    guarded = guard_local_runner()
+  """Runs the pipeline once and prints one `DATA_PLANE_LOSS_RESULT {json}` line.
+
+  With --guard, the pipeline is built and run inside fedbeam's `guarded_runner()`.
+  """
+  if not args.guard:
+    return _run_pipeline(args, None)
+  from fedbeam.pipelines.local_runner import guarded_runner  # pylint: disable=g-import-not-at-top
+  with guarded_runner():
+    return _run_pipeline(args, True)
+
+
+def _run_pipeline(args, guarded) -> int:
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
@@ -211,8 +218,8 @@ def readme_section(result: dict) -> str:
       "`TimeBasedBufferingClosableOutputStream` (apache_beam/runners/worker/data_plane.py) "
       "flushes from a background thread by copying and then clearing its buffer while the runner "
       "thread (`BundleManager._send_input_to_worker`) keeps writing to it: a chunk written in "
-      "between is dropped without an error. \"guarded\" runs call "
-      "`fedbeam.pipelines.local_runner.guard_local_runner()` first (size-based streams, flushed "
+      "between is dropped without an error. \"guarded\" runs run the pipeline inside "
+      "`fedbeam.pipelines.local_runner.guarded_runner()` (size-based streams, flushed "
       "on the writing thread between chunks); \"unguarded\" runs do not import fedbeam. Each run "
       "is a fresh process; runs go one after another, unguarded and guarded taking turns. "
       "Lost = expected − elements the second stage counted; \"each id once\" = count, sum and sum "

@@ -27,6 +27,7 @@ import apache_beam as beam
 import numpy as np
 
 from fedbeam.element_spec import ElementSpec, numpy_dtype
+from fedbeam.batch_form import batch_form_of
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam import store_format as sf
@@ -238,9 +239,9 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
 
   Returns the re-encoded records in the same order (the input list itself when
   the transform is None). The transform maps elements as `tf.data.Dataset.map`
-  would; when the returned fn carries a `fedbeam_batch_fn` attribute (see
-  `fedbeam.transforms`), that is called once on all elements stacked on axis
-  0 as numpy arrays instead, which must give the same elements (then no
+  would; when the returned fn declares a batch form (`fedbeam.batch_form`:
+  its `fedbeam_batch_fn`), that is called once on all elements stacked on
+  axis 0 as numpy arrays instead, which must give the same elements (then no
   TensorFlow is needed).
 
   Raises:
@@ -263,7 +264,10 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
     return records
   parsed = parsed or _ParsedClient(records, spec)
   arrays = parsed.arrays()
-  batch_fn = getattr(fn, "fedbeam_batch_fn", None)
+  try:
+    batch_fn = batch_form_of(fn)
+  except TypeError as e:
+    raise ExpansionError(f"{where}: {e}") from None
   if arrays is not None and batch_fn is not None:
     try:
       out = batch_fn(collections.OrderedDict(arrays))

@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedbeam.batch_form import batch_form_of
 from fedbeam.runtime import client_work
 
 __all__ = [
@@ -698,7 +699,7 @@ class SimulationLoop:
       tensors_fn = getattr(self._train_data, "client_tensors_fn", None)
     except ValueError:  # Variable-length features cannot be stacked.
       tensors_fn = None
-    batch_fn = getattr(preprocess, "fedbeam_batch_fn", None)
+    batch_fn = batch_form_of(preprocess)
 
     def examples(client_id):
       """The client's preprocessed, unbatched elements."""
