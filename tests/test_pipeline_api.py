@@ -22,7 +22,7 @@ from fedbeam import cli
 from fedbeam import store_format as sf
 from fedbeam import testing
 from fedbeam.pipelines import allocator, local_runner
-from fedbeam.pipelines.prepare import runs_on_local_runner
+from fedbeam.pipelines.prepare import default_runner_options, runs_on_local_runner
 from fedbeam.store_validation import validate_store
 
 
@@ -184,6 +184,20 @@ def test_only_beams_local_runners_get_the_scope():
   assert runs_on_local_runner(DirectRunner())
   assert not runs_on_local_runner(DataflowRunner())
   assert not runs_on_local_runner(DaskRunner())
+
+
+@pytest.mark.parametrize("flags, local", [
+    ([], True),
+    (["--runner=DirectRunner"], True),
+    (["--runner=DataflowRunner"], False),
+    (["--runner=fedbeam.pipelines.dask.DaskRunner"], False),
+])
+def test_run_prepare_picks_the_runner_its_flags_name_and_scopes_only_local_ones(flags, local):
+  options, runner = default_runner_options(flags)
+  assert runs_on_local_runner(runner) is local
+  if flags:
+    assert type(runner).__name__ == flags[0].split("=")[1].split(".")[-1].replace(
+        "DirectRunner", "SwitchingDirectRunner")
 
 
 def test_scopes_nest_and_the_last_one_out_restores_beam():
