@@ -13,8 +13,8 @@ stage over its data plane. In apache-beam 2.72 that stream is a
 `TimeBasedBufferingClosableOutputStream` whose background flush can drop a
 chunk the runner thread writes between its copy and its clear of the buffer
 (see fedbeam/pipelines/local_runner.py). A guarded run calls
-`fedbeam.pipelines.local_runner.guard_local_runner()` before building the
-pipeline; an unguarded run does not import fedbeam at all.
+builds and runs the pipeline inside `fedbeam.pipelines.local_runner.guarded_runner()`;
+an unguarded run does not import fedbeam at all.
 
 Each run is a fresh process (so the guard is in place in it or not), one
 after another (each holds about 1.2 GB), unguarded and guarded runs taking
@@ -26,6 +26,11 @@ seconds. The loss is a race: a run may lose nothing.
     .venv/bin/python -m bench.beam_data_plane_loss > build/bench/logs/beam_data_plane_loss.log 2>&1
     .venv/bin/python -m bench.beam_data_plane_loss --modes multi_processing,multi_threading
     .venv/bin/python -m bench.beam_data_plane_loss --runs 1 --no-write   # smoke run
+    .venv/bin/python -m bench.beam_data_plane_loss --beam-patch runner   # a proposed Beam fix
+
+`--beam-patch runner|lock` applies one of the patches proposed to Beam in
+docs/upstream/beam-data-plane-race.md (in the child process, instead of
+fedbeam's guard, in the runs otherwise guarded) and only logs the results.
 
 Writes bench/results/data_plane_loss.json and the "Beam data-plane loss
 (local runner)" section of bench/README.md. About 2 minutes with the defaults
@@ -62,6 +67,9 @@ def parse_args(argv=None):
   p.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed")
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--no-write", action="store_true")
+  p.add_argument("--beam-patch", choices=sorted(UPSTREAM_PATCHES),
+                 help="instead of fedbeam's guard, apply this patch proposed to Beam "
+                      "(docs/upstream/beam-data-plane-race.md); implies --no-write")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
   p.add_argument("--guard", action="store_true", help=argparse.SUPPRESS)
@@ -75,12 +83,54 @@ def log(msg: str) -> None:
 
 # --- one run (a fresh process) ---------------------------------------------------------
 
+def _patch_runner_streams() -> None:
+  """The runner-side patch: size-based runner streams, flushed between chunks by the writer."""
+  from apache_beam.runners.portability.fn_api_runner import fn_runner, worker_handlers  # pylint: disable=g-import-not-at-top
+  worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
+
+  def _send_input_to_worker(self, process_bundle_id, read_transform_id, byte_streams):
+    assert self._worker_handler is not None
+    data_out = self._worker_handler.data_conn.output_stream(process_bundle_id, read_transform_id)
+    for byte_stream in (byte_streams or []):
+      data_out.write(byte_stream)
+      data_out.maybe_flush()
+    data_out.close()
+
+  fn_runner.BundleManager._send_input_to_worker = _send_input_to_worker  # pylint: disable=protected-access
+
+
+def _patch_stream_lock() -> None:
+  """The class patch: TimeBasedBufferingClosableOutputStream.write holds the flush lock."""
+  from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
+
+  def write(self, b, nested=False):
+    with self._flush_lock:  # pylint: disable=protected-access
+      data_plane.SizeBasedBufferingClosableOutputStream.write(self, b, nested)
+
+  data_plane.TimeBasedBufferingClosableOutputStream.write = write
+
+
+# What --beam-patch applies in a child process (this process only; it exits after one run).
+UPSTREAM_PATCHES = {"runner": _patch_runner_streams, "lock": _patch_stream_lock}
+
+
 def child(args) -> int:
-  """Runs the pipeline once and prints one `DATA_PLANE_LOSS_RESULT {json}` line."""
-  guarded = None
-  if args.guard:
-    from fedbeam.pipelines.local_runner import guard_local_runner  # pylint: disable=g-import-not-at-top
-    guarded = guard_local_runner()
+  """Runs the pipeline once and prints one `DATA_PLANE_LOSS_RESULT {json}` line.
+
+  With --guard, the pipeline is built and run inside fedbeam's `guarded_runner()`;
+  with --beam-patch, on Beam with that patch applied.
+  """
+  if args.beam_patch:
+    UPSTREAM_PATCHES[args.beam_patch]()
+    return _run_pipeline(args, f"beam-patch:{args.beam_patch}")
+  if not args.guard:
+    return _run_pipeline(args, None)
+  from fedbeam.pipelines.local_runner import guarded_runner  # pylint: disable=g-import-not-at-top
+  with guarded_runner():
+    return _run_pipeline(args, True)
+
+
+def _run_pipeline(args, guarded) -> int:
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
@@ -149,7 +199,7 @@ def child(args) -> int:
 
 def run_once(args, mode: str, guard: bool, index: int) -> dict:
   """One run in a fresh process; its output goes to a log file, read back afterwards."""
-  name = f"data_plane_loss-{mode}-{'guarded' if guard else 'unguarded'}-{index}"
+  name = f"data_plane_loss-{mode}-{_label(args, guard)}-{index}"
   logs = os.path.join(args.workdir, "logs")
   tmp = os.path.join(args.workdir, "tmp")
   os.makedirs(tmp, exist_ok=True)
@@ -157,6 +207,8 @@ def run_once(args, mode: str, guard: bool, index: int) -> dict:
          "--workers", str(args.workers), "--files", str(args.files), "--per-file",
          str(args.per_file), "--value-bytes", str(args.value_bytes),
          "--result", os.path.join(tmp, name + ".json")] + (["--guard"] if guard else [])
+  if guard and args.beam_patch:
+    cmd[cmd.index("--guard")] = "--beam-patch=" + args.beam_patch
   env = dict(os.environ, PYTHONPATH=wl.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   run = wl.run_measured(cmd, os.path.join(logs, name + ".log"), env=env, timeout_s=args.timeout)
   with open(os.path.join(wl.ROOT, run["log"]), encoding="utf-8", errors="replace") as f:
@@ -169,6 +221,7 @@ def run_once(args, mode: str, guard: bool, index: int) -> dict:
     row["failed"] = f"{why} after {run['wall_s']:.0f} s; see {run['log']}"
     return row
   row.update(found[-1])
+  row["guard"] = guard  # A --beam-patch run takes the guarded runs' place.
   return row
 
 
@@ -211,8 +264,8 @@ def readme_section(result: dict) -> str:
       "`TimeBasedBufferingClosableOutputStream` (apache_beam/runners/worker/data_plane.py) "
       "flushes from a background thread by copying and then clearing its buffer while the runner "
       "thread (`BundleManager._send_input_to_worker`) keeps writing to it: a chunk written in "
-      "between is dropped without an error. \"guarded\" runs call "
-      "`fedbeam.pipelines.local_runner.guard_local_runner()` first (size-based streams, flushed "
+      "between is dropped without an error. \"guarded\" runs run the pipeline inside "
+      "`fedbeam.pipelines.local_runner.guarded_runner()` (size-based streams, flushed "
       "on the writing thread between chunks); \"unguarded\" runs do not import fedbeam. Each run "
       "is a fresh process; runs go one after another, unguarded and guarded taking turns. "
       "Lost = expected − elements the second stage counted; \"each id once\" = count, sum and sum "
@@ -262,10 +315,18 @@ def readme_section(result: dict) -> str:
   return "\n".join(lines)
 
 
+def _label(args, guard: bool) -> str:
+  if not guard:
+    return "unguarded"
+  return f"beam-patch-{args.beam_patch}" if args.beam_patch else "guarded"
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.child:
     return child(args)
+  if args.beam_patch:
+    args.no_write = True  # The README section and JSON hold fedbeam's guard.
   modes = [m for m in args.modes.split(",") if m]
   for m in modes:
     if m not in MODES:
@@ -278,7 +339,7 @@ def main(argv=None) -> int:
       for guard in (False, True):
         row = run_once(args, mode, guard, i + 1)
         runs.append(row)
-        what = f"{mode} {'guarded' if guard else 'unguarded'} run {i + 1}"
+        what = f"{mode} {_label(args, guard)} run {i + 1}"
         if "failed" in row:
           log(f"{what}: failed: {row['failed']}")
         else:
@@ -300,7 +361,7 @@ def main(argv=None) -> int:
       "versions": wl.versions(),
   }
   for g in groups:
-    log(f"{g['mode']} {'guarded' if g['guard'] else 'unguarded'}: lost {g['lost_per_run']}, "
+    log(f"{g['mode']} {_label(args, g['guard'])}: lost {g['lost_per_run']}, "
         f"median {g['median_s']} s")
   if not args.no_write:
     wl.write_json(RESULT_FILE, result)

@@ -16,10 +16,10 @@ whole process tree, Beam's worker processes included, polled with psutil every
   + manifest + commit), the like-for-like row;
 - `plain_beam`: a plain Beam pipeline (below): ReadFromTFRecord -> key by the
   Example's `client_id` -> GroupByKey -> one TFRecord file per client;
-- `plain_beam_tuned`: the same plain pipeline after fedbeam's
-  `guard_local_runner()` and allocator settings (what `fedbeam prepare` does
-  to its runner before it starts), to show how much of fedbeam's lead those
-  account for;
+- `plain_beam_tuned`: the same plain pipeline inside fedbeam's
+  `local_runner_scope()` (the runner guard and allocator settings
+  `fedbeam prepare` runs its pipeline in), to show how much of fedbeam's lead
+  those account for;
 - `grouper`: dataset_grouper 0.3.0's pipeline (bench/grouper_worker.py, in
   its own virtualenv) writing one SequenceExample per client;
 - `tff_sqlite`: TFF's single-process `save_to_sql_client_data`, given every
@@ -49,6 +49,7 @@ and the "Pipeline" section of bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -156,12 +157,12 @@ def run_plain_pipeline(input_pattern: str, output: str, beam_args) -> dict:
 
 
 def plain_worker(args, beam_args) -> int:
+  scope = contextlib.nullcontext()
   if args.tuned:
-    from fedbeam.pipelines import allocator, local_runner  # pylint: disable=g-import-not-at-top
-    local_runner.guard_local_runner()
-    allocator.tune_allocator()
-    allocator.tune_worker_processes()
-  result = run_plain_pipeline(args.input, args.output, beam_args)
+    from fedbeam.pipelines import local_runner  # pylint: disable=g-import-not-at-top
+    scope = local_runner.local_runner_scope()
+  with scope:
+    result = run_plain_pipeline(args.input, args.output, beam_args)
   files = os.listdir(args.output)
   result["files"] = len(files)
   result["bytes"] = sum(os.path.getsize(os.path.join(args.output, f)) for f in files)
@@ -349,7 +350,7 @@ LABELS = {
     "fedbeam_full_nofsync": "the same with `--no-fsync`",
     "fedbeam_group": "`fedbeam prepare`: group + write + manifest (no expansion, no split)",
     "plain_beam": "plain Beam: GroupByKey → one TFRecord file per client",
-    "plain_beam_tuned": "plain Beam after fedbeam's `guard_local_runner()` + allocator settings",
+    "plain_beam_tuned": "plain Beam in fedbeam's `local_runner_scope()` (guard + allocator)",
     "grouper": "dataset_grouper 0.3.0 pipeline (one SequenceExample per client)",
     "tff_sqlite": "TFF `save_to_sql_client_data` (one process)",
 }

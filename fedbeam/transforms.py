@@ -3,8 +3,9 @@
 A `make_transform_fn(raw_client_id: str, index: int)` returns `fn(element) ->
 element` (as in `tf.data.Dataset.map`) or None for "no transformation"
 (the contract of `tff.simulation.TransformingClientData`). A `fn` may also
-carry `fn.fedbeam_batch_fn(elements) -> elements`, the same transform applied
-to all of a client's elements stacked on axis 0 as numpy arrays; the pipeline
+declare a batch form (`fedbeam.batch_form.with_batch_form(fn, batch_fn)`, which
+sets `fn.fedbeam_batch_fn`): `batch_fn(elements) -> elements`, the same transform
+applied to all of a client's elements stacked on axis 0 as numpy arrays; the pipeline
 then calls it once per pseudo-client instead of mapping element by element
 (the built-in affine warp does, in numpy, and tests pin both forms to the same
 bits). Reference them
@@ -24,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from fedbeam.batch_form import with_batch_form
 from fedbeam.seeded_hash import seeded_int
 
 
@@ -213,8 +215,7 @@ class AffineTransform:
       out[feature] = warped.reshape(images.shape).astype(images.dtype, copy=False)
       return type(elements)(out)
 
-    warp.fedbeam_batch_fn = warp_all
-    return warp
+    return with_batch_form(warp, warp_all)
 
 
 random_affine = AffineTransform()

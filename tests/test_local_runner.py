@@ -1,4 +1,9 @@
-"""The local FnApiRunner guard: every element of a large materialized stage input arrives."""
+"""The local FnApiRunner guard: every element of a large materialized stage input arrives.
+
+Each test puts the guard on with `local_runner_scope()` / `guarded_runner()`, as `run_prepare`
+does around a run on the FnApiRunner; nothing else installs it (tests/test_pipeline_api.py
+shows Beam is restored afterwards).
+"""
 
 import os
 import subprocess
@@ -18,7 +23,7 @@ from fedbeam.pipelines import local_runner
 # over several seconds; unguarded, Beam 2.72 dropped some in 3 of 3 runs of this test.
 NUM_FILES, PER_FILE, VALUE_BYTES = 40, 10_000, 3_000
 
-_GUARD_PROBE = """
+_IMPORT_PROBE = """
 import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import worker_handlers
 from fedbeam.pipelines import local_runner
@@ -28,25 +33,34 @@ config = PrepareConfig(input={input!r}, input_format="tfrecord", output={output!
                        client_id_key="client_id")
 _ = beam.Pipeline() | "Prepare" >> PrepareStore(config, [config.input], "0" * 16)
 print(before, (local_runner.is_guarded(), worker_handlers.DATA_BUFFER_TIME_LIMIT_MS))
+with local_runner.local_runner_scope():
+  print((local_runner.is_guarded(), worker_handlers.DATA_BUFFER_TIME_LIMIT_MS))
+print((local_runner.is_guarded(), worker_handlers.DATA_BUFFER_TIME_LIMIT_MS))
 """
 
 
-def test_guard_is_installed_once_and_reports_it():
-  assert local_runner.guard_local_runner() is True
-  assert local_runner.guard_local_runner() is True
-  assert local_runner.is_guarded()
+@pytest.fixture
+def guarded():
+  with local_runner.guarded_runner():
+    yield
 
 
-def test_prepare_store_guards_the_runner_it_is_built_for(tmp_path):
-  # A fresh interpreter, so no earlier test has installed the guard already.
-  script = _GUARD_PROBE.format(input=str(tmp_path / "in.tfrecord"), output=str(tmp_path / "out"))
+def test_importing_and_building_change_nothing_and_only_the_scope_guards(tmp_path):
+  # A fresh interpreter: what importing fedbeam and building PrepareStore do on their own.
+  script = _IMPORT_PROBE.format(input=str(tmp_path / "in.tfrecord"),
+                                output=str(tmp_path / "out"))
   out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
                        text=True, timeout=300, check=True).stdout
-  assert out.strip().splitlines()[-1] == "(False, 1000) (True, 0)"
+  assert out.strip().splitlines()[-3:] == ["(False, 1000) (False, 1000)", "(True, 0)",
+                                           "(False, 1000)"]
 
 
 def test_materialized_stage_input_arrives_whole_on_two_processes():
-  local_runner.guard_local_runner()
+  with local_runner.local_runner_scope():
+    _run_materialized_stage()
+
+
+def _run_materialized_stage():
   expected = NUM_FILES * PER_FILE
   per_file, value = PER_FILE, b"x" * VALUE_BYTES
 
@@ -103,8 +117,7 @@ def _decoded(parts, coder):
   return out
 
 
-def test_grouped_input_is_sent_in_pieces_with_beams_elements_and_order(monkeypatch):
-  local_runner.guard_local_runner()
+def test_grouped_input_is_sent_in_pieces_with_beams_elements_and_order(monkeypatch, guarded):
   monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 1 << 20)
   from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
   original = execution.GroupingBuffer.partition.fedbeam_original
@@ -122,8 +135,7 @@ def test_grouped_input_is_sent_in_pieces_with_beams_elements_and_order(monkeypat
 
 
 @pytest.mark.parametrize("mode", ["multi_processing", "multi_threading"])
-def test_grouped_stage_gets_every_value_on_two_workers(mode):
-  local_runner.guard_local_runner()
+def test_grouped_stage_gets_every_value_on_two_workers(mode, guarded):
   num_keys, per_key = 500, 200
 
   def values(i):  # Nested, so the workers unpickle it by value.
@@ -150,8 +162,7 @@ def _grouped_pipeline(p, num_keys: int, per_key: int, value_bytes: int):
 
 
 def test_workers_start_a_grouped_bundle_while_its_input_is_still_being_sent(
-    monkeypatch, tmp_path):
-  local_runner.guard_local_runner()
+    monkeypatch, tmp_path, guarded):
   monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 256 << 10)
   shares_sent = []
   encode = local_runner._EncodedShare.__iter__
@@ -182,8 +193,7 @@ def test_workers_start_a_grouped_bundle_while_its_input_is_still_being_sent(
   assert max(first_processed) < min(shares_sent) - 0.5
 
 
-def test_a_failure_to_send_a_bundles_input_fails_the_pipeline(monkeypatch):
-  local_runner.guard_local_runner()
+def test_a_failure_to_send_a_bundles_input_fails_the_pipeline(monkeypatch, guarded):
   monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 256 << 10)
   encode = local_runner._EncodedShare.__iter__
 

@@ -22,6 +22,7 @@ from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam import testing
 from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines import prepare, sources
+from fedbeam.pipelines.local_runner import local_runner_scope
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam.pipelines.store_writer import WriteStore
 
@@ -74,10 +75,11 @@ def _run(config: prepare.PrepareConfig, fault_steps=None) -> None:
   inputs = sources.match_input_files(config.input)
   prepare.prepare_output_dir(config.output, config.overwrite)
   key = prepare.job_key(config, inputs)
-  pipeline = beam.Pipeline(runner=FnApiRunner())
-  _ = pipeline | "Prepare" >> prepare.PrepareStore(
-      config, [p for p, _, _ in inputs], key, fault_steps=fault_steps)
-  pipeline.run().wait_until_finish()
+  with local_runner_scope():
+    pipeline = beam.Pipeline(runner=FnApiRunner())
+    _ = pipeline | "Prepare" >> prepare.PrepareStore(
+        config, [p for p, _, _ in inputs], key, fault_steps=fault_steps)
+    pipeline.run().wait_until_finish()
 
 
 def _failure(config: prepare.PrepareConfig, fault_steps) -> str:

@@ -1,4 +1,4 @@
-"""Keeps glibc's malloc from handing large buffers back to the kernel after each use.
+"""Keeps glibc's malloc from handing large buffers back to the kernel, for one local run.
 
 A prepare job allocates and frees buffers of hundreds of KB to a few MB per
 client all the time: a client's joined records, decoded columns, warped
@@ -11,20 +11,37 @@ much as the work done on the page: the numpy warp of a 90-image client took
 1.45 ms with glibc's defaults and 0.30 ms with the settings below (600 page
 faults per call fell to 19; `bench/README.md`, pipeline section).
 
-`tune_allocator()` raises both thresholds in the calling process;
-`ALLOCATOR_ENVIRONMENT` holds the same settings as the environment variables
-glibc reads when a process starts, for worker processes started later. A
-process then keeps up to `TRIM_THRESHOLD_BYTES` of freed heap for reuse
-instead of returning it. Elsewhere than glibc both do nothing.
+`tuned_allocator()` is a context manager that applies the settings for as
+long as it is entered, and nothing outside it:
+
+- in this process (where the in-memory and multi-threading local runners run
+  the DoFns), with `mallopt`; on exit it sets glibc's default values again
+  (128 KiB for both thresholds). glibc has no call that turns its dynamic
+  adjustment of the mmap threshold back on once `mallopt` set it, so after
+  the first scope the thresholds stay at those defaults instead of adapting;
+- in worker processes started inside the scope (the multi-processing local
+  runner's SDK workers, which Beam starts with a copy of `os.environ`), as
+  the environment variables glibc reads when a process starts
+  (`ALLOCATOR_ENVIRONMENT`). The scope adds the ones the environment does not
+  already hold (a user's own settings win) and removes what it added on exit,
+  so processes started afterwards get glibc's defaults.
+
+Remote workers (Dataflow, Dask) are never touched: no DoFn changes an
+allocator setting. Elsewhere than glibc `mallopt` is not called.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import threading
+from typing import Iterator
+
+__all__ = ["ALLOCATOR_ENVIRONMENT", "GLIBC_DEFAULT_THRESHOLD_BYTES", "MMAP_THRESHOLD_BYTES",
+           "TRIM_THRESHOLD_BYTES", "is_tuned", "tuned_allocator"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,6 +49,8 @@ _LOGGER = logging.getLogger(__name__)
 MMAP_THRESHOLD_BYTES = 32 << 20
 # Free memory at the top of the heap kept for reuse before it is returned.
 TRIM_THRESHOLD_BYTES = 128 << 20
+# glibc's initial value of both thresholds (DEFAULT_MMAP_THRESHOLD_MIN, DEFAULT_TRIM_THRESHOLD).
+GLIBC_DEFAULT_THRESHOLD_BYTES = 128 << 10
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -43,26 +62,52 @@ ALLOCATOR_ENVIRONMENT = {
 }
 
 _lock = threading.Lock()
-_tuned = None
+_depth = 0
+_added_environment: dict[str, str] = {}
+_tuned_here = False
 
 
-def tune_allocator() -> bool:
-  """Applies the thresholds to this process once; True if glibc accepted them."""
-  global _tuned
-  with _lock:
-    if _tuned is None:
-      _tuned = _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and _mallopt(
-          _M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    return _tuned
+@contextlib.contextmanager
+def tuned_allocator() -> Iterator[bool]:
+  """Applies the thresholds to this process and to processes it starts, until the block ends.
 
-
-def tune_worker_processes() -> None:
-  """Sets the thresholds for processes this one starts from now on (the local runner's workers).
-
-  Values already in the environment are kept, so a user's own settings win.
+  Yields True when glibc accepted the settings for this process. Re-entrant
+  and thread-safe: nested or concurrent scopes share one setting, applied
+  when the first is entered and undone when the last exits (also when the
+  block raises). While a scope is open the settings are process-wide, so
+  other code running in this process at that time sees them too.
   """
-  for name, value in ALLOCATOR_ENVIRONMENT.items():
-    os.environ.setdefault(name, value)
+  global _depth, _tuned_here
+  with _lock:
+    if _depth == 0:
+      _tuned_here = (_mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                     and _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+      _added_environment.clear()
+      for name, value in ALLOCATOR_ENVIRONMENT.items():
+        if name not in os.environ:
+          os.environ[name] = value
+          _added_environment[name] = value
+    _depth += 1
+    tuned = _tuned_here
+  try:
+    yield tuned
+  finally:
+    with _lock:
+      _depth -= 1
+      if _depth == 0:
+        for name, value in _added_environment.items():
+          if os.environ.get(name) == value:  # Not changed by someone else meanwhile.
+            del os.environ[name]
+        _added_environment.clear()
+        if _tuned_here:
+          _mallopt(_M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD_BYTES)
+          _mallopt(_M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD_BYTES)
+        _tuned_here = False
+
+
+def is_tuned() -> bool:
+  """Whether a `tuned_allocator()` scope is open in this process."""
+  return _depth > 0
 
 
 def _mallopt(param: int, value: int) -> bool:

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import apache_beam as beam
 import numpy as np
 
+from fedbeam.batch_form import batch_form_of
 from fedbeam.format.spec import ElementSpec, numpy_dtype
-from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam.format.codec import (RecordDecodeError, decode_examples, encode_example,
@@ -154,7 +154,6 @@ class _ExpandClient(beam.DoFn):
     self._pseudo = beam.metrics.Metrics.counter("fedbeam", "pseudo_clients")
 
   def setup(self):
-    tune_allocator()
     self._fn = load_transform(self._make) if isinstance(self._make, str) else self._make
 
   def process(self, client: ClientRecords, num_raw: int, remainder_last: Optional[str],
@@ -241,9 +240,9 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
 
   Returns the re-encoded records in the same order (the input list itself when
   the transform is None). The transform maps elements as `tf.data.Dataset.map`
-  would; when the returned fn carries a `fedbeam_batch_fn` attribute (see
-  `fedbeam.transforms`), that is called once on all elements stacked on axis
-  0 as numpy arrays instead, which must give the same elements (then no
+  would; when the returned fn declares a batch form (`fedbeam.batch_form`:
+  its `fedbeam_batch_fn`), that is called once on all elements stacked on
+  axis 0 as numpy arrays instead, which must give the same elements (then no
   TensorFlow is needed).
 
   Raises:
@@ -266,7 +265,10 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
     return records
   parsed = parsed or _ParsedClient(records, spec)
   arrays = parsed.arrays()
-  batch_fn = getattr(fn, "fedbeam_batch_fn", None)
+  try:
+    batch_fn = batch_form_of(fn)
+  except TypeError as e:
+    raise ExpansionError(f"{where}: {e}") from None
   if arrays is not None and batch_fn is not None:
     try:
       out = batch_fn(collections.OrderedDict(arrays))

@@ -13,7 +13,6 @@ from typing import Iterable, Optional
 import apache_beam as beam
 
 from fedbeam.format.spec import ElementSpec, numpy_dtype
-from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.column_batches import ColumnBatch, encode_columns
 from fedbeam.pipelines.example_records import (ExampleBatch, as_input_records, encode_batch,
                                                encode_record)
@@ -64,9 +63,6 @@ class _EncodeAndPregroup(beam.DoFn):
 
   def __init__(self, order_by: Optional[str]):
     self._order_by = order_by
-
-  def setup(self):
-    tune_allocator()
 
   def process(self, element, spec: Optional[ElementSpec]):
     if spec is None:  # Unreachable: an empty input has no record to encode.

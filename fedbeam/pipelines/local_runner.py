@@ -15,9 +15,12 @@ runs of `bench/beam_data_plane_loss.py` with
 `--direct_running_mode=multi_processing`, none with the guard below
 (bench/README.md). In-memory mode (one worker) has no such stream.
 
-`guard_local_runner()` makes those streams size-based, so nothing flushes
-them from another thread, and has the runner flush its input stream between
-chunks (each chunk holds whole elements), so a stage's input still goes to
+Inside `local_runner_scope()` (`guarded_runner()` and the allocator settings
+of `fedbeam.pipelines.allocator`), which `run_prepare` enters around a run on
+the FnApiRunner and nothing else does, the guard makes those streams
+size-based, so nothing flushes them from another thread, and has the runner
+flush its input stream between chunks (each chunk holds whole elements),
+so a stage's input still goes to
 the worker in pieces of about 10 MB rather than one message that could pass
 gRPC's 2 GB limit. It changes nothing for Dataflow, whose workers do not use
 this code. The record-count checks of the prepare pipeline stay in place
@@ -40,17 +43,26 @@ more, so the rest waited, encoded, in the runner's memory while the workers
 sat idle (`_InputSender`). With the guard the input of a bundle run on a
 gRPC worker goes from a thread of its own, at most `MAX_QUEUED_CHUNKS`
 messages ahead of the worker; an error there fails the bundle.
+
+Nothing is changed on import or while a pipeline is built. The scope checks
+every private name of Beam's it reads or replaces before it changes anything
+(`check_beam_internals`) and raises `BeamInternalsError` naming the missing
+one; on exit it puts Beam's original objects back (`patched_attributes()`
+lists what it replaces; tests/test_local_runner.py checks their identity
+after a `fedbeam prepare`).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import threading
 import time
+from typing import Iterator
 
-_LOGGER = logging.getLogger(__name__)
-_lock = threading.Lock()
-_guarded = False
+from fedbeam.pipelines.allocator import tuned_allocator
+
+__all__ = ["GROUPED_CHUNK_BYTES", "MAX_QUEUED_CHUNKS", "BeamInternalsError", "check_beam_internals",
+           "guarded_runner", "is_guarded", "local_runner_scope", "patched_attributes"]
 
 
 # Chunks at least this large go to the data channel as they are, not through
@@ -217,47 +229,180 @@ def _partition_lazily(original_partition):
   return partition
 
 
-def guard_local_runner() -> bool:
-  """Installs the fix in this process (once); safe to call any number of times.
+class BeamInternalsError(RuntimeError):
+  """This Beam version lacks a runner internal the guard relies on; the message names it."""
 
-  Call it before a local pipeline runs; `fedbeam prepare` and `PrepareStore`
-  call it for you. Returns True when the guard is in place, False when this
-  Beam version lacks the runner internals it adjusts (a warning is logged;
-  the prepare pipeline's count checks still refuse to commit a short store).
+
+def _sets_attribute(cls: type, name: str) -> bool:
+  """Whether an `__init__` of `cls` or a base class assigns `self.<name>`.
+
+  Instance attributes exist only on instances, which the runner builds with
+  servers and workers; the names an `__init__` stores are in its code object.
   """
-  global _guarded
-  with _lock:
-    if _guarded:
+  for klass in cls.__mro__:
+    init = vars(klass).get("__init__")
+    code = getattr(init, "__code__", None)
+    if code is not None and name in code.co_names:
       return True
-    try:
-      from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
-      from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
-      from apache_beam.runners.portability.fn_api_runner import worker_handlers  # pylint: disable=g-import-not-at-top
-      from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      return False
-    manager = getattr(fn_runner, "BundleManager", None)
-    if (manager is None or not hasattr(manager, "_send_input_to_worker")
-        or not hasattr(worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS")
-        or not hasattr(data_plane, "_GrpcDataChannel")):
-      _LOGGER.warning(
-          "fedbeam could not guard the local FnApiRunner's data plane against dropped "
-          "elements (this Beam version has no BundleManager._send_input_to_worker, "
-          "DATA_BUFFER_TIME_LIMIT_MS or _GrpcDataChannel); the prepare job still checks its "
-          "record counts")
-      return False
-    # 0 selects SizeBasedBufferingClosableOutputStream for the runner's data
-    # server and for in-process (multi_threading) workers alike.
-    worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
-    manager._send_input_to_worker = _send_input_in_background  # pylint: disable=protected-access
-    manager.process_bundle = _finishing_input_senders(manager.process_bundle)
-    grouping = getattr(execution, "GroupingBuffer", None)
-    if grouping is not None and hasattr(grouping, "partition"):
-      grouping.partition = _partition_lazily(grouping.partition)
-    _guarded = True
-    return True
+  return False
+
+
+def _beam_internals():
+  """Beam's runner modules, after checking every private name the guard reads or replaces.
+
+  Raises:
+    BeamInternalsError: naming the first attribute this Beam version lacks.
+  """
+  try:
+    from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
+    from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers  # pylint: disable=g-import-not-at-top
+    from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise BeamInternalsError(f"fedbeam's local-runner guard cannot import Beam's FnApiRunner "
+                             f"modules: {e}") from e
+  missing = []
+
+  def need(owner, name: str, where: str, instance: bool = False) -> None:
+    found = (owner is not None
+             and (_sets_attribute(owner, name) if instance else hasattr(owner, name)))
+    if not found:
+      missing.append(f"{where}.{name}")
+
+  fr, ex, wh, dp = (m.__name__ for m in (fn_runner, execution, worker_handlers, data_plane))
+  need(worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS", wh)
+  manager = getattr(fn_runner, "BundleManager", None)
+  need(fn_runner, "BundleManager", fr)
+  need(manager, "_send_input_to_worker", fr + ".BundleManager")
+  need(manager, "process_bundle", fr + ".BundleManager")
+  need(manager, "_worker_handler", fr + ".BundleManager", instance=True)
+  for handler in ("GrpcWorkerHandler", "EmbeddedWorkerHandler"):
+    need(worker_handlers, handler, wh)
+    need(getattr(worker_handlers, handler, None), "data_conn", f"{wh}.{handler}", instance=True)
+  need(data_plane, "_GrpcDataChannel", dp)
+  channel = getattr(data_plane, "_GrpcDataChannel", None)
+  need(channel, "output_stream", dp + "._GrpcDataChannel")
+  need(channel, "_to_send", dp + "._GrpcDataChannel", instance=True)
+  need(data_plane, "SizeBasedBufferingClosableOutputStream", dp)
+  stream = getattr(data_plane, "SizeBasedBufferingClosableOutputStream", None)
+  need(stream, "maybe_flush", dp + ".SizeBasedBufferingClosableOutputStream")
+  need(stream, "_flush_callback", dp + ".SizeBasedBufferingClosableOutputStream", instance=True)
+  need(execution, "GroupingBuffer", ex)
+  grouping = getattr(execution, "GroupingBuffer", None)
+  need(grouping, "partition", ex + ".GroupingBuffer")
+  for name in ("_grouped_output", "_windowing", "_table", "_post_grouped_coder", "_key_coder"):
+    need(grouping, name, ex + ".GroupingBuffer", instance=True)
+  if missing:
+    raise BeamInternalsError(
+        f"fedbeam's local-runner guard relies on {missing[0]}, which this Beam version lacks"
+        + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
+        + "; fedbeam is tested with apache-beam 2.72. Run with another --runner, or use the "
+        "Beam version fedbeam pins")
+  return execution, fn_runner, worker_handlers
+
+
+def check_beam_internals() -> None:
+  """Checks that this Beam has every runner internal the guard reads or replaces.
+
+  Raises:
+    BeamInternalsError: naming the first attribute it lacks (and the others).
+  """
+  _beam_internals()
+
+
+def patched_attributes() -> list[tuple[object, str]]:
+  """(owner, name) of every attribute the guard replaces while it is in place."""
+  execution, fn_runner, worker_handlers = _beam_internals()
+  return [(worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS"),
+          (fn_runner.BundleManager, "_send_input_to_worker"),
+          (fn_runner.BundleManager, "process_bundle"),
+          (execution.GroupingBuffer, "partition")]
+
+
+_lock = threading.Lock()
+_depth = 0
+# (owner, name, what its __dict__ held, or _ABSENT) for each replaced attribute.
+_saved: list[tuple[object, str, object]] = []
+_ABSENT = object()
+
+
+def _install() -> None:
+  execution, fn_runner, worker_handlers = _beam_internals()  # Checks before changing anything.
+  manager, grouping = fn_runner.BundleManager, execution.GroupingBuffer
+  replacements = [
+      # 0 selects SizeBasedBufferingClosableOutputStream for the runner's data
+      # server and for in-process (multi_threading) workers alike.
+      (worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS", 0),
+      (manager, "_send_input_to_worker", _send_input_in_background),
+      (manager, "process_bundle", _finishing_input_senders(manager.process_bundle)),
+      (grouping, "partition", _partition_lazily(grouping.partition)),
+  ]
+  for owner, name, value in replacements:
+    _saved.append((owner, name, vars(owner).get(name, _ABSENT)))
+    setattr(owner, name, value)
+
+
+def _restore() -> None:
+  while _saved:
+    owner, name, original = _saved.pop()
+    if original is _ABSENT:
+      delattr(owner, name)
+    else:
+      setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def guarded_runner() -> Iterator[None]:
+  """Puts the guard on Beam's local FnApiRunner until the block ends.
+
+  Inside the block, FnApiRunner pipelines run with the guard (size-based
+  data streams flushed on the writing thread, grouped input encoded as it is
+  sent, bundle input sent from a thread of its own); on exit, also after an
+  exception, every replaced attribute of Beam's (`patched_attributes()`) is
+  the original object again. Re-entrant and thread-safe: nested or
+  concurrent scopes share one installation, made when the first is entered
+  and undone when the last exits. While a scope is open the guard applies to
+  every FnApiRunner in the process, so another pipeline run at that moment
+  in another thread gets it too. Dataflow and Dask workers never run this.
+
+  Raises:
+    BeamInternalsError: this Beam version lacks an internal the guard relies
+      on (the message names it); nothing was changed.
+  """
+  global _depth
+  with _lock:
+    if _depth == 0:
+      try:
+        _install()
+      except BaseException:
+        _restore()
+        raise
+    _depth += 1
+  try:
+    yield
+  finally:
+    with _lock:
+      _depth -= 1
+      if _depth == 0:
+        _restore()
+
+
+@contextlib.contextmanager
+def local_runner_scope() -> Iterator[None]:
+  """The guard (`guarded_runner`) and the allocator settings (`tuned_allocator`) for one run.
+
+  `run_prepare` enters it around a pipeline it runs on the local FnApiRunner
+  (and only then). Worker processes the runner starts inside the scope get
+  the allocator settings through their environment. Everything is undone on
+  exit, also on exceptions.
+
+  Raises:
+    BeamInternalsError: see `guarded_runner`.
+  """
+  with guarded_runner(), tuned_allocator():
+    yield
 
 
 def is_guarded() -> bool:
-  """Whether `guard_local_runner()` has taken effect in this process."""
-  return _guarded
+  """Whether a `guarded_runner()` scope is open in this process."""
+  return _depth > 0

@@ -2,9 +2,11 @@
 
 `PrepareStore` is the composite transform (read -> element spec -> group by
 client -> optional pseudo-client expansion -> empty-client check -> optional
-train/test split -> write). `run_prepare` prepares the output directory,
-runs the pipeline on the chosen runner (the local FnApiRunner unless
-`--runner` says otherwise) and returns a summary.
+train/test split -> write); `PrepareStore(config)` can be applied in any
+`beam.Pipeline`. `run_prepare` prepares the output directory, claims a data
+directory, runs the pipeline on the chosen runner (the local FnApiRunner
+unless `--runner` says otherwise, then inside `local_runner_scope()`) and
+returns a summary.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineRunner, create_runner
 
 import fedbeam
 from fedbeam.format.spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
-from fedbeam.pipelines.allocator import tune_allocator, tune_worker_processes
 from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
 from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
                                          PlanPseudoClients, PseudoClientSizes, load_transform)
 from fedbeam.pipelines.example_records import input_size
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
-from fedbeam.pipelines.local_runner import guard_local_runner
+from fedbeam.pipelines.local_runner import BeamInternalsError, local_runner_scope
 from fedbeam.pipelines.partition import PartitionClients, PartitionConfig, PartitionError
 from fedbeam.pipelines.records import ClientRecords, InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
@@ -47,6 +49,12 @@ from fedbeam.format.layout import (DATA_DIR_PREFIX, METADATA_FILE, UNSPLIT, Stor
                                     check_split_name)
 from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam.transforms import identity
+
+
+__all__ = ["PrepareConfig", "PrepareError", "PrepareResult", "PrepareStore",
+           "RecordCountMismatchError", "default_runner_options", "explain_pipeline_error",
+           "job_key", "match_inputs", "prepare_output_dir", "run_prepare",
+           "runs_on_local_runner"]
 
 
 class PrepareError(ValueError):
@@ -237,46 +245,78 @@ class PrepareConfig:
 
 
 class PrepareStore(beam.PTransform):
-  """Input files -> committed store.
+  """The whole prepare job as one transform: the config's input files -> a committed store.
 
-  Input: the pipeline root. Output: singleton PCollection with the store's
-  metadata dict. `paths` are the input files (already matched).
-  `fault_steps`, for fault-injection tests only (`run_prepare` never sets it):
-  PTransforms inserted into the pipeline, under "encoded" on the encoder's
-  output (see `GroupByClient`'s `after_encode`) and under "clients" on the
-  clients after grouping and expansion, before the empty-client check. A
-  step there that loses or duplicates data must fail the job.
+  In: the pipeline root (`pipeline | "Prepare" >> PrepareStore(config)`).
+  Out: a singleton PCollection holding the committed store's metadata dict
+  (what `metadata.json` says). The store is committed when the pipeline has
+  run; the files are the same bytes whatever pipeline and runner it runs in.
+
+  With only a config, `expand` validates it, matches `config.input`, refuses
+  an output that holds input files or files that are not a store's, and
+  derives the job key (`job_key`) itself; the store's data directory is the
+  one the key names. `run_prepare` also claims that directory with a lease
+  and removes a failed job's partial files; a pipeline of your own that
+  fails leaves them to the next job that commits at the output. Nothing in
+  this process or its workers is changed by building or running it (on
+  Beam's local FnApiRunner with worker processes or threads, enter
+  `fedbeam.pipelines.local_runner_scope()` around the run, as `run_prepare`
+  does, against Beam 2.72's data-plane race).
+
+  Args:
+    config: What to read, do and write.
+    paths, job_key: The matched input files and the job key, for callers
+      that computed them (`run_prepare`); by default derived from `config`.
+    data_dir, replaces: From `data_dir_lease.claim_data_dir` (see `WriteStore`).
+    progress: A local `ProgressChannel` counting the examples read and the
+      client files written while the job runs (local runners only).
+    fault_steps: For fault-injection tests only (`run_prepare` never sets it):
+      PTransforms inserted into the pipeline, under "encoded" on the
+      encoder's output (see `GroupByClient`'s `after_encode`) and under
+      "clients" on the clients after grouping and expansion, before the
+      empty-client check. A step there that loses or duplicates data must
+      fail the job.
+
+  Raises (from `expand`, when the pipeline is built):
+    PrepareError: a bad config, no input file, or an unusable output; the
+      message names the flag or path.
   """
 
-  def __init__(self, config: PrepareConfig, paths: Sequence[str], job_key: str,
-               data_dir: Optional[str] = None, replaces: Optional[str] = REPLACES_ANY,
+  def __init__(self, config: PrepareConfig, paths: Optional[Sequence[str]] = None,
+               job_key: Optional[str] = None, data_dir: Optional[str] = None,
+               replaces: Optional[str] = REPLACES_ANY,
                fault_steps: Optional[Mapping[str, beam.PTransform]] = None,
                progress: Optional[ProgressChannel] = None):
-    """`data_dir`, `replaces`: from `data_dir_lease.claim_data_dir` (see `WriteStore`).
-
-    `progress`: a local `ProgressChannel` counting the examples read and the
-    client files written while the job runs (local runners only).
-    """
     super().__init__()
     self._config = config
-    self._paths = list(paths)
+    self._paths = None if paths is None else list(paths)
     self._job_key = job_key
     self._data_dir = data_dir
     self._replaces = replaces
     self._fault_steps = dict(fault_steps or {})
     self._progress = progress
 
+  def _resolved(self) -> tuple[list[str], str]:
+    """The input paths and the job key, derived from the config where not given."""
+    if self._paths is not None and self._job_key is not None:
+      return self._paths, self._job_key
+    self._config.validate()
+    inputs = match_inputs(self._config)
+    paths = [path for path, _, _ in inputs] if self._paths is None else self._paths
+    _check_output_is_not_input(self._config.output, paths)
+    prepare_output_dir(self._config.output, self._config.overwrite, create=False)
+    try:
+      key = self._job_key or job_key(self._config, inputs)
+    except ExpansionError as e:
+      raise PrepareError(str(e)) from None
+    return paths, key
+
   def expand(self, pbegin):
-    # The runner runs in this process; guarding it here covers pipelines that
-    # apply PrepareStore themselves. Local workers start after this and
-    # inherit the allocator settings.
-    guard_local_runner()
-    tune_allocator()
-    tune_worker_processes()
     c = self._config
+    paths, key = self._resolved()
     faults = self._fault_steps
     inputs = pbegin | "Read" >> sources.ReadClientInput(
-        self._paths, c.input_format, c.client_id_key, c.sqlite_split,
+        paths, c.input_format, c.client_id_key, c.sqlite_split,
         unkeyed=c.partition is not None, keep_sqlite_splits=c.keep_sqlite_splits)
     # Records are counted where they are read, by a step of their own, so no
     # fault of a later step (or of the runner around it) can change both this
@@ -313,7 +353,7 @@ class PrepareStore(beam.PTransform):
       declared = inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0))
       record_counts = (record_counts, declared) | "MergeIds" >> beam.Flatten()
     raw_sizes = record_counts | "RawClientSizes" >> beam.CombinePerKey(sum)
-    declared_rows = (sources.sqlite_row_count(self._paths[0], c.sqlite_split)
+    declared_rows = (sources.sqlite_row_count(paths[0], c.sqlite_split)
                      if c.input_format == "tff-sqlite" else None)
     raw_ids = raw_sizes | "RawIds" >> beam.Keys()
     num_raw = None
@@ -365,7 +405,7 @@ class PrepareStore(beam.PTransform):
                       | "PlannedSplits" >> beam.CombineGlobally(StoreStatsFn()))
     return clients | "WriteStore" >> WriteStore(
         c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
-        job_key=self._job_key, empty_report=checked["report"],
+        job_key=key, empty_report=checked["report"],
         empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
         planned_clients=planned_clients, planned_splits=planned_splits, input_records=num_read,
         data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync,
@@ -427,8 +467,8 @@ def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optio
       declared_rows, *extra)
 
 
-def prepare_output_dir(output: str, overwrite: bool) -> None:
-  """Checks that `output` may receive a new store and creates it.
+def prepare_output_dir(output: str, overwrite: bool, create: bool = True) -> None:
+  """Checks that `output` may receive a new store and creates it (unless `create` is False).
 
   A committed store is replaced only with `overwrite`, and only when the new
   one commits: until then the old metadata and data stay valid. Other data
@@ -457,7 +497,7 @@ def prepare_output_dir(output: str, overwrite: bool) -> None:
         raise PrepareError(
             f"--output {output} is not empty and holds no fedbeam store (it holds {foreign[0]!r}"
             f"{' and more' if len(foreign) > 1 else ''}); pick an empty or new directory")
-    else:
+    elif create:
       fs.makedirs(output)
   except PrepareError:
     raise
@@ -502,22 +542,64 @@ def job_key(config: PrepareConfig, inputs: Sequence[tuple[str, int, float]]) -> 
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, Any]:
+def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, PipelineRunner]:
   """Pipeline options from pass-through flags, and the runner to use.
 
   Without `--runner`, the local FnApiRunner (in-process, or multi-process with
   `--direct_running_mode=multi_processing`): the DirectRunner would first try
-  the Prism runner, which downloads a binary.
+  the Prism runner, which downloads a binary. Otherwise the runner `--runner`
+  names, made as `beam.Pipeline` would make it.
   """
   options = PipelineOptions(list(beam_args))
-  if options.view_as(StandardOptions).runner is None:
+  name = options.view_as(StandardOptions).runner
+  if name is None:
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
     return options, FnApiRunner()
-  return options, None
+  return options, create_runner(name) if isinstance(name, str) else name
+
+
+def runs_on_local_runner(runner: PipelineRunner) -> bool:
+  """Whether `runner` runs a batch pipeline on Beam's FnApiRunner in this process.
+
+  True for the FnApiRunner and for the DirectRunner (which hands batch
+  pipelines to it when Prism is not available); False for Dataflow, Dask and
+  other runners, whose workers run none of the code `local_runner_scope` changes.
+  """
+  from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner  # pylint: disable=g-import-not-at-top
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
+  return isinstance(runner, (FnApiRunner, SwitchingDirectRunner))
+
+
+def match_inputs(config: PrepareConfig) -> list[tuple[str, int, float]]:
+  """(path, size, mtime) of every input file of the job, in a stable order.
+
+  Raises:
+    PrepareError: no file matches, or the TFF SQLite database is unusable.
+  """
+  try:
+    if config.input_format == "tff-sqlite":
+      sources.sqlite_row_ranges(config.input, config.sqlite_split)
+      if config.keep_sqlite_splits and config.sqlite_split is None:
+        for name in sources.sqlite_splits(config.input):
+          try:
+            check_split_name(name, f"{config.input}: TFF split_name {name!r}")
+          except StoreFormatError as e:
+            raise PrepareError(f"{e}; pick the splits to keep with --sqlite-split") from None
+      stat = os.stat(config.input)
+      return [(config.input, stat.st_size, stat.st_mtime)]
+    return sources.match_input_files(config.input)
+  except InputError as e:
+    raise PrepareError(str(e)) from None
+
+
+def _check_output_is_not_input(output: str, paths: Sequence[str]) -> None:
+  out_prefix = output.rstrip("/") + "/"
+  if any(p.startswith(out_prefix) or p.rstrip("/") == output.rstrip("/") for p in paths):
+    raise PrepareError(f"--output {output} holds input files; write the store elsewhere")
 
 
 _KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "CleanupError",
-                 "InvalidClientIdError", "PartitionError",
+                 "InvalidClientIdError", "PartitionError", "BeamInternalsError",
                  "ExpansionError", "SplitError", "EmptyClientsError",
                  "RecordCountMismatchError")
 
@@ -573,7 +655,7 @@ class PrepareResult:
 
 
 _OWN_ERRORS = (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError,
-               PartitionError)
+               PartitionError, BeamInternalsError)
 
 
 def _failed_job_error(error: BaseException, lease) -> BaseException:
@@ -627,6 +709,14 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
                 report: Optional[Callable[[str], None]] = None) -> PrepareResult:
   """Runs a prepare job to completion and returns its result.
 
+  `beam_args` are Beam pipeline flags (`--runner`, `--direct_num_workers`,
+  ...). The job writes to a data directory it claims (`data_dir_lease`); a
+  job that fails removes it, so its partial files do not stay on the disk,
+  and a store the output held stays as it was. On the local FnApiRunner (no
+  `--runner`, or the DirectRunner) the pipeline runs inside
+  `local_runner_scope()`, which is left, and Beam restored, when it returns
+  or raises; on other runners nothing in this process is changed.
+
   `report`, if given, receives progress lines while the job runs: on the
   local runner one every `progress.PROGRESS_INTERVAL_SECONDS` (stage,
   examples read, clients written, elapsed time); on a runner that names a
@@ -643,28 +733,13 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
       store was committed and only the clean-up after the commit failed.
   """
   config.validate()
-  try:
-    if config.input_format == "tff-sqlite":
-      sources.sqlite_row_ranges(config.input, config.sqlite_split)
-      if config.keep_sqlite_splits and config.sqlite_split is None:
-        for name in sources.sqlite_splits(config.input):
-          try:
-            check_split_name(name, f"{config.input}: TFF split_name {name!r}")
-          except StoreFormatError as e:
-            raise PrepareError(f"{e}; pick the splits to keep with --sqlite-split") from None
-      stat = os.stat(config.input)
-      inputs = [(config.input, stat.st_size, stat.st_mtime)]
-    else:
-      inputs = sources.match_input_files(config.input)
-    paths = [path for path, _, _ in inputs]
-  except InputError as e:
-    raise PrepareError(str(e)) from None
+  inputs = match_inputs(config)
+  paths = [path for path, _, _ in inputs]
   if config.transform is not None:
     _check_transform(config, paths)
-  out_prefix = config.output.rstrip("/") + "/"
-  if any(p.startswith(out_prefix) or p.rstrip("/") == config.output.rstrip("/") for p in paths):
-    raise PrepareError(f"--output {config.output} holds input files; write the store elsewhere")
+  _check_output_is_not_input(config.output, paths)
   options, runner = default_runner_options(beam_args)
+  scope = local_runner_scope() if runs_on_local_runner(runner) else contextlib.nullcontext()
   prepare_output_dir(config.output, config.overwrite)
   key = job_key(config, inputs)
   try:
@@ -674,19 +749,20 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
   with lease, contextlib.ExitStack() as watching:
     start = time.monotonic()
     try:
-      channel = None
-      if report is not None and runner is not None:  # the local runner: workers share the disk
-        channel = watching.enter_context(ProgressChannel())
-      pipeline = beam.Pipeline(runner=runner, options=options)
-      _ = pipeline | "Prepare" >> PrepareStore(config, paths, key, data_dir=lease.data_dir,
-                                               replaces=lease.replaces, progress=channel)
-      if channel is not None:
-        watching.enter_context(ProgressMonitor(channel, report))
-      result = pipeline.run()
-      url = job_url(result, options)
-      if report is not None and url:
-        report(f"fedbeam prepare: job submitted: {url}")
-      result.wait_until_finish()
+      with scope:
+        channel = None
+        if report is not None and runs_on_local_runner(runner):  # workers share the disk
+          channel = watching.enter_context(ProgressChannel())
+        pipeline = beam.Pipeline(runner=runner, options=options)
+        _ = pipeline | "Prepare" >> PrepareStore(config, paths, key, data_dir=lease.data_dir,
+                                                 replaces=lease.replaces, progress=channel)
+        if channel is not None:
+          watching.enter_context(ProgressMonitor(channel, report))
+        result = pipeline.run()
+        url = job_url(result, options)
+        if report is not None and url:
+          report(f"fedbeam prepare: job submitted: {url}")
+        result.wait_until_finish()
     except BaseException as e:  # pylint: disable=broad-except
       error = _failed_job_error(e, lease)
       if error is e:

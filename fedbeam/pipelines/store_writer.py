@@ -28,7 +28,6 @@ import google_crc32c
 
 import fedbeam
 from fedbeam.format.spec import ElementSpec
-from fedbeam.pipelines.allocator import tune_allocator
 from fedbeam.pipelines.data_dir_lease import committed_state, is_object_store, remove_dead_data_dirs
 from fedbeam.pipelines.progress import CLIENTS_WRITTEN, CountProgress, ProgressChannel
 from fedbeam.pipelines.records import ClientRecords
@@ -117,9 +116,6 @@ class _WriteClientFile(beam.DoFn):
     self._clients = beam.metrics.Metrics.counter("fedbeam", "clients_written")
     self._examples = beam.metrics.Metrics.counter("fedbeam", "examples_written")
     self._bytes = beam.metrics.Metrics.counter("fedbeam", "bytes_written")
-
-  def setup(self):
-    tune_allocator()
 
   def process(self, client: ClientRecords, num_shards: int) -> Iterable[dict[str, Any]]:
     rel = client_relative_path(client.client_id, client.split, num_shards)

@@ -28,8 +28,6 @@ from fedbeam.runtime.client_file_checks import (RECORD_OVERHEAD_BYTES, ManifestF
                                                 check_client_file)
 from fedbeam.runtime.tff_worker import register_worker_cleanup
 
-register_worker_cleanup()
-
 # Bytes of read-ahead per client file.
 _READ_BUFFER_BYTES = 1 << 20
 # Records per batch of a whole-client read (more than any client holds).
@@ -273,6 +271,10 @@ class StoreClientData(tff.simulation.datasets.ClientData):
 
     `client_ids` are sorted, or in the order of `rows` when `ordered`.
     """
+    # A loaded store is what TFF computations run on next, and TFF's first
+    # computation starts a worker_binary its own clean-up leaves running: stop
+    # it at exit. Registered here, on first use, not when the module is imported.
+    register_worker_cleanup()
     self._root = root.rstrip("/") if root != "/" else root
     self._data_root = data_root(self._root, metadata)
     self._metadata = dict(metadata)

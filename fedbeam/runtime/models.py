@@ -6,8 +6,10 @@ turning one client's dataset as a store holds it (unbatched elements keyed by
 feature name) into unbatched model examples `OrderedDict(x=..., y=...)`. The
 simulation loop shuffles, repeats and batches after `preprocess`.
 
-A `preprocess` may also carry `preprocess.fedbeam_batch_fn(elements) ->
-examples`, the same preprocessing of a whole client at once: `elements` holds
+A `preprocess` may also declare a batch form (`fedbeam.batch_form`:
+`with_batch_form(preprocess, batch_fn)` sets `preprocess.fedbeam_batch_fn`),
+`batch_fn(elements) -> examples`, the same preprocessing of a whole client at
+once: `elements` holds
 all of a client's elements stacked on axis 0, and
 `Dataset.from_tensor_slices(examples)` must yield exactly the elements of
 `preprocess(Dataset.from_tensor_slices(elements))`, in the same order. The
@@ -38,6 +40,8 @@ from typing import Any
 
 import tensorflow as tf
 import tensorflow_federated as tff
+
+from fedbeam.batch_form import with_batch_form
 
 __all__ = [
     "CHAR_VOCAB_SIZE",
@@ -129,8 +133,7 @@ def image_preprocess(height: int, width: int) -> Preprocess:
     return dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE,
                        deterministic=True)
 
-  preprocess.fedbeam_batch_fn = to_examples
-  return preprocess
+  return with_batch_form(preprocess, to_examples)
 
 
 def _from_keras(

@@ -4,7 +4,9 @@ TFF starts a `worker_binary` child on the first computation that runs and
 relies on `ServiceManager.__del__` to stop it; that hook fails at interpreter
 exit, so the child is orphaned and keeps the parent's stdout/stderr open (a
 pipe such as `fedbeam ... | tail` then never ends). Every process that may run
-a TFF computation calls `register_worker_cleanup()` once.
+a TFF computation calls `register_worker_cleanup()` (idempotent) before it
+does: `StoreClientData` when a store is loaded, `fedbeam train`, and
+`fedbeam.testing`'s TFF helpers. Importing a module registers nothing.
 """
 
 import atexit

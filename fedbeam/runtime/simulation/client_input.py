@@ -14,6 +14,7 @@ from typing import Any, Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedbeam.batch_form import batch_form_of
 from fedbeam.runtime.simulation.types import SimulationConfig
 
 __all__ = ["Preprocess", "build_batches_fn", "check_input_spec", "prefetched"]
@@ -73,7 +74,7 @@ def build_batches_fn(
     tensors_fn = getattr(train_data, "client_tensors_fn", None)
   except ValueError:  # Variable-length features cannot be stacked.
     tensors_fn = None
-  batch_fn = getattr(preprocess, "fedbeam_batch_fn", None)
+  batch_fn = batch_form_of(preprocess)
 
   def examples(client_id):
     """The client's preprocessed, unbatched elements."""
