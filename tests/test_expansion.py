@@ -519,7 +519,7 @@ def test_pseudo_clients_of_names_each_raw_clients_share(n):
 
 
 def test_a_batch_form_that_is_not_callable_names_raw_client_and_index():
-  records = sf.encode_examples({"label": np.arange(3, dtype=np.int32),
+  records = encode_examples({"label": np.arange(3, dtype=np.int32),
                                 "pixels": np.zeros((3, 28, 28), np.float32)}, SPEC, 3)
   with pytest.raises(ExpansionError) as e:
     apply_transform(_with_batch_form("not a function"), "dave", 2, records, SPEC)
