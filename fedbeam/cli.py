@@ -8,6 +8,7 @@ Beam knows it. Exit codes: 0 success, 1 the job or input failed, 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -135,6 +136,24 @@ def _run_validate(args) -> int:
   return 1
 
 
+# What `fedbeam train` imports beyond the core install: the `tff` (or `tff-deps`) extra.
+_TRAINING_MODULES = (("tensorflow_federated", "tensorflow-federated"), ("psutil", "psutil"),
+                     ("tqdm", "tqdm"))
+
+
+def _missing_training_packages() -> list[str]:
+  """The packages of `_TRAINING_MODULES` that cannot be imported (found without importing)."""
+  missing = []
+  for module, package in _TRAINING_MODULES:
+    try:
+      found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+      found = False
+    if not found:
+      missing.append(package)
+  return missing
+
+
 def build_parser() -> argparse.ArgumentParser:
   # No abbreviations: `--num-test-client 10` must not quietly mean `--num-test-clients`.
   parser = argparse.ArgumentParser(
@@ -187,6 +206,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _run_inspect(args)
   if args.command == "validate":
     return _run_validate(args)
+  missing = _missing_training_packages()
+  if missing:
+    print(f"fedbeam train: error: training needs {', '.join(missing)}, which this Python "
+          "does not have: install fedbeam[tff] (with uv and the jax override), or "
+          "fedbeam[tff-deps] and then `pip install --no-deps tensorflow-federated==0.87.0` "
+          "(README: Installing)", file=sys.stderr)
+    return 1
   from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
   return train_module.run_train(args)
 
