@@ -34,7 +34,7 @@ test: $(STAMP)
 # The README's install commands, each in a fresh venv outside the checkout, from a built
 # wheel (.ci/install_check.sh; needs the package registry). CI runs it after the tests.
 install-check: $(UV)
-	UV=$(UV) PYTHON=$(PYTHON) bash .ci/install_check.sh
+	UV=$(abspath $(UV)) PYTHON=$(PYTHON) bash .ci/install_check.sh
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

@@ -18,6 +18,7 @@ PYTHON=${PYTHON:-python3.11}
 if [[ -z "${UV:-}" ]]; then
   if [[ -x "$ROOT/.venv-tools/bin/uv" ]]; then UV=$ROOT/.venv-tools/bin/uv; else UV=uv; fi
 fi
+[[ "$UV" != */* || "$UV" == /* ]] || UV=$PWD/$UV   # the stages run in other directories
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(core pip uv project)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fedbeam-install.XXXXXX")
@@ -49,6 +50,22 @@ clients = {f"writer {c}": [{"pixels": rng.random((8, 8), dtype=np.float32),
                              "label": int(rng.integers(10))} for _ in range(3 + c)]
            for c in range(6)}
 testing.write_tfrecord_input(sys.argv[1], clients)
+EOF
+}
+
+# The versions an install resolved to, for the log.
+versions() {
+  "$1/bin/python" - "$2" <<'EOF'
+import importlib.metadata as m, sys
+names = ("apache-beam", "tensorflow", "numpy", "protobuf", "pyarrow", "fastavro",
+         "tensorflow-federated", "jax", "jaxlib")
+found = []
+for n in names:
+  try:
+    found.append(f"{n} {m.version(n)}")
+  except m.PackageNotFoundError:
+    pass
+print(f"== install-check {sys.argv[1]} resolved: " + ", ".join(found))
 EOF
 }
 
@@ -87,6 +104,7 @@ stage_core() {
   step "core: pip install dist/$(basename "$WHEEL")"
   "$PYTHON" -m venv venv
   venv/bin/pip install --quiet "dist/fedbeam-$VERSION-py3-none-any.whl"
+  versions venv core
   make_input venv/bin/python
   prepare_store venv core
   step "core: the TensorFlow reader, without TensorFlow Federated"
@@ -110,6 +128,9 @@ for cid in reader.client_ids:
 assert total == sum(3 + c for c in range(6))
 assert "tensorflow_federated" not in sys.modules
 EOF
+  step "core: pip install of the checkout's directory (the same build, from source)"
+  venv/bin/pip install --quiet "$WORK/src"
+  venv/bin/fedbeam validate "$WORK/store-core" > "$WORK/validate.log" || fail "validate (source)"
   step "core: fedbeam train names the extra it needs"
   if venv/bin/fedbeam train "$WORK/store-core" --model digits-cnn --rounds 1 \
       --clients-per-round 2 --output "$WORK/run-core" > "$WORK/train.log" 2>&1; then
@@ -124,6 +145,7 @@ stage_pip() {
   "$PYTHON" -m venv venv
   venv/bin/pip install --quiet "dist/fedbeam-$VERSION-py3-none-any.whl[tff-deps]"
   venv/bin/pip install --quiet --no-deps tensorflow-federated==0.87.0
+  versions venv pip
   make_input venv/bin/python
   prepare_store venv pip
   train_one_round venv pip
@@ -136,6 +158,7 @@ stage_uv() {
   printf 'jax==0.4.13\njaxlib==0.4.13\n' > overrides.txt
   "$UV" pip install --quiet --python venv/bin/python \
       "fedbeam[tff] @ ./dist/fedbeam-$VERSION-py3-none-any.whl" --override overrides.txt
+  versions venv uv
   make_input venv/bin/python
   prepare_store venv uv
   train_one_round venv uv
@@ -159,6 +182,7 @@ override-dependencies = ["jax==0.4.13", "jaxlib==0.4.13"]
 fedbeam = { path = "dist/fedbeam-$VERSION-py3-none-any.whl" }
 EOF
   "$UV" sync --quiet --python "$PYTHON"
+  versions .venv project
   make_input .venv/bin/python
   prepare_store .venv project
   .venv/bin/python - "$WORK/store-project" <<'EOF'
