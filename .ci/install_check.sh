@@ -32,11 +32,20 @@ fail() { echo "install-check: FAILED: $*" >&2; exit 1; }
 # The wheel, built from a copy of the tracked files (the checkout is left as it is).
 step "building the wheel"
 mkdir -p "$WORK/src"
-git -C "$ROOT" ls-files -z --cached --others --exclude-standard \
-  | (cd "$ROOT" && xargs -0 cp --parents -t "$WORK/src" 2>/dev/null || true)
+# -P keeps symlinks (fedbeam/schemas -> ../schemas) as they are in the checkout.
+while IFS= read -r -d '' file; do
+  if [[ -e "$ROOT/$file" || -L "$ROOT/$file" ]]; then
+    (cd "$ROOT" && cp -P --parents "$file" "$WORK/src")
+  fi
+done < <(git -C "$ROOT" ls-files -z --cached --others --exclude-standard)
 (cd "$WORK/src" && "$PYTHON" -m pip wheel --quiet --no-deps -w dist .)
 mv "$WORK/src/dist" "$WORK/dist"
 [[ -f "$WHEEL" ]] || fail "no wheel at $WHEEL"
+"$PYTHON" - "$WHEEL" <<'EOF' || fail "the wheel lacks the Avro schemas"
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+assert {"fedbeam/schemas/manifest.avsc", "fedbeam/schemas/metadata.avsc"} <= set(names), names
+EOF
 
 
 # A small input: 6 clients of 8x8 "images" with labels, as TFRecord of tf.train.Example.
