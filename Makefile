@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedbeam-installed
 UV_VERSION := 0.13.8
 
-.PHONY: demo test bench env clean lock
+.PHONY: demo test bench env clean lock install-check
 
 env: $(STAMP)
 
@@ -31,12 +31,18 @@ test: $(STAMP)
 	mkdir -p build
 	$(PY) -m pytest -q tests
 
+# The README's install commands, each in a fresh venv outside the checkout, from a built
+# wheel (.ci/install_check.sh; needs the package registry). CI runs it after the tests.
+install-check: $(UV)
+	UV=$(abspath $(UV)) PYTHON=$(PYTHON) bash .ci/install_check.sh
+
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
-# Re-pin requirements/lock.txt after changing pyproject.toml.
+# Re-pin requirements/lock.txt after changing pyproject.toml (every extra; pins already in
+# lock.txt are kept where the ranges allow them).
 lock: $(UV)
-	$(UV) pip compile pyproject.toml --extra test \
+	$(UV) pip compile pyproject.toml --all-extras \
 	    --override requirements/overrides.txt --python-version 3.11 \
 	    --no-annotate --no-header -o requirements/lock.txt
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -237,6 +238,24 @@ def _run_validate(args) -> int:
   return 1
 
 
+# What `fedbeam train` imports beyond the core install: the `tff` (or `tff-deps`) extra.
+_TRAINING_MODULES = (("tensorflow_federated", "tensorflow-federated"), ("psutil", "psutil"),
+                     ("tqdm", "tqdm"))
+
+
+def _missing_training_packages() -> list[str]:
+  """The packages of `_TRAINING_MODULES` that cannot be imported (found without importing)."""
+  missing = []
+  for module, package in _TRAINING_MODULES:
+    try:
+      found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+      found = False
+    if not found:
+      missing.append(package)
+  return missing
+
+
 def build_parser() -> argparse.ArgumentParser:
   # No abbreviations: `--num-test-client 10` must not quietly mean `--num-test-clients`.
   parser = argparse.ArgumentParser(
@@ -288,8 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.command == "validate":
       code = _run_validate(args)
     else:
-      from fedbeam.runtime import train as train_module  # pylint: disable=g-import-not-at-top
-      code = train_module.run_train(args)
+      code = _run_train(args)
     if code != 0 and log.deferred:
       # fedbeam's own error is printed; Beam's traceback comes after it, or
       # stays in the log file.

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from fedbeam.format.codec import PARSE_BATCH
 from fedbeam import testing as fbt
-from fedbeam.runtime import client_data as cd_module
+from fedbeam.runtime import store_reader as reader_module
 from fedbeam.runtime.client_data import ClientFileError, load_client_data
 
 SPEC = {"label": {"dtype": "int32", "shape": []}, "pixels": {"dtype": "float32", "shape": [3]}}
@@ -115,8 +115,8 @@ def test_a_missing_file_names_the_client_when_read(store_copy):
 def test_client_datasets_reuse_one_traced_pipeline(clean_store, monkeypatch):
   # The pipeline is built in Python only when traced: once per element spec.
   builds = []
-  read_records = cd_module._read_records
-  monkeypatch.setattr(cd_module, "_read_records", lambda p: builds.append(p) or read_records(p))
+  read_records = reader_module._read_records
+  monkeypatch.setattr(reader_module, "_read_records", lambda p: builds.append(p) or read_records(p))
   data = load_client_data(clean_store)
   data.create_tf_dataset_for_client("one")
   assert len(builds) <= 1
@@ -143,8 +143,8 @@ def test_create_tf_dataset_for_client_inside_a_tf_function(clean_store):
 
 def test_public_ops_give_the_same_elements(clean_store, monkeypatch):
   # Without TensorFlow's dataset internals the pipeline falls back to public ops.
-  monkeypatch.setattr(cd_module, "_HAS_DATASET_INTERNALS", False)
-  cd_module._dataset_by_path_fn.cache_clear()  # Trace anew, with the public ops.
+  monkeypatch.setattr(reader_module, "_HAS_DATASET_INTERNALS", False)
+  reader_module._dataset_by_path_fn.cache_clear()  # Trace anew, with the public ops.
   try:
     data = load_client_data(clean_store)
     for cid, expected in _clients().items():
@@ -154,7 +154,7 @@ def test_public_ops_give_the_same_elements(clean_store, monkeypatch):
       fbt.assert_elements_equal(fbt.dataset_elements(data.serializable_dataset_fn(cid)),
                                 expected, ordered=True, where=cid)
   finally:
-    cd_module._dataset_by_path_fn.cache_clear()  # Later tests get the internal ops again.
+    reader_module._dataset_by_path_fn.cache_clear()  # Later tests get the internal ops again.
 
 
 def _dataset_functions(ds):

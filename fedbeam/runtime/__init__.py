@@ -1,12 +1,16 @@
-"""Loading stores as TFF ClientData, client work, and the simulation loop.
+"""Reading stores (TensorFlow), loading them as TFF ClientData, client work, the simulation loop.
 
 Names are imported lazily: `import fedbeam.runtime.train` (for its argument
-parser) must not pay for importing TensorFlow Federated.
+parser) must not pay for importing TensorFlow Federated. `StoreReader` and
+`open_store` (`fedbeam.runtime.store_reader`) need TensorFlow only; the other
+names need TensorFlow Federated (the `fedbeam[tff]` extra).
 """
 
 import importlib
 
 _EXPORTS = {
+    "StoreReader": "fedbeam.runtime.store_reader",
+    "open_store": "fedbeam.runtime.store_reader",
     "StoreClientData": "fedbeam.runtime.client_data",
     "load_client_data": "fedbeam.runtime.client_data",
     "register_worker_cleanup": "fedbeam.runtime.tff_worker",
