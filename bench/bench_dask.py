@@ -159,6 +159,7 @@ def readme_section(result: dict) -> str:
       "`map_partitions` as a dependency computed once (e.g. `dask.delayed(list)(bag)`) instead "
       "of computing it in every task ([docs/upstream/dask-runner.md]"
       "(../docs/upstream/dask-runner.md)).", "",
+      *reads_lines(wl.read_json("dask_reads.json")),
       "Command (from the repository root):", "", "```sh", result["command"], "```", "",
       f"Machine: {result['machine']['nproc']} CPUs, {result['machine']['memory_gib']} GiB; load "
       f"average (1, 5, 15 min) at the start {', '.join(f'{v:.2f}' for v in result['machine']['loadavg_at_start'])}; "
@@ -167,6 +168,29 @@ def readme_section(result: dict) -> str:
       "`bench/results/dask.json`.", f"Measured {result['run_id']}.",
   ]
   return "\n".join(lines)
+
+
+def reads_lines(reads) -> list[str]:
+  """The traced counts of bench/dask_side_input_reads.py (dask_reads.json), if measured."""
+  if not reads or not {"local", "dask"} <= set(reads["runs"]):
+    return []
+  local, dask = reads["runs"]["local"], reads["runs"]["dask"]
+
+  def opens(r):
+    return ", ".join(f"{n}" for n in r["input_opens"].values())
+
+  def writes(r):
+    return ", ".join(f"{k} times: {v:,} files" for k, v in r["writes_per_client_file"].items())
+
+  return [
+      "How much is recomputed (`bench/dask_side_input_reads.py`: one run per runner under "
+      "`strace -f`, counting opens and renames in the whole process tree): the Dask run opened "
+      f"each input file {opens(dask)} times (local: {opens(local)}), wrote each client file "
+      f"again at every recomputation of the write step ({writes(dask)}; local: {writes(local)}; "
+      "each write goes to a temporary name renamed over the same file, so the store is still "
+      f"identical) and used {dask['cpu_s']:.0f} s of CPU over the process tree against the "
+      f"local run's {local['cpu_s']:.0f} s (wall {dask['wall_s']:.0f} s vs "
+      f"{local['wall_s']:.0f} s; `bench/results/dask_reads.json`).", ""]
 
 
 def main(argv=None) -> int:

@@ -247,6 +247,8 @@ def summary_rows() -> tuple[list[list[str]], list[str]]:
                  _verdict(training["input_fraction"] < 0.10)])
   _input_format_rows(wl.read_json("input_formats.json"), rows)
   _data_plane_rows(wl.read_json("data_plane_loss.json"), rows)
+  _before_after_rows(wl.read_json("before_after.json"), rows)
+  _dask_rows(wl.read_json("dask.json"), rows)
   sim = wl.read_json("simulation.json")
   try:
     _simulation_rows(sim, rows)
@@ -302,6 +304,38 @@ def _data_plane_rows(result, rows) -> None:
                  + (f" (up to {guarded:,} lost in the others)" if guarded else "")
                  + f", each id once in {g_g['each_id_once_runs']}/{g_g['completed']}",
                  "info"])
+
+
+def _before_after_rows(result, rows) -> None:
+  """Local speed kept across a change: every fedbeam row within 10% (before_after.json)."""
+  if not result:
+    return
+  worst = {}
+  for m in ("pipeline_s", "wall_s", "cpu_s"):
+    ratios = {k: r["after"][m]["median"] / r["before"][m]["median"]
+              for k, r in result["rows"].items()}
+    worst[m] = max(ratios.items(), key=lambda kv: kv[1])
+  scales = ", ".join(f"{s:g}x" for s in sorted({r["scale"] for r in result["rows"].values()}))
+  rows.append([f"Local speed kept, `{result['after']['commit']}` vs `{result['before']['commit']}`"
+               f" (bench_pipeline's fedbeam rows at {scales}, "
+               f"medians of {result['repeat']}): no row more than 10% slower",
+               "slowest row after/before: " + "; ".join(
+                   f"{label} {worst[m][1]:.2f} ({worst[m][0]})" for m, label in
+                   (("pipeline_s", "pipeline time"), ("wall_s", "wall"), ("cpu_s", "CPU"))),
+               _verdict(worst["pipeline_s"][1] <= 1.10)])
+
+
+def _dask_rows(result, rows) -> None:
+  """An info row: the Shakespeare-sized prepare on Dask next to the local runner (dask.json)."""
+  if not result:
+    return
+  local, dask = result["rows"]["local"], result["rows"]["dask"]
+  rows.append([f"`fedbeam prepare` on Dask (fedbeam's DaskRunner, LocalCluster of 2 worker "
+               f"processes) vs the local runner, {result['clients']:,} text clients, medians of "
+               f"{result['repeat']}; stores byte-identical",
+               f"{dask['median_s']:.1f} s vs {local['median_s']:.1f} s "
+               f"({_x(dask['median_s'] / local['median_s'])} slower: side inputs recomputed "
+               "by Beam's DaskRunner)", "info"])
 
 
 def _simulation_rows(sim, rows) -> None:
