@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedbeam-installed
 UV_VERSION := 0.13.8
 
-.PHONY: demo test bench env clean lock install-check
+.PHONY: demo test lint bench env clean lock install-check
 
 env: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	mkdir -p build
 	$(PY) -m pytest -q tests
+
+# Formatter and linter (ruff, configured in pyproject.toml); CI fails on either.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 # The README's install commands, each in a fresh venv outside the checkout, from a built
 # wheel (.ci/install_check.sh; needs the package registry). CI runs it after the tests.

@@ -58,10 +58,13 @@ def parse_args(argv=None):
   p.add_argument("--section", default="## Runner portability (before/after)")
   p.add_argument("--no-write", action="store_true")
   p.add_argument("--notes", help="a Markdown file whose text follows the table (with --merge)")
-  p.add_argument("--merge", default="",
-                 help="comma-separated results names (without .json) measured separately, e.g. "
-                      "one per scale: their rows are written together as --name and --section; "
-                      "nothing is run")
+  p.add_argument(
+    "--merge",
+    default="",
+    help="comma-separated results names (without .json) measured separately, e.g. "
+    "one per scale: their rows are written together as --name and --section; "
+    "nothing is run",
+  )
   return p.parse_args(argv)
 
 
@@ -70,20 +73,28 @@ def log(msg: str) -> None:
 
 
 def git_commit(root: str) -> str:
-  return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], check=True,
-                        capture_output=True, text=True).stdout.strip()
+  return subprocess.run(
+    ["git", "-C", root, "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+  ).stdout.strip()
 
 
 def run_timed(cmd: list[str], log_path: str, cwd: str) -> dict:
   """Runs `cmd`; returns its exit status, wall time and CPU time (user + sys, whole tree)."""
   import psutil  # pylint: disable=g-import-not-at-top
+
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   seen: dict[int, float] = {}
   stop = threading.Event()
   with open(log_path, "w", encoding="utf-8") as out:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(
+      cmd,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      stdin=subprocess.DEVNULL,
+      cwd=cwd,
+      start_new_session=True,
+    )
 
     def poll():
       try:
@@ -113,14 +124,26 @@ def run_timed(cmd: list[str], log_path: str, cwd: str) -> dict:
   proc.returncode = os.waitstatus_to_exitcode(status)
   cpu_reaped = usage.ru_utime + usage.ru_stime
   cpu_polled = sum(seen.values())
-  return {"returncode": proc.returncode, "wall_s": wall, "cpu_s": max(cpu_reaped, cpu_polled),
-          "cpu_reaped_s": cpu_reaped, "cpu_polled_s": cpu_polled, "log": log_path}
+  return {
+    "returncode": proc.returncode,
+    "wall_s": wall,
+    "cpu_s": max(cpu_reaped, cpu_polled),
+    "cpu_reaped_s": cpu_reaped,
+    "cpu_polled_s": cpu_polled,
+    "log": log_path,
+  }
 
 
 def row_extra(name: str, workload, expansion: int) -> list[str]:
   if name == "fedbeam_full":
-    return ["--num-transformed-clients", str(expansion * workload.num_clients),
-            "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1"]
+    return [
+      "--num-transformed-clients",
+      str(expansion * workload.num_clients),
+      "--transform",
+      "fedbeam.transforms:random_affine",
+      "--test-fraction",
+      "0.1",
+    ]
   if name == "fedbeam_group":
     return []
   raise SystemExit(f"unknown row {name}")
@@ -130,12 +153,27 @@ def run_side(side: str, root: str, name: str, workload, args, repeat: int) -> di
   pattern = wl.input_pattern(workload, args.workdir)
   store = os.path.join(args.workdir, "before_after", f"{name}-{workload.name}-{side}")
   shutil.rmtree(store, ignore_errors=True)
-  cmd = [os.path.join(root, ".venv", "bin", "fedbeam"), "prepare", "--input", pattern,
-         "--input-format", "tfrecord", "--client-id-key", "client_id",
-         "--element-spec", wl.element_spec_file(args.workdir), "--output", store, "--overwrite",
-         *row_extra(name, workload, args.expansion), *wl.BEAM_LOCAL_ARGS]
+  cmd = [
+    os.path.join(root, ".venv", "bin", "fedbeam"),
+    "prepare",
+    "--input",
+    pattern,
+    "--input-format",
+    "tfrecord",
+    "--client-id-key",
+    "client_id",
+    "--element-spec",
+    wl.element_spec_file(args.workdir),
+    "--output",
+    store,
+    "--overwrite",
+    *row_extra(name, workload, args.expansion),
+    *wl.BEAM_LOCAL_ARGS,
+  ]
   load = list(os.getloadavg())
-  logf = os.path.join(args.workdir, "logs", f"before_after-{name}-{workload.name}-{side}-{repeat}.log")
+  logf = os.path.join(
+    args.workdir, "logs", f"before_after-{name}-{workload.name}-{side}-{repeat}.log"
+  )
   run = run_timed(cmd, logf, root)
   run["loadavg_before"] = load
   if run["returncode"] != 0:
@@ -154,48 +192,68 @@ def summarize(runs: list[dict]) -> dict:
   out = {}
   for key in ("pipeline_s", "wall_s", "cpu_s"):
     values = [r[key] for r in runs]
-    out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values),
-                "runs": values}
+    out[key] = {
+      "median": statistics.median(values),
+      "min": min(values),
+      "max": max(values),
+      "runs": values,
+    }
   return out
 
 
 def readme_section(result: dict) -> str:
   b, a = result["before"]["commit"], result["after"]["commit"]
   lines = [
-      result["section"], "",
-      f"bench_pipeline's fedbeam rows, before (`{b}`) and after (`{a}`), on the same input "
-      "files: FnApiRunner with 2 worker processes (`--direct_num_workers=2 "
-      "--direct_running_mode=multi_processing`). Sides alternate (before, after, before, ...), "
-      "*runs* per side as given; medians with min–max. *pipeline s* is the time `fedbeam "
-      "prepare` reports for its pipeline; *wall s* is the whole process (interpreter start and "
-      "imports included); *CPU s* is user + system time of the process and its Beam worker "
-      "processes (`os.wait4` rusage, cross-checked with a psutil poll of the tree). Ratios are "
-      "after / before of the medians (above 1.00 = slower after).", "",
-      "| data | row | runs | pipeline s before | pipeline s after | ratio | wall s before | "
-      "wall s after | ratio | CPU s before | CPU s after | ratio |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    result["section"],
+    "",
+    f"bench_pipeline's fedbeam rows, before (`{b}`) and after (`{a}`), on the same input "
+    "files: FnApiRunner with 2 worker processes (`--direct_num_workers=2 "
+    "--direct_running_mode=multi_processing`). Sides alternate (before, after, before, ...), "
+    "*runs* per side as given; medians with min–max. *pipeline s* is the time `fedbeam "
+    "prepare` reports for its pipeline; *wall s* is the whole process (interpreter start and "
+    "imports included); *CPU s* is user + system time of the process and its Beam worker "
+    "processes (`os.wait4` rusage, cross-checked with a psutil poll of the tree). Ratios are "
+    "after / before of the medians (above 1.00 = slower after).",
+    "",
+    "| data | row | runs | pipeline s before | pipeline s after | ratio | wall s before | "
+    "wall s after | ratio | CPU s before | CPU s after | ratio |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ]
+
   def cell(s):
     return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
-  for key, row in result["rows"].items():
+
+  for _key, row in result["rows"].items():
     bs, as_ = row["before"], row["after"]
     cells = []
     for m in ("pipeline_s", "wall_s", "cpu_s"):
       cells += [cell(bs[m]), cell(as_[m]), f"{as_[m]['median'] / bs[m]['median']:.2f}"]
-    lines.append(f"| {row['scale']:g}x ({row['clients']:,} clients, {row['input_examples']:,} "
-                 f"examples) | `{row['name']}` | {len(row['after_runs'])} | "
-                 + " | ".join(cells) + " |")
-  loads = [r["loadavg_before"][0] for row in result["rows"].values()
-           for side in ("before_runs", "after_runs") for r in row[side]]
+    lines.append(
+      f"| {row['scale']:g}x ({row['clients']:,} clients, {row['input_examples']:,} "
+      f"examples) | `{row['name']}` | {len(row['after_runs'])} | " + " | ".join(cells) + " |"
+    )
+  loads = [
+    r["loadavg_before"][0]
+    for row in result["rows"].values()
+    for side in ("before_runs", "after_runs")
+    for r in row[side]
+  ]
   lines += [
-      "", f"1-minute load average seen before each run: {min(loads):.1f}–{max(loads):.1f} "
-      f"(median {statistics.median(loads):.1f}) on {result['machine']['nproc']} CPUs: other "
-      "work was running on the machine throughout, so wall times are inflated and noisy; CPU "
-      "time is the steadier figure.", "",
-      *([result["notes"].strip(), ""] if result.get("notes") else []),
-      "Command (from the repository root):", "", "```sh", result["command"], "```", "",
-      wl.machine_line(result["machine"], result["versions"]),
-      f"Raw numbers: `bench/results/{result['name']}.json`. Measured {result['run_id']}.",
+    "",
+    f"1-minute load average seen before each run: {min(loads):.1f}–{max(loads):.1f} "
+    f"(median {statistics.median(loads):.1f}) on {result['machine']['nproc']} CPUs: other "
+    "work was running on the machine throughout, so wall times are inflated and noisy; CPU "
+    "time is the steadier figure.",
+    "",
+    *([result["notes"].strip(), ""] if result.get("notes") else []),
+    "Command (from the repository root):",
+    "",
+    "```sh",
+    result["command"],
+    "```",
+    "",
+    wl.machine_line(result["machine"], result["versions"]),
+    f"Raw numbers: `bench/results/{result['name']}.json`. Measured {result['run_id']}.",
   ]
   return "\n".join(lines)
 
@@ -220,24 +278,36 @@ def main(argv=None) -> int:
           run = run_side(side, root, name, workload, args, repeat)
           first = (runs["before"] + runs["after"] or [run])[0]
           if (run["clients"], run["examples"]) != (first["clients"], first["examples"]):
-            raise SystemExit(f"{key}: {side} wrote {run['clients']} clients, {run['examples']} "
-                             f"examples; the first run wrote {first['clients']}, "
-                             f"{first['examples']}")
+            raise SystemExit(
+              f"{key}: {side} wrote {run['clients']} clients, {run['examples']} "
+              f"examples; the first run wrote {first['clients']}, "
+              f"{first['examples']}"
+            )
           runs[side].append(run)
-          log(f"{key} {side} {repeat + 1}/{args.repeat}: pipeline {run['pipeline_s']:.1f} s, "
-              f"wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s (reaped "
-              f"{run['cpu_reaped_s']:.1f}, polled {run['cpu_polled_s']:.1f}), load "
-              f"{run['loadavg_before'][0]:.1f}")
-      rows[key] = {"name": name, "scale": scale, "clients": workload.num_clients,
-                   "input_examples": workload.num_examples,
-                   "output_clients": runs["after"][0]["clients"],
-                   "output_examples": runs["after"][0]["examples"],
-                   "before": summarize(runs["before"]), "after": summarize(runs["after"]),
-                   "before_runs": runs["before"], "after_runs": runs["after"]}
+          log(
+            f"{key} {side} {repeat + 1}/{args.repeat}: pipeline {run['pipeline_s']:.1f} s, "
+            f"wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s (reaped "
+            f"{run['cpu_reaped_s']:.1f}, polled {run['cpu_polled_s']:.1f}), load "
+            f"{run['loadavg_before'][0]:.1f}"
+          )
+      rows[key] = {
+        "name": name,
+        "scale": scale,
+        "clients": workload.num_clients,
+        "input_examples": workload.num_examples,
+        "output_clients": runs["after"][0]["clients"],
+        "output_examples": runs["after"][0]["examples"],
+        "before": summarize(runs["before"]),
+        "after": summarize(runs["after"]),
+        "before_runs": runs["before"],
+        "after_runs": runs["after"],
+      }
       for m in ("pipeline_s", "wall_s", "cpu_s"):
-        log(f"{key} {m}: before {rows[key]['before'][m]['median']:.1f}, after "
-            f"{rows[key]['after'][m]['median']:.1f}, ratio "
-            f"{rows[key]['after'][m]['median'] / rows[key]['before'][m]['median']:.2f}")
+        log(
+          f"{key} {m}: before {rows[key]['before'][m]['median']:.1f}, after "
+          f"{rows[key]['after'][m]['median']:.1f}, ratio "
+          f"{rows[key]['after'][m]['median'] / rows[key]['before'][m]['median']:.2f}"
+        )
       if not args.no_write:
         write(args, argv, sides, rows, mach, run_id)
   return 0
@@ -250,13 +320,16 @@ def merge(args) -> int:
     raise SystemExit(f"missing results among {args.merge}")
   if len({(p["before"]["commit"], p["after"]["commit"]) for p in parts}) != 1:
     raise SystemExit("the results to merge measured different commits")
-  result = dict(parts[0], name=args.name, section=args.section,
-                command="\n".join(p["command"] for p in parts),
-                run_id=", ".join(p["run_id"] for p in parts),
-                rows={k: v for p in parts for k, v in p["rows"].items()},
-                repeat=max(p["repeat"] for p in parts),
-                machine=dict(parts[0]["machine"],
-                             loadavg_at_end=parts[-1]["machine"]["loadavg_at_end"]))
+  result = dict(
+    parts[0],
+    name=args.name,
+    section=args.section,
+    command="\n".join(p["command"] for p in parts),
+    run_id=", ".join(p["run_id"] for p in parts),
+    rows={k: v for p in parts for k, v in p["rows"].items()},
+    repeat=max(p["repeat"] for p in parts),
+    machine=dict(parts[0]["machine"], loadavg_at_end=parts[-1]["machine"]["loadavg_at_end"]),
+  )
   if args.notes:
     with open(args.notes, encoding="utf-8") as f:
       result["notes"] = f.read()
@@ -268,13 +341,18 @@ def merge(args) -> int:
 def write(args, argv, sides, rows, mach, run_id) -> None:
   mach = dict(mach, loadavg_at_end=list(os.getloadavg()))
   result = {
-      "benchmark": "fedbeam prepare before/after (bench_pipeline's fedbeam rows)",
-      "run_id": run_id, "repeat": args.repeat, "section": args.section, "name": args.name,
-      "command": wl.command_line("bench.bench_before_after", argv),
-      "before": {"root": sides["before"], "commit": git_commit(sides["before"])},
-      "after": {"root": sides["after"], "commit": git_commit(sides["after"])},
-      "beam_args": list(wl.BEAM_LOCAL_ARGS), "rows": rows, "machine": mach,
-      "versions": wl.versions(),
+    "benchmark": "fedbeam prepare before/after (bench_pipeline's fedbeam rows)",
+    "run_id": run_id,
+    "repeat": args.repeat,
+    "section": args.section,
+    "name": args.name,
+    "command": wl.command_line("bench.bench_before_after", argv),
+    "before": {"root": sides["before"], "commit": git_commit(sides["before"])},
+    "after": {"root": sides["after"], "commit": git_commit(sides["after"])},
+    "beam_args": list(wl.BEAM_LOCAL_ARGS),
+    "rows": rows,
+    "machine": mach,
+    "versions": wl.versions(),
   }
   wl.write_json(args.name + ".json", result)
   wl.write_readme_section(args.section, readme_section(result))

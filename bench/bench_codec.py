@@ -72,15 +72,18 @@ def example_message(values: Mapping[str, np.ndarray], spec: ElementSpec) -> Exam
     else:  # bits64: the exact 64-bit pattern of float64/uint64.
       feature.int64_list.SetInParent()
       feature.int64_list.value.extend(
-          np.ascontiguousarray(arr.astype(f.dtype)).view(np.int64).tolist())
+        np.ascontiguousarray(arr.astype(f.dtype)).view(np.int64).tolist()
+      )
   return example
 
 
 def columns_of(n: int, seed: int = 0) -> dict[str, np.ndarray]:
   """`n` EMNIST-like elements stacked on axis 0: label int32 in [0, 62), pixels float32."""
   rng = np.random.default_rng(seed)
-  return {"label": rng.integers(0, 62, n).astype(np.int32),
-          "pixels": rng.random((n, 28, 28), dtype=np.float32)}
+  return {
+    "label": rng.integers(0, 62, n).astype(np.int32),
+    "pixels": rng.random((n, 28, 28), dtype=np.float32),
+  }
 
 
 def _per_record_us(fn: Callable[[], object], n: int, runs: int) -> list[float]:
@@ -93,25 +96,33 @@ def _per_record_us(fn: Callable[[], object], n: int, runs: int) -> list[float]:
   return out
 
 
-def _row(name: str, fedbeam: tuple[str, Callable[[], object]],
-         peers: list[tuple[str, Callable[[], object]]], n: int, runs: int) -> dict:
+def _row(
+  name: str,
+  fedbeam: tuple[str, Callable[[], object]],
+  peers: list[tuple[str, Callable[[], object]]],
+  n: int,
+  runs: int,
+) -> dict:
   row = {"row": name, "records": n}
   sides = [fedbeam] + peers
   for label, fn in sides:
     us = _per_record_us(fn, n, runs)
-    row[label] = {"us_per_record": [round(u, 3) for u in us],
-                  "median": round(statistics.median(us), 3)}
+    row[label] = {
+      "us_per_record": [round(u, 3) for u in us],
+      "median": round(statistics.median(us), 3),
+    }
   for label, _ in peers:
-    row[f"ratio {label} / {fedbeam[0]}"] = round(row[label]["median"] /
-                                                 row[fedbeam[0]]["median"], 2)
+    row[f"ratio {label} / {fedbeam[0]}"] = round(
+      row[label]["median"] / row[fedbeam[0]]["median"], 2
+    )
   return row
 
 
 def time_rows(n: int, runs: int) -> list[dict]:
   """The benchmark's rows for `n` records and `runs` timed runs each (see the module doc)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from fedbeam.pipelines.example_records import (  # pylint: disable=g-import-not-at-top
-      ExampleBatch, encode_batch, encode_record)
+
+  from fedbeam.pipelines.example_records import ExampleBatch, encode_batch, encode_record  # pylint: disable=g-import-not-at-top
 
   spec = ElementSpec.from_json(ELEMENT_SPEC_JSON)
   columns = columns_of(n)
@@ -121,21 +132,47 @@ def time_rows(n: int, runs: int) -> list[dict]:
   assert records == by_message == [encode_example(e, spec) for e in elements]
 
   rows = [
-      _row("encode, one element",
-           ("encode_example", lambda: [encode_example(e, spec) for e in elements]),
-           [("protobuf message", lambda: [example_message(e, spec).SerializeToString(
-               deterministic=True) for e in elements]),
-            ("encode_examples of one row", lambda: [encode_examples(
-                {k: np.asarray(v)[None] for k, v in e.items()}, spec, 1)[0] for e in elements])],
-           n, runs),
-      _row("encode, a client at once",
-           ("encode_examples", lambda: encode_examples(columns, spec, n)),
-           [("protobuf message", lambda: [example_message(e, spec).SerializeToString(
-               deterministic=True) for e in elements])], n, runs),
+    _row(
+      "encode, one element",
+      ("encode_example", lambda: [encode_example(e, spec) for e in elements]),
+      [
+        (
+          "protobuf message",
+          lambda: [
+            example_message(e, spec).SerializeToString(deterministic=True) for e in elements
+          ],
+        ),
+        (
+          "encode_examples of one row",
+          lambda: [
+            encode_examples({k: np.asarray(v)[None] for k, v in e.items()}, spec, 1)[0]
+            for e in elements
+          ],
+        ),
+      ],
+      n,
+      runs,
+    ),
+    _row(
+      "encode, a client at once",
+      ("encode_examples", lambda: encode_examples(columns, spec, n)),
+      [
+        (
+          "protobuf message",
+          lambda: [
+            example_message(e, spec).SerializeToString(deterministic=True) for e in elements
+          ],
+        )
+      ],
+      n,
+      runs,
+    ),
   ]
 
-  config = {"label": tf.io.FixedLenFeature([], tf.int64),
-            "pixels": tf.io.FixedLenFeature([28, 28], tf.float32)}
+  config = {
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "pixels": tf.io.FixedLenFeature([28, 28], tf.float32),
+  }
   decoded = decode_examples(records, spec)
   parsed = tf.io.parse_example(tf.constant(records), config)
   assert np.array_equal(decoded["label"], parsed["label"].numpy())
@@ -151,25 +188,47 @@ def time_rows(n: int, runs: int) -> list[dict]:
     return labels, pixels
 
   assert np.array_equal(by_protobuf()[1], decoded["pixels"])
-  rows.append(_row(
-      "decode, a client at once", ("decode_examples", lambda: decode_examples(records, spec)),
-      [("tf.io.parse_example",
-        lambda: {k: v.numpy() for k, v in tf.io.parse_example(tf.constant(records),
-                                                              config).items()}),
-       ("protobuf message", by_protobuf)], n, runs))
+  rows.append(
+    _row(
+      "decode, a client at once",
+      ("decode_examples", lambda: decode_examples(records, spec)),
+      [
+        (
+          "tf.io.parse_example",
+          lambda: {
+            k: v.numpy() for k, v in tf.io.parse_example(tf.constant(records), config).items()
+          },
+        ),
+        ("protobuf message", by_protobuf),
+      ],
+      n,
+      runs,
+    )
+  )
 
-  id_spec = ElementSpec.from_json({"client_id": {"dtype": "string", "shape": []},
-                                   **ELEMENT_SPEC_JSON})
+  id_spec = ElementSpec.from_json(
+    {"client_id": {"dtype": "string", "shape": []}, **ELEMENT_SPEC_JSON}
+  )
   ids = np.array([f"f{i % 16:07d}".encode() for i in range(n)], dtype=object)
   inputs = encode_examples(dict(columns, client_id=ids), id_spec, n)
   batch = ExampleBatch("input.tfrecord", 0, inputs, "client_id")
   cut = [data for _, _, data in encode_batch(batch, spec)]
   one_by_one = [encode_record(batch.input_record(i), spec) for i in range(n)]
   assert cut == one_by_one == records
-  rows.append(_row(
-      "store record from an input record", ("encode_batch", lambda: encode_batch(batch, spec)),
-      [("parse and serialize", lambda: [encode_record(batch.input_record(i), spec)
-                                        for i in range(n)])], n, runs))
+  rows.append(
+    _row(
+      "store record from an input record",
+      ("encode_batch", lambda: encode_batch(batch, spec)),
+      [
+        (
+          "parse and serialize",
+          lambda: [encode_record(batch.input_record(i), spec) for i in range(n)],
+        )
+      ],
+      n,
+      runs,
+    )
+  )
   return rows
 
 
@@ -178,8 +237,12 @@ def main(argv=None) -> int:
   p.add_argument("--records", type=int, default=2048)
   p.add_argument("--runs", type=int, default=5)
   args = p.parse_args(argv)
-  print(json.dumps({"records": args.records, "runs": args.runs,
-                    "rows": time_rows(args.records, args.runs)}, indent=1))
+  print(
+    json.dumps(
+      {"records": args.records, "runs": args.runs, "rows": time_rows(args.records, args.runs)},
+      indent=1,
+    )
+  )
   return 0
 
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 
@@ -41,8 +40,28 @@ SECTION = "## Dask"
 RESULT_FILE = "dask.json"
 NUM_CLIENTS = 1311
 RUNNERS = ("local", "dask")
-_WORDS = ("thou", "thee", "lord", "king", "love", "night", "sweet", "death", "good", "heart",
-          "speak", "hath", "come", "sir", "fair", "honour", "blood", "grace", "world", "eyes")
+_WORDS = (
+  "thou",
+  "thee",
+  "lord",
+  "king",
+  "love",
+  "night",
+  "sweet",
+  "death",
+  "good",
+  "heart",
+  "speak",
+  "hath",
+  "come",
+  "sir",
+  "fair",
+  "honour",
+  "blood",
+  "grace",
+  "world",
+  "eyes",
+)
 
 
 def parse_args(argv=None):
@@ -75,6 +94,7 @@ def text_clients(num_clients: int = NUM_CLIENTS, seed: int = 0) -> dict:
 def ensure_input(workdir: str) -> tuple[str, int]:
   """Writes the text input once; returns (file pattern, number of lines)."""
   from fedbeam import testing  # pylint: disable=g-import-not-at-top
+
   directory = os.path.join(workdir, "text-c1311", "input")
   done = os.path.join(directory, ".done")
   pattern = os.path.join(directory, "part-*.tfrecord")
@@ -85,8 +105,11 @@ def ensure_input(workdir: str) -> tuple[str, int]:
   shutil.rmtree(directory, ignore_errors=True)
   ids = sorted(clients)
   for k in range(2):
-    testing.write_tfrecord_input(os.path.join(directory, f"part-{k}.tfrecord"),
-                                 {cid: clients[cid] for cid in ids[k::2]}, "speaker")
+    testing.write_tfrecord_input(
+      os.path.join(directory, f"part-{k}.tfrecord"),
+      {cid: clients[cid] for cid in ids[k::2]},
+      "speaker",
+    )
   with open(done, "w", encoding="utf-8") as f:
     f.write("ok\n")
   return pattern, lines
@@ -95,15 +118,25 @@ def ensure_input(workdir: str) -> tuple[str, int]:
 def worker(args) -> int:
   """One timed `run_prepare` on the named runner; writes its seconds and store digest."""
   from fedbeam.pipelines.prepare import PrepareConfig, run_prepare  # pylint: disable=g-import-not-at-top
-  config = PrepareConfig(input=args.input, input_format="tfrecord", output=args.output,
-                         client_id_key="speaker", overwrite=True)
+
+  config = PrepareConfig(
+    input=args.input,
+    input_format="tfrecord",
+    output=args.output,
+    client_id_key="speaker",
+    overwrite=True,
+  )
   cluster = None
   if args.worker == "dask":
     from dask.distributed import LocalCluster  # pylint: disable=g-import-not-at-top
-    cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                           dashboard_address=None)
-    beam_args = ["--runner=fedbeam.pipelines.dask.DaskRunner",
-                 f"--dask_client_address={cluster.scheduler_address}"]
+
+    cluster = LocalCluster(
+      n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+    )
+    beam_args = [
+      "--runner=fedbeam.pipelines.dask.DaskRunner",
+      f"--dask_client_address={cluster.scheduler_address}",
+    ]
   else:
     beam_args = list(wl.BEAM_LOCAL_ARGS)
   try:
@@ -112,17 +145,24 @@ def worker(args) -> int:
     if cluster is not None:
       cluster.close()
   with open(args.result, "w", encoding="utf-8") as f:
-    json.dump({"seconds": result.seconds, "digest": tree_digest(args.output),
-               "clients": sum(s["num_clients"] for s in result.metadata["splits"]),
-               "examples": sum(s["num_examples"] for s in result.metadata["splits"])}, f)
+    json.dump(
+      {
+        "seconds": result.seconds,
+        "digest": tree_digest(args.output),
+        "clients": sum(s["num_clients"] for s in result.metadata["splits"]),
+        "examples": sum(s["num_examples"] for s in result.metadata["splits"]),
+      },
+      f,
+    )
   return 0
 
 
 def tree_digest(root: str) -> str:
   """SHA-256 over every file's relative path and bytes, in path order."""
   h = hashlib.sha256()
-  paths = sorted(os.path.relpath(os.path.join(d, n), root)
-                 for d, _, names in os.walk(root) for n in names)
+  paths = sorted(
+    os.path.relpath(os.path.join(d, n), root) for d, _, names in os.walk(root) for n in names
+  )
   for rel in paths:
     h.update(rel.encode() + b"\0")
     with open(os.path.join(root, rel), "rb") as f:
@@ -132,40 +172,54 @@ def tree_digest(root: str) -> str:
 
 def readme_section(result: dict) -> str:
   rows = result["rows"]
-  local, dask = rows["local"], rows["dask"]
+  local = rows["local"]
   lines = [
-      SECTION, "",
-      f"`fedbeam prepare` (group + write + manifest, no expansion) of a Shakespeare-sized text "
-      f"input: {result['clients']:,} clients, {result['examples']:,} lines (one variable-length "
-      "string feature), two TFRecord files. Local: Beam's FnApiRunner with two worker "
-      "processes. Dask: `fedbeam.pipelines.dask.DaskRunner` over a `dask.distributed` "
-      "LocalCluster of two worker processes (one thread each), started before the clock. Rows "
-      f"took turns, {result['repeat']} runs each; the time is `run_prepare`'s own. Every Dask "
-      "store was byte-identical to the local one (SHA-256 over every file).", "",
-      "| runner | median s | min–max s | vs local |", "| --- | ---: | ---: | ---: |",
+    SECTION,
+    "",
+    f"`fedbeam prepare` (group + write + manifest, no expansion) of a Shakespeare-sized text "
+    f"input: {result['clients']:,} clients, {result['examples']:,} lines (one variable-length "
+    "string feature), two TFRecord files. Local: Beam's FnApiRunner with two worker "
+    "processes. Dask: `fedbeam.pipelines.dask.DaskRunner` over a `dask.distributed` "
+    "LocalCluster of two worker processes (one thread each), started before the clock. Rows "
+    f"took turns, {result['repeat']} runs each; the time is `run_prepare`'s own. Every Dask "
+    "store was byte-identical to the local one (SHA-256 over every file).",
+    "",
+    "| runner | median s | min–max s | vs local |",
+    "| --- | ---: | ---: | ---: |",
   ]
-  for name, label in (("local", "local FnApiRunner, 2 worker processes"),
-                      ("dask", "DaskRunner (fedbeam's), LocalCluster of 2 worker processes")):
+  for name, label in (
+    ("local", "local FnApiRunner, 2 worker processes"),
+    ("dask", "DaskRunner (fedbeam's), LocalCluster of 2 worker processes"),
+  ):
     r = rows[name]
-    lines.append(f"| {label} | {r['median_s']:.1f} | {r['min_s']:.1f}–{r['max_s']:.1f} | "
-                 f"{r['median_s'] / local['median_s']:.2f}x |")
+    lines.append(
+      f"| {label} | {r['median_s']:.1f} | {r['min_s']:.1f}–{r['max_s']:.1f} | "
+      f"{r['median_s'] / local['median_s']:.2f}x |"
+    )
   lines += [
-      "",
-      "Why Dask is slower: Beam 2.72's DaskRunner computes a side input's whole upstream graph "
-      "again inside every task that reads it (`DaskBagWindowedIterator` in "
-      "`apache_beam/runners/dask/transform_evaluator.py`), and fedbeam's steps after the "
-      "shuffle read side inputs (counts, plan, split, shard count) computed from other side "
-      "inputs, so upstream work repeats many times. Upstream fix: hand each side input to "
-      "`map_partitions` as a dependency computed once (e.g. `dask.delayed(list)(bag)`) instead "
-      "of computing it in every task ([docs/upstream/dask-runner.md]"
-      "(../docs/upstream/dask-runner.md)).", "",
-      *reads_lines(wl.read_json("dask_reads.json")),
-      "Command (from the repository root):", "", "```sh", result["command"], "```", "",
-      f"Machine: {result['machine']['nproc']} CPUs, {result['machine']['memory_gib']} GiB; load "
-      f"average (1, 5, 15 min) at the start {', '.join(f'{v:.2f}' for v in result['machine']['loadavg_at_start'])}; "
-      f"at the end {', '.join(f'{v:.2f}' for v in result['machine']['loadavg_at_end'])} (the machine "
-      "was shared with other work: a load above 2 slows every row). Raw numbers: "
-      "`bench/results/dask.json`.", f"Measured {result['run_id']}.",
+    "",
+    "Why Dask is slower: Beam 2.72's DaskRunner computes a side input's whole upstream graph "
+    "again inside every task that reads it (`DaskBagWindowedIterator` in "
+    "`apache_beam/runners/dask/transform_evaluator.py`), and fedbeam's steps after the "
+    "shuffle read side inputs (counts, plan, split, shard count) computed from other side "
+    "inputs, so upstream work repeats many times. Upstream fix: hand each side input to "
+    "`map_partitions` as a dependency computed once (e.g. `dask.delayed(list)(bag)`) instead "
+    "of computing it in every task ([docs/upstream/dask-runner.md]"
+    "(../docs/upstream/dask-runner.md)).",
+    "",
+    *reads_lines(wl.read_json("dask_reads.json")),
+    "Command (from the repository root):",
+    "",
+    "```sh",
+    result["command"],
+    "```",
+    "",
+    f"Machine: {result['machine']['nproc']} CPUs, {result['machine']['memory_gib']} GiB; load "
+    f"average (1, 5, 15 min) at the start {', '.join(f'{v:.2f}' for v in result['machine']['loadavg_at_start'])}; "
+    f"at the end {', '.join(f'{v:.2f}' for v in result['machine']['loadavg_at_end'])} (the machine "
+    "was shared with other work: a load above 2 slows every row). Raw numbers: "
+    "`bench/results/dask.json`.",
+    f"Measured {result['run_id']}.",
   ]
   return "\n".join(lines)
 
@@ -183,14 +237,16 @@ def reads_lines(reads) -> list[str]:
     return ", ".join(f"{k} times: {v:,} files" for k, v in r["writes_per_client_file"].items())
 
   return [
-      "How much is recomputed (`bench/dask_side_input_reads.py`: one run per runner under "
-      "`strace -f`, counting opens and renames in the whole process tree): the Dask run opened "
-      f"each input file {opens(dask)} times (local: {opens(local)}), wrote each client file "
-      f"again at every recomputation of the write step ({writes(dask)}; local: {writes(local)}; "
-      "each write goes to a temporary name renamed over the same file, so the store is still "
-      f"identical) and used {dask['cpu_s']:.0f} s of CPU over the process tree against the "
-      f"local run's {local['cpu_s']:.0f} s (wall {dask['wall_s']:.0f} s vs "
-      f"{local['wall_s']:.0f} s; `bench/results/dask_reads.json`).", ""]
+    "How much is recomputed (`bench/dask_side_input_reads.py`: one run per runner under "
+    "`strace -f`, counting opens and renames in the whole process tree): the Dask run opened "
+    f"each input file {opens(dask)} times (local: {opens(local)}), wrote each client file "
+    f"again at every recomputation of the write step ({writes(dask)}; local: {writes(local)}; "
+    "each write goes to a temporary name renamed over the same file, so the store is still "
+    f"identical) and used {dask['cpu_s']:.0f} s of CPU over the process tree against the "
+    f"local run's {local['cpu_s']:.0f} s (wall {dask['wall_s']:.0f} s vs "
+    f"{local['wall_s']:.0f} s; `bench/results/dask_reads.json`).",
+    "",
+  ]
 
 
 def main(argv=None) -> int:
@@ -209,8 +265,19 @@ def main(argv=None) -> int:
       out = os.path.join(args.workdir, "text-c1311", "stores", name)
       shutil.rmtree(out, ignore_errors=True)
       result_path = out + ".json"
-      cmd = [wl.PYTHON, "-m", "bench.bench_dask", "--worker", name, "--input", pattern,
-             "--output", out, "--result", result_path]
+      cmd = [
+        wl.PYTHON,
+        "-m",
+        "bench.bench_dask",
+        "--worker",
+        name,
+        "--input",
+        pattern,
+        "--output",
+        out,
+        "--result",
+        result_path,
+      ]
       run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"dask-{name}-{repeat}.log"))
       if run["returncode"] != 0:
         log(f"{name} run {repeat + 1} failed; see {run['log']}")
@@ -219,19 +286,25 @@ def main(argv=None) -> int:
         info = json.load(f)
       digests.add(info["digest"])
       runs[name].append(info["seconds"])
-      log(f"{name} run {repeat + 1}/{args.repeat}: {info['seconds']:.1f} s, "
-          f"wall {run['wall_s']:.1f} s, load {os.getloadavg()[0]:.1f}")
+      log(
+        f"{name} run {repeat + 1}/{args.repeat}: {info['seconds']:.1f} s, "
+        f"wall {run['wall_s']:.1f} s, load {os.getloadavg()[0]:.1f}"
+      )
   if len(digests) != 1:
     log(f"stores differ between runs: {sorted(digests)}")
     return 1
   mach["loadavg_at_end"] = list(os.getloadavg())
   result = {
-      "benchmark": "prepare on Dask vs the local runner (text input)",
-      "run_id": run_id, "repeat": args.repeat, "clients": info["clients"],
-      "examples": info["examples"], "input_lines": num_lines,
-      "command": wl.command_line("bench.bench_dask", argv),
-      "rows": {name: dict(wl.stats(times), runs=times) for name, times in runs.items()},
-      "machine": mach, "versions": wl.versions(),
+    "benchmark": "prepare on Dask vs the local runner (text input)",
+    "run_id": run_id,
+    "repeat": args.repeat,
+    "clients": info["clients"],
+    "examples": info["examples"],
+    "input_lines": num_lines,
+    "command": wl.command_line("bench.bench_dask", argv),
+    "rows": {name: dict(wl.stats(times), runs=times) for name, times in runs.items()},
+    "machine": mach,
+    "versions": wl.versions(),
   }
   for name in RUNNERS:
     r = result["rows"][name]

@@ -43,19 +43,37 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--clients", type=int, default=1000, help="workload clients (1000: ~91k examples)")
   p.add_argument("--repeat", type=int, default=3, help="runs per format, taking turns")
-  p.add_argument("--baseline-python", metavar="PYTHON",
-                 help="also time the SQLite input once with the fedbeam script next to this "
-                      "interpreter (another checkout's venv)")
+  p.add_argument(
+    "--baseline-python",
+    metavar="PYTHON",
+    help="also time the SQLite input once with the fedbeam script next to this "
+    "interpreter (another checkout's venv)",
+  )
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--no-write", action="store_true", help="do not write results or README")
   return p.parse_args(argv)
 
 
 def _command(fmt: str, path: str, store: str, spec: str, fedbeam: list[str]) -> list[str]:
-  cmd = [*fedbeam, "prepare", "--input", path, "--input-format", fmt, "--element-spec", spec,
-         "--output", store, "--overwrite", *wl.BEAM_LOCAL_ARGS]
+  cmd = [
+    *fedbeam,
+    "prepare",
+    "--input",
+    path,
+    "--input-format",
+    fmt,
+    "--element-spec",
+    spec,
+    "--output",
+    store,
+    "--overwrite",
+    *wl.BEAM_LOCAL_ARGS,
+  ]
   if fmt == "tfrecord":
-    cmd[cmd.index("--element-spec"):cmd.index("--element-spec")] = ["--client-id-key", "client_id"]
+    cmd[cmd.index("--element-spec") : cmd.index("--element-spec")] = [
+      "--client-id-key",
+      "client_id",
+    ]
   return cmd
 
 
@@ -74,15 +92,23 @@ def _run(name: str, cmd: list[str], workload, args) -> dict:
     seconds = float(_SECONDS.findall(f.read())[-1])
   rate = workload.num_examples / seconds
   log(f"{name}: {seconds:.1f} s, {rate:,.0f} examples/s (load {load:.1f})")
-  return {"pipeline_s": seconds, "examples_per_s": rate, "wall_s": run["wall_s"],
-          "peak_pss_mb": run["peak_pss_mb"], "loadavg_1min_at_start": load}
+  return {
+    "pipeline_s": seconds,
+    "examples_per_s": rate,
+    "wall_s": run["wall_s"],
+    "peak_pss_mb": run["peak_pss_mb"],
+    "loadavg_1min_at_start": load,
+  }
 
 
 def _client_files(store: str) -> dict[str, tuple[int, int, int]]:
   from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+
   metadata = sf.read_metadata(store)
-  return {r["client_id"]: (r["num_examples"], r["num_bytes"], r["crc32c"])
-          for r in sf.read_manifest(store, metadata)}
+  return {
+    r["client_id"]: (r["num_examples"], r["num_bytes"], r["crc32c"])
+    for r in sf.read_manifest(store, metadata)
+  }
 
 
 def main(argv=None) -> int:
@@ -93,17 +119,24 @@ def main(argv=None) -> int:
   tfrecord = wl.ensure_input(workload, args.workdir, log)
   sqlite = wl.ensure_tff_sqlite(workload, args.workdir, log)
   spec = wl.element_spec_file(args.workdir)
-  stores = {fmt: os.path.join(wl.workload_dir(workload, args.workdir), "stores",
-                              f"input-formats-{fmt}") for fmt in ("tfrecord", "tff-sqlite")}
+  stores = {
+    fmt: os.path.join(wl.workload_dir(workload, args.workdir), "stores", f"input-formats-{fmt}")
+    for fmt in ("tfrecord", "tff-sqlite")
+  }
   contenders = {
-      "tfrecord": _command("tfrecord", tfrecord, stores["tfrecord"], spec, [wl.FEDBEAM]),
-      "tff-sqlite": _command("tff-sqlite", sqlite, stores["tff-sqlite"], spec, [wl.FEDBEAM])}
+    "tfrecord": _command("tfrecord", tfrecord, stores["tfrecord"], spec, [wl.FEDBEAM]),
+    "tff-sqlite": _command("tff-sqlite", sqlite, stores["tff-sqlite"], spec, [wl.FEDBEAM]),
+  }
   if args.baseline_python:
     # That interpreter's `fedbeam` script: `python -m fedbeam.cli` would import
     # the fedbeam of the current directory (this checkout) instead.
     contenders["tff-sqlite-baseline"] = _command(
-        "tff-sqlite", sqlite, stores["tff-sqlite"] + "-baseline", spec,
-        [args.baseline_python, os.path.join(os.path.dirname(args.baseline_python), "fedbeam")])
+      "tff-sqlite",
+      sqlite,
+      stores["tff-sqlite"] + "-baseline",
+      spec,
+      [args.baseline_python, os.path.join(os.path.dirname(args.baseline_python), "fedbeam")],
+    )
   runs: dict[str, list] = {name: [] for name in contenders}
   for i in range(args.repeat):
     for name, cmd in contenders.items():
@@ -116,15 +149,26 @@ def main(argv=None) -> int:
   rows = {}
   for name, rs in runs.items():
     rates = [r["examples_per_s"] for r in rs]
-    rows[name] = {"runs": rs, "median_examples_per_s": statistics.median(rates),
-                  "min_examples_per_s": min(rates), "max_examples_per_s": max(rates),
-                  "command": " ".join(os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT) else c
-                                      for c in contenders[name])}
+    rows[name] = {
+      "runs": rs,
+      "median_examples_per_s": statistics.median(rates),
+      "min_examples_per_s": min(rates),
+      "max_examples_per_s": max(rates),
+      "command": " ".join(
+        os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT) else c for c in contenders[name]
+      ),
+    }
   ratio = rows["tff-sqlite"]["median_examples_per_s"] / rows["tfrecord"]["median_examples_per_s"]
-  result = {"workload": workload.size_summary(), "rows": rows, "sqlite_vs_tfrecord": ratio,
-            "identical_client_files": same, "machine": mach, "versions": wl.versions(),
-            "command": wl.command_line("bench.bench_input_formats", argv),
-            "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
+  result = {
+    "workload": workload.size_summary(),
+    "rows": rows,
+    "sqlite_vs_tfrecord": ratio,
+    "identical_client_files": same,
+    "machine": mach,
+    "versions": wl.versions(),
+    "command": wl.command_line("bench.bench_input_formats", argv),
+    "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+  }
   log(f"TFF SQLite / TFRecord examples/s (medians): {ratio:.2f}x")
   if not args.no_write:
     wl.write_json(RESULT_FILE, result)
@@ -139,37 +183,49 @@ def _span(values: list) -> str:
 
 def readme_section(result: dict) -> str:
   w = result["workload"]
-  lines = [SECTION, "",
-           f"`fedbeam prepare` (group + write, no expansion or split; local runner, 2 worker "
-           f"processes) of the same {w['examples']:,} EMNIST-like examples of {w['clients']:,} "
-           "clients, read as TFRecord files and as the TFF SQLite database "
-           "`save_to_sql_client_data` writes. Formats take turns in each round; examples/s is "
-           "input examples / the pipeline seconds `fedbeam prepare` prints; medians, min–max over "
-           "the runs. The machine is shared with other work and was heavily loaded (load "
-           "averages below, 2 CPUs): absolute rates are low and noisy, the ratio of medians of "
-           "interleaved runs is the figure to read.", "",
-           "| input | runs | median examples/s | min–max examples/s | vs TFRecord | 1-min load "
-           "at the starts |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  lines = [
+    SECTION,
+    "",
+    f"`fedbeam prepare` (group + write, no expansion or split; local runner, 2 worker "
+    f"processes) of the same {w['examples']:,} EMNIST-like examples of {w['clients']:,} "
+    "clients, read as TFRecord files and as the TFF SQLite database "
+    "`save_to_sql_client_data` writes. Formats take turns in each round; examples/s is "
+    "input examples / the pipeline seconds `fedbeam prepare` prints; medians, min–max over "
+    "the runs. The machine is shared with other work and was heavily loaded (load "
+    "averages below, 2 CPUs): absolute rates are low and noisy, the ratio of medians of "
+    "interleaved runs is the figure to read.",
+    "",
+    "| input | runs | median examples/s | min–max examples/s | vs TFRecord | 1-min load "
+    "at the starts |",
+    "| --- | ---: | ---: | ---: | ---: | ---: |",
+  ]
   base = result["rows"]["tfrecord"]["median_examples_per_s"]
-  labels = {"tfrecord": "TFRecord (Examples with a `client_id` feature)",
-            "tff-sqlite": "TFF SQLite (rows travel as `ExampleBatch`es of bytes)",
-            "tff-sqlite-baseline": "TFF SQLite, the code before rows travelled as bytes (a "
-                                   "parsed Example per row pickled between steps; main at "
-                                   "6f4cf2a, one run)"}
+  labels = {
+    "tfrecord": "TFRecord (Examples with a `client_id` feature)",
+    "tff-sqlite": "TFF SQLite (rows travel as `ExampleBatch`es of bytes)",
+    "tff-sqlite-baseline": "TFF SQLite, the code before rows travelled as bytes (a "
+    "parsed Example per row pickled between steps; main at "
+    "6f4cf2a, one run)",
+  }
   for name, row in result["rows"].items():
-    lines.append(f"| {labels.get(name, name)} | {len(row['runs'])} | "
-                 f"{row['median_examples_per_s']:,.0f} | {row['min_examples_per_s']:,.0f}–"
-                 f"{row['max_examples_per_s']:,.0f} | "
-                 f"{row['median_examples_per_s'] / base:.2f}x | "
-                 + _span([r["loadavg_1min_at_start"] for r in row["runs"]]) + " |")
+    lines.append(
+      f"| {labels.get(name, name)} | {len(row['runs'])} | "
+      f"{row['median_examples_per_s']:,.0f} | {row['min_examples_per_s']:,.0f}–"
+      f"{row['max_examples_per_s']:,.0f} | "
+      f"{row['median_examples_per_s'] / base:.2f}x | "
+      + _span([r["loadavg_1min_at_start"] for r in row["runs"]])
+      + " |"
+    )
   loads = [r["loadavg_1min_at_start"] for row in result["rows"].values() for r in row["runs"]]
-  lines += ["",
-            f"TFF SQLite reaches {result['sqlite_vs_tfrecord']:.2f}x TFRecord's examples/s "
-            "(target: at least 0.7x). Every client's file has the same bytes from both inputs: "
-            f"{'yes' if result['identical_client_files'] else 'NO'}. 1-minute load average at "
-            f"the start of the runs: {min(loads):.1f}–{max(loads):.1f}. Measured "
-            f"{result['date']}; `{result['command']}`.", ""]
+  lines += [
+    "",
+    f"TFF SQLite reaches {result['sqlite_vs_tfrecord']:.2f}x TFRecord's examples/s "
+    "(target: at least 0.7x). Every client's file has the same bytes from both inputs: "
+    f"{'yes' if result['identical_client_files'] else 'NO'}. 1-minute load average at "
+    f"the start of the runs: {min(loads):.1f}–{max(loads):.1f}. Measured "
+    f"{result['date']}; `{result['command']}`.",
+    "",
+  ]
   return "\n".join(lines)
 
 

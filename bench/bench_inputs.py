@@ -50,6 +50,7 @@ def ensure_parquet(workload: wl.Workload, workdir: str) -> str:
   """The workload's TFRecord input files as Parquet: same files, same records, same order."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
   directory = os.path.dirname(parquet_pattern(workload, workdir))
   if os.path.exists(directory + ".done"):
     return parquet_pattern(workload, workdir)
@@ -68,11 +69,16 @@ def ensure_parquet(workload: wl.Workload, workdir: str) -> str:
     label = np.concatenate(labels)[order]
     pixel = np.concatenate(pixels)[order].reshape(-1)
     rows = pa.FixedSizeListArray.from_arrays(pa.array(pixel, pa.float32()), wl.IMAGE)
-    table = pa.table({"client_id": pa.array([cids[j] for j in order], pa.string()),
-                      "label": pa.array(label, pa.int32()),
-                      "pixels": pa.FixedSizeListArray.from_arrays(rows, wl.IMAGE)})
-    pq.write_table(table, os.path.join(directory, f"part-{k:05d}-of-{count:05d}.parquet"),
-                   row_group_size=2048)
+    table = pa.table(
+      {
+        "client_id": pa.array([cids[j] for j in order], pa.string()),
+        "label": pa.array(label, pa.int32()),
+        "pixels": pa.FixedSizeListArray.from_arrays(rows, wl.IMAGE),
+      }
+    )
+    pq.write_table(
+      table, os.path.join(directory, f"part-{k:05d}-of-{count:05d}.parquet"), row_group_size=2048
+    )
   with open(directory + ".done", "w", encoding="utf-8") as f:
     f.write(f"{count} files, {workload.num_examples} examples\n")
   log(f"workload {workload.name}: wrote {count} Parquet files")
@@ -92,6 +98,7 @@ def run_prepare(fmt: str, pattern: str, store: str, workdir: str, logf: str) -> 
 
 def _client_files(store: str) -> dict:
   from fedbeam.format.metadata import data_root, read_metadata  # pylint: disable=g-import-not-at-top
+
   root = data_root(store, read_metadata(store))
   out = {}
   for dirpath, _, names in os.walk(root):
@@ -106,22 +113,32 @@ def _client_files(store: str) -> dict:
 def readme_section(result: dict) -> str:
   rows = result["rows"]
   t, p = rows["tfrecord"], rows["parquet"]
-  lines = [SECTION, "",
-           f"`fedbeam prepare` (group + write, `--element-spec` given, 2 worker processes) of "
-           f"{result['clients']:,} EMNIST-like clients ({result['examples']:,} examples) from "
-           "the same records as TFRecord and as Parquet (bench/bench_inputs.py); "
-           f"medians of {result['repeat']} runs each, interleaved, on a shared machine "
-           "(other jobs ran alongside: the load average below; compare the ratio, not the "
-           "absolute rates). Both stores' client files are byte-identical: "
-           f"{result['identical_client_files']}.", "",
-           "| input | median pipeline s | min–max s | median examples/s | vs TFRecord |",
-           "| --- | ---: | ---: | ---: | ---: |"]
+  lines = [
+    SECTION,
+    "",
+    f"`fedbeam prepare` (group + write, `--element-spec` given, 2 worker processes) of "
+    f"{result['clients']:,} EMNIST-like clients ({result['examples']:,} examples) from "
+    "the same records as TFRecord and as Parquet (bench/bench_inputs.py); "
+    f"medians of {result['repeat']} runs each, interleaved, on a shared machine "
+    "(other jobs ran alongside: the load average below; compare the ratio, not the "
+    "absolute rates). Both stores' client files are byte-identical: "
+    f"{result['identical_client_files']}.",
+    "",
+    "| input | median pipeline s | min–max s | median examples/s | vs TFRecord |",
+    "| --- | ---: | ---: | ---: | ---: |",
+  ]
   for name, row in (("TFRecord (tf.train.Example)", t), ("Parquet (pyarrow)", p)):
-    lines.append(f"| {name} | {row['median_s']:.1f} | {row['min_s']:.1f}–{row['max_s']:.1f} | "
-                 f"{row['examples_per_s']:,.0f} | "
-                 f"{row['examples_per_s'] / t['examples_per_s']:.2f}x |")
-  lines += ["", wl.machine_line(result["machine"], result["versions"]), "",
-            f"Command: `{result['command']}`"]
+    lines.append(
+      f"| {name} | {row['median_s']:.1f} | {row['min_s']:.1f}–{row['max_s']:.1f} | "
+      f"{row['examples_per_s']:,.0f} | "
+      f"{row['examples_per_s'] / t['examples_per_s']:.2f}x |"
+    )
+  lines += [
+    "",
+    wl.machine_line(result["machine"], result["versions"]),
+    "",
+    f"Command: `{result['command']}`",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -135,35 +152,53 @@ def main(argv=None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   mach = wl.machine()
   workload = wl.Workload(num_clients=args.clients)
-  patterns = {"tfrecord": wl.ensure_input(workload, args.workdir, log),
-              "parquet": ensure_parquet(workload, args.workdir)}
-  stores = {fmt: os.path.join(wl.workload_dir(workload, args.workdir), "stores", f"input-{fmt}")
-            for fmt in patterns}
+  patterns = {
+    "tfrecord": wl.ensure_input(workload, args.workdir, log),
+    "parquet": ensure_parquet(workload, args.workdir),
+  }
+  stores = {
+    fmt: os.path.join(wl.workload_dir(workload, args.workdir), "stores", f"input-{fmt}")
+    for fmt in patterns
+  }
   runs: dict[str, list] = {fmt: [] for fmt in patterns}
   for repeat in range(args.repeat):
     for fmt, pattern in patterns.items():
       logf = os.path.join(args.workdir, "logs", f"inputs-{fmt}-{workload.name}.log")
       run = run_prepare(fmt, pattern, stores[fmt], args.workdir, logf)
       runs[fmt].append(run)
-      log(f"{fmt} (run {repeat + 1}/{args.repeat}): {run['pipeline_s']:.1f} s pipeline, "
-          f"{workload.num_examples / run['pipeline_s']:,.0f} ex/s, wall {run['wall_s']:.1f} s")
+      log(
+        f"{fmt} (run {repeat + 1}/{args.repeat}): {run['pipeline_s']:.1f} s pipeline, "
+        f"{workload.num_examples / run['pipeline_s']:,.0f} ex/s, wall {run['wall_s']:.1f} s"
+      )
   identical = _client_files(stores["tfrecord"]) == _client_files(stores["parquet"])
   rows = {}
   for fmt, done in runs.items():
     seconds = [r["pipeline_s"] for r in done]
-    rows[fmt] = {"median_s": statistics.median(seconds), "min_s": min(seconds),
-                 "max_s": max(seconds), "runs_s": seconds,
-                 "examples_per_s": workload.num_examples / statistics.median(seconds),
-                 "peak_pss_mb": statistics.median(r["peak_pss_mb"] for r in done)}
+    rows[fmt] = {
+      "median_s": statistics.median(seconds),
+      "min_s": min(seconds),
+      "max_s": max(seconds),
+      "runs_s": seconds,
+      "examples_per_s": workload.num_examples / statistics.median(seconds),
+      "peak_pss_mb": statistics.median(r["peak_pss_mb"] for r in done),
+    }
   mach["loadavg_at_end"] = list(os.getloadavg())
-  result = {"clients": workload.num_clients, "examples": workload.num_examples,
-            "repeat": args.repeat, "rows": rows, "identical_client_files": identical,
-            "machine": mach, "versions": wl.versions(),
-            "command": wl.command_line("bench.bench_inputs", argv),
-            "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")}
-  log(f"parquet/tfrecord examples/s: "
-      f"{rows['parquet']['examples_per_s'] / rows['tfrecord']['examples_per_s']:.2f}x; "
-      f"client files identical: {identical}")
+  result = {
+    "clients": workload.num_clients,
+    "examples": workload.num_examples,
+    "repeat": args.repeat,
+    "rows": rows,
+    "identical_client_files": identical,
+    "machine": mach,
+    "versions": wl.versions(),
+    "command": wl.command_line("bench.bench_inputs", argv),
+    "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+  }
+  log(
+    f"parquet/tfrecord examples/s: "
+    f"{rows['parquet']['examples_per_s'] / rows['tfrecord']['examples_per_s']:.2f}x; "
+    f"client files identical: {identical}"
+  )
   if not args.no_write:
     wl.write_json(RESULT_FILE, result)
     wl.write_readme_section(SECTION, readme_section(result))

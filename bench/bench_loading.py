@@ -78,8 +78,12 @@ import numpy as np
 
 from bench import workload as wl
 
-SECTIONS = ("## Client loading", "## Expansion: precomputed vs on the fly",
-            "## Streaming every client", "## Training input share")
+SECTIONS = (
+  "## Client loading",
+  "## Expansion: precomputed vs on the fly",
+  "## Streaming every client",
+  "## Training input share",
+)
 RESULT_FILE = "loading.json"
 WHOLE = (1 << 31) - 1
 
@@ -94,16 +98,26 @@ def parse_args(argv=None):
   p.add_argument("--expansion", type=int, default=3)
   p.add_argument("--expansion-rounds", type=int, default=8)
   p.add_argument("--stream-passes", type=int, default=2)
-  p.add_argument("--train-rounds", type=int, default=2,
-                 help="timed training rounds of the input-share part (after one warm-up)")
+  p.add_argument(
+    "--train-rounds",
+    type=int,
+    default=2,
+    help="timed training rounds of the input-share part (after one warm-up)",
+  )
   p.add_argument("--parts", default="loading,expansion,streaming,training")
-  p.add_argument("--rows", default="",
-                 help="loading part: only these rows (comma-separated names, e.g. "
-                      "fedbeam_eager,fedbeam_graph,fedbeam_tensors,limit); peers whose rows "
-                      "are all left out are not built")
+  p.add_argument(
+    "--rows",
+    default="",
+    help="loading part: only these rows (comma-separated names, e.g. "
+    "fedbeam_eager,fedbeam_graph,fedbeam_tensors,limit); peers whose rows "
+    "are all left out are not built",
+  )
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: 120 clients, 2 rounds of 10 clients, 1 streaming pass")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: 120 clients, 2 rounds of 10 clients, 1 streaming pass",
+  )
   p.add_argument("--no-write", action="store_true", help="do not write results and README")
   args = p.parse_args(argv)
   if args.quick:
@@ -117,6 +131,7 @@ def log(msg: str) -> None:
 
 
 # --- consumers: fn(client_id) -> (examples, pixel sum) ---------------------------------
+
 
 def eager_consumer(client_data, batch_size: int):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -133,10 +148,14 @@ def eager_consumer(client_data, batch_size: int):
 
 def _reduce_batches(dataset):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   return dataset.reduce(
-      (tf.constant(0, tf.int64), tf.constant(0.0)),
-      lambda acc, b: (acc[0] + tf.cast(tf.shape(b["label"])[0], tf.int64),
-                      acc[1] + tf.reduce_sum(b["pixels"])))
+    (tf.constant(0, tf.int64), tf.constant(0.0)),
+    lambda acc, b: (
+      acc[0] + tf.cast(tf.shape(b["label"])[0], tf.int64),
+      acc[1] + tf.reduce_sum(b["pixels"]),
+    ),
+  )
 
 
 def graph_consumer(dataset_fn, batch_size: int):
@@ -155,10 +174,11 @@ def graph_consumer(dataset_fn, batch_size: int):
 
 def _slice_batches(tensors, batch_size: int):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   n = tf.shape(tensors["label"])[0]
   total = tf.constant(0.0)
   for i in tf.range(0, n, batch_size):
-    total += tf.reduce_sum(tensors["pixels"][i:i + batch_size])
+    total += tf.reduce_sum(tensors["pixels"][i : i + batch_size])
   return n, total
 
 
@@ -178,17 +198,27 @@ def tensors_consumer(client_tensors_fn, batch_size: int):
 
 def _parse_batch(serialized):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  parsed = tf.io.parse_example(serialized, {
+
+  parsed = tf.io.parse_example(
+    serialized,
+    {
       "label": tf.io.FixedLenFeature([], tf.int64),
-      "pixels": tf.io.FixedLenFeature([wl.IMAGE, wl.IMAGE], tf.float32)})
+      "pixels": tf.io.FixedLenFeature([wl.IMAGE, wl.IMAGE], tf.float32),
+    },
+  )
   return collections.OrderedDict(label=tf.cast(parsed["label"], tf.int32), pixels=parsed["pixels"])
 
 
 def _parse_one(serialized):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  parsed = tf.io.parse_single_example(serialized, {
+
+  parsed = tf.io.parse_single_example(
+    serialized,
+    {
       "label": tf.io.FixedLenFeature([], tf.int64),
-      "pixels": tf.io.FixedLenFeature([wl.IMAGE, wl.IMAGE], tf.float32)})
+      "pixels": tf.io.FixedLenFeature([wl.IMAGE, wl.IMAGE], tf.float32),
+    },
+  )
   return collections.OrderedDict(label=tf.cast(parsed["label"], tf.int32), pixels=parsed["pixels"])
 
 
@@ -200,14 +230,19 @@ def limit_consumer(paths: dict, batch_size: int, sliced: bool):
   the single element outside the dataset.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   options = tf.data.Options()
   options.experimental_optimization.apply_default_optimizations = False
   options.autotune.enabled = False
 
   @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
   def consume_fn(path):
-    records = (tf.data.TFRecordDataset(path, buffer_size=1 << 20).batch(WHOLE)
-               .with_options(options).get_single_element())
+    records = (
+      tf.data.TFRecordDataset(path, buffer_size=1 << 20)
+      .batch(WHOLE)
+      .with_options(options)
+      .get_single_element()
+    )
     whole = _parse_batch(records)
     if sliced:
       return _slice_batches(whole, batch_size)
@@ -230,11 +265,16 @@ def creation_ms(client_data, client_ids, passes: int = 3) -> dict:
     for cid in client_ids:
       client_data.create_tf_dataset_for_client(cid)
     per_pass.append(1000 * (time.perf_counter() - start) / len(client_ids))
-  return {"median_ms": statistics.median(per_pass), "min_ms": min(per_pass),
-          "max_ms": max(per_pass), "calls_per_pass": len(client_ids)}
+  return {
+    "median_ms": statistics.median(per_pass),
+    "min_ms": min(per_pass),
+    "max_ms": max(per_pass),
+    "calls_per_pass": len(client_ids),
+  }
 
 
 # --- rounds ----------------------------------------------------------------------------
+
 
 def run_rounds(contenders: dict, samples: list, expected, label: str) -> dict:
   """Seconds per round of each contender (round 0 = warm-up, not kept) and checks.
@@ -246,7 +286,7 @@ def run_rounds(contenders: dict, samples: list, expected, label: str) -> dict:
   times = {n: [] for n in names}
   mismatches = collections.Counter()
   for r, sample in enumerate(samples):
-    order = names[r % len(names):] + names[:r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     line = []
     for name in order:
       fn = contenders[name]
@@ -279,9 +319,11 @@ def summarize(times: dict, per_round: int) -> dict:
 
 # --- part 1: loading ------------------------------------------------------------------
 
+
 def loading_part(args, workload) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   from fedbeam.format.layout import join  # pylint: disable=g-import-not-at-top
   from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
   from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
@@ -293,19 +335,23 @@ def loading_part(args, workload) -> dict:
   store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log)
   fedbeam_cd = load_client_data(store)
   metadata = read_metadata(store)
-  store_paths = {row["client_id"]: join(store, row["path"])
-                 for row in read_manifest(store, metadata)}
+  store_paths = {
+    row["client_id"]: join(store, row["path"]) for row in read_manifest(store, metadata)
+  }
   peers = {}
   if needed("sql"):
     peers["sql"] = tff.simulation.datasets.load_and_parse_sql_client_data(
-        wl.ensure_tff_sqlite(workload, args.workdir, log), spec)
+      wl.ensure_tff_sqlite(workload, args.workdir, log), spec
+    )
   if needed("sql_indexed"):
     peers["sql_indexed"] = tff.simulation.datasets.load_and_parse_sql_client_data(
-        wl.ensure_indexed_sqlite(workload, args.workdir, log), spec)
+      wl.ensure_indexed_sqlite(workload, args.workdir, log), spec
+    )
   if needed("per_user"):
     peers["per_user"] = tff.simulation.datasets.FilePerUserClientData(
-        wl.ensure_per_user_files(workload, args.workdir, log),
-        lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE))
+      wl.ensure_per_user_files(workload, args.workdir, log),
+      lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE),
+    )
   for name, cd in peers.items():
     if sorted(cd.client_ids) != fedbeam_cd.client_ids:
       raise AssertionError(f"{name}: different client ids")
@@ -313,10 +359,13 @@ def loading_part(args, workload) -> dict:
       raise AssertionError(f"{name}: element spec {cd.element_type_structure}")
 
   b = args.batch_size
-  contenders = collections.OrderedDict([
+  contenders = collections.OrderedDict(
+    [
       ("fedbeam_eager", eager_consumer(fedbeam_cd, b)),
       ("fedbeam_graph", graph_consumer(fedbeam_cd.serializable_dataset_fn, b)),
-      ("fedbeam_tensors", tensors_consumer(fedbeam_cd.client_tensors_fn, b))])
+      ("fedbeam_tensors", tensors_consumer(fedbeam_cd.client_tensors_fn, b)),
+    ]
+  )
   for name, cd in peers.items():
     contenders[f"{name}_eager"] = eager_consumer(cd, b)
     contenders[f"{name}_graph"] = graph_consumer(cd.serializable_dataset_fn, b)
@@ -337,18 +386,29 @@ def loading_part(args, workload) -> dict:
   examples = [sum(workload.sizes[c] for c in s) for s in samples[1:]]
   timed_ids = [c for s in samples[1:] for c in s]
   create = collections.OrderedDict(
-      (name, creation_ms(cd, timed_ids)) for name, cd in [("fedbeam", fedbeam_cd)] + list(peers.items()))
-  log("create_tf_dataset_for_client alone, ms per call: " + ", ".join(
-      f"{k} {v['median_ms']:.2f}" for k, v in create.items()))
-  return {"per_round": summarize(times, args.clients_per_round), "rounds_s": times,
-          "create_ms": create,
-          "examples_per_round": {"median": statistics.median(examples), "min": min(examples),
-                                 "max": max(examples)},
-          "store": os.path.relpath(store, wl.ROOT),
-          "loadavg": {"start": list(load_start), "end": list(os.getloadavg())}}
+    (name, creation_ms(cd, timed_ids))
+    for name, cd in [("fedbeam", fedbeam_cd)] + list(peers.items())
+  )
+  log(
+    "create_tf_dataset_for_client alone, ms per call: "
+    + ", ".join(f"{k} {v['median_ms']:.2f}" for k, v in create.items())
+  )
+  return {
+    "per_round": summarize(times, args.clients_per_round),
+    "rounds_s": times,
+    "create_ms": create,
+    "examples_per_round": {
+      "median": statistics.median(examples),
+      "min": min(examples),
+      "max": max(examples),
+    },
+    "store": os.path.relpath(store, wl.ROOT),
+    "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
+  }
 
 
 # --- part: the reader's in-graph manifest lookup ------------------------------------------
+
 
 def _rss_mb() -> float:
   with open("/proc/self/status") as f:
@@ -368,7 +428,9 @@ def figures_part(args) -> dict:
   lookup.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from fedbeam.runtime.client_file_checks import ManifestFigures  # pylint: disable=g-import-not-at-top
+
   out = {}
   for n in (100_000, 1_000_000):
     ids = [f"f{i:07d}_{i * 7919 % 1000}" for i in range(n)]
@@ -379,11 +441,13 @@ def figures_part(args) -> dict:
         figures = ManifestFigures(ids, counts, 16 * counts + 100)
         lookup = figures.lookup
       else:
-        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-            tf.constant(ids), tf.constant(counts)), default_value=-1)
+        table = tf.lookup.StaticHashTable(
+          tf.lookup.KeyValueTensorInitializer(tf.constant(ids), tf.constant(counts)),
+          default_value=-1,
+        )
         lookup = table.lookup
       build_s = time.perf_counter() - start
-      fn = tf.function(lambda cid: lookup(cid), input_signature=[tf.TensorSpec([], tf.string)])
+      fn = tf.function(lookup, input_signature=[tf.TensorSpec([], tf.string)])
       start = time.perf_counter()
       fn.get_concrete_function()
       trace_s = time.perf_counter() - start
@@ -394,40 +458,61 @@ def figures_part(args) -> dict:
         t = time.perf_counter()
         fn(cid)
         times.append(time.perf_counter() - t)
-      out[f"{kind}_{n}"] = {"clients": n, "build_s": build_s, "trace_s": trace_s,
-                            "rss_growth_mb": grown, "lookup_us": 1e6 * statistics.median(times)}
-      log(f"figures {kind} {n}: build {build_s:.2f} s, trace {trace_s:.2f} s, RSS +{grown:.0f} MB, "
-          f"lookup {out[f'{kind}_{n}']['lookup_us']:.1f} us")
+      out[f"{kind}_{n}"] = {
+        "clients": n,
+        "build_s": build_s,
+        "trace_s": trace_s,
+        "rss_growth_mb": grown,
+        "lookup_us": 1e6 * statistics.median(times),
+      }
+      log(
+        f"figures {kind} {n}: build {build_s:.2f} s, trace {trace_s:.2f} s, RSS +{grown:.0f} MB, "
+        f"lookup {out[f'{kind}_{n}']['lookup_us']:.1f} us"
+      )
       del fn, lookup
   return out
 
 
 # --- part 2: expansion ------------------------------------------------------------------
 
+
 def expansion_extra_args(workload, expansion: int) -> list[str]:
   """The `fedbeam prepare` flags of the full pipeline row: 3x expansion + 10% test clients."""
-  return ["--num-transformed-clients", str(expansion * workload.num_clients),
-          "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1"]
+  return [
+    "--num-transformed-clients",
+    str(expansion * workload.num_clients),
+    "--transform",
+    "fedbeam.transforms:random_affine",
+    "--test-fraction",
+    "0.1",
+  ]
 
 
 def expansion_part(args, workload) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   from bench.bench_expansion import tff_transforming  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
   from fedbeam.transforms import random_affine  # pylint: disable=g-import-not-at-top
 
   spec = wl.tff_element_spec()
-  store = wl.ensure_fedbeam_store(workload, "expanded-split",
-                                  expansion_extra_args(workload, args.expansion),
-                                  workdir=args.workdir, log=log)
+  store = wl.ensure_fedbeam_store(
+    workload,
+    "expanded-split",
+    expansion_extra_args(workload, args.expansion),
+    workdir=args.workdir,
+    log=log,
+  )
   train = load_client_data(store, split="train")
   n = args.expansion * workload.num_clients
   indexed = tff.simulation.datasets.load_and_parse_sql_client_data(
-      wl.ensure_indexed_sqlite(workload, args.workdir, log), spec)
+    wl.ensure_indexed_sqlite(workload, args.workdir, log), spec
+  )
   per_user = tff.simulation.datasets.FilePerUserClientData(
-      wl.ensure_per_user_files(workload, args.workdir, log),
-      lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE))
+    wl.ensure_per_user_files(workload, args.workdir, log),
+    lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE),
+  )
   tff_indexed = tff_transforming(indexed, random_affine, n)
   tff_per_user = tff_transforming(per_user, random_affine, n)
   missing = set(train.client_ids) - set(tff_indexed.client_ids)
@@ -436,15 +521,18 @@ def expansion_part(args, workload) -> dict:
 
   b = args.batch_size
   fedbeam_tensors = tensors_consumer(train.client_tensors_fn, b)
-  contenders = collections.OrderedDict([
+  contenders = collections.OrderedDict(
+    [
       ("fedbeam_expanded_eager", eager_consumer(train, b)),
       ("fedbeam_expanded_graph", graph_consumer(train.serializable_dataset_fn, b)),
       ("fedbeam_expanded_tensors", fedbeam_tensors),
       ("tff_transforming_sql_indexed_eager", eager_consumer(tff_indexed, b)),
       ("tff_transforming_per_user_eager", eager_consumer(tff_per_user, b)),
-  ])
-  samples = wl.sample_rounds(train.client_ids, args.expansion_rounds, args.clients_per_round,
-                             seed=2000)
+    ]
+  )
+  samples = wl.sample_rounds(
+    train.client_ids, args.expansion_rounds, args.clients_per_round, seed=2000
+  )
   reference = {}
 
   def expected(cid):
@@ -458,29 +546,48 @@ def expansion_part(args, workload) -> dict:
   stamp_path = store + ".stamp.json"
   with open(stamp_path, encoding="utf-8") as f:
     stamp = json.load(f)
-  return {"per_round": summarize(times, args.clients_per_round), "rounds_s": times,
-          "raw_clients": workload.num_clients, "pseudo_clients": n,
-          "train_clients": len(train.client_ids),
-          "examples_per_round": {"median": statistics.median(examples), "min": min(examples),
-                                 "max": max(examples)},
-          "store": os.path.relpath(store, wl.ROOT),
-          "prepare_command": " ".join(os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT) else c
-                                      for c in stamp["command"]),
-          "prepare_wall_s": stamp["wall_s"],
-          "loadavg": {"start": list(load_start), "end": list(os.getloadavg())}}
+  return {
+    "per_round": summarize(times, args.clients_per_round),
+    "rounds_s": times,
+    "raw_clients": workload.num_clients,
+    "pseudo_clients": n,
+    "train_clients": len(train.client_ids),
+    "examples_per_round": {
+      "median": statistics.median(examples),
+      "min": min(examples),
+      "max": max(examples),
+    },
+    "store": os.path.relpath(store, wl.ROOT),
+    "prepare_command": " ".join(
+      os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT) else c for c in stamp["command"]
+    ),
+    "prepare_wall_s": stamp["wall_s"],
+    "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
+  }
 
 
 # --- part 3: streaming ------------------------------------------------------------------
+
 
 def grouper_dataset(workload, workdir: str) -> str:
   """dataset_grouper's output for the workload (bench_pipeline writes it; built here if not)."""
   prefix = os.path.join(wl.workload_dir(workload, workdir), "grouper", "groups")
   if not os.path.exists(prefix + ".done"):
     run = wl.run_measured(
-        [wl.GROUPER_PYTHON, os.path.join(wl.ROOT, "bench", "grouper_worker.py"), "write",
-         "--input", wl.ensure_input(workload, workdir, log), "--output", prefix,
-         "--result", prefix + ".write.json", *wl.BEAM_LOCAL_ARGS],
-        os.path.join(workdir, "logs", f"grouper-write-{workload.name}.log"))
+      [
+        wl.GROUPER_PYTHON,
+        os.path.join(wl.ROOT, "bench", "grouper_worker.py"),
+        "write",
+        "--input",
+        wl.ensure_input(workload, workdir, log),
+        "--output",
+        prefix,
+        "--result",
+        prefix + ".write.json",
+        *wl.BEAM_LOCAL_ARGS,
+      ],
+      os.path.join(workdir, "logs", f"grouper-write-{workload.name}.log"),
+    )
     if run["returncode"] != 0:
       raise RuntimeError(f"dataset_grouper's pipeline failed; see {run['log']}")
     with open(prefix + ".done", "w", encoding="utf-8") as f:
@@ -491,13 +598,15 @@ def grouper_dataset(workload, workdir: str) -> str:
 def streaming_part(args, workload) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
 
   store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log)
   fedbeam_cd = load_client_data(store)
   per_user = tff.simulation.datasets.FilePerUserClientData(
-      wl.ensure_per_user_files(workload, args.workdir, log),
-      lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE))
+    wl.ensure_per_user_files(workload, args.workdir, log),
+    lambda p: tf.data.TFRecordDataset(p).map(_parse_one, num_parallel_calls=tf.data.AUTOTUNE),
+  )
   b = args.batch_size
   clients = len(fedbeam_cd.client_ids)
   want_examples = workload.num_examples
@@ -512,6 +621,7 @@ def streaming_part(args, workload) -> dict:
         total += tf.reduce_sum(batch["pixels"])
         n += int(batch["label"].shape[0])
       return n, float(total)
+
     return run
 
   @tf.function
@@ -525,6 +635,7 @@ def streaming_part(args, workload) -> dict:
         ds = ds.take(limit)
       n, total = reduce_dataset(ds)
       return int(n), float(total)
+
     return run
 
   def datasets_eager(cd):
@@ -535,15 +646,18 @@ def streaming_part(args, workload) -> dict:
           total += tf.reduce_sum(batch["pixels"])
           n += int(batch["label"].shape[0])
       return n, float(total)
+
     return run
 
-  contenders = collections.OrderedDict([
+  contenders = collections.OrderedDict(
+    [
       ("fedbeam_all_clients_eager", all_clients_eager(fedbeam_cd)),
       ("fedbeam_all_clients_graph", all_clients_graph(fedbeam_cd)),
       ("fedbeam_datasets_eager", datasets_eager(fedbeam_cd)),
       ("per_user_all_clients_eager", all_clients_eager(per_user)),
       ("per_user_all_clients_graph", all_clients_graph(per_user)),
-  ])
+    ]
+  )
   want_sum = sum(workload.client_checksum(c)[1] for c in workload.client_ids)
   load_start = os.getloadavg()
   rows = {}
@@ -555,48 +669,78 @@ def streaming_part(args, workload) -> dict:
       n, total = fn()
       seconds.append(time.perf_counter() - start)
       if n != want_examples or abs(total - want_sum) > 1e-3 * abs(want_sum):
-        raise AssertionError(f"streaming {name}: {n} examples, sum {total}; want "
-                             f"{want_examples}, {want_sum}")
+        raise AssertionError(
+          f"streaming {name}: {n} examples, sum {total}; want {want_examples}, {want_sum}"
+        )
     s = wl.stats(seconds)
     s["ms_per_client"] = 1000 * s["median_s"] / clients
     rows[name] = s
-    log(f"streaming {name}: {s['ms_per_client']:.2f} ms/client "
-        f"({', '.join(f'{x:.2f}' for x in seconds)} s per pass)")
+    log(
+      f"streaming {name}: {s['ms_per_client']:.2f} ms/client "
+      f"({', '.join(f'{x:.2f}' for x in seconds)} s per pass)"
+    )
 
   grouper = {"available": os.path.exists(wl.GROUPER_PYTHON)}
   if grouper["available"]:
     pattern = grouper_dataset(workload, args.workdir)
     result_path = os.path.join(args.workdir, "logs", f"grouper-stream-{workload.name}.json")
     run = wl.run_measured(
-        [wl.GROUPER_PYTHON, os.path.join(wl.ROOT, "bench", "grouper_worker.py"), "stream",
-         "--pattern", pattern, "--passes", str(args.stream_passes), "--batch-size", str(b),
-         "--result", result_path],
-        os.path.join(args.workdir, "logs", f"grouper-stream-{workload.name}.log"))
+      [
+        wl.GROUPER_PYTHON,
+        os.path.join(wl.ROOT, "bench", "grouper_worker.py"),
+        "stream",
+        "--pattern",
+        pattern,
+        "--passes",
+        str(args.stream_passes),
+        "--batch-size",
+        str(b),
+        "--result",
+        result_path,
+      ],
+      os.path.join(args.workdir, "logs", f"grouper-stream-{workload.name}.log"),
+    )
     if run["returncode"] != 0:
       raise RuntimeError(f"dataset_grouper's stream failed; see {run['log']}")
     with open(result_path, encoding="utf-8") as f:
       out = json.load(f)
     grouper["versions"] = out.pop("versions")
     for mode, r in out.items():
-      if r["groups"] != clients or r["examples"] != want_examples or \
-          abs(r["pixel_sum"] - want_sum) > 1e-3 * abs(want_sum):
-        raise AssertionError(f"dataset_grouper stream {mode}: {r['groups']} groups, "
-                             f"{r['examples']} examples, sum {r['pixel_sum']}")
+      if (
+        r["groups"] != clients
+        or r["examples"] != want_examples
+        or abs(r["pixel_sum"] - want_sum) > 1e-3 * abs(want_sum)
+      ):
+        raise AssertionError(
+          f"dataset_grouper stream {mode}: {r['groups']} groups, "
+          f"{r['examples']} examples, sum {r['pixel_sum']}"
+        )
       rows[f"grouper_stream_{mode}"] = {
-          "median_s": r["median_s"], "min_s": r["min_s"], "max_s": r["max_s"],
-          "n": len(r["seconds"]), "ms_per_client": r["ms_per_group"]}
+        "median_s": r["median_s"],
+        "min_s": r["min_s"],
+        "max_s": r["max_s"],
+        "n": len(r["seconds"]),
+        "ms_per_client": r["ms_per_group"],
+      }
       log(f"streaming grouper_stream_{mode}: {r['ms_per_group']:.2f} ms/client")
   else:
     log("dataset_grouper's virtualenv is missing (bash bench/grouper_env.sh); no grouper rows")
-  return {"per_pass": rows, "clients": clients, "examples": want_examples, "grouper": grouper,
-          "loadavg": {"start": list(load_start), "end": list(os.getloadavg())}}
+  return {
+    "per_pass": rows,
+    "clients": clients,
+    "examples": want_examples,
+    "grouper": grouper,
+    "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
+  }
 
 
 # --- part 4: input share of training rounds ------------------------------------------------
 
+
 def training_part(args, workload) -> dict:
   """`SimulationLoop` with the `emnist-cnn` model over the store: round time and input share."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   from bench import loop_profile  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime import models, simulation  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
@@ -605,12 +749,21 @@ def training_part(args, workload) -> dict:
   data = load_client_data(store)
   spec = models.get_model("emnist-cnn")
   config = simulation.SimulationConfig(
-      clients_per_round=args.clients_per_round, client_epochs=1, batch_size=args.batch_size,
-      seed=0, eval_every=0)
+    clients_per_round=args.clients_per_round,
+    client_epochs=1,
+    batch_size=args.batch_size,
+    seed=0,
+    eval_every=0,
+  )
   loop = simulation.SimulationLoop(
-      spec.model_fn, tff.learning.optimizers.build_sgdm(0.02),
-      tff.learning.optimizers.build_sgdm(1.0), data, config, preprocess=spec.preprocess,
-      devices=["/device:CPU:0"])
+    spec.model_fn,
+    tff.learning.optimizers.build_sgdm(0.02),
+    tff.learning.optimizers.build_sgdm(1.0),
+    data,
+    config,
+    preprocess=spec.preprocess,
+    devices=["/device:CPU:0"],
+  )
   load_start = os.getloadavg()
   rounds, splits = [], []
   for r in range(args.train_rounds + 1):
@@ -618,51 +771,97 @@ def training_part(args, workload) -> dict:
     start = time.perf_counter()
     loop.run_round()
     seconds = time.perf_counter() - start
-    log(f"training round {r}{' (warm-up)' if r == 0 else ''}: {seconds:.2f} s; measured apart: "
-        f"input {split['input_seconds']:.3f} s, compute {split['compute_seconds']:.3f} s, "
-        f"producing the batches alone {split['produce_seconds']:.3f} s")
+    log(
+      f"training round {r}{' (warm-up)' if r == 0 else ''}: {seconds:.2f} s; measured apart: "
+      f"input {split['input_seconds']:.3f} s, compute {split['compute_seconds']:.3f} s, "
+      f"producing the batches alone {split['produce_seconds']:.3f} s"
+    )
     if r > 0:
       rounds.append(seconds)
       splits.append(split)
   input_s = statistics.median(s["input_seconds"] for s in splits)
   compute_s = statistics.median(s["compute_seconds"] for s in splits)
   produce_s = statistics.median(s["produce_seconds"] for s in splits)
-  return {"model": "emnist-cnn", "device": "/device:CPU:0", "median_produce_s": produce_s,
-          "config": {"clients_per_round": args.clients_per_round, "client_epochs": 1,
-                     "batch_size": args.batch_size, "shuffle_buffer": config.shuffle_buffer},
-          "round_s": wl.stats(rounds), "median_input_s": input_s, "median_compute_s": compute_s,
-          "input_fraction": input_s / (input_s + compute_s),
-          "input_fraction_of_round": input_s / statistics.median(rounds),
-          "splits": splits, "loadavg": {"start": list(load_start), "end": list(os.getloadavg())}}
+  return {
+    "model": "emnist-cnn",
+    "device": "/device:CPU:0",
+    "median_produce_s": produce_s,
+    "config": {
+      "clients_per_round": args.clients_per_round,
+      "client_epochs": 1,
+      "batch_size": args.batch_size,
+      "shuffle_buffer": config.shuffle_buffer,
+    },
+    "round_s": wl.stats(rounds),
+    "median_input_s": input_s,
+    "median_compute_s": compute_s,
+    "input_fraction": input_s / (input_s + compute_s),
+    "input_fraction_of_round": input_s / statistics.median(rounds),
+    "splits": splits,
+    "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
+  }
 
 
 # --- README ---------------------------------------------------------------------------
 
 LABELS = {
-    "fedbeam_eager": ("fedbeam `load_client_data`", "eager: `create_tf_dataset_for_client(id).batch(20)`"),
-    "fedbeam_graph": ("fedbeam `load_client_data`", "graph: `serializable_dataset_fn(id).batch(20).reduce` in a `tf.function`"),
-    "fedbeam_tensors": ("fedbeam `load_client_data`", "tensors: `client_tensors_fn(id)` + `tf.range` slicing, one `tf.function`"),
-    "sql_eager": ("TFF SQLite as `save_to_sql_client_data` writes it", "eager"),
-    "sql_graph": ("TFF SQLite as `save_to_sql_client_data` writes it", "graph"),
-    "sql_indexed_eager": ("TFF SQLite + index on `client_id`", "eager"),
-    "sql_indexed_graph": ("TFF SQLite + index on `client_id`", "graph"),
-    "per_user_eager": ("TFF `FilePerUserClientData` (file per client)", "eager"),
-    "per_user_graph": ("TFF `FilePerUserClientData` (file per client)", "graph"),
-    "limit": ("limit: one read + one `parse_example` per client file", "whole client, no batch loop"),
-    "limit_sliced": ("limit + the tensors row's batch loop", "whole client + `tf.range` slicing"),
-    "fedbeam_expanded_eager": ("fedbeam precomputed expanded store", "eager"),
-    "fedbeam_expanded_graph": ("fedbeam precomputed expanded store", "graph"),
-    "fedbeam_expanded_tensors": ("fedbeam precomputed expanded store", "tensors"),
-    "tff_transforming_sql_indexed_eager": ("TFF `TransformingClientData` on the fly over indexed SQLite", "eager"),
-    "tff_transforming_per_user_eager": ("TFF `TransformingClientData` on the fly over `FilePerUserClientData`", "eager"),
-    "fedbeam_all_clients_eager": ("fedbeam `create_tf_dataset_from_all_clients(seed=0)`", "eager, `.batch(20)`"),
-    "fedbeam_all_clients_graph": ("fedbeam `create_tf_dataset_from_all_clients(seed=0)`", "graph, `.batch(20).reduce`"),
-    "fedbeam_datasets_eager": ("fedbeam `datasets(seed=0)`", "eager, each client `.batch(20)`"),
-    "per_user_all_clients_eager": ("TFF `FilePerUserClientData.create_tf_dataset_from_all_clients`", "eager"),
-    "per_user_all_clients_graph": ("TFF `FilePerUserClientData.create_tf_dataset_from_all_clients`", "graph"),
-    "per_user_datasets_eager": ("TFF `FilePerUserClientData.datasets`", "eager"),
-    "grouper_stream_eager": ("dataset_grouper 0.3.0 `build_group_stream()`", "eager, each group `.batch(20)`"),
-    "grouper_stream_graph": ("dataset_grouper 0.3.0 `build_group_stream()`", "graph, nested `reduce`"),
+  "fedbeam_eager": (
+    "fedbeam `load_client_data`",
+    "eager: `create_tf_dataset_for_client(id).batch(20)`",
+  ),
+  "fedbeam_graph": (
+    "fedbeam `load_client_data`",
+    "graph: `serializable_dataset_fn(id).batch(20).reduce` in a `tf.function`",
+  ),
+  "fedbeam_tensors": (
+    "fedbeam `load_client_data`",
+    "tensors: `client_tensors_fn(id)` + `tf.range` slicing, one `tf.function`",
+  ),
+  "sql_eager": ("TFF SQLite as `save_to_sql_client_data` writes it", "eager"),
+  "sql_graph": ("TFF SQLite as `save_to_sql_client_data` writes it", "graph"),
+  "sql_indexed_eager": ("TFF SQLite + index on `client_id`", "eager"),
+  "sql_indexed_graph": ("TFF SQLite + index on `client_id`", "graph"),
+  "per_user_eager": ("TFF `FilePerUserClientData` (file per client)", "eager"),
+  "per_user_graph": ("TFF `FilePerUserClientData` (file per client)", "graph"),
+  "limit": ("limit: one read + one `parse_example` per client file", "whole client, no batch loop"),
+  "limit_sliced": ("limit + the tensors row's batch loop", "whole client + `tf.range` slicing"),
+  "fedbeam_expanded_eager": ("fedbeam precomputed expanded store", "eager"),
+  "fedbeam_expanded_graph": ("fedbeam precomputed expanded store", "graph"),
+  "fedbeam_expanded_tensors": ("fedbeam precomputed expanded store", "tensors"),
+  "tff_transforming_sql_indexed_eager": (
+    "TFF `TransformingClientData` on the fly over indexed SQLite",
+    "eager",
+  ),
+  "tff_transforming_per_user_eager": (
+    "TFF `TransformingClientData` on the fly over `FilePerUserClientData`",
+    "eager",
+  ),
+  "fedbeam_all_clients_eager": (
+    "fedbeam `create_tf_dataset_from_all_clients(seed=0)`",
+    "eager, `.batch(20)`",
+  ),
+  "fedbeam_all_clients_graph": (
+    "fedbeam `create_tf_dataset_from_all_clients(seed=0)`",
+    "graph, `.batch(20).reduce`",
+  ),
+  "fedbeam_datasets_eager": ("fedbeam `datasets(seed=0)`", "eager, each client `.batch(20)`"),
+  "per_user_all_clients_eager": (
+    "TFF `FilePerUserClientData.create_tf_dataset_from_all_clients`",
+    "eager",
+  ),
+  "per_user_all_clients_graph": (
+    "TFF `FilePerUserClientData.create_tf_dataset_from_all_clients`",
+    "graph",
+  ),
+  "per_user_datasets_eager": ("TFF `FilePerUserClientData.datasets`", "eager"),
+  "grouper_stream_eager": (
+    "dataset_grouper 0.3.0 `build_group_stream()`",
+    "eager, each group `.batch(20)`",
+  ),
+  "grouper_stream_graph": (
+    "dataset_grouper 0.3.0 `build_group_stream()`",
+    "graph, nested `reduce`",
+  ),
 }
 
 
@@ -676,48 +875,62 @@ def loading_section(result: dict) -> str:
   ref = rows["fedbeam_tensors"]["median_s"]
   limit = rows["limit"]["median_s"]
   lines = [
-      SECTIONS[0], "",
-      f"Time per round to consume {cfg['clients_per_round']} sampled clients (every batch of "
-      f"{cfg['batch_size']}: pixels summed, examples counted) out of {cfg['workload']['clients']} "
-      f"EMNIST-like clients ({cfg['workload']['examples']:,} examples, lognormal sizes: median "
-      f"{cfg['workload']['median']:g}, mean {cfg['workload']['mean']:.1f}, "
-      f"{cfg['workload']['clients_with_1']} clients with 1 example, "
-      f"{cfg['workload']['clients_over_1000']} over 1,000, max {cfg['workload']['max']}); "
-      f"{part['examples_per_round']['median']:,.0f} examples per round (median). Same sampled "
-      f"clients in every row of a round; {cfg['rounds']} rounds after one warm-up round; rows "
-      "take turns inside each round. Medians over rounds; ratios are row median / "
-      "fedbeam tensors median. ![per-round time](results/per_round.png)", "",
-      "| reader | consumption | median s/round | min–max s/round | ms/client | vs fedbeam tensors | vs limit |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    SECTIONS[0],
+    "",
+    f"Time per round to consume {cfg['clients_per_round']} sampled clients (every batch of "
+    f"{cfg['batch_size']}: pixels summed, examples counted) out of {cfg['workload']['clients']} "
+    f"EMNIST-like clients ({cfg['workload']['examples']:,} examples, lognormal sizes: median "
+    f"{cfg['workload']['median']:g}, mean {cfg['workload']['mean']:.1f}, "
+    f"{cfg['workload']['clients_with_1']} clients with 1 example, "
+    f"{cfg['workload']['clients_over_1000']} over 1,000, max {cfg['workload']['max']}); "
+    f"{part['examples_per_round']['median']:,.0f} examples per round (median). Same sampled "
+    f"clients in every row of a round; {cfg['rounds']} rounds after one warm-up round; rows "
+    "take turns inside each round. Medians over rounds; ratios are row median / "
+    "fedbeam tensors median. ![per-round time](results/per_round.png)",
+    "",
+    "| reader | consumption | median s/round | min–max s/round | ms/client | vs fedbeam tensors | vs limit |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
   ]
   for name, s in rows.items():
     who, how = LABELS[name]
-    lines.append(f"| {who} | {how} | {s['median_s']:.3f} | {s['min_s']:.3f}–{s['max_s']:.3f} | "
-                 f"{s['ms_per_client']:.2f} | {_fmt_ratio(s['median_s'] / ref)} | "
-                 f"{_fmt_ratio(s['median_s'] / limit)} |")
+    lines.append(
+      f"| {who} | {how} | {s['median_s']:.3f} | {s['min_s']:.3f}–{s['max_s']:.3f} | "
+      f"{s['ms_per_client']:.2f} | {_fmt_ratio(s['median_s'] / ref)} | "
+      f"{_fmt_ratio(s['median_s'] / limit)} |"
+    )
   lines += [
-      "",
-      "Modes: *eager* iterates `create_tf_dataset_for_client(id).batch(20)` in Python; *graph* "
-      "runs one `tf.function(id)` per client reducing `serializable_dataset_fn(id).batch(20)`; "
-      "*tensors* is `client_tensors_fn(id)` followed by a `tf.range` loop slicing batches of 20 "
-      "in the same `tf.function`. The limit reads each client's file of the same store with one "
-      "`TFRecordDataset(path, buffer_size=1 MiB).batch(2**31-1)` → single element → "
-      "`parse_example`, tf.data's static rewrites off, the path given (no id lookup, no batch "
-      "loop). SQLite rows: TFF's `SqlClientData` runs `SELECT ... WHERE "
-      "client_id = '...'`, which without an index scans the whole `examples` table for each "
-      "client. FilePerUserClientData's `serializable_dataset_fn` builds a lookup table of every "
-      "id on each call.", "",
+    "",
+    "Modes: *eager* iterates `create_tf_dataset_for_client(id).batch(20)` in Python; *graph* "
+    "runs one `tf.function(id)` per client reducing `serializable_dataset_fn(id).batch(20)`; "
+    "*tensors* is `client_tensors_fn(id)` followed by a `tf.range` loop slicing batches of 20 "
+    "in the same `tf.function`. The limit reads each client's file of the same store with one "
+    "`TFRecordDataset(path, buffer_size=1 MiB).batch(2**31-1)` → single element → "
+    "`parse_example`, tf.data's static rewrites off, the path given (no id lookup, no batch "
+    "loop). SQLite rows: TFF's `SqlClientData` runs `SELECT ... WHERE "
+    "client_id = '...'`, which without an index scans the whole `examples` table for each "
+    "client. FilePerUserClientData's `serializable_dataset_fn` builds a lookup table of every "
+    "id on each call.",
+    "",
   ]
   create = part.get("create_ms")
   if create:
-    names = {"fedbeam": "fedbeam", "sql": "TFF SQLite", "sql_indexed": "TFF SQLite + index",
-             "per_user": "FilePerUserClientData"}
+    names = {
+      "fedbeam": "fedbeam",
+      "sql": "TFF SQLite",
+      "sql_indexed": "TFF SQLite + index",
+      "per_user": "FilePerUserClientData",
+    }
     lines += [
-        "`create_tf_dataset_for_client(id)` alone (building the dataset, no iteration), ms per "
-        f"call, median of 3 passes over the {create['fedbeam']['calls_per_pass']} clients of the "
-        "timed rounds: " + ", ".join(
-            f"{names.get(k, k)} {v['median_ms']:.2f} ({v['min_ms']:.2f}–{v['max_ms']:.2f})"
-            for k, v in create.items()) + ".", ""]
+      "`create_tf_dataset_for_client(id)` alone (building the dataset, no iteration), ms per "
+      f"call, median of 3 passes over the {create['fedbeam']['calls_per_pass']} clients of the "
+      "timed rounds: "
+      + ", ".join(
+        f"{names.get(k, k)} {v['median_ms']:.2f} ({v['min_ms']:.2f}–{v['max_ms']:.2f})"
+        for k, v in create.items()
+      )
+      + ".",
+      "",
+    ]
   return "\n".join(lines)
 
 
@@ -726,31 +939,35 @@ def expansion_section(result: dict) -> str:
   rows = part["per_round"]
   ref = rows["fedbeam_expanded_tensors"]["median_s"]
   lines = [
-      SECTIONS[1], "",
-      f"{cfg['expansion']}x pseudo-client expansion of the {part['raw_clients']} raw clients above "
-      f"with `fedbeam.transforms:random_affine` ({part['pseudo_clients']} pseudo-clients; "
-      f"{part['train_clients']} in the train split sampled from): time per round to consume "
-      f"{cfg['clients_per_round']} sampled pseudo-clients (every batch of {cfg['batch_size']}), "
-      f"{part['examples_per_round']['median']:,.0f} examples per round (median), "
-      f"{cfg['expansion_rounds']} rounds after one warm-up round. fedbeam reads the store that "
-      "`fedbeam prepare` expanded once (as in the full pipeline row of the Pipeline section; "
-      f"{part['prepare_wall_s']:.0f} s wall for this store); TFF's `TransformingClientData` "
-      "applies the same warps to "
-      "each example on the fly with the same pseudo-client ids (per-client sums checked equal).",
-      "",
-      "| reader | consumption | median s/round | min–max s/round | ms/client | vs fedbeam tensors |",
-      "| --- | --- | ---: | ---: | ---: | ---: |",
+    SECTIONS[1],
+    "",
+    f"{cfg['expansion']}x pseudo-client expansion of the {part['raw_clients']} raw clients above "
+    f"with `fedbeam.transforms:random_affine` ({part['pseudo_clients']} pseudo-clients; "
+    f"{part['train_clients']} in the train split sampled from): time per round to consume "
+    f"{cfg['clients_per_round']} sampled pseudo-clients (every batch of {cfg['batch_size']}), "
+    f"{part['examples_per_round']['median']:,.0f} examples per round (median), "
+    f"{cfg['expansion_rounds']} rounds after one warm-up round. fedbeam reads the store that "
+    "`fedbeam prepare` expanded once (as in the full pipeline row of the Pipeline section; "
+    f"{part['prepare_wall_s']:.0f} s wall for this store); TFF's `TransformingClientData` "
+    "applies the same warps to "
+    "each example on the fly with the same pseudo-client ids (per-client sums checked equal).",
+    "",
+    "| reader | consumption | median s/round | min–max s/round | ms/client | vs fedbeam tensors |",
+    "| --- | --- | ---: | ---: | ---: | ---: |",
   ]
   for name, s in rows.items():
     who, how = LABELS[name]
-    lines.append(f"| {who} | {how} | {s['median_s']:.3f} | {s['min_s']:.3f}–{s['max_s']:.3f} | "
-                 f"{s['ms_per_client']:.2f} | {_fmt_ratio(s['median_s'] / ref)} |")
+    lines.append(
+      f"| {who} | {how} | {s['median_s']:.3f} | {s['min_s']:.3f}–{s['max_s']:.3f} | "
+      f"{s['ms_per_client']:.2f} | {_fmt_ratio(s['median_s'] / ref)} |"
+    )
   lines += [
-      "",
-      "TFF rows are eager only: the warp of a pseudo-client is drawn from a Python hash of its "
-      "id, which `TransformingClientData`'s `serializable_dataset_fn` cannot compute when traced. "
-      "TFF is given its fastest bases (the indexed database and per-client files); the "
-      "\"Pseudo-client expansion\" section measures it over the unindexed database.", "",
+    "",
+    "TFF rows are eager only: the warp of a pseudo-client is drawn from a Python hash of its "
+    "id, which `TransformingClientData`'s `serializable_dataset_fn` cannot compute when traced. "
+    "TFF is given its fastest bases (the indexed database and per-client files); the "
+    '"Pseudo-client expansion" section measures it over the unindexed database.',
+    "",
   ]
   return "\n".join(lines)
 
@@ -760,21 +977,25 @@ def streaming_section(result: dict) -> str:
   rows = part["per_pass"]
   g = rows.get("grouper_stream_eager")
   lines = [
-      SECTIONS[2], "",
-      f"Every client of the {part['clients']}-client workload once ({part['examples']:,} "
-      "examples), every batch of 20 consumed (pixels summed); time per client = pass time / "
-      f"clients, median of {result['config']['stream_passes']} passes after a short warm-up. "
-      "dataset_grouper's rows read the output of its own pipeline of the same data (one "
-      "`SequenceExample` per group) in its virtualenv (TensorFlow "
-      f"{part['grouper'].get('versions', {}).get('tensorflow', '?')}).", "",
-      "| stream | consumption | ms/client | median s/pass | min–max s/pass | grouper eager / row |",
-      "| --- | --- | ---: | ---: | ---: | ---: |",
+    SECTIONS[2],
+    "",
+    f"Every client of the {part['clients']}-client workload once ({part['examples']:,} "
+    "examples), every batch of 20 consumed (pixels summed); time per client = pass time / "
+    f"clients, median of {result['config']['stream_passes']} passes after a short warm-up. "
+    "dataset_grouper's rows read the output of its own pipeline of the same data (one "
+    "`SequenceExample` per group) in its virtualenv (TensorFlow "
+    f"{part['grouper'].get('versions', {}).get('tensorflow', '?')}).",
+    "",
+    "| stream | consumption | ms/client | median s/pass | min–max s/pass | grouper eager / row |",
+    "| --- | --- | ---: | ---: | ---: | ---: |",
   ]
   for name, s in rows.items():
     who, how = LABELS[name]
     vs = _fmt_ratio(g["ms_per_client"] / s["ms_per_client"]) if g else "n/a"
-    lines.append(f"| {who} | {how} | {s['ms_per_client']:.2f} | {s['median_s']:.2f} | "
-                 f"{s['min_s']:.2f}–{s['max_s']:.2f} | {vs} |")
+    lines.append(
+      f"| {who} | {how} | {s['ms_per_client']:.2f} | {s['median_s']:.2f} | "
+      f"{s['min_s']:.2f}–{s['max_s']:.2f} | {vs} |"
+    )
   lines.append("")
   return "\n".join(lines)
 
@@ -784,8 +1005,10 @@ def training_section(result: dict) -> str:
   if "error" in t:
     return "\n".join([SECTIONS[3], "", f"Not measured: {t['error']}.", ""])
   c = t["config"]
-  return "\n".join([
-      SECTIONS[3], "",
+  return "\n".join(
+    [
+      SECTIONS[3],
+      "",
       f"`fedbeam.runtime.simulation.SimulationLoop` with the `emnist-cnn` model over the "
       f"1,000-client store on the CPU: {c['clients_per_round']} clients per round, "
       f"{c['client_epochs']} epoch, batch {c['batch_size']}, shuffle buffer "
@@ -798,27 +1021,44 @@ def training_section(result: dict) -> str:
       f"preprocessing, shuffling, batching) {t['median_input_s']:.3f} s, that is "
       f"**{100 * t['input_fraction']:.1f}%** of the two "
       f"({100 * t['input_fraction_of_round']:.1f}% of the measured round time)."
-      + (f" Producing every batch alone in a `tf.function` takes "
-         f"{t['median_produce_s']:.3f} s; that includes setting up an in-graph iterator per "
-         "client, which the update pays in both timings above."
-         if "median_produce_s" in t else ""), ""])
+      + (
+        f" Producing every batch alone in a `tf.function` takes "
+        f"{t['median_produce_s']:.3f} s; that includes setting up an in-graph iterator per "
+        "client, which the update pays in both timings above."
+        if "median_produce_s" in t
+        else ""
+      ),
+      "",
+    ]
+  )
 
 
 def write_readme(result: dict) -> None:
-  for key, title, render in (("loading", SECTIONS[0], loading_section),
-                             ("expansion", SECTIONS[1], expansion_section),
-                             ("streaming", SECTIONS[2], streaming_section),
-                             ("training", SECTIONS[3], training_section)):
+  for key, title, render in (
+    ("loading", SECTIONS[0], loading_section),
+    ("expansion", SECTIONS[1], expansion_section),
+    ("streaming", SECTIONS[2], streaming_section),
+    ("training", SECTIONS[3], training_section),
+  ):
     if key in result:
       part = result[key]
-      cmd = ["", "Command (from the repository root):", "", "```sh",
-             part.get("command", result["command"]), "```", "",
-             wl.machine_line(part.get("machine", result["machine"]),
-                             part.get("versions", result["versions"])),
-             f"Raw numbers: `bench/results/{RESULT_FILE}`."]
+      cmd = [
+        "",
+        "Command (from the repository root):",
+        "",
+        "```sh",
+        part.get("command", result["command"]),
+        "```",
+        "",
+        wl.machine_line(
+          part.get("machine", result["machine"]), part.get("versions", result["versions"])
+        ),
+        f"Raw numbers: `bench/results/{RESULT_FILE}`.",
+      ]
       when = part.get("measured_at")
-      wl.write_readme_section(title, render(result) + "\n".join(
-          cmd + ([f"Measured {when}."] if when else [])) + "\n")
+      wl.write_readme_section(
+        title, render(result) + "\n".join(cmd + ([f"Measured {when}."] if when else [])) + "\n"
+      )
 
 
 def main(argv=None) -> int:
@@ -827,16 +1067,24 @@ def main(argv=None) -> int:
   mach = wl.machine()
   workload = wl.Workload(args.clients, args.mean_examples)
   from fedbeam.runtime.tff_worker import stop_tff_workers  # pylint: disable=g-import-not-at-top
+
   parts = set(args.parts.split(","))
   result = {
-      "benchmark": "per-round consumption of sampled clients; expansion; streaming",
-      "command": wl.command_line("bench.bench_loading", argv),
-      "config": {"workload": workload.size_summary(), "workload_name": workload.name,
-                 "rounds": args.rounds, "warmup_rounds": 1,
-                 "clients_per_round": args.clients_per_round, "batch_size": args.batch_size,
-                 "expansion": args.expansion, "expansion_rounds": args.expansion_rounds,
-                 "stream_passes": args.stream_passes, "quick": args.quick},
-      "machine": mach,
+    "benchmark": "per-round consumption of sampled clients; expansion; streaming",
+    "command": wl.command_line("bench.bench_loading", argv),
+    "config": {
+      "workload": workload.size_summary(),
+      "workload_name": workload.name,
+      "rounds": args.rounds,
+      "warmup_rounds": 1,
+      "clients_per_round": args.clients_per_round,
+      "batch_size": args.batch_size,
+      "expansion": args.expansion,
+      "expansion_rounds": args.expansion_rounds,
+      "stream_passes": args.stream_passes,
+      "quick": args.quick,
+    },
+    "machine": mach,
   }
   try:
     wl.ensure_input(workload, args.workdir, log)
@@ -860,13 +1108,21 @@ def main(argv=None) -> int:
   result["versions"] = wl.versions()
   for key in ("loading", "expansion", "streaming"):
     if key in result:
-      log(f"{key}: " + json.dumps({k: round(v.get("ms_per_client", 0), 3) for k, v in
-                                   result[key].get("per_round", result[key].get("per_pass", {})).items()}))
+      log(
+        f"{key}: "
+        + json.dumps(
+          {
+            k: round(v.get("ms_per_client", 0), 3)
+            for k, v in result[key].get("per_round", result[key].get("per_pass", {})).items()
+          }
+        )
+      )
   stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
   for key in ("loading", "expansion", "streaming", "training"):
     if key in result:
-      result[key].update(measured_at=stamp, command=result["command"], machine=mach,
-                         versions=result["versions"])
+      result[key].update(
+        measured_at=stamp, command=result["command"], machine=mach, versions=result["versions"]
+      )
   previous = wl.read_json(RESULT_FILE) or {}
   for key in ("loading", "expansion", "streaming", "training"):
     if key not in result and key in previous:

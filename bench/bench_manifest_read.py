@@ -28,8 +28,13 @@ import types
 
 import fastavro
 
-from fedbeam.format.layout import (FORMAT_VERSION, ID_ENCODING, MANIFEST_DIR, UNSPLIT,
-                                   client_relative_path)
+from fedbeam.format.layout import (
+  FORMAT_VERSION,
+  ID_ENCODING,
+  MANIFEST_DIR,
+  UNSPLIT,
+  client_relative_path,
+)
 from fedbeam.format.manifest import manifest_file_name, read_manifest
 from fedbeam.format.metadata import metadata_path, metadata_to_json, parsed_schema, read_metadata
 
@@ -43,23 +48,43 @@ def write_manifest_store(root: str, rows: int) -> str:
   records = []
   for i in range(rows):
     cid = f"client-{i:08d}"
-    records.append({"client_id": cid, "split": UNSPLIT, "raw_client_id": cid,
-                    "pseudo_index": 0, "num_examples": 10, "num_bytes": 1000,
-                    "path": f"{data_dir}/{client_relative_path(cid, UNSPLIT, 25)}",
-                    "crc32c": i})
+    records.append(
+      {
+        "client_id": cid,
+        "split": UNSPLIT,
+        "raw_client_id": cid,
+        "pseudo_index": 0,
+        "num_examples": 10,
+        "num_bytes": 1000,
+        "path": f"{data_dir}/{client_relative_path(cid, UNSPLIT, 25)}",
+        "crc32c": i,
+      }
+    )
   records.sort(key=lambda r: r["client_id"])
   with open(os.path.join(root, data_dir, MANIFEST_DIR, manifest_file_name(0, 1)), "wb") as f:
     fastavro.writer(f, parsed_schema("manifest"), records, codec="null")
   metadata = {
-      "format_version": FORMAT_VERSION, "fedbeam_version": "bench",
-      "element_spec": [{"name": "label", "dtype": "int64", "shape": []},
-                       {"name": "pixels", "dtype": "float32", "shape": [4]}],
-      "data_dir": data_dir, "id_encoding": ID_ENCODING, "num_shards": 25,
-      "manifest": {"num_files": 1},
-      "splits": [{"name": UNSPLIT, "num_clients": rows, "num_examples": 10 * rows,
-                  "num_bytes": 1000 * rows, "num_empty_clients": 0}],
-      "empty_clients": {"found": 0, "policy": "keep", "dropped": 0, "sample": []},
-      "parameters": {},
+    "format_version": FORMAT_VERSION,
+    "fedbeam_version": "bench",
+    "element_spec": [
+      {"name": "label", "dtype": "int64", "shape": []},
+      {"name": "pixels", "dtype": "float32", "shape": [4]},
+    ],
+    "data_dir": data_dir,
+    "id_encoding": ID_ENCODING,
+    "num_shards": 25,
+    "manifest": {"num_files": 1},
+    "splits": [
+      {
+        "name": UNSPLIT,
+        "num_clients": rows,
+        "num_examples": 10 * rows,
+        "num_bytes": 1000 * rows,
+        "num_empty_clients": 0,
+      }
+    ],
+    "empty_clients": {"found": 0, "policy": "keep", "dropped": 0, "sample": []},
+    "parameters": {},
   }
   with open(metadata_path(root), "wb") as f:
     f.write(metadata_to_json(metadata))
@@ -89,10 +114,10 @@ def main(argv=None) -> int:
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--peer", help="a module file defining read_metadata and read_manifest")
   args = p.parse_args(argv)
-  import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   # (main's reader imports TensorFlow; the loader always has it.)
-  modules = {"fedbeam": types.SimpleNamespace(read_metadata=read_metadata,
-                                                read_manifest=read_manifest)}
+  modules = {
+    "fedbeam": types.SimpleNamespace(read_metadata=read_metadata, read_manifest=read_manifest)
+  }
   if args.peer:
     modules["peer"] = _load_peer(args.peer)
   times = {name: [] for name in modules}

@@ -65,8 +65,14 @@ from bench import workload as wl
 
 SECTION = "## Pipeline"
 RESULT_FILE = "pipeline.json"
-CONTENDERS = ("fedbeam_full", "fedbeam_group", "plain_beam", "plain_beam_tuned", "grouper",
-              "tff_sqlite")
+CONTENDERS = (
+  "fedbeam_full",
+  "fedbeam_group",
+  "plain_beam",
+  "plain_beam_tuned",
+  "grouper",
+  "tff_sqlite",
+)
 
 
 def parse_args(argv=None):
@@ -77,9 +83,13 @@ def parse_args(argv=None):
   p.add_argument("--expansion", type=int, default=3)
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--no-write", action="store_true")
-  p.add_argument("--repeat", type=int, default=1,
-                 help="runs per contender and scale, contenders taking turns; rows give the "
-                      "median run and the min-max")
+  p.add_argument(
+    "--repeat",
+    type=int,
+    default=1,
+    help="runs per contender and scale, contenders taking turns; rows give the "
+    "median run and the min-max",
+  )
   p.add_argument("--worker", choices=("plain", "tff"), help=argparse.SUPPRESS)
   p.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--input", help=argparse.SUPPRESS)
@@ -95,20 +105,27 @@ def log(msg: str) -> None:
 
 # --- the plain Beam pipeline -------------------------------------------------------------
 
+
 def _masked_crc(data: bytes) -> int:
   import google_crc32c  # pylint: disable=g-import-not-at-top
+
   crc = google_crc32c.value(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def tfrecord_frame(record: bytes) -> bytes:
   header = struct.pack("<Q", len(record))
-  return header + struct.pack("<I", _masked_crc(header)) + record + \
-      struct.pack("<I", _masked_crc(record))
+  return (
+    header
+    + struct.pack("<I", _masked_crc(header))
+    + record
+    + struct.pack("<I", _masked_crc(record))
+  )
 
 
 def client_id_of(record: bytes) -> str:
   from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+
   example = example_pb2.Example.FromString(record)
   return example.features.feature["client_id"].bytes_list.value[0].decode("utf-8")
 
@@ -124,7 +141,6 @@ def run_plain_pipeline(input_pattern: str, output: str, beam_args) -> dict:
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
 
   class WriteClientFile(beam.DoFn):
-
     def __init__(self, directory):
       self._directory = directory
       self._clients = beam.metrics.Metrics.counter("plain", "clients")
@@ -143,23 +159,34 @@ def run_plain_pipeline(input_pattern: str, output: str, beam_args) -> dict:
   os.makedirs(output, exist_ok=True)
   start = time.perf_counter()
   pipeline = beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(list(beam_args)))
-  _ = (pipeline
-       | "Read" >> beam.io.ReadFromTFRecord(input_pattern)
-       | "KeyByClient" >> beam.Map(lambda r: (client_id_of(r), r))
-       | "GroupByClient" >> beam.GroupByKey()
-       | "WriteClientFiles" >> beam.ParDo(WriteClientFile(output)))
+  _ = (
+    pipeline
+    | "Read" >> beam.io.ReadFromTFRecord(input_pattern)
+    | "KeyByClient" >> beam.Map(lambda r: (client_id_of(r), r))
+    | "GroupByClient" >> beam.GroupByKey()
+    | "WriteClientFiles" >> beam.ParDo(WriteClientFile(output))
+  )
   result = pipeline.run()
   result.wait_until_finish()
   seconds = time.perf_counter() - start
-  counters = {c.key.metric.name: c.committed for c in
-              result.metrics().query(beam.metrics.MetricsFilter().with_namespace("plain"))["counters"]}
-  return {"seconds": seconds, "clients": counters.get("clients"), "records": counters.get("records")}
+  counters = {
+    c.key.metric.name: c.committed
+    for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("plain"))[
+      "counters"
+    ]
+  }
+  return {
+    "seconds": seconds,
+    "clients": counters.get("clients"),
+    "records": counters.get("records"),
+  }
 
 
 def plain_worker(args, beam_args) -> int:
   scope = contextlib.nullcontext()
   if args.tuned:
     from fedbeam.pipelines import local_runner  # pylint: disable=g-import-not-at-top
+
     scope = local_runner.local_runner_scope()
   with scope:
     result = run_plain_pipeline(args.input, args.output, beam_args)
@@ -174,6 +201,7 @@ def plain_worker(args, beam_args) -> int:
 def tff_worker(args) -> int:
   """TFF's save_to_sql_client_data of the workload (data in memory before the clock starts)."""
   from fedbeam.runtime.tff_worker import stop_tff_workers  # pylint: disable=g-import-not-at-top
+
   try:
     workload = wl.Workload(num_clients=args.clients)
     result = wl.write_tff_sqlite(workload, args.output)
@@ -185,6 +213,7 @@ def tff_worker(args) -> int:
 
 
 # --- contenders ------------------------------------------------------------------------
+
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
@@ -210,12 +239,17 @@ def run_fedbeam(workload, name: str, extra: list, args) -> dict:
     found = _FEDBEAM_SECONDS.findall(f.read())
   with open(os.path.join(store, "metadata.json"), encoding="utf-8") as f:
     metadata = json.load(f)
-  wl.stamp_store(store, {"command": cmd, "wall_s": run["wall_s"], "peak_pss_mb": run["peak_pss_mb"]})
-  run.update(pipeline_s=float(found[-1]), command=" ".join(_rel(c) for c in cmd),
-             output_clients=sum(s["num_clients"] for s in metadata["splits"]),
-             output_examples=sum(s["num_examples"] for s in metadata["splits"]),
-             output_bytes=sum(s["num_bytes"] for s in metadata["splits"]),
-             splits={s["name"]: s["num_clients"] for s in metadata["splits"]})
+  wl.stamp_store(
+    store, {"command": cmd, "wall_s": run["wall_s"], "peak_pss_mb": run["peak_pss_mb"]}
+  )
+  run.update(
+    pipeline_s=float(found[-1]),
+    command=" ".join(_rel(c) for c in cmd),
+    output_clients=sum(s["num_clients"] for s in metadata["splits"]),
+    output_examples=sum(s["num_examples"] for s in metadata["splits"]),
+    output_bytes=sum(s["num_bytes"] for s in metadata["splits"]),
+    splits={s["name"]: s["num_clients"] for s in metadata["splits"]},
+  )
   return run
 
 
@@ -225,22 +259,43 @@ def run_plain(workload, args, tuned: bool = False) -> dict:
   out = os.path.join(args.workdir, "tmp", f"{name}-{workload.name}")
   shutil.rmtree(out, ignore_errors=True)
   result_path = out + ".json"
-  cmd = [wl.PYTHON, "-m", "bench.bench_pipeline", "--worker", "plain", "--input", pattern,
-         "--output", out, "--result", result_path, *(["--tuned"] if tuned else []),
-         *wl.BEAM_LOCAL_ARGS]
-  run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-{name}-{workload.name}.log"))
+  cmd = [
+    wl.PYTHON,
+    "-m",
+    "bench.bench_pipeline",
+    "--worker",
+    "plain",
+    "--input",
+    pattern,
+    "--output",
+    out,
+    "--result",
+    result_path,
+    *(["--tuned"] if tuned else []),
+    *wl.BEAM_LOCAL_ARGS,
+  ]
+  run = wl.run_measured(
+    cmd, os.path.join(args.workdir, "logs", f"pipeline-{name}-{workload.name}.log")
+  )
   if run["returncode"] != 0:
     return _failed(run, "the plain Beam pipeline", cmd)
   with open(result_path, encoding="utf-8") as f:
     res = json.load(f)
   shutil.rmtree(out, ignore_errors=True)
   if res["files"] != workload.num_clients or res["records"] != workload.num_examples:
-    run["failed"] = (f"the plain Beam pipeline wrote {res['files']} files and {res['records']} "
-                     f"records for {workload.num_clients} clients and {workload.num_examples} "
-                     "input records (the runner lost data)")
+    run["failed"] = (
+      f"the plain Beam pipeline wrote {res['files']} files and {res['records']} "
+      f"records for {workload.num_clients} clients and {workload.num_examples} "
+      "input records (the runner lost data)"
+    )
     log(run["failed"])
-  run.update(pipeline_s=res["seconds"], command=" ".join(_rel(c) for c in cmd),
-             output_clients=res["files"], output_examples=res["records"], output_bytes=res["bytes"])
+  run.update(
+    pipeline_s=res["seconds"],
+    command=" ".join(_rel(c) for c in cmd),
+    output_clients=res["files"],
+    output_examples=res["records"],
+    output_bytes=res["bytes"],
+  )
   return run
 
 
@@ -253,27 +308,55 @@ def run_grouper(workload, args) -> dict:
   prefix = os.path.join(directory, "groups")
   if os.path.exists(prefix + ".done"):
     os.remove(prefix + ".done")
-  cmd = [wl.GROUPER_PYTHON, os.path.join(wl.ROOT, "bench", "grouper_worker.py"), "write",
-         "--input", pattern, "--output", prefix, "--result", prefix + ".write.json",
-         *wl.BEAM_LOCAL_ARGS]
-  run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-grouper-{workload.name}.log"))
+  cmd = [
+    wl.GROUPER_PYTHON,
+    os.path.join(wl.ROOT, "bench", "grouper_worker.py"),
+    "write",
+    "--input",
+    pattern,
+    "--output",
+    prefix,
+    "--result",
+    prefix + ".write.json",
+    *wl.BEAM_LOCAL_ARGS,
+  ]
+  run = wl.run_measured(
+    cmd, os.path.join(args.workdir, "logs", f"pipeline-grouper-{workload.name}.log")
+  )
   if run["returncode"] != 0:
     return _failed(run, "dataset_grouper's pipeline", cmd)
   with open(prefix + ".write.json", encoding="utf-8") as f:
     res = json.load(f)
   with open(prefix + ".done", "w", encoding="utf-8") as f:
     json.dump(run, f)
-  run.update(pipeline_s=res["seconds"], command=" ".join(_rel(c) for c in cmd),
-             output_bytes=res["bytes"], versions=res["versions"])
+  run.update(
+    pipeline_s=res["seconds"],
+    command=" ".join(_rel(c) for c in cmd),
+    output_bytes=res["bytes"],
+    versions=res["versions"],
+  )
   return run
 
 
 def run_tff(workload, args) -> dict:
   out = os.path.join(args.workdir, "tmp", f"tff-{workload.name}.sqlite")
   result_path = out + ".json"
-  cmd = [wl.PYTHON, "-m", "bench.bench_pipeline", "--worker", "tff", "--clients",
-         str(workload.num_clients), "--output", out, "--result", result_path]
-  run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"pipeline-tff-{workload.name}.log"))
+  cmd = [
+    wl.PYTHON,
+    "-m",
+    "bench.bench_pipeline",
+    "--worker",
+    "tff",
+    "--clients",
+    str(workload.num_clients),
+    "--output",
+    out,
+    "--result",
+    result_path,
+  ]
+  run = wl.run_measured(
+    cmd, os.path.join(args.workdir, "logs", f"pipeline-tff-{workload.name}.log")
+  )
   if run["returncode"] != 0:
     return _failed(run, "TFF's save_to_sql_client_data", cmd)
   with open(result_path, encoding="utf-8") as f:
@@ -282,8 +365,12 @@ def run_tff(workload, args) -> dict:
   cached = wl.ensure_tff_sqlite(workload, args.workdir, log)
   identical = _sha256(out) == _sha256(cached)
   os.remove(out)
-  run.update(pipeline_s=res["seconds"], command=" ".join(_rel(c) for c in cmd),
-             output_examples=res["examples"], identical_to_direct_writer=identical)
+  run.update(
+    pipeline_s=res["seconds"],
+    command=" ".join(_rel(c) for c in cmd),
+    output_examples=res["examples"],
+    identical_to_direct_writer=identical,
+  )
   if not identical:
     raise AssertionError("TFF's database differs from bench.workload.write_tff_sqlite_direct's")
   return run
@@ -292,14 +379,34 @@ def run_tff(workload, args) -> dict:
 def _run_contender(name: str, workload, args) -> dict:
   load = os.getloadavg()
   if name == "fedbeam_full":
-    run = run_fedbeam(workload, "expanded-split", [
-        "--num-transformed-clients", str(args.expansion * workload.num_clients),
-        "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1"], args)
+    run = run_fedbeam(
+      workload,
+      "expanded-split",
+      [
+        "--num-transformed-clients",
+        str(args.expansion * workload.num_clients),
+        "--transform",
+        "fedbeam.transforms:random_affine",
+        "--test-fraction",
+        "0.1",
+      ],
+      args,
+    )
   elif name == "fedbeam_full_nofsync":
-    run = run_fedbeam(workload, "expanded-split-nofsync", [
-        "--num-transformed-clients", str(args.expansion * workload.num_clients),
-        "--transform", "fedbeam.transforms:random_affine", "--test-fraction", "0.1",
-        "--no-fsync"], args)
+    run = run_fedbeam(
+      workload,
+      "expanded-split-nofsync",
+      [
+        "--num-transformed-clients",
+        str(args.expansion * workload.num_clients),
+        "--transform",
+        "fedbeam.transforms:random_affine",
+        "--test-fraction",
+        "0.1",
+        "--no-fsync",
+      ],
+      args,
+    )
   elif name == "fedbeam_group":
     run = run_fedbeam(workload, "plain", [], args)
   elif name == "plain_beam":
@@ -323,18 +430,26 @@ def _median_run(runs: list) -> dict:
     return dict(failed[0], repeats=len(runs), failed_runs=len(failed))
   ordered = sorted(runs, key=lambda r: r["pipeline_s"])
   row = dict(ordered[(len(ordered) - 1) // 2])
-  row.update(repeats=len(runs), pipeline_s_runs=[r["pipeline_s"] for r in runs],
-             pipeline_s=statistics.median(r["pipeline_s"] for r in runs))
+  row.update(
+    repeats=len(runs),
+    pipeline_s_runs=[r["pipeline_s"] for r in runs],
+    pipeline_s=statistics.median(r["pipeline_s"] for r in runs),
+  )
   row["examples_per_s"] = row["input_examples"] / row["pipeline_s"]
   return row
 
 
 def _failed(run: dict, what: str, cmd: list) -> dict:
-  why = (f"killed when the machine had {run['killed_low_memory']:,.0f} MB available, "
-         f"peak PSS {run['peak_pss_mb']:,.0f} MB" if "killed_low_memory" in run
-         else f"exit status {run['returncode']}, peak PSS {run['peak_pss_mb']:,.0f} MB")
-  run.update(failed=f"{what} failed ({why}, after {run['wall_s']:.0f} s); see {run['log']}",
-             command=" ".join(_rel(c) for c in cmd))
+  why = (
+    f"killed when the machine had {run['killed_low_memory']:,.0f} MB available, "
+    f"peak PSS {run['peak_pss_mb']:,.0f} MB"
+    if "killed_low_memory" in run
+    else f"exit status {run['returncode']}, peak PSS {run['peak_pss_mb']:,.0f} MB"
+  )
+  run.update(
+    failed=f"{what} failed ({why}, after {run['wall_s']:.0f} s); see {run['log']}",
+    command=" ".join(_rel(c) for c in cmd),
+  )
   log(run["failed"])
   return run
 
@@ -346,13 +461,13 @@ def _rel(c: str) -> str:
 # --- README -------------------------------------------------------------------------
 
 LABELS = {
-    "fedbeam_full": "`fedbeam prepare`: group + 3x expansion + split + write + manifest",
-    "fedbeam_full_nofsync": "the same with `--no-fsync`",
-    "fedbeam_group": "`fedbeam prepare`: group + write + manifest (no expansion, no split)",
-    "plain_beam": "plain Beam: GroupByKey → one TFRecord file per client",
-    "plain_beam_tuned": "plain Beam in fedbeam's `local_runner_scope()` (guard + allocator)",
-    "grouper": "dataset_grouper 0.3.0 pipeline (one SequenceExample per client)",
-    "tff_sqlite": "TFF `save_to_sql_client_data` (one process)",
+  "fedbeam_full": "`fedbeam prepare`: group + 3x expansion + split + write + manifest",
+  "fedbeam_full_nofsync": "the same with `--no-fsync`",
+  "fedbeam_group": "`fedbeam prepare`: group + write + manifest (no expansion, no split)",
+  "plain_beam": "plain Beam: GroupByKey → one TFRecord file per client",
+  "plain_beam_tuned": "plain Beam in fedbeam's `local_runner_scope()` (guard + allocator)",
+  "grouper": "dataset_grouper 0.3.0 pipeline (one SequenceExample per client)",
+  "tff_sqlite": "TFF `save_to_sql_client_data` (one process)",
 }
 
 
@@ -360,20 +475,22 @@ def readme_section(result: dict) -> str:
   rows = result["rows"]
   scales = sorted({r["scale"] for r in rows.values()})
   lines = [
-      SECTION, "",
-      "Building client datasets from the same TFRecord input (Examples with a `client_id` "
-      "feature). Beam rows: FnApiRunner, `--direct_num_workers=2 "
-      "--direct_running_mode=multi_processing`. Examples/s = input examples / pipeline seconds "
-      "(the contender's own timing of its pipeline or writer call); wall = the whole process "
-      "(interpreter start and imports included); peak memory summed over the process tree, as PSS "
-      "(shared pages such as the libraries every Beam worker loads count once) and as RSS (they "
-      "count in every process). Rows with several runs (contenders taking turns) give the "
-      "median pipeline time and its min–max, and the memory of the median run; a run is killed "
-      "when the machine's available memory falls under 1.5 GB. "
-      "![pipeline scaling](results/pipeline_scaling.png)", "",
-      "| data | contender | input examples | pipeline s | examples/s | wall s | peak PSS MB | "
-      "peak RSS MB | vs plain Beam (time) | measured |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    SECTION,
+    "",
+    "Building client datasets from the same TFRecord input (Examples with a `client_id` "
+    "feature). Beam rows: FnApiRunner, `--direct_num_workers=2 "
+    "--direct_running_mode=multi_processing`. Examples/s = input examples / pipeline seconds "
+    "(the contender's own timing of its pipeline or writer call); wall = the whole process "
+    "(interpreter start and imports included); peak memory summed over the process tree, as PSS "
+    "(shared pages such as the libraries every Beam worker loads count once) and as RSS (they "
+    "count in every process). Rows with several runs (contenders taking turns) give the "
+    "median pipeline time and its min–max, and the memory of the median run; a run is killed "
+    "when the machine's available memory falls under 1.5 GB. "
+    "![pipeline scaling](results/pipeline_scaling.png)",
+    "",
+    "| data | contender | input examples | pipeline s | examples/s | wall s | peak PSS MB | "
+    "peak RSS MB | vs plain Beam (time) | measured |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
   ]
   for scale in scales:
     plain = rows.get(f"plain_beam@{scale:g}")
@@ -385,41 +502,58 @@ def readme_section(result: dict) -> str:
         peak = f"{r['peak_pss_mb']:,.0f}" if "peak_pss_mb" in r else ""
         rss = f"{r['peak_rss_mb']:,.0f}" if "peak_rss_mb" in r else ""
         wall = f"{r['wall_s']:.1f}" if "wall_s" in r else ""
-        lines.append(f"| {scale:g}x | {LABELS[name]} | | | | {wall} | {peak} | {rss} | | "
-                     f"{r.get('skipped') or wl.failure_reason(r)} |")
+        lines.append(
+          f"| {scale:g}x | {LABELS[name]} | | | | {wall} | {peak} | {rss} | | "
+          f"{r.get('skipped') or wl.failure_reason(r)} |"
+        )
         continue
-      vs = f"{r['pipeline_s'] / plain['pipeline_s']:.2f}x" if plain and "pipeline_s" in plain else ""
+      vs = (
+        f"{r['pipeline_s'] / plain['pipeline_s']:.2f}x" if plain and "pipeline_s" in plain else ""
+      )
       when = "this run" if r.get("run_id") == result["run_id"] else r.get("measured_at", "?")
       times = r.get("pipeline_s_runs") or [r["pipeline_s"]]
-      spread = (f" ({min(times):.1f}–{max(times):.1f}, {len(times)} runs)"
-                if len(times) > 1 else "")
+      spread = f" ({min(times):.1f}–{max(times):.1f}, {len(times)} runs)" if len(times) > 1 else ""
       lines.append(
-          f"| {scale:g}x ({r['clients']:,} clients) | {LABELS[name]} | {r['input_examples']:,} | "
-          f"{r['pipeline_s']:.1f}{spread} | {r['examples_per_s']:,.0f} | {r['wall_s']:.1f} | "
-          f"{r.get('peak_pss_mb', float('nan')):,.0f} | {r['peak_rss_mb']:,.0f} | {vs} | {when} |")
+        f"| {scale:g}x ({r['clients']:,} clients) | {LABELS[name]} | {r['input_examples']:,} | "
+        f"{r['pipeline_s']:.1f}{spread} | {r['examples_per_s']:,.0f} | {r['wall_s']:.1f} | "
+        f"{r.get('peak_pss_mb', float('nan')):,.0f} | {r['peak_rss_mb']:,.0f} | {vs} | {when} |"
+      )
   growth = []
   for name in CONTENDERS:
     a = rows.get(f"{name}@1")
     for big in ("3", "10"):
       b = rows.get(f"{name}@{big}")
       if a and b and "pipeline_s" in a and "pipeline_s" in b and "peak_pss_mb" in a:
-        growth.append(f"{name} 1x→{big}x: time {b['pipeline_s'] / a['pipeline_s']:.1f}x, peak PSS "
-                      f"{b['peak_pss_mb'] / a['peak_pss_mb']:.1f}x")
-  lines += ["", "Growth with the data: " + ("; ".join(growth) if growth else "n/a") + ".",
-            "", "`fedbeam_full` writes 3x the input examples (the expanded pseudo-clients) and "
-            "warps two thirds of them; its examples/s counts input examples. The TFF row's "
-            "database is byte-identical to the one the other benchmarks use "
-            "(`bench.workload.write_tff_sqlite_direct`, checked with SHA-256 in each run). "
-            f"dataset_grouper runs in its own virtualenv (Beam "
-            f"{result.get('grouper_versions', {}).get('apache_beam', '?')}, TensorFlow "
-            f"{result.get('grouper_versions', {}).get('tensorflow', '?')}); it reads the input "
-            "the way its TFDS source would hand examples over (a dict of tensors per example).",
-            "", "Commands (from the repository root; each row was measured by one of them, at the "
-            "time in its last column):", "", "```sh",
-            *sorted({result["command"]} | {r["bench_command"] for r in rows.values()
-                                           if "bench_command" in r}), "```", "",
-            wl.machine_line(result["machine"], result["versions"]),
-            f"Raw numbers: `bench/results/{RESULT_FILE}`.", ""]
+        growth.append(
+          f"{name} 1x→{big}x: time {b['pipeline_s'] / a['pipeline_s']:.1f}x, peak PSS "
+          f"{b['peak_pss_mb'] / a['peak_pss_mb']:.1f}x"
+        )
+  lines += [
+    "",
+    "Growth with the data: " + ("; ".join(growth) if growth else "n/a") + ".",
+    "",
+    "`fedbeam_full` writes 3x the input examples (the expanded pseudo-clients) and "
+    "warps two thirds of them; its examples/s counts input examples. The TFF row's "
+    "database is byte-identical to the one the other benchmarks use "
+    "(`bench.workload.write_tff_sqlite_direct`, checked with SHA-256 in each run). "
+    f"dataset_grouper runs in its own virtualenv (Beam "
+    f"{result.get('grouper_versions', {}).get('apache_beam', '?')}, TensorFlow "
+    f"{result.get('grouper_versions', {}).get('tensorflow', '?')}); it reads the input "
+    "the way its TFDS source would hand examples over (a dict of tensors per example).",
+    "",
+    "Commands (from the repository root; each row was measured by one of them, at the "
+    "time in its last column):",
+    "",
+    "```sh",
+    *sorted(
+      {result["command"]} | {r["bench_command"] for r in rows.values() if "bench_command" in r}
+    ),
+    "```",
+    "",
+    wl.machine_line(result["machine"], result["versions"]),
+    f"Raw numbers: `bench/results/{RESULT_FILE}`.",
+    "",
+  ]
   return "\n".join(lines)
 
 
@@ -451,14 +585,21 @@ def main(argv=None) -> int:
             log(f"{key}: kept from {previous[key].get('measured_at')}")
           continue
         run = _run_contender(name, workload, args)
-        run.update(scale=scale, clients=workload.num_clients, input_examples=workload.num_examples,
-                   run_id=run_id, measured_at=run_id,
-                   bench_command=wl.command_line("bench.bench_pipeline", argv))
+        run.update(
+          scale=scale,
+          clients=workload.num_clients,
+          input_examples=workload.num_examples,
+          run_id=run_id,
+          measured_at=run_id,
+          bench_command=wl.command_line("bench.bench_pipeline", argv),
+        )
         if "pipeline_s" in run:
           run["examples_per_s"] = workload.num_examples / run["pipeline_s"]
-          log(f"{key} (run {repeat + 1}/{args.repeat}): {run['pipeline_s']:.1f} s pipeline, "
-              f"{run['examples_per_s']:,.0f} ex/s, wall {run['wall_s']:.1f} s, peak PSS "
-              f"{run['peak_pss_mb']:,.0f} MB, RSS {run['peak_rss_mb']:,.0f} MB")
+          log(
+            f"{key} (run {repeat + 1}/{args.repeat}): {run['pipeline_s']:.1f} s pipeline, "
+            f"{run['examples_per_s']:,.0f} ex/s, wall {run['wall_s']:.1f} s, peak PSS "
+            f"{run['peak_pss_mb']:,.0f} MB, RSS {run['peak_rss_mb']:,.0f} MB"
+          )
         else:
           log(f"{key}: {run}")
         runs.setdefault(key, []).append(run)
@@ -469,14 +610,14 @@ def main(argv=None) -> int:
   mach["loadavg_at_end"] = list(os.getloadavg())
   grouper_versions = next((r["versions"] for r in rows.values() if "versions" in r), {})
   result = {
-      "benchmark": "pipeline throughput and peak memory",
-      "run_id": run_id,
-      "command": wl.command_line("bench.bench_pipeline", argv),
-      "beam_args": list(wl.BEAM_LOCAL_ARGS),
-      "rows": rows,
-      "grouper_versions": grouper_versions,
-      "machine": mach,
-      "versions": wl.versions(),
+    "benchmark": "pipeline throughput and peak memory",
+    "run_id": run_id,
+    "command": wl.command_line("bench.bench_pipeline", argv),
+    "beam_args": list(wl.BEAM_LOCAL_ARGS),
+    "rows": rows,
+    "grouper_versions": grouper_versions,
+    "machine": mach,
+    "versions": wl.versions(),
   }
   if not args.no_write:
     wl.write_json(RESULT_FILE, result)

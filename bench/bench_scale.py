@@ -51,17 +51,24 @@ def parse_args(argv=None):
   p.add_argument("--parts", default="load,rounds")
   p.add_argument("--tiny-clients", type=int, default=100_000)
   p.add_argument("--round-clients", type=int, default=10_000)
-  p.add_argument("--load-clients", default="1000,10000",
-                 help="EMNIST-like workloads whose load time is measured (plus the tiny store)")
+  p.add_argument(
+    "--load-clients",
+    default="1000,10000",
+    help="EMNIST-like workloads whose load time is measured (plus the tiny store)",
+  )
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--clients-per-round", type=int, default=50)
-  p.add_argument("--sql-clients", type=int, default=5,
-                 help="clients per round read from the unindexed SQLite")
+  p.add_argument(
+    "--sql-clients", type=int, default=5, help="clients per round read from the unindexed SQLite"
+  )
   p.add_argument("--batch-size", type=int, default=20)
   p.add_argument("--calls", type=int, default=200, help="create_tf_dataset_for_client calls")
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: 5,000 tiny clients, 1,000-client rounds, 2 rounds")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="smoke run: 5,000 tiny clients, 1,000-client rounds, 2 rounds",
+  )
   p.add_argument("--no-write", action="store_true")
   p.add_argument("--worker", choices=("fedbeam", "tff_sql"), help=argparse.SUPPRESS)
   p.add_argument("--path", help=argparse.SUPPRESS)
@@ -79,11 +86,13 @@ def log(msg: str) -> None:
 
 # --- load worker (fresh process) --------------------------------------------------------
 
+
 def load_worker(args) -> int:
   """Loads one store or database; writes load time, RSS growth and id-lookup costs."""
   import psutil  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
   from fedbeam.runtime.tff_worker import stop_tff_workers  # pylint: disable=g-import-not-at-top
 
@@ -106,7 +115,9 @@ def load_worker(args) -> int:
   if args.worker == "fedbeam":
     cd = load_client_data(args.path)
   else:
-    cd = tff.simulation.datasets.load_and_parse_sql_client_data(args.path, _tiny_or_emnist_spec(args.path))
+    cd = tff.simulation.datasets.load_and_parse_sql_client_data(
+      args.path, _tiny_or_emnist_spec(args.path)
+    )
   ids = cd.client_ids
   load_s = time.perf_counter() - start
   stop.set()
@@ -131,12 +142,17 @@ def load_worker(args) -> int:
   for cid in (first, last):
     next(iter(cd.create_tf_dataset_for_client(cid)))
   stop_tff_workers()
-  out = {"clients": len(ids), "load_s": load_s, "rss_growth_mb": (rss1 - rss0) / 2 ** 20,
-         "peak_rss_growth_mb": (peak[0] - rss0) / 2 ** 20, "rss_before_mb": rss0 / 2 ** 20,
-         "create_first_ms": 1000 * statistics.median(times["first"]),
-         "create_last_ms": 1000 * statistics.median(times["last"]),
-         "list_scan_first_ms": 1000 * statistics.median(scan["first"]),
-         "list_scan_last_ms": 1000 * statistics.median(scan["last"])}
+  out = {
+    "clients": len(ids),
+    "load_s": load_s,
+    "rss_growth_mb": (rss1 - rss0) / 2**20,
+    "peak_rss_growth_mb": (peak[0] - rss0) / 2**20,
+    "rss_before_mb": rss0 / 2**20,
+    "create_first_ms": 1000 * statistics.median(times["first"]),
+    "create_last_ms": 1000 * statistics.median(times["last"]),
+    "list_scan_first_ms": 1000 * statistics.median(scan["first"]),
+    "list_scan_last_ms": 1000 * statistics.median(scan["last"]),
+  }
   with open(args.result, "w", encoding="utf-8") as f:
     json.dump(out, f)
   return 0
@@ -144,26 +160,41 @@ def load_worker(args) -> int:
 
 def _tiny_or_emnist_spec(path: str):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   if "/tiny-" in path:
-    return collections.OrderedDict(label=tf.TensorSpec([], tf.int32),
-                                   x=tf.TensorSpec([4], tf.float32))
+    return collections.OrderedDict(
+      label=tf.TensorSpec([], tf.int32), x=tf.TensorSpec([4], tf.float32)
+    )
   return wl.tff_element_spec()
 
 
 def measure_load(kind: str, path: str, name: str, args) -> dict:
   result = os.path.join(args.workdir, "tmp", f"load-{kind}-{name}.json")
   os.makedirs(os.path.dirname(result), exist_ok=True)
-  cmd = [wl.PYTHON, "-m", "bench.bench_scale", "--worker", kind, "--path", path,
-         "--result", result, "--calls", str(args.calls)]
+  cmd = [
+    wl.PYTHON,
+    "-m",
+    "bench.bench_scale",
+    "--worker",
+    kind,
+    "--path",
+    path,
+    "--result",
+    result,
+    "--calls",
+    str(args.calls),
+  ]
   run = wl.run_measured(cmd, os.path.join(args.workdir, "logs", f"scale-load-{kind}-{name}.log"))
   if run["returncode"] != 0:
     raise RuntimeError(f"load worker failed; see {run['log']}")
   with open(result, encoding="utf-8") as f:
     out = json.load(f)
   out["store"] = name
-  log(f"load {kind} {name}: {out['clients']} clients, ids in {out['load_s']:.3f} s, RSS +"
-      f"{out['rss_growth_mb']:.0f} MB (peak +{out['peak_rss_growth_mb']:.0f}), create first "
-      f"{out['create_first_ms']:.3f} ms / last {out['create_last_ms']:.3f} ms")
+  log(
+    f"load {kind} {name}: {out['clients']} clients, ids in {out['load_s']:.3f} s, RSS +"
+    f"{out['rss_growth_mb']:.0f} MB (peak +{out['peak_rss_growth_mb']:.0f}), create first "
+    f"{out['create_first_ms']:.3f} ms / last {out['create_last_ms']:.3f} ms"
+  )
   return out
 
 
@@ -179,49 +210,70 @@ def load_part(args) -> dict:
     raise RuntimeError(f"fedbeam prepare of the tiny store failed; see {run['log']}")
   with open(logf, encoding="utf-8") as f:
     import re  # pylint: disable=g-import-not-at-top
+
     found = re.findall(r"store written: .* in ([0-9.]+) s \(", f.read())
-  prepare = {"clients": tiny.num_clients, "examples": tiny.num_examples, "wall_s": run["wall_s"],
-             "pipeline_s": float(found[-1]), "peak_rss_mb": run["peak_rss_mb"],
-             "peak_pss_mb": run["peak_pss_mb"],
-             "loadavg_before": list(load),
-             "command": " ".join(os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT + "/") else c
-                                 for c in cmd)}
-  log(f"prepare {tiny.name}: {prepare['pipeline_s']:.1f} s pipeline, wall {run['wall_s']:.1f} s, "
-      f"peak PSS {run['peak_pss_mb']:,.0f} MB")
+  prepare = {
+    "clients": tiny.num_clients,
+    "examples": tiny.num_examples,
+    "wall_s": run["wall_s"],
+    "pipeline_s": float(found[-1]),
+    "peak_rss_mb": run["peak_rss_mb"],
+    "peak_pss_mb": run["peak_pss_mb"],
+    "loadavg_before": list(load),
+    "command": " ".join(
+      os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT + "/") else c for c in cmd
+    ),
+  }
+  log(
+    f"prepare {tiny.name}: {prepare['pipeline_s']:.1f} s pipeline, wall {run['wall_s']:.1f} s, "
+    f"peak PSS {run['peak_pss_mb']:,.0f} MB"
+  )
   rows = []
   errors = []
   for n in [int(x) for x in args.load_clients.split(",") if x]:
     w = wl.Workload(num_clients=n)
     try:
-      fedbeam_store = wl.ensure_fedbeam_store(w, "plain", workdir=args.workdir, log=log,
-                                              in_process_fallback=True)
+      fedbeam_store = wl.ensure_fedbeam_store(
+        w, "plain", workdir=args.workdir, log=log, in_process_fallback=True
+      )
     except RuntimeError as e:
       errors.append(f"{w.name}: {e}")
       log(f"load {w.name}: no store ({e})")
     else:
       rows.append(dict(measure_load("fedbeam", fedbeam_store, w.name, args), loader="fedbeam"))
-    rows.append(dict(measure_load("tff_sql", wl.ensure_tff_sqlite(w, args.workdir, log), w.name,
-                                  args), loader="tff_sql"))
+    rows.append(
+      dict(
+        measure_load("tff_sql", wl.ensure_tff_sqlite(w, args.workdir, log), w.name, args),
+        loader="tff_sql",
+      )
+    )
   rows.append(dict(measure_load("fedbeam", store, tiny.name, args), loader="fedbeam"))
-  rows.append(dict(measure_load("tff_sql", wl.ensure_tiny_sqlite(tiny, args.workdir, log),
-                                tiny.name, args), loader="tff_sql"))
+  rows.append(
+    dict(
+      measure_load("tff_sql", wl.ensure_tiny_sqlite(tiny, args.workdir, log), tiny.name, args),
+      loader="tff_sql",
+    )
+  )
   return {"prepare_tiny": prepare, "rows": rows, "errors": errors}
 
 
 # --- rounds at 10,000 clients -------------------------------------------------------------
 
+
 def store_build(store: str) -> dict:
   """How the store was prepared (its stamp: command, wall time, peak PSS, 2-worker failure)."""
   with open(store + ".stamp.json", encoding="utf-8") as f:
     stamp = json.load(f)
-  stamp["command"] = " ".join(os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT + "/") else c
-                              for c in stamp["command"])
+  stamp["command"] = " ".join(
+    os.path.relpath(c, wl.ROOT) if c.startswith(wl.ROOT + "/") else c for c in stamp["command"]
+  )
   return stamp
 
 
 def rounds_part(args) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   from bench import bench_loading as bl  # pylint: disable=g-import-not-at-top
   from fedbeam.format.layout import join  # pylint: disable=g-import-not-at-top
   from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
@@ -230,19 +282,24 @@ def rounds_part(args) -> dict:
 
   workload = wl.Workload(num_clients=args.round_clients)
   spec = wl.tff_element_spec()
-  store = wl.ensure_fedbeam_store(workload, "plain", workdir=args.workdir, log=log,
-                                  in_process_fallback=True)
+  store = wl.ensure_fedbeam_store(
+    workload, "plain", workdir=args.workdir, log=log, in_process_fallback=True
+  )
   fedbeam_cd = load_client_data(store)
   metadata = read_metadata(store)
-  store_paths = {row["client_id"]: join(store, row["path"])
-                 for row in read_manifest(store, metadata)}
+  store_paths = {
+    row["client_id"]: join(store, row["path"]) for row in read_manifest(store, metadata)
+  }
   sql = tff.simulation.datasets.load_and_parse_sql_client_data(
-      wl.ensure_tff_sqlite(workload, args.workdir, log), spec)
+    wl.ensure_tff_sqlite(workload, args.workdir, log), spec
+  )
   indexed = tff.simulation.datasets.load_and_parse_sql_client_data(
-      wl.ensure_indexed_sqlite(workload, args.workdir, log), spec)
+    wl.ensure_indexed_sqlite(workload, args.workdir, log), spec
+  )
   per_user = tff.simulation.datasets.FilePerUserClientData(
-      wl.ensure_per_user_files(workload, args.workdir, log),
-      lambda p: tf.data.TFRecordDataset(p).map(bl._parse_one, num_parallel_calls=tf.data.AUTOTUNE))  # pylint: disable=protected-access
+    wl.ensure_per_user_files(workload, args.workdir, log),
+    lambda p: tf.data.TFRecordDataset(p).map(bl._parse_one, num_parallel_calls=tf.data.AUTOTUNE),
+  )  # pylint: disable=protected-access
   b = args.batch_size
   sql_eager = bl.eager_consumer(sql, b)
   k = args.sql_clients
@@ -259,7 +316,8 @@ def rounds_part(args) -> dict:
         return sql_eager(cid)
       return expected(cid)
 
-  contenders = collections.OrderedDict([
+  contenders = collections.OrderedDict(
+    [
       ("fedbeam_eager", bl.eager_consumer(fedbeam_cd, b)),
       ("fedbeam_graph", bl.graph_consumer(fedbeam_cd.serializable_dataset_fn, b)),
       ("fedbeam_tensors", bl.tensors_consumer(fedbeam_cd.client_tensors_fn, b)),
@@ -269,7 +327,8 @@ def rounds_part(args) -> dict:
       ("per_user_eager", bl.eager_consumer(per_user, b)),
       ("per_user_graph", bl.graph_consumer(per_user.serializable_dataset_fn, b)),
       ("limit", bl.limit_consumer(store_paths, b, sliced=False)),
-  ])
+    ]
+  )
   checks = {}
 
   def expected(cid):
@@ -284,62 +343,77 @@ def rounds_part(args) -> dict:
   times["sql_eager"] = [t * args.clients_per_round / k for t in times["sql_eager"]]
   per_round = bl.summarize(times, args.clients_per_round)
   per_round["sql_eager"]["extrapolated_from_clients"] = k
-  return {"clients": workload.num_clients, "examples": workload.num_examples,
-          "workload": workload.size_summary(), "per_round": per_round, "rounds_s": times,
-          "store_build": store_build(store),
-          "loadavg": {"start": list(load), "end": list(os.getloadavg())},
-          "sql_table_bytes": os.path.getsize(wl.tff_sqlite_path(workload, args.workdir))}
+  return {
+    "clients": workload.num_clients,
+    "examples": workload.num_examples,
+    "workload": workload.size_summary(),
+    "per_round": per_round,
+    "rounds_s": times,
+    "store_build": store_build(store),
+    "loadavg": {"start": list(load), "end": list(os.getloadavg())},
+    "sql_table_bytes": os.path.getsize(wl.tff_sqlite_path(workload, args.workdir)),
+  }
 
 
 # --- README -------------------------------------------------------------------------
+
 
 def readme_section(result: dict) -> str:
   lines = [SECTION, ""]
   if "load" in result:
     p = result["load"]["prepare_tiny"]
     lines += [
-        f"**Loading.** Each row loads one store or database in a fresh process (after importing "
-        "TensorFlow, TFF and fedbeam) and measures the time until `client_ids` is ready and the "
-        "RSS growth (after the load; peak sampled every 5 ms), then `create_tf_dataset_for_client` "
-        "for the first and the last client id (median of "
-        f"{result['config']['calls']} calls each) and the `id in client_ids` list scan TFF's "
-        "ClientData classes do before creating a dataset. The "
-        f"{p['clients']:,}-client store holds 1–3 tiny examples per client "
-        f"({p['examples']:,} examples); `fedbeam prepare` built it on 2 workers in "
-        f"{p['pipeline_s']:.1f} s (wall {p['wall_s']:.1f} s, peak PSS {p['peak_pss_mb']:,.0f} MB). "
-        "![load scaling](results/load_scaling.png)", "",
-        "| store | clients | loader | `client_ids` ready s | RSS growth MB | peak growth MB | "
-        "create first id ms | create last id ms | list scan first / last ms |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+      f"**Loading.** Each row loads one store or database in a fresh process (after importing "
+      "TensorFlow, TFF and fedbeam) and measures the time until `client_ids` is ready and the "
+      "RSS growth (after the load; peak sampled every 5 ms), then `create_tf_dataset_for_client` "
+      "for the first and the last client id (median of "
+      f"{result['config']['calls']} calls each) and the `id in client_ids` list scan TFF's "
+      "ClientData classes do before creating a dataset. The "
+      f"{p['clients']:,}-client store holds 1–3 tiny examples per client "
+      f"({p['examples']:,} examples); `fedbeam prepare` built it on 2 workers in "
+      f"{p['pipeline_s']:.1f} s (wall {p['wall_s']:.1f} s, peak PSS {p['peak_pss_mb']:,.0f} MB). "
+      "![load scaling](results/load_scaling.png)",
+      "",
+      "| store | clients | loader | `client_ids` ready s | RSS growth MB | peak growth MB | "
+      "create first id ms | create last id ms | list scan first / last ms |",
+      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    names = {"fedbeam": "fedbeam `load_client_data`",
-             "tff_sql": "TFF `load_and_parse_sql_client_data`"}
+    names = {
+      "fedbeam": "fedbeam `load_client_data`",
+      "tff_sql": "TFF `load_and_parse_sql_client_data`",
+    }
     for r in result["load"]["rows"]:
       lines.append(
-          f"| {r['store']} | {r['clients']:,} | {names[r['loader']]} | {r['load_s']:.3f} | "
-          f"{r['rss_growth_mb']:.1f} | {r['peak_rss_growth_mb']:.1f} | "
-          f"{r['create_first_ms']:.3f} | {r['create_last_ms']:.3f} | "
-          f"{r['list_scan_first_ms']:.4f} / {r['list_scan_last_ms']:.3f} |")
+        f"| {r['store']} | {r['clients']:,} | {names[r['loader']]} | {r['load_s']:.3f} | "
+        f"{r['rss_growth_mb']:.1f} | {r['peak_rss_growth_mb']:.1f} | "
+        f"{r['create_first_ms']:.3f} | {r['create_last_ms']:.3f} | "
+        f"{r['list_scan_first_ms']:.4f} / {r['list_scan_last_ms']:.3f} |"
+      )
     lines.append("")
   if "rounds_error" in result:
-    lines += [f"**Per-round reading at {result['config']['round_clients']:,} clients**: not "
-              f"measured ({result['rounds_error']}).", ""]
+    lines += [
+      f"**Per-round reading at {result['config']['round_clients']:,} clients**: not "
+      f"measured ({result['rounds_error']}).",
+      "",
+    ]
   if "rounds" in result:
     r = result["rounds"]
     lines += [
-        f"**Per-round reading at {r['clients']:,} clients** ({r['examples']:,} examples; TFF's "
-        f"database {r['sql_table_bytes'] / 2 ** 30:.1f} GiB): the Client loading rows, "
-        f"{result['config']['clients_per_round']} sampled clients per round, "
-        f"{result['config']['rounds']} rounds after a warm-up. The unindexed-SQLite row read "
-        f"the first {r['per_round']['sql_eager']['extrapolated_from_clients']} clients of each "
-        "round; its time is scaled to the whole round (extrapolated). "
-        + _store_note(r.get("store_build")) +
-        "![round scaling](results/round_scaling.png)", "",
-        "| reader | median s/round | min–max s/round | ms/client | at 1,000 clients ms/client | "
-        "growth |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+      f"**Per-round reading at {r['clients']:,} clients** ({r['examples']:,} examples; TFF's "
+      f"database {r['sql_table_bytes'] / 2**30:.1f} GiB): the Client loading rows, "
+      f"{result['config']['clients_per_round']} sampled clients per round, "
+      f"{result['config']['rounds']} rounds after a warm-up. The unindexed-SQLite row read "
+      f"the first {r['per_round']['sql_eager']['extrapolated_from_clients']} clients of each "
+      "round; its time is scaled to the whole round (extrapolated). "
+      + _store_note(r.get("store_build"))
+      + "![round scaling](results/round_scaling.png)",
+      "",
+      "| reader | median s/round | min–max s/round | ms/client | at 1,000 clients ms/client | "
+      "growth |",
+      "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     from bench.bench_loading import LABELS  # pylint: disable=g-import-not-at-top
+
     small = ((wl.read_json("loading.json") or {}).get("loading") or {}).get("per_round", {})
     for name, s in r["per_round"].items():
       who, how = LABELS[name]
@@ -348,25 +422,39 @@ def readme_section(result: dict) -> str:
       at1k_text = "" if at1k is None else f"{at1k:.2f}"
       growth = "" if at1k is None else f"{s['ms_per_client'] / at1k:.2f}x"
       lines.append(
-          f"| {who}, {how.split(':')[0]}{extra} | {s['median_s']:.3f} | "
-          f"{s['min_s']:.3f}–{s['max_s']:.3f} | {s['ms_per_client']:.2f} | {at1k_text} | "
-          f"{growth} |")
+        f"| {who}, {how.split(':')[0]}{extra} | {s['median_s']:.3f} | "
+        f"{s['min_s']:.3f}–{s['max_s']:.3f} | {s['ms_per_client']:.2f} | {at1k_text} | "
+        f"{growth} |"
+      )
     lines.append("")
-  lines += ["Command (from the repository root):", "", "```sh", result["command"], "```", "",
-            wl.machine_line(result["machine"], result["versions"]),
-            f"Raw numbers: `bench/results/{RESULT_FILE}`.", ""]
+  lines += [
+    "Command (from the repository root):",
+    "",
+    "```sh",
+    result["command"],
+    "```",
+    "",
+    wl.machine_line(result["machine"], result["versions"]),
+    f"Raw numbers: `bench/results/{RESULT_FILE}`.",
+    "",
+  ]
   return "\n".join(lines)
 
 
 def _store_note(build) -> str:
   if not build:
     return ""
-  how = "on the in-process runner" if "direct_num_workers" not in build["command"] else "on 2 workers"
-  note = (f"The fedbeam store was prepared {how} in {build['wall_s']:.0f} s (peak PSS "
-          f"{build['peak_pss_mb']:,.0f} MB)")
+  how = (
+    "on the in-process runner" if "direct_num_workers" not in build["command"] else "on 2 workers"
+  )
+  note = (
+    f"The fedbeam store was prepared {how} in {build['wall_s']:.0f} s (peak PSS "
+    f"{build['peak_pss_mb']:,.0f} MB)"
+  )
   if build.get("two_worker_failure"):
-    note += (" after the 2-worker run failed: " + build["two_worker_failure"].split(", log ")[0]
-             .replace("2 workers: ", ""))
+    note += " after the 2-worker run failed: " + build["two_worker_failure"].split(", log ")[
+      0
+    ].replace("2 workers: ", "")
   return note + ". "
 
 
@@ -376,15 +464,24 @@ def main(argv=None) -> int:
   if args.worker:
     return load_worker(args)
   from fedbeam.runtime.tff_worker import stop_tff_workers  # pylint: disable=g-import-not-at-top
+
   mach = wl.machine()
   parts = set(args.parts.split(","))
-  result = {"benchmark": "scaling of loading and per-round reading",
-            "command": wl.command_line("bench.bench_scale", argv),
-            "config": {"tiny_clients": args.tiny_clients, "round_clients": args.round_clients,
-                       "rounds": args.rounds, "clients_per_round": args.clients_per_round,
-                       "sql_clients": args.sql_clients, "batch_size": args.batch_size,
-                       "calls": args.calls, "quick": args.quick},
-            "machine": mach}
+  result = {
+    "benchmark": "scaling of loading and per-round reading",
+    "command": wl.command_line("bench.bench_scale", argv),
+    "config": {
+      "tiny_clients": args.tiny_clients,
+      "round_clients": args.round_clients,
+      "rounds": args.rounds,
+      "clients_per_round": args.clients_per_round,
+      "sql_clients": args.sql_clients,
+      "batch_size": args.batch_size,
+      "calls": args.calls,
+      "quick": args.quick,
+    },
+    "machine": mach,
+  }
   try:
     if "load" in parts:
       result["load"] = load_part(args)

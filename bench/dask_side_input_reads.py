@@ -52,30 +52,60 @@ def traced_run(runner: str, workdir: str) -> dict:
   out = os.path.join(base, f"store-{runner}")
   shutil.rmtree(out, ignore_errors=True)
   trace = os.path.join(base, f"{runner}.trace")
-  cmd = ["strace", "-f", "--seccomp-bpf", "-e", "trace=openat,rename,renameat,renameat2", "-o",
-         trace, wl.PYTHON, "-m", "bench.bench_dask", "--worker", runner, "--input", pattern,
-         "--output", out, "--result", out + ".json"]
+  cmd = [
+    "strace",
+    "-f",
+    "--seccomp-bpf",
+    "-e",
+    "trace=openat,rename,renameat,renameat2",
+    "-o",
+    trace,
+    wl.PYTHON,
+    "-m",
+    "bench.bench_dask",
+    "--worker",
+    runner,
+    "--input",
+    pattern,
+    "--output",
+    out,
+    "--result",
+    out + ".json",
+  ]
   run = bench_before_after.run_timed(cmd, os.path.join(base, f"{runner}.log"), wl.ROOT)
   if run["returncode"] != 0:
     raise SystemExit(f"{runner} run failed (exit {run['returncode']}); see {run['log']}")
   with open(trace, encoding="utf-8", errors="replace") as f:
     text = f.read()
-  opens = {os.path.basename(p): len(re.findall(rf'openat\([^"]*"{re.escape(p)}", O_RDONLY', text))
-           for p in sorted(glob.glob(pattern))}
-  creates = len(re.findall(
-      rf'openat\([^"]*"{re.escape(out)}/[^"]*\.tmp-[0-9a-f]+", O_WRONLY\|O_CREAT', text))
-  renamed = collections.Counter(re.findall(
-      rf'rename\w*\([^"]*"{re.escape(out)}/[^"]*\.tmp-[0-9a-f]+"[^"]*"([^"]+\.tfrecord)"', text))
+  opens = {
+    os.path.basename(p): len(re.findall(rf'openat\([^"]*"{re.escape(p)}", O_RDONLY', text))
+    for p in sorted(glob.glob(pattern))
+  }
+  creates = len(
+    re.findall(rf'openat\([^"]*"{re.escape(out)}/[^"]*\.tmp-[0-9a-f]+", O_WRONLY\|O_CREAT', text)
+  )
+  renamed = collections.Counter(
+    re.findall(
+      rf'rename\w*\([^"]*"{re.escape(out)}/[^"]*\.tmp-[0-9a-f]+"[^"]*"([^"]+\.tfrecord)"', text
+    )
+  )
   with open(out + ".json", encoding="utf-8") as f:
     res = json.load(f)
   os.remove(trace)  # Hundreds of MB; the counts are what is kept.
   shutil.rmtree(out, ignore_errors=True)
-  return {"runner": runner, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
-          "pipeline_s": res["seconds"], "clients": res["clients"], "input_opens": opens,
-          "tmp_file_creates_under_store": creates,
-          "writes_per_client_file": {str(k): v for k, v in
-                                     sorted(collections.Counter(renamed.values()).items())},
-          "loadavg_after": list(os.getloadavg())}
+  return {
+    "runner": runner,
+    "wall_s": run["wall_s"],
+    "cpu_s": run["cpu_s"],
+    "pipeline_s": res["seconds"],
+    "clients": res["clients"],
+    "input_opens": opens,
+    "tmp_file_creates_under_store": creates,
+    "writes_per_client_file": {
+      str(k): v for k, v in sorted(collections.Counter(renamed.values()).items())
+    },
+    "loadavg_after": list(os.getloadavg()),
+  }
 
 
 def main(argv=None) -> int:
@@ -87,10 +117,16 @@ def main(argv=None) -> int:
     runs[runner] = traced_run(runner, args.workdir)
     print(json.dumps(runs[runner]), flush=True)
   if not args.no_write:
-    wl.write_json("dask_reads.json", {
+    wl.write_json(
+      "dask_reads.json",
+      {
         "benchmark": "input opens and client-file writes of one prepare run, per runner",
-        "command": wl.command_line("bench.dask_side_input_reads", argv), "runs": runs,
-        "machine": wl.machine(), "versions": wl.versions()})
+        "command": wl.command_line("bench.dask_side_input_reads", argv),
+        "runs": runs,
+        "machine": wl.machine(),
+        "versions": wl.versions(),
+      },
+    )
   return 0
 
 

@@ -48,11 +48,14 @@ IMAGE = 28
 def features_dict():
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.features.FeaturesDict({
+
+  return tfds.features.FeaturesDict(
+    {
       "client_id": tfds.features.Tensor(shape=(), dtype=np.str_),
       "label": tfds.features.Scalar(np.int32),
       "pixels": tfds.features.Tensor(shape=(IMAGE, IMAGE), dtype=np.float32),
-  })
+    }
+  )
 
 
 def to_tfds_example(record: bytes) -> dict:
@@ -63,12 +66,14 @@ def to_tfds_example(record: bytes) -> dict:
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   f = tf.train.Example.FromString(record).features.feature
   return {
-      "client_id": tf.constant(f["client_id"].bytes_list.value[0]),
-      "label": tf.constant(f["label"].int64_list.value[0], tf.int32),
-      "pixels": tf.constant(np.asarray(f["pixels"].float_list.value, np.float32)
-                            .reshape(IMAGE, IMAGE)),
+    "client_id": tf.constant(f["client_id"].bytes_list.value[0]),
+    "label": tf.constant(f["label"].int64_list.value[0], tf.int32),
+    "pixels": tf.constant(
+      np.asarray(f["pixels"].float_list.value, np.float32).reshape(IMAGE, IMAGE)
+    ),
   }
 
 
@@ -87,18 +92,27 @@ def run_write(args, beam_args) -> dict:
   os.makedirs(os.path.dirname(args.output), exist_ok=True)
   start = time.perf_counter()
   with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions(beam_args)) as root:
-    examples = (root
-                | "ReadTFRecord" >> beam.io.ReadFromTFRecord(args.input)
-                | "ToTfdsExample" >> beam.Map(to_tfds_example))
+    examples = (
+      root
+      | "ReadTFRecord" >> beam.io.ReadFromTFRecord(args.input)
+      | "ToTfdsExample" >> beam.Map(to_tfds_example)
+    )
     keyed = dsg.beam.to_keyed_sequence_examples(examples, get_key, fd)
-    _ = (keyed
-         | "RemoveKey" >> beam.Map(lambda x: x[1])
-         | "WriteTFRecords" >> beam.io.tfrecordio.WriteToTFRecord(
-             args.output, coder=beam.coders.ProtoCoder(tf.train.SequenceExample)))
+    _ = (
+      keyed
+      | "RemoveKey" >> beam.Map(lambda x: x[1])
+      | "WriteTFRecords"
+      >> beam.io.tfrecordio.WriteToTFRecord(
+        args.output, coder=beam.coders.ProtoCoder(tf.train.SequenceExample)
+      )
+    )
   seconds = time.perf_counter() - start
   files = tf.io.gfile.glob(args.output + "*")
-  return {"seconds": seconds, "files": len(files),
-          "bytes": sum(tf.io.gfile.stat(f).length for f in files)}
+  return {
+    "seconds": seconds,
+    "files": len(files),
+    "bytes": sum(tf.io.gfile.stat(f).length for f in files),
+  }
 
 
 def run_stream(args) -> dict:
@@ -122,13 +136,22 @@ def run_stream(args) -> dict:
   def graph_pass(limit):
     def per_group(acc, group):
       n, s = group.batch(args.batch_size).reduce(
-          (tf.constant(0, tf.int64), tf.constant(0.0)),
-          lambda a, b: (a[0] + tf.cast(tf.shape(b["label"])[0], tf.int64),
-                        a[1] + tf.reduce_sum(b["pixels"])))
+        (tf.constant(0, tf.int64), tf.constant(0.0)),
+        lambda a, b: (
+          a[0] + tf.cast(tf.shape(b["label"])[0], tf.int64),
+          a[1] + tf.reduce_sum(b["pixels"]),
+        ),
+      )
       return acc[0] + 1, acc[1] + n, acc[2] + tf.cast(s, tf.float64)
-    return pds.build_group_stream().take(limit).reduce(
+
+    return (
+      pds.build_group_stream()
+      .take(limit)
+      .reduce(
         (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(0.0, tf.float64)),
-        per_group)
+        per_group,
+      )
+    )
 
   def graph(limit=-1):
     g, n, s = graph_pass(tf.constant(limit, tf.int64))
@@ -143,12 +166,21 @@ def run_stream(args) -> dict:
       counts = fn()
       seconds.append(time.perf_counter() - start)
     groups, examples, total = counts
-    out[name] = {"seconds": seconds, "median_s": statistics.median(seconds),
-                 "min_s": min(seconds), "max_s": max(seconds), "groups": groups,
-                 "examples": examples, "pixel_sum": total,
-                 "ms_per_group": 1000 * statistics.median(seconds) / groups}
-    print(f"{name}: {groups} groups, {examples} examples, median "
-          f"{out[name]['ms_per_group']:.2f} ms/group", flush=True)
+    out[name] = {
+      "seconds": seconds,
+      "median_s": statistics.median(seconds),
+      "min_s": min(seconds),
+      "max_s": max(seconds),
+      "groups": groups,
+      "examples": examples,
+      "pixel_sum": total,
+      "ms_per_group": 1000 * statistics.median(seconds) / groups,
+    }
+    print(
+      f"{name}: {groups} groups, {examples} examples, median "
+      f"{out[name]['ms_per_group']:.2f} ms/group",
+      flush=True,
+    )
   return out
 
 
@@ -156,8 +188,13 @@ def versions() -> dict:
   import apache_beam  # pylint: disable=g-import-not-at-top
   import dataset_grouper  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return {"python": platform.python_version(), "dataset_grouper": dataset_grouper.__version__,
-          "tensorflow": tf.__version__, "apache_beam": apache_beam.__version__}
+
+  return {
+    "python": platform.python_version(),
+    "dataset_grouper": dataset_grouper.__version__,
+    "tensorflow": tf.__version__,
+    "apache_beam": apache_beam.__version__,
+  }
 
 
 def main(argv=None) -> int:

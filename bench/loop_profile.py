@@ -28,7 +28,7 @@ def _drain(dataset: tf.data.Dataset) -> tf.Tensor:
 
 
 def measure_input_and_compute(
-    loop: SimulationLoop, round_num: Optional[int] = None
+  loop: SimulationLoop, round_num: Optional[int] = None
 ) -> dict[str, float]:
   """Splits a round's client time into input and compute.
 
@@ -74,8 +74,8 @@ def measure_input_and_compute(
     compute_seconds += in_memory
     input_seconds += max(fresh - in_memory, 0.0)
   return {
-      "input_seconds": input_seconds,
-      "compute_seconds": compute_seconds,
-      "produce_seconds": produce_seconds,
-      "num_clients": float(len(client_ids)),
+    "input_seconds": input_seconds,
+    "compute_seconds": compute_seconds,
+    "produce_seconds": produce_seconds,
+    "num_clients": float(len(client_ids)),
   }

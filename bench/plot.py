@@ -43,9 +43,14 @@ def _bars(ax, rows: dict, key: str, title: str, xlabel: str, scale: float = 1.0)
   lo = [rows[n].get("min_s", rows[n][key]) * scale for n in names] if key == "median_s" else med
   hi = [rows[n].get("max_s", rows[n][key]) * scale for n in names] if key == "median_s" else med
   y = range(len(names))
-  ax.barh(list(y), med, color=[_color(n) for n in names],
-          xerr=[[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]],
-          capsize=2, error_kw={"lw": 0.8})
+  ax.barh(
+    list(y),
+    med,
+    color=[_color(n) for n in names],
+    xerr=[[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]],
+    capsize=2,
+    error_kw={"lw": 0.8},
+  )
   ax.set_yticks(list(y))
   ax.set_yticklabels([_label(n) for n in names], fontsize=8)
   ax.invert_yaxis()
@@ -71,19 +76,38 @@ def _log_log(axes_and_labels, xlabel: str) -> None:
 def per_round_chart(plt, loading: dict, out: str) -> None:
   panels = []
   if "loading" in loading:
-    panels.append(("loading", "median_s", "Consuming 50 sampled clients (1,000 clients)",
-                   "seconds per round (log)", 1.0))
+    panels.append(
+      (
+        "loading",
+        "median_s",
+        "Consuming 50 sampled clients (1,000 clients)",
+        "seconds per round (log)",
+        1.0,
+      )
+    )
   if "expansion" in loading:
-    panels.append(("expansion", "median_s", "3x expansion: precomputed vs on the fly",
-                   "seconds per round (log)", 1.0))
+    panels.append(
+      (
+        "expansion",
+        "median_s",
+        "3x expansion: precomputed vs on the fly",
+        "seconds per round (log)",
+        1.0,
+      )
+    )
   if "streaming" in loading:
-    panels.append(("streaming", "ms_per_client", "Streaming every client once",
-                   "ms per client (log)", 1.0))
+    panels.append(
+      ("streaming", "ms_per_client", "Streaming every client once", "ms per client (log)", 1.0)
+    )
   if not panels:
     return
   heights = [len(loading[p[0]].get("per_round", loading[p[0]].get("per_pass"))) for p in panels]
-  fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.2 + 0.32 * sum(heights) + 0.6 * len(panels)),
-                           gridspec_kw={"height_ratios": heights})
+  fig, axes = plt.subplots(
+    len(panels),
+    1,
+    figsize=(9, 1.2 + 0.32 * sum(heights) + 0.6 * len(panels)),
+    gridspec_kw={"height_ratios": heights},
+  )
   if len(panels) == 1:
     axes = [axes]
   for ax, (part, key, title, xlabel, scale) in zip(axes, panels):
@@ -105,16 +129,23 @@ def round_scaling_chart(plt, loading: dict, scale: dict, out: str) -> None:
   markers = "osD^v<>ph*"
   for i, name in enumerate(n for n in big if n in small):
     style = "--" if "extrapolated_from_clients" in big[name] else "-"
-    ax.plot([n_small, n_big], [small[name]["ms_per_client"], big[name]["ms_per_client"]],
-            style, marker=markers[i % len(markers)], color=_color(name), alpha=0.85,
-            label=_label(name) + (" (extrapolated)" if style == "--" else ""))
+    ax.plot(
+      [n_small, n_big],
+      [small[name]["ms_per_client"], big[name]["ms_per_client"]],
+      style,
+      marker=markers[i % len(markers)],
+      color=_color(name),
+      alpha=0.85,
+      label=_label(name) + (" (extrapolated)" if style == "--" else ""),
+    )
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   ax.set_xlabel("clients in the dataset (log)")
   ax.set_ylabel("ms per sampled client (median round / 50, log)")
-  ax.set_title("Per-round reading vs dataset size (blue: fedbeam, red: TFF, grey: limit)",
-               fontsize=10)
+  ax.set_title(
+    "Per-round reading vs dataset size (blue: fedbeam, red: TFF, grey: limit)", fontsize=10
+  )
   ax.grid(which="both", alpha=0.3)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
@@ -131,14 +162,16 @@ def load_scaling_chart(plt, scale: dict, out: str) -> None:
     if not pts:
       continue
     xs = [p[0] for p in pts]
-    label = "fedbeam load_client_data" if loader == "fedbeam" else "TFF load_and_parse_sql_client_data"
+    label = (
+      "fedbeam load_client_data" if loader == "fedbeam" else "TFF load_and_parse_sql_client_data"
+    )
     a.plot(xs, [p[1]["load_s"] for p in pts], marker="o", color=color, label=label)
-    b.plot(xs, [max(p[1]["peak_rss_growth_mb"], 0.1) for p in pts], marker="o", color=color,
-           label=label)
+    b.plot(
+      xs, [max(p[1]["peak_rss_growth_mb"], 0.1) for p in pts], marker="o", color=color, label=label
+    )
   a.axhline(1.0, color="k", lw=0.8, ls=":", label="target: 1 s")
   b.axhline(200, color="k", lw=0.8, ls=":", label="target: 200 MB")
-  _log_log(((a, "seconds until client_ids is ready"), (b, "peak RSS growth, MB")),
-           "clients (log)")
+  _log_log(((a, "seconds until client_ids is ready"), (b, "peak RSS growth, MB")), "clients (log)")
   fig.suptitle("Loading a dataset vs number of clients", fontsize=10)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
@@ -155,21 +188,39 @@ def pipeline_chart(plt, pipeline: dict, out: str) -> None:
   if not names:
     return
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-  palette = {"fedbeam_full": "#1f77b4", "fedbeam_group": "#17becf", "plain_beam": "#ff7f0e",
-             "plain_beam_tuned": "#e7ba52", "grouper": "#9467bd", "tff_sqlite": "#d62728"}
+  palette = {
+    "fedbeam_full": "#1f77b4",
+    "fedbeam_group": "#17becf",
+    "plain_beam": "#ff7f0e",
+    "plain_beam_tuned": "#e7ba52",
+    "grouper": "#9467bd",
+    "tff_sqlite": "#d62728",
+  }
   for name in names:
-    pts = sorted((r["input_examples"], r) for k, r in rows.items()
-                 if k.split("@")[0] == name and "pipeline_s" in r)
+    pts = sorted(
+      (r["input_examples"], r)
+      for k, r in rows.items()
+      if k.split("@")[0] == name and "pipeline_s" in r
+    )
     if not pts:
       continue
     xs = [p[0] for p in pts]
     a.plot(xs, [p[1]["pipeline_s"] for p in pts], marker="o", label=name, color=palette.get(name))
-    b.plot(xs, [p[1].get("peak_pss_mb", p[1]["peak_rss_mb"]) / 1024 for p in pts], marker="o",
-           label=name, color=palette.get(name))
-  _log_log(((a, "pipeline seconds"), (b, "peak PSS of the process tree, GiB")),
-           "input examples (log)")
-  fig.suptitle("Building client datasets: 1x, 3x and 10x data (Beam: 2 worker processes; "
-               "missing points: the run did not complete)", fontsize=10)
+    b.plot(
+      xs,
+      [p[1].get("peak_pss_mb", p[1]["peak_rss_mb"]) / 1024 for p in pts],
+      marker="o",
+      label=name,
+      color=palette.get(name),
+    )
+  _log_log(
+    ((a, "pipeline seconds"), (b, "peak PSS of the process tree, GiB")), "input examples (log)"
+  )
+  fig.suptitle(
+    "Building client datasets: 1x, 3x and 10x data (Beam: 2 worker processes; "
+    "missing points: the run did not complete)",
+    fontsize=10,
+  )
   fig.tight_layout()
   fig.savefig(out, dpi=110)
   plt.close(fig)
@@ -178,8 +229,10 @@ def pipeline_chart(plt, pipeline: dict, out: str) -> None:
 def main(argv=None) -> int:
   del argv
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   loading = wl.read_json("loading.json") or {}
   scale = wl.read_json("scale.json") or {}
   pipeline = wl.read_json("pipeline.json") or {}

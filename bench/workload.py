@@ -60,8 +60,10 @@ IMAGE = 28
 SIGMA = 1.25
 # The local Beam runner every pipeline benchmark uses: two worker processes.
 BEAM_LOCAL_ARGS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
-ELEMENT_SPEC_JSON = {"label": {"dtype": "int32", "shape": []},
-                     "pixels": {"dtype": "float32", "shape": [IMAGE, IMAGE]}}
+ELEMENT_SPEC_JSON = {
+  "label": {"dtype": "int32", "shape": []},
+  "pixels": {"dtype": "float32", "shape": [IMAGE, IMAGE]},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,7 @@ class Workload:
   def sizes(self) -> dict[str, int]:
     """Client id -> number of examples (lognormal, at least 1)."""
     rng = np.random.default_rng([self.seed, 0xC11E])
-    mu = np.log(self.mean_examples) - SIGMA ** 2 / 2
+    mu = np.log(self.mean_examples) - SIGMA**2 / 2
     n = np.maximum(1, np.round(rng.lognormal(mu, SIGMA, size=self.num_clients))).astype(int)
     suffix = rng.integers(10, 99, size=self.num_clients)
     return {f"f{i:05d}_{int(s)}": int(k) for i, (k, s) in enumerate(zip(n, suffix))}
@@ -95,11 +97,17 @@ class Workload:
 
   def size_summary(self) -> dict[str, float]:
     v = sorted(self.sizes.values())
-    return {"clients": len(v), "examples": int(sum(v)), "min": v[0],
-            "median": statistics.median(v), "mean": sum(v) / len(v),
-            "p99": v[min(len(v) - 1, int(0.99 * len(v)))], "max": v[-1],
-            "clients_with_1": sum(1 for x in v if x == 1),
-            "clients_over_1000": sum(1 for x in v if x > 1000)}
+    return {
+      "clients": len(v),
+      "examples": int(sum(v)),
+      "min": v[0],
+      "median": statistics.median(v),
+      "mean": sum(v) / len(v),
+      "p99": v[min(len(v) - 1, int(0.99 * len(v)))],
+      "max": v[-1],
+      "clients_with_1": sum(1 for x in v if x == 1),
+      "clients_over_1000": sum(1 for x in v if x > 1000),
+    }
 
   def client_arrays(self, client_id: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels int32[n], pixels float32[n, 28, 28]) of one client."""
@@ -146,16 +154,17 @@ _CLIENT_ID_JSON = {"client_id": {"dtype": "string", "shape": []}}
 @functools.lru_cache(maxsize=None)
 def _example_spec(features_json: str, with_id: bool):
   from fedbeam.format.spec import ElementSpec  # pylint: disable=g-import-not-at-top
+
   features = json.loads(features_json)
   return ElementSpec.from_json({**_CLIENT_ID_JSON, **features} if with_id else features)
 
 
-def encode_client(columns: dict, features_json: dict, client_id: str, with_id: bool
-                  ) -> list[bytes]:
+def encode_client(columns: dict, features_json: dict, client_id: str, with_id: bool) -> list[bytes]:
   """A client's examples (`columns`: feature -> values stacked on axis 0) as serialized
   `tf.train.Example`s, with a `client_id` feature when `with_id`; protobuf's
   deterministic bytes (fedbeam.format.codec.encode_examples)."""
   from fedbeam.format.codec import encode_examples  # pylint: disable=g-import-not-at-top
+
   n = len(next(iter(columns.values())))
   if with_id:
     columns = dict(columns, client_id=np.array([client_id.encode("utf-8")] * n, dtype=object))
@@ -168,6 +177,7 @@ def client_records(workload: Workload, client_id: str, with_id: bool) -> list[by
 
 
 # --- cached artifacts ----------------------------------------------------------------
+
 
 def workload_dir(workload: Workload, workdir: str = DEFAULT_WORKDIR) -> str:
   return os.path.join(workdir, workload.name)
@@ -197,6 +207,7 @@ def ensure_input(workload: Workload, workdir: str = DEFAULT_WORKDIR, log=print) 
   interleaved in a seeded random order (raw data is not grouped by client).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   directory = os.path.join(workload_dir(workload, workdir), "input")
   if _done(directory):
     return input_pattern(workload, workdir)
@@ -210,13 +221,19 @@ def ensure_input(workload: Workload, workdir: str = DEFAULT_WORKDIR, log=print) 
     for cid in ids[k::count]:
       records.extend(client_records(workload, cid, with_id=True))
     order = np.random.default_rng([workload.seed, 0xF11E, k]).permutation(len(records))
-    with tf.io.TFRecordWriter(os.path.join(directory, f"part-{k:05d}-of-{count:05d}.tfrecord")) as w:
+    with tf.io.TFRecordWriter(
+      os.path.join(directory, f"part-{k:05d}-of-{count:05d}.tfrecord")
+    ) as w:
       for j in order:
         w.write(records[j])
-  _mark_done(directory, {"files": count, "examples": workload.num_examples,
-                         "seconds": time.perf_counter() - start})
-  log(f"workload {workload.name}: wrote {count} input files, {workload.num_examples} examples "
-      f"in {time.perf_counter() - start:.1f} s")
+  _mark_done(
+    directory,
+    {"files": count, "examples": workload.num_examples, "seconds": time.perf_counter() - start},
+  )
+  log(
+    f"workload {workload.name}: wrote {count} input files, {workload.num_examples} examples "
+    f"in {time.perf_counter() - start:.1f} s"
+  )
   return input_pattern(workload, workdir)
 
 
@@ -230,9 +247,12 @@ def element_spec_file(workdir: str = DEFAULT_WORKDIR) -> str:
 
 def tff_element_spec():
   import collections  # pylint: disable=g-import-not-at-top
+
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return collections.OrderedDict(label=tf.TensorSpec([], tf.int32),
-                                 pixels=tf.TensorSpec([IMAGE, IMAGE], tf.float32))
+
+  return collections.OrderedDict(
+    label=tf.TensorSpec([], tf.int32), pixels=tf.TensorSpec([IMAGE, IMAGE], tf.float32)
+  )
 
 
 def tff_sqlite_path(workload: Workload, workdir: str = DEFAULT_WORKDIR) -> str:
@@ -245,8 +265,10 @@ def write_tff_sqlite(workload: Workload, path: str) -> dict:
   Returns {"seconds": time inside save_to_sql_client_data, "examples": n}.
   """
   import collections  # pylint: disable=g-import-not-at-top
+
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   arrays = {cid: workload.client_arrays(cid) for cid in workload.client_ids}
 
   def dataset_fn(cid):
@@ -282,14 +304,21 @@ def write_tff_format_sqlite(path: str, clients: Iterable[tuple[str, list[bytes]]
            split_name TEXT NOT NULL,
            num_examples INTEGER NOT NULL);""")
     for cid, records in clients:
-      con.executemany("INSERT INTO examples (split_name, client_id, serialized_example_proto) "
-                      "VALUES (?, ?, ?);", [("default_split", cid, r) for r in records])
-      con.execute("INSERT INTO client_metadata (client_id, split_name, num_examples) "
-                  "VALUES (?, ?, ?);", (cid, "default_split", len(records)))
+      con.executemany(
+        "INSERT INTO examples (split_name, client_id, serialized_example_proto) VALUES (?, ?, ?);",
+        [("default_split", cid, r) for r in records],
+      )
+      con.execute(
+        "INSERT INTO client_metadata (client_id, split_name, num_examples) VALUES (?, ?, ?);",
+        (cid, "default_split", len(records)),
+      )
       examples += len(records)
   con.close()
-  return {"seconds": time.perf_counter() - start, "examples": examples,
-          "writer": "bench.workload.write_tff_format_sqlite"}
+  return {
+    "seconds": time.perf_counter() - start,
+    "examples": examples,
+    "writer": "bench.workload.write_tff_format_sqlite",
+  }
 
 
 def write_tff_sqlite_direct(workload: Workload, path: str) -> dict:
@@ -299,7 +328,8 @@ def write_tff_sqlite_direct(workload: Workload, path: str) -> dict:
   times TFF's writer), without TFF's per-element Python serialization.
   """
   return write_tff_format_sqlite(
-      path, ((cid, client_records(workload, cid, with_id=False)) for cid in workload.client_ids))
+    path, ((cid, client_records(workload, cid, with_id=False)) for cid in workload.client_ids)
+  )
 
 
 def ensure_tff_sqlite(workload: Workload, workdir: str = DEFAULT_WORKDIR, log=print) -> str:
@@ -329,6 +359,7 @@ def ensure_indexed_sqlite(workload: Workload, workdir: str = DEFAULT_WORKDIR, lo
 def ensure_per_user_files(workload: Workload, workdir: str = DEFAULT_WORKDIR, log=print) -> dict:
   """One TFRecord file per client (FLAIR's layout); returns {client id: path}."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   directory = os.path.join(workload_dir(workload, workdir), "per-user")
   paths = {cid: os.path.join(directory, f"{cid}.tfrecord") for cid in workload.client_ids}
   if _done(directory):
@@ -347,12 +378,15 @@ def ensure_per_user_files(workload: Workload, workdir: str = DEFAULT_WORKDIR, lo
 
 # --- fedbeam stores ---------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def fedbeam_source_digest() -> str:
   """SHA-256 over fedbeam's Python sources and schemas: a cached store is reused only if equal."""
   h = hashlib.sha256()
-  files = sorted(glob.glob(os.path.join(ROOT, "fedbeam", "**", "*.py"), recursive=True) +
-                 glob.glob(os.path.join(ROOT, "schemas", "*")))
+  files = sorted(
+    glob.glob(os.path.join(ROOT, "fedbeam", "**", "*.py"), recursive=True)
+    + glob.glob(os.path.join(ROOT, "schemas", "*"))
+  )
   for path in files:
     h.update(os.path.relpath(path, ROOT).encode())
     with open(path, "rb") as f:
@@ -373,17 +407,37 @@ def stamp_store(store: str, info: dict) -> None:
     json.dump({**info, "fedbeam_source_digest": fedbeam_source_digest()}, f, indent=2)
 
 
-def prepare_command(input_glob: str, output: str, spec_file: str, extra: Iterable[str] = ()
-                    ) -> list[str]:
+def prepare_command(
+  input_glob: str, output: str, spec_file: str, extra: Iterable[str] = ()
+) -> list[str]:
   """`fedbeam prepare` of the workload's TFRecord input on the local runner, 2 workers."""
-  return [FEDBEAM, "prepare", "--input", input_glob, "--input-format", "tfrecord",
-          "--client-id-key", "client_id", "--element-spec", spec_file, "--output", output,
-          "--overwrite", *extra, *BEAM_LOCAL_ARGS]
+  return [
+    FEDBEAM,
+    "prepare",
+    "--input",
+    input_glob,
+    "--input-format",
+    "tfrecord",
+    "--client-id-key",
+    "client_id",
+    "--element-spec",
+    spec_file,
+    "--output",
+    output,
+    "--overwrite",
+    *extra,
+    *BEAM_LOCAL_ARGS,
+  ]
 
 
-def ensure_fedbeam_store(workload: Workload, name: str, extra: Iterable[str] = (),
-                         workdir: str = DEFAULT_WORKDIR, log=print,
-                         in_process_fallback: bool = False) -> str:
+def ensure_fedbeam_store(
+  workload: Workload,
+  name: str,
+  extra: Iterable[str] = (),
+  workdir: str = DEFAULT_WORKDIR,
+  log=print,
+  in_process_fallback: bool = False,
+) -> str:
   """A store of the workload prepared by `fedbeam prepare` (reused while fedbeam is unchanged).
 
   Prepared on 2 worker processes; with `in_process_fallback`, a failed run is
@@ -403,20 +457,34 @@ def ensure_fedbeam_store(workload: Workload, name: str, extra: Iterable[str] = (
     os.replace(logf, failed)
     with open(failed, encoding="utf-8", errors="replace") as f:
       errors = [l.strip() for l in f if l.startswith("fedbeam prepare: error")]
-    note = (f"2 workers: exit {run['returncode']}"
-            + (f" ({errors[-1]})" if errors else "") + f", log {os.path.relpath(failed, ROOT)}")
+    note = (
+      f"2 workers: exit {run['returncode']}"
+      + (f" ({errors[-1]})" if errors else "")
+      + f", log {os.path.relpath(failed, ROOT)}"
+    )
     if not in_process_fallback:
       raise RuntimeError(f"fedbeam prepare failed: {note}")
     log(f"workload {workload.name}: store {name}: {note}; retrying in-process")
     cmd = [c for c in cmd if c not in BEAM_LOCAL_ARGS]
     run = run_measured(cmd, logf)
     if run["returncode"] != 0:
-      raise RuntimeError(f"fedbeam prepare failed on 2 workers ({note}) and in-process "
-                         f"(exit {run['returncode']}, log {run['log']})")
-  stamp_store(store, {"command": cmd, "wall_s": run["wall_s"], "peak_pss_mb": run["peak_pss_mb"],
-                      "two_worker_failure": note})
-  log(f"workload {workload.name}: store {name} prepared in {run['wall_s']:.1f} s"
-      + (" (in-process)" if note else ""))
+      raise RuntimeError(
+        f"fedbeam prepare failed on 2 workers ({note}) and in-process "
+        f"(exit {run['returncode']}, log {run['log']})"
+      )
+  stamp_store(
+    store,
+    {
+      "command": cmd,
+      "wall_s": run["wall_s"],
+      "peak_pss_mb": run["peak_pss_mb"],
+      "two_worker_failure": note,
+    },
+  )
+  log(
+    f"workload {workload.name}: store {name} prepared in {run['wall_s']:.1f} s"
+    + (" (in-process)" if note else "")
+  )
   return store
 
 
@@ -427,9 +495,14 @@ def ensure_fedbeam_store(workload: Workload, name: str, extra: Iterable[str] = (
 MIN_AVAILABLE_MB = 1500
 
 
-def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
-                 poll_s: float = 0.2, timeout_s: Optional[float] = None,
-                 min_available_mb: float = MIN_AVAILABLE_MB) -> dict:
+def run_measured(
+  cmd: list[str],
+  log_path: str,
+  env: Optional[dict] = None,
+  poll_s: float = 0.2,
+  timeout_s: Optional[float] = None,
+  min_available_mb: float = MIN_AVAILABLE_MB,
+) -> dict:
   """Runs `cmd` with output to `log_path`; wall time and peak memory of its process tree.
 
   Memory is polled every `poll_s` seconds with psutil over the process and
@@ -441,14 +514,22 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
   (`killed_low_memory` in the result).
   """
   import psutil  # pylint: disable=g-import-not-at-top
+
   os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
   peak = {"rss": 0, "pss": 0}
   killed = [None]
   stop = threading.Event()
   with open(log_path, "w", encoding="utf-8") as out:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+      cmd,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      stdin=subprocess.DEVNULL,
+      env=env,
+      cwd=ROOT,
+      start_new_session=True,
+    )
 
     def poll():
       try:
@@ -471,8 +552,8 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
         peak["rss"] = max(peak["rss"], rss)
         peak["pss"] = max(peak["pss"], pss)
         available = psutil.virtual_memory().available
-        if available < min_available_mb * 2 ** 20:
-          killed[0] = available / 2 ** 20
+        if available < min_available_mb * 2**20:
+          killed[0] = available / 2**20
           try:
             os.killpg(proc.pid, 9)
           except OSError:
@@ -490,8 +571,13 @@ def run_measured(cmd: list[str], log_path: str, env: Optional[dict] = None,
     wall = time.perf_counter() - start
     stop.set()
     thread.join()
-  out = {"returncode": returncode, "wall_s": wall, "peak_rss_mb": peak["rss"] / 2 ** 20,
-         "peak_pss_mb": peak["pss"] / 2 ** 20, "log": os.path.relpath(log_path, ROOT)}
+  out = {
+    "returncode": returncode,
+    "wall_s": wall,
+    "peak_rss_mb": peak["rss"] / 2**20,
+    "peak_pss_mb": peak["pss"] / 2**20,
+    "log": os.path.relpath(log_path, ROOT),
+  }
   if killed[0] is not None:
     out["killed_low_memory"] = killed[0]
   return out
@@ -511,12 +597,16 @@ def failure_reason(row: dict) -> str:
 
 # --- reporting helpers ------------------------------------------------------------
 
+
 def command_line(module: str, argv=None, log_name: Optional[str] = None) -> str:
   """How a benchmark was run, for its report: `.venv/bin/python -m MODULE ARGS > LOG 2>&1`."""
   args = list(argv if argv is not None else sys.argv[1:])
   log_name = log_name or module.rsplit(".", 1)[-1]
-  return (f".venv/bin/python -m {module}" + "".join(f" {a}" for a in args)
-          + f" > build/bench/logs/{log_name}.log 2>&1")
+  return (
+    f".venv/bin/python -m {module}"
+    + "".join(f" {a}" for a in args)
+    + f" > build/bench/logs/{log_name}.log 2>&1"
+  )
 
 
 def machine() -> dict:
@@ -528,18 +618,30 @@ def machine() -> dict:
   except OSError:
     pass  # No /proc (not Linux): keep platform's answer.
   import psutil  # pylint: disable=g-import-not-at-top
-  mem = round(psutil.virtual_memory().total / 2 ** 30, 1)
-  return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": mem, "platform": platform.platform(),
-          "loadavg_at_start": list(os.getloadavg())}
+
+  mem = round(psutil.virtual_memory().total / 2**30, 1)
+  return {
+    "nproc": os.cpu_count(),
+    "cpu": cpu,
+    "memory_gib": mem,
+    "platform": platform.platform(),
+    "loadavg_at_start": list(os.getloadavg()),
+  }
 
 
 def versions() -> dict:
   import apache_beam  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   import fedbeam  # pylint: disable=g-import-not-at-top
-  out = {"python": platform.python_version(), "tensorflow": tf.__version__,
-         "apache_beam": apache_beam.__version__, "numpy": np.__version__,
-         "fedbeam": fedbeam.__version__}
+
+  out = {
+    "python": platform.python_version(),
+    "tensorflow": tf.__version__,
+    "apache_beam": apache_beam.__version__,
+    "numpy": np.__version__,
+    "fedbeam": fedbeam.__version__,
+  }
   if "tensorflow_federated" in sys.modules:
     out["tensorflow_federated"] = sys.modules["tensorflow_federated"].__version__
   out["fedbeam_source_digest"] = fedbeam_source_digest()
@@ -547,8 +649,12 @@ def versions() -> dict:
 
 
 def stats(values: list[float]) -> dict:
-  return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values),
-          "n": len(values)}
+  return {
+    "median_s": statistics.median(values),
+    "min_s": min(values),
+    "max_s": max(values),
+    "n": len(values),
+  }
 
 
 def write_json(name: str, result: dict) -> str:
@@ -569,15 +675,18 @@ def read_json(name: str) -> Optional[dict]:
     return json.load(f)
 
 
-def sample_rounds(client_ids: list[str], rounds: int, per_round: int, seed: int = 1000
-                  ) -> list[list[str]]:
+def sample_rounds(
+  client_ids: list[str], rounds: int, per_round: int, seed: int = 1000
+) -> list[list[str]]:
   """Round r's clients: `np.random.RandomState(seed + r).choice(ids, K, replace=False)`.
 
   Round 0 is the warm-up round.
   """
   ids = sorted(client_ids)
-  return [[str(c) for c in np.random.RandomState(seed + r).choice(ids, per_round, replace=False)]
-          for r in range(rounds + 1)]
+  return [
+    [str(c) for c in np.random.RandomState(seed + r).choice(ids, per_round, replace=False)]
+    for r in range(rounds + 1)
+  ]
 
 
 # --- many tiny clients (the 100k-client store) ------------------------------------
@@ -618,6 +727,7 @@ def tiny_client_records(workload: TinyWorkload, client_id: str, with_id: bool) -
 def ensure_tiny_input(workload: TinyWorkload, workdir: str = DEFAULT_WORKDIR, log=print) -> str:
   """The tiny workload as 8 TFRecord files of Examples with `client_id`; returns the pattern."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   directory = os.path.join(workdir, workload.name, "input")
   pattern = os.path.join(directory, "part-*.tfrecord")
   if _done(directory):
@@ -628,14 +738,20 @@ def ensure_tiny_input(workload: TinyWorkload, workdir: str = DEFAULT_WORKDIR, lo
   count = 8
   start = time.perf_counter()
   for k in range(count):
-    with tf.io.TFRecordWriter(os.path.join(directory, f"part-{k:05d}-of-{count:05d}.tfrecord")) as w:
+    with tf.io.TFRecordWriter(
+      os.path.join(directory, f"part-{k:05d}-of-{count:05d}.tfrecord")
+    ) as w:
       for cid in ids[k::count]:
         for record in tiny_client_records(workload, cid, with_id=True):
           w.write(record)
-  _mark_done(directory, {"files": count, "examples": workload.num_examples,
-                         "seconds": time.perf_counter() - start})
-  log(f"workload {workload.name}: wrote {count} input files, {workload.num_examples} examples "
-      f"in {time.perf_counter() - start:.1f} s")
+  _mark_done(
+    directory,
+    {"files": count, "examples": workload.num_examples, "seconds": time.perf_counter() - start},
+  )
+  log(
+    f"workload {workload.name}: wrote {count} input files, {workload.num_examples} examples "
+    f"in {time.perf_counter() - start:.1f} s"
+  )
   return pattern
 
 
@@ -645,7 +761,8 @@ def ensure_tiny_sqlite(workload: TinyWorkload, workdir: str = DEFAULT_WORKDIR, l
   if not _done(path):
     ids = sorted(workload.sizes)
     info = write_tff_format_sqlite(
-        path, ((cid, tiny_client_records(workload, cid, with_id=False)) for cid in ids))
+      path, ((cid, tiny_client_records(workload, cid, with_id=False)) for cid in ids)
+    )
     _mark_done(path, info)
     log(f"workload {workload.name}: TFF SQLite database written in {info['seconds']:.1f} s")
   return path
@@ -664,19 +781,28 @@ def tiny_spec_file(workdir: str = DEFAULT_WORKDIR) -> str:
 # Order of the sections in bench/README.md; a new section goes before the first
 # later one present. Sections are replaced in place.
 SECTION_ORDER = (
-    "## Summary", "## Client loading", "## Expansion: precomputed vs on the fly",
-    "## Pseudo-client expansion", "## Streaming every client", "## Pipeline", "## Input formats",
-    "## Scale",
-    "## Training input share", "## Simulation loop",
+  "## Summary",
+  "## Client loading",
+  "## Expansion: precomputed vs on the fly",
+  "## Pseudo-client expansion",
+  "## Streaming every client",
+  "## Pipeline",
+  "## Input formats",
+  "## Scale",
+  "## Training input share",
+  "## Simulation loop",
 )
-README_INTRO = ("# Benchmarks\n\nBenchmarks against peers (not tests). Each section is written by "
-                "its script; `python -m bench.run_all` (`make bench`) runs them all and writes "
-                "the summary.\n\n")
+README_INTRO = (
+  "# Benchmarks\n\nBenchmarks against peers (not tests). Each section is written by "
+  "its script; `python -m bench.run_all` (`make bench`) runs them all and writes "
+  "the summary.\n\n"
+)
 
 
 def write_readme_section(title: str, section: str) -> None:
   """Replaces the section `title` of bench/README.md, or inserts it in SECTION_ORDER."""
   import re  # pylint: disable=g-import-not-at-top
+
   text = ""
   if os.path.exists(README):
     with open(README, encoding="utf-8") as f:
@@ -688,9 +814,10 @@ def write_readme_section(title: str, section: str) -> None:
   if pattern.search(text):
     text = pattern.sub(lambda _: section, text, count=1)
   else:
-    later = SECTION_ORDER[SECTION_ORDER.index(title) + 1:] if title in SECTION_ORDER else ()
-    positions = [m.start() for t in later
-                 for m in [re.search(rf"^{re.escape(t)}\n", text, re.M)] if m]
+    later = SECTION_ORDER[SECTION_ORDER.index(title) + 1 :] if title in SECTION_ORDER else ()
+    positions = [
+      m.start() for t in later for m in [re.search(rf"^{re.escape(t)}\n", text, re.M)] if m
+    ]
     if positions:
       at = min(positions)
       text = text[:at] + section + text[at:]
@@ -705,6 +832,8 @@ def machine_line(mach: dict, vers: dict) -> str:
   end = mach.get("loadavg_at_end")
   tail = f"; at the end {', '.join(f'{x:.2f}' for x in end)}" if end else ""
   v = ", ".join(f"{k} {val}" for k, val in vers.items())
-  return (f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach.get('memory_gib')} GiB, "
-          f"{mach['platform']}; load average (1, 5, 15 min) at the start {load}{tail}. "
-          f"Versions: {v}.")
+  return (
+    f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), {mach.get('memory_gib')} GiB, "
+    f"{mach['platform']}; load average (1, 5, 15 min) at the start {load}{tail}. "
+    f"Versions: {v}."
+  )

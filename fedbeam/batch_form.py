@@ -45,8 +45,7 @@ class HasBatchForm(Protocol):
 
   fedbeam_batch_fn: BatchFn
 
-  def __call__(self, __arg: Any) -> Any:
-    ...
+  def __call__(self, __arg: Any) -> Any: ...
 
 
 def with_batch_form(fn: _F, batch_fn: BatchFn) -> _F:
@@ -56,13 +55,15 @@ def with_batch_form(fn: _F, batch_fn: BatchFn) -> _F:
     TypeError: `fn` or `batch_fn` is not callable, or `fn` takes no attributes.
   """
   if not callable(fn) or not callable(batch_fn):
-    raise TypeError(f"with_batch_form needs two callables, got {type(fn).__name__} and "
-                    f"{type(batch_fn).__name__}")
+    raise TypeError(
+      f"with_batch_form needs two callables, got {type(fn).__name__} and {type(batch_fn).__name__}"
+    )
   try:
     setattr(fn, BATCH_FN_ATTRIBUTE, batch_fn)
   except (AttributeError, TypeError) as e:
-    raise TypeError(f"cannot declare a batch form on {fn!r}: {e}; wrap it in a Python "
-                    "function first") from None
+    raise TypeError(
+      f"cannot declare a batch form on {fn!r}: {e}; wrap it in a Python function first"
+    ) from None
   return fn
 
 
@@ -75,6 +76,8 @@ def batch_form_of(fn: Any) -> Optional[BatchFn]:
   batch_fn = getattr(fn, BATCH_FN_ATTRIBUTE, None)
   if batch_fn is not None and not callable(batch_fn):
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    raise TypeError(f"{name}.{BATCH_FN_ATTRIBUTE} must be callable (the function's batch "
-                    f"form), got {type(batch_fn).__name__}")
+    raise TypeError(
+      f"{name}.{BATCH_FN_ATTRIBUTE} must be callable (the function's batch "
+      f"form), got {type(batch_fn).__name__}"
+    )
   return batch_fn

@@ -20,8 +20,7 @@ import math
 import re
 from typing import Optional, Sequence
 
-__all__ = ["BeamFlagError", "beam_flags", "check_beam_args", "load_runner_class",
-           "runner_argument"]
+__all__ = ["BeamFlagError", "beam_flags", "check_beam_args", "load_runner_class", "runner_argument"]
 
 # argparse reads a token that starts with '-' as a flag unless it looks like a
 # negative number (Beam's parser defines no flag that does) or holds a space.
@@ -56,6 +55,7 @@ def load_runner_class(runner: str) -> type:
   """
   from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
   from apache_beam.runners.runner import PipelineRunner  # pylint: disable=g-import-not-at-top
+
   known = {path.rsplit(".", 1)[-1].lower(): path for path in StandardOptions.ALL_KNOWN_RUNNERS}
   path = known.get(runner.lower(), known.get(runner.lower() + "runner", runner))
   if ":" in path:
@@ -64,21 +64,27 @@ def load_runner_class(runner: str) -> type:
     module_name, class_name = path.rsplit(".", 1)
   else:
     raise BeamFlagError(
-        f"--runner {runner}: not a Beam runner name ({', '.join(StandardOptions.KNOWN_RUNNER_NAMES)}) "
-        "nor a module.Class path")
+      f"--runner {runner}: not a Beam runner name ({', '.join(StandardOptions.KNOWN_RUNNER_NAMES)}) "
+      "nor a module.Class path"
+    )
   try:
     module = importlib.import_module(module_name)
   except Exception as e:  # pylint: disable=broad-except
     # Any import failure (a missing dependency, an error in the module) stops
     # the job before it starts; say which module and why.
-    hint = ("; the Dataflow runner needs fedbeam's gcp extra (docs/dataflow.md)"
-            if "dataflow" in module_name else "")
-    raise BeamFlagError(f"--runner {runner}: cannot import module {module_name} "
-                        f"({type(e).__name__}: {e}){hint}") from None
+    hint = (
+      "; the Dataflow runner needs fedbeam's gcp extra (docs/dataflow.md)"
+      if "dataflow" in module_name
+      else ""
+    )
+    raise BeamFlagError(
+      f"--runner {runner}: cannot import module {module_name} ({type(e).__name__}: {e}){hint}"
+    ) from None
   cls = getattr(module, class_name, None)
   if not (isinstance(cls, type) and issubclass(cls, PipelineRunner)):
-    raise BeamFlagError(f"--runner {runner}: module {module_name} has no PipelineRunner "
-                        f"class {class_name}")
+    raise BeamFlagError(
+      f"--runner {runner}: module {module_name} has no PipelineRunner class {class_name}"
+    )
   return cls
 
 
@@ -93,14 +99,18 @@ def beam_flags(runner: Optional[str] = None) -> dict[str, argparse.Action]:
     BeamFlagError: `runner` cannot be loaded.
   """
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+
   if runner is not None:
     load_runner_class(runner)
   parsers: list[argparse.ArgumentParser] = []
   PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)
   (parser,) = parsers
   # argparse keeps no public map from option strings to actions.
-  return {name: action for name, action in parser._option_string_actions.items()  # pylint: disable=protected-access
-          if name.startswith("--") and not isinstance(action, argparse._HelpAction)}  # pylint: disable=protected-access
+  return {
+    name: action
+    for name, action in parser._option_string_actions.items()  # pylint: disable=protected-access
+    if name.startswith("--") and not isinstance(action, argparse._HelpAction)
+  }  # pylint: disable=protected-access
 
 
 def _value_counts(action: argparse.Action) -> tuple[int, float]:
@@ -118,8 +128,7 @@ def _value_counts(action: argparse.Action) -> tuple[int, float]:
 
 
 def _looks_like_flag(arg: str) -> bool:
-  return (arg.startswith("-") and len(arg) > 1 and " " not in arg
-          and not _NEGATIVE_NUMBER.match(arg))
+  return arg.startswith("-") and len(arg) > 1 and " " not in arg and not _NEGATIVE_NUMBER.match(arg)
 
 
 def _hint(name: str, flags: Sequence[str]) -> Optional[str]:
@@ -158,8 +167,11 @@ def check_beam_args(args: Sequence[str]) -> Optional[str]:
     action = flags.get(name)
     if action is None:
       hint = _hint(name, sorted(flags))
-      return (f"unknown flag {name} (neither a fedbeam prepare flag nor a Beam pipeline option"
-              + (f"; did you mean {hint}?" if hint else "") + ")")
+      return (
+        f"unknown flag {name} (neither a fedbeam prepare flag nor a Beam pipeline option"
+        + (f"; did you mean {hint}?" if hint else "")
+        + ")"
+      )
     fewest, most = _value_counts(action)
     i += 1
     if has_value:

@@ -85,8 +85,9 @@ class CommandLogging:
     self._console.setLevel(level)
     root.addHandler(self._console)
     if self._keep_file:
-      self.path = os.path.join(tempfile.gettempdir(),
-                               f"fedbeam-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+      self.path = os.path.join(
+        tempfile.gettempdir(), f"fedbeam-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+      )
       self._file = logging.FileHandler(self.path, delay=True, encoding="utf-8")
       self._file.setLevel(logging.WARNING)
       self._file.addFilter(_not_noise)

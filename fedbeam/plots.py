@@ -18,6 +18,7 @@ def _figure(width: float = 6.0, height: float = 3.5):
   """A matplotlib Figure with an Agg canvas (no pyplot, no global backend switch)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   fig = Figure(figsize=(width, height))
   FigureCanvasAgg(fig)
   return fig
@@ -43,9 +44,14 @@ def plot_client_sizes(sizes: Mapping[str, Sequence[int]], path: str, title: str 
   bins = min(50, largest + 1)
   fig = _figure()
   ax = fig.add_subplot()
-  ax.hist([list(sizes[name]) for name in names], bins=bins, range=(0, largest + 1),
-          label=[f"{name} ({len(sizes[name])} clients)" for name in names], histtype="step",
-          linewidth=1.5)
+  ax.hist(
+    [list(sizes[name]) for name in names],
+    bins=bins,
+    range=(0, largest + 1),
+    label=[f"{name} ({len(sizes[name])} clients)" for name in names],
+    histtype="step",
+    linewidth=1.5,
+  )
   ax.set_yscale("log")
   ax.set_xlabel("examples per client")
   ax.set_ylabel("clients (log scale)")
@@ -72,8 +78,9 @@ def read_accuracy(metrics_csv: str) -> tuple[list[int], list[float], list[float]
   return rounds, train, test
 
 
-def plot_accuracy(metrics_csv: str, path: str, title: str = "",
-                  chance: Optional[float] = None) -> None:
+def plot_accuracy(
+  metrics_csv: str, path: str, title: str = "", chance: Optional[float] = None
+) -> None:
   """Writes a PNG of train and test accuracy per round from `fedbeam train`'s metrics.csv.
 
   Rounds without evaluation have no test point; `chance`, if given, is drawn

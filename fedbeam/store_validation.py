@@ -33,14 +33,27 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.format.fs import file_kind, is_remote, read_store_file, remote_error_line
-from fedbeam.format.layout import (DATA_DIR_PREFIX, InvalidClientIdError, LEASE_FILE, MANIFEST_DIR,
-                                   MAX_MANIFEST_FILE_BYTES, METADATA_FILE, MissingStoreFileError,
-                                   StoreFormatError, client_relative_path, join)
-from fedbeam.format.manifest import (check_manifest_row, check_manifest_spec, manifest_file_name,
-                                     parse_manifest_file)
+from fedbeam.format.layout import (
+  DATA_DIR_PREFIX,
+  LEASE_FILE,
+  MANIFEST_DIR,
+  MAX_MANIFEST_FILE_BYTES,
+  METADATA_FILE,
+  InvalidClientIdError,
+  MissingStoreFileError,
+  StoreFormatError,
+  client_relative_path,
+  join,
+)
+from fedbeam.format.manifest import (
+  check_manifest_row,
+  check_manifest_spec,
+  manifest_file_name,
+  parse_manifest_file,
+)
 from fedbeam.format.metadata import read_metadata
+from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.format.tfrecord import CorruptRecordError, checksum, read_tfrecords
 
 # Problems listed before the report stops collecting (the count stays exact).
@@ -72,16 +85,25 @@ class ValidationReport:
 
   def summary(self) -> str:
     if self.ok:
-      depth = "every record parsed against the element spec" if self.deep else "sizes and checksums match"
-      return (f"OK {self.path}: {self.num_clients} clients, {self.num_examples} examples, "
-              f"{self.num_files_checked} client files verified ({depth})")
+      depth = (
+        "every record parsed against the element spec" if self.deep else "sizes and checksums match"
+      )
+      return (
+        f"OK {self.path}: {self.num_clients} clients, {self.num_examples} examples, "
+        f"{self.num_files_checked} client files verified ({depth})"
+      )
     more = self.num_problems - len(self.problems)
-    return (f"INVALID {self.path}: {self.num_problems} problem(s)"
-            + (f" ({more} not listed)" if more > 0 else ""))
+    return f"INVALID {self.path}: {self.num_problems} problem(s)" + (
+      f" ({more} not listed)" if more > 0 else ""
+    )
 
 
-_WIRE_KIND = {"bytes": "bytes_list", "float": "float_list", "int64": "int64_list",
-              "bits64": "int64_list"}
+_WIRE_KIND = {
+  "bytes": "bytes_list",
+  "float": "float_list",
+  "int64": "int64_list",
+  "bits64": "int64_list",
+}
 
 
 class _SpecEvidence:
@@ -120,23 +142,29 @@ class _SpecEvidence:
     out = []
     for name, (subnormal, other) in self._float64.items():
       if subnormal and not other:
-        out.append(f"feature {name!r} (float64): all {subnormal} nonzero values are subnormal "
-                   "(below 2.2e-308), as integers stored as int64 and read as float64 are; "
-                   "check that the metadata's dtype is the one the store was written with")
+        out.append(
+          f"feature {name!r} (float64): all {subnormal} nonzero values are subnormal "
+          "(below 2.2e-308), as integers stored as int64 and read as float64 are; "
+          "check that the metadata's dtype is the one the store was written with"
+        )
     for name, counts in self._counts.items():
       if len(counts) == 1 and self._records > 1:
         shape = list(self._spec[name].shape)
         n = next(iter(counts))
-        out.append(f"feature {name!r} (shape {shape}): each of the {self._records} records holds "
-                   f"{n} value{'' if n == 1 else 's'}, as a fixed shape would; check that the "
-                   "metadata's shape is the one the store was written with")
+        out.append(
+          f"feature {name!r} (shape {shape}): each of the {self._records} records holds "
+          f"{n} value{'' if n == 1 else 's'}, as a fixed shape would; check that the "
+          "metadata's shape is the one the store was written with"
+        )
     return out
 
 
-def _check_record(data: bytes, spec: ElementSpec,
-                  evidence: Optional[_SpecEvidence] = None) -> Optional[str]:
+def _check_record(
+  data: bytes, spec: ElementSpec, evidence: Optional[_SpecEvidence] = None
+) -> Optional[str]:
   """Why a record does not match the spec, or None; feeds `evidence` if given."""
   from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+
   try:
     example = example_pb2.Example.FromString(data)
   except Exception as e:  # pylint: disable=broad-except
@@ -183,8 +211,9 @@ def _check_values(f: FeatureSpec, values) -> Optional[str]:
     lo, hi = (0, 1) if info is None else (int(info.min), int(info.max))
     bad = next((v for v in values if not lo <= v <= hi), None)
     if bad is not None:
-      return (f"feature {f.name!r} holds {bad}, outside the range of its dtype {f.dtype} "
-              f"[{lo}, {hi}]")
+      return (
+        f"feature {f.name!r} holds {bad}, outside the range of its dtype {f.dtype} [{lo}, {hi}]"
+      )
   elif f.dtype == "float16":
     stored = np.asarray(values, np.float32)
     exact = stored.astype(np.float16).astype(np.float32)
@@ -194,8 +223,9 @@ def _check_values(f: FeatureSpec, values) -> Optional[str]:
   return None
 
 
-def _list_files(root: str, report: "ValidationReport",
-                skip_top: Callable[[str], bool] = lambda name: False) -> Optional[set[str]]:
+def _list_files(
+  root: str, report: "ValidationReport", skip_top: Callable[[str], bool] = lambda name: False
+) -> Optional[set[str]]:
   """Every regular file under `root`, as '/'-separated paths relative to it.
 
   On local disks symbolic links and special files (FIFOs, devices) are
@@ -208,16 +238,21 @@ def _list_files(root: str, report: "ValidationReport",
   base = root.rstrip("/") or "/"
   if is_remote(root):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     try:
       walk = list(tf.io.gfile.walk(base))
     except tf.errors.OpError as e:
       report.add(f"cannot list {root}: {remote_error_line(e)}")
       return None
-    return {rel for rel in (_relative(base, d, n) for d, _, names in walk for n in names)
-            if not ("/" in rel and skip_top(rel.split("/")[0]))}
+    return {
+      rel
+      for rel in (_relative(base, d, n) for d, _, names in walk for n in names)
+      if not ("/" in rel and skip_top(rel.split("/")[0]))
+    }
   found = set()
   for dirpath, dirnames, filenames in os.walk(
-      base, onerror=lambda e: report.add(f"cannot list {e.filename}: {e.strerror}")):
+    base, onerror=lambda e: report.add(f"cannot list {e.filename}: {e.strerror}")
+  ):
     if dirpath == base:
       dirnames[:] = [d for d in dirnames if not skip_top(d)]
     for name in filenames + dirnames:
@@ -227,13 +262,15 @@ def _list_files(root: str, report: "ValidationReport",
         found.add(_relative(base, dirpath, name))
       elif not stat.S_ISDIR(mode):
         target = f" -> {os.readlink(full)}" if stat.S_ISLNK(mode) else ""
-        report.add(f"{_relative(base, dirpath, name)}{target} is a {file_kind(mode)}; a store "
-                   "holds only regular files and directories")
+        report.add(
+          f"{_relative(base, dirpath, name)}{target} is a {file_kind(mode)}; a store "
+          "holds only regular files and directories"
+        )
   return found
 
 
 def _relative(base: str, dirpath: str, name: str) -> str:
-  rel_dir = dirpath[len(base):].lstrip("/")
+  rel_dir = dirpath[len(base) :].lstrip("/")
   return posixpath.join(rel_dir, name) if rel_dir else name
 
 
@@ -264,8 +301,9 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
   data_dir = metadata["data_dir"]
   expected_files = {METADATA_FILE}
   expected_files.update(
-      posixpath.join(data_dir, MANIFEST_DIR, manifest_file_name(i, num_manifest))
-      for i in range(num_manifest))
+    posixpath.join(data_dir, MANIFEST_DIR, manifest_file_name(i, num_manifest))
+    for i in range(num_manifest)
+  )
   totals: dict[str, list[int]] = {s: [0, 0, 0, 0] for s in split_names}
   seen: dict[tuple[str, str], str] = {}
   evidence = _SpecEvidence(spec) if deep else None
@@ -284,8 +322,10 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
       where = f"client {cid!r} ({rel})"
       # Unique within a split: a store of kept TFF splits holds an id in several.
       if (row["split"], cid) in seen:
-        report.add(f"{where}: client id listed twice in split {row['split']!r} "
-                   f"(also in {seen[row['split'], cid]})")
+        report.add(
+          f"{where}: client id listed twice in split {row['split']!r} "
+          f"(also in {seen[row['split'], cid]})"
+        )
         continue
       seen[row["split"], cid] = rel
       if row["split"] not in split_names:
@@ -293,13 +333,13 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
         continue
       try:
         expected_path = posixpath.join(
-            data_dir, client_relative_path(cid, row["split"], num_shards))
+          data_dir, client_relative_path(cid, row["split"], num_shards)
+        )
       except InvalidClientIdError as e:
         report.add(f"{where}: {e}")
         continue
       if row["path"] != expected_path:
-        report.add(f"{where}: path {row['path']!r} is not where the id maps "
-                   f"({expected_path!r})")
+        report.add(f"{where}: path {row['path']!r} is not where the id maps ({expected_path!r})")
         continue
       expected_files.add(expected_path)
       t = totals[row["split"]]
@@ -315,8 +355,10 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
     got = totals.get(s["name"], [0, 0, 0, 0])
     for i, field in enumerate(("num_clients", "num_examples", "num_bytes", "num_empty_clients")):
       if got[i] != s[field]:
-        report.add(f"split {s['name']!r}: metadata says {field} = {s[field]}, the manifest adds "
-                   f"up to {got[i]}")
+        report.add(
+          f"split {s['name']!r}: metadata says {field} = {s[field]}, the manifest adds "
+          f"up to {got[i]}"
+        )
 
   if evidence is not None:
     report.notes.extend(evidence.notes())
@@ -324,14 +366,16 @@ def _validate(path: str, deep: bool, report: ValidationReport) -> None:
   # or leftovers the next commit removes; docs/store-format.md), nor is a
   # lease file its writer left behind.
   expected_files.add(posixpath.join(data_dir, LEASE_FILE))
-  present = _list_files(path, report, skip_top=lambda name: (
-      name.startswith(DATA_DIR_PREFIX) and name != data_dir))
+  present = _list_files(
+    path, report, skip_top=lambda name: name.startswith(DATA_DIR_PREFIX) and name != data_dir
+  )
   for stray in sorted(present - expected_files if present is not None else ()):
     report.add(f"stray file {stray}: not listed in the manifest or metadata")
 
 
-def _read_manifest_file(root: str, path: str, report: ValidationReport,
-                        element_spec: Any) -> list[dict[str, Any]]:
+def _read_manifest_file(
+  root: str, path: str, report: ValidationReport, element_spec: Any
+) -> list[dict[str, Any]]:
   """The rows of a manifest file; its problems go to `report`.
 
   An element spec in the file's header that differs from the metadata's is a
@@ -350,8 +394,13 @@ def _read_manifest_file(root: str, path: str, report: ValidationReport,
   return rows
 
 
-def _check_client_file(root: str, row: dict[str, Any], spec: ElementSpec,
-                       evidence: Optional[_SpecEvidence], report: ValidationReport) -> None:
+def _check_client_file(
+  root: str,
+  row: dict[str, Any],
+  spec: ElementSpec,
+  evidence: Optional[_SpecEvidence],
+  report: ValidationReport,
+) -> None:
   """Checks one client file; with `evidence` (--deep) every record against the spec."""
   cid, rel = row["client_id"], row["path"]
   where = f"client {cid!r} ({rel})"

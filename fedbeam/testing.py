@@ -39,23 +39,30 @@ import numpy as np
 
 from fedbeam.format.layout import UNSPLIT, client_relative_path, join
 from fedbeam.format.metadata import read_metadata
-from fedbeam.format.tfrecord import tfrecord_frame
 from fedbeam.format.spec import ElementSpec
+from fedbeam.format.tfrecord import tfrecord_frame
 
 Element = Mapping[str, Any]
 Clients = Mapping[str, Sequence[Element]]
 
 __all__ = [
-    "write_tfrecord_input", "write_unkeyed_tfrecord_input", "write_avro_input",
-    "write_tff_sqlite_input",
-    "prepare_store", "read_store", "client_file", "dataset_elements", "assert_store_equals",
-    "assert_elements_equal",
+  "write_tfrecord_input",
+  "write_unkeyed_tfrecord_input",
+  "write_avro_input",
+  "write_tff_sqlite_input",
+  "prepare_store",
+  "read_store",
+  "client_file",
+  "dataset_elements",
+  "assert_store_equals",
+  "assert_elements_equal",
 ]
 
 
 # ----------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------
+
 
 def _as_array(value: Any) -> np.ndarray:
   """A value as numpy; strings as an object array of `bytes`.
@@ -82,16 +89,21 @@ def _as_values(value: Any) -> np.ndarray:
   return _as_array(value).reshape(-1)
 
 
-def _example_bytes(element: Element, client_id: Optional[str], client_id_key: Optional[str]) -> bytes:
+def _example_bytes(
+  element: Element, client_id: Optional[str], client_id_key: Optional[str]
+) -> bytes:
   from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+
   example = example_pb2.Example()
   fmap = example.features.feature
   if client_id_key is not None:
     fmap[client_id_key].bytes_list.value.append(client_id.encode("utf-8"))
   for name, value in element.items():
     if name == client_id_key:
-      raise ValueError(f"element of client {client_id!r} has a feature named like the "
-                       f"client-id key {client_id_key!r}")
+      raise ValueError(
+        f"element of client {client_id!r} has a feature named like the "
+        f"client-id key {client_id_key!r}"
+      )
     arr = _as_values(value)
     if arr.dtype == object:
       fmap[name].bytes_list.value.extend(arr.tolist())
@@ -100,7 +112,9 @@ def _example_bytes(element: Element, client_id: Optional[str], client_id_key: Op
     elif arr.dtype.kind in ("i", "u", "b"):
       fmap[name].int64_list.value.extend(arr.astype(np.int64).tolist())
     else:
-      raise ValueError(f"feature {name!r}: cannot store numpy dtype {arr.dtype} in a tf.train.Example")
+      raise ValueError(
+        f"feature {name!r}: cannot store numpy dtype {arr.dtype} in a tf.train.Example"
+      )
   return example.SerializeToString(deterministic=True)
 
 
@@ -109,8 +123,9 @@ def _ensure_parent(path: str) -> None:
   os.makedirs(parent, exist_ok=True)
 
 
-def write_tfrecord_input(path: Union[str, os.PathLike], clients: Clients,
-                         client_id_key: str = "client_id") -> str:
+def write_tfrecord_input(
+  path: Union[str, os.PathLike], clients: Clients, client_id_key: str = "client_id"
+) -> str:
   """Writes clients as one TFRecord file of serialized `tf.train.Example`.
 
   Input of `fedbeam prepare --input-format tfrecord --client-id-key KEY`.
@@ -141,8 +156,7 @@ def write_tfrecord_input(path: Union[str, os.PathLike], clients: Clients,
   return path
 
 
-def write_unkeyed_tfrecord_input(path: Union[str, os.PathLike],
-                                 elements: Sequence[Element]) -> str:
+def write_unkeyed_tfrecord_input(path: Union[str, os.PathLike], elements: Sequence[Element]) -> str:
   """Writes elements as one TFRecord file of serialized `tf.train.Example` without client ids.
 
   Input of `fedbeam prepare --input-format tfrecord --partition ...`: one
@@ -162,10 +176,13 @@ def _avro_type(name: str, value: Any) -> Any:
   if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
     arr = np.asarray(value)
     if arr.ndim != 1:
-      raise ValueError(f"feature {name!r}: Avro input holds flat arrays only, got shape {arr.shape}")
+      raise ValueError(
+        f"feature {name!r}: Avro input holds flat arrays only, got shape {arr.shape}"
+      )
     if arr.size == 0:
-      raise ValueError(f"feature {name!r}: cannot infer the Avro item type of an empty array; "
-                       "pass `schema`")
+      raise ValueError(
+        f"feature {name!r}: cannot infer the Avro item type of an empty array; pass `schema`"
+      )
     return {"type": "array", "items": _avro_type(name, arr.reshape(-1)[0])}
   if isinstance(value, (bool, np.bool_)):
     return "boolean"
@@ -194,9 +211,12 @@ def _avro_value(value: Any) -> Any:
   return value
 
 
-def write_avro_input(path: Union[str, os.PathLike], clients: Clients,
-                     client_id_key: Optional[str] = "client_id",
-                     schema: Optional[Mapping[str, Any]] = None) -> str:
+def write_avro_input(
+  path: Union[str, os.PathLike],
+  clients: Clients,
+  client_id_key: Optional[str] = "client_id",
+  schema: Optional[Mapping[str, Any]] = None,
+) -> str:
   """Writes clients as one Avro container file of flat records.
 
   Input of `fedbeam prepare --input-format avro --client-id-key KEY`.
@@ -220,6 +240,7 @@ def write_avro_input(path: Union[str, os.PathLike], clients: Clients,
       type.
   """
   import fastavro  # pylint: disable=g-import-not-at-top
+
   path = os.fspath(path)
   if schema is None:
     elements = [e for client in clients.values() for e in client]
@@ -240,8 +261,9 @@ def write_avro_input(path: Union[str, os.PathLike], clients: Clients,
   _ensure_parent(path)
   with open(path, "wb") as f:
     # A fixed sync marker keeps the file identical from run to run.
-    fastavro.writer(f, fastavro.parse_schema(dict(schema)), rows, codec="null",
-                    sync_marker=b"fedbeam-testing!")
+    fastavro.writer(
+      f, fastavro.parse_schema(dict(schema)), rows, codec="null", sync_marker=b"fedbeam-testing!"
+    )
   return path
 
 
@@ -250,13 +272,18 @@ def _tensor_specs(element_spec: Any) -> "collections.OrderedDict[str, Any]":
   if isinstance(element_spec, ElementSpec):
     return element_spec.to_tensor_specs()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   if all(isinstance(v, tf.TensorSpec) for v in element_spec.values()):
     return collections.OrderedDict(element_spec)
   return ElementSpec.from_json(element_spec).to_tensor_specs()
 
 
-def write_tff_sqlite_input(path: Union[str, os.PathLike], clients: Clients, element_spec: Any,
-                           split_names_by_client_id: Optional[Mapping[str, str]] = None) -> str:
+def write_tff_sqlite_input(
+  path: Union[str, os.PathLike],
+  clients: Clients,
+  element_spec: Any,
+  split_names_by_client_id: Optional[Mapping[str, str]] = None,
+) -> str:
   """Writes clients with TFF's own `save_to_sql_client_data`.
 
   Input of `fedbeam prepare --input-format tff-sqlite`. TFF serializes each
@@ -281,13 +308,17 @@ def write_tff_sqlite_input(path: Union[str, os.PathLike], clients: Clients, elem
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   from fedbeam.runtime.tff_worker import register_worker_cleanup  # pylint: disable=g-import-not-at-top
+
   register_worker_cleanup()
   path = os.fspath(path)
   specs = _tensor_specs(element_spec)
   for name, spec in specs.items():
     if not spec.shape.is_fully_defined():
-      raise ValueError(f"feature {name!r}: TFF's SQL client data needs fixed shapes, got {spec.shape}")
+      raise ValueError(
+        f"feature {name!r}: TFF's SQL client data needs fixed shapes, got {spec.shape}"
+      )
 
   def columns(client_id):
     elements = clients[client_id]
@@ -295,12 +326,17 @@ def write_tff_sqlite_input(path: Union[str, os.PathLike], clients: Clients, elem
     for name, spec in specs.items():
       shape = tuple(spec.shape.as_list())
       np_dtype = object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype
-      values = [np.asarray(_as_values(e[name]) if spec.dtype == tf.string else e[name],
-                           dtype=np_dtype).reshape(shape) for e in elements]
+      values = [
+        np.asarray(
+          _as_values(e[name]) if spec.dtype == tf.string else e[name], dtype=np_dtype
+        ).reshape(shape)
+        for e in elements
+      ]
       out[name] = np.stack(values) if values else np.zeros((0,) + shape, dtype=np_dtype)
       if spec.dtype == tf.string:
-        out[name] = tf.constant(out[name].tolist() if values else [], dtype=tf.string,
-                                shape=(len(values),) + shape)
+        out[name] = tf.constant(
+          out[name].tolist() if values else [], dtype=tf.string, shape=(len(values),) + shape
+        )
     return out
 
   def dataset_fn(client_id):
@@ -308,7 +344,8 @@ def write_tff_sqlite_input(path: Union[str, os.PathLike], clients: Clients, elem
 
   _ensure_parent(path)
   tff.simulation.datasets.save_to_sql_client_data(
-      list(clients), dataset_fn, path, split_names_by_client_id=split_names_by_client_id)
+    list(clients), dataset_fn, path, split_names_by_client_id=split_names_by_client_id
+  )
   return path
 
 
@@ -316,14 +353,28 @@ def write_tff_sqlite_input(path: Union[str, os.PathLike], clients: Clients, elem
 # Running the prepare job
 # ----------------------------------------------------------------------------
 
-_FORMAT_OF_SUFFIX = {".tfrecord": "tfrecord", ".tfrecords": "tfrecord", ".avro": "avro",
-                     ".sqlite": "tff-sqlite", ".db": "tff-sqlite", ".sqlite3": "tff-sqlite",
-                     ".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "leaf"}
+_FORMAT_OF_SUFFIX = {
+  ".tfrecord": "tfrecord",
+  ".tfrecords": "tfrecord",
+  ".avro": "avro",
+  ".sqlite": "tff-sqlite",
+  ".db": "tff-sqlite",
+  ".sqlite3": "tff-sqlite",
+  ".parquet": "parquet",
+  ".csv": "csv",
+  ".jsonl": "jsonl",
+  ".json": "leaf",
+}
 
 
-def prepare_store(clients_or_input_path: Union[Clients, str, os.PathLike],
-                  tmp_dir: Union[str, os.PathLike], *, output: Optional[str] = None,
-                  beam_args: Sequence[str] = (), **prepare_flags: Any) -> str:
+def prepare_store(
+  clients_or_input_path: Union[Clients, str, os.PathLike],
+  tmp_dir: Union[str, os.PathLike],
+  *,
+  output: Optional[str] = None,
+  beam_args: Sequence[str] = (),
+  **prepare_flags: Any,
+) -> str:
   """Runs the prepare job into a new store under `tmp_dir` and returns its path.
 
   Uses the local in-process Beam runner (the FnApiRunner) unless
@@ -353,12 +404,15 @@ def prepare_store(clients_or_input_path: Union[Clients, str, os.PathLike],
       names the flag, file or record at fault).
   """
   from fedbeam.pipelines.prepare import PrepareConfig, run_prepare  # pylint: disable=g-import-not-at-top
+
   tmp_dir = os.fspath(tmp_dir)
   flags = dict(prepare_flags)
   if isinstance(clients_or_input_path, Mapping):
     input_path = write_tfrecord_input(
-        os.path.join(tmp_dir, "input", "clients.tfrecord"), clients_or_input_path,
-        client_id_key=flags.setdefault("client_id_key", "client_id"))
+      os.path.join(tmp_dir, "input", "clients.tfrecord"),
+      clients_or_input_path,
+      client_id_key=flags.setdefault("client_id_key", "client_id"),
+    )
     flags.setdefault("input_format", "tfrecord")
   else:
     input_path = os.fspath(clients_or_input_path)
@@ -386,7 +440,10 @@ def prepare_store(clients_or_input_path: Union[Clients, str, os.PathLike],
 # Reading and comparing stores
 # ----------------------------------------------------------------------------
 
-def read_store(store_path: str, split: Optional[str] = None) -> dict[str, list[dict[str, np.ndarray]]]:
+
+def read_store(
+  store_path: str, split: Optional[str] = None
+) -> dict[str, list[dict[str, np.ndarray]]]:
   """Reads a store through `load_client_data`: `{client_id: [element as numpy dict]}`.
 
   Clients come in `client_ids` order (sorted), elements in store order;
@@ -397,6 +454,7 @@ def read_store(store_path: str, split: Optional[str] = None) -> dict[str, list[d
     ValueError: `split` is not a split of the store.
   """
   from fedbeam.runtime.client_data import load_client_data  # pylint: disable=g-import-not-at-top
+
   data = load_client_data(store_path, split)
   return {cid: dataset_elements(data.create_tf_dataset_for_client(cid)) for cid in data.client_ids}
 
@@ -440,8 +498,10 @@ def _feature_difference(name: str, actual: np.ndarray, expected: Any) -> Optiona
   except (TypeError, ValueError) as e:
     return f"feature {name!r}: expected {expected!r} cannot be compared with {actual!r} ({e})"
   if want.shape != actual.shape:
-    return (f"feature {name!r}: shape {list(actual.shape)} != expected {list(want.shape)}\n"
-            f"      actual:   {actual!r}\n      expected: {want!r}")
+    return (
+      f"feature {name!r}: shape {list(actual.shape)} != expected {list(want.shape)}\n"
+      f"      actual:   {actual!r}\n      expected: {want!r}"
+    )
   if actual.dtype.kind == "f":
     # Bit-level equality (NaN == NaN, -0.0 != 0.0): a store keeps values exactly.
     same = np.array_equal(actual.view(f"u{actual.itemsize}"), want.view(f"u{want.itemsize}"))
@@ -449,8 +509,10 @@ def _feature_difference(name: str, actual: np.ndarray, expected: Any) -> Optiona
     same = np.array_equal(actual, want)
   if same:
     return None
-  return (f"feature {name!r} differs ({actual.dtype})\n"
-          f"      actual:   {actual!r}\n      expected: {want!r}")
+  return (
+    f"feature {name!r} differs ({actual.dtype})\n"
+    f"      actual:   {actual!r}\n      expected: {want!r}"
+  )
 
 
 def _element_difference(actual: Mapping[str, np.ndarray], expected: Element) -> Optional[str]:
@@ -464,8 +526,10 @@ def _element_difference(actual: Mapping[str, np.ndarray], expected: Element) -> 
 
 
 def _canonical(element: Mapping[str, np.ndarray]) -> tuple:
-  return tuple((k, str(v.dtype), v.shape, repr(v.tolist()) if v.dtype == object else v.tobytes())
-               for k, v in sorted(element.items()))
+  return tuple(
+    (k, str(v.dtype), v.shape, repr(v.tolist()) if v.dtype == object else v.tobytes())
+    for k, v in sorted(element.items())
+  )
 
 
 def _canonical_expected(expected: Element, like: Mapping[str, np.ndarray]) -> Optional[tuple]:
@@ -477,9 +541,12 @@ def _canonical_expected(expected: Element, like: Mapping[str, np.ndarray]) -> Op
     return None
 
 
-def assert_elements_equal(actual: Sequence[Mapping[str, np.ndarray]],
-                          expected: Sequence[Element], ordered: bool = True,
-                          where: str = "") -> None:
+def assert_elements_equal(
+  actual: Sequence[Mapping[str, np.ndarray]],
+  expected: Sequence[Element],
+  ordered: bool = True,
+  where: str = "",
+) -> None:
   """Compares one client's elements; raises AssertionError describing the first difference.
 
   Expected values are converted to the actual dtype first (Python floats
@@ -505,15 +572,19 @@ def assert_elements_equal(actual: Sequence[Mapping[str, np.ndarray]],
       remaining[key] -= 1
       continue
     # No equal element left: describe the difference to the nearest candidate.
-    hint = _element_difference(actual[min(i, len(actual) - 1)], e) or "an equal element "\
-        "appears fewer times in the store"
+    hint = (
+      _element_difference(actual[min(i, len(actual) - 1)], e)
+      or "an equal element appears fewer times in the store"
+    )
     raise AssertionError(
-        f"{prefix}expected element {i} {dict(e)!r} is not in the store (compared "
-        f"as multisets); vs. stored element {min(i, len(actual) - 1)}: {hint}")
+      f"{prefix}expected element {i} {dict(e)!r} is not in the store (compared "
+      f"as multisets); vs. stored element {min(i, len(actual) - 1)}: {hint}"
+    )
 
 
-def assert_store_equals(store_path: str, expected: Clients, split: Optional[str] = None,
-                        ordered: bool = True) -> None:
+def assert_store_equals(
+  store_path: str, expected: Clients, split: Optional[str] = None, ordered: bool = True
+) -> None:
   """Asserts the store (or one split) holds exactly the `expected` clients.
 
   Loads the store with `fedbeam.runtime.load_client_data` and compares it
@@ -542,8 +613,11 @@ def assert_store_equals(store_path: str, expected: Clients, split: Optional[str]
     problems.append(f"client ids missing from the store: {missing}")
   if extra:
     problems.append(f"client ids in the store but not expected: {extra}")
-  counts = [f"{cid!r}: {len(actual[cid])} examples, expected {len(expected[cid])}"
-            for cid in sorted(set(actual) & set(expected)) if len(actual[cid]) != len(expected[cid])]
+  counts = [
+    f"{cid!r}: {len(actual[cid])} examples, expected {len(expected[cid])}"
+    for cid in sorted(set(actual) & set(expected))
+    if len(actual[cid]) != len(expected[cid])
+  ]
   if counts:
     problems.append("example counts differ: " + "; ".join(counts))
   if not problems:
@@ -555,5 +629,6 @@ def assert_store_equals(store_path: str, expected: Clients, split: Optional[str]
         break
   if problems:
     where = f"{store_path}" + (f" (split {split})" if split else "")
-    raise AssertionError(f"store {where} differs from the expected clients:\n  "
-                         + "\n  ".join(problems))
+    raise AssertionError(
+      f"store {where} differs from the expected clients:\n  " + "\n  ".join(problems)
+    )

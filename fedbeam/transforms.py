@@ -40,8 +40,16 @@ def transform_seed(raw_client_id: str, index: int, salt: str = "") -> int:
   return seeded_int(salt, raw_client_id, index, bits=63)
 
 
-def affine_matrix(angle_deg: float, shear: float, scale_x: float, scale_y: float,
-                  tx: float, ty: float, height: int, width: int) -> np.ndarray:
+def affine_matrix(
+  angle_deg: float,
+  shear: float,
+  scale_x: float,
+  scale_y: float,
+  tx: float,
+  ty: float,
+  height: int,
+  width: int,
+) -> np.ndarray:
   """3x3 matrix mapping output pixel (x, y, 1) to input pixel, for a warp about the center.
 
   The forward warp is: move the center to the origin, scale, shear, rotate,
@@ -67,8 +75,7 @@ def affine_matrix(angle_deg: float, shear: float, scale_x: float, scale_y: float
   return out
 
 
-def _image_dims(feature: str,
-                shape: Optional[tuple]) -> tuple[int, int, Optional[int]]:
+def _image_dims(feature: str, shape: Optional[tuple]) -> tuple[int, int, Optional[int]]:
   """(height, width, channels or None) of one image of `shape` (without the batch axis).
 
   [H, W] and [H, W, C] are images as they are. A flat [n] feature whose n is a
@@ -86,8 +93,10 @@ def _image_dims(feature: str,
     side = math.isqrt(int(shape[0]))
     if side > 0 and side * side == int(shape[0]):
       return side, side, None
-  raise ValueError(f"feature {feature!r} must be a [H, W] or [H, W, C] image of known height "
-                   f"and width, or a flat square image [H*H], got shape {list(shape)}")
+  raise ValueError(
+    f"feature {feature!r} must be a [H, W] or [H, W, C] image of known height "
+    f"and width, or a flat square image [H*H], got shape {list(shape)}"
+  )
 
 
 def projective_coefficients(inverse: np.ndarray) -> np.ndarray:
@@ -109,8 +118,9 @@ def bilinear_warp(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   """
   n, height, width, channels = images.shape
   t = projective_coefficients(inverse)
-  out_y, out_x = np.meshgrid(np.arange(height, dtype=np.float32),
-                             np.arange(width, dtype=np.float32), indexing="ij")
+  out_y, out_x = np.meshgrid(
+    np.arange(height, dtype=np.float32), np.arange(width, dtype=np.float32), indexing="ij"
+  )
   projection = t[6] * out_x + t[7] * out_y + np.float32(1)
   in_x = (t[0] * out_x + t[1] * out_y + t[2]) / projection
   in_y = (t[3] * out_x + t[4] * out_y + t[5]) / projection
@@ -126,8 +136,9 @@ def bilinear_warp(images: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   padded[:height, :width] = images.transpose(1, 2, 0, 3)
   flat = padded.reshape((height + 1) * (width + 1), n * channels)
   corner = (y_floor.astype(np.intp) * (width + 1) + x_floor.astype(np.intp)).reshape(-1)
-  v00, v01, v10, v11 = (np.take(flat, corner + offset, axis=0)
-                        for offset in (0, 1, width + 1, width + 2))
+  v00, v01, v10, v11 = (
+    np.take(flat, corner + offset, axis=0) for offset in (0, 1, width + 1, width + 2)
+  )
   w_x_floor = (x_ceil - x).reshape(-1, 1)
   w_x_ceil = (x - x_floor).reshape(-1, 1)
   w_y_floor = (y_ceil - y).reshape(-1, 1)
@@ -167,12 +178,12 @@ class AffineTransform:
     """The warp of pseudo-client `index` of `raw_client_id`."""
     rng = np.random.default_rng(transform_seed(raw_client_id, index, "affine"))
     return {
-        "angle_deg": float(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)),
-        "shear": float(rng.uniform(-self.max_shear, self.max_shear)),
-        "scale_x": float(1.0 + rng.uniform(-self.max_scale_change, self.max_scale_change)),
-        "scale_y": float(1.0 + rng.uniform(-self.max_scale_change, self.max_scale_change)),
-        "tx_frac": float(rng.uniform(-self.max_translation_frac, self.max_translation_frac)),
-        "ty_frac": float(rng.uniform(-self.max_translation_frac, self.max_translation_frac)),
+      "angle_deg": float(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg)),
+      "shear": float(rng.uniform(-self.max_shear, self.max_shear)),
+      "scale_x": float(1.0 + rng.uniform(-self.max_scale_change, self.max_scale_change)),
+      "scale_y": float(1.0 + rng.uniform(-self.max_scale_change, self.max_scale_change)),
+      "tx_frac": float(rng.uniform(-self.max_translation_frac, self.max_translation_frac)),
+      "ty_frac": float(rng.uniform(-self.max_translation_frac, self.max_translation_frac)),
     }
 
   def __call__(self, raw_client_id: str, index: int) -> Optional[Callable[[Any], Any]]:
@@ -182,23 +193,36 @@ class AffineTransform:
     feature = self.feature
 
     def inverse(height: int, width: int) -> np.ndarray:
-      return affine_matrix(params["angle_deg"], params["shear"], params["scale_x"],
-                           params["scale_y"], params["tx_frac"] * width,
-                           params["ty_frac"] * height, height, width)
+      return affine_matrix(
+        params["angle_deg"],
+        params["shear"],
+        params["scale_x"],
+        params["scale_y"],
+        params["tx_frac"] * width,
+        params["ty_frac"] * height,
+        height,
+        width,
+      )
 
     def warp(element):
       # What tf.data maps (traced, graph mode): TensorFlow's projective warp op.
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
       image = element[feature]
       known = image.shape.rank is not None
       height, width, channels = _image_dims(
-          feature, tuple(image.shape.as_list()) if known else None)
+        feature, tuple(image.shape.as_list()) if known else None
+      )
       transform = tf.constant(projective_coefficients(inverse(height, width))[np.newaxis])
       batch = tf.reshape(tf.cast(image, tf.float32), [height, width, channels or 1])
       warped = tf.raw_ops.ImageProjectiveTransformV3(
-          images=batch[tf.newaxis], transforms=transform,
-          output_shape=tf.constant([height, width]), fill_value=0.0,
-          interpolation="BILINEAR", fill_mode="NEAREST")[0]
+        images=batch[tf.newaxis],
+        transforms=transform,
+        output_shape=tf.constant([height, width]),
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+      )[0]
       out = dict(element)
       out[feature] = tf.cast(tf.reshape(warped, tf.shape(image)), image.dtype)
       return type(element)(out)
@@ -209,7 +233,8 @@ class AffineTransform:
       images = np.asarray(elements[feature])
       height, width, channels = _image_dims(feature, images.shape[1:])
       batch = images.astype(np.float32, copy=False).reshape(
-          len(images), height, width, channels or 1)
+        len(images), height, width, channels or 1
+      )
       warped = bilinear_warp(batch, inverse(height, width))
       out = dict(elements)
       out[feature] = warped.reshape(images.shape).astype(images.dtype, copy=False)

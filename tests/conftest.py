@@ -17,4 +17,5 @@ def _stop_tff_workers_at_exit():
   """
   yield
   from fedbeam.runtime.tff_worker import stop_tff_workers  # pylint: disable=g-import-not-at-top
+
   stop_tff_workers()

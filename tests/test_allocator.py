@@ -1,12 +1,9 @@
 """The allocator settings: applied in-process and to worker processes inside the scope only."""
 
 import os
-import resource
 import subprocess
 import sys
 import textwrap
-
-import numpy as np
 
 from fedbeam.pipelines import allocator
 
@@ -22,12 +19,16 @@ def test_worker_environment_keeps_a_users_own_settings(monkeypatch):
 
 
 def test_worker_processes_started_inside_the_scope_get_the_settings_and_later_ones_do_not(
-    monkeypatch):
+  monkeypatch,
+):
   for name in allocator.ALLOCATOR_ENVIRONMENT:
     monkeypatch.delenv(name, raising=False)
-  probe = [sys.executable, "-c",
-           "import os; print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), "
-           "os.environ.get('MALLOC_TRIM_THRESHOLD_'))"]
+  probe = [
+    sys.executable,
+    "-c",
+    "import os; print(os.environ.get('MALLOC_MMAP_THRESHOLD_'), "
+    "os.environ.get('MALLOC_TRIM_THRESHOLD_'))",
+  ]
   with allocator.tuned_allocator():
     with allocator.tuned_allocator():  # Nested: one setting, undone by the outer exit.
       pass
@@ -63,8 +64,9 @@ def _page_faults_of_reallocating(tuned: bool, after_scope: bool = False) -> int:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
       """)
   env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                       check=True, timeout=120).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True, timeout=120
+  ).stdout
   return int(out.strip().splitlines()[-1])
 
 

@@ -17,18 +17,33 @@ import textwrap
 from apache_beam.options import pipeline_options
 import pytest
 
-from fedbeam import beam_flags
-from fedbeam.format.metadata import read_metadata
-from fedbeam import testing
+from fedbeam import beam_flags, testing
 from fedbeam.cli import _check_beam_args, build_parser, main
+from fedbeam.format.metadata import read_metadata
 
-PREPARE = ["prepare", "--input", "in.tfrecord", "--input-format", "tfrecord",
-           "--client-id-key", "client_id", "--output", "out"]
+PREPARE = [
+  "prepare",
+  "--input",
+  "in.tfrecord",
+  "--input-format",
+  "tfrecord",
+  "--client-id-key",
+  "client_id",
+  "--output",
+  "out",
+]
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 # The flags issue 15 found refused although Beam accepts them.
-REFUSED_BEFORE = ["--extra_package", "--experiment", "--worker_machine_type", "--no_use_public_ips",
-                  "--label", "--resource_hint", "--environment_option",
-                  "--dataflow_service_option"]
+REFUSED_BEFORE = [
+  "--extra_package",
+  "--experiment",
+  "--worker_machine_type",
+  "--no_use_public_ips",
+  "--label",
+  "--resource_hint",
+  "--environment_option",
+  "--dataflow_service_option",
+]
 
 
 def _all_subclasses(cls):
@@ -93,8 +108,16 @@ def test_every_flag_of_every_beam_options_class_passes_the_cli():
         refused[" ".join(tokens)] = (cls_name, error)
   assert refused == {}
   classes = {cls_name for cls_name, _ in flags.values()}
-  assert {"StandardOptions", "GoogleCloudOptions", "WorkerOptions", "SetupOptions",
-          "DebugOptions", "DirectOptions", "PortableOptions", "TestOptions"} <= classes
+  assert {
+    "StandardOptions",
+    "GoogleCloudOptions",
+    "WorkerOptions",
+    "SetupOptions",
+    "DebugOptions",
+    "DirectOptions",
+    "PortableOptions",
+    "TestOptions",
+  } <= classes
   assert set(REFUSED_BEFORE) | {"--job-server-timeout", "--no_save_main_session"} <= set(flags)
   assert len(flags) > 150
 
@@ -103,15 +126,20 @@ def test_dask_flags_pass_with_the_dask_runner():
   pytest.importorskip("dask")
   pytest.importorskip("distributed")
   importlib.import_module(DASK_RUNNER.rsplit(".", 1)[0])
-  dask_flags = {name: action for name, (cls_name, action) in _walk_option_classes().items()
-                if cls_name == "DaskOptions"}
+  dask_flags = {
+    name: action
+    for name, (cls_name, action) in _walk_option_classes().items()
+    if cls_name == "DaskOptions"
+  }
   assert "--dask_client_address" in dask_flags and len(dask_flags) >= 5
   for name, action in sorted(dask_flags.items()):
     for tokens in _spellings(name, action):
       assert _assert_passes_through(tokens, prefix=[f"--runner={DASK_RUNNER}"]) is None, tokens
 
 
-@pytest.mark.parametrize("tokens", [
+@pytest.mark.parametrize(
+  "tokens",
+  [
     ["--experiment", "use_runner_v2", "--experiment=shuffle_mode=service", "--experiments=a,b"],
     ["--label", "team=fl", "--label=run=3", "--labels", "x=y"],
     ["--extra_package", "dist/fedbeam-0.1.0-py3-none-any.whl", "--extra_package=dist/b.whl"],
@@ -120,32 +148,45 @@ def test_dask_flags_pass_with_the_dask_runner():
     ["--dataflow_service_option=enable_prime", "--worker_machine_type", "n1-standard-4"],
     ["--update_compatibility_version", "--update_compatibility_version=2.60.0"],
     ["--num_workers", "-1"],  # argparse reads a negative number as a value
-])
+  ],
+)
 def test_value_forms_and_repeated_flags_pass(tokens):
   assert _assert_passes_through(tokens) is None
 
 
-@pytest.mark.parametrize("tokens,message", [
-    (["--extra_pakage=dist/x.whl"],
-     "unknown flag --extra_pakage (neither a fedbeam prepare flag nor a Beam pipeline option; "
-     "did you mean --extra_package?)"),
-    (["--extra-package", "dist/x.whl"], "unknown flag --extra-package (neither a fedbeam prepare "
-     "flag nor a Beam pipeline option; did you mean --extra_package?)"),
+@pytest.mark.parametrize(
+  "tokens,message",
+  [
+    (
+      ["--extra_pakage=dist/x.whl"],
+      "unknown flag --extra_pakage (neither a fedbeam prepare flag nor a Beam pipeline option; "
+      "did you mean --extra_package?)",
+    ),
+    (
+      ["--extra-package", "dist/x.whl"],
+      "unknown flag --extra-package (neither a fedbeam prepare "
+      "flag nor a Beam pipeline option; did you mean --extra_package?)",
+    ),
     (["--no_use_public_ip"], "did you mean --no_use_public_ips?"),
     (["--dataflow-service-option=x"], "did you mean --dataflow_service_option?"),
     (["--experimnt=a"], "did you mean --experiment?"),
     (["--zzqq"], "unknown flag --zzqq (neither a fedbeam prepare flag nor a Beam pipeline option)"),
     (["stray"], "unexpected argument 'stray'"),
     (["--runner=DataflowRunner", "gs://bucket/x"], "unexpected argument 'gs://bucket/x'"),
-    (["--save_main_session", "yes"],
-     "unexpected argument 'yes' (after --save_main_session, which takes no value)"),
-    (["--no_use_public_ips=true"],
-     "--no_use_public_ips takes no value (got '--no_use_public_ips=true')"),
+    (
+      ["--save_main_session", "yes"],
+      "unexpected argument 'yes' (after --save_main_session, which takes no value)",
+    ),
+    (
+      ["--no_use_public_ips=true"],
+      "--no_use_public_ips takes no value (got '--no_use_public_ips=true')",
+    ),
     (["--project"], "--project needs a value (--project=VALUE or --project VALUE)"),
     (["--project", "--region=us-central1"], "--project needs a value"),
     (["-p", "x"], "unexpected argument '-p'"),
     (["--"], "unexpected argument '--'"),
-])
+  ],
+)
 def test_misspelled_flags_and_stray_words_are_refused(tokens, message):
   error = _assert_passes_through(tokens)
   assert error is not None and message in error, error
@@ -154,12 +195,26 @@ def test_misspelled_flags_and_stray_words_are_refused(tokens, message):
 def test_cli_exits_2_naming_a_misspelled_flag_and_writes_nothing(tmp_path, capsys):
   path = testing.write_tfrecord_input(tmp_path / "in.tfrecord", {"a": [{"x": 1.0}]})
   out = tmp_path / "out"
-  code = main(["prepare", "--input", path, "--input-format", "tfrecord", "--client-id-key",
-               "client_id", "--output", str(out), "--experiment=a", "--extra_pakage=x.whl"])
+  code = main(
+    [
+      "prepare",
+      "--input",
+      path,
+      "--input-format",
+      "tfrecord",
+      "--client-id-key",
+      "client_id",
+      "--output",
+      str(out),
+      "--experiment=a",
+      "--extra_pakage=x.whl",
+    ]
+  )
   assert code == 2
   assert capsys.readouterr().err == (
-      "fedbeam prepare: error: unknown flag --extra_pakage (neither a fedbeam prepare flag nor a "
-      "Beam pipeline option; did you mean --extra_package?)\n")
+    "fedbeam prepare: error: unknown flag --extra_pakage (neither a fedbeam prepare flag nor a "
+    "Beam pipeline option; did you mean --extra_package?)\n"
+  )
   assert not out.exists()
 
 
@@ -167,17 +222,35 @@ def test_beam_flags_the_issue_found_refused_run_a_job(tmp_path, capsys):
   clients = {"a": [{"x": 1.0}, {"x": 2.0}], "b": [{"x": 3.0}]}
   path = testing.write_tfrecord_input(tmp_path / "in.tfrecord", clients)
   out = tmp_path / "out"
-  code = main(["prepare", "--input", path, "--input-format", "tfrecord", "--client-id-key",
-               "client_id", "--output", str(out),
-               "--experiment", "a", "--experiment=b", "--no_use_public_ips", "--label=team=fl",
-               "--worker_machine_type", "n1-standard-4", "--resource_hint=min_ram=1GB",
-               "--environment_option=k=v", "--dataflow_service_option=x"])
+  code = main(
+    [
+      "prepare",
+      "--input",
+      path,
+      "--input-format",
+      "tfrecord",
+      "--client-id-key",
+      "client_id",
+      "--output",
+      str(out),
+      "--experiment",
+      "a",
+      "--experiment=b",
+      "--no_use_public_ips",
+      "--label=team=fl",
+      "--worker_machine_type",
+      "n1-standard-4",
+      "--resource_hint=min_ram=1GB",
+      "--environment_option=k=v",
+      "--dataflow_service_option=x",
+    ]
+  )
   assert code == 0, capsys.readouterr().err
   assert [(s["name"], s["num_clients"]) for s in read_metadata(str(out))["splits"]] == [("all", 2)]
   testing.assert_store_equals(str(out), clients, ordered=False)
 
 
-_RUNNER_MODULE = '''
+_RUNNER_MODULE = """
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
@@ -192,13 +265,13 @@ class ClusterOptions(PipelineOptions):
 
 class ClusterRunner(FnApiRunner):
   pass
-'''
+"""
 
-_CHECK = '''
+_CHECK = """
 import json, sys
 from fedbeam.cli import _check_beam_args
 print(json.dumps([_check_beam_args(args) for args in json.loads(sys.argv[1])]))
-'''
+"""
 
 
 def _has_dask():
@@ -206,19 +279,23 @@ def _has_dask():
 
 
 RUNNER_CASES = [
-    ["--cluster_address=tcp://h:1"],
-    ["--runner=my_cluster.ClusterRunner", "--cluster_address=tcp://h:1", "--cluster_local"],
-    ["--cluster_local", "--runner", "my_cluster:ClusterRunner"],
-    ["--runner=my_cluster.NoSuchRunner"],
-    ["--runner=my_cluster.ClusterOptions"],
-    ["--runner=no_such_package.runners.Runner", "--num_workers=2"],
-    ["--runner=Flink"],
-    ["--runner=Bogus"],
+  ["--cluster_address=tcp://h:1"],
+  ["--runner=my_cluster.ClusterRunner", "--cluster_address=tcp://h:1", "--cluster_local"],
+  ["--cluster_local", "--runner", "my_cluster:ClusterRunner"],
+  ["--runner=my_cluster.NoSuchRunner"],
+  ["--runner=my_cluster.ClusterOptions"],
+  ["--runner=no_such_package.runners.Runner", "--num_workers=2"],
+  ["--runner=Flink"],
+  ["--runner=Bogus"],
 ]
 DASK_CASES = [
-    ["--dask_client_address=tcp://127.0.0.1:8786"],
-    [f"--runner={DASK_RUNNER}", "--dask_client_address", "tcp://127.0.0.1:8786",
-     "--dask_connection_timeout=5"],
+  ["--dask_client_address=tcp://127.0.0.1:8786"],
+  [
+    f"--runner={DASK_RUNNER}",
+    "--dask_client_address",
+    "tcp://127.0.0.1:8786",
+    "--dask_connection_timeout=5",
+  ],
 ]
 
 
@@ -233,24 +310,36 @@ def fresh_process_checks(tmp_path_factory):
   (root / "my_cluster.py").write_text(textwrap.dedent(_RUNNER_MODULE))
   cases = RUNNER_CASES + (DASK_CASES if _has_dask() else [])
   env = dict(os.environ, PYTHONPATH=str(root))
-  out = subprocess.run([sys.executable, "-c", _CHECK, json.dumps(cases)], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=300, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", _CHECK, json.dumps(cases)],
+    env=env,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  ).stdout
   results = json.loads(out.strip().splitlines()[-1])
-  return results[:len(RUNNER_CASES)], results[len(RUNNER_CASES):]
+  return results[: len(RUNNER_CASES)], results[len(RUNNER_CASES) :]
 
 
 def test_runner_module_named_by_runner_is_imported_first(fresh_process_checks):
   results, _ = fresh_process_checks
   assert results[0].startswith("unknown flag --cluster_address ")
   assert results[1:4] == [
-      None, None,
-      "--runner my_cluster.NoSuchRunner: module my_cluster has no PipelineRunner class "
-      "NoSuchRunner"]
-  assert results[4] == ("--runner my_cluster.ClusterOptions: module my_cluster has no "
-                        "PipelineRunner class ClusterOptions")
-  assert results[5] == ("--runner no_such_package.runners.Runner: cannot import module "
-                        "no_such_package.runners (ModuleNotFoundError: No module named "
-                        "'no_such_package')")
+    None,
+    None,
+    "--runner my_cluster.NoSuchRunner: module my_cluster has no PipelineRunner class NoSuchRunner",
+  ]
+  assert results[4] == (
+    "--runner my_cluster.ClusterOptions: module my_cluster has no "
+    "PipelineRunner class ClusterOptions"
+  )
+  assert results[5] == (
+    "--runner no_such_package.runners.Runner: cannot import module "
+    "no_such_package.runners (ModuleNotFoundError: No module named "
+    "'no_such_package')"
+  )
   assert results[6] is None  # Beam's short runner names resolve as Beam resolves them
   assert results[7].startswith("--runner Bogus: not a Beam runner name (DataflowRunner, ")
 

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from fedbeam.format.layout import METADATA_FILE
-from fedbeam.format.metadata import read_metadata
 from fedbeam import testing
 from fedbeam.cli import main
+from fedbeam.format.layout import METADATA_FILE
+from fedbeam.format.metadata import read_metadata
 
 SPEC = {"label": {"dtype": "int64", "shape": []}, "x": {"dtype": "float32", "shape": [3]}}
 # Example counts per client: four empty clients, sizes up to 9.
@@ -19,8 +19,10 @@ SIZES = [0, 1, 2, 3, 0, 5, 6, 0, 9, 1, 0, 4]
 
 def _clients():
   rng = np.random.RandomState(3)
-  return {f"client-{i:02d}": [{"label": j, "x": rng.uniform(size=3).astype(np.float32)}
-                              for j in range(n)] for i, n in enumerate(SIZES)}
+  return {
+    f"client-{i:02d}": [{"label": j, "x": rng.uniform(size=3).astype(np.float32)} for j in range(n)]
+    for i, n in enumerate(SIZES)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +54,27 @@ def test_json_summary_has_version_splits_empty_clients_and_percentiles(store, ca
   assert split["num_clients"] == len(SIZES)
   assert split["num_examples"] == sum(SIZES)
   assert split["num_empty_clients"] == 4
-  assert split["client_size"] == {"min": 0, "p50": _nearest(SIZES, 50), "p90": _nearest(SIZES, 90),
-                                  "p99": _nearest(SIZES, 99), "max": 9}
+  assert split["client_size"] == {
+    "min": 0,
+    "p50": _nearest(SIZES, 50),
+    "p90": _nearest(SIZES, 90),
+    "p99": _nearest(SIZES, 99),
+    "max": 9,
+  }
   data_dir = read_metadata(store)["data_dir"]
-  sizes = sum(os.path.getsize(os.path.join(d, n))
-              for d, _, names in os.walk(os.path.join(store, data_dir, "all")) for n in names)
+  sizes = sum(
+    os.path.getsize(os.path.join(d, n))
+    for d, _, names in os.walk(os.path.join(store, data_dir, "all"))
+    for n in names
+  )
   assert split["num_bytes"] == sizes
-  assert summary["element_spec"] == {"label": {"dtype": "int64", "shape": []},
-                                     "x": {"dtype": "float32", "shape": [3]}}
+  assert summary["element_spec"] == {
+    "label": {"dtype": "int64", "shape": []},
+    "x": {"dtype": "float32", "shape": [3]},
+  }
   assert summary["empty_client_report"]["sample"] == [
-      f"client-{i:02d}" for i, n in enumerate(SIZES) if n == 0]
+    f"client-{i:02d}" for i, n in enumerate(SIZES) if n == 0
+  ]
 
 
 def test_human_summary_lists_each_split_and_the_empty_clients(store, capsys):
@@ -69,8 +82,10 @@ def test_human_summary_lists_each_split_and_the_empty_clients(store, capsys):
   assert code == 0, err
   assert f"fedbeam store {store} (format v1" in out
   assert f"split all: {len(SIZES)} clients, {sum(SIZES)} examples" in out
-  assert (f"examples per client: min 0, p50 {_nearest(SIZES, 50)}, p90 {_nearest(SIZES, 90)}, "
-          f"p99 {_nearest(SIZES, 99)}, max 9") in out
+  assert (
+    f"examples per client: min 0, p50 {_nearest(SIZES, 50)}, p90 {_nearest(SIZES, 90)}, "
+    f"p99 {_nearest(SIZES, 99)}, max 9"
+  ) in out
   assert "empty clients: 4 found, policy keep, 0 dropped" in out
   assert "element spec: label: int64[], x: float32[3]" in out
 

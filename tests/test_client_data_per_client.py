@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fedbeam.format.codec import PARSE_BATCH
 from fedbeam import testing as fbt
+from fedbeam.format.codec import PARSE_BATCH
 from fedbeam.runtime import store_reader as reader_module
 from fedbeam.runtime.client_data import ClientFileError, load_client_data
 
@@ -19,13 +19,16 @@ BIG = 2 * PARSE_BATCH + 37
 
 
 def _clients():
-  big = [{"label": np.int32(i % 7), "pixels": np.array([i, -i, i / 2], np.float32)}
-         for i in reversed(range(BIG))]
-  return {"big": big,
-          "one": [{"label": np.int32(-3), "pixels": np.array([1.5, 2.5, 3.5], np.float32)}],
-          "empty": [],
-          "two/ü": [{"label": np.int32(2 - j), "pixels": np.full(3, j, np.float32)}
-                    for j in range(2)]}
+  big = [
+    {"label": np.int32(i % 7), "pixels": np.array([i, -i, i / 2], np.float32)}
+    for i in reversed(range(BIG))
+  ]
+  return {
+    "big": big,
+    "one": [{"label": np.int32(-3), "pixels": np.array([1.5, 2.5, 3.5], np.float32)}],
+    "empty": [],
+    "two/ü": [{"label": np.int32(2 - j), "pixels": np.full(3, j, np.float32)} for j in range(2)],
+  }
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +50,12 @@ def _per_client_datasets(data, client_id, traced=None):
   """The client's dataset through every per-client path of StoreClientData."""
   traced = traced or tf.function(data.serializable_dataset_fn, autograph=False)
   walked = dict(zip(_walk_order(data, seed=1), data.datasets(seed=1)))
-  return {"create_tf_dataset_for_client": data.create_tf_dataset_for_client(client_id),
-          "serializable_dataset_fn eager": data.serializable_dataset_fn(client_id),
-          "serializable_dataset_fn traced": traced(tf.constant(client_id)),
-          "datasets()": walked[client_id]}
+  return {
+    "create_tf_dataset_for_client": data.create_tf_dataset_for_client(client_id),
+    "serializable_dataset_fn eager": data.serializable_dataset_fn(client_id),
+    "serializable_dataset_fn traced": traced(tf.constant(client_id)),
+    "datasets()": walked[client_id],
+  }
 
 
 def _walk_order(data, seed):
@@ -67,12 +72,14 @@ def test_every_path_keeps_the_input_order_across_parse_batches(clean_store):
   for cid, expected in _clients().items():
     for how, ds in _per_client_datasets(data, cid, traced).items():
       assert ds.element_spec == data.element_type_structure, how
-      fbt.assert_elements_equal(fbt.dataset_elements(ds), expected, ordered=True,
-                                where=f"{cid} via {how}")
+      fbt.assert_elements_equal(
+        fbt.dataset_elements(ds), expected, ordered=True, where=f"{cid} via {how}"
+      )
   batches = list(data.create_tf_dataset_for_client("big").batch(100).as_numpy_iterator())
   assert [len(b["label"]) for b in batches] == [100] * (BIG // 100) + [BIG % 100]
-  np.testing.assert_array_equal(np.concatenate([b["pixels"][:, 0] for b in batches]),
-                                np.arange(BIG)[::-1])
+  np.testing.assert_array_equal(
+    np.concatenate([b["pixels"][:, 0] for b in batches]), np.arange(BIG)[::-1]
+  )
 
 
 def test_a_damaged_record_names_the_client_after_the_batches_before_it(store_copy):
@@ -96,8 +103,9 @@ def test_a_damaged_record_names_the_client_after_the_batches_before_it(store_cop
   with pytest.raises(tf.errors.DataLossError):
     list(store.create_tf_dataset_for_client("big").batch(10))
   # The other clients read as before.
-  fbt.assert_elements_equal(fbt.dataset_elements(store.create_tf_dataset_for_client("one")),
-                            _clients()["one"])
+  fbt.assert_elements_equal(
+    fbt.dataset_elements(store.create_tf_dataset_for_client("one")), _clients()["one"]
+  )
 
 
 def test_a_missing_file_names_the_client_when_read(store_copy):
@@ -136,7 +144,8 @@ def test_create_tf_dataset_for_client_inside_a_tf_function(clean_store):
   @tf.function
   def first_pixel_sum():
     return data.create_tf_dataset_for_client("big").reduce(
-        tf.constant(0.0), lambda acc, e: acc + e["pixels"][0])
+      tf.constant(0.0), lambda acc, e: acc + e["pixels"][0]
+    )
 
   assert float(first_pixel_sum()) == float(sum(range(BIG)))
 
@@ -151,8 +160,9 @@ def test_public_ops_give_the_same_elements(clean_store, monkeypatch):
       ds = data.create_tf_dataset_for_client(cid)
       assert len(_dataset_functions(ds)) > 1  # really the public ops
       fbt.assert_elements_equal(fbt.dataset_elements(ds), expected, ordered=True, where=cid)
-      fbt.assert_elements_equal(fbt.dataset_elements(data.serializable_dataset_fn(cid)),
-                                expected, ordered=True, where=cid)
+      fbt.assert_elements_equal(
+        fbt.dataset_elements(data.serializable_dataset_fn(cid)), expected, ordered=True, where=cid
+      )
   finally:
     reader_module._dataset_by_path_fn.cache_clear()  # Later tests get the internal ops again.
 
@@ -162,14 +172,16 @@ def _dataset_functions(ds):
   return list(graph.library.function)
 
 
-def test_a_client_dataset_holds_one_single_device_function_and_skips_static_rewrites(
-    clean_store):
+def test_a_client_dataset_holds_one_single_device_function_and_skips_static_rewrites(clean_store):
   # Each function of a dataset is instantiated anew for every iterator; the
   # parse is the only one, and single-device (no grappler pass per iterator).
   data = load_client_data(clean_store)
   traced = tf.function(data.serializable_dataset_fn, autograph=False)
-  for ds in (data.create_tf_dataset_for_client("big"), data.serializable_dataset_fn("big"),
-             traced(tf.constant("big"))):
+  for ds in (
+    data.create_tf_dataset_for_client("big"),
+    data.serializable_dataset_fn("big"),
+    traced(tf.constant("big")),
+  ):
     functions = _dataset_functions(ds)
     assert len(functions) == 1, [f.signature.name for f in functions]
     assert functions[0].attr["experimental_ints_on_device"].b

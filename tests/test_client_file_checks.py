@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from fedbeam import testing as fbt
 from fedbeam.format.layout import MANIFEST_DIR, StoreFormatError
 from fedbeam.format.manifest import manifest_file_name
 from fedbeam.format.metadata import metadata_path, parsed_schema, read_metadata
 from fedbeam.format.tfrecord import masked_crc, read_tfrecords, tfrecord_frames
-from fedbeam import testing as fbt
 from fedbeam.runtime.client_data import ClientFileError, load_client_data
 
 SPEC = {"label": {"dtype": "int32", "shape": []}, "pixels": {"dtype": "float32", "shape": [4]}}
@@ -31,8 +31,12 @@ SPEC = {"label": {"dtype": "int32", "shape": []}, "pixels": {"dtype": "float32",
 
 def _clients():
   rng = np.random.default_rng(3)
-  return {f"c{i}": [{"label": np.int32(j % 3), "pixels": rng.random(4, dtype=np.float32)}
-                    for j in range(i + 1)] for i in range(6)}
+  return {
+    f"c{i}": [
+      {"label": np.int32(j % 3), "pixels": rng.random(4, dtype=np.float32)} for j in range(i + 1)
+    ]
+    for i in range(6)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -78,31 +82,42 @@ def _every_path_fails(store_path, cid, eager_match, graph_match):
   def label_sum(client_id):
     return tf.reduce_sum(data.client_tensors_fn(client_id)["label"])
 
-  with pytest.raises(tf.errors.InvalidArgumentError,
-                     match=rf"the file of client.*{cid}.*in store {store_path} holds") as e:
+  with pytest.raises(
+    tf.errors.InvalidArgumentError, match=rf"the file of client.*{cid}.*in store {store_path} holds"
+  ) as e:
     label_sum(tf.constant(cid))
   assert isinstance(data.client_file_error(e.value, cid), ClientFileError)
   # Every other client reads as before.
-  fbt.assert_elements_equal(fbt.dataset_elements(data.create_tf_dataset_for_client("c1")),
-                            _clients()["c1"], ordered=False)
+  fbt.assert_elements_equal(
+    fbt.dataset_elements(data.create_tf_dataset_for_client("c1")), _clients()["c1"], ordered=False
+  )
 
 
 # ---------------------------------------------------------------------------
 # Item 3: short, empty and swapped client files
 # ---------------------------------------------------------------------------
 
+
 def test_a_file_cut_at_a_record_boundary_fails_every_read_path(store):
   path = fbt.client_file(store, "c5")
   _write_records(path, _records(path)[:4])  # 4 of its 6 records, framing intact
   size = os.path.getsize(path)
-  _every_path_fails(store, "c5", rf"client 'c5' in store .* is {size} bytes, the manifest says",
-                    rf"client.*c5.*is.*{size}.*bytes, the manifest says")
+  _every_path_fails(
+    store,
+    "c5",
+    rf"client 'c5' in store .* is {size} bytes, the manifest says",
+    rf"client.*c5.*is.*{size}.*bytes, the manifest says",
+  )
 
 
 def test_an_empty_client_file_fails_every_read_path(store):
   open(fbt.client_file(store, "c3"), "wb").close()
-  _every_path_fails(store, "c3", r"client 'c3' in store .* is 0 bytes, the manifest says",
-                    r"client.*c3.*is.*\b0\b.*bytes, the manifest says")
+  _every_path_fails(
+    store,
+    "c3",
+    r"client 'c3' in store .* is 0 bytes, the manifest says",
+    r"client.*c3.*is.*\b0\b.*bytes, the manifest says",
+  )
 
 
 def test_swapped_client_files_fail_instead_of_serving_each_others_data(store):
@@ -112,22 +127,28 @@ def test_swapped_client_files_fail_instead_of_serving_each_others_data(store):
   os.rename(b, a)
   os.rename(tmp, b)
   for cid in ("c2", "c4"):
-    _every_path_fails(store, cid, rf"client '{cid}' .* bytes, the manifest says",
-                      rf"client.*{cid}.*bytes, the manifest says")
+    _every_path_fails(
+      store,
+      cid,
+      rf"client '{cid}' .* bytes, the manifest says",
+      rf"client.*{cid}.*bytes, the manifest says",
+    )
 
 
 def test_a_file_with_more_records_than_the_manifest_fails_on_count(store):
   # The manifest (and the metadata's totals, so the load checks pass) says c2
   # holds 2 records; its file, of the size the manifest gives, holds 3.
   metadata = read_metadata(store)
-  _edit_manifest(store, lambda rows: [dict(r, num_examples=2) if r["client_id"] == "c2" else r
-                                      for r in rows])
+  _edit_manifest(
+    store, lambda rows: [dict(r, num_examples=2) if r["client_id"] == "c2" else r for r in rows]
+  )
   metadata["splits"][0]["num_examples"] -= 1
   with open(metadata_path(store), "w") as f:
     json.dump(metadata, f)
   data = load_client_data(store)
-  with pytest.raises(ClientFileError, match="client 'c2' .* holds more than 2 records, the "
-                                            "manifest says 2"):
+  with pytest.raises(
+    ClientFileError, match="client 'c2' .* holds more than 2 records, the manifest says 2"
+  ):
     list(data.create_tf_dataset_for_client("c2"))
   with pytest.raises(ClientFileError, match="client 'c2' .* holds more than 2 records"):
     data.client_tensors_fn("c2")
@@ -148,8 +169,11 @@ def test_a_sound_client_reads_the_same_through_every_path(clean_store):
   data = load_client_data(clean_store)
   traced = tf.function(data.serializable_dataset_fn, autograph=False)
   for cid, expected in _clients().items():
-    for ds in (data.create_tf_dataset_for_client(cid), data.serializable_dataset_fn(cid),
-               traced(tf.constant(cid))):
+    for ds in (
+      data.create_tf_dataset_for_client(cid),
+      data.serializable_dataset_fn(cid),
+      traced(tf.constant(cid)),
+    ):
       assert int(ds.cardinality()) in (len(expected), tf.data.UNKNOWN_CARDINALITY)
       fbt.assert_elements_equal(fbt.dataset_elements(ds), expected, ordered=False, where=cid)
     tensors = data.client_tensors_fn(cid)
@@ -160,6 +184,7 @@ def test_a_sound_client_reads_the_same_through_every_path(clean_store):
 # ---------------------------------------------------------------------------
 # Item 6 (reader): a record length forged to 2^40 with a valid length CRC
 # ---------------------------------------------------------------------------
+
 
 def test_a_forged_record_length_is_refused_before_tensorflow_reads_it(store):
   path = fbt.client_file(store, "c5")
@@ -183,8 +208,9 @@ def test_a_forged_record_length_is_refused_before_tensorflow_reads_it(store):
       stop_tff_workers()
       """)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300, env=env)
+  run = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+  )
   assert run.returncode == 0, run.stderr[-2000:]
   lines = [l for l in run.stdout.splitlines() if l.startswith(("eager", "tensors"))]
   assert len(lines) == 2, run.stdout
@@ -196,6 +222,7 @@ def test_a_forged_record_length_is_refused_before_tensorflow_reads_it(store):
 # ---------------------------------------------------------------------------
 # Item 13 (reader): client_tensors_fn names the client of a missing or damaged file
 # ---------------------------------------------------------------------------
+
 
 def test_client_tensors_fn_names_the_client_of_a_missing_or_damaged_file(store):
   os.remove(fbt.client_file(store, "c3"))
@@ -217,10 +244,15 @@ def test_client_tensors_fn_names_the_client_of_a_missing_or_damaged_file(store):
 # Item 10: manifest rows that disagree with the metadata
 # ---------------------------------------------------------------------------
 
+
 def _edit_manifest(store_path, edit):
   metadata = read_metadata(store_path)
-  path = os.path.join(store_path, metadata["data_dir"], MANIFEST_DIR,
-                      manifest_file_name(0, metadata["manifest"]["num_files"]))
+  path = os.path.join(
+    store_path,
+    metadata["data_dir"],
+    MANIFEST_DIR,
+    manifest_file_name(0, metadata["manifest"]["num_files"]),
+  )
   with open(path, "rb") as f:
     rows = edit(list(fastavro.reader(f)))
   with open(path, "wb") as f:
@@ -231,32 +263,55 @@ def _with(cid, **fields):
   return lambda rows: [dict(r, **fields) if r["client_id"] == cid else r for r in rows]
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda rows: [r for r in rows if r["client_id"] != "c2"],
-     r"split 'all' has num_clients 6 in the metadata but 5 in the manifest"),
+@pytest.mark.parametrize(
+  "edit, match",
+  [
+    (
+      lambda rows: [r for r in rows if r["client_id"] != "c2"],
+      r"split 'all' has num_clients 6 in the metadata but 5 in the manifest",
+    ),
     (_with("c2", split="other"), r"client 'c2' names split 'other', which the metadata does not"),
     # Rows out of bounds on their own are refused by the manifest reader.
-    (_with("c2", num_examples=-3), r"client 'c2': num_examples -3 and num_bytes \d+ must not be "
-                                   r"negative"),
-    (_with("c2", num_bytes=-1), r"client 'c2': num_examples 3 and num_bytes -1 must not be "
-                                r"negative"),
-    (_with("c2", num_examples=4),
-     r"split 'all' has num_examples 21 in the metadata but 22 in the manifest"),
-    (_with("c2", num_examples=10 ** 9), r"client 'c2': 1000000000 examples of the element spec "
-                                        r"take at least \d+ bytes, the manifest says the file "
-                                        r"has \d+"),
-    (_with("c2", num_bytes=5), r"client 'c2': 3 examples of the element spec take at least "
-                               r"\d+ bytes, the manifest says the file has 5"),
-    (_with("c0", num_examples=0), r"client 'c0' has num_examples 0 in num_bytes \d+: only an "
-                                  r"empty client has 0 bytes"),
+    (
+      _with("c2", num_examples=-3),
+      r"client 'c2': num_examples -3 and num_bytes \d+ must not be "
+      r"negative",
+    ),
+    (
+      _with("c2", num_bytes=-1),
+      r"client 'c2': num_examples 3 and num_bytes -1 must not be "
+      r"negative",
+    ),
+    (
+      _with("c2", num_examples=4),
+      r"split 'all' has num_examples 21 in the metadata but 22 in the manifest",
+    ),
+    (
+      _with("c2", num_examples=10**9),
+      r"client 'c2': 1000000000 examples of the element spec "
+      r"take at least \d+ bytes, the manifest says the file "
+      r"has \d+",
+    ),
+    (
+      _with("c2", num_bytes=5),
+      r"client 'c2': 3 examples of the element spec take at least "
+      r"\d+ bytes, the manifest says the file has 5",
+    ),
+    (
+      _with("c0", num_examples=0),
+      r"client 'c0' has num_examples 0 in num_bytes \d+: only an "
+      r"empty client has 0 bytes",
+    ),
     (_with("c2", num_bytes=200), r"split 'all' has num_bytes \d+ in the metadata but"),
     (lambda rows: rows + [dict(rows[0])], r"client 'c0' appears twice"),
-])
+  ],
+)
 def test_manifest_rows_that_disagree_with_the_metadata_are_refused(store, edit, match):
   _edit_manifest(store, edit)
   where = re.escape(store)
-  with pytest.raises(StoreFormatError,
-                     match=rf"(store {where} is damaged|manifest file {where}/\S+): .*{match}"):
+  with pytest.raises(
+    StoreFormatError, match=rf"(store {where} is damaged|manifest file {where}/\S+): .*{match}"
+  ):
     load_client_data(store)
 
 
@@ -269,14 +324,19 @@ def test_a_sound_manifest_loads_every_client(clean_store):
 # The in-graph lookup of manifest figures
 # ---------------------------------------------------------------------------
 
+
 def test_manifest_figures_look_up_every_id_even_when_keys_collide():
   from fedbeam.runtime.client_file_checks import ManifestFigures
+
   ids = [f"id{i}" for i in range(50)] + ["", "two/ü", "x" * 300]
   examples = list(range(len(ids)))
   sizes = [100 + 7 * i for i in range(len(ids))]
   for key_fn, exact in ((None, 0), (lambda s: tf.strings.to_hash_bucket_fast(s, 4), len(ids))):
-    figures = (ManifestFigures(ids, examples, sizes) if key_fn is None
-               else ManifestFigures(ids, examples, sizes, key_fn=key_fn))
+    figures = (
+      ManifestFigures(ids, examples, sizes)
+      if key_fn is None
+      else ManifestFigures(ids, examples, sizes, key_fn=key_fn)
+    )
     assert figures.num_exact == exact
     lookup = tf.function(figures.lookup, input_signature=[tf.TensorSpec([], tf.string)])
     for cid, n, b in zip(ids, examples, sizes):

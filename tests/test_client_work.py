@@ -13,33 +13,31 @@ from fedbeam.runtime import client_work
 LR = 0.1
 INITIAL_KERNEL = np.array([[0.5], [-0.5]], np.float32)
 BATCHES = [
-    (np.array([[1.0, 0.0], [0.0, 1.0]], np.float32),
-     np.array([[1.0], [2.0]], np.float32)),
-    (np.array([[1.0, 1.0], [2.0, 0.0]], np.float32),
-     np.array([[0.0], [1.0]], np.float32)),
+  (np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), np.array([[1.0], [2.0]], np.float32)),
+  (np.array([[1.0, 1.0], [2.0, 0.0]], np.float32), np.array([[0.0], [1.0]], np.float32)),
 ]
 INPUT_SPEC = collections.OrderedDict(
-    x=tf.TensorSpec([None, 2], tf.float32), y=tf.TensorSpec([None, 1], tf.float32)
+  x=tf.TensorSpec([None, 2], tf.float32), y=tf.TensorSpec([None, 1], tf.float32)
 )
 
 
 def linear_model_fn():
   """y = x @ w, no bias, mean squared error: gradients are easy by hand."""
-  keras_model = tf.keras.Sequential([
+  keras_model = tf.keras.Sequential(
+    [
       tf.keras.layers.Input([2]),
       tf.keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
-  ])
+    ]
+  )
   return tff.learning.models.from_keras_model(
-      keras_model, input_spec=INPUT_SPEC, loss=tf.keras.losses.MeanSquaredError()
+    keras_model, input_spec=INPUT_SPEC, loss=tf.keras.losses.MeanSquaredError()
   )
 
 
 def client_dataset():
   x = np.concatenate([b[0] for b in BATCHES])
   y = np.concatenate([b[1] for b in BATCHES])
-  return tf.data.Dataset.from_tensor_slices(
-      collections.OrderedDict(x=x, y=y)
-  ).batch(2)
+  return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(2)
 
 
 def expected_update(mu, proximal_sign=1.0):
@@ -56,36 +54,38 @@ def expected_update(mu, proximal_sign=1.0):
 
 
 def initial_weights():
-  return tff.learning.models.ModelWeights(trainable=[INITIAL_KERNEL],
-                                          non_trainable=[])
+  return tff.learning.models.ModelWeights(trainable=[INITIAL_KERNEL], non_trainable=[])
 
 
 OPTIMIZERS = {
-    "tff-sgd": lambda: tff.learning.optimizers.build_sgdm(LR),
-    "keras-sgd": lambda: (lambda: tf.keras.optimizers.SGD(LR)),
+  "tff-sgd": lambda: tff.learning.optimizers.build_sgdm(LR),
+  "keras-sgd": lambda: lambda: tf.keras.optimizers.SGD(LR),
 }
 
 
 # Each optimizer kind and each regularizer meets both loops (the equivalence
 # tests in test_simulation.py run the full product).
-@pytest.mark.parametrize("kind,mu,simulation_loop", [
-    ("tff-sgd", 0.0, False), ("tff-sgd", 0.5, True),
-    ("keras-sgd", 0.0, True), ("keras-sgd", 0.5, False),
-])
+@pytest.mark.parametrize(
+  "kind,mu,simulation_loop",
+  [
+    ("tff-sgd", 0.0, False),
+    ("tff-sgd", 0.5, True),
+    ("keras-sgd", 0.0, True),
+    ("keras-sgd", 0.5, False),
+  ],
+)
 def test_process_computes_fedprox_update_by_hand(kind, mu, simulation_loop):
   process = client_work.build_model_delta_client_work(
-      linear_model_fn,
-      OPTIMIZERS[kind](),
-      tff.learning.ClientWeighting.NUM_EXAMPLES,
-      delta_l2_regularizer=mu,
-      use_experimental_simulation_loop=simulation_loop,
+    linear_model_fn,
+    OPTIMIZERS[kind](),
+    tff.learning.ClientWeighting.NUM_EXAMPLES,
+    delta_l2_regularizer=mu,
+    use_experimental_simulation_loop=simulation_loop,
   )
   assert isinstance(process, tff.learning.templates.ClientWorkProcess)
-  output = process.next(process.initialize(), [initial_weights()],
-                        [client_dataset()])
+  output = process.next(process.initialize(), [initial_weights()], [client_dataset()])
   (result,) = output.result
-  np.testing.assert_allclose(result.update[0], expected_update(mu),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(result.update[0], expected_update(mu), rtol=1e-5, atol=1e-6)
   assert result.update_weight == 4.0
   train = output.measurements["train"]
   assert train["num_examples"] == 4 and train["num_batches"] == 2
@@ -99,18 +99,19 @@ def test_proximal_term_changes_the_update():
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
 def test_uniform_weighting_gives_weight_one(kind):
   process = client_work.build_model_delta_client_work(
-      linear_model_fn, OPTIMIZERS[kind](), tff.learning.ClientWeighting.UNIFORM
+    linear_model_fn, OPTIMIZERS[kind](), tff.learning.ClientWeighting.UNIFORM
   )
-  output = process.next(process.initialize(), [initial_weights()],
-                        [client_dataset()])
+  output = process.next(process.initialize(), [initial_weights()], [client_dataset()])
   assert output.result[0].update_weight == 1.0
 
 
 def test_loop_flag_selects_tff_loop_implementation():
-  assert (client_work.loop_implementation_for(True)
-          == tff.learning.LoopImplementation.DATASET_ITERATOR)
-  assert (client_work.loop_implementation_for(False)
-          == tff.learning.LoopImplementation.DATASET_REDUCE)
+  assert (
+    client_work.loop_implementation_for(True) == tff.learning.LoopImplementation.DATASET_ITERATOR
+  )
+  assert (
+    client_work.loop_implementation_for(False) == tff.learning.LoopImplementation.DATASET_REDUCE
+  )
   with pytest.raises(TypeError, match="must be a bool"):
     client_work.loop_implementation_for(1)
 
@@ -119,14 +120,15 @@ def test_keras_client_update_starts_each_client_from_fresh_optimizer_state():
   # Momentum would carry over between clients if the optimizer's slots were
   # not reset; TFF's runtime starts every client from scratch.
   update = client_work.build_client_update(
-      linear_model_fn,
-      lambda: tf.keras.optimizers.SGD(LR, momentum=0.9),
-      tff.learning.ClientWeighting.NUM_EXAMPLES,
+    linear_model_fn,
+    lambda: tf.keras.optimizers.SGD(LR, momentum=0.9),
+    tff.learning.ClientWeighting.NUM_EXAMPLES,
   )
   weights = tff.learning.models.ModelWeights(
-      trainable=tf.nest.pack_sequence_as(
-          update.model.trainable_variables, [tf.constant(INITIAL_KERNEL)]),
-      non_trainable=update.model.non_trainable_variables,
+    trainable=tf.nest.pack_sequence_as(
+      update.model.trainable_variables, [tf.constant(INITIAL_KERNEL)]
+    ),
+    non_trainable=update.model.non_trainable_variables,
   )
   first, _ = update.update_fn(weights, client_dataset())
   second, _ = update.update_fn(weights, client_dataset())
@@ -135,9 +137,8 @@ def test_keras_client_update_starts_each_client_from_fresh_optimizer_state():
 
 def _run_update(update_fn_with_optimizer, model):
   weights = tff.learning.models.ModelWeights(
-      trainable=tf.nest.pack_sequence_as(
-          model.trainable_variables, [tf.constant(INITIAL_KERNEL)]),
-      non_trainable=model.non_trainable_variables,
+    trainable=tf.nest.pack_sequence_as(model.trainable_variables, [tf.constant(INITIAL_KERNEL)]),
+    non_trainable=model.non_trainable_variables,
   )
   return update_fn_with_optimizer(weights, client_dataset())
 
@@ -145,12 +146,13 @@ def _run_update(update_fn_with_optimizer, model):
 @pytest.mark.parametrize("mu", [0.0, 0.5])
 def test_tff_optimizer_client_update_matches_hand_computation(mu):
   update = client_work.build_client_update(
-      linear_model_fn, tff.learning.optimizers.build_sgdm(LR),
-      tff.learning.ClientWeighting.NUM_EXAMPLES, delta_l2_regularizer=mu,
+    linear_model_fn,
+    tff.learning.optimizers.build_sgdm(LR),
+    tff.learning.ClientWeighting.NUM_EXAMPLES,
+    delta_l2_regularizer=mu,
   )
   result, metrics = _run_update(update.update_fn, update.model)
-  np.testing.assert_allclose(result.update[0], expected_update(mu),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(result.update[0], expected_update(mu), rtol=1e-5, atol=1e-6)
   assert int(metrics["num_examples"][0]) == 4
 
 
@@ -167,20 +169,19 @@ def test_tff_087_proximal_term_pushes_away_from_the_initial_weights():
     return models[-1]
 
   tff_update = proximal_client_work.build_model_delta_update_with_tff_optimizer(
-      recording_model_fn,
-      weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
-      delta_l2_regularizer=0.5,
-      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
+    recording_model_fn,
+    weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
+    delta_l2_regularizer=0.5,
+    loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR,
   )
   optimizer = tff.learning.optimizers.build_sgdm(LR)
   result, _ = _run_update(lambda w, d: tff_update(optimizer, w, d), models[0])
   np.testing.assert_allclose(
-      result.update[0], expected_update(0.5, proximal_sign=-1.0),
-      rtol=1e-5, atol=1e-6)
+    result.update[0], expected_update(0.5, proximal_sign=-1.0), rtol=1e-5, atol=1e-6
+  )
   # Pushed away: the client ends farther from w0 than without the term.
   assert np.linalg.norm(result.update[0]) > np.linalg.norm(expected_update(0.0))
-  assert np.linalg.norm(expected_update(0.5)) < np.linalg.norm(
-      expected_update(0.0))
+  assert np.linalg.norm(expected_update(0.5)) < np.linalg.norm(expected_update(0.0))
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
@@ -192,11 +193,12 @@ def test_custom_metrics_aggregator_is_used(kind):
     return tff.learning.metrics.sum_then_finalize(finalizers)
 
   process = client_work.build_model_delta_client_work(
-      linear_model_fn, OPTIMIZERS[kind](),
-      tff.learning.ClientWeighting.NUM_EXAMPLES, metrics_aggregator=aggregator,
+    linear_model_fn,
+    OPTIMIZERS[kind](),
+    tff.learning.ClientWeighting.NUM_EXAMPLES,
+    metrics_aggregator=aggregator,
   )
-  output = process.next(process.initialize(), [initial_weights()],
-                        [client_dataset()])
+  output = process.next(process.initialize(), [initial_weights()], [client_dataset()])
   assert seen and seen[0] == ["loss", "num_batches", "num_examples"]
   assert output.measurements["train"]["num_examples"] == 4
 
@@ -204,27 +206,28 @@ def test_custom_metrics_aggregator_is_used(kind):
 def test_zero_regularizer_is_not_reported_as_a_problem(caplog):
   with caplog.at_level(logging.WARNING):
     client_work.build_model_delta_client_work(
-        linear_model_fn, tff.learning.optimizers.build_sgdm(LR),
-        tff.learning.ClientWeighting.NUM_EXAMPLES,
+      linear_model_fn,
+      tff.learning.optimizers.build_sgdm(LR),
+      tff.learning.ClientWeighting.NUM_EXAMPLES,
     )
   assert "delta_l2_regularizer is set to 0.0" not in caplog.text
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True,
-                                 None])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True, None])
 def test_bad_delta_l2_regularizer_is_rejected_with_its_value(bad):
   with pytest.raises(ValueError, match="delta_l2_regularizer") as info:
     client_work.build_model_delta_client_work(
-        linear_model_fn, tff.learning.optimizers.build_sgdm(LR),
-        tff.learning.ClientWeighting.NUM_EXAMPLES, delta_l2_regularizer=bad,
+      linear_model_fn,
+      tff.learning.optimizers.build_sgdm(LR),
+      tff.learning.ClientWeighting.NUM_EXAMPLES,
+      delta_l2_regularizer=bad,
     )
   assert repr(bad) in str(info.value)
 
 
 def test_integer_delta_l2_regularizer_is_accepted():
   assert client_work.check_delta_l2_regularizer(1) == 1.0
-  assert isinstance(client_work.check_delta_l2_regularizer(np.float32(0.5)),
-                    float)
+  assert isinstance(client_work.check_delta_l2_regularizer(np.float32(0.5)), float)
 
 
 def test_model_fn_returning_the_same_model_twice_is_rejected():
@@ -238,56 +241,62 @@ def test_model_fn_returning_the_same_model_twice_is_rejected():
 
   with pytest.raises(ValueError, match="same model object"):
     client_work.build_model_delta_client_work(
-        same_model_fn, tff.learning.optimizers.build_sgdm(LR),
-        tff.learning.ClientWeighting.NUM_EXAMPLES,
+      same_model_fn,
+      tff.learning.optimizers.build_sgdm(LR),
+      tff.learning.ClientWeighting.NUM_EXAMPLES,
     )
 
 
 def test_model_fn_capturing_a_keras_model_is_rejected():
-  captured = tf.keras.Sequential([
+  captured = tf.keras.Sequential(
+    [
       tf.keras.layers.Input([2]),
       tf.keras.layers.Dense(1, use_bias=False),
-  ])
+    ]
+  )
 
   def capturing_model_fn():
     return tff.learning.models.from_keras_model(
-        captured, input_spec=INPUT_SPEC, loss=tf.keras.losses.MeanSquaredError()
+      captured, input_spec=INPUT_SPEC, loss=tf.keras.losses.MeanSquaredError()
     )
 
   with pytest.raises(ValueError, match="created outside model_fn"):
     client_work.build_model_delta_client_work(
-        capturing_model_fn, tff.learning.optimizers.build_sgdm(LR),
-        tff.learning.ClientWeighting.NUM_EXAMPLES,
+      capturing_model_fn,
+      tff.learning.optimizers.build_sgdm(LR),
+      tff.learning.ClientWeighting.NUM_EXAMPLES,
     )
 
 
 def test_model_fn_must_return_a_variable_model():
   with pytest.raises(TypeError, match="VariableModel"):
     client_work.build_model_delta_client_work(
-        lambda: tf.keras.Sequential([tf.keras.layers.Dense(1)]),
-        tff.learning.optimizers.build_sgdm(LR),
-        tff.learning.ClientWeighting.NUM_EXAMPLES,
+      lambda: tf.keras.Sequential([tf.keras.layers.Dense(1)]),
+      tff.learning.optimizers.build_sgdm(LR),
+      tff.learning.ClientWeighting.NUM_EXAMPLES,
     )
 
 
 def test_keras_optimizer_instance_is_rejected():
   with pytest.raises(TypeError, match="no-arg"):
     client_work.build_model_delta_client_work(
-        linear_model_fn, tf.keras.optimizers.SGD(LR),
-        tff.learning.ClientWeighting.NUM_EXAMPLES,
+      linear_model_fn,
+      tf.keras.optimizers.SGD(LR),
+      tff.learning.ClientWeighting.NUM_EXAMPLES,
     )
 
 
 def test_optimizer_callable_must_return_a_keras_optimizer():
   with pytest.raises(TypeError, match="tf.keras optimizer"):
     client_work.build_model_delta_client_work(
-        linear_model_fn, lambda: "sgd",
-        tff.learning.ClientWeighting.NUM_EXAMPLES,
+      linear_model_fn,
+      lambda: "sgd",
+      tff.learning.ClientWeighting.NUM_EXAMPLES,
     )
 
 
 def test_client_weighting_must_be_the_enum():
   with pytest.raises(TypeError, match="ClientWeighting"):
     client_work.build_model_delta_client_work(
-        linear_model_fn, tff.learning.optimizers.build_sgdm(LR), "uniform"
+      linear_model_fn, tff.learning.optimizers.build_sgdm(LR), "uniform"
     )

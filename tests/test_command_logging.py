@@ -55,10 +55,23 @@ def test_log_file_is_removed_when_nothing_failed():
 
 
 def _failing_prepare(tmp_path, *flags):
-  path = testing.write_tfrecord_input(tmp_path / "in.tfrecord", {"a": [{"x": 1.0}]},
-                                      client_id_key="user")
-  return main([*flags, "prepare", "--input", path, "--input-format", "tfrecord",
-               "--client-id-key", "client_id", "--output", str(tmp_path / "out")])
+  path = testing.write_tfrecord_input(
+    tmp_path / "in.tfrecord", {"a": [{"x": 1.0}]}, client_id_key="user"
+  )
+  return main(
+    [
+      *flags,
+      "prepare",
+      "--input",
+      path,
+      "--input-format",
+      "tfrecord",
+      "--client-id-key",
+      "client_id",
+      "--output",
+      str(tmp_path / "out"),
+    ]
+  )
 
 
 def test_failed_job_prints_fedbeams_error_first_and_names_the_log_file(tmp_path, capsys):
@@ -66,8 +79,11 @@ def test_failed_job_prints_fedbeams_error_first_and_names_the_log_file(tmp_path,
   lines = capsys.readouterr().err.strip().splitlines()
   assert lines[0].startswith("fedbeam prepare: error: ") and "client_id" in lines[0]
   assert lines[1] == "fedbeam prepare: no store was committed"
-  match = re.fullmatch(r"fedbeam prepare: Beam's log of the failure, with its traceback, is in "
-                       r"(\S+) \(rerun with fedbeam --verbose to see it here\)", lines[2])
+  match = re.fullmatch(
+    r"fedbeam prepare: Beam's log of the failure, with its traceback, is in "
+    r"(\S+) \(rerun with fedbeam --verbose to see it here\)",
+    lines[2],
+  )
   assert match and len(lines) == 3, lines
   with open(match.group(1), encoding="utf-8") as f:
     assert "Traceback" in f.read()

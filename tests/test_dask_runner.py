@@ -19,8 +19,8 @@ from apache_beam.transforms.window import GlobalWindows
 import numpy as np
 import pytest
 
-from fedbeam.format.metadata import metadata_path
 from fedbeam import testing
+from fedbeam.format.metadata import metadata_path
 from fedbeam.pipelines.dask import DaskRunner
 from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare
 
@@ -33,14 +33,17 @@ BEAM_RUNNER = "--runner=apache_beam.runners.dask.dask_runner.DaskRunner"
 @pytest.fixture(scope="module")
 def cluster():
   from dask.distributed import LocalCluster  # pylint: disable=g-import-not-at-top
-  with LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                    dashboard_address=None) as local:
+
+  with LocalCluster(
+    n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+  ) as local:
     yield local.scheduler_address
 
 
 # ----------------------------------------------------------------------------
 # Beam's DaskRunner bugs, shown on Beam's runner and gone on fedbeam's
 # ----------------------------------------------------------------------------
+
 
 class _CountAtFinishBundle(beam.DoFn):
   """Emits each bundle's element count from finish_bundle."""
@@ -56,14 +59,22 @@ class _CountAtFinishBundle(beam.DoFn):
 
 
 def _finish_bundle_pipeline(p):
-  return (p | beam.Create(list(range(1000))) | beam.ParDo(_CountAtFinishBundle())
-          | beam.CombineGlobally(sum))
+  return (
+    p
+    | beam.Create(list(range(1000)))
+    | beam.ParDo(_CountAtFinishBundle())
+    | beam.CombineGlobally(sum)
+  )
 
 
 def _tagged_pipeline(p):
-  outputs = (p | beam.Create(list(range(1000)))
-             | beam.ParDo(lambda x: [x, beam.pvalue.TaggedOutput("negated", -x)]).with_outputs(
-                 "negated", main="kept"))
+  outputs = (
+    p
+    | beam.Create(list(range(1000)))
+    | beam.ParDo(lambda x: [x, beam.pvalue.TaggedOutput("negated", -x)]).with_outputs(
+      "negated", main="kept"
+    )
+  )
   return outputs["kept"] | beam.combiners.ToList() | beam.Map(sorted)
 
 
@@ -90,8 +101,7 @@ def test_beams_dask_runner_mixes_tagged_outputs_and_fedbeams_routes_them(cluster
   assert routed == [list(range(1000))]
 
 
-@pytest.mark.parametrize("runner_cls,expected_length", [(BeamDaskRunner, 4416),
-                                                        (DaskRunner, 1000)])
+@pytest.mark.parametrize("runner_cls,expected_length", [(BeamDaskRunner, 4416), (DaskRunner, 1000)])
 def test_receivers_are_per_bundle_only_in_fedbeams_dask_runner(runner_cls, expected_length):
   # Partitions of a ParDo that run in one process without serialization (the
   # synchronous scheduler here; a side input computed inside a worker task on
@@ -99,6 +109,7 @@ def test_receivers_are_per_bundle_only_in_fedbeams_dask_runner(runner_cls, expec
   # bundle's output again. 1,000 elements in 8 partitions of 128 come out as
   # 128 * (1 + 2 + ... + 7) + 104 * 8 = 4,416.
   import dask  # pylint: disable=g-import-not-at-top
+
   p = beam.Pipeline()
   _ = p | beam.Create(list(range(1000))) | beam.Map(lambda x: x)
   p.replace_all(dask_overrides())
@@ -114,11 +125,16 @@ def test_receivers_are_per_bundle_only_in_fedbeams_dask_runner(runner_cls, expec
 # fedbeam prepare on Dask
 # ----------------------------------------------------------------------------
 
+
 def _clients(num: int = 16) -> dict:
   rng = np.random.default_rng(3)
-  return {f"client {i:02d}": [{"x": rng.normal(size=4).astype(np.float32), "y": np.int64(j)}
-                              for j in range(int(rng.integers(1, 20)))]
-          for i in range(num)}
+  return {
+    f"client {i:02d}": [
+      {"x": rng.normal(size=4).astype(np.float32), "y": np.int64(j)}
+      for j in range(int(rng.integers(1, 20)))
+    ]
+    for i in range(num)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -143,20 +159,24 @@ def _tree(root: str) -> dict[str, bytes]:
 
 
 FLAGS = {
-    "plain": {},
-    "expanded": {"num_transformed_clients": 40},
-    "expanded-split": {"num_transformed_clients": 40, "test_fraction": 0.25, "split_by": "raw"},
+  "plain": {},
+  "expanded": {"num_transformed_clients": 40},
+  "expanded-split": {"num_transformed_clients": 40, "test_fraction": 0.25, "split_by": "raw"},
 }
 
 
 @pytest.mark.parametrize("name", sorted(FLAGS))
-def test_dask_writes_the_local_runners_store_byte_for_byte(cluster, tfrecord_input, tmp_path,
-                                                            name):
+def test_dask_writes_the_local_runners_store_byte_for_byte(cluster, tfrecord_input, tmp_path, name):
   pattern, clients = tfrecord_input
 
   def config(output):
-    return PrepareConfig(input=pattern, input_format="tfrecord", output=str(tmp_path / output),
-                         client_id_key="client_id", **FLAGS[name])
+    return PrepareConfig(
+      input=pattern,
+      input_format="tfrecord",
+      output=str(tmp_path / output),
+      client_id_key="client_id",
+      **FLAGS[name],
+    )
 
   local = run_prepare(config("local"))
   on_dask = run_prepare(config("dask"), [FEDBEAM_RUNNER, f"--dask_client_address={cluster}"])
@@ -173,15 +193,20 @@ def test_dask_writes_the_local_runners_store_byte_for_byte(cluster, tfrecord_inp
     testing.assert_store_equals(str(tmp_path / "dask"), clients, ordered=False)
 
 
-def test_beams_own_dask_runner_fails_the_expansion_job_and_commits_nothing(cluster,
-                                                                         tfrecord_input,
-                                                                         tmp_path):
+def test_beams_own_dask_runner_fails_the_expansion_job_and_commits_nothing(
+  cluster, tfrecord_input, tmp_path
+):
   # Its duplicated side inputs inflate the raw-client count; the job fails
   # (here in expansion's own check) instead of committing a wrong store.
   pattern, _ = tfrecord_input
   output = str(tmp_path / "store")
-  config = PrepareConfig(input=pattern, input_format="tfrecord", output=output,
-                         client_id_key="client_id", **FLAGS["expanded"])
+  config = PrepareConfig(
+    input=pattern,
+    input_format="tfrecord",
+    output=output,
+    client_id_key="client_id",
+    **FLAGS["expanded"],
+  )
   with pytest.raises(PrepareError):
     run_prepare(config, [BEAM_RUNNER, f"--dask_client_address={cluster}"])
   assert not os.path.exists(metadata_path(output))
@@ -193,21 +218,29 @@ def test_group_by_client_is_complete_on_beams_own_dask_runner(cluster, tmp_path)
   from fedbeam.format.spec import ElementSpec  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.grouping import GroupByClient  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.records import InputRecord, RawFeature  # pylint: disable=g-import-not-at-top
+
   spec = ElementSpec.from_json({"v": {"dtype": "int64", "shape": []}})
   sizes = {"a": 5, "b": 1, "c": 12}
-  records = [InputRecord(cid, {"v": RawFeature(np.array([i], np.int64), "int64", "list")},
-                         ("mem", i))
-             for cid, n in sizes.items() for i in range(n)]
+  records = [
+    InputRecord(cid, {"v": RawFeature(np.array([i], np.int64), "int64", "list")}, ("mem", i))
+    for cid, n in sizes.items()
+    for i in range(n)
+  ]
 
   def build(p):
-    inputs = {"records": p | "Records" >> beam.Create(records),
-              "clients": p | "NoIds" >> beam.Create([])}
+    inputs = {
+      "records": p | "Records" >> beam.Create(records),
+      "clients": p | "NoIds" >> beam.Create([]),
+    }
     grouped = inputs | GroupByClient(p | "Spec" >> beam.Create([spec]), declared_clients=False)
     clients = grouped["clients"] | "Sizes" >> beam.Map(lambda c: (c.client_id, len(c.records)))
     counts = grouped["record_counts"] | "Counts" >> beam.CombinePerKey(sum)
-    return ((clients | "TagClients" >> beam.Map(lambda kv: ("clients",) + kv),
-             counts | "TagCounts" >> beam.Map(lambda kv: ("counts",) + kv)) | beam.Flatten())
+    return (
+      clients | "TagClients" >> beam.Map(lambda kv: ("clients",) + kv),
+      counts | "TagCounts" >> beam.Map(lambda kv: ("counts",) + kv),
+    ) | beam.Flatten()
 
   out = _run_and_collect(BeamDaskRunner(), cluster, build, tmp_path)
-  assert sorted(out) == sorted([("clients", c, n) for c, n in sizes.items()]
-                               + [("counts", c, n) for c, n in sizes.items()])
+  assert sorted(out) == sorted(
+    [("clients", c, n) for c, n in sizes.items()] + [("counts", c, n) for c, n in sizes.items()]
+  )

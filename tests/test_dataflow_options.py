@@ -10,7 +10,6 @@ documented commands are read from docs/dataflow.md.
 import dataclasses
 import json
 import os
-import pickle
 import re
 import shlex
 import shutil
@@ -33,24 +32,24 @@ from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.prepare import PrepareConfig, PrepareStore, job_key
 
 DATAFLOW_ARGS = [
-    "--runner=DataflowRunner",
-    "--project=fedbeam-test-project",
-    "--region=us-central1",
-    "--temp_location=gs://fedbeam-test-bucket/tmp",
-    "--sdk_container_image=us-docker.pkg.dev/fedbeam-test-project/images/fedbeam:0.1.0",
-    "--save_main_session",
-    "--dry_run=True",  # no GCS bucket look-ups while the options are validated
+  "--runner=DataflowRunner",
+  "--project=fedbeam-test-project",
+  "--region=us-central1",
+  "--temp_location=gs://fedbeam-test-bucket/tmp",
+  "--sdk_container_image=us-docker.pkg.dev/fedbeam-test-project/images/fedbeam:0.1.0",
+  "--save_main_session",
+  "--dry_run=True",  # no GCS bucket look-ups while the options are validated
 ]
 BUCKET = "gs://fedbeam-test-bucket"
 
 _COMBINE_URNS = {
-    common_urns.composites.COMBINE_PER_KEY.urn,
-    common_urns.composites.COMBINE_GLOBALLY.urn,
-    common_urns.combine_components.COMBINE_PER_KEY_PRECOMBINE.urn,
-    common_urns.combine_components.COMBINE_PER_KEY_MERGE_ACCUMULATORS.urn,
-    common_urns.combine_components.COMBINE_PER_KEY_EXTRACT_OUTPUTS.urn,
-    common_urns.combine_components.COMBINE_GROUPED_VALUES.urn,
-    common_urns.combine_components.COMBINE_PER_KEY_CONVERT_TO_ACCUMULATORS.urn,
+  common_urns.composites.COMBINE_PER_KEY.urn,
+  common_urns.composites.COMBINE_GLOBALLY.urn,
+  common_urns.combine_components.COMBINE_PER_KEY_PRECOMBINE.urn,
+  common_urns.combine_components.COMBINE_PER_KEY_MERGE_ACCUMULATORS.urn,
+  common_urns.combine_components.COMBINE_PER_KEY_EXTRACT_OUTPUTS.urn,
+  common_urns.combine_components.COMBINE_GROUPED_VALUES.urn,
+  common_urns.combine_components.COMBINE_PER_KEY_CONVERT_TO_ACCUMULATORS.urn,
 }
 
 _STANDARD_DOFN_URNS = {python_urns.KEY_WITH_NONE_DOFN}
@@ -58,26 +57,55 @@ _STANDARD_DOFN_URNS = {python_urns.KEY_WITH_NONE_DOFN}
 
 def _configs(tmp_path):
   sqlite = testing.write_tff_sqlite_input(
-      tmp_path / "in.sqlite", {"a": [{"x": np.float32(1.0)}], "b": [{"x": np.float32(2.0)}]},
-      {"x": {"dtype": "float32", "shape": []}})
-  spec = ElementSpec.from_json({"x": {"dtype": "float32", "shape": [2]},
-                                "label": {"dtype": "int32", "shape": []}})
+    tmp_path / "in.sqlite",
+    {"a": [{"x": np.float32(1.0)}], "b": [{"x": np.float32(2.0)}]},
+    {"x": {"dtype": "float32", "shape": []}},
+  )
+  spec = ElementSpec.from_json(
+    {"x": {"dtype": "float32", "shape": [2]}, "label": {"dtype": "int32", "shape": []}}
+  )
   return {
-      "tfrecord": (PrepareConfig(input=f"{BUCKET}/in/*.tfrecord", input_format="tfrecord",
-                                 output=f"{BUCKET}/store", client_id_key="client_id"),
-                   [f"{BUCKET}/in/part-0.tfrecord", f"{BUCKET}/in/part-1.tfrecord"]),
-      "avro": (PrepareConfig(input=f"{BUCKET}/in/*.avro", input_format="avro",
-                             output=f"{BUCKET}/store", client_id_key="user", element_spec=spec,
-                             order_by="label", num_shards=4),
-               [f"{BUCKET}/in/part-0.avro"]),
-      # A local database: the launcher reads its row ranges; on Dataflow the
-      # workers would need the file at the same path (docs/dataflow.md).
-      "tff-sqlite": (PrepareConfig(input=sqlite, input_format="tff-sqlite",
-                                   output=f"{BUCKET}/store", order_by="@input"), [sqlite]),
-      "split": (PrepareConfig(input=f"{BUCKET}/in/*.tfrecord", input_format="tfrecord",
-                              output=f"{BUCKET}/store", client_id_key="client_id",
-                              num_test_clients=10, split_seed=3, empty_clients="drop"),
-                [f"{BUCKET}/in/part-0.tfrecord"]),
+    "tfrecord": (
+      PrepareConfig(
+        input=f"{BUCKET}/in/*.tfrecord",
+        input_format="tfrecord",
+        output=f"{BUCKET}/store",
+        client_id_key="client_id",
+      ),
+      [f"{BUCKET}/in/part-0.tfrecord", f"{BUCKET}/in/part-1.tfrecord"],
+    ),
+    "avro": (
+      PrepareConfig(
+        input=f"{BUCKET}/in/*.avro",
+        input_format="avro",
+        output=f"{BUCKET}/store",
+        client_id_key="user",
+        element_spec=spec,
+        order_by="label",
+        num_shards=4,
+      ),
+      [f"{BUCKET}/in/part-0.avro"],
+    ),
+    # A local database: the launcher reads its row ranges; on Dataflow the
+    # workers would need the file at the same path (docs/dataflow.md).
+    "tff-sqlite": (
+      PrepareConfig(
+        input=sqlite, input_format="tff-sqlite", output=f"{BUCKET}/store", order_by="@input"
+      ),
+      [sqlite],
+    ),
+    "split": (
+      PrepareConfig(
+        input=f"{BUCKET}/in/*.tfrecord",
+        input_format="tfrecord",
+        output=f"{BUCKET}/store",
+        client_id_key="client_id",
+        num_test_clients=10,
+        split_seed=3,
+        empty_clients="drop",
+      ),
+      [f"{BUCKET}/in/part-0.tfrecord"],
+    ),
   }
 
 
@@ -120,8 +148,14 @@ def test_prepare_pipeline_translates_to_a_runner_api_proto_for_dataflow(configs,
   assert isinstance(pipeline.runner, DataflowRunner)
   proto = pipeline.to_runner_api()
   names = {t.unique_name for t in proto.components.transforms.values()}
-  for label in ["Prepare", "Prepare/Read", "Prepare/GroupByClient", "Prepare/WriteStore",
-                "Prepare/WriteStore/WriteClientFiles", "Prepare/WriteStore/Commit"]:
+  for label in [
+    "Prepare",
+    "Prepare/Read",
+    "Prepare/GroupByClient",
+    "Prepare/WriteStore",
+    "Prepare/WriteStore/WriteClientFiles",
+    "Prepare/WriteStore/Commit",
+  ]:
     assert label in names, label
   if name == "split":
     assert "Prepare/SplitTrainTest" in names
@@ -129,8 +163,9 @@ def test_prepare_pipeline_translates_to_a_runner_api_proto_for_dataflow(configs,
   rebuilt = beam.Pipeline.from_runner_api(proto, pipeline.runner, pipeline.options)
   again = rebuilt.to_runner_api()
   assert {t.unique_name for t in again.components.transforms.values()} == names
-  assert json.loads(json.dumps(pipeline.options.get_all_options()))["project"] == \
-      "fedbeam-test-project"
+  assert (
+    json.loads(json.dumps(pipeline.options.get_all_options()))["project"] == "fedbeam-test-project"
+  )
 
 
 @pytest.mark.parametrize("name", ["tfrecord", "avro", "tff-sqlite", "split"])
@@ -144,7 +179,12 @@ def test_every_shipped_function_pickles_and_unpickles_with_beams_pickler(configs
     assert type(again) is type(fn), unique_name
     if type(fn).__module__.startswith("fedbeam"):
       fedbeam_classes.add(type(fn).__name__)
-  assert {"_WriteClientFile", "_WriteManifestFile", "_CommitStore", "StoreStatsFn"} <= fedbeam_classes
+  assert {
+    "_WriteClientFile",
+    "_WriteManifestFile",
+    "_CommitStore",
+    "StoreStatsFn",
+  } <= fedbeam_classes
   if name == "tfrecord":
     assert {"_ReadTFRecordFile", "_EncodeAndPregroup", "InferElementSpecFn"} <= fedbeam_classes
 
@@ -156,7 +196,6 @@ def test_every_fedbeam_ptransform_pickles(configs, name):
   transforms = []
 
   class Collect(beam.pipeline.PipelineVisitor):
-
     def enter_composite_transform(self, node):
       self.visit_transform(node)
 
@@ -176,8 +215,9 @@ def test_every_fedbeam_ptransform_pickles(configs, name):
 # ----------------------------------------------------------------------------
 
 DATAFLOW_DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "dataflow.md")
-DOC_SPEC = ElementSpec.from_json({"pixels": {"dtype": "float32", "shape": [28, 28]},
-                                  "label": {"dtype": "int32", "shape": []}})
+DOC_SPEC = ElementSpec.from_json(
+  {"pixels": {"dtype": "float32", "shape": [28, 28]}, "label": {"dtype": "int32", "shape": []}}
+)
 
 
 def _documented_commands():
@@ -204,16 +244,22 @@ def _config(args):
   fields = {f.name for f in dataclasses.fields(PrepareConfig)}
   flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "element_spec")}
   assert set(flags) <= fields, set(flags) - fields
-  return PrepareConfig(**flags, element_spec=DOC_SPEC if args.element_spec else None,
-                       element_spec_path=args.element_spec)
+  return PrepareConfig(
+    **flags,
+    element_spec=DOC_SPEC if args.element_spec else None,
+    element_spec_path=args.element_spec,
+  )
 
 
 def _command(input_format, *, expansion):
   """The documented command for this input format, with or without expansion."""
-  found = [argv for argv in _documented_commands()
-           if _parse(argv)[0].input_format == input_format
-           and (_parse(argv)[0].num_transformed_clients is not None) == expansion
-           and _parse(argv)[0].element_spec]
+  found = [
+    argv
+    for argv in _documented_commands()
+    if _parse(argv)[0].input_format == input_format
+    and (_parse(argv)[0].num_transformed_clients is not None) == expansion
+    and _parse(argv)[0].element_spec
+  ]
   assert len(found) == 1, found
   return found[0]
 
@@ -309,18 +355,27 @@ def _load_in_fresh_process(protos, library, tmp_path):
     path.write_bytes(proto.SerializeToString())
     paths.append(str(path))
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  done = subprocess.run([sys.executable, "-c", _LOAD_JOB, library] + paths,
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+    [sys.executable, "-c", _LOAD_JOB, library] + paths,
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   out = json.loads(done.stdout.strip().splitlines()[-1])
   return dict(zip(protos, out["jobs"])), out["test_modules"]
 
 
 def _pickled_dofn_transforms(proto):
-  return {tid for tid, t in proto.components.transforms.items()
-          if t.spec.urn == common_urns.primitives.PAR_DO.urn
-          and beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload).do_fn.urn
-          == python_urns.PICKLED_DOFN_INFO}
+  return {
+    tid
+    for tid, t in proto.components.transforms.items()
+    if t.spec.urn == common_urns.primitives.PAR_DO.urn
+    and beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload).do_fn.urn
+    == python_urns.PICKLED_DOFN_INFO
+  }
 
 
 def _dry_run(argv, library):
@@ -356,43 +411,63 @@ def restore_pickler():
 @pytest.mark.parametrize("library", ["cloudpickle", "dill"])
 def test_dataflow_dry_run_job_loads_in_a_fresh_process(library, tmp_path, restore_pickler):
   jobs = {
-      "tfrecord": _dry_run(_command("tfrecord", expansion=False), library),
-      "avro": _dry_run(_command("avro", expansion=False), library),
-      "expansion+split": _dry_run(_command("tfrecord", expansion=True), library),
+    "tfrecord": _dry_run(_command("tfrecord", expansion=False), library),
+    "avro": _dry_run(_command("avro", expansion=False), library),
+    "expansion+split": _dry_run(_command("tfrecord", expansion=True), library),
   }
   assert pickler.is_currently_dill() == (library == "dill")
   results, test_modules = _load_in_fresh_process(
-      {name: job.proto_pipeline for name, job in jobs.items()}, library, tmp_path)
+    {name: job.proto_pipeline for name, job in jobs.items()}, library, tmp_path
+  )
   assert test_modules == []
   for name, job in jobs.items():
     proto = job.proto_pipeline
     assert job.options.view_as(beam.options.pipeline_options.SetupOptions).pickle_library == library
     assert job.proto.name and job.google_cloud_options.project == "my-project"
-    assert [e.urn for e in proto.components.environments.values()] == \
-        [common_urns.environments.DOCKER.urn]
+    assert [e.urn for e in proto.components.environments.values()] == [
+      common_urns.environments.DOCKER.urn
+    ]
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"Prepare/Read", "Prepare/GroupByClient", "Prepare/WriteStore/WriteClientFiles",
-            "Prepare/WriteStore/Commit"} <= names, name
+    assert {
+      "Prepare/Read",
+      "Prepare/GroupByClient",
+      "Prepare/WriteStore/WriteClientFiles",
+      "Prepare/WriteStore/Commit",
+    } <= names, name
     assert results[name]["failed"] == [], (name, results[name]["failed"])
     loaded = results[name]["loaded"]
     # Every ParDo with a pickled DoFn, as counted here from the proto, loaded there.
-    assert {where for kind, where, _ in loaded if kind == "dofn"} == \
-        _pickled_dofn_transforms(proto), name
+    assert {where for kind, where, _ in loaded if kind == "dofn"} == _pickled_dofn_transforms(
+      proto
+    ), name
     kinds = {kind for kind, _, _ in loaded}
     assert {"dofn", "combine_fn", "view_fn", "window_mapping_fn", "coder"} <= kinds, (name, kinds)
     fedbeam_types = {t.rsplit(".", 1)[1] for _, _, t in loaded if t.startswith("fedbeam.")}
-    assert {"_WriteClientFile", "_WriteManifestFile", "_CommitStore", "StoreStatsFn",
-            "_EncodeAndPregroup"} <= fedbeam_types, (name, fedbeam_types)
+    assert {
+      "_WriteClientFile",
+      "_WriteManifestFile",
+      "_CommitStore",
+      "StoreStatsFn",
+      "_EncodeAndPregroup",
+    } <= fedbeam_types, (name, fedbeam_types)
     if name == "expansion+split":
       assert "Prepare/SplitTrainTest" in names
       assert "_ExpandClient" in fedbeam_types
-      assert any("Prepare-SplitTrainTest-" in where for kind, where, _ in loaded
-                 if kind == "dofn"), loaded
+      assert any(
+        "Prepare-SplitTrainTest-" in where for kind, where, _ in loaded if kind == "dofn"
+      ), loaded
 
 
 def test_tff_sqlite_input_on_gcs_is_refused(tmp_path, capsys):
-  argv = ["prepare", "--input", "gs://my-bucket/emnist.sqlite", "--input-format", "tff-sqlite",
-          "--output", str(tmp_path / "out")] + DATAFLOW_ARGS
+  argv = [
+    "prepare",
+    "--input",
+    "gs://my-bucket/emnist.sqlite",
+    "--input-format",
+    "tff-sqlite",
+    "--output",
+    str(tmp_path / "out"),
+  ] + DATAFLOW_ARGS
   assert main(argv) == 1
   err = capsys.readouterr().err
   assert "--input gs://my-bucket/emnist.sqlite: TFF SQLite databases must be local files" in err

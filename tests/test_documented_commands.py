@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 
+from fedbeam import testing as fbt
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import read_metadata
-from fedbeam import testing as fbt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FEDBEAM = os.path.join(".venv", "bin", "fedbeam")
@@ -57,8 +57,9 @@ def _run(argv: list[str], tmp: str, log_name: str) -> tuple[int, str]:
   log_path = os.path.join(tmp, log_name)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   with open(log_path, "wb") as log:
-    code = subprocess.call(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                           timeout=900)
+    code = subprocess.call(
+      argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=900
+    )
   with open(log_path, encoding="utf-8", errors="replace") as f:
     return code, f.read()
 
@@ -66,14 +67,19 @@ def _run(argv: list[str], tmp: str, log_name: str) -> tuple[int, str]:
 def _write_images(directory: str, prefix: str = "part") -> None:
   """Two TFRecord files of 28x28 float images stored flat ([784]), labels 0..61."""
   rng = np.random.default_rng(0)
-  clients = {f"f{i:04d}": [{"pixels": rng.random(784, dtype=np.float32),
-                            "label": np.int64(rng.integers(0, 62))}
-                           for _ in range(1 + i % 2)]
-             for i in range(NUM_RAW_CLIENTS)}
+  clients = {
+    f"f{i:04d}": [
+      {"pixels": rng.random(784, dtype=np.float32), "label": np.int64(rng.integers(0, 62))}
+      for _ in range(1 + i % 2)
+    ]
+    for i in range(NUM_RAW_CLIENTS)
+  }
   ids = sorted(clients)
   for part in range(2):
-    fbt.write_tfrecord_input(os.path.join(directory, f"{prefix}-{part}.tfrecord"),
-                             {cid: clients[cid] for cid in ids[part::2]})
+    fbt.write_tfrecord_input(
+      os.path.join(directory, f"{prefix}-{part}.tfrecord"),
+      {cid: clients[cid] for cid in ids[part::2]},
+    )
 
 
 def _manifest(store: str) -> list[dict]:
@@ -107,8 +113,9 @@ def test_readme_examples_run_as_written(tmp_path):
     rounds = [line.split(",")[0] for line in f.read().splitlines()[1:]]
   assert rounds == ["1", "2"]
   (python_block,) = _blocks("README.md", "python")
-  code, output = _run([sys.executable, "-c", python_block.replace("/tmp/", tmp + "/")], tmp,
-                      "readme-python.log")
+  code, output = _run(
+    [sys.executable, "-c", python_block.replace("/tmp/", tmp + "/")], tmp, "readme-python.log"
+  )
   assert code == 0, output
 
 
@@ -116,8 +123,7 @@ def test_cli_doc_commands_that_run_offline_run_as_written(tmp_path):
   tmp = str(tmp_path)
   _write_images(os.path.join(tmp, "data"))
   commands = [c for c in _shell_commands("docs/cli.md") if c[0] == "fedbeam"]
-  offline = [c for c in commands
-             if "..." not in c and not any(w.startswith("gs://") for w in c)]
+  offline = [c for c in commands if "..." not in c and not any(w.startswith("gs://") for w in c)]
   # The first prepare command; the gs:// one needs a bucket; the two with
   # '...' are fragments whose other flags are the first command's.
   assert len(commands) == 4 and len(offline) == 1
@@ -125,9 +131,11 @@ def test_cli_doc_commands_that_run_offline_run_as_written(tmp_path):
   local = [c for c in fragments if not any(w.startswith("--runner=") for w in c)]
   assert len(local) == 1
   base = offline[0]
-  runs = {"plain": base,
-          "multi_processing": [("/tmp/store-mp" if w == "/tmp/store" else w) for w in base]
-                              + local[0][local[0].index("...") + 1:]}
+  runs = {
+    "plain": base,
+    "multi_processing": [("/tmp/store-mp" if w == "/tmp/store" else w) for w in base]
+    + local[0][local[0].index("...") + 1 :],
+  }
   for name, command in runs.items():
     argv = [FEDBEAM] + [_rewrite(w, tmp) for w in command[1:]]
     code, output = _run(argv, tmp, f"cli-{name}.log")
@@ -135,7 +143,8 @@ def test_cli_doc_commands_that_run_offline_run_as_written(tmp_path):
   plain = os.path.join(tmp, "store")
   assert len(_manifest(plain)) == NUM_RAW_CLIENTS
   assert sorted((r["client_id"], r["num_examples"]) for r in _manifest(plain)) == sorted(
-      (r["client_id"], r["num_examples"]) for r in _manifest(os.path.join(tmp, "store-mp")))
+    (r["client_id"], r["num_examples"]) for r in _manifest(os.path.join(tmp, "store-mp"))
+  )
   for synopsis in ("inspect", "validate"):
     code, output = _run([FEDBEAM, synopsis, plain], tmp, f"cli-{synopsis}.log")
     assert code == 0, output

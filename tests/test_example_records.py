@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.format.codec import Example
+from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.pipelines import example_records as er
 from fedbeam.pipelines.records import InputError
 
@@ -41,12 +41,19 @@ def _float_feature(values) -> bytes:
   return _ld(0x12, _ld(0x0A, np.asarray(values, "<f4").tobytes()))
 
 
-def _record(cid: bytes, label: int = 3, pixels=None, order=("cid", "label", "pixels"),
-            label_varints: bytes = None) -> bytes:
+def _record(
+  cid: bytes,
+  label: int = 3,
+  pixels=None,
+  order=("cid", "label", "pixels"),
+  label_varints: bytes = None,
+) -> bytes:
   pixels = np.arange(6, dtype=np.float32) if pixels is None else pixels
-  entries = {"cid": _entry("client_id", _bytes_feature(cid)),
-             "label": _entry("label", _int_feature(label, varints=label_varints)),
-             "pixels": _entry("pixels", _float_feature(pixels))}
+  entries = {
+    "cid": _entry("client_id", _bytes_feature(cid)),
+    "label": _entry("label", _int_feature(label, varints=label_varints)),
+    "pixels": _entry("pixels", _float_feature(pixels)),
+  }
   return _ld(0x0A, b"".join(entries[k] for k in order))
 
 
@@ -64,8 +71,14 @@ def _batch(records, first=0):
 
 def test_alike_records_give_the_record_by_record_bytes(monkeypatch):
   rng = np.random.default_rng(0)
-  records = [_record(f"c{i % 7}".encode(), label=int(rng.integers(0, 100)),
-                     pixels=rng.normal(size=6).astype(np.float32)) for i in range(50)]
+  records = [
+    _record(
+      f"c{i % 7}".encode(),
+      label=int(rng.integers(0, 100)),
+      pixels=rng.normal(size=6).astype(np.float32),
+    )
+    for i in range(50)
+  ]
   batch = _batch(records, first=100)
   parsed = []
   parse = er.parse_example_record
@@ -85,12 +98,12 @@ def test_mixed_layouts_values_and_encodings_give_the_record_by_record_bytes():
   for i in range(40):
     cid = ("ü" * (i % 3) + f"id{i % 5}").encode()
     records += [
-        _record(cid, label=i),                                 # one-byte label
-        _record(cid, label=1000 + i),                          # two-byte label
-        _record(cid, label=5, order=("label", "cid", "pixels")),  # id entry elsewhere
-        _record(cid, label=7, order=("pixels", "label", "cid")),  # keys out of order
-        _record(cid, label=9, label_varints=b"\x89\x00"),    # a non-minimal varint
-        _record(cid, pixels=nan_bits),                         # NaN payloads kept
+      _record(cid, label=i),  # one-byte label
+      _record(cid, label=1000 + i),  # two-byte label
+      _record(cid, label=5, order=("label", "cid", "pixels")),  # id entry elsewhere
+      _record(cid, label=7, order=("pixels", "label", "cid")),  # keys out of order
+      _record(cid, label=9, label_varints=b"\x89\x00"),  # a non-minimal varint
+      _record(cid, pixels=nan_bits),  # NaN payloads kept
     ]
   batch = _batch(records)
   assert er.encode_batch(batch, SPEC) == _one_by_one(batch, SPEC)
@@ -106,11 +119,15 @@ def test_records_converted_to_the_spec_give_the_record_by_record_bytes():
   assert er.encode_batch(batch, spec) == _one_by_one(batch, spec)
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(
+  "bad, message",
+  [
     (_record(b"ab", label=2**31), "record 13 .*outside the range of int32"),
     (_record(b"\xff\xfe"), r"not valid UTF-8 \(in.tfrecord record 13\)"),
     (b"\x0a\x05garbage", "record 13: not a serialized tf.train.Example"),
-], ids=["out-of-range", "id-not-utf8", "not-an-example"])
+  ],
+  ids=["out-of-range", "id-not-utf8", "not-an-example"],
+)
 def test_the_first_bad_record_of_a_batch_is_named(bad, message):
   # The good records share the bad ones' length (and layout, where they have one).
   good = [_record(b"ab", label=2**31 - 1) for _ in range(20)]
@@ -130,28 +147,41 @@ def test_a_value_out_of_range_in_an_alike_group_is_refused():
 def test_as_input_records_unbatches_and_passes_records_through():
   batch = _batch([_record(b"a"), _record(b"b")], first=4)
   records = list(er.as_input_records(batch))
-  assert [(r.client_id, r.position) for r in records] == [("a", ("in.tfrecord", 4)),
-                                                          ("b", ("in.tfrecord", 5))]
+  assert [(r.client_id, r.position) for r in records] == [
+    ("a", ("in.tfrecord", 4)),
+    ("b", ("in.tfrecord", 5)),
+  ]
   assert list(er.as_input_records(records[0])) == [records[0]]
 
 
 def _idless(label: int = 3, pixels=None, order=("label", "pixels"), label_varints=None) -> bytes:
   pixels = np.arange(6, dtype=np.float32) if pixels is None else pixels
-  entries = {"label": _entry("label", _int_feature(label, varints=label_varints)),
-             "pixels": _entry("pixels", _float_feature(pixels))}
+  entries = {
+    "label": _entry("label", _int_feature(label, varints=label_varints)),
+    "pixels": _entry("pixels", _float_feature(pixels)),
+  }
   return _ld(0x0A, b"".join(entries[k] for k in order))
 
 
 def _given_ids_batch(records, rowids):
   ids = tuple(f"user {r % 4}/ü" for r in rowids)
-  return er.ExampleBatch("db.sqlite", rowids[0], list(records), None, client_ids=ids,
-                         indices=tuple(rowids), index_name="rowid")
+  return er.ExampleBatch(
+    "db.sqlite",
+    rowids[0],
+    list(records),
+    None,
+    client_ids=ids,
+    indices=tuple(rowids),
+    index_name="rowid",
+  )
 
 
 def test_records_with_given_ids_are_stored_as_read_when_alike(monkeypatch):
   rng = np.random.default_rng(1)
-  records = [_idless(label=int(rng.integers(0, 100)), pixels=rng.normal(size=6).astype("f4"))
-             for _ in range(30)]
+  records = [
+    _idless(label=int(rng.integers(0, 100)), pixels=rng.normal(size=6).astype("f4"))
+    for _ in range(30)
+  ]
   rowids = list(range(7, 67, 2))
   batch = _given_ids_batch(records, rowids)
   parsed = []
@@ -168,8 +198,12 @@ def test_records_with_given_ids_are_stored_as_read_when_alike(monkeypatch):
 def test_records_with_given_ids_in_other_layouts_give_the_record_by_record_bytes():
   records = []
   for i in range(12):
-    records += [_idless(label=i), _idless(label=1000 + i), _idless(order=("pixels", "label")),
-                _idless(label=9, label_varints=b"\x89\x00")]
+    records += [
+      _idless(label=i),
+      _idless(label=1000 + i),
+      _idless(order=("pixels", "label")),
+      _idless(label=9, label_varints=b"\x89\x00"),
+    ]
   batch = _given_ids_batch(records, list(range(len(records))))
   got = er.encode_batch(batch, SPEC)
   assert got == _one_by_one(batch, SPEC)

@@ -18,21 +18,28 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedbeam import testing
 from fedbeam.format.codec import encode_examples
 from fedbeam.format.layout import StoreFormatError
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import metadata_path, read_metadata
-from fedbeam import testing
 from fedbeam.format.spec import ElementSpec, FeatureSpec
-from fedbeam.pipelines.expansion import (ExpansionError, PlanPseudoClients, PseudoClientSizes,
-                                         apply_transform, expansion_plan, pseudo_client_id,
-                                         pseudo_clients_of)
+from fedbeam.pipelines.expansion import (
+  ExpansionError,
+  PlanPseudoClients,
+  PseudoClientSizes,
+  apply_transform,
+  expansion_plan,
+  pseudo_client_id,
+  pseudo_clients_of,
+)
 from fedbeam.pipelines.prepare import PrepareError
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
 from fedbeam.transforms import AffineTransform, random_affine
 
 ELEMENT_SPEC = collections.OrderedDict(
-    label=tf.TensorSpec([], tf.int32), pixels=tf.TensorSpec([28, 28], tf.float32))
+  label=tf.TensorSpec([], tf.int32), pixels=tf.TensorSpec([28, 28], tf.float32)
+)
 SPEC = ElementSpec((FeatureSpec("label", "int32", ()), FeatureSpec("pixels", "float32", (28, 28))))
 MULTI_PROCESSING = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
@@ -51,14 +58,23 @@ def _image(rng):
 
 def make_clients(sizes, seed=0):
   rng = np.random.default_rng(seed)
-  return {cid: [{"label": np.int32(rng.integers(0, 62)), "pixels": _image(rng)} for _ in range(n)]
-          for cid, n in sizes.items()}
+  return {
+    cid: [{"label": np.int32(rng.integers(0, 62)), "pixels": _image(rng)} for _ in range(n)]
+    for cid, n in sizes.items()
+  }
 
 
 def prepare(db, tmp_path, name, beam_args=(), **flags):
   """Runs the prepare job on the TFF database `db`, keeping the database's row order."""
-  return testing.prepare_store(db, tmp_path, output=str(tmp_path / name), beam_args=beam_args,
-                               element_spec=ELEMENT_SPEC, order_by="@input", **flags)
+  return testing.prepare_store(
+    db,
+    tmp_path,
+    output=str(tmp_path / name),
+    beam_args=beam_args,
+    element_spec=ELEMENT_SPEC,
+    order_by="@input",
+    **flags,
+  )
 
 
 def assert_not_committed(output):
@@ -68,6 +84,7 @@ def assert_not_committed(output):
 
 
 # --- make_transform_fns used below (module level, so they pickle by reference) ---
+
 
 def index_shift(raw_client_id, index):
   """Never None: adds index + 1 to every pixel, so index 0 is visible in the data."""
@@ -83,17 +100,21 @@ def factory_raises(raw_client_id, index):
 
 def fn_raises_when_traced(raw_client_id, index):
   if raw_client_id == "bob" and index == 1:
+
     def fn(x):
       raise ValueError("cannot warp this element")
+
     return fn
   return None
 
 
 def fn_fails_when_run(raw_client_id, index):
   if raw_client_id == "erin" and index == 1:
+
     def fn(x):
       with tf.control_dependencies([tf.debugging.assert_negative(x["label"], message="bad label")]):
         return {"label": tf.identity(x["label"]), "pixels": x["pixels"]}
+
     return fn
   return None
 
@@ -111,6 +132,7 @@ def widens_label(raw_client_id, index):
 
 
 # --- the oracle --------------------------------------------------------------
+
 
 def tff_transforming(base, make_transform_fn, num_transformed_clients=None):
   """TFF 0.87's TransformingClientData reproducing the seed's id scheme over `base`."""
@@ -166,11 +188,13 @@ def assert_matches_tff(store, expected):
       assert a["label"].dtype == e["label"].dtype == np.int32
       assert a["label"] == e["label"], (cid, i)
       assert a["pixels"].dtype == e["pixels"].dtype == np.float32
-      np.testing.assert_allclose(a["pixels"], e["pixels"], rtol=1e-6, atol=1e-6,
-                                 err_msg=f"client {cid!r} element {i}")
+      np.testing.assert_allclose(
+        a["pixels"], e["pixels"], rtol=1e-6, atol=1e-6, err_msg=f"client {cid!r} element {i}"
+      )
 
 
 # --- fixtures ----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def raw_db(tmp_path_factory):
@@ -190,11 +214,17 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def affine_23(raw_db, work):
-  return prepare(raw_db, work, "affine_23", num_transformed_clients=23,
-                 transform="fedbeam.transforms:random_affine")
+  return prepare(
+    raw_db,
+    work,
+    "affine_23",
+    num_transformed_clients=23,
+    transform="fedbeam.transforms:random_affine",
+  )
 
 
 # --- the plan ----------------------------------------------------------------
+
 
 def test_plan_of_seven_raw_clients():
   assert expansion_plan(7, 23) == (3, 2, 2)
@@ -206,6 +236,7 @@ def test_plan_of_seven_raw_clients():
 
 
 # --- oracle equality ---------------------------------------------------------
+
 
 def test_random_affine_23_equals_tff(affine_23, tff_base):
   expected = tff_elements(tff_transforming(tff_base, random_affine, 23))
@@ -219,8 +250,13 @@ def test_random_affine_23_equals_tff(affine_23, tff_base):
 
 
 def test_random_affine_100_equals_tff(raw_db, work, tff_base):
-  store = prepare(raw_db, work, "affine_100", num_transformed_clients=100,
-                  transform="fedbeam.transforms:random_affine")
+  store = prepare(
+    raw_db,
+    work,
+    "affine_100",
+    num_transformed_clients=100,
+    transform="fedbeam.transforms:random_affine",
+  )
   expected = tff_elements(tff_transforming(tff_base, random_affine, 100))
   # 100 = 14 * 7 + 2: indices 00..13, and 14 for alice and bob; two digits (len(str(99))).
   assert len(expected) == 100
@@ -255,7 +291,8 @@ def test_unchanged_ids_apply_index_zero(raw_db, work, tff_base, n):
   metadata = read_metadata(store)
   rows = list(read_manifest(store, metadata))
   assert sorted((r["client_id"], r["raw_client_id"], r["pseudo_index"]) for r in rows) == [
-      (c, c, 0) for c in sorted(RAW_SIZES)]
+    (c, c, 0) for c in sorted(RAW_SIZES)
+  ]
 
 
 def test_manifest_records_raw_client_and_index(affine_23):
@@ -269,8 +306,7 @@ def test_manifest_records_raw_client_and_index(affine_23):
     assert len(suffix) == 2
     assert row["num_examples"] == RAW_SIZES[raw]
   per_raw = collections.Counter(r["raw_client_id"] for r in rows)
-  assert per_raw == {"alice": 4, "bob": 4, "carol": 3, "dave": 3, "erin": 3, "frank": 3,
-                     "grace": 3}
+  assert per_raw == {"alice": 4, "bob": 4, "carol": 3, "dave": 3, "erin": 3, "frank": 3, "grace": 3}
   assert metadata["parameters"]["transform"] == "fedbeam.transforms:random_affine"
   # The empty raw client expands to empty pseudo-clients, which are kept by default.
   assert metadata["empty_clients"]["found"] == 3
@@ -279,19 +315,35 @@ def test_manifest_records_raw_client_and_index(affine_23):
 
 def test_ids_with_digit_suffixes_and_non_ascii(work, tmp_path_factory):
   sizes = {"a": 2, "a_1": 1, "a_10": 3, "a_1_0": 1, "naïve": 2, "日本_7": 1, "🙂 space": 2}
-  db = testing.write_tff_sqlite_input(tmp_path_factory.mktemp("odd") / "odd.sqlite",
-                                      make_clients(sizes, seed=3), ELEMENT_SPEC)
+  db = testing.write_tff_sqlite_input(
+    tmp_path_factory.mktemp("odd") / "odd.sqlite", make_clients(sizes, seed=3), ELEMENT_SPEC
+  )
   base = tff.simulation.datasets.load_and_parse_sql_client_data(db, ELEMENT_SPEC)
   n = 16  # k = 2, g = 2, two digits.
-  store = prepare(db, work, "odd_ids", num_transformed_clients=n,
-                  transform="fedbeam.transforms:random_affine")
+  store = prepare(
+    db, work, "odd_ids", num_transformed_clients=n, transform="fedbeam.transforms:random_affine"
+  )
   expected = tff_elements(tff_transforming(base, random_affine, n))
   assert len(expected) == n
   # Sorted raw ids: a, a_1, a_10, a_1_0, naïve, ... so "a" and "a_1" get index 02.
   assert set(expected) == {
-      "a_00", "a_01", "a_02", "a_1_00", "a_1_01", "a_1_02", "a_10_00", "a_10_01",
-      "a_1_0_00", "a_1_0_01", "naïve_00", "naïve_01", "日本_7_00", "日本_7_01",
-      "🙂 space_00", "🙂 space_01"}
+    "a_00",
+    "a_01",
+    "a_02",
+    "a_1_00",
+    "a_1_01",
+    "a_1_02",
+    "a_10_00",
+    "a_10_01",
+    "a_1_0_00",
+    "a_1_0_01",
+    "naïve_00",
+    "naïve_01",
+    "日本_7_00",
+    "日本_7_01",
+    "🙂 space_00",
+    "🙂 space_01",
+  }
   assert_matches_tff(store, expected)
   rows = {r["client_id"]: r for r in read_manifest(store, read_metadata(store))}
   assert (rows["a_01"]["raw_client_id"], rows["a_01"]["pseudo_index"]) == ("a", 1)
@@ -302,8 +354,14 @@ def test_ids_with_digit_suffixes_and_non_ascii(work, tmp_path_factory):
 
 
 def test_in_process_and_multi_processing_stores_are_byte_identical(raw_db, work, affine_23):
-  other = prepare(raw_db, work, "affine_23_mp", beam_args=MULTI_PROCESSING,
-                  num_transformed_clients=23, transform="fedbeam.transforms:random_affine")
+  other = prepare(
+    raw_db,
+    work,
+    "affine_23_mp",
+    beam_args=MULTI_PROCESSING,
+    num_transformed_clients=23,
+    transform="fedbeam.transforms:random_affine",
+  )
 
   def files(root):
     out = {}
@@ -322,12 +380,15 @@ def test_in_process_and_multi_processing_stores_are_byte_identical(raw_db, work,
 
 # --- errors ------------------------------------------------------------------
 
+
 def test_fewer_transformed_than_raw_clients_fails(raw_db, work):
   out = work / "too_few"
   with pytest.raises(PrepareError) as e:
     prepare(raw_db, work, "too_few", num_transformed_clients=5)
-  assert str(e.value) == ("--num-transformed-clients 5 is smaller than the number of raw clients "
-                          "(7); expansion cannot drop clients (pass at least 7)")
+  assert str(e.value) == (
+    "--num-transformed-clients 5 is smaller than the number of raw clients "
+    "(7); expansion cannot drop clients (pass at least 7)"
+  )
   assert_not_committed(out)
 
 
@@ -338,15 +399,22 @@ def test_non_positive_transformed_clients_fails(raw_db, work, n):
   assert_not_committed(work / f"non_positive_{n}")
 
 
-@pytest.mark.parametrize("reference, message", [
-    ("fedbeam_no_such_module:fn",
-     "--transform 'fedbeam_no_such_module:fn': cannot import module 'fedbeam_no_such_module': "
-     "ModuleNotFoundError: No module named 'fedbeam_no_such_module'"),
-    ("fedbeam.transforms:no_such_transform",
-     "--transform 'fedbeam.transforms:no_such_transform': module 'fedbeam.transforms' has no "
-     "attribute 'no_such_transform'"),
+@pytest.mark.parametrize(
+  "reference, message",
+  [
+    (
+      "fedbeam_no_such_module:fn",
+      "--transform 'fedbeam_no_such_module:fn': cannot import module 'fedbeam_no_such_module': "
+      "ModuleNotFoundError: No module named 'fedbeam_no_such_module'",
+    ),
+    (
+      "fedbeam.transforms:no_such_transform",
+      "--transform 'fedbeam.transforms:no_such_transform': module 'fedbeam.transforms' has no "
+      "attribute 'no_such_transform'",
+    ),
     ("fedbeam.transforms", "--transform 'fedbeam.transforms': expected 'module:function'"),
-])
+  ],
+)
 def test_transform_that_cannot_be_imported_fails(raw_db, work, reference, message):
   name = "bad_ref_" + reference.replace(":", "_").replace(".", "_")
   with pytest.raises(PrepareError) as e:
@@ -355,19 +423,29 @@ def test_transform_that_cannot_be_imported_fails(raw_db, work, reference, messag
   assert_not_committed(work / name)
 
 
-@pytest.mark.parametrize("transform, message", [
-    (factory_raises,
-     "make_transform_fn('carol', 2) raised RuntimeError: no warp for this pseudo-client"),
+@pytest.mark.parametrize(
+  "transform, message",
+  [
+    (
+      factory_raises,
+      "make_transform_fn('carol', 2) raised RuntimeError: no warp for this pseudo-client",
+    ),
     (fn_raises_when_traced, "transform for raw client 'bob', index 1 raised ValueError:"),
     (fn_fails_when_run, "transform for raw client 'erin', index 1 raised InvalidArgumentError:"),
-    (drops_label,
-     "transform for raw client 'frank', index 1 changed the element structure: expected "
-     "features ['label', 'pixels'], got"),
-    (widens_label,
-     "transform for raw client 'alice', index 2 changed feature 'label' from "
-     "TensorSpec(shape=(), dtype=tf.int32, name=None) to "
-     "TensorSpec(shape=(), dtype=tf.int64, name=None)"),
-], ids=lambda v: v.__name__ if callable(v) else "")
+    (
+      drops_label,
+      "transform for raw client 'frank', index 1 changed the element structure: expected "
+      "features ['label', 'pixels'], got",
+    ),
+    (
+      widens_label,
+      "transform for raw client 'alice', index 2 changed feature 'label' from "
+      "TensorSpec(shape=(), dtype=tf.int32, name=None) to "
+      "TensorSpec(shape=(), dtype=tf.int64, name=None)",
+    ),
+  ],
+  ids=lambda v: v.__name__ if callable(v) else "",
+)
 def test_failing_transform_names_raw_client_and_index(raw_db, work, transform, message):
   name = f"failing_{transform.__name__}"
   with pytest.raises(PrepareError) as e:
@@ -396,21 +474,34 @@ def _raise(elements):
   raise RuntimeError("no batch today")
 
 
-@pytest.mark.parametrize("batch_fn, message", [
+@pytest.mark.parametrize(
+  "batch_fn, message",
+  [
     (_raise, "raised RuntimeError: no batch today"),
-    (lambda e: {"pixels": e["pixels"]},
-     "changed the element structure: expected features ['label', 'pixels'], got ['pixels']"),
-    (lambda e: dict(e, label=e["label"].astype(np.int64)),
-     "changed feature 'label' from int32 to int64"),
-    (lambda e: dict(e, pixels=e["pixels"][:, :27]),
-     "changed the shape of feature 'pixels' from [28, 28] to [27, 28]"),
-    (lambda e: dict(e, label=e["label"][:-1]),
-     "returned (2,) values of feature 'label' for 3 elements"),
-], ids=["raises", "drops", "widens", "crops", "short"])
+    (
+      lambda e: {"pixels": e["pixels"]},
+      "changed the element structure: expected features ['label', 'pixels'], got ['pixels']",
+    ),
+    (
+      lambda e: dict(e, label=e["label"].astype(np.int64)),
+      "changed feature 'label' from int32 to int64",
+    ),
+    (
+      lambda e: dict(e, pixels=e["pixels"][:, :27]),
+      "changed the shape of feature 'pixels' from [28, 28] to [27, 28]",
+    ),
+    (
+      lambda e: dict(e, label=e["label"][:-1]),
+      "returned (2,) values of feature 'label' for 3 elements",
+    ),
+  ],
+  ids=["raises", "drops", "widens", "crops", "short"],
+)
 def test_bad_batch_form_names_raw_client_and_index(batch_fn, message):
   spec = SPEC
-  records = encode_examples({"label": np.arange(3, dtype=np.int32),
-                             "pixels": np.zeros((3, 28, 28), np.float32)}, spec, 3)
+  records = encode_examples(
+    {"label": np.arange(3, dtype=np.int32), "pixels": np.zeros((3, 28, 28), np.float32)}, spec, 3
+  )
   with pytest.raises(ExpansionError) as e:
     apply_transform(_with_batch_form(batch_fn), "dave", 2, records, spec)
   assert str(e.value) == f"transform for raw client 'dave', index 2 {message}"
@@ -418,8 +509,10 @@ def test_bad_batch_form_names_raw_client_and_index(batch_fn, message):
 
 def test_batch_form_receives_numpy_and_may_return_tensors():
   spec = SPEC
-  columns = {"label": np.arange(3, dtype=np.int32),
-             "pixels": np.arange(3 * 784, dtype=np.float32).reshape(3, 28, 28)}
+  columns = {
+    "label": np.arange(3, dtype=np.int32),
+    "pixels": np.arange(3 * 784, dtype=np.float32).reshape(3, 28, 28),
+  }
   records = encode_examples(columns, spec, 3)
   seen = []
 
@@ -435,6 +528,7 @@ def test_batch_form_receives_numpy_and_may_return_tensors():
 
 # --- the built-in affine transform --------------------------------------------
 
+
 def test_random_affine_index_zero_is_identity():
   assert random_affine("client_a", 0) is None
   assert AffineTransform(feature="image")("x", 0) is None
@@ -442,8 +536,7 @@ def test_random_affine_index_zero_is_identity():
 
 def test_random_affine_is_a_deterministic_warp_that_keeps_the_label():
   rng = np.random.default_rng(7)
-  element = collections.OrderedDict(label=tf.constant(5, tf.int32),
-                                    pixels=tf.constant(_image(rng)))
+  element = collections.OrderedDict(label=tf.constant(5, tf.int32), pixels=tf.constant(_image(rng)))
   first = random_affine("client_a", 1)(element)
   again = AffineTransform()("client_a", 1)(element)
   np.testing.assert_array_equal(first["pixels"].numpy(), again["pixels"].numpy())
@@ -470,16 +563,23 @@ class _FixedWarp(AffineTransform):
   """An AffineTransform whose warp is given, to check the geometry."""
 
   def parameters(self, raw_client_id, index):
-    return {"angle_deg": 90.0, "shear": 0.0, "scale_x": 1.0, "scale_y": 1.0, "tx_frac": 0.0,
-            "ty_frac": 0.0}
+    return {
+      "angle_deg": 90.0,
+      "shear": 0.0,
+      "scale_x": 1.0,
+      "scale_y": 1.0,
+      "tx_frac": 0.0,
+      "ty_frac": 0.0,
+    }
 
 
 def test_affine_warp_geometry_quarter_turn_is_rot90():
   image = np.random.default_rng(1).random((9, 9)).astype(np.float32)
   turned = _FixedWarp()("x", 1)({"pixels": tf.constant(image)})["pixels"].numpy()
   np.testing.assert_allclose(turned, np.rot90(image, k=-1), atol=1e-5)
-  flat = AffineTransform(max_rotation_deg=0, max_shear=0, max_scale_change=0,
-                         max_translation_frac=0)
+  flat = AffineTransform(
+    max_rotation_deg=0, max_shear=0, max_scale_change=0, max_translation_frac=0
+  )
   same = flat("x", 1)({"pixels": tf.constant(image)})["pixels"].numpy()
   np.testing.assert_allclose(same, image, atol=1e-6)
 
@@ -511,16 +611,21 @@ def test_pseudo_client_sizes_plan_every_expanded_client_with_its_raw_count(n):
 def test_pseudo_clients_of_names_each_raw_clients_share(n):
   k, g, _ = expansion_plan(len(RAW_SIZES), n)
   remainder_last = sorted(RAW_SIZES)[g - 1] if g else None
-  got = sorted((cid, raw) for raw in RAW_SIZES
-               for cid, _ in pseudo_clients_of(raw, len(RAW_SIZES), remainder_last, n))
+  got = sorted(
+    (cid, raw)
+    for raw in RAW_SIZES
+    for cid, _ in pseudo_clients_of(raw, len(RAW_SIZES), remainder_last, n)
+  )
   assert got == _expanded_ids(n)
   assert [i for _, i in pseudo_clients_of("alice", len(RAW_SIZES), remainder_last, n)] == list(
-      range(k + (1 if g else 0)))
+    range(k + (1 if g else 0))
+  )
 
 
 def test_a_batch_form_that_is_not_callable_names_raw_client_and_index():
-  records = encode_examples({"label": np.arange(3, dtype=np.int32),
-                                "pixels": np.zeros((3, 28, 28), np.float32)}, SPEC, 3)
+  records = encode_examples(
+    {"label": np.arange(3, dtype=np.int32), "pixels": np.zeros((3, 28, 28), np.float32)}, SPEC, 3
+  )
   with pytest.raises(ExpansionError) as e:
     apply_transform(_with_batch_form("not a function"), "dave", 2, records, SPEC)
   assert str(e.value).startswith("transform for raw client 'dave', index 2: ")

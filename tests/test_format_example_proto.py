@@ -10,12 +10,16 @@ from fedbeam.format.codec import Example
 
 
 def _tf_example():
-  return tf.train.Example(features=tf.train.Features(feature={
-      "bytes": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a", b"", b"\xff" * 300])),
-      "floats": tf.train.Feature(float_list=tf.train.FloatList(value=[1.5, -0.0, 3e38, 1e-45])),
-      "ints": tf.train.Feature(int64_list=tf.train.Int64List(value=[0, -1, 2**63 - 1, -2**63])),
-      "none": tf.train.Feature(),
-  }))
+  return tf.train.Example(
+    features=tf.train.Features(
+      feature={
+        "bytes": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"a", b"", b"\xff" * 300])),
+        "floats": tf.train.Feature(float_list=tf.train.FloatList(value=[1.5, -0.0, 3e38, 1e-45])),
+        "ints": tf.train.Feature(int64_list=tf.train.Int64List(value=[0, -1, 2**63 - 1, -(2**63)])),
+        "none": tf.train.Feature(),
+      }
+    )
+  )
 
 
 def test_tf_example_bytes_parse_and_reserialize_unchanged():
@@ -23,9 +27,13 @@ def test_tf_example_bytes_parse_and_reserialize_unchanged():
   ours = Example.FromString(data)
   assert ours.SerializeToString(deterministic=True) == data
   kinds = {k: v.WhichOneof("kind") for k, v in ours.features.feature.items()}
-  assert kinds == {"bytes": "bytes_list", "floats": "float_list", "ints": "int64_list",
-                   "none": None}
-  assert list(ours.features.feature["ints"].int64_list.value) == [0, -1, 2**63 - 1, -2**63]
+  assert kinds == {
+    "bytes": "bytes_list",
+    "floats": "float_list",
+    "ints": "int64_list",
+    "none": None,
+  }
+  assert list(ours.features.feature["ints"].int64_list.value) == [0, -1, 2**63 - 1, -(2**63)]
 
 
 def test_our_bytes_parse_in_tensorflow():
@@ -65,6 +73,7 @@ def test_pipeline_worker_code_paths_do_not_import_tensorflow(tmp_path):
       assert len(warped) == 3 and warped != records
       print("tensorflow" in sys.modules)
       """)
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       check=True, timeout=300).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+  ).stdout
   assert out.strip().splitlines()[-1] == "False"

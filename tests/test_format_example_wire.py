@@ -25,8 +25,12 @@ def test_message_fields_cover_the_message_end_to_end():
   entries = example_wire.message_fields(data, start, end)
   assert len(entries) == 3 and entries[-1][3] == end
   # An entry's key (1) is its feature name.
-  names = [bytes(data[s:e]) for _, _, es, ee in entries
-           for n, _, s, e in example_wire.message_fields(data, es, ee) if n == 1]
+  names = [
+    bytes(data[s:e])
+    for _, _, es, ee in entries
+    for n, _, s, e in example_wire.message_fields(data, es, ee)
+    if n == 1
+  ]
   assert names == [b"id", b"label", b"pixels"]
 
 
@@ -59,10 +63,12 @@ def test_framed_alike_takes_rows_that_differ_only_in_their_values():
     fmap["pixels"].float_list.value.extend(pixels)
     return example.SerializeToString(deterministic=True)
 
-  rows = [record(b"client-7", [3, 300], [0.5, -1.0]),
-          record(b"client-8", [9, 129], [2.0, 7.5]),     # other values: alike
-          record(b"client-9", [300, 3], [0.5, -1.0]),    # varints end elsewhere
-          record(b"client-7", [3, 300], [0.5, -1.0]).replace(b"pixels", b"pixelz")]  # framing
+  rows = [
+    record(b"client-7", [3, 300], [0.5, -1.0]),
+    record(b"client-8", [9, 129], [2.0, 7.5]),  # other values: alike
+    record(b"client-9", [300, 3], [0.5, -1.0]),  # varints end elsewhere
+    record(b"client-7", [3, 300], [0.5, -1.0]).replace(b"pixels", b"pixelz"),
+  ]  # framing
   assert len({len(r) for r in rows}) == 1
   block = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), -1)
   alike = example_wire.framed_alike(block, example_wire.feature_lists(rows[0]))

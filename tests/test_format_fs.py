@@ -31,8 +31,9 @@ def test_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary_file
   assert os.listdir(tmp_path) == ["file.bin"]
 
 
-def test_atomic_write_fsyncs_the_content_before_the_rename_unless_told_not_to(tmp_path,
-                                                                             monkeypatch):
+def test_atomic_write_fsyncs_the_content_before_the_rename_unless_told_not_to(
+  tmp_path, monkeypatch
+):
   path = str(tmp_path / "file.bin")
   calls = []
   real_fsync, real_replace = os.fsync, os.replace
@@ -72,6 +73,7 @@ def test_file_ops_of_a_local_path_use_the_os_module(tmp_path):
 def test_atomic_write_to_a_url_goes_through_tf_gfile_whole_or_not_at_all():
   # TensorFlow's in-memory filesystem stands in for gs://: same gfile calls, no network.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   directory = "ram://fedbeam-test-atomic-write"
   path = f"{directory}/file.bin"
   assert atomic_write(path, b"old") == 3

@@ -6,18 +6,57 @@ import posixpath
 import pytest
 import tensorflow as tf
 
-from fedbeam.format.layout import (InvalidClientIdError, check_client_id, client_file_name,
-                                   client_relative_path, client_relative_path_tf, shard_of)
+from fedbeam.format.layout import (
+  InvalidClientIdError,
+  check_client_id,
+  client_file_name,
+  client_relative_path,
+  client_relative_path_tf,
+  shard_of,
+)
 
 # Ids that stress the mapping: separators, dot segments, spaces, non-ASCII,
 # NUL, the 150-byte boundary (also inside multi-byte characters), ids whose
 # 96-byte prefix cuts a character, and ids ending like a shard suffix.
 TRICKY_IDS = [
-    "a", "a/b", "a/b/c/", "/leading", "/", "..", "../..", "../../etc/passwd", ".", "./x",
-    "with space", " ", "tab\there", "new\nline", "nul\x00byte", "naïve", "日本語のクライアント",
-    "emoji 🙂🚀", "é", "-_=+", "a~b", "x" * 149, "x" * 150, "x" * 151, "y" * 300,
-    "é" * 75, "é" * 76, "a" + "é" * 100, "🙂" * 40, "../" * 60,
-    "client_12", "abc_12", "_12", "f0f0_12", "AAAA", "AAAA=", "AAA", "QUFB",
+  "a",
+  "a/b",
+  "a/b/c/",
+  "/leading",
+  "/",
+  "..",
+  "../..",
+  "../../etc/passwd",
+  ".",
+  "./x",
+  "with space",
+  " ",
+  "tab\there",
+  "new\nline",
+  "nul\x00byte",
+  "naïve",
+  "日本語のクライアント",
+  "emoji 🙂🚀",
+  "é",
+  "-_=+",
+  "a~b",
+  "x" * 149,
+  "x" * 150,
+  "x" * 151,
+  "y" * 300,
+  "é" * 75,
+  "é" * 76,
+  "a" + "é" * 100,
+  "🙂" * 40,
+  "../" * 60,
+  "client_12",
+  "abc_12",
+  "_12",
+  "f0f0_12",
+  "AAAA",
+  "AAAA=",
+  "AAA",
+  "QUFB",
 ]
 
 SPLITS = ["all", "train", "test"]
@@ -29,13 +68,16 @@ def tf_paths():
   """Every (id, split, num_shards) mapped by client_relative_path_tf inside one tf.function."""
   results = {}
   for num_shards in NUM_SHARDS:
+
     @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.string)])
     def path_fn(client_id, split, n=num_shards):
       return client_relative_path_tf(client_id, split, n)
 
     for split in SPLITS:
       for cid in TRICKY_IDS:
-        results[cid, split, num_shards] = path_fn(tf.constant(cid), tf.constant(split)).numpy().decode()
+        results[cid, split, num_shards] = (
+          path_fn(tf.constant(cid), tf.constant(split)).numpy().decode()
+        )
   return results
 
 
@@ -58,8 +100,9 @@ def test_paths_follow_the_documented_rule():
       name = base64.urlsafe_b64encode(raw).decode().rstrip("=")
     else:
       fingerprint = tf.fingerprint(tf.constant([cid]), method="farmhash64").numpy()[0]
-      name = (base64.urlsafe_b64encode(raw[:96]).decode().rstrip("=") + "~"
-              + bytes(fingerprint).hex())
+      name = (
+        base64.urlsafe_b64encode(raw[:96]).decode().rstrip("=") + "~" + bytes(fingerprint).hex()
+      )
     assert client_relative_path(cid, "train", 7) == f"train/{shard:05d}/{name}.tfrecord", cid
 
 
@@ -67,7 +110,7 @@ def test_long_name_fingerprint_and_shard_use_the_same_farmhash64():
   # The hex digits are Fingerprint64's 8 bytes little-endian; the shard is
   # the same Fingerprint64 modulo num_shards (docs/store-format.md).
   for cid in [c for c in TRICKY_IDS if len(c.encode()) > 150]:
-    digits = client_file_name(cid)[:-len(".tfrecord")].split("~")[1]
+    digits = client_file_name(cid)[: -len(".tfrecord")].split("~")[1]
     fingerprint = int.from_bytes(bytes.fromhex(digits), "little")
     for num_shards in (7, 1000, 2**31 - 1):
       assert shard_of(cid, num_shards) == fingerprint % num_shards
@@ -84,8 +127,9 @@ def test_every_path_stays_inside_its_split_and_shard_directory():
       assert split == "train"
       assert shard.isdigit() and len(shard) == 5 and int(shard) < num_shards
       assert name not in (".", "..") and not name.startswith(".") and name.endswith(".tfrecord")
-      assert set(name[:-len(".tfrecord")]) <= set(
-          "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~"), name
+      assert set(name[: -len(".tfrecord")]) <= set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~"
+      ), name
       assert posixpath.normpath(posixpath.join("/store", rel)).startswith("/store/train/")
       # Within common file-name limits, including the writer's temporary name.
       assert len(name.encode()) + len(".") + len(".tmp-") + 32 <= 255

@@ -21,14 +21,19 @@ import fastavro
 import numpy as np
 import pytest
 
-from fedbeam.format.layout import (MANIFEST_DIR, MAX_METADATA_BYTES, StoreFormatError, UNSPLIT,
-                                   check_split_name)
+from fedbeam import store_validation
+from fedbeam import testing as fbt
+from fedbeam.format import spec as element_spec
+from fedbeam.format.layout import (
+  MANIFEST_DIR,
+  MAX_METADATA_BYTES,
+  UNSPLIT,
+  StoreFormatError,
+  check_split_name,
+)
 from fedbeam.format.manifest import manifest_file_name, read_manifest
 from fedbeam.format.metadata import load_schema, metadata_path, parsed_schema, read_metadata
 from fedbeam.format.tfrecord import CorruptRecordError, masked_crc, read_tfrecords
-from fedbeam import testing as fbt
-from fedbeam.format import spec as element_spec
-from fedbeam import store_validation
 from fedbeam.store_validation import validate_store
 
 # The spec is inferred (label: int64, pixels: float32 [4]); labels above 127
@@ -38,8 +43,13 @@ LABELS = (45, 145, 245, 345)
 
 def _clients(n=6):
   rng = np.random.default_rng(0)
-  return {f"c{i}": [{"label": np.int64(LABELS[j % 4]), "pixels": rng.random(4, dtype=np.float32)}
-                    for j in range(i + 1)] for i in range(n)}
+  return {
+    f"c{i}": [
+      {"label": np.int64(LABELS[j % 4]), "pixels": rng.random(4, dtype=np.float32)}
+      for j in range(i + 1)
+    ]
+    for i in range(n)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +96,9 @@ def _run(tmp_path, args, timeout=120):
   """
   log = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}.log"
   with open(log, "wb") as out:
-    proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+      [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
       code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -144,7 +155,7 @@ def _forge_first_block(path, count=None, size=None):
     end = pos
     while data[end] & 0x80:
       end += 1
-    fields.append(data[pos:end + 1])
+    fields.append(data[pos : end + 1])
     pos = end + 1
   if count is not None:
     fields[0] = _zigzag(count)
@@ -167,8 +178,11 @@ def _replace_manifest_by_fifo(store):
   os.mkfifo(_manifest_file(store))
 
 
-_LOADER_VICTIMS = {"block_size": _forge_block_size, "huge_shape": _forge_huge_shape,
-                   "fifo_manifest": _replace_manifest_by_fifo}
+_LOADER_VICTIMS = {
+  "block_size": _forge_block_size,
+  "huge_shape": _forge_huge_shape,
+  "fifo_manifest": _replace_manifest_by_fifo,
+}
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +208,10 @@ def loader_runs(clean_store, tmp_path_factory):
 # 6. Sizes read from a store are bounded before anything is allocated
 # ---------------------------------------------------------------------------
 
+
 def test_forged_manifest_block_size_is_a_clear_error_for_load_inspect_and_validate(
-    loader_runs, tmp_path):
+  loader_runs, tmp_path
+):
   store, line, out = loader_runs["block_size"]
   path = _manifest_file(store)
   assert line.startswith(f"StoreFormatError: manifest file {path} is damaged: block at byte "), out
@@ -218,9 +234,11 @@ def test_negative_manifest_block_count_does_not_drop_rows_silently(store):
 def test_huge_metadata_shape_is_refused_at_metadata_read(loader_runs):
   store, line, out = loader_runs["huge_shape"]
   limit = element_spec.MAX_VALUES_PER_EXAMPLE
-  with pytest.raises(StoreFormatError,
-                     match=r"feature 'pixels' \(shape \[1000000000\]\) brings an example to "
-                           rf"1000000001 values; fedbeam reads at most {limit}"):
+  with pytest.raises(
+    StoreFormatError,
+    match=r"feature 'pixels' \(shape \[1000000000\]\) brings an example to "
+    rf"1000000001 values; fedbeam reads at most {limit}",
+  ):
     read_metadata(store)
   assert line.startswith("StoreFormatError: ") and "1000000001 values" in line, out
   report = validate_store(store)
@@ -232,13 +250,17 @@ def test_shape_too_big_for_the_manifest_sizes_is_refused(store):
   # example, and no client file is that big. (Without the manifest headers'
   # spec, which would catch the edit first, as in a store of an older writer.)
   _drop_manifest_spec(store)
+
   def edit(m):
     m["element_spec"][1]["shape"] = [100_000]
+
   _edit_metadata(store, edit)
   metadata = read_metadata(store)
-  with pytest.raises(StoreFormatError,
-                     match=r"client 'c0': 1 examples of the element spec take at least 400017 "
-                           r"bytes, the manifest says the file has \d+"):
+  with pytest.raises(
+    StoreFormatError,
+    match=r"client 'c0': 1 examples of the element spec take at least 400017 "
+    r"bytes, the manifest says the file has \d+",
+  ):
     list(read_manifest(store, metadata))
   report = validate_store(store)
   assert not report.ok
@@ -250,9 +272,11 @@ def test_negative_manifest_counts_are_refused(store):
     if row["client_id"] == "c2":
       row["num_examples"] = -3
     return row
+
   _edit_manifest_rows(store, edit)
-  with pytest.raises(StoreFormatError,
-                     match="client 'c2': num_examples -3 and num_bytes .* must not be negative"):
+  with pytest.raises(
+    StoreFormatError, match="client 'c2': num_examples -3 and num_bytes .* must not be negative"
+  ):
     list(read_manifest(store, read_metadata(store)))
 
 
@@ -269,8 +293,9 @@ def test_manifest_with_another_schema_is_refused(store):
     row["num_examples"] = "many"
   with open(path, "wb") as f:
     fastavro.writer(f, fastavro.parse_schema(schema), rows)
-  with pytest.raises(StoreFormatError, match=f"manifest file {path} was not written with "
-                                                "schemas/manifest.avsc"):
+  with pytest.raises(
+    StoreFormatError, match=f"manifest file {path} was not written with schemas/manifest.avsc"
+  ):
     list(read_manifest(store, read_metadata(store)))
 
 
@@ -285,9 +310,11 @@ def test_forged_tfrecord_length_is_bounded_by_the_file(store, tmp_path):
   left = len(forged) - 12
   # A real file: before the bound, f.read(2**40) asked for a terabyte.
   with open(path, "rb") as f:
-    with pytest.raises(CorruptRecordError,
-                       match=rf"record 0: truncated data \(its length {2**40} does not fit in "
-                             rf"the {left} bytes left in the file\)"):
+    with pytest.raises(
+      CorruptRecordError,
+      match=rf"record 0: truncated data \(its length {2**40} does not fit in "
+      rf"the {left} bytes left in the file\)",
+    ):
       list(read_tfrecords(f))
   report = validate_store(store)
   assert any(f"its length {2**40} does not fit" in p for p in report.problems)
@@ -307,21 +334,25 @@ def test_forged_tfrecord_length_is_bounded_by_the_file(store, tmp_path):
 # 7. No hangs: FIFOs, symbolic links, huge counts, deep JSON
 # ---------------------------------------------------------------------------
 
+
 def test_client_file_replaced_by_a_fifo_does_not_hang_validate(store, tmp_path):
   path = fbt.client_file(store, "c1")
   os.remove(path)
   os.mkfifo(path)
   code, out = _fedbeam(tmp_path, "validate", store, timeout=60)
   assert code == 1, out
-  assert f"client 'c1' ({os.path.relpath(path, store)}): client file {path} is not a regular " \
-         "file (FIFO)" in out
+  assert (
+    f"client 'c1' ({os.path.relpath(path, store)}): client file {path} is not a regular "
+    "file (FIFO)" in out
+  )
   assert f"{os.path.relpath(path, store)} is a FIFO; a store holds only regular files" in out
 
 
 def test_manifest_replaced_by_a_fifo_does_not_hang_the_loader(loader_runs):
   store, line, out = loader_runs["fifo_manifest"]
-  assert line == f"StoreFormatError: manifest file {_manifest_file(store)} is not a regular " \
-                 "file (FIFO)", out
+  assert (
+    line == f"StoreFormatError: manifest file {_manifest_file(store)} is not a regular file (FIFO)"
+  ), out
 
 
 def test_symlink_out_of_the_store_is_listed_not_followed(store, tmp_path):
@@ -332,8 +363,10 @@ def test_symlink_out_of_the_store_is_listed_not_followed(store, tmp_path):
   os.symlink(str(outside), os.path.join(shard, "escape"))
   report = validate_store(store)
   rel = os.path.relpath(os.path.join(shard, "escape"), store)
-  assert f"{rel} -> {outside} is a symbolic link; a store holds only regular files and " \
-         "directories" in report.problems
+  assert (
+    f"{rel} -> {outside} is a symbolic link; a store holds only regular files and "
+    "directories" in report.problems
+  )
   assert not any("secret.txt" in p for p in report.problems), report.problems
 
 
@@ -345,8 +378,10 @@ def test_client_file_symlinked_outside_is_refused(store, tmp_path):
   os.symlink(str(copy), path)
   report = validate_store(store)
   rel = os.path.relpath(path, store)
-  assert f"client 'c2' ({rel}): client file {path} is a symbolic link; a store holds only " \
-         "regular files" in report.problems
+  assert (
+    f"client 'c2' ({rel}): client file {path} is a symbolic link; a store holds only "
+    "regular files" in report.problems
+  )
   assert report.num_files_checked == 5
 
 
@@ -378,6 +413,7 @@ def test_oversized_metadata_is_refused(store):
 # 8. No escape through split names
 # ---------------------------------------------------------------------------
 
+
 def _move_split(store, name):
   """Renames split 'all' to `name` in metadata and manifest, with the files where it points."""
   metadata = read_metadata(store)
@@ -390,16 +426,19 @@ def _move_split(store, name):
     row["split"] = name
     row["path"] = f"{metadata['data_dir']}/{name}/{row['path'].split('/', 2)[2]}"
     return row
+
   _edit_manifest_rows(store, edit)
   shutil.rmtree(os.path.join(data_root, UNSPLIT))
 
 
 def test_split_name_leading_out_of_the_store_is_refused(store, tmp_path):
   _move_split(store, "../../outside")
-  with pytest.raises(StoreFormatError,
-                     match=r"split name '\.\./\.\./outside' is not a split directory name"):
+  with pytest.raises(
+    StoreFormatError, match=r"split name '\.\./\.\./outside' is not a split directory name"
+  ):
     read_metadata(store)
   from fedbeam.runtime import load_client_data
+
   with pytest.raises(StoreFormatError, match="split name '../../outside'"):
     load_client_data(store)
   report = validate_store(store, deep=True)
@@ -422,6 +461,7 @@ def test_manifest_row_with_a_bad_split_name_is_refused(store):
     if row["client_id"] == "c4":
       row["split"] = "../x"
     return row
+
   _edit_manifest_rows(store, edit)
   with pytest.raises(StoreFormatError, match="client 'c4': split name '../x'"):
     list(read_manifest(store, read_metadata(store)))
@@ -430,6 +470,7 @@ def test_manifest_row_with_a_bad_split_name_is_refused(store):
 # ---------------------------------------------------------------------------
 # 9. validate never raises; --deep catches relabelled dtypes
 # ---------------------------------------------------------------------------
+
 
 def test_unknown_dtype_is_a_finding_not_a_traceback(store, tmp_path):
   _edit_metadata(store, lambda m: m["element_spec"][0].update(dtype="complex512"))
@@ -447,6 +488,7 @@ def test_zero_shards_is_a_finding_and_a_load_error(store, tmp_path):
   assert code == 1, out
   assert "Traceback" not in out and "num_shards is 0; it must be at least 1" in out
   from fedbeam.runtime import load_client_data
+
   with pytest.raises(StoreFormatError, match="num_shards is 0"):
     load_client_data(store)
 
@@ -454,19 +496,21 @@ def test_zero_shards_is_a_finding_and_a_load_error(store, tmp_path):
 def test_an_unforeseen_error_is_a_problem_not_a_traceback(store, monkeypatch):
   def fail(data):
     raise RuntimeError("checksum failed\n\tin a way no check foresaw")
+
   monkeypatch.setattr(store_validation, "checksum", fail)
   report = validate_store(store)
   assert report.problems == [
-      "validation stopped: RuntimeError: checksum failed in a way no check foresaw"]
+    "validation stopped: RuntimeError: checksum failed in a way no check foresaw"
+  ]
 
 
 SPEC_EDITS = {
-    "int64 as int8": lambda m: m["element_spec"][0].update(dtype="int8"),
-    "int64 as float64": lambda m: m["element_spec"][0].update(dtype="float64"),
-    "int64 as uint64": lambda m: m["element_spec"][0].update(dtype="uint64"),
-    "scalar as variable length": lambda m: m["element_spec"][0].update(shape=[None]),
-    "feature removed": lambda m: m.update(element_spec=m["element_spec"][1:]),
-    "float32 as float16": lambda m: m["element_spec"][1].update(dtype="float16"),
+  "int64 as int8": lambda m: m["element_spec"][0].update(dtype="int8"),
+  "int64 as float64": lambda m: m["element_spec"][0].update(dtype="float64"),
+  "int64 as uint64": lambda m: m["element_spec"][0].update(dtype="uint64"),
+  "scalar as variable length": lambda m: m["element_spec"][0].update(shape=[None]),
+  "feature removed": lambda m: m.update(element_spec=m["element_spec"][1:]),
+  "float32 as float16": lambda m: m["element_spec"][1].update(dtype="float16"),
 }
 
 
@@ -478,9 +522,11 @@ def test_an_element_spec_edited_in_metadata_is_caught_by_validate_and_load(store
   _edit_metadata(store, SPEC_EDITS[edit])
   report = validate_store(store)
   assert not report.ok
-  assert any("was written for element spec" in p and "metadata.json says" in p
-             for p in report.problems), report.problems
+  assert any(
+    "was written for element spec" in p and "metadata.json says" in p for p in report.problems
+  ), report.problems
   from fedbeam.runtime.client_data import load_client_data
+
   with pytest.raises(StoreFormatError, match="was written for element spec"):
     load_client_data(store)
 
@@ -496,8 +542,10 @@ def test_deep_validate_catches_int64_relabelled_int8(store):
   assert validate_store(store).ok  # the bytes are intact; only their reading changed
   report = validate_store(store, deep=True)
   assert not report.ok
-  assert "record 1: feature 'label' holds 145, outside the range of its dtype int8 " \
-         "[-128, 127]" in report.problems[1]
+  assert (
+    "record 1: feature 'label' holds 145, outside the range of its dtype int8 "
+    "[-128, 127]" in report.problems[1]
+  )
 
 
 def test_deep_validate_catches_float32_relabelled_float16(store):
@@ -515,10 +563,13 @@ def test_deep_validate_notes_int64_relabelled_float64(store, capsys):
   _drop_manifest_spec(store)
   _edit_metadata(store, lambda m: m["element_spec"][0].update(dtype="float64"))
   from fedbeam import cli
+
   assert cli.main(["validate", store, "--deep"]) == 0
   out = capsys.readouterr().out
-  assert "  note: feature 'label' (float64): all 21 nonzero values are subnormal (below " \
-         "2.2e-308), as integers stored as int64 and read as float64 are" in out
+  assert (
+    "  note: feature 'label' (float64): all 21 nonzero values are subnormal (below "
+    "2.2e-308), as integers stored as int64 and read as float64 are" in out
+  )
   assert out.rstrip().splitlines()[-1].startswith(f"OK {store}: ")
   assert validate_store(store).notes == []  # only --deep reads values
 
@@ -529,8 +580,9 @@ def test_deep_validate_notes_a_scalar_relabelled_variable_length(store):
   report = validate_store(store, deep=True)
   assert report.ok
   assert report.notes == [
-      "feature 'label' (shape [None]): each of the 21 records holds 1 value, as a fixed shape "
-      "would; check that the metadata's shape is the one the store was written with"]
+    "feature 'label' (shape [None]): each of the 21 records holds 1 value, as a fixed shape "
+    "would; check that the metadata's shape is the one the store was written with"
+  ]
 
 
 def test_deep_validate_has_no_notes_for_a_sound_store(clean_store):
@@ -559,6 +611,7 @@ UNREACHABLE = "gs://fedbeam-unreachable-test-bucket/store"
 @pytest.mark.parametrize("command", ["validate", "inspect"])
 def test_unreachable_gs_store_is_one_line(command, capsys):
   from fedbeam import cli
+
   code = cli.main([command, UNREACHABLE])
   captured = capsys.readouterr()
   out = captured.out + captured.err

@@ -12,10 +12,10 @@ import textwrap
 import time
 
 import apache_beam as beam
-import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that, equal_to
+import pytest
 
 from fedbeam.pipelines import local_runner
 
@@ -47,12 +47,19 @@ def guarded():
 
 def test_importing_and_building_change_nothing_and_only_the_scope_guards(tmp_path):
   # A fresh interpreter: what importing fedbeam and building PrepareStore do on their own.
-  script = _IMPORT_PROBE.format(input=str(tmp_path / "in.tfrecord"),
-                                output=str(tmp_path / "out"))
-  out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                       text=True, timeout=300, check=True).stdout
-  assert out.strip().splitlines()[-3:] == ["(False, 1000) (False, 1000)", "(True, 0)",
-                                           "(False, 1000)"]
+  script = _IMPORT_PROBE.format(input=str(tmp_path / "in.tfrecord"), output=str(tmp_path / "out"))
+  out = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(script)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  ).stdout
+  assert out.strip().splitlines()[-3:] == [
+    "(False, 1000) (False, 1000)",
+    "(True, 0)",
+    "(False, 1000)",
+  ]
 
 
 def test_materialized_stage_input_arrives_whole_on_two_processes():
@@ -76,10 +83,16 @@ def _run_materialized_stage():
     num_side = data | "CountSide" >> beam.combiners.Count.Globally()
     ids = data | "UseSide" >> beam.Map(lambda kv, _: kv[0], beam.pvalue.AsSingleton(num_side))
     assert_that(num_side, equal_to([expected]), label="SideSawAll")
-    assert_that(ids | "CountIds" >> beam.combiners.Count.Globally(), equal_to([expected]),
-                label="EveryIdArrived")
-    assert_that(ids | "SumIds" >> beam.CombineGlobally(sum),
-                equal_to([expected * (expected - 1) // 2]), label="EachIdOnce")
+    assert_that(
+      ids | "CountIds" >> beam.combiners.Count.Globally(),
+      equal_to([expected]),
+      label="EveryIdArrived",
+    )
+    assert_that(
+      ids | "SumIds" >> beam.CombineGlobally(sum),
+      equal_to([expected * (expected - 1) // 2]),
+      label="EachIdOnce",
+    )
 
 
 def _grouping_buffer(num_keys: int, values_per_key: int, value_bytes: int):
@@ -87,24 +100,28 @@ def _grouping_buffer(num_keys: int, values_per_key: int, value_bytes: int):
   from apache_beam.coders.coder_impl import create_OutputStream  # pylint: disable=g-import-not-at-top
   from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
   from apache_beam.transforms import core, window  # pylint: disable=g-import-not-at-top
+
   kv = coders.TupleCoder([coders.StrUtf8Coder(), coders.BytesCoder()])
   pre = coders.WindowedValueCoder(kv, coders.coders.GlobalWindowCoder())
   post = coders.WindowedValueCoder(
-      coders.TupleCoder([coders.StrUtf8Coder(), coders.IterableCoder(coders.BytesCoder())]),
-      coders.coders.GlobalWindowCoder())
+    coders.TupleCoder([coders.StrUtf8Coder(), coders.IterableCoder(coders.BytesCoder())]),
+    coders.coders.GlobalWindowCoder(),
+  )
   buffer = execution.GroupingBuffer(pre, post, core.Windowing(window.GlobalWindows()))
   stream = create_OutputStream()
   for j in range(values_per_key):
     for k in range(num_keys):
       value = bytes([k % 251, j % 251]) * (value_bytes // 2)
       pre.get_impl().encode_to_stream(
-          window.GlobalWindows.windowed_value((f"key-{k}", value)), stream, True)
+        window.GlobalWindows.windowed_value((f"key-{k}", value)), stream, True
+      )
   buffer.append(stream.get())
   return buffer, post
 
 
 def _decoded(parts, coder):
   from apache_beam.coders.coder_impl import create_InputStream  # pylint: disable=g-import-not-at-top
+
   out = []
   for part in parts:
     elements = []
@@ -120,6 +137,7 @@ def _decoded(parts, coder):
 def test_grouped_input_is_sent_in_pieces_with_beams_elements_and_order(monkeypatch, guarded):
   monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 1 << 20)
   from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
+
   original = execution.GroupingBuffer.partition.fedbeam_original
   # 300 keys x 40 values x 2 KB: 24 MB, several 1 MB pieces per worker.
   buffer, coder = _grouping_buffer(300, 40, 2048)
@@ -144,12 +162,18 @@ def test_grouped_stage_gets_every_value_on_two_workers(mode, guarded):
 
   options = PipelineOptions(["--direct_num_workers=2", f"--direct_running_mode={mode}"])
   with beam.Pipeline(runner=FnApiRunner(), options=options) as p:
-    grouped = (p | beam.Create(list(range(num_keys))) | beam.Reshuffle()
-               | beam.FlatMap(values) | beam.GroupByKey()
-               | beam.MapTuple(lambda key, vs: (key, sorted(i for i, _ in vs))))
+    grouped = (
+      p
+      | beam.Create(list(range(num_keys)))
+      | beam.Reshuffle()
+      | beam.FlatMap(values)
+      | beam.GroupByKey()
+      | beam.MapTuple(lambda key, vs: (key, sorted(i for i, _ in vs)))
+    )
     total = num_keys * per_key
-    assert_that(grouped, equal_to([(f"k{k}", list(range(k, total, num_keys)))
-                                   for k in range(num_keys)]))
+    assert_that(
+      grouped, equal_to([(f"k{k}", list(range(k, total, num_keys))) for k in range(num_keys)])
+    )
 
 
 def _grouped_pipeline(p, num_keys: int, per_key: int, value_bytes: int):
@@ -157,12 +181,18 @@ def _grouped_pipeline(p, num_keys: int, per_key: int, value_bytes: int):
     for j in range(per_key):
       yield f"k{(i * per_key + j) % num_keys}", b"v" * value_bytes
 
-  return (p | beam.Create(list(range(num_keys))) | beam.Reshuffle() | beam.FlatMap(values)
-          | beam.GroupByKey())
+  return (
+    p
+    | beam.Create(list(range(num_keys)))
+    | beam.Reshuffle()
+    | beam.FlatMap(values)
+    | beam.GroupByKey()
+  )
 
 
 def test_workers_start_a_grouped_bundle_while_its_input_is_still_being_sent(
-    monkeypatch, tmp_path, guarded):
+  monkeypatch, tmp_path, guarded
+):
   monkeypatch.setattr(local_runner, "GROUPED_CHUNK_BYTES", 256 << 10)
   shares_sent = []
   encode = local_runner._EncodedShare.__iter__
@@ -176,7 +206,7 @@ def test_workers_start_a_grouped_bundle_while_its_input_is_still_being_sent(
   monkeypatch.setattr(local_runner._EncodedShare, "__iter__", slowly_encoded)
   out_dir = str(tmp_path)
 
-  def note_first_key(key, _, seen=[]):  # pylint: disable=dangerous-default-value
+  def note_first_key(key, _, seen=[]):  # noqa: B006 (state kept per worker process)
     if not seen:  # One file per worker process, for the first key it processes.
       seen.append(key)
       with open(os.path.join(out_dir, f"first-{os.getpid()}"), "w") as f:

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import tensorflow as tf
-
 import test_simulation as helpers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,11 +20,13 @@ def test_measure_input_and_compute_leaves_the_loop_unchanged():
   assert split["compute_seconds"] > 0 and split["produce_seconds"] > 0
   assert split["input_seconds"] >= 0
   assert loop.state.round_num == before.round_num
-  tf.nest.map_structure(np.testing.assert_array_equal, loop.state.model_weights,
-                        before.model_weights)
+  tf.nest.map_structure(
+    np.testing.assert_array_equal, loop.state.model_weights, before.model_weights
+  )
   # The measured round then runs exactly as in a loop that was not measured.
   unmeasured = helpers.make_loop()
   loop.run_round()
   unmeasured.run_round()
-  tf.nest.map_structure(np.testing.assert_array_equal, loop.state.model_weights,
-                        unmeasured.state.model_weights)
+  tf.nest.map_structure(
+    np.testing.assert_array_equal, loop.state.model_weights, unmeasured.state.model_weights
+  )

@@ -24,18 +24,24 @@ def test_image_model_on_a_text_store_names_the_feature_and_both_specs():
   with pytest.raises(ModelMismatchError) as e:
     _check("emnist-cnn", TEXT_SPEC)
   message = str(e.value)
-  assert message.startswith("--model emnist-cnn does not fit the store: its preprocessing "
-                            "failed on the store's elements (KeyError: 'pixels')")
-  assert message.endswith("the store's element spec is {snippets: string[]}, the model's "
-                          "input spec is {x: float32[null, 28, 28], y: int32[null]}")
+  assert message.startswith(
+    "--model emnist-cnn does not fit the store: its preprocessing "
+    "failed on the store's elements (KeyError: 'pixels')"
+  )
+  assert message.endswith(
+    "the store's element spec is {snippets: string[]}, the model's "
+    "input spec is {x: float32[null, 28, 28], y: int32[null]}"
+  )
 
 
 def test_8x8_model_on_28x28_images_is_refused_with_both_specs():
   with pytest.raises(ModelMismatchError) as e:
     _check("digits-cnn", IMAGES_28)
   assert "--model digits-cnn does not fit the store: its preprocessing failed" in str(e.value)
-  assert ("the store's element spec is {label: int64[], pixels: float32[28, 28]}, the model's "
-          "input spec is {x: float32[null, 8, 8], y: int32[null]}") in str(e.value)
+  assert (
+    "the store's element spec is {label: int64[], pixels: float32[28, 28]}, the model's "
+    "input spec is {x: float32[null, 8, 8], y: int32[null]}"
+  ) in str(e.value)
 
 
 def test_text_model_on_an_image_store_is_refused():
@@ -46,8 +52,10 @@ def test_text_model_on_an_image_store_is_refused():
 def test_models_that_fit_their_stores_pass():
   _check("emnist-cnn", IMAGES_28)
   _check("emnist-cnn", FLAT_28)
-  _check("digits-cnn", {"label": tf.TensorSpec([], tf.int32),
-                        "pixels": tf.TensorSpec([8, 8], tf.float32)})
+  _check(
+    "digits-cnn",
+    {"label": tf.TensorSpec([], tf.int32), "pixels": tf.TensorSpec([8, 8], tf.float32)},
+  )
   _check("char-rnn", TEXT_SPEC)
 
 
@@ -55,8 +63,11 @@ def test_output_that_does_not_match_the_input_spec_is_refused():
   def model_fn():
     return models.get_model("emnist-cnn").model_fn()
 
-  with pytest.raises(ModelMismatchError, match=r"preprocessing yields \{label: int64\[null\], "
-                     r"pixels: float32\[null, 784\]\}"):
+  with pytest.raises(
+    ModelMismatchError,
+    match=r"preprocessing yields \{label: int64\[null\], "
+    r"pixels: float32\[null, 784\]\}",
+  ):
     check_model_fits("mine:model", model_fn, lambda ds: ds, FLAT_28)
 
 
@@ -65,11 +76,24 @@ def test_describe_specs_names_dtypes_and_shapes():
 
 
 def test_train_cli_refuses_a_model_that_does_not_fit_with_exit_2(tmp_path, capsys):
-  store = testing.prepare_store({"alice": [{"snippets": b"to be"}] * 3,
-                                 "bob": [{"snippets": b"or not"}] * 2}, tmp_path)
+  store = testing.prepare_store(
+    {"alice": [{"snippets": b"to be"}] * 3, "bob": [{"snippets": b"or not"}] * 2}, tmp_path
+  )
   capsys.readouterr()
-  code = main(["train", store, "--model", "emnist-cnn", "--rounds", "1",
-               "--clients-per-round", "1", "--output", str(tmp_path / "run")])
+  code = main(
+    [
+      "train",
+      store,
+      "--model",
+      "emnist-cnn",
+      "--rounds",
+      "1",
+      "--clients-per-round",
+      "1",
+      "--output",
+      str(tmp_path / "run"),
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 2
   # Besides the loader's warning that a store without a test split is not

@@ -8,15 +8,15 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
-import re
 import textwrap
 import tomllib
 
 import numpy as np
-import pytest
 from packaging.requirements import Requirement
+import pytest
 
 from fedbeam import testing as fbt
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
@@ -32,8 +32,12 @@ NOT_CORE = ("tensorflow_federated", "matplotlib", "sklearn", "psutil")
 
 def _clients():
   rng = np.random.default_rng(3)
-  return {f"c{i}/ü": [{"pixels": rng.random((4, 4), dtype=np.float32), "label": i + j}
-                      for j in range(i + 1)] for i in range(5)}
+  return {
+    f"c{i}/ü": [
+      {"pixels": rng.random((4, 4), dtype=np.float32), "label": i + j} for j in range(i + 1)
+    ]
+    for i in range(5)
+  }
 
 
 def _locked() -> dict[str, str]:
@@ -57,15 +61,23 @@ def _run_hiding_tff(code: str, tmp_path) -> dict:
   """
   script = tmp_path / "hiding_tff.py"
   script.write_text(
-      "import json, sys\n"
-      "sys.modules['tensorflow_federated'] = None  # any import of it raises ImportError\n"
-      + textwrap.dedent(code) +
-      f"\nresult['modules'] = [m for m in {NOT_CORE!r} if sys.modules.get(m) is not None]\n"
-      f"open({str(tmp_path / 'result.json')!r}, 'w').write(json.dumps(result))\n")
+    "import json, sys\n"
+    "sys.modules['tensorflow_federated'] = None  # any import of it raises ImportError\n"
+    + textwrap.dedent(code)
+    + f"\nresult['modules'] = [m for m in {NOT_CORE!r} if sys.modules.get(m) is not None]\n"
+    f"open({str(tmp_path / 'result.json')!r}, 'w').write(json.dumps(result))\n"
+  )
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   with open(tmp_path / "hiding_tff.log", "w") as log:
-    done = subprocess.run([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT,
-                          cwd=tmp_path, env=env, timeout=600, check=False)
+    done = subprocess.run(
+      [sys.executable, str(script)],
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      cwd=tmp_path,
+      env=env,
+      timeout=600,
+      check=False,
+    )
   output = (tmp_path / "hiding_tff.log").read_text()
   assert done.returncode == 0, output[-4000:]
   return json.loads((tmp_path / "result.json").read_text())
@@ -74,12 +86,13 @@ def _run_hiding_tff(code: str, tmp_path) -> dict:
 @pytest.mark.slow
 def test_prepare_inspect_validate_run_without_tensorflow_federated(tmp_path):
   fbt.write_tfrecord_input(tmp_path / "in.tfrecord", _clients())
-  result = _run_hiding_tff(f"""
+  result = _run_hiding_tff(
+    f"""
     import contextlib, io
     from fedbeam.cli import main
-    store = {str(tmp_path / 'store')!r}
+    store = {str(tmp_path / "store")!r}
     result = {{}}
-    result["prepare"] = main(["prepare", "--input", {str(tmp_path / 'in.tfrecord')!r},
+    result["prepare"] = main(["prepare", "--input", {str(tmp_path / "in.tfrecord")!r},
                               "--input-format", "tfrecord", "--client-id-key", "client_id",
                               "--output", store, "--num-test-clients", "2"])
     out = io.StringIO()
@@ -92,7 +105,9 @@ def test_prepare_inspect_validate_run_without_tensorflow_federated(tmp_path):
       result["train"] = main(["train", store, "--model", "digits-cnn", "--rounds", "1",
                               "--clients-per-round", "1", "--output", "run"])
     result["train_error"] = err.getvalue()
-    """, tmp_path)
+    """,
+    tmp_path,
+  )
   assert (result["prepare"], result["inspect"], result["validate"]) == (0, 0, 0)
   assert result["modules"] == []
   splits = result["summary"]["splits"]
@@ -108,7 +123,8 @@ def test_prepare_inspect_validate_run_without_tensorflow_federated(tmp_path):
 def test_store_reader_reads_a_store_without_tensorflow_federated(tmp_path):
   clients = _clients()
   store = fbt.prepare_store(clients, tmp_path, order_by="@input")
-  result = _run_hiding_tff(f"""
+  result = _run_hiding_tff(
+    f"""
     import tensorflow as tf
     from fedbeam.runtime import open_store
     reader = open_store({store!r})
@@ -126,19 +142,24 @@ def test_store_reader_reads_a_store_without_tensorflow_federated(tmp_path):
           tf.constant(0, tf.int64), lambda acc, e: acc + tf.cast(e["label"], tf.int64))
 
     result["traced"] = {{c: int(total(tf.constant(c))) for c in reader.client_ids}}
-    """, tmp_path)
+    """,
+    tmp_path,
+  )
   assert result["modules"] == []
   assert result["ids"] == sorted(clients)
   assert result["counts"] == [len(clients[c]) for c in sorted(clients)]
   for cid, elements in clients.items():
     assert result["labels"][cid] == [e["label"] for e in elements]
     assert result["traced"][cid] == sum(e["label"] for e in elements)
-    np.testing.assert_array_equal(np.asarray(result["pixels"][cid], np.float32),
-                                  np.stack([e["pixels"].ravel() for e in elements]))
+    np.testing.assert_array_equal(
+      np.asarray(result["pixels"][cid], np.float32),
+      np.stack([e["pixels"].ravel() for e in elements]),
+    )
 
 
 def test_store_client_data_is_the_store_reader_as_a_tff_client_data(tmp_path):
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
   store = fbt.prepare_store(_clients(), tmp_path, num_test_clients=2)
   reader, data = open_store(store), load_client_data(store)
   assert type(reader) is StoreReader and not isinstance(reader, tff.simulation.datasets.ClientData)
@@ -148,24 +169,32 @@ def test_store_client_data_is_the_store_reader_as_a_tff_client_data(tmp_path):
   for cid in reader.client_ids:
     assert reader.num_examples(cid) == data.num_examples(cid)
     assert reader.split_of(cid) == data.split_of(cid)
-    fbt.assert_elements_equal(fbt.dataset_elements(reader.create_tf_dataset_for_client(cid)),
-                              fbt.dataset_elements(data.create_tf_dataset_for_client(cid)),
-                              ordered=True, where=cid)
+    fbt.assert_elements_equal(
+      fbt.dataset_elements(reader.create_tf_dataset_for_client(cid)),
+      fbt.dataset_elements(data.create_tf_dataset_for_client(cid)),
+      ordered=True,
+      where=cid,
+    )
   fbt.assert_elements_equal(
-      fbt.dataset_elements(reader.create_tf_dataset_from_all_clients(seed=5)),
-      fbt.dataset_elements(data.create_tf_dataset_from_all_clients(seed=5)), ordered=True)
+    fbt.dataset_elements(reader.create_tf_dataset_from_all_clients(seed=5)),
+    fbt.dataset_elements(data.create_tf_dataset_from_all_clients(seed=5)),
+    ordered=True,
+  )
   # A subset keeps the type it was taken from.
   some = reader.client_ids[:2]
   assert type(reader.subset(some)) is StoreReader
   assert type(data.subset(some)) is StoreClientData
-  assert StoreReader.from_store(store, split="test").client_ids == load_client_data(
-      store, split="test").client_ids
+  assert (
+    StoreReader.from_store(store, split="test").client_ids
+    == load_client_data(store, split="test").client_ids
+  )
 
 
 def test_core_dependencies_leave_out_training_and_demo_packages():
   core = {_name(Requirement(r).name) for r in PYPROJECT["dependencies"]}
-  assert core.isdisjoint({"tensorflow-federated", "matplotlib", "scikit-learn", "tqdm",
-                          "psutil", "jax", "jaxlib"}), core
+  assert core.isdisjoint(
+    {"tensorflow-federated", "matplotlib", "scikit-learn", "tqdm", "psutil", "jax", "jaxlib"}
+  ), core
   assert {"apache-beam", "tensorflow", "fastavro", "google-crc32c"} <= core
   extras = PYPROJECT["optional-dependencies"]
   assert {_name(Requirement(r).name) for r in extras["demo"]} == {"matplotlib", "scikit-learn"}
@@ -182,7 +211,8 @@ def test_every_locked_version_is_in_the_declared_ranges():
     name = _name(requirement.name)
     assert name in locked, f"{name} is declared but not in requirements/lock.txt"
     assert requirement.specifier.contains(locked[name], prereleases=True), (
-        f"requirements/lock.txt pins {name}=={locked[name]}, outside {line!r}")
+      f"requirements/lock.txt pins {name}=={locked[name]}, outside {line!r}"
+    )
   # Lower bounds are what is tested: the core's are the locked versions.
   for line in PYPROJECT["dependencies"]:
     requirement = Requirement(line)
@@ -232,8 +262,9 @@ def test_readme_install_commands_are_the_ones_the_install_check_runs():
   section = readme.split("## Installing fedbeam", 1)[1].split("\n## ", 1)[0]
   version = importlib.metadata.version("fedbeam")
   script = (ROOT / ".ci" / "install_check.sh").read_text()
-  script = (script.replace('"$PYTHON"', "python3.11").replace('"$UV"', "uv")
-            .replace("$VERSION", version))
+  script = (
+    script.replace('"$PYTHON"', "python3.11").replace('"$UV"', "uv").replace("$VERSION", version)
+  )
   checked = set(_commands(script))
   blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
   assert len(blocks) == 4, blocks

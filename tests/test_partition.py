@@ -6,22 +6,26 @@ DirichletPartitioner and ShardPartitioner (flwr_datasets/partitioner/) line
 for line, so the plans are checked against Flower's definitions.
 """
 
-import collections
 import os
 
 import numpy as np
 import pytest
 
 from fedbeam import cli
+from fedbeam import testing as fbt
 from fedbeam.format.codec import decode_examples
 from fedbeam.format.layout import METADATA_FILE
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import read_metadata
-from fedbeam.format.tfrecord import read_tfrecords
-from fedbeam import testing as fbt
 from fedbeam.format.spec import ElementSpec
-from fedbeam.pipelines.partition import (PartitionConfig, PartitionError, build_plan, permute,
-                                         partition_sizes)
+from fedbeam.format.tfrecord import read_tfrecords
+from fedbeam.pipelines.partition import (
+  PartitionConfig,
+  PartitionError,
+  build_plan,
+  partition_sizes,
+  permute,
+)
 from fedbeam.pipelines.prepare import PrepareError
 
 MULTI_PROCESSING = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -34,8 +38,10 @@ def _elements(n, seed=0, sorted_labels=False):
   labels = rng.integers(0, NUM_LABELS, n)
   if sorted_labels:
     labels = np.sort(labels)
-  return [{"idx": np.int64(i), "label": np.int64(label), "x": rng.random(2).astype(np.float32)}
-          for i, label in enumerate(labels)]
+  return [
+    {"idx": np.int64(i), "label": np.int64(label), "x": rng.random(2).astype(np.float32)}
+    for i, label in enumerate(labels)
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +55,13 @@ def inputs(tmp_path_factory):
 
 
 def _prepare(inputs, tmp_path, name, beam_args=(), **partition):
-  return fbt.prepare_store(inputs["pattern"], tmp_path / name, input_format="tfrecord",
-                           partition=PartitionConfig(**partition), beam_args=beam_args)
+  return fbt.prepare_store(
+    inputs["pattern"],
+    tmp_path / name,
+    input_format="tfrecord",
+    partition=PartitionConfig(**partition),
+    beam_args=beam_args,
+  )
 
 
 def _store_columns(store):
@@ -83,6 +94,7 @@ def _assert_every_example_once(idx, n):
 # The keyed permutation
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 64, 65, 1000, 4099])
 def test_permute_is_a_permutation_fixed_by_its_key(size):
   values = np.arange(size)
@@ -104,8 +116,10 @@ def test_permute_refuses_values_outside_its_range():
 # Plans against Flower's definitions (counts only, no pipeline)
 # ----------------------------------------------------------------------------
 
-def _flower_dirichlet_counts(label_counts, num_partitions, alpha, min_size, seed,
-                             self_balancing=False):
+
+def _flower_dirichlet_counts(
+  label_counts, num_partitions, alpha, min_size, seed, self_balancing=False
+):
   """[labels, partitions] examples, as DirichletPartitioner's loop computes them."""
   rng = np.random.default_rng(seed)
   alpha = np.array([float(alpha)]).repeat(num_partitions)
@@ -142,8 +156,15 @@ def _one_element_counts(label_counts):
 @pytest.mark.parametrize("alpha,balancing", [(0.1, False), (0.5, True), (100.0, False)])
 def test_dirichlet_plan_gives_flowers_counts_for_the_same_seed(alpha, balancing):
   label_counts = [300, 250, 280, 310, 290, 260, 330, 270, 300, 310]
-  config = PartitionConfig("dirichlet", 12, label_key="label", alpha=alpha, seed=3,
-                           min_client_examples=5, self_balancing=balancing)
+  config = PartitionConfig(
+    "dirichlet",
+    12,
+    label_key="label",
+    alpha=alpha,
+    seed=3,
+    min_client_examples=5,
+    self_balancing=balancing,
+  )
   plan = build_plan(_one_element_counts(label_counts), config)
   expected = _flower_dirichlet_counts(label_counts, 12, alpha, 5, 3, balancing)
   np.testing.assert_array_equal(_plan_counts(plan, 12), expected)
@@ -173,7 +194,9 @@ def test_plan_refuses_labels_of_mixed_types():
     build_plan(items, PartitionConfig("shard", 1, label_key="label", shards_per_client=1))
 
 
-@pytest.mark.parametrize("bad,message", [
+@pytest.mark.parametrize(
+  "bad,message",
+  [
     (dict(method="dirichlet", num_clients=3, label_key="y"), "--dirichlet-alpha"),
     (dict(method="dirichlet", num_clients=3, alpha=1.0), "--label-key"),
     (dict(method="shard", num_clients=3, label_key="y"), "--shards-per-client"),
@@ -181,7 +204,8 @@ def test_plan_refuses_labels_of_mixed_types():
     (dict(method="iid", num_clients=3, alpha=0.5), "--dirichlet-alpha"),
     (dict(method="iid", num_clients=3, shard_size=4), "--shard-size"),
     (dict(method="random", num_clients=3), "--partition 'random'"),
-])
+  ],
+)
 def test_partition_config_names_the_flag_at_fault(bad, message):
   with pytest.raises(PartitionError, match=message):
     PartitionConfig(**bad).validate()
@@ -190,6 +214,7 @@ def test_partition_config_names_the_flag_at_fault(bad, message):
 # ----------------------------------------------------------------------------
 # Stores
 # ----------------------------------------------------------------------------
+
 
 def test_iid_clients_have_flowers_sizes_and_every_example_once(inputs, tmp_path):
   store = _prepare(inputs, tmp_path, "iid", method="iid", num_clients=7, seed=1)
@@ -211,10 +236,26 @@ def _mean_top_label_share(counts):
 
 
 def test_dirichlet_label_concentration_follows_alpha(inputs, tmp_path):
-  low = _prepare(inputs, tmp_path, "a01", method="dirichlet", num_clients=20, label_key="label",
-                 alpha=0.1, min_client_examples=5)
-  high = _prepare(inputs, tmp_path, "a100", method="dirichlet", num_clients=20,
-                  label_key="label", alpha=100.0, min_client_examples=5)
+  low = _prepare(
+    inputs,
+    tmp_path,
+    "a01",
+    method="dirichlet",
+    num_clients=20,
+    label_key="label",
+    alpha=0.1,
+    min_client_examples=5,
+  )
+  high = _prepare(
+    inputs,
+    tmp_path,
+    "a100",
+    method="dirichlet",
+    num_clients=20,
+    label_key="label",
+    alpha=100.0,
+    min_client_examples=5,
+  )
   low_counts, low_idx = _label_counts(low)
   high_counts, high_idx = _label_counts(high)
   for idx in (low_idx, high_idx):
@@ -232,8 +273,16 @@ def test_dirichlet_label_concentration_follows_alpha(inputs, tmp_path):
 
 def test_dirichlet_that_cannot_reach_the_minimum_fails_and_commits_nothing(inputs, tmp_path):
   with pytest.raises(PrepareError, match="--min-client-examples 400"):
-    _prepare(inputs, tmp_path, "bad", method="dirichlet", num_clients=20, label_key="label",
-             alpha=0.05, min_client_examples=400)
+    _prepare(
+      inputs,
+      tmp_path,
+      "bad",
+      method="dirichlet",
+      num_clients=20,
+      label_key="label",
+      alpha=0.05,
+      min_client_examples=400,
+    )
   assert not os.path.exists(tmp_path / "bad" / "store" / METADATA_FILE)
 
 
@@ -241,8 +290,11 @@ def test_shard_clients_hold_shards_of_few_labels_and_drop_the_rest(tmp_path):
   # Input sorted by label, 1005 examples: 10 clients x 2 shards of 1005 // 20 = 50.
   elements = _elements(1005, seed=4, sorted_labels=True)
   path = fbt.write_unkeyed_tfrecord_input(tmp_path / "in.tfrecord", elements)
-  store = fbt.prepare_store(path, tmp_path / "s", partition=PartitionConfig(
-      "shard", 10, label_key="label", shards_per_client=2, seed=5))
+  store = fbt.prepare_store(
+    path,
+    tmp_path / "s",
+    partition=PartitionConfig("shard", 10, label_key="label", shards_per_client=2, seed=5),
+  )
   counts, idx = _label_counts(store)
   assert [len(idx[str(j)]) for j in range(10)] == [100] * 10
   kept = sorted(i for ids in idx.values() for i in ids)
@@ -275,8 +327,17 @@ def test_dirichlet_store_is_byte_identical_in_process_and_on_two_workers(inputs,
 
 
 def test_dirichlet_clients_without_examples_are_kept_as_empty_clients(inputs, tmp_path):
-  store = _prepare(inputs, tmp_path, "empty", method="dirichlet", num_clients=200,
-                   label_key="label", alpha=0.01, min_client_examples=0, seed=2)
+  store = _prepare(
+    inputs,
+    tmp_path,
+    "empty",
+    method="dirichlet",
+    num_clients=200,
+    label_key="label",
+    alpha=0.01,
+    min_client_examples=0,
+    seed=2,
+  )
   metadata = read_metadata(store)
   (split,) = metadata["splits"]
   assert split["num_clients"] == 200 and split["num_examples"] == 3000
@@ -288,11 +349,13 @@ def test_avro_input_is_partitioned_like_tfrecord(tmp_path):
   avro = fbt.write_avro_input(tmp_path / "in.avro", {"x": elements}, client_id_key=None)
   tfrecord = fbt.write_unkeyed_tfrecord_input(tmp_path / "in.tfrecord", elements)
   config = PartitionConfig("dirichlet", 6, label_key="label", alpha=0.3, seed=1)
-  spec = {"idx": {"dtype": "int64", "shape": []}, "label": {"dtype": "int64", "shape": []},
-          "x": {"dtype": "float32", "shape": [2]}}
+  spec = {
+    "idx": {"dtype": "int64", "shape": []},
+    "label": {"dtype": "int64", "shape": []},
+    "x": {"dtype": "float32", "shape": [2]},
+  }
   from_avro = fbt.prepare_store(avro, tmp_path / "avro", partition=config, element_spec=spec)
-  from_tfrecord = fbt.prepare_store(tfrecord, tmp_path / "tfr", partition=config,
-                                    element_spec=spec)
+  from_tfrecord = fbt.prepare_store(tfrecord, tmp_path / "tfr", partition=config, element_spec=spec)
   a, b = _label_counts(from_avro)[1], _label_counts(from_tfrecord)[1]
   assert a == b and len(a) == 6
 
@@ -301,12 +364,19 @@ def test_a_record_without_the_label_is_named(tmp_path):
   elements = _elements(40)
   del elements[17]["label"]
   path = fbt.write_unkeyed_tfrecord_input(tmp_path / "in.tfrecord", elements[17:18] + elements)
-  with pytest.raises(PrepareError,
-                     match=r"in\.tfrecord record 0: label feature 'label' is missing"):
-    fbt.prepare_store(path, tmp_path / "s", partition=PartitionConfig(
-        "shard", 2, label_key="label", shards_per_client=1), element_spec={
-            "idx": {"dtype": "int64", "shape": []}, "x": {"dtype": "float32", "shape": [2]},
-            "label": {"dtype": "int64", "shape": []}})
+  with pytest.raises(
+    PrepareError, match=r"in\.tfrecord record 0: label feature 'label' is missing"
+  ):
+    fbt.prepare_store(
+      path,
+      tmp_path / "s",
+      partition=PartitionConfig("shard", 2, label_key="label", shards_per_client=1),
+      element_spec={
+        "idx": {"dtype": "int64", "shape": []},
+        "x": {"dtype": "float32", "shape": [2]},
+        "label": {"dtype": "int64", "shape": []},
+      },
+    )
   assert not os.path.exists(tmp_path / "s" / "store" / METADATA_FILE)
 
 
@@ -314,24 +384,62 @@ def test_a_record_without_the_label_is_named(tmp_path):
 # The command line
 # ----------------------------------------------------------------------------
 
+
 def test_cli_prepare_partition_dirichlet_writes_the_clients(inputs, tmp_path, capsys):
   out = tmp_path / "cli"
-  rc = cli.main(["prepare", "--input", inputs["pattern"], "--input-format", "tfrecord",
-                 "--partition", "dirichlet", "--label-key", "label", "--num-clients", "8",
-                 "--dirichlet-alpha", "0.5", "--partition-seed", "0", "--output", str(out)])
+  rc = cli.main(
+    [
+      "prepare",
+      "--input",
+      inputs["pattern"],
+      "--input-format",
+      "tfrecord",
+      "--partition",
+      "dirichlet",
+      "--label-key",
+      "label",
+      "--num-clients",
+      "8",
+      "--dirichlet-alpha",
+      "0.5",
+      "--partition-seed",
+      "0",
+      "--output",
+      str(out),
+    ]
+  )
   assert rc == 0, capsys.readouterr().err
   assert "8 clients, 3000 examples" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,code,message", [
+@pytest.mark.parametrize(
+  "argv,code,message",
+  [
     (["--num-clients", "8"], 2, "--num-clients need --partition"),
-    (["--partition", "dirichlet", "--num-clients", "8", "--label-key", "label"], 1,
-     "--dirichlet-alpha"),
-    (["--partition", "iid", "--num-clients", "8", "--client-id-key", "label"], 1,
-     "--partition and --client-id-key exclude each other"),
-])
+    (
+      ["--partition", "dirichlet", "--num-clients", "8", "--label-key", "label"],
+      1,
+      "--dirichlet-alpha",
+    ),
+    (
+      ["--partition", "iid", "--num-clients", "8", "--client-id-key", "label"],
+      1,
+      "--partition and --client-id-key exclude each other",
+    ),
+  ],
+)
 def test_cli_partition_flags_are_checked(inputs, tmp_path, capsys, argv, code, message):
-  rc = cli.main(["prepare", "--input", inputs["pattern"], "--input-format", "tfrecord",
-                 "--output", str(tmp_path / "x")] + argv)
+  rc = cli.main(
+    [
+      "prepare",
+      "--input",
+      inputs["pattern"],
+      "--input-format",
+      "tfrecord",
+      "--output",
+      str(tmp_path / "x"),
+    ]
+    + argv
+  )
   assert rc == code
   assert message in capsys.readouterr().err

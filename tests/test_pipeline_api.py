@@ -10,17 +10,15 @@ import os
 import threading
 
 import apache_beam as beam
+from apache_beam.runners.direct.direct_runner import DirectRunner
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner, worker_handlers
+from apache_beam.testing.util import assert_that, equal_to
 import numpy as np
 import pytest
-from apache_beam.runners.direct.direct_runner import DirectRunner
-from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-from apache_beam.runners.portability.fn_api_runner import worker_handlers
-from apache_beam.testing.util import assert_that, equal_to
 
-import fedbeam.pipelines
-from fedbeam import cli
+from fedbeam import cli, testing
 from fedbeam import store_format as sf
-from fedbeam import testing
+import fedbeam.pipelines
 from fedbeam.pipelines import allocator, local_runner
 from fedbeam.pipelines.prepare import default_runner_options, runs_on_local_runner
 from fedbeam.store_validation import validate_store
@@ -28,10 +26,13 @@ from fedbeam.store_validation import validate_store
 
 def _clients():
   rng = np.random.RandomState(3)
-  return {f"client {i}/é": [{"label": int(rng.randint(0, 10)),
-                             "pixels": rng.uniform(size=16).astype(np.float32)}
-                            for _ in range(1 + i % 5)]
-          for i in range(12)}
+  return {
+    f"client {i}/é": [
+      {"label": int(rng.randint(0, 10)), "pixels": rng.uniform(size=16).astype(np.float32)}
+      for _ in range(1 + i % 5)
+    ]
+    for i in range(12)
+  }
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +60,42 @@ def _data_files(root):
 
 
 def _cli_prepare(input_path, output, *flags):
-  return cli.main(["prepare", "--input", str(input_path), "--input-format", "tfrecord",
-                   "--client-id-key", "client_id", "--output", str(output), *flags])
+  return cli.main(
+    [
+      "prepare",
+      "--input",
+      str(input_path),
+      "--input-format",
+      "tfrecord",
+      "--client-id-key",
+      "client_id",
+      "--output",
+      str(output),
+      *flags,
+    ]
+  )
 
 
 def test_front_door_exports_the_config_the_transform_the_runner_and_the_stages():
-  assert fedbeam.pipelines.__all__ == sorted([
-      "CheckEmptyClients", "ExpandPseudoClients", "GroupByClient", "InferElementSpec",
-      "PlanPseudoClients", "PrepareConfig", "PrepareError", "PrepareResult", "PrepareStore",
-      "PseudoClientSizes", "ReadClientInput", "SplitTrainTest", "WriteStore",
-      "local_runner_scope", "run_prepare"])
+  assert fedbeam.pipelines.__all__ == sorted(
+    [
+      "CheckEmptyClients",
+      "ExpandPseudoClients",
+      "GroupByClient",
+      "InferElementSpec",
+      "PlanPseudoClients",
+      "PrepareConfig",
+      "PrepareError",
+      "PrepareResult",
+      "PrepareStore",
+      "PseudoClientSizes",
+      "ReadClientInput",
+      "SplitTrainTest",
+      "WriteStore",
+      "local_runner_scope",
+      "run_prepare",
+    ]
+  )
   for name in fedbeam.pipelines.__all__:
     exported = getattr(fedbeam.pipelines, name)
     assert exported.__doc__ and exported.__doc__.strip(), name
@@ -77,23 +104,31 @@ def test_front_door_exports_the_config_the_transform_the_runner_and_the_stages()
 
 
 def test_prepare_store_in_a_users_own_pipeline_writes_the_clis_store_byte_for_byte(
-    tfrecord_input, tmp_path):
+  tfrecord_input, tmp_path
+):
   assert _cli_prepare(tfrecord_input, tmp_path / "cli", "--test-fraction", "0.25") == 0
   config = fedbeam.pipelines.PrepareConfig(
-      input=tfrecord_input, input_format="tfrecord", output=str(tmp_path / "own"),
-      client_id_key="client_id", test_fraction=0.25)
+    input=tfrecord_input,
+    input_format="tfrecord",
+    output=str(tmp_path / "own"),
+    client_id_key="client_id",
+    test_fraction=0.25,
+  )
   with beam.Pipeline(runner=FnApiRunner()) as p:
     metadata = p | "Prepare" >> fedbeam.pipelines.PrepareStore(config)
-    assert_that(metadata | beam.Map(lambda m: sorted((s["name"], s["num_clients"])
-                                                     for s in m["splits"])),
-                equal_to([[("test", 3), ("train", 9)]]))
+    assert_that(
+      metadata | beam.Map(lambda m: sorted((s["name"], s["num_clients"]) for s in m["splits"])),
+      equal_to([[("test", 3), ("train", 9)]]),
+    )
   own, from_cli = _data_files(tmp_path / "own"), _data_files(tmp_path / "cli")
   assert len([k for k in own if k.endswith(".tfrecord")]) == len(_clients())
   assert len([k for k in own if k.endswith(".avro")]) == 1
   assert sorted(own) == sorted(from_cli)
   assert [k for k in own if own[k] != from_cli[k]] == []
-  assert (sf.read_metadata(str(tmp_path / "own"))["data_dir"]
-          == sf.read_metadata(str(tmp_path / "cli"))["data_dir"])
+  assert (
+    sf.read_metadata(str(tmp_path / "own"))["data_dir"]
+    == sf.read_metadata(str(tmp_path / "cli"))["data_dir"]
+  )
   report = validate_store(str(tmp_path / "own"), deep=True)
   assert report.ok, report.problems
   testing.assert_store_equals(str(tmp_path / "own"), _clients(), ordered=False)
@@ -101,19 +136,27 @@ def test_prepare_store_in_a_users_own_pipeline_writes_the_clis_store_byte_for_by
 
 def test_prepare_store_refuses_a_pattern_matching_no_file_when_the_pipeline_is_built(tmp_path):
   config = fedbeam.pipelines.PrepareConfig(
-      input=str(tmp_path / "missing-*.tfrecord"), input_format="tfrecord",
-      output=str(tmp_path / "out"), client_id_key="client_id")
+    input=str(tmp_path / "missing-*.tfrecord"),
+    input_format="tfrecord",
+    output=str(tmp_path / "out"),
+    client_id_key="client_id",
+  )
   with pytest.raises(fedbeam.pipelines.PrepareError, match="missing-"):
     _ = beam.Pipeline(runner=FnApiRunner()) | "Prepare" >> fedbeam.pipelines.PrepareStore(config)
   assert not os.path.exists(tmp_path / "out")
 
 
-def test_building_prepare_store_changes_nothing_in_beam_or_the_environment(tfrecord_input,
-                                                                          tmp_path):
+def test_building_prepare_store_changes_nothing_in_beam_or_the_environment(
+  tfrecord_input, tmp_path
+):
   before, environment = _beams_attributes(), dict(os.environ)
   config = fedbeam.pipelines.PrepareConfig(
-      input=tfrecord_input, input_format="tfrecord", output=str(tmp_path / "out"),
-      client_id_key="client_id", num_transformed_clients=20)
+    input=tfrecord_input,
+    input_format="tfrecord",
+    output=str(tmp_path / "out"),
+    client_id_key="client_id",
+    num_transformed_clients=20,
+  )
   _ = beam.Pipeline(runner=FnApiRunner()) | "Prepare" >> fedbeam.pipelines.PrepareStore(config)
   assert _beams_attributes() == before
   assert not local_runner.is_guarded() and not allocator.is_tuned()
@@ -123,9 +166,13 @@ def test_building_prepare_store_changes_nothing_in_beam_or_the_environment(tfrec
 def _runtime_view(_):
   """What a DoFn running in this process sees of Beam's runner and the allocator settings."""
   from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
-  return (local_runner.is_guarded(), worker_handlers.DATA_BUFFER_TIME_LIMIT_MS,
-          vars(fn_runner.BundleManager)["_send_input_to_worker"].__module__,
-          os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+
+  return (
+    local_runner.is_guarded(),
+    worker_handlers.DATA_BUFFER_TIME_LIMIT_MS,
+    vars(fn_runner.BundleManager)["_send_input_to_worker"].__module__,
+    os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+  )
 
 
 SEEN_BY_TRANSFORMS = []
@@ -138,18 +185,30 @@ def recording_transform(raw_client_id, index):
 
 
 def test_fedbeam_prepare_guards_its_run_and_a_plain_pipeline_afterwards_runs_on_beams_classes(
-    tfrecord_input, tmp_path, monkeypatch):
+  tfrecord_input, tmp_path, monkeypatch
+):
   monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
   monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
   before = _beams_attributes()
-  assert all(value.__module__.startswith("apache_beam.") for value in before.values()
-             if callable(value))
+  assert all(
+    value.__module__.startswith("apache_beam.") for value in before.values() if callable(value)
+  )
   del SEEN_BY_TRANSFORMS[:]
-  assert _cli_prepare(tfrecord_input, tmp_path / "store", "--num-transformed-clients", "24",
-                      "--transform", f"{__name__}:recording_transform") == 0
+  assert (
+    _cli_prepare(
+      tfrecord_input,
+      tmp_path / "store",
+      "--num-transformed-clients",
+      "24",
+      "--transform",
+      f"{__name__}:recording_transform",
+    )
+    == 0
+  )
   # During the run (its DoFns run in this process on the in-memory runner): guarded, tuned.
   assert SEEN_BY_TRANSFORMS and set(SEEN_BY_TRANSFORMS) == {
-      (True, 0, local_runner.__name__, str(allocator.MMAP_THRESHOLD_BYTES))}
+    (True, 0, local_runner.__name__, str(allocator.MMAP_THRESHOLD_BYTES))
+  }
   # Afterwards: every attribute the guard replaced is Beam's own object again.
   after = _beams_attributes()
   assert list(after) == list(before)
@@ -159,17 +218,19 @@ def test_fedbeam_prepare_guards_its_run_and_a_plain_pipeline_afterwards_runs_on_
   assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
   with beam.Pipeline(runner=FnApiRunner()) as p:
     seen = p | beam.Create([0]) | beam.Map(_runtime_view)
-    assert_that(seen, equal_to([(False, 1000, "apache_beam.runners.portability.fn_api_runner."
-                                 "fn_runner", None)]))
+    assert_that(
+      seen,
+      equal_to([(False, 1000, "apache_beam.runners.portability.fn_api_runner.fn_runner", None)]),
+    )
 
 
 def test_run_prepare_restores_beam_when_its_pipeline_fails(tmp_path):
   clients = {"a": [{"x": 1.0}], "": [{"x": 2.0}]}  # An empty client id fails the job.
   path = testing.write_tfrecord_input(tmp_path / "in.tfrecord", clients)
   before = _beams_attributes()
-  config = fedbeam.pipelines.PrepareConfig(input=path, input_format="tfrecord",
-                                           output=str(tmp_path / "out"),
-                                           client_id_key="client_id")
+  config = fedbeam.pipelines.PrepareConfig(
+    input=path, input_format="tfrecord", output=str(tmp_path / "out"), client_id_key="client_id"
+  )
   with pytest.raises(fedbeam.pipelines.PrepareError):
     fedbeam.pipelines.run_prepare(config)
   after = _beams_attributes()
@@ -179,25 +240,31 @@ def test_run_prepare_restores_beam_when_its_pipeline_fails(tmp_path):
 
 def test_only_beams_local_runners_get_the_scope():
   from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner  # pylint: disable=g-import-not-at-top
+
   from fedbeam.pipelines.dask import DaskRunner  # pylint: disable=g-import-not-at-top
+
   assert runs_on_local_runner(FnApiRunner())
   assert runs_on_local_runner(DirectRunner())
   assert not runs_on_local_runner(DataflowRunner())
   assert not runs_on_local_runner(DaskRunner())
 
 
-@pytest.mark.parametrize("flags, local", [
+@pytest.mark.parametrize(
+  "flags, local",
+  [
     ([], True),
     (["--runner=DirectRunner"], True),
     (["--runner=DataflowRunner"], False),
     (["--runner=fedbeam.pipelines.dask.DaskRunner"], False),
-])
+  ],
+)
 def test_run_prepare_picks_the_runner_its_flags_name_and_scopes_only_local_ones(flags, local):
   options, runner = default_runner_options(flags)
   assert runs_on_local_runner(runner) is local
   if flags:
     assert type(runner).__name__ == flags[0].split("=")[1].split(".")[-1].replace(
-        "DirectRunner", "SwitchingDirectRunner")
+      "DirectRunner", "SwitchingDirectRunner"
+    )
 
 
 def test_scopes_nest_and_the_last_one_out_restores_beam():
@@ -246,16 +313,23 @@ def test_concurrent_scopes_share_one_guard_until_the_last_exits():
   assert not local_runner.is_guarded() and len(seen) == 2
 
 
-@pytest.mark.parametrize("owner, name", [
+@pytest.mark.parametrize(
+  "owner, name",
+  [
     ("worker_handlers", "DATA_BUFFER_TIME_LIMIT_MS"),
     ("BundleManager", "_send_input_to_worker"),
     ("GroupingBuffer", "partition"),
-])
+  ],
+)
 def test_the_guard_names_a_missing_beam_internal_and_changes_nothing(monkeypatch, owner, name):
   from apache_beam.runners.portability.fn_api_runner import execution, fn_runner  # pylint: disable=g-import-not-at-top
+
   before = _beams_attributes()
-  target = {"worker_handlers": worker_handlers, "BundleManager": fn_runner.BundleManager,
-            "GroupingBuffer": execution.GroupingBuffer}[owner]
+  target = {
+    "worker_handlers": worker_handlers,
+    "BundleManager": fn_runner.BundleManager,
+    "GroupingBuffer": execution.GroupingBuffer,
+  }[owner]
   monkeypatch.delattr(target, name)  # What a Beam without it looks like; undone after the test.
   with pytest.raises(local_runner.BeamInternalsError, match=f"{owner}.{name}"):
     with local_runner.local_runner_scope():
@@ -268,9 +342,11 @@ def test_the_guard_names_a_missing_beam_internal_and_changes_nothing(monkeypatch
 
 def test_instance_attributes_are_found_in_the_init_that_sets_them():
   from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
+
   assert local_runner._sets_attribute(data_plane._GrpcDataChannel, "_to_send")
   # Set by the base class's __init__: found through the MRO.
-  assert local_runner._sets_attribute(data_plane.TimeBasedBufferingClosableOutputStream,
-                                      "_flush_callback")
+  assert local_runner._sets_attribute(
+    data_plane.TimeBasedBufferingClosableOutputStream, "_flush_callback"
+  )
   assert not local_runner._sets_attribute(data_plane._GrpcDataChannel, "_flush_callback")
   assert not local_runner._sets_attribute(data_plane._GrpcDataChannel, "_no_such_attribute")

@@ -10,30 +10,43 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedbeam import testing
 from fedbeam.format.codec import encode_example
 from fedbeam.format.layout import METADATA_FILE, StoreFormatError, client_relative_path
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import data_root, read_metadata
 from fedbeam.format.tfrecord import checksum, read_tfrecords
-from fedbeam import testing
 from fedbeam.pipelines.prepare import PrepareError
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
 
 MULTI_PROCESSING = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
-TRICKY_IDS = ["a/b/c", "../escape", "with space", "naïve/日本語 ü", "x" * 300, "é" * 76,
-              "client_1", "client_12", "plain"]
+TRICKY_IDS = [
+  "a/b/c",
+  "../escape",
+  "with space",
+  "naïve/日本語 ü",
+  "x" * 300,
+  "é" * 76,
+  "client_1",
+  "client_12",
+  "plain",
+]
 
 
 def _tricky_clients():
   rng = np.random.RandomState(0)
   clients = {}
   for i, cid in enumerate(TRICKY_IDS):
-    clients[cid] = [{"label": int(rng.randint(0, 5)),
-                     "x": rng.uniform(-1, 1, size=2).astype(np.float32),
-                     "tokens": rng.randint(0, 100, size=1 + (i + j) % 4).astype(np.int64),
-                     "name": f"{cid}#{j}"}
-                    for j in range(1 + i % 4)]
+    clients[cid] = [
+      {
+        "label": int(rng.randint(0, 5)),
+        "x": rng.uniform(-1, 1, size=2).astype(np.float32),
+        "tokens": rng.randint(0, 100, size=1 + (i + j) % 4).astype(np.int64),
+        "name": f"{cid}#{j}",
+      }
+      for j in range(1 + i % 4)
+    ]
   return clients
 
 
@@ -43,14 +56,22 @@ def _fixed_clients():
   clients = {}
   for i in range(12):
     n = 0 if i % 3 == 1 else 1 + i % 5
-    clients[f"user {i:02d}/ü"] = [{"label": int(rng.randint(0, 10)),
-                                  "x": rng.uniform(size=2).astype(np.float32),
-                                  "name": f"u{i}-{j}"} for j in range(n)]
+    clients[f"user {i:02d}/ü"] = [
+      {
+        "label": int(rng.randint(0, 10)),
+        "x": rng.uniform(size=2).astype(np.float32),
+        "name": f"u{i}-{j}",
+      }
+      for j in range(n)
+    ]
   return clients
 
 
-FIXED_SPEC = {"label": {"dtype": "int64", "shape": []}, "x": {"dtype": "float32", "shape": [2]},
-              "name": {"dtype": "string", "shape": []}}
+FIXED_SPEC = {
+  "label": {"dtype": "int64", "shape": []},
+  "x": {"dtype": "float32", "shape": [2]},
+  "name": {"dtype": "string", "shape": []},
+}
 
 
 def _files(root):
@@ -83,23 +104,39 @@ def stores(tmp_path_factory):
   fixed = _fixed_clients()
   sqlite = testing.write_tff_sqlite_input(root / "in" / "fixed.sqlite", fixed, FIXED_SPEC)
   fixed_tfrecord = testing.write_tfrecord_input(
-      root / "in" / "fixed.tfrecord", {k: v for k, v in fixed.items() if v})
-  s = {"root": root, "tricky": tricky, "fixed": fixed, "sqlite": sqlite,
-       "tfrecord_input": tfrecord}
-  s["tfrecord"] = testing.prepare_store(tfrecord, root, output=str(root / "tfrecord"),
-                                        client_id_key="client_id")
-  s["multi"] = testing.prepare_store(tfrecord, root, output=str(root / "multi"),
-                                     client_id_key="client_id", beam_args=MULTI_PROCESSING)
-  s["avro"] = testing.prepare_store(avro, root, output=str(root / "avro"), client_id_key="client_id")
-  s["sqlite_store"] = testing.prepare_store(sqlite, root, output=str(root / "sqlite"),
-                                            element_spec=FIXED_SPEC, order_by="@input")
+    root / "in" / "fixed.tfrecord", {k: v for k, v in fixed.items() if v}
+  )
+  s = {"root": root, "tricky": tricky, "fixed": fixed, "sqlite": sqlite, "tfrecord_input": tfrecord}
+  s["tfrecord"] = testing.prepare_store(
+    tfrecord, root, output=str(root / "tfrecord"), client_id_key="client_id"
+  )
+  s["multi"] = testing.prepare_store(
+    tfrecord,
+    root,
+    output=str(root / "multi"),
+    client_id_key="client_id",
+    beam_args=MULTI_PROCESSING,
+  )
+  s["avro"] = testing.prepare_store(
+    avro, root, output=str(root / "avro"), client_id_key="client_id"
+  )
+  s["sqlite_store"] = testing.prepare_store(
+    sqlite, root, output=str(root / "sqlite"), element_spec=FIXED_SPEC, order_by="@input"
+  )
   s["fixed_tfrecord_store"] = testing.prepare_store(
-      fixed_tfrecord, root, output=str(root / "fixed_tfrecord"), client_id_key="client_id",
-      element_spec=FIXED_SPEC, order_by="@input")
-  s["by_label"] = testing.prepare_store(tfrecord, root, output=str(root / "by_label"),
-                                        client_id_key="client_id", order_by="label")
-  s["sharded"] = testing.prepare_store(tfrecord, root, output=str(root / "sharded"),
-                                       client_id_key="client_id", num_shards=3)
+    fixed_tfrecord,
+    root,
+    output=str(root / "fixed_tfrecord"),
+    client_id_key="client_id",
+    element_spec=FIXED_SPEC,
+    order_by="@input",
+  )
+  s["by_label"] = testing.prepare_store(
+    tfrecord, root, output=str(root / "by_label"), client_id_key="client_id", order_by="label"
+  )
+  s["sharded"] = testing.prepare_store(
+    tfrecord, root, output=str(root / "sharded"), client_id_key="client_id", num_shards=3
+  )
   return s
 
 
@@ -107,12 +144,15 @@ def stores(tmp_path_factory):
 # Determinism
 # ----------------------------------------------------------------------------
 
+
 def test_multi_processing_runner_writes_a_byte_identical_store(stores):
   single, multi = _files(stores["tfrecord"]), _files(stores["multi"])
   assert sorted(single) == sorted(multi)
   data_dir = read_metadata(stores["tfrecord"])["data_dir"]
   assert len([k for k in single if k.endswith(".tfrecord")]) == len(TRICKY_IDS)
-  assert [k for k in single if "/manifest/" in k] == [f"{data_dir}/manifest/part-00000-of-00001.avro"]
+  assert [k for k in single if "/manifest/" in k] == [
+    f"{data_dir}/manifest/part-00000-of-00001.avro"
+  ]
   assert sorted({k.split("/")[0] for k in single}) == sorted([data_dir, METADATA_FILE])
   different = [k for k in single if single[k] != multi[k]]
   assert not different
@@ -124,12 +164,19 @@ def test_rerun_with_overwrite_is_byte_identical(stores):
   # the manifest's paths and the metadata spell out, every byte is the same.
   old_dir = read_metadata(stores["tfrecord"])["data_dir"]
   before = _files(stores["tfrecord"])
-  testing.prepare_store(stores["tfrecord_input"], stores["root"], output=stores["tfrecord"],
-                        client_id_key="client_id", overwrite=True)
+  testing.prepare_store(
+    stores["tfrecord_input"],
+    stores["root"],
+    output=stores["tfrecord"],
+    client_id_key="client_id",
+    overwrite=True,
+  )
   new_dir = read_metadata(stores["tfrecord"])["data_dir"]
   assert new_dir != old_dir and len(new_dir) == len(old_dir)
-  before = {k.replace(old_dir, new_dir): v.replace(old_dir.encode(), new_dir.encode())
-            for k, v in before.items()}
+  before = {
+    k.replace(old_dir, new_dir): v.replace(old_dir.encode(), new_dir.encode())
+    for k, v in before.items()
+  }
   after = _files(stores["tfrecord"])
   assert sorted(after) == sorted(before)
   assert [k for k in before if before[k] != after[k]] == []
@@ -149,22 +196,32 @@ def test_input_formats_with_one_spec_write_identical_client_files(stores):
 # Content
 # ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("store_key", ["tfrecord", "avro", "multi"])
 def test_tricky_ids_round_trip(stores, store_key):
   testing.assert_store_equals(stores[store_key], stores["tricky"], ordered=False)
   data = load_client_data(stores[store_key])
   assert data.client_ids == sorted(TRICKY_IDS)
   assert data.element_type_structure == collections.OrderedDict(
-      label=tf.TensorSpec([], tf.int64), name=tf.TensorSpec([], tf.string),
-      tokens=tf.TensorSpec([None], tf.int64), x=tf.TensorSpec([2], tf.float32))
+    label=tf.TensorSpec([], tf.int64),
+    name=tf.TensorSpec([], tf.string),
+    tokens=tf.TensorSpec([None], tf.int64),
+    x=tf.TensorSpec([2], tf.float32),
+  )
 
 
 def test_tff_sqlite_input_keeps_declared_empty_clients(stores):
   testing.assert_store_equals(stores["sqlite_store"], stores["fixed"], ordered=True)
   meta = read_metadata(stores["sqlite_store"])
-  assert meta["splits"] == [{"name": "all", "num_clients": 12,
-                             "num_examples": sum(len(v) for v in stores["fixed"].values()),
-                             "num_bytes": meta["splits"][0]["num_bytes"], "num_empty_clients": 4}]
+  assert meta["splits"] == [
+    {
+      "name": "all",
+      "num_clients": 12,
+      "num_examples": sum(len(v) for v in stores["fixed"].values()),
+      "num_bytes": meta["splits"][0]["num_bytes"],
+      "num_empty_clients": 4,
+    }
+  ]
   assert meta["empty_clients"]["found"] == 4
   assert meta["empty_clients"]["sample"] == sorted(k for k, v in stores["fixed"].items() if not v)
 
@@ -173,13 +230,23 @@ def test_default_order_is_by_serialized_content(stores):
   data = load_client_data(stores["tfrecord"])
   spec = data.element_spec
   for cid in data.client_ids:
-    with open(os.path.join(_data_root(stores["tfrecord"]), client_relative_path(cid, "all", 1)),
-              "rb") as f:
+    with open(
+      os.path.join(_data_root(stores["tfrecord"]), client_relative_path(cid, "all", 1)), "rb"
+    ) as f:
       records = list(read_tfrecords(f))
     assert records == sorted(records)
-    expected = sorted(encode_example(
-        {"label": np.asarray(e["label"]), "name": np.array([e["name"].encode()], dtype=object),
-         "tokens": e["tokens"], "x": e["x"]}, spec) for e in stores["tricky"][cid])
+    expected = sorted(
+      encode_example(
+        {
+          "label": np.asarray(e["label"]),
+          "name": np.array([e["name"].encode()], dtype=object),
+          "tokens": e["tokens"],
+          "x": e["x"],
+        },
+        spec,
+      )
+      for e in stores["tricky"][cid]
+    )
     assert records == expected
 
 
@@ -206,7 +273,8 @@ def test_num_shards_spreads_clients_over_shard_directories(stores):
   assert len({f.split("/")[1] for f in files}) > 1
   rows = list(read_manifest(root, meta))
   assert {r["client_id"]: r["path"] for r in rows} == {
-      cid: f"{meta['data_dir']}/{client_relative_path(cid, 'all', 3)}" for cid in TRICKY_IDS}
+    cid: f"{meta['data_dir']}/{client_relative_path(cid, 'all', 3)}" for cid in TRICKY_IDS
+  }
   testing.assert_store_equals(root, stores["tricky"], ordered=False)
   assert read_metadata(stores["tfrecord"])["num_shards"] == 1
 
@@ -245,13 +313,16 @@ def test_empty_client_id_is_rejected(stores, tmp_path, fmt):
 # StoreClientData against TFF's own ClientData over the same data
 # ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def api(stores):
   store = load_client_data(stores["sqlite_store"])
   tff_sql = tff.simulation.datasets.load_and_parse_sql_client_data(
-      stores["sqlite"], store.element_type_structure)
+    stores["sqlite"], store.element_type_structure
+  )
   reference = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
-      tff_sql.client_ids, tff_sql.serializable_dataset_fn)
+    tff_sql.client_ids, tff_sql.serializable_dataset_fn
+  )
   return store, reference, stores["fixed"]
 
 
@@ -320,20 +391,24 @@ def store_without_client_files(stores, tmp_path_factory):
       removed += 1
   assert removed == len(stores["fixed"])
   data = load_client_data(str(root))
-  with pytest.raises(Exception):
+  with pytest.raises(Exception):  # noqa: B017 (any read error; the file is gone)
     next(iter(data.create_tf_dataset_for_client(data.client_ids[0])))
   return data
 
 
-@pytest.mark.parametrize("num_test_clients,seed", [(1, 0), (2, 1), (3, 2), (4, 99), (2, [5, 6]),
-                                                   (6, 3)])
+@pytest.mark.parametrize(
+  "num_test_clients,seed", [(1, 0), (2, 1), (3, 2), (4, 99), (2, [5, 6]), (6, 3)]
+)
 def test_train_test_client_split_matches_tff_without_opening_datasets(
-    api, store_without_client_files, num_test_clients, seed):
+  api, store_without_client_files, num_test_clients, seed
+):
   store, reference, fixed = api
   train, test = StoreClientData.train_test_client_split(
-      store_without_client_files, num_test_clients, seed=seed)
+    store_without_client_files, num_test_clients, seed=seed
+  )
   tff_train, tff_test = tff.simulation.datasets.ClientData.train_test_client_split(
-      reference, num_test_clients, seed=seed)
+    reference, num_test_clients, seed=seed
+  )
   assert isinstance(train, StoreClientData) and isinstance(test, StoreClientData)
   assert test.client_ids == tff_test.client_ids
   assert train.client_ids == tff_train.client_ids
@@ -346,7 +421,8 @@ def test_train_test_client_split_matches_tff_without_opening_datasets(
 
 
 def test_train_test_client_split_fails_like_tff_when_too_few_clients_have_data(
-    api, store_without_client_files):
+  api, store_without_client_files
+):
   _, reference, _ = api
   for n in (9, 12, 0):
     with pytest.raises(ValueError) as ours:
@@ -374,8 +450,11 @@ def test_order_by_a_float_feature_with_nan_does_not_depend_on_input_order(tmp_pa
   stores = []
   for name, order in [("forward", elements), ("backward", elements[::-1])]:
     path = testing.write_tfrecord_input(tmp_path / f"{name}.tfrecord", {"c": order})
-    stores.append(testing.prepare_store(path, tmp_path, output=str(tmp_path / name),
-                                        client_id_key="client_id", order_by="v"))
+    stores.append(
+      testing.prepare_store(
+        path, tmp_path, output=str(tmp_path / name), client_id_key="client_id", order_by="v"
+      )
+    )
   forward, backward = (_client_files(s) for s in stores)
   assert forward == backward
   stored = [float(e["v"]) for e in testing.read_store(stores[0])["c"]]
@@ -386,19 +465,28 @@ def test_group_by_client_counts_every_clients_records():
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.testing.test_pipeline import TestPipeline  # pylint: disable=g-import-not-at-top
   from apache_beam.testing.util import assert_that, equal_to  # pylint: disable=g-import-not-at-top
+
   from fedbeam.format.spec import ElementSpec  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.grouping import GroupByClient  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.records import InputRecord, RawFeature  # pylint: disable=g-import-not-at-top
+
   spec = ElementSpec.from_json({"v": {"dtype": "int64", "shape": []}})
   sizes = {"a": 5, "b": 1, "c": 12}
-  records = [InputRecord(cid, {"v": RawFeature(np.array([i], np.int64), "int64", "list")},
-                         ("mem", i))
-             for cid, n in sizes.items() for i in range(n)]
+  records = [
+    InputRecord(cid, {"v": RawFeature(np.array([i], np.int64), "int64", "list")}, ("mem", i))
+    for cid, n in sizes.items()
+    for i in range(n)
+  ]
   with TestPipeline() as p:
-    inputs = {"records": p | "Records" >> beam.Create(records, reshuffle=True),
-              "clients": p | "NoIds" >> beam.Create([])}
+    inputs = {
+      "records": p | "Records" >> beam.Create(records, reshuffle=True),
+      "clients": p | "NoIds" >> beam.Create([]),
+    }
     grouped = inputs | GroupByClient(p | "Spec" >> beam.Create([spec]), declared_clients=False)
     counted = grouped["record_counts"] | beam.CombinePerKey(sum)
     assert_that(counted, equal_to(list(sizes.items())), label="Counts")
-    assert_that(grouped["clients"] | beam.Map(lambda c: (c.client_id, len(c.records))),
-                equal_to(list(sizes.items())), label="Clients")
+    assert_that(
+      grouped["clients"] | beam.Map(lambda c: (c.client_id, len(c.records))),
+      equal_to(list(sizes.items())),
+      label="Clients",
+    )

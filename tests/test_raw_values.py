@@ -16,9 +16,16 @@ def test_client_id_of_stores_integers_as_their_decimal_string():
   assert client_id_of("é".encode("utf-8"), "uid", "f record 0") == "é"
 
 
-@pytest.mark.parametrize("value, message", [
-    (2.5, "client-id field 'uid' is float 2.5"), (True, "client-id field 'uid' is bool True"),
-    ("", "client id is empty"), (b"\xff", "is not valid UTF-8"), (None, "is NoneType None")])
+@pytest.mark.parametrize(
+  "value, message",
+  [
+    (2.5, "client-id field 'uid' is float 2.5"),
+    (True, "client-id field 'uid' is bool True"),
+    ("", "client id is empty"),
+    (b"\xff", "is not valid UTF-8"),
+    (None, "is NoneType None"),
+  ],
+)
 def test_client_id_of_refuses_other_values_naming_the_record(value, message):
   with pytest.raises(InputError, match="f record 3") as e:
     client_id_of(value, "uid", "f record 3")
@@ -37,10 +44,17 @@ def test_json_feature_infers_kind_and_dims_of_nested_lists():
   assert (empty.kind, empty.dims, empty.size) == ("unknown", (0,), 0)
 
 
-@pytest.mark.parametrize("value, message", [
-    ([[1, 2], [3]], "is ragged"), ([[1], 2], "nested lists must all have the same depth"),
-    ([1, "a"], "mixes values of types"), (None, "is null"), ({"a": 1}, "is an object"),
-    ([1, None], "holds a null")])
+@pytest.mark.parametrize(
+  "value, message",
+  [
+    ([[1, 2], [3]], "is ragged"),
+    ([[1], 2], "nested lists must all have the same depth"),
+    ([1, "a"], "mixes values of types"),
+    (None, "is null"),
+    ({"a": 1}, "is an object"),
+    ([1, None], "holds a null"),
+  ],
+)
 def test_json_feature_refuses_ragged_mixed_or_null_values(value, message):
   with pytest.raises(InputError, match="src line 4: feature 'm'") as e:
     json_feature(value, "m", "src line 4")
@@ -61,8 +75,9 @@ def _infer(*values_per_record):
   fn = InferElementSpecFn()
   acc = fn.create_accumulator()
   for i, value in enumerate(values_per_record):
-    record = InputRecord("c", {"m": json_feature(value, "m", f"f line {i + 1}")}, ("f", i + 1),
-                         unit="line")
+    record = InputRecord(
+      "c", {"m": json_feature(value, "m", f"f line {i + 1}")}, ("f", i + 1), unit="line"
+    )
     acc = fn.add_input(acc, record)
   return fn.extract_output(fn.merge_accumulators([acc]))
 

@@ -11,9 +11,15 @@ from fedbeam.runtime.simulation import RoundResult
 
 def result(round_num, loss=0.5, test_accuracy=None):
   return RoundResult(
-      round_num=round_num, clients=(), train_metrics={"loss": loss, "accuracy": 0.25},
-      eval_metrics=None if test_accuracy is None else {"loss": 1.0, "accuracy": test_accuracy},
-      num_examples=12, seconds=1.5, eval_seconds=0.0, update_applied=True)
+    round_num=round_num,
+    clients=(),
+    train_metrics={"loss": loss, "accuracy": 0.25},
+    eval_metrics=None if test_accuracy is None else {"loss": 1.0, "accuracy": test_accuracy},
+    num_examples=12,
+    seconds=1.5,
+    eval_seconds=0.0,
+    update_applied=True,
+  )
 
 
 def read_rows(path):
@@ -23,8 +29,14 @@ def read_rows(path):
 
 def test_metrics_row_formats_values_as_metrics_csv_holds_them():
   assert metrics_row(result(3, loss=0.1)) == {
-      "round": "3", "train_loss": "0.1", "train_accuracy": "0.25", "test_loss": "",
-      "test_accuracy": "", "seconds": "1.500000", "examples": "12"}
+    "round": "3",
+    "train_loss": "0.1",
+    "train_accuracy": "0.25",
+    "test_loss": "",
+    "test_accuracy": "",
+    "seconds": "1.500000",
+    "examples": "12",
+  }
 
 
 def test_releases_append_rows_in_column_order_and_a_rerun_round_replaces_later_rows(tmp_path):
@@ -48,8 +60,7 @@ def test_releases_write_tensorboard_scalars_of_what_the_round_measured(tmp_path)
   for event_file in tf.io.gfile.glob(str(tmp_path / "tb" / "events.out.tfevents*")):
     for event in tf.compat.v1.train.summary_iterator(event_file):
       for value in event.summary.value:
-        tags.setdefault(value.tag, []).append(
-            (event.step, float(tf.make_ndarray(value.tensor))))
+        tags.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
   assert tags["train/loss"] == [(1, 0.5), (2, 0.5)]
   assert tags["test/accuracy"] == [(2, 0.5)]
   assert "test/loss" in tags and tags["round/examples"] == [(1, 12.0), (2, 12.0)]

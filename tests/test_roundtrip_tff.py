@@ -8,16 +8,18 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from fedbeam import testing
+from fedbeam.cli import main
 from fedbeam.format.codec import make_record_parser
 from fedbeam.format.layout import join
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import read_metadata
-from fedbeam import testing
-from fedbeam.cli import main
 from fedbeam.runtime.client_data import StoreClientData, load_client_data
 
-EMNIST_SPEC = {"label": {"dtype": "int32", "shape": []},
-               "pixels": {"dtype": "float32", "shape": [28, 28]}}
+EMNIST_SPEC = {
+  "label": {"dtype": "int32", "shape": []},
+  "pixels": {"dtype": "float32", "shape": [28, 28]},
+}
 
 
 def _elements(ds):
@@ -35,16 +37,20 @@ def emnist(tmp_path_factory):
   root = tmp_path_factory.mktemp("emnist")
   synthetic = tff.simulation.datasets.emnist.get_synthetic()
   # A third client with a different example order makes order checks meaningful.
-  data = {cid: _elements(synthetic.create_tf_dataset_for_client(cid))
-          for cid in synthetic.client_ids}
+  data = {
+    cid: _elements(synthetic.create_tf_dataset_for_client(cid)) for cid in synthetic.client_ids
+  }
   data["synthetic3/reversed"] = list(reversed(data["synthetic1"]))[::2]
 
   def dataset_fn(cid):
     if cid in synthetic.client_ids:
       return synthetic.create_tf_dataset_for_client(cid)
-    return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
+    return tf.data.Dataset.from_tensor_slices(
+      collections.OrderedDict(
         label=np.array([e["label"] for e in data[cid]]),
-        pixels=np.stack([e["pixels"] for e in data[cid]])))
+        pixels=np.stack([e["pixels"] for e in data[cid]]),
+      )
+    )
 
   sqlite = str(root / "emnist.sqlite")
   tff.simulation.datasets.save_to_sql_client_data(sorted(data), dataset_fn, sqlite)
@@ -52,18 +58,26 @@ def emnist(tmp_path_factory):
   spec_file.write_text(json.dumps(EMNIST_SPEC))
   common = ["--input", sqlite, "--input-format", "tff-sqlite"]
   _prepare(*common, "--element-spec", str(spec_file), "--output", str(root / "content_order"))
-  _prepare(*common, "--element-spec", str(spec_file), "--order-by", "@input",
-           "--output", str(root / "input_order"))
+  _prepare(
+    *common,
+    "--element-spec",
+    str(spec_file),
+    "--order-by",
+    "@input",
+    "--output",
+    str(root / "input_order"),
+  )
   _prepare(*common, "--output", str(root / "inferred"))
   return {
-      "data": data,
-      "synthetic": synthetic,
-      "sqlite": sqlite,
-      "tff": tff.simulation.datasets.load_and_parse_sql_client_data(
-          sqlite, synthetic.element_type_structure),
-      "content_order": str(root / "content_order"),
-      "input_order": str(root / "input_order"),
-      "inferred": str(root / "inferred"),
+    "data": data,
+    "synthetic": synthetic,
+    "sqlite": sqlite,
+    "tff": tff.simulation.datasets.load_and_parse_sql_client_data(
+      sqlite, synthetic.element_type_structure
+    ),
+    "content_order": str(root / "content_order"),
+    "input_order": str(root / "input_order"),
+    "inferred": str(root / "inferred"),
   }
 
 
@@ -87,7 +101,8 @@ def test_synthetic_emnist_data_equal_as_multisets_in_content_order(emnist):
     actual = _elements(store.create_tf_dataset_for_client(cid))
     testing.assert_elements_equal(actual, emnist["data"][cid], ordered=False, where=cid)
     testing.assert_elements_equal(
-        actual, _elements(emnist["tff"].create_tf_dataset_for_client(cid)), ordered=False, where=cid)
+      actual, _elements(emnist["tff"].create_tf_dataset_for_client(cid)), ordered=False, where=cid
+    )
     assert store.num_examples(cid) == len(emnist["data"][cid])
 
 
@@ -97,17 +112,20 @@ def test_order_by_input_keeps_tff_example_order(emnist):
     actual = _elements(store.create_tf_dataset_for_client(cid))
     testing.assert_elements_equal(actual, emnist["data"][cid], ordered=True, where=cid)
     testing.assert_elements_equal(
-        actual, _elements(emnist["tff"].create_tf_dataset_for_client(cid)), ordered=True, where=cid)
+      actual, _elements(emnist["tff"].create_tf_dataset_for_client(cid)), ordered=True, where=cid
+    )
   # The reversed client really is out of label order, so the check above has teeth.
-  labels = [int(e["label"]) for e in _elements(
-      store.create_tf_dataset_for_client("synthetic3/reversed"))]
+  labels = [
+    int(e["label"]) for e in _elements(store.create_tf_dataset_for_client("synthetic3/reversed"))
+  ]
   assert labels == [9, 7, 5, 3, 1]
 
 
 def test_default_order_is_by_content_and_differs_from_input_order(emnist):
   content = load_client_data(emnist["content_order"])
-  labels = [int(e["label"]) for e in _elements(
-      content.create_tf_dataset_for_client("synthetic3/reversed"))]
+  labels = [
+    int(e["label"]) for e in _elements(content.create_tf_dataset_for_client("synthetic3/reversed"))
+  ]
   assert sorted(labels) == [1, 3, 5, 7, 9]
   # Content order is a pure function of the examples: the two identical
   # clients come out identical.
@@ -131,7 +149,8 @@ def test_serializable_dataset_fn_traces_in_a_tf_function(emnist):
   @tf.function
   def label_sum(client_id):
     return store.serializable_dataset_fn(client_id).reduce(
-        tf.constant(0, tf.int32), lambda acc, e: acc + e["label"])
+      tf.constant(0, tf.int32), lambda acc, e: acc + e["label"]
+    )
 
   for cid in store.client_ids:
     assert int(label_sum(tf.constant(cid))) == sum(int(e["label"]) for e in emnist["data"][cid])
@@ -142,11 +161,15 @@ def test_serializable_dataset_fn_traces_in_a_tf_function(emnist):
 def test_inferred_spec_from_sqlite_is_flat(emnist):
   store = load_client_data(emnist["inferred"])
   assert store.element_type_structure == collections.OrderedDict(
-      label=tf.TensorSpec([], tf.int64), pixels=tf.TensorSpec([784], tf.float32))
+    label=tf.TensorSpec([], tf.int64), pixels=tf.TensorSpec([784], tf.float32)
+  )
   for cid in store.client_ids:
-    expected = [{"label": e["label"], "pixels": e["pixels"].reshape(-1)} for e in emnist["data"][cid]]
-    testing.assert_elements_equal(_elements(store.create_tf_dataset_for_client(cid)), expected,
-                                  ordered=False, where=cid)
+    expected = [
+      {"label": e["label"], "pixels": e["pixels"].reshape(-1)} for e in emnist["data"][cid]
+    ]
+    testing.assert_elements_equal(
+      _elements(store.create_tf_dataset_for_client(cid)), expected, ordered=False, where=cid
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -154,37 +177,78 @@ def test_inferred_spec_from_sqlite_is_flat(emnist):
 # ----------------------------------------------------------------------------
 
 SNIPPETS = {
-    "THE_TRAGEDY_OF_KING_LEAR_KING": ["", "Nothing will come of nothing: speak again.",
-                                      "How sharper than a serpent's tooth it is"],
-    "ROMEO AND JULIET/ROMEO": ["But, soft!", "What light through yonder window breaks?" * 20],
-    "Ophélie — 日本語": ["ö", "\x00nul inside\x00"],
+  "THE_TRAGEDY_OF_KING_LEAR_KING": [
+    "",
+    "Nothing will come of nothing: speak again.",
+    "How sharper than a serpent's tooth it is",
+  ],
+  "ROMEO AND JULIET/ROMEO": ["But, soft!", "What light through yonder window breaks?" * 20],
+  "Ophélie — 日本語": ["ö", "\x00nul inside\x00"],
 }
 
 
 def _token_clients():
   """Snippets plus a variable-length int feature (one token id per byte, possibly none)."""
-  return {cid: [{"snippets": s, "tokens": np.array(list(s.encode()), dtype=np.int64)}
-                for s in snippets] for cid, snippets in SNIPPETS.items()}
+  return {
+    cid: [{"snippets": s, "tokens": np.array(list(s.encode()), dtype=np.int64)} for s in snippets]
+    for cid, snippets in SNIPPETS.items()
+  }
 
 
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
   root = tmp_path_factory.mktemp("shakespeare")
   sqlite = testing.write_tff_sqlite_input(
-      root / "snippets.sqlite", {cid: [{"snippets": s} for s in v] for cid, v in SNIPPETS.items()},
-      collections.OrderedDict(snippets=tf.TensorSpec([], tf.string)))
+    root / "snippets.sqlite",
+    {cid: [{"snippets": s} for s in v] for cid, v in SNIPPETS.items()},
+    collections.OrderedDict(snippets=tf.TensorSpec([], tf.string)),
+  )
   spec_file = root / "snippets.json"
   spec_file.write_text(json.dumps({"snippets": {"dtype": "string", "shape": []}}))
-  _prepare("--input", sqlite, "--input-format", "tff-sqlite", "--element-spec", str(spec_file),
-           "--order-by", "@input", "--output", str(root / "sqlite_store"))
+  _prepare(
+    "--input",
+    sqlite,
+    "--input-format",
+    "tff-sqlite",
+    "--element-spec",
+    str(spec_file),
+    "--order-by",
+    "@input",
+    "--output",
+    str(root / "sqlite_store"),
+  )
   tfrecord = testing.write_tfrecord_input(root / "tokens.tfrecord", _token_clients(), "speaker")
-  _prepare("--input", tfrecord, "--input-format", "tfrecord", "--client-id-key", "speaker",
-           "--order-by", "@input", "--output", str(root / "tfrecord_store"))
+  _prepare(
+    "--input",
+    tfrecord,
+    "--input-format",
+    "tfrecord",
+    "--client-id-key",
+    "speaker",
+    "--order-by",
+    "@input",
+    "--output",
+    str(root / "tfrecord_store"),
+  )
   avro = testing.write_avro_input(root / "tokens.avro", _token_clients(), "speaker")
-  _prepare("--input", avro, "--input-format", "avro", "--client-id-key", "speaker",
-           "--order-by", "@input", "--output", str(root / "avro_store"))
-  return {"sqlite": sqlite, "sqlite_store": str(root / "sqlite_store"),
-          "tfrecord_store": str(root / "tfrecord_store"), "avro_store": str(root / "avro_store")}
+  _prepare(
+    "--input",
+    avro,
+    "--input-format",
+    "avro",
+    "--client-id-key",
+    "speaker",
+    "--order-by",
+    "@input",
+    "--output",
+    str(root / "avro_store"),
+  )
+  return {
+    "sqlite": sqlite,
+    "sqlite_store": str(root / "sqlite_store"),
+    "tfrecord_store": str(root / "tfrecord_store"),
+    "avro_store": str(root / "avro_store"),
+  }
 
 
 def test_variable_length_strings_round_trip_from_tff_sqlite(shakespeare):
@@ -204,7 +268,8 @@ def test_variable_length_int_feature_round_trips_with_null_shape(shakespeare, st
   store = load_client_data(shakespeare[store_key])
   # Inferred: one string per record -> [], token counts differ -> [None].
   assert store.element_type_structure == collections.OrderedDict(
-      snippets=tf.TensorSpec([], tf.string), tokens=tf.TensorSpec([None], tf.int64))
+    snippets=tf.TensorSpec([], tf.string), tokens=tf.TensorSpec([None], tf.int64)
+  )
   assert store.metadata["element_spec"][1] == {"name": "tokens", "dtype": "int64", "shape": [None]}
   testing.assert_store_equals(shakespeare[store_key], _token_clients(), ordered=True)
   empty = _elements(store.create_tf_dataset_for_client("THE_TRAGEDY_OF_KING_LEAR_KING"))[0]
@@ -220,14 +285,16 @@ def test_variable_length_int_feature_round_trips_with_null_shape(shakespeare, st
 # Per-client dataset paths against references
 # ----------------------------------------------------------------------------
 
+
 def _record_by_record(store_path):
   """{client id: its elements} read with public TF ops only: every record parsed on its own."""
   metadata = read_metadata(store_path)
   spec = load_client_data(store_path).element_spec
   parse = make_record_parser(spec)
-  return {row["client_id"]: _elements(
-      tf.data.TFRecordDataset(join(store_path, row["path"])).map(parse))
-          for row in read_manifest(store_path, metadata)}
+  return {
+    row["client_id"]: _elements(tf.data.TFRecordDataset(join(store_path, row["path"])).map(parse))
+    for row in read_manifest(store_path, metadata)
+  }
 
 
 def _graph_built(store, client_id):
@@ -237,7 +304,8 @@ def _graph_built(store, client_id):
 
 def _all_store_paths(emnist, shakespeare):
   return [emnist[k] for k in ("content_order", "input_order", "inferred")] + [
-      shakespeare[k] for k in ("sqlite_store", "tfrecord_store", "avro_store")]
+    shakespeare[k] for k in ("sqlite_store", "tfrecord_store", "avro_store")
+  ]
 
 
 def test_every_per_client_path_gives_the_records_in_file_order(emnist, shakespeare):
@@ -250,8 +318,12 @@ def test_every_per_client_path_gives_the_records_in_file_order(emnist, shakespea
     spec = store.element_type_structure
     for cid in store.client_ids:
       where = f"{path}: {cid}"
-      for ds in (store.create_tf_dataset_for_client(cid), store.serializable_dataset_fn(cid),
-                 store.serializable_dataset_fn(tf.constant(cid)), _graph_built(store, cid)):
+      for ds in (
+        store.create_tf_dataset_for_client(cid),
+        store.serializable_dataset_fn(cid),
+        store.serializable_dataset_fn(tf.constant(cid)),
+        _graph_built(store, cid),
+      ):
         assert ds.element_spec == spec, where
         testing.assert_elements_equal(_elements(ds), reference[cid], ordered=True, where=where)
     walked = list(store.datasets(seed=3))
@@ -281,7 +353,9 @@ def test_datasets_walk_clients_like_tff_sql_client_data(emnist, limit_count, see
   assert store.client_ids == oracle.client_ids
   ours = [_elements(ds) for ds in store.datasets(limit_count=limit_count, seed=seed)]
   theirs = [_elements(ds) for ds in oracle.datasets(limit_count=limit_count, seed=seed)]
-  expected = len(store.client_ids) if limit_count is None else min(limit_count, len(store.client_ids))
+  expected = (
+    len(store.client_ids) if limit_count is None else min(limit_count, len(store.client_ids))
+  )
   assert len(ours) == len(theirs) == expected
   for i, (a, b) in enumerate(zip(ours, theirs)):
     testing.assert_elements_equal(a, b, ordered=True, where=f"dataset {i}")

@@ -14,11 +14,14 @@ def _first_8_bytes(key: str) -> int:
   return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
 
 
-@pytest.mark.parametrize("parts", [
+@pytest.mark.parametrize(
+  "parts",
+  [
     ("fedbeam-split", 3, "f0042"),
     ("affine", "writer/ä b", 7),
     ("", "", 0),
-])
+  ],
+)
 def test_nul_key_is_the_parts_joined_by_nul_bytes(parts):
   key = "\x00".join(str(p) for p in parts)
   assert seeded_int(*parts) == _first_8_bytes(key)
@@ -34,20 +37,31 @@ def test_json_key_is_a_json_list_of_the_parts_as_strings():
 
 def test_values_are_pinned_across_releases():
   # Stores, splits and resumed runs depend on these exact numbers.
-  assert seeded_int("fedbeam-split", 0, "a") == 0xa62898b8fa78c3cb
-  assert seeded_int("affine", "a", 1, bits=63) == 0x27e70e43bdc1a719
-  assert seeded_int("init", 0, bits=63, key_form="json") == 0x5319fe4fdfd56bed
+  assert seeded_int("fedbeam-split", 0, "a") == 0xA62898B8FA78C3CB
+  assert seeded_int("affine", "a", 1, bits=63) == 0x27E70E43BDC1A719
+  assert seeded_int("init", 0, bits=63, key_form="json") == 0x5319FE4FDFD56BED
 
 
 def test_values_do_not_depend_on_the_process():
-  code = ("from fedbeam.seeded_hash import seeded_int; "
-          "print(seeded_int('s', 1, 'client'), seeded_int('s', 1, key_form='json'))")
-  runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env={"PYTHONHASHSEED": seed}).stdout
-          for seed in ("1", "2")}
+  code = (
+    "from fedbeam.seeded_hash import seeded_int; "
+    "print(seeded_int('s', 1, 'client'), seeded_int('s', 1, key_form='json'))"
+  )
+  runs = {
+    subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      check=True,
+      env={"PYTHONHASHSEED": seed},
+    ).stdout
+    for seed in ("1", "2")
+  }
   assert len(runs) == 1
-  assert runs.pop().split() == [str(seeded_int("s", 1, "client")),
-                                str(seeded_int("s", 1, key_form="json"))]
+  assert runs.pop().split() == [
+    str(seeded_int("s", 1, "client")),
+    str(seeded_int("s", 1, key_form="json")),
+  ]
 
 
 @pytest.mark.parametrize("bits", [0, 65, True, 8.0])

@@ -15,21 +15,21 @@ import time
 
 import numpy as np
 import pytest
+from test_reliability import SPEC, _clients, _files, tiny_disk  # noqa: F401 (tiny_disk: a fixture)
 
 import fedbeam
 from fedbeam import cli
+from fedbeam import testing as fbt
 from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE, MANIFEST_DIR
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import metadata_path, read_metadata
-from fedbeam import testing as fbt
 from fedbeam.pipelines.prepare import PrepareConfig, job_key
 from fedbeam.pipelines.store_writer import StoreWriteError, commit_metadata
 from fedbeam.store_validation import validate_store
-from test_reliability import SPEC, _clients, _files, tiny_disk  # pylint: disable=unused-import
 
 # make_transform_fn that, when FEDBEAM_TEST_GATE is set, holds the job at its
 # third client (two client files are written by then) until `release` exists.
-GATE_MODULE = textwrap.dedent('''
+GATE_MODULE = textwrap.dedent("""
     import os, time
     _calls = [0]
 
@@ -43,7 +43,7 @@ GATE_MODULE = textwrap.dedent('''
         while not os.path.exists(os.path.join(gate, "release")):
           time.sleep(0.05)
       return None
-''')
+""")
 
 
 @pytest.fixture
@@ -58,18 +58,39 @@ def gate(tmp_path):
 
 
 def _write_inputs(tmp_path, n=2):
-  return [fbt.write_tfrecord_input(str(tmp_path / f"in{i}.tfrecord"),
-                                   _clients(8, seed=i, prefix=f"job{i}_")) for i in range(n)]
+  return [
+    fbt.write_tfrecord_input(
+      str(tmp_path / f"in{i}.tfrecord"), _clients(8, seed=i, prefix=f"job{i}_")
+    )
+    for i in range(n)
+  ]
 
 
 def _cmd(input_path, output, *extra):
   spec = output + ".spec.json"
   with open(spec, "w") as f:
     json.dump(SPEC, f)
-  return [sys.executable, "-m", "fedbeam.cli", "prepare", "--input", input_path,
-          "--input-format", "tfrecord", "--client-id-key", "client_id", "--element-spec", spec,
-          "--output", output, "--transform", "gate_transform:make_transform_fn",
-          "--num-transformed-clients", "8", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "fedbeam.cli",
+    "prepare",
+    "--input",
+    input_path,
+    "--input-format",
+    "tfrecord",
+    "--client-id-key",
+    "client_id",
+    "--element-spec",
+    spec,
+    "--output",
+    output,
+    "--transform",
+    "gate_transform:make_transform_fn",
+    "--num-transformed-clients",
+    "8",
+    *extra,
+  ]
 
 
 def _start(cmd, modules, log_path, gate_dir=None):
@@ -94,8 +115,12 @@ def _data_dirs(output):
 
 
 def _client_files(directory):
-  return sorted(os.path.relpath(os.path.join(d, n), directory)
-                for d, _, names in os.walk(directory) for n in names if n.endswith(".tfrecord"))
+  return sorted(
+    os.path.relpath(os.path.join(d, n), directory)
+    for d, _, names in os.walk(directory)
+    for n in names
+    if n.endswith(".tfrecord")
+  )
 
 
 def _snapshot(directory):
@@ -120,6 +145,7 @@ def _committed_store(tmp_path, modules, input_path, output):
 # 1. Two --overwrite jobs to one output
 # ---------------------------------------------------------------------------
 
+
 def test_two_overwrite_jobs_end_with_one_complete_store_and_the_loser_fails(tmp_path, gate):
   modules, gate_dir = gate
   inputs = _write_inputs(tmp_path, 3)
@@ -143,8 +169,10 @@ def test_two_overwrite_jobs_end_with_one_complete_store_and_the_loser_fails(tmp_
     open(os.path.join(gate_dir, "release"), "w").close()
   assert held.wait(timeout=300) == 1
   text = open(tmp_path / "a.log").read()
-  assert (f"another job committed a store at {output} while this one was writing (it now "
-          f"names {winner['data_dir']}); this job's files were not committed") in text, text
+  assert (
+    f"another job committed a store at {output} while this one was writing (it now "
+    f"names {winner['data_dir']}); this job's files were not committed"
+  ) in text, text
   assert "no store was committed" in text
   assert read_metadata(output) == winner
   assert _data_dirs(output) == [winner["data_dir"]]  # The loser removed its own files.
@@ -156,6 +184,7 @@ def test_two_overwrite_jobs_end_with_one_complete_store_and_the_loser_fails(tmp_
 
 def test_a_killed_jobs_directory_is_removed_by_the_next_commit_a_live_ones_never(tmp_path):
   from fedbeam.pipelines import data_dir_lease  # pylint: disable=g-import-not-at-top
+
   root = str(tmp_path / "store")
   os.makedirs(root)
   live = data_dir_lease.claim_data_dir(root, "a" * 64)
@@ -181,9 +210,13 @@ def test_a_killed_jobs_directory_is_removed_by_the_next_commit_a_live_ones_never
 
 def test_on_object_stores_only_directories_older_than_the_committed_one_are_removed(tmp_path):
   from fedbeam.pipelines import data_dir_lease  # pylint: disable=g-import-not-at-top
+
   root = str(tmp_path)
-  for name, age in (("data-000000000000000a", 300), ("data-000000000000000b", 0),
-                    ("data-000000000000000c", -5)):
+  for name, age in (
+    ("data-000000000000000a", 300),
+    ("data-000000000000000b", 0),
+    ("data-000000000000000c", -5),
+  ):
     os.makedirs(os.path.join(root, name))
     path = os.path.join(root, name, "f.tfrecord")
     open(path, "wb").write(b"x")
@@ -199,6 +232,7 @@ def test_on_object_stores_only_directories_older_than_the_committed_one_are_remo
 # 2. A rerun with the committed store's job key; killed --overwrite (11)
 # ---------------------------------------------------------------------------
 
+
 def test_a_rerun_with_the_same_job_key_never_touches_the_committed_data_dir(tmp_path, gate):
   modules, gate_dir = gate
   [input_path] = _write_inputs(tmp_path, 1)
@@ -207,8 +241,7 @@ def test_a_rerun_with_the_same_job_key_never_touches_the_committed_data_dir(tmp_
   committed = os.path.join(output, old["data_dir"])
   before = _snapshot(committed)
   metadata_before = open(metadata_path(output), "rb").read()
-  rerun = _start(_cmd(input_path, output, "--overwrite"), modules, tmp_path / "rerun.log",
-                 gate_dir)
+  rerun = _start(_cmd(input_path, output, "--overwrite"), modules, tmp_path / "rerun.log", gate_dir)
   try:
     _wait_for(os.path.join(gate_dir, "waiting"), rerun)
     [fresh] = [d for d in _data_dirs(output) if d != old["data_dir"]]
@@ -233,15 +266,21 @@ def test_a_rerun_with_the_same_job_key_never_touches_the_committed_data_dir(tmp_
   # Same job: the same client bytes under the new directory.
   after = _snapshot(os.path.join(output, new["data_dir"]))
   assert {k: v[0] for k, v in after.items() if k.endswith(".tfrecord")} == {
-      k: v[0] for k, v in before.items() if k.endswith(".tfrecord")}
+    k: v[0] for k, v in before.items() if k.endswith(".tfrecord")
+  }
 
 
 def test_job_key_covers_the_fedbeam_version_and_the_transform_code(tmp_path, monkeypatch):
   module = tmp_path / "edited_transform.py"
   module.write_text("def make(raw_client_id, index):\n  return None\n")
   monkeypatch.syspath_prepend(str(tmp_path))
-  config = PrepareConfig(input="in", input_format="tfrecord", output="out",
-                         client_id_key="client_id", transform="edited_transform:make")
+  config = PrepareConfig(
+    input="in",
+    input_format="tfrecord",
+    output="out",
+    client_id_key="client_id",
+    transform="edited_transform:make",
+  )
   inputs = [("in", 10, 1.0)]
   key = job_key(config, inputs)
   assert job_key(config, inputs) == key
@@ -256,6 +295,7 @@ def test_job_key_covers_the_fedbeam_version_and_the_transform_code(tmp_path, mon
 # 5. Durability
 # ---------------------------------------------------------------------------
 
+
 def _record_fsyncs(monkeypatch, metadata_path):
   """Wraps os.fsync to record (path, metadata.json existed) for every call in this process."""
   calls = []
@@ -264,6 +304,7 @@ def _record_fsyncs(monkeypatch, metadata_path):
   def recording(fd):
     calls.append((os.readlink(f"/proc/self/fd/{fd}"), os.path.exists(metadata_path)))
     return real(fd)
+
   monkeypatch.setattr(os, "fsync", recording)
   return calls
 
@@ -276,14 +317,21 @@ def test_files_and_directories_are_fsynced_before_the_commit(tmp_path, monkeypat
   data = os.path.join(output, metadata["data_dir"])
   before = {path for path, committed in calls if not committed}
   # Files are synced under their temporary names, before the rename.
-  synced_files = {os.path.join(os.path.dirname(p), os.path.basename(p)[1:].split(".tmp-")[0])
-                  for p in before if ".tmp-" in os.path.basename(p)}
+  synced_files = {
+    os.path.join(os.path.dirname(p), os.path.basename(p)[1:].split(".tmp-")[0])
+    for p in before
+    if ".tmp-" in os.path.basename(p)
+  }
   files = {os.path.join(d, n) for d, _, names in os.walk(data) for n in names}
   assert len(files) == 7  # 6 clients and 1 manifest file.
   assert files <= synced_files
   directories = {d for d, _, _ in os.walk(data)}
-  assert directories == {data, os.path.join(data, "all"), os.path.join(data, "all", "00000"),
-                         os.path.join(data, MANIFEST_DIR)}
+  assert directories == {
+    data,
+    os.path.join(data, "all"),
+    os.path.join(data, "all", "00000"),
+    os.path.join(data, MANIFEST_DIR),
+  }
   assert directories <= before
   assert metadata_path(output) in synced_files
   # The metadata's directory entry is synced after the commit.
@@ -302,10 +350,15 @@ def test_no_fsync_skips_every_fsync(tmp_path, monkeypatch):
 # 11. Disk full and failed jobs
 # ---------------------------------------------------------------------------
 
+
 def _big_input(tmp_path):
   rng = np.random.default_rng(1)
-  big = {f"c{i}": [{"label": np.int32(0), "pixels": rng.random(4096, dtype=np.float32)}
-                   for _ in range(10)] for i in range(4)}
+  big = {
+    f"c{i}": [
+      {"label": np.int32(0), "pixels": rng.random(4096, dtype=np.float32)} for _ in range(10)
+    ]
+    for i in range(4)
+  }
   return fbt.write_tfrecord_input(str(tmp_path / "big.tfrecord"), big)
 
 
@@ -315,8 +368,20 @@ def _used_bytes(mount):
 
 
 def _prepare(capsys, input_path, output, *extra):
-  code = cli.main(["prepare", "--input", input_path, "--input-format", "tfrecord",
-                   "--client-id-key", "client_id", "--output", output, *extra])
+  code = cli.main(
+    [
+      "prepare",
+      "--input",
+      input_path,
+      "--input-format",
+      "tfrecord",
+      "--client-id-key",
+      "client_id",
+      "--output",
+      output,
+      *extra,
+    ]
+  )
   return code, capsys.readouterr().err
 
 
@@ -329,8 +394,7 @@ def test_a_job_that_fills_the_disk_removes_its_files(tmp_path, tiny_disk, capsys
   assert _used_bytes(tiny_disk) == used
 
 
-def test_a_failed_overwrite_on_a_full_disk_leaves_the_old_store_valid(tmp_path, tiny_disk,
-                                                                      capsys):
+def test_a_failed_overwrite_on_a_full_disk_leaves_the_old_store_valid(tmp_path, tiny_disk, capsys):
   output = os.path.join(tiny_disk, "store")
   fbt.prepare_store(_clients(), str(tmp_path), output=output, element_spec=SPEC)
   before = _files(output)
@@ -361,6 +425,7 @@ def test_a_commit_that_hits_enospc_leaves_no_temporary_file(tiny_disk, overwrite
 # 12. A clean-up that fails after the commit
 # ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def undeletable_leftover(tmp_path):
   """A store with a dead data directory that holds a mount point (rmdir fails: EBUSY)."""
@@ -368,8 +433,9 @@ def undeletable_leftover(tmp_path):
   fbt.prepare_store(_clients(), str(tmp_path), output=output, element_spec=SPEC)
   mount = os.path.join(output, "data-00000000000000ee", "busy")
   os.makedirs(mount)
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount],
-                          capture_output=True, check=False)
+  result = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount], capture_output=True, check=False
+  )
   if result.returncode != 0:
     pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
   yield output
@@ -380,7 +446,8 @@ def undeletable_leftover(tmp_path):
 
 
 def test_a_failed_clean_up_after_the_commit_says_the_store_was_committed(
-    tmp_path, undeletable_leftover, capsys):
+  tmp_path, undeletable_leftover, capsys
+):
   output = undeletable_leftover
   old = read_metadata(output)["data_dir"]
   input_path = fbt.write_tfrecord_input(str(tmp_path / "new.tfrecord"), _clients(3, seed=5))

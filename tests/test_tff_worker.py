@@ -20,10 +20,16 @@ print("RESULT", imported[0], tff_worker._registered, atexit._ncallbacks() - impo
 
 @pytest.mark.slow
 def test_importing_the_runtime_registers_nothing_and_loading_a_store_registers_the_cleanup(
-    tmp_path):
+  tmp_path,
+):
   store = testing.prepare_store({"a": [{"x": 1.0}], "b": [{"x": 2.0}]}, tmp_path)
   # A fresh interpreter: the first import of the runtime in the process.
-  out = subprocess.run([sys.executable, "-c", textwrap.dedent(_PROBE.format(store=store))],
-                       capture_output=True, text=True, timeout=600, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(_PROBE.format(store=store))],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=True,
+  ).stdout
   result = [line for line in out.splitlines() if line.startswith("RESULT ")]
   assert result == ["RESULT False True 1"]

@@ -12,8 +12,9 @@ from fedbeam import transforms
 def _elements(n=6, size=(28, 28), seed=0):
   rng = np.random.default_rng(seed)
   return collections.OrderedDict(
-      label=tf.constant(np.arange(n, dtype=np.int32)),
-      pixels=tf.constant(rng.random((n,) + size, dtype=np.float32)))
+    label=tf.constant(np.arange(n, dtype=np.int32)),
+    pixels=tf.constant(rng.random((n,) + size, dtype=np.float32)),
+  )
 
 
 def test_identity_transforms_nothing():
@@ -52,13 +53,29 @@ def test_affine_keeps_channels_and_dtype():
 
 def _tf_warp(images, inverse):
   # The coefficients spelled out, not through projective_coefficients: the oracle.
-  transform = tf.constant([[inverse[0, 0], inverse[0, 1], inverse[0, 2], inverse[1, 0],
-                            inverse[1, 1], inverse[1, 2], inverse[2, 0], inverse[2, 1]]],
-                          tf.float32)
+  transform = tf.constant(
+    [
+      [
+        inverse[0, 0],
+        inverse[0, 1],
+        inverse[0, 2],
+        inverse[1, 0],
+        inverse[1, 1],
+        inverse[1, 2],
+        inverse[2, 0],
+        inverse[2, 1],
+      ]
+    ],
+    tf.float32,
+  )
   return tf.raw_ops.ImageProjectiveTransformV3(
-      images=images, transforms=tf.tile(transform, [images.shape[0], 1]),
-      output_shape=tf.constant(images.shape[1:3]), fill_value=0.0, interpolation="BILINEAR",
-      fill_mode="NEAREST").numpy()
+    images=images,
+    transforms=tf.tile(transform, [images.shape[0], 1]),
+    output_shape=tf.constant(images.shape[1:3]),
+    fill_value=0.0,
+    interpolation="BILINEAR",
+    fill_mode="NEAREST",
+  ).numpy()
 
 
 def test_numpy_bilinear_warp_equals_tensorflows_op_bit_for_bit():
@@ -67,8 +84,16 @@ def test_numpy_bilinear_warp_equals_tensorflows_op_bit_for_bit():
     height, width = (28, 28) if trial % 2 else tuple(int(d) for d in rng.integers(2, 40, 2))
     channels = 3 if trial % 5 == 0 else 1
     p = transforms.random_affine.parameters(f"client-{trial}", 1 + trial % 4)
-    inverse = transforms.affine_matrix(p["angle_deg"], p["shear"], p["scale_x"], p["scale_y"],
-                                       p["tx_frac"] * width, p["ty_frac"] * height, height, width)
+    inverse = transforms.affine_matrix(
+      p["angle_deg"],
+      p["shear"],
+      p["scale_x"],
+      p["scale_y"],
+      p["tx_frac"] * width,
+      p["ty_frac"] * height,
+      height,
+      width,
+    )
     if trial % 7 == 0:  # Far outside the image: every pixel clamps to the border.
       inverse[:2, 2] += rng.choice([-1, 1], 2) * 5 * max(height, width)
     scale = rng.choice([1.0, 255.0, 1e-3, 1e6])
@@ -76,14 +101,18 @@ def test_numpy_bilinear_warp_equals_tensorflows_op_bit_for_bit():
     expected = _tf_warp(images, inverse)
     got = transforms.bilinear_warp(images, inverse)
     assert got.dtype == np.float32
-    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32),
-                                  err_msg=f"trial {trial}: {height}x{width}x{channels}")
+    np.testing.assert_array_equal(
+      got.view(np.uint32),
+      expected.view(np.uint32),
+      err_msg=f"trial {trial}: {height}x{width}x{channels}",
+    )
 
 
 def test_affine_batch_form_keeps_integer_images_equal_to_the_mapped_form():
   rng = np.random.default_rng(5)
   elements = collections.OrderedDict(
-      pixels=tf.constant(rng.integers(0, 256, (4, 9, 11), dtype=np.uint8)))
+    pixels=tf.constant(rng.integers(0, 256, (4, 9, 11), dtype=np.uint8))
+  )
   fn = transforms.random_affine("uint8", 3)
   mapped = list(tf.data.Dataset.from_tensor_slices(elements).map(fn).as_numpy_iterator())
   batched = fn.fedbeam_batch_fn(elements)["pixels"]
@@ -108,8 +137,11 @@ def test_affine_warps_a_flat_square_image_as_the_same_image_reshaped():
   assert flat.shape == (3, 784)
   np.testing.assert_array_equal(flat, square.reshape(3, 784))
   assert not np.array_equal(flat, images.reshape(3, 784))
-  mapped = list(tf.data.Dataset.from_tensor_slices({"pixels": images.reshape(3, 784)})
-                .map(fn).as_numpy_iterator())
+  mapped = list(
+    tf.data.Dataset.from_tensor_slices({"pixels": images.reshape(3, 784)})
+    .map(fn)
+    .as_numpy_iterator()
+  )
   for i, element in enumerate(mapped):
     np.testing.assert_array_equal(element["pixels"], flat[i])
 

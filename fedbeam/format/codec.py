@@ -18,19 +18,32 @@ import collections
 import functools
 from typing import Any, Callable, Mapping, Optional
 
-import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+import numpy as np
 
 from fedbeam.format import example_wire
 from fedbeam.format.spec import ElementSpec, FeatureSpec, numpy_dtype
 
-__all__ = ["Example", "Feature", "RecordDecodeError", "PARSE_BATCH", "serialize_example",
-           "encode_example", "encode_examples", "features_field_header", "decode_examples",
-           "has_variable_length", "make_batch_parser", "make_record_parser", "records_to_elements"]
+__all__ = [
+  "Example",
+  "Feature",
+  "RecordDecodeError",
+  "PARSE_BATCH",
+  "serialize_example",
+  "encode_example",
+  "encode_examples",
+  "features_field_header",
+  "decode_examples",
+  "has_variable_length",
+  "make_batch_parser",
+  "make_record_parser",
+  "records_to_elements",
+]
 
 # --------------------------------------------------------------------------
 # Records: encoding (writer) and parsing (reader)
 # --------------------------------------------------------------------------
+
 
 def _varint(n: int) -> bytes:
   """Protobuf base-128 varint of a non-negative int (negative int64s arrive as uint64)."""
@@ -91,8 +104,9 @@ def _in_key_order(spec: ElementSpec) -> list[FeatureSpec]:
   return sorted(spec.features, key=lambda f: f.name.encode("utf-8"))
 
 
-def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
-                    count: int) -> list[bytes]:
+def encode_examples(
+  columns: Mapping[str, np.ndarray], spec: ElementSpec, count: int
+) -> list[bytes]:
   """`encode_example` of each of `count` elements stacked on axis 0 of `columns`.
 
   Gives the same bytes element by element. Features whose framing does not
@@ -104,8 +118,9 @@ def encode_examples(columns: Mapping[str, np.ndarray], spec: ElementSpec,
   """
   if not count:
     return []
-  per_feature = [_map_entries(f, np.asarray(columns[f.name]).reshape(count, -1))
-                 for f in _in_key_order(spec)]
+  per_feature = [
+    _map_entries(f, np.asarray(columns[f.name]).reshape(count, -1)) for f in _in_key_order(spec)
+  ]
   blocks = [_as_block(entries, count) for entries in per_feature]
   if all(block is not None for block in blocks):
     # Every element has the same size: one matrix of records, split by row.
@@ -151,7 +166,7 @@ def _map_entries(f: FeatureSpec, rows: np.ndarray):
   if f.encoding == "float" and width:
     # The framing of a fixed number of floats does not depend on them.
     raw = np.ascontiguousarray(rows, dtype="<f4").view(np.uint8)
-    prefix = np.frombuffer(_map_entry(f, np.zeros(width, np.float32))[:-4 * width], np.uint8)
+    prefix = np.frombuffer(_map_entry(f, np.zeros(width, np.float32))[: -4 * width], np.uint8)
     return np.concatenate([np.broadcast_to(prefix, (len(rows), len(prefix))), raw], axis=1)
   if f.encoding == "int64" and width == 1:
     # One integer (a label) takes few distinct values across a whole job.
@@ -161,8 +176,10 @@ def _map_entries(f: FeatureSpec, rows: np.ndarray):
 
 def _parse_config(f: FeatureSpec):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  wire = {"bytes": tf.string, "float": tf.float32, "int64": tf.int64,
-          "bits64": tf.int64}[f.encoding]
+
+  wire = {"bytes": tf.string, "float": tf.float32, "int64": tf.int64, "bits64": tf.int64}[
+    f.encoding
+  ]
   if f.is_variable_length:
     return tf.io.FixedLenSequenceFeature(list(f.shape[1:]), wire, allow_missing=True)
   return tf.io.FixedLenFeature(list(f.shape), wire)
@@ -170,6 +187,7 @@ def _parse_config(f: FeatureSpec):
 
 def _restore_dtype(f: FeatureSpec, tensor):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   target = tf.dtypes.as_dtype(f.dtype)
   if f.encoding == "bits64":
     return tf.bitcast(tensor, target)
@@ -189,12 +207,14 @@ def make_batch_parser(spec: ElementSpec) -> Callable[[Any], "collections.Ordered
   Only for specs without variable-length features (a batch would pad them).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   config = {f.name: _parse_config(f) for f in spec.features}
 
   def parse(serialized):
     parsed = tf.io.parse_example(serialized, config)
     return collections.OrderedDict(
-        (f.name, _restore_dtype(f, parsed[f.name])) for f in spec.features)
+      (f.name, _restore_dtype(f, parsed[f.name])) for f in spec.features
+    )
 
   return parse
 
@@ -203,15 +223,26 @@ class RecordDecodeError(ValueError):
   """A record that does not hold the element spec's features; names the record and feature."""
 
 
-_LIST_OF_ENCODING = {"bytes": example_wire.BYTES_LIST, "float": example_wire.FLOAT_LIST,
-                     "int64": example_wire.INT64_LIST, "bits64": example_wire.INT64_LIST}
-_LIST_NAMES = {example_wire.BYTES_LIST: "bytes_list", example_wire.FLOAT_LIST: "float_list",
-               example_wire.INT64_LIST: "int64_list", 0: "no list"}
+_LIST_OF_ENCODING = {
+  "bytes": example_wire.BYTES_LIST,
+  "float": example_wire.FLOAT_LIST,
+  "int64": example_wire.INT64_LIST,
+  "bits64": example_wire.INT64_LIST,
+}
+_LIST_NAMES = {
+  example_wire.BYTES_LIST: "bytes_list",
+  example_wire.FLOAT_LIST: "float_list",
+  example_wire.INT64_LIST: "int64_list",
+  0: "no list",
+}
 
 
 # Wire types a list's values may come in: packed (2) or one value per field.
-_WIRE_TYPES = {example_wire.BYTES_LIST: (2,), example_wire.FLOAT_LIST: (2, 5),
-               example_wire.INT64_LIST: (2, 0)}
+_WIRE_TYPES = {
+  example_wire.BYTES_LIST: (2,),
+  example_wire.FLOAT_LIST: (2, 5),
+  example_wire.INT64_LIST: (2, 0),
+}
 
 
 def _count_values(kind: int, wire: int, piece: bytes) -> int:
@@ -288,21 +319,27 @@ def _feature_pieces(record, i: int, lists, spec: ElementSpec) -> dict[str, list]
     if kind is None:
       raise RecordDecodeError(f"record {i}: feature {f.name!r} is missing")
     if kind != want and (pieces or kind):
-      raise RecordDecodeError(f"record {i}: feature {f.name!r} holds a {_LIST_NAMES[kind]}, "
-                              f"the element spec ({f.dtype}) needs a {_LIST_NAMES[want]}")
+      raise RecordDecodeError(
+        f"record {i}: feature {f.name!r} holds a {_LIST_NAMES[kind]}, "
+        f"the element spec ({f.dtype}) needs a {_LIST_NAMES[want]}"
+      )
     if want != example_wire.BYTES_LIST and len(pieces) > 1 and any(w == 2 for w, _, _ in pieces):
       # TensorFlow's parser would read only part of such a list.
-      raise RecordDecodeError(f"record {i}: feature {f.name!r} holds its packed values in "
-                              "more than one piece")
+      raise RecordDecodeError(
+        f"record {i}: feature {f.name!r} holds its packed values in more than one piece"
+      )
     count = 0
     for wire, s, e in pieces:
-      if wire not in _WIRE_TYPES[want] or (wire == 2 and want == example_wire.FLOAT_LIST
-                                            and (e - s) % 4):
+      if wire not in _WIRE_TYPES[want] or (
+        wire == 2 and want == example_wire.FLOAT_LIST and (e - s) % 4
+      ):
         raise RecordDecodeError(f"record {i}: feature {f.name!r} holds malformed values")
       count += _count_values(want, wire, record[s:e])
     if count != f.inner_size:
-      raise RecordDecodeError(f"record {i}: feature {f.name!r} has {count} values, which "
-                              f"does not fit shape {list(f.shape)}")
+      raise RecordDecodeError(
+        f"record {i}: feature {f.name!r} has {count} values, which "
+        f"does not fit shape {list(f.shape)}"
+      )
     pieces_of[f.name] = pieces
   return pieces_of
 
@@ -365,8 +402,11 @@ def _decode_alike(records, rows, spec: ElementSpec, out: dict[str, np.ndarray]) 
       if f.encoding == "bytes":
         chunks = [bytes(row[s:e]) for row in sub for s, e in spans]
       else:
-        chunks = [np.ascontiguousarray(np.concatenate([sub[:, s:e] for s, e in spans], axis=1)
-                                       if spans else sub[:, :0]).tobytes()]
+        chunks = [
+          np.ascontiguousarray(
+            np.concatenate([sub[:, s:e] for s, e in spans], axis=1) if spans else sub[:, :0]
+          ).tobytes()
+        ]
       out[f.name][done] = _values(f, chunks, len(done))
   return rows[~alike].tolist()
 
@@ -374,12 +414,14 @@ def _decode_alike(records, rows, spec: ElementSpec, out: dict[str, np.ndarray]) 
 def make_record_parser(spec: ElementSpec) -> Callable[[Any], "collections.OrderedDict"]:
   """Returns fn(serialized: scalar tf.string) -> OrderedDict element of the spec's dtypes."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   config = {f.name: _parse_config(f) for f in spec.features}
 
   def parse(serialized):
     parsed = tf.io.parse_single_example(serialized, config)
     return collections.OrderedDict(
-        (f.name, _restore_dtype(f, parsed[f.name])) for f in spec.features)
+      (f.name, _restore_dtype(f, parsed[f.name])) for f in spec.features
+    )
 
   return parse
 
@@ -392,10 +434,14 @@ PARSE_BATCH = 256
 def records_to_elements(records, spec: ElementSpec):
   """Maps a dataset of serialized records to a dataset of elements with the spec's element_spec."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   if has_variable_length(spec):
     return records.map(make_record_parser(spec), num_parallel_calls=tf.data.AUTOTUNE)
-  return records.batch(PARSE_BATCH).map(
-      make_batch_parser(spec), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  return (
+    records.batch(PARSE_BATCH)
+    .map(make_batch_parser(spec), num_parallel_calls=tf.data.AUTOTUNE)
+    .unbatch()
+  )
 
 
 # --------------------------------------------------------------------------
@@ -428,30 +474,40 @@ def _message(name: str, *fields: tuple) -> descriptor_pb2.DescriptorProto:
 
 def _file() -> descriptor_pb2.FileDescriptorProto:
   pkg = ".fedbeam.example"
-  f = descriptor_pb2.FileDescriptorProto(name="fedbeam/example.proto", package="fedbeam.example",
-                                         syntax="proto3")
-  f.message_type.extend([
+  f = descriptor_pb2.FileDescriptorProto(
+    name="fedbeam/example.proto", package="fedbeam.example", syntax="proto3"
+  )
+  f.message_type.extend(
+    [
       _message("BytesList", ("value", 1, _F.TYPE_BYTES, _F.LABEL_REPEATED, None, False)),
       _message("FloatList", ("value", 1, _F.TYPE_FLOAT, _F.LABEL_REPEATED, None, True)),
       _message("Int64List", ("value", 1, _F.TYPE_INT64, _F.LABEL_REPEATED, None, True)),
-  ])
+    ]
+  )
   message = (_F.TYPE_MESSAGE, _F.LABEL_OPTIONAL)
-  feature = _message("Feature",
-                     ("bytes_list", 1, *message, f"{pkg}.BytesList", False),
-                     ("float_list", 2, *message, f"{pkg}.FloatList", False),
-                     ("int64_list", 3, *message, f"{pkg}.Int64List", False))
+  feature = _message(
+    "Feature",
+    ("bytes_list", 1, *message, f"{pkg}.BytesList", False),
+    ("float_list", 2, *message, f"{pkg}.FloatList", False),
+    ("int64_list", 3, *message, f"{pkg}.Int64List", False),
+  )
   feature.oneof_decl.add(name="kind")
   for field in feature.field:
     field.oneof_index = 0
-  features = _message("Features", ("feature", 1, _F.TYPE_MESSAGE, _F.LABEL_REPEATED,
-                                   f"{pkg}.Features.FeatureEntry", False))
-  entry = _message("FeatureEntry",
-                   ("key", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
-                   ("value", 2, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, f"{pkg}.Feature", False))
+  features = _message(
+    "Features",
+    ("feature", 1, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, f"{pkg}.Features.FeatureEntry", False),
+  )
+  entry = _message(
+    "FeatureEntry",
+    ("key", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
+    ("value", 2, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, f"{pkg}.Feature", False),
+  )
   entry.options.map_entry = True
   features.nested_type.append(entry)
-  example = _message("Example", ("features", 1, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL,
-                                 f"{pkg}.Features", False))
+  example = _message(
+    "Example", ("features", 1, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, f"{pkg}.Features", False)
+  )
   f.message_type.extend([feature, features, example])
   return f
 
@@ -471,4 +527,3 @@ def serialize_example(example: Any) -> bytes:
   values (tests pin the two).
   """
   return example.SerializeToString(deterministic=True)
-

@@ -22,8 +22,15 @@ from typing import Mapping, Union
 
 import numpy as np
 
-__all__ = ["BYTES_LIST", "FLOAT_LIST", "INT64_LIST", "ExampleWireError", "message_fields",
-           "feature_lists", "framed_alike"]
+__all__ = [
+  "BYTES_LIST",
+  "FLOAT_LIST",
+  "INT64_LIST",
+  "ExampleWireError",
+  "message_fields",
+  "feature_lists",
+  "framed_alike",
+]
 
 BYTES_LIST, FLOAT_LIST, INT64_LIST = 1, 2, 3
 

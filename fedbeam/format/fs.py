@@ -16,13 +16,22 @@ import errno
 import os
 import posixpath
 import stat
-import uuid
 from typing import Iterable, Optional, Union
+import uuid
 
 from fedbeam.format.layout import MissingStoreFileError, StoreFormatError
 
-__all__ = ["FileOps", "file_ops", "is_remote", "temp_name", "atomic_write", "read_store_file",
-           "file_kind", "remote_error_line"]
+__all__ = [
+  "FileOps",
+  "file_ops",
+  "is_remote",
+  "temp_name",
+  "atomic_write",
+  "read_store_file",
+  "file_kind",
+  "remote_error_line",
+]
+
 
 def is_remote(path: str) -> bool:
   """Whether `path` is a URL (gs://...), reached through tf.io.gfile, rather than a local path.
@@ -65,6 +74,7 @@ def atomic_write(path: str, data: Union[bytes, Iterable[bytes]], fsync: bool = T
   size = 0
   if is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     try:
       with tf.io.gfile.GFile(tmp, "wb") as f:
         for piece in pieces:
@@ -110,12 +120,18 @@ def file_ops(path: str) -> FileOps:
   """
   if is_remote(path):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     gfile = tf.io.gfile
-    return FileOps(gfile.exists, gfile.isdir,
-                   lambda d: [n.rstrip("/") for n in gfile.listdir(d)], gfile.makedirs,
-                   gfile.GFile)
-  return FileOps(os.path.exists, os.path.isdir, os.listdir,
-                 lambda d: os.makedirs(d, exist_ok=True), open)
+    return FileOps(
+      gfile.exists,
+      gfile.isdir,
+      lambda d: [n.rstrip("/") for n in gfile.listdir(d)],
+      gfile.makedirs,
+      gfile.GFile,
+    )
+  return FileOps(
+    os.path.exists, os.path.isdir, os.listdir, lambda d: os.makedirs(d, exist_ok=True), open
+  )
 
 
 def read_store_file(root: str, path: str, max_bytes: Optional[int], what: str) -> bytes:
@@ -145,8 +161,9 @@ def read_store_file(root: str, path: str, max_bytes: Optional[int], what: str) -
     raise MissingStoreFileError(f"{what} {path} is missing") from None
   except OSError as e:
     if e.errno == errno.ELOOP:
-      raise StoreFormatError(f"{what} {path} is a symbolic link; a store holds only regular "
-                             "files") from None
+      raise StoreFormatError(
+        f"{what} {path} is a symbolic link; a store holds only regular files"
+      ) from None
     raise StoreFormatError(f"cannot read {what} {path}: {e.strerror}") from None
   try:
     info = os.fstat(fd)
@@ -165,9 +182,14 @@ def read_store_file(root: str, path: str, max_bytes: Optional[int], what: str) -
 
 def file_kind(mode: int) -> str:
   """'FIFO', 'directory', ... for a file that is not regular (from an lstat/fstat mode)."""
-  for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
-                     (stat.S_ISLNK, "symbolic link"), (stat.S_ISSOCK, "socket"),
-                     (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+  for test, name in (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISLNK, "symbolic link"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+  ):
     if test(mode):
       return name
   return "special file"
@@ -175,8 +197,9 @@ def file_kind(mode: int) -> str:
 
 def _check_size(size: int, max_bytes: Optional[int], what: str, path: str) -> None:
   if max_bytes is not None and size > max_bytes:
-    raise StoreFormatError(f"{what} {path} has {size} bytes or more; fedbeam reads at most "
-                           f"{max_bytes}")
+    raise StoreFormatError(
+      f"{what} {path} has {size} bytes or more; fedbeam reads at most {max_bytes}"
+    )
 
 
 def remote_error_line(error: Exception) -> str:
@@ -186,6 +209,7 @@ def remote_error_line(error: Exception) -> str:
 
 def _read_remote_file(path: str, max_bytes: Optional[int], what: str) -> bytes:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   try:
     info = tf.io.gfile.stat(path)
     if info.is_directory:

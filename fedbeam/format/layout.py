@@ -30,15 +30,41 @@ import re
 from typing import Any
 
 __all__ = [
-    "FORMAT_VERSION", "METADATA_FILE", "MANIFEST_DIR", "DATA_DIR_PREFIX", "LEASE_FILE",
-    "MANIFEST_SPEC_KEY", "CLIENT_FILE_SUFFIX", "ID_ENCODING", "UNSPLIT", "MAX_PLAIN_ID_BYTES",
-    "LONG_ID_PREFIX_BYTES", "MAX_FILES_PER_DIRECTORY", "TARGET_FILES_PER_SHARD",
-    "MAX_METADATA_BYTES", "MAX_JSON_DEPTH", "MAX_MANIFEST_FILES", "MAX_MANIFEST_FILE_BYTES",
-    "MIN_MANIFEST_ROW_BYTES", "SPLIT_NAME_RE",
-    "StoreFormatError", "MissingStoreFileError", "InvalidClientIdError",
-    "check_client_id", "check_split_name", "is_split_name",
-    "client_file_name", "shard_of", "shard_dir_name", "data_dir_name", "client_relative_path",
-    "client_relative_path_tf", "default_num_shards", "join", "fingerprint64", "hash_bucket",
+  "FORMAT_VERSION",
+  "METADATA_FILE",
+  "MANIFEST_DIR",
+  "DATA_DIR_PREFIX",
+  "LEASE_FILE",
+  "MANIFEST_SPEC_KEY",
+  "CLIENT_FILE_SUFFIX",
+  "ID_ENCODING",
+  "UNSPLIT",
+  "MAX_PLAIN_ID_BYTES",
+  "LONG_ID_PREFIX_BYTES",
+  "MAX_FILES_PER_DIRECTORY",
+  "TARGET_FILES_PER_SHARD",
+  "MAX_METADATA_BYTES",
+  "MAX_JSON_DEPTH",
+  "MAX_MANIFEST_FILES",
+  "MAX_MANIFEST_FILE_BYTES",
+  "MIN_MANIFEST_ROW_BYTES",
+  "SPLIT_NAME_RE",
+  "StoreFormatError",
+  "MissingStoreFileError",
+  "InvalidClientIdError",
+  "check_client_id",
+  "check_split_name",
+  "is_split_name",
+  "client_file_name",
+  "shard_of",
+  "shard_dir_name",
+  "data_dir_name",
+  "client_relative_path",
+  "client_relative_path_tf",
+  "default_num_shards",
+  "join",
+  "fingerprint64",
+  "hash_bucket",
 ]
 
 FORMAT_VERSION = 1
@@ -98,7 +124,8 @@ def check_client_id(client_id: Any, where: str = "") -> str:
       raise InvalidClientIdError(f"client id {client_id!r} is not valid UTF-8{suffix}") from None
   if not isinstance(client_id, str):
     raise InvalidClientIdError(
-        f"client id must be a string, got {type(client_id).__name__} {client_id!r}{suffix}")
+      f"client id must be a string, got {type(client_id).__name__} {client_id!r}{suffix}"
+    )
   if not client_id:
     raise InvalidClientIdError(f"client id is empty{suffix}; every client needs a non-empty id")
   return client_id
@@ -107,6 +134,7 @@ def check_client_id(client_id: Any, where: str = "") -> str:
 # --------------------------------------------------------------------------
 # Client id -> file (Python side, used by the writer)
 # --------------------------------------------------------------------------
+
 
 def _b64(data: bytes) -> str:
   return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
@@ -141,8 +169,9 @@ def data_dir_name(job_key: str) -> str:
 
 def client_relative_path(client_id: str, split: str, num_shards: int) -> str:
   """`<split>/<shard>/<name>.tfrecord`, relative to the data directory, '/'-separated."""
-  return posixpath.join(split, shard_dir_name(shard_of(client_id, num_shards)),
-                        client_file_name(client_id))
+  return posixpath.join(
+    split, shard_dir_name(shard_of(client_id, num_shards)), client_file_name(client_id)
+  )
 
 
 def default_num_shards(num_clients: int) -> int:
@@ -169,6 +198,7 @@ def client_relative_path_tf(client_id, split, num_shards: int):
   table of ids.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   client_id = tf.convert_to_tensor(client_id, tf.string)
   shard = tf.strings.to_hash_bucket_fast(client_id, num_shards)
   shard_dir = tf.strings.as_string(shard, width=5, fill="0")
@@ -178,19 +208,22 @@ def client_relative_path_tf(client_id, split, num_shards: int):
 
   def long_name():
     prefix = tf.io.encode_base64(
-        tf.strings.substr(client_id, 0, LONG_ID_PREFIX_BYTES, unit="BYTE"), pad=False)
+      tf.strings.substr(client_id, 0, LONG_ID_PREFIX_BYTES, unit="BYTE"), pad=False
+    )
     fp = tf.fingerprint(tf.reshape(client_id, [1]), method="farmhash64")[0]
     hex_digits = tf.gather(tf.constant(_HEX_BYTES), tf.cast(fp, tf.int32))
     return tf.strings.join([prefix, "~", tf.strings.reduce_join(hex_digits)])
 
   name = tf.cond(
-      tf.strings.length(client_id, unit="BYTE") <= MAX_PLAIN_ID_BYTES, plain_name, long_name)
+    tf.strings.length(client_id, unit="BYTE") <= MAX_PLAIN_ID_BYTES, plain_name, long_name
+  )
   return tf.strings.join([split, "/", shard_dir, "/", name, CLIENT_FILE_SUFFIX])
 
 
 # --------------------------------------------------------------------------
 # Split names
 # --------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=64)  # every manifest row names one of a store's few splits
 def is_split_name(name: str) -> bool:
@@ -206,8 +239,9 @@ def check_split_name(name: Any, where: str) -> str:
   """
   if not isinstance(name, str) or not is_split_name(name):
     raise StoreFormatError(
-        f"{where}: split name {name!r} is not a split directory name (letters, digits, '_' "
-        f"and '-', starting with a letter or digit, at most 64 characters, not {MANIFEST_DIR!r})")
+      f"{where}: split name {name!r} is not a split directory name (letters, digits, '_' "
+      f"and '-', starting with a letter or digit, at most 64 characters, not {MANIFEST_DIR!r})"
+    )
   return name
 
 
@@ -232,11 +266,11 @@ _K2 = 0x9AE16A3B2F90404F
 
 
 def _fetch64(s: bytes, i: int) -> int:
-  return int.from_bytes(s[i:i + 8], "little")
+  return int.from_bytes(s[i : i + 8], "little")
 
 
 def _fetch32(s: bytes, i: int) -> int:
-  return int.from_bytes(s[i:i + 4], "little")
+  return int.from_bytes(s[i : i + 4], "little")
 
 
 def _rotate(v: int, shift: int) -> int:
@@ -282,8 +316,11 @@ def _hash_len17to32(s: bytes) -> int:
   b = _fetch64(s, 8)
   c = (_fetch64(s, n - 8) * mul) & _MASK
   d = (_fetch64(s, n - 16) * _K2) & _MASK
-  return _hash_len16((_rotate((a + b) & _MASK, 43) + _rotate(c, 30) + d) & _MASK,
-                     (a + _rotate((b + _K2) & _MASK, 18) + c) & _MASK, mul)
+  return _hash_len16(
+    (_rotate((a + b) & _MASK, 43) + _rotate(c, 30) + d) & _MASK,
+    (a + _rotate((b + _K2) & _MASK, 18) + c) & _MASK,
+    mul,
+  )
 
 
 def _hash_len33to64(s: bytes) -> int:
@@ -299,8 +336,11 @@ def _hash_len33to64(s: bytes) -> int:
   f = _fetch64(s, 24)
   g = ((y + _fetch64(s, n - 32)) * mul) & _MASK
   h = ((z + _fetch64(s, n - 24)) * mul) & _MASK
-  return _hash_len16((_rotate((e + f) & _MASK, 43) + _rotate(g, 30) + h) & _MASK,
-                     (e + _rotate((f + a) & _MASK, 18) + g) & _MASK, mul)
+  return _hash_len16(
+    (_rotate((e + f) & _MASK, 43) + _rotate(g, 30) + h) & _MASK,
+    (e + _rotate((f + a) & _MASK, 18) + g) & _MASK,
+    mul,
+  )
 
 
 def _weak_hash_len32_with_seeds(s: bytes, i: int, a: int, b: int) -> tuple[int, int]:
@@ -340,8 +380,9 @@ def fingerprint64(data: bytes) -> int:
     y = (y + v[0] + _fetch64(s, i + 40)) & _MASK
     z = (_rotate((z + w[0]) & _MASK, 33) * _K1) & _MASK
     v = _weak_hash_len32_with_seeds(s, i, (v[1] * _K1) & _MASK, (x + w[0]) & _MASK)
-    w = _weak_hash_len32_with_seeds(s, i + 32, (z + w[1]) & _MASK,
-                                    (y + _fetch64(s, i + 16)) & _MASK)
+    w = _weak_hash_len32_with_seeds(
+      s, i + 32, (z + w[1]) & _MASK, (y + _fetch64(s, i + 16)) & _MASK
+    )
     z, x = x, z
     i += 64
     if i == end:
@@ -357,11 +398,13 @@ def fingerprint64(data: bytes) -> int:
   y = (y + v[0] * 9 + _fetch64(s, i + 40)) & _MASK
   z = (_rotate((z + w[0]) & _MASK, 33) * mul) & _MASK
   v = _weak_hash_len32_with_seeds(s, i, (v[1] * mul) & _MASK, (x + w[0]) & _MASK)
-  w = _weak_hash_len32_with_seeds(s, i + 32, (z + w[1]) & _MASK,
-                                  (y + _fetch64(s, i + 16)) & _MASK)
+  w = _weak_hash_len32_with_seeds(s, i + 32, (z + w[1]) & _MASK, (y + _fetch64(s, i + 16)) & _MASK)
   z, x = x, z
-  return _hash_len16((_hash_len16(v[0], w[0], mul) + _shift_mix(y) * _K0 + z) & _MASK,
-                     (_hash_len16(v[1], w[1], mul) + x) & _MASK, mul)
+  return _hash_len16(
+    (_hash_len16(v[0], w[0], mul) + _shift_mix(y) * _K0 + z) & _MASK,
+    (_hash_len16(v[1], w[1], mul) + x) & _MASK,
+    mul,
+  )
 
 
 def hash_bucket(data: bytes, num_buckets: int) -> int:

@@ -13,16 +13,36 @@ import json
 from typing import Any, Iterable, Mapping, Optional
 
 from fedbeam.format.fs import read_store_file
-from fedbeam.format.layout import (MANIFEST_DIR, MANIFEST_SPEC_KEY, MAX_MANIFEST_FILE_BYTES,
-                                   MIN_MANIFEST_ROW_BYTES, InvalidClientIdError,
-                                   MissingStoreFileError, StoreFormatError, check_client_id,
-                                   check_split_name, is_split_name, join)
+from fedbeam.format.layout import (
+  MANIFEST_DIR,
+  MANIFEST_SPEC_KEY,
+  MAX_MANIFEST_FILE_BYTES,
+  MIN_MANIFEST_ROW_BYTES,
+  InvalidClientIdError,
+  MissingStoreFileError,
+  StoreFormatError,
+  check_client_id,
+  check_split_name,
+  is_split_name,
+  join,
+)
 from fedbeam.format.metadata import load_schema
 from fedbeam.format.spec import ElementSpec, ElementSpecError
 
-__all__ = ["manifest_file_name", "manifest_sync_marker", "manifest_path", "manifest_spec_value",
-           "check_manifest_spec", "parse_manifest_file", "check_manifest_row",
-           "check_manifest_rows", "read_manifest", "AvroContainerError", "check_blocks"]
+__all__ = [
+  "manifest_file_name",
+  "manifest_sync_marker",
+  "manifest_path",
+  "manifest_spec_value",
+  "check_manifest_spec",
+  "parse_manifest_file",
+  "check_manifest_row",
+  "check_manifest_rows",
+  "read_manifest",
+  "AvroContainerError",
+  "check_blocks",
+]
+
 
 def manifest_file_name(index: int, count: int) -> str:
   """The name of manifest file `index` of `count`: part-SSSSS-of-NNNNN.avro."""
@@ -32,6 +52,7 @@ def manifest_file_name(index: int, count: int) -> str:
 def manifest_sync_marker(job_key: str, index: int) -> bytes:
   """A 16-byte Avro sync marker derived from the job and the file, so reruns are byte-identical."""
   import hashlib  # pylint: disable=g-import-not-at-top
+
   return hashlib.sha256(f"fedbeam-manifest:{job_key}:{index}".encode("utf-8")).digest()[:16]
 
 
@@ -63,9 +84,10 @@ def _check_manifest_spec(header: Mapping[str, Any], element_spec: Any, path: str
     raise StoreFormatError(f"manifest file {path}: its element spec is unreadable: {e}") from None
   if written != ElementSpec.from_metadata(element_spec):
     raise StoreFormatError(
-        f"manifest file {path} was written for element spec {written.to_json()}, but "
-        f"metadata.json says {ElementSpec.from_metadata(element_spec).to_json()}: the metadata "
-        "was edited or belongs to another store")
+      f"manifest file {path} was written for element spec {written.to_json()}, but "
+      f"metadata.json says {ElementSpec.from_metadata(element_spec).to_json()}: the metadata "
+      "was edited or belongs to another store"
+    )
 
 
 def check_manifest_spec(data: bytes, element_spec: Any, path: str) -> None:
@@ -76,6 +98,7 @@ def check_manifest_spec(data: bytes, element_spec: Any, path: str) -> None:
       unreadable), naming `path`.
   """
   import fastavro  # pylint: disable=g-import-not-at-top
+
   try:
     header = fastavro.reader(io.BytesIO(data)).metadata
   except Exception as e:  # pylint: disable=broad-except
@@ -83,8 +106,9 @@ def check_manifest_spec(data: bytes, element_spec: Any, path: str) -> None:
   _check_manifest_spec(header, element_spec, path)
 
 
-def parse_manifest_file(data: bytes, path: str,
-                        element_spec: Optional[Any] = None) -> list[dict[str, Any]]:
+def parse_manifest_file(
+  data: bytes, path: str, element_spec: Optional[Any] = None
+) -> list[dict[str, Any]]:
   """The rows of a manifest file's bytes, after `check_blocks`.
 
   `element_spec`: the metadata's `element_spec`; when given, it must equal the
@@ -95,6 +119,7 @@ def parse_manifest_file(data: bytes, path: str,
       differs from `element_spec`, naming `path`.
   """
   import fastavro  # pylint: disable=g-import-not-at-top
+
   try:
     count = check_blocks(data, MIN_MANIFEST_ROW_BYTES)
     reader = fastavro.reader(io.BytesIO(data))
@@ -102,8 +127,10 @@ def parse_manifest_file(data: bytes, path: str,
     # row has exactly its fields and types. (Decoding with reader_schema would
     # check the same per row, at 2.5x the cost.)
     if _fields(reader.writer_schema) != _fields(load_schema("manifest")):
-      raise StoreFormatError(f"manifest file {path} was not written with schemas/manifest.avsc "
-                             f"(its fields: {_fields(reader.writer_schema)})")
+      raise StoreFormatError(
+        f"manifest file {path} was not written with schemas/manifest.avsc "
+        f"(its fields: {_fields(reader.writer_schema)})"
+      )
     if element_spec is not None:
       _check_manifest_spec(reader.metadata, element_spec, path)
     rows = list(reader)
@@ -112,8 +139,9 @@ def parse_manifest_file(data: bytes, path: str,
   except Exception as e:  # pylint: disable=broad-except
     raise StoreFormatError(f"manifest file {path} is damaged: {e}") from None
   if len(rows) != count:
-    raise StoreFormatError(f"manifest file {path} is damaged: its blocks hold {count} rows, "
-                           f"{len(rows)} were decoded")
+    raise StoreFormatError(
+      f"manifest file {path} is damaged: its blocks hold {count} rows, {len(rows)} were decoded"
+    )
   return rows
 
 
@@ -146,8 +174,9 @@ def check_manifest_row(row: Mapping[str, Any], min_record_bytes: int, where: str
     raise StoreFormatError(f"{who}: num_examples {n} and num_bytes {size} must not be negative")
   if n * min_record_bytes > size:
     raise StoreFormatError(
-        f"{who}: {n} examples of the element spec take at least {n * min_record_bytes} bytes, "
-        f"the manifest says the file has {size}")
+      f"{who}: {n} examples of the element spec take at least {n * min_record_bytes} bytes, "
+      f"the manifest says the file has {size}"
+    )
 
 
 def check_manifest_rows(rows: list[Mapping[str, Any]], min_record_bytes: int, where: str) -> None:
@@ -160,12 +189,22 @@ def check_manifest_rows(rows: list[Mapping[str, Any]], min_record_bytes: int, wh
   Raises:
     StoreFormatError: as `check_manifest_row`, for the first row at fault.
   """
-  bad_splits = {r["split"] for r in rows if not isinstance(r["split"], str) or not
-                is_split_name(r["split"])}
-  bad = next((r for r in rows
-              if not isinstance(r["client_id"], str) or not r["client_id"]
-              or r["split"] in bad_splits or r["num_examples"] < 0 or r["num_bytes"] < 0
-              or r["num_examples"] * min_record_bytes > r["num_bytes"]), None)
+  bad_splits = {
+    r["split"] for r in rows if not isinstance(r["split"], str) or not is_split_name(r["split"])
+  }
+  bad = next(
+    (
+      r
+      for r in rows
+      if not isinstance(r["client_id"], str)
+      or not r["client_id"]
+      or r["split"] in bad_splits
+      or r["num_examples"] < 0
+      or r["num_bytes"] < 0
+      or r["num_examples"] * min_record_bytes > r["num_bytes"]
+    ),
+    None,
+  )
   if bad is not None:
     check_manifest_row(bad, min_record_bytes, where)
 
@@ -190,7 +229,8 @@ def read_manifest(root: str, metadata: Mapping[str, Any]) -> Iterable[dict[str, 
       data = read_store_file(root, path, MAX_MANIFEST_FILE_BYTES, "manifest file")
     except MissingStoreFileError:
       raise StoreFormatError(
-          f"manifest file {path} is missing (metadata lists {count} files)") from None
+        f"manifest file {path} is missing (metadata lists {count} files)"
+      ) from None
     rows = parse_manifest_file(data, path, metadata["element_spec"])
     check_manifest_rows(rows, least, f"manifest file {path}")
     yield from rows
@@ -247,8 +287,9 @@ def _skip_header_map(data: bytes, pos: int) -> int:
     for _ in range(2 * count):  # key, value
       size, pos = _read_long(data, pos)
       if size < 0 or size > len(data) - pos:
-        raise AvroContainerError(f"header entry of {size} bytes at byte {pos} does not fit in "
-                                 f"the {len(data)}-byte file")
+        raise AvroContainerError(
+          f"header entry of {size} bytes at byte {pos} does not fit in the {len(data)}-byte file"
+        )
       pos += size
 
 
@@ -264,10 +305,10 @@ def check_blocks(data: bytes, min_record_bytes: int = 1) -> int:
     AvroContainerError: the first number or marker that does not fit, with
       its byte offset.
   """
-  if data[:len(MAGIC)] != MAGIC:
+  if data[: len(MAGIC)] != MAGIC:
     raise AvroContainerError("not an Avro container file (bad magic)")
   pos = _skip_header_map(data, len(MAGIC))
-  sync = data[pos:pos + SYNC_SIZE]
+  sync = data[pos : pos + SYNC_SIZE]
   if len(sync) < SYNC_SIZE:
     raise AvroContainerError("truncated header (no sync marker)")
   pos += SYNC_SIZE
@@ -278,12 +319,13 @@ def check_blocks(data: bytes, min_record_bytes: int = 1) -> int:
     size, pos = _read_long(data, pos)
     left = len(data) - pos - SYNC_SIZE
     if size < 0 or size > left:
-      raise AvroContainerError(f"block at byte {start} claims {size} bytes, {max(left, 0)} are "
-                               "left in the file")
+      raise AvroContainerError(
+        f"block at byte {start} claims {size} bytes, {max(left, 0)} are left in the file"
+      )
     if count <= 0 or count * min_record_bytes > size:
       raise AvroContainerError(f"block at byte {start} claims {count} records in {size} bytes")
     pos += size
-    if data[pos:pos + SYNC_SIZE] != sync:
+    if data[pos : pos + SYNC_SIZE] != sync:
       raise AvroContainerError(f"block at byte {start} does not end with the file's sync marker")
     pos += SYNC_SIZE
     total += count

@@ -17,16 +17,31 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedbeam.format.fs import file_ops, read_store_file
-from fedbeam.format.layout import (DATA_DIR_PREFIX, MAX_JSON_DEPTH, MAX_MANIFEST_FILES,
-                                   MAX_METADATA_BYTES, FORMAT_VERSION, METADATA_FILE,
-                                   MissingStoreFileError, StoreFormatError, check_split_name, join)
+from fedbeam.format.layout import (
+  DATA_DIR_PREFIX,
+  FORMAT_VERSION,
+  MAX_JSON_DEPTH,
+  MAX_MANIFEST_FILES,
+  MAX_METADATA_BYTES,
+  METADATA_FILE,
+  MissingStoreFileError,
+  StoreFormatError,
+  check_split_name,
+  join,
+)
 from fedbeam.format.spec import ElementSpec, ElementSpecError
 
-__all__ = ["load_schema", "parsed_schema", "metadata_path", "validate_metadata", "read_metadata",
-           "data_root", "metadata_to_json"]
+__all__ = [
+  "load_schema",
+  "parsed_schema",
+  "metadata_path",
+  "validate_metadata",
+  "read_metadata",
+  "data_root",
+  "metadata_to_json",
+]
 
-_SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "schemas")
+_SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas")
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -38,12 +53,14 @@ def load_schema(name: str) -> dict[str, Any]:
 def parsed_schema(name: str) -> dict[str, Any]:
   """`schemas/<name>.avsc` parsed by fastavro, ready for its reader, writer and validator."""
   import fastavro  # pylint: disable=g-import-not-at-top
+
   return fastavro.parse_schema(load_schema(name))
 
 
 # --------------------------------------------------------------------------
 # Metadata
 # --------------------------------------------------------------------------
+
 
 def metadata_path(root: str) -> str:
   """The path of the metadata file of the store at `root`."""
@@ -52,8 +69,9 @@ def metadata_path(root: str) -> str:
 
 def validate_metadata(metadata: Mapping[str, Any], where: str) -> None:
   """Checks a metadata document against schemas/metadata.avsc; raises StoreFormatError."""
-  from fastavro.validation import validate  # pylint: disable=g-import-not-at-top
   from fastavro._validate_common import ValidationError  # pylint: disable=g-import-not-at-top
+  from fastavro.validation import validate  # pylint: disable=g-import-not-at-top
+
   try:
     validate(dict(metadata), parsed_schema("metadata"), raise_errors=True)
   except ValidationError as e:
@@ -88,8 +106,9 @@ def read_metadata(root: str) -> dict[str, Any]:
   except MissingStoreFileError:
     if _holds_data_dirs(root):
       raise StoreFormatError(
-          f"{root} is not a committed fedbeam store: a write into it did not finish "
-          f"({METADATA_FILE} is missing); rerun the job") from None
+        f"{root} is not a committed fedbeam store: a write into it did not finish "
+        f"({METADATA_FILE} is missing); rerun the job"
+      ) from None
     raise StoreFormatError(f"{root} holds no committed fedbeam store ({path} not found)") from None
   if _json_depth(data) > MAX_JSON_DEPTH:
     raise StoreFormatError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
@@ -102,12 +121,17 @@ def read_metadata(root: str) -> dict[str, Any]:
   version = metadata.get("format_version")
   if version != FORMAT_VERSION:
     raise StoreFormatError(
-        f"{root}: store format version {version!r} is not supported by this fedbeam "
-        f"(it reads version {FORMAT_VERSION}); use a fedbeam release that writes it")
+      f"{root}: store format version {version!r} is not supported by this fedbeam "
+      f"(it reads version {FORMAT_VERSION}); use a fedbeam release that writes it"
+    )
   validate_metadata(metadata, path)
   data_dir = metadata["data_dir"]
-  if (not data_dir.startswith(DATA_DIR_PREFIX) or "/" in data_dir or "\\" in data_dir
-      or data_dir in (".", "..")):
+  if (
+    not data_dir.startswith(DATA_DIR_PREFIX)
+    or "/" in data_dir
+    or "\\" in data_dir
+    or data_dir in (".", "..")
+  ):
     raise StoreFormatError(f"{path}: data_dir {data_dir!r} is not a data directory of the store")
   _check_metadata_values(metadata, path)
   return metadata
@@ -143,8 +167,9 @@ def _check_metadata_values(metadata: Mapping[str, Any], path: str) -> None:
   most = min(MAX_MANIFEST_FILES, max(1, num_clients))
   if not 1 <= num_files <= most:
     raise StoreFormatError(
-        f"{path}: manifest.num_files is {num_files}; a store of {num_clients} clients has "
-        f"1 to {most} manifest files")
+      f"{path}: manifest.num_files is {num_files}; a store of {num_clients} clients has "
+      f"1 to {most} manifest files"
+    )
 
 
 def data_root(root: str, metadata: Mapping[str, Any]) -> str:

@@ -24,8 +24,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ElementSpec", "FeatureSpec", "ElementSpecError", "ENCODINGS", "numpy_dtype",
-           "MAX_VALUES_PER_EXAMPLE", "MAX_RANK"]
+__all__ = [
+  "ElementSpec",
+  "FeatureSpec",
+  "ElementSpecError",
+  "ENCODINGS",
+  "numpy_dtype",
+  "MAX_VALUES_PER_EXAMPLE",
+  "MAX_RANK",
+]
 
 # Bounds on a spec read from a store (docs/store-format.md, "Limits"): a
 # forged shape such as [1000000000] would otherwise make the reader allocate
@@ -42,19 +49,19 @@ MAX_RANK = 32
 #   bits64: int64_list holding the 64-bit pattern, bitcast back on read, so
 #           float64 and uint64 round-trip exactly.
 ENCODINGS: Mapping[str, str] = {
-    "string": "bytes",
-    "float16": "float",
-    "float32": "float",
-    "float64": "bits64",
-    "bool": "int64",
-    "int8": "int64",
-    "int16": "int64",
-    "int32": "int64",
-    "int64": "int64",
-    "uint8": "int64",
-    "uint16": "int64",
-    "uint32": "int64",
-    "uint64": "bits64",
+  "string": "bytes",
+  "float16": "float",
+  "float32": "float",
+  "float64": "bits64",
+  "bool": "int64",
+  "int8": "int64",
+  "int16": "int64",
+  "int32": "int64",
+  "int64": "int64",
+  "uint8": "int64",
+  "uint16": "int64",
+  "uint32": "int64",
+  "uint64": "bits64",
 }
 
 
@@ -85,18 +92,21 @@ class FeatureSpec:
       raise ElementSpecError(f"feature name must be a non-empty string, got {self.name!r}")
     if self.dtype not in ENCODINGS:
       raise ElementSpecError(
-          f"feature {self.name!r}: dtype {self.dtype!r} is not supported; "
-          f"use one of {sorted(ENCODINGS)}")
+        f"feature {self.name!r}: dtype {self.dtype!r} is not supported; "
+        f"use one of {sorted(ENCODINGS)}"
+      )
     for i, dim in enumerate(self.shape):
       if dim is None:
         if i != 0:
           raise ElementSpecError(
-              f"feature {self.name!r}: only the leading dimension may be "
-              f"variable (null), got shape {list(self.shape)}")
+            f"feature {self.name!r}: only the leading dimension may be "
+            f"variable (null), got shape {list(self.shape)}"
+          )
       elif not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
         raise ElementSpecError(
-            f"feature {self.name!r}: dimensions must be non-negative integers "
-            f"or null, got shape {list(self.shape)}")
+          f"feature {self.name!r}: dimensions must be non-negative integers "
+          f"or null, got shape {list(self.shape)}"
+        )
 
   @property
   def encoding(self) -> str:
@@ -151,13 +161,15 @@ class ElementSpec:
     """Parses the JSON form; raises `ElementSpecError` naming `source`."""
     if not isinstance(obj, Mapping) or not obj:
       raise ElementSpecError(
-          f"{source}: expected a non-empty JSON object mapping feature names to "
-          '{"dtype": ..., "shape": [...]}')
+        f"{source}: expected a non-empty JSON object mapping feature names to "
+        '{"dtype": ..., "shape": [...]}'
+      )
     features = []
     for name, entry in obj.items():
       if not isinstance(entry, Mapping) or "dtype" not in entry or "shape" not in entry:
         raise ElementSpecError(
-            f'{source}: feature {name!r} must be {{"dtype": ..., "shape": [...]}}, got {entry!r}')
+          f'{source}: feature {name!r} must be {{"dtype": ..., "shape": [...]}}, got {entry!r}'
+        )
       shape = entry["shape"]
       if not isinstance(shape, list):
         raise ElementSpecError(f"{source}: feature {name!r}: shape must be a list, got {shape!r}")
@@ -171,6 +183,7 @@ class ElementSpec:
   def from_json_file(cls, path: str) -> "ElementSpec":
     """Reads an `--element-spec` file (local or any Beam filesystem path)."""
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+
     try:
       with FileSystems.open(path) as f:
         text = f.read().decode("utf-8")
@@ -202,13 +215,16 @@ class ElementSpec:
     total = 0
     for f in self.features:
       if len(f.shape) > MAX_RANK:
-        raise ElementSpecError(f"{source}: feature {f.name!r} has rank {len(f.shape)}; "
-                               f"fedbeam reads at most rank {MAX_RANK}")
+        raise ElementSpecError(
+          f"{source}: feature {f.name!r} has rank {len(f.shape)}; "
+          f"fedbeam reads at most rank {MAX_RANK}"
+        )
       total += f.inner_size
       if total > MAX_VALUES_PER_EXAMPLE:
         raise ElementSpecError(
-            f"{source}: feature {f.name!r} (shape {list(f.shape)}) brings an example to "
-            f"{total} values; fedbeam reads at most {MAX_VALUES_PER_EXAMPLE} per example")
+          f"{source}: feature {f.name!r} (shape {list(f.shape)}) brings an example to "
+          f"{total} values; fedbeam reads at most {MAX_VALUES_PER_EXAMPLE} per example"
+        )
 
   def min_record_bytes(self) -> int:
     """The fewest bytes one example of this spec takes as a TFRecord in a client file.
@@ -219,26 +235,30 @@ class ElementSpec:
     has at least n times this many bytes.
     """
     return _TFRECORD_FRAMING_BYTES + sum(
-        f.inner_size * _MIN_VALUE_BYTES[f.encoding]
-        for f in self.features if not f.is_variable_length)
+      f.inner_size * _MIN_VALUE_BYTES[f.encoding] for f in self.features if not f.is_variable_length
+    )
 
   def to_tensor_specs(self) -> "collections.OrderedDict[str, Any]":
     """The `tf.TensorSpec`s of a loaded element, as TFF's SQL client data builds them."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     return collections.OrderedDict(
-        (f.name, tf.TensorSpec(shape=f.shape, dtype=tf.dtypes.as_dtype(f.dtype)))
-        for f in self.features)
+      (f.name, tf.TensorSpec(shape=f.shape, dtype=tf.dtypes.as_dtype(f.dtype)))
+      for f in self.features
+    )
 
   @classmethod
   def from_tensor_specs(cls, specs: Mapping[str, Any]) -> "ElementSpec":
     """Builds a spec from a flat mapping of `tf.TensorSpec` (e.g. a dataset's element_spec)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     features = []
     for name, spec in specs.items():
       if not isinstance(spec, tf.TensorSpec):
         raise ElementSpecError(
-            f"feature {name!r}: expected a tf.TensorSpec, got {type(spec).__name__} "
-            "(nested or ragged structures are not supported)")
+          f"feature {name!r}: expected a tf.TensorSpec, got {type(spec).__name__} "
+          "(nested or ragged structures are not supported)"
+        )
       features.append(FeatureSpec(name, spec.dtype.name, tuple(spec.shape.as_list())))
     return cls(tuple(features))
 

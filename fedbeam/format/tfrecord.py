@@ -15,12 +15,20 @@ import stat
 import struct
 from typing import BinaryIO, Iterable, Optional
 
-__all__ = ["CorruptRecordError", "tfrecord_frame", "tfrecord_frames", "read_tfrecords",
-           "checksum", "masked_crc"]
+__all__ = [
+  "CorruptRecordError",
+  "tfrecord_frame",
+  "tfrecord_frames",
+  "read_tfrecords",
+  "checksum",
+  "masked_crc",
+]
+
 
 def masked_crc(data: bytes) -> int:
   """TFRecord's masked CRC32C of `data` (the value stored after a length and after data)."""
   import google_crc32c  # pylint: disable=g-import-not-at-top
+
   return _mask(google_crc32c.value(data))
 
 
@@ -40,6 +48,7 @@ def tfrecord_frames(records: Iterable[bytes]) -> Iterable[bytes]:
   client's records mostly have one or a few lengths.
   """
   import google_crc32c  # pylint: disable=g-import-not-at-top
+
   crc_of = google_crc32c.value
   pack_crc = struct.Struct("<I").pack
   headers: dict[int, bytes] = {}
@@ -80,11 +89,14 @@ def read_tfrecords(f: BinaryIO) -> Iterable[bytes]:
       raise CorruptRecordError(f"record {index}: truncated length header")
     length, length_crc = struct.unpack("<QI", header)
     if masked_crc(header[:8]) != length_crc:
-      raise CorruptRecordError(f"record {index}: length CRC mismatch (not a TFRecord file, or "
-                               "damaged)")
+      raise CorruptRecordError(
+        f"record {index}: length CRC mismatch (not a TFRecord file, or damaged)"
+      )
     if end is not None and length + 4 > end - f.tell():
-      raise CorruptRecordError(f"record {index}: truncated data (its length {length} does not "
-                               f"fit in the {end - f.tell()} bytes left in the file)")
+      raise CorruptRecordError(
+        f"record {index}: truncated data (its length {length} does not "
+        f"fit in the {end - f.tell()} bytes left in the file)"
+      )
     data = _read_at_most(f, length)
     footer = f.read(4)
     if len(data) < length or len(footer) < 4:
@@ -135,4 +147,5 @@ def _read_at_most(f, length: int) -> bytes:
 def checksum(data: bytes) -> int:
   """CRC32C of a client file's bytes, as an unsigned int (the same value GCS reports)."""
   import google_crc32c  # pylint: disable=g-import-not-at-top
+
   return int.from_bytes(google_crc32c.Checksum(data).digest(), "big")

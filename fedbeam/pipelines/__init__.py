@@ -25,21 +25,21 @@ for it.
 import importlib
 
 _EXPORTS = {
-    "PrepareConfig": "fedbeam.pipelines.prepare",
-    "PrepareError": "fedbeam.pipelines.prepare",
-    "PrepareResult": "fedbeam.pipelines.prepare",
-    "PrepareStore": "fedbeam.pipelines.prepare",
-    "run_prepare": "fedbeam.pipelines.prepare",
-    "local_runner_scope": "fedbeam.pipelines.local_runner",
-    "ReadClientInput": "fedbeam.pipelines.sources",
-    "InferElementSpec": "fedbeam.pipelines.spec_inference",
-    "GroupByClient": "fedbeam.pipelines.grouping",
-    "PlanPseudoClients": "fedbeam.pipelines.expansion",
-    "ExpandPseudoClients": "fedbeam.pipelines.expansion",
-    "PseudoClientSizes": "fedbeam.pipelines.expansion",
-    "CheckEmptyClients": "fedbeam.pipelines.checks",
-    "SplitTrainTest": "fedbeam.pipelines.split",
-    "WriteStore": "fedbeam.pipelines.store_writer",
+  "PrepareConfig": "fedbeam.pipelines.prepare",
+  "PrepareError": "fedbeam.pipelines.prepare",
+  "PrepareResult": "fedbeam.pipelines.prepare",
+  "PrepareStore": "fedbeam.pipelines.prepare",
+  "run_prepare": "fedbeam.pipelines.prepare",
+  "local_runner_scope": "fedbeam.pipelines.local_runner",
+  "ReadClientInput": "fedbeam.pipelines.sources",
+  "InferElementSpec": "fedbeam.pipelines.spec_inference",
+  "GroupByClient": "fedbeam.pipelines.grouping",
+  "PlanPseudoClients": "fedbeam.pipelines.expansion",
+  "ExpandPseudoClients": "fedbeam.pipelines.expansion",
+  "PseudoClientSizes": "fedbeam.pipelines.expansion",
+  "CheckEmptyClients": "fedbeam.pipelines.checks",
+  "SplitTrainTest": "fedbeam.pipelines.split",
+  "WriteStore": "fedbeam.pipelines.store_writer",
 }
 
 

@@ -40,8 +40,14 @@ import os
 import threading
 from typing import Iterator
 
-__all__ = ["ALLOCATOR_ENVIRONMENT", "GLIBC_DEFAULT_THRESHOLD_BYTES", "MMAP_THRESHOLD_BYTES",
-           "TRIM_THRESHOLD_BYTES", "is_tuned", "tuned_allocator"]
+__all__ = [
+  "ALLOCATOR_ENVIRONMENT",
+  "GLIBC_DEFAULT_THRESHOLD_BYTES",
+  "MMAP_THRESHOLD_BYTES",
+  "TRIM_THRESHOLD_BYTES",
+  "is_tuned",
+  "tuned_allocator",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -57,8 +63,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 ALLOCATOR_ENVIRONMENT = {
-    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
-    "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES),
+  "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES),
+  "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD_BYTES),
 }
 
 _lock = threading.Lock()
@@ -80,8 +86,9 @@ def tuned_allocator() -> Iterator[bool]:
   global _depth, _tuned_here
   with _lock:
     if _depth == 0:
-      _tuned_here = (_mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-                     and _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+      _tuned_here = _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and _mallopt(
+        _M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES
+      )
       _added_environment.clear()
       for name, value in ALLOCATOR_ENVIRONMENT.items():
         if name not in os.environ:
@@ -119,7 +126,8 @@ def _mallopt(param: int, value: int) -> bool:
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
   if mallopt(param, value) != 1:
-    _LOGGER.warning("mallopt(%d, %d) was refused; large buffers keep glibc's defaults",
-                    param, value)
+    _LOGGER.warning(
+      "mallopt(%d, %d) was refused; large buffers keep glibc's defaults", param, value
+    )
     return False
   return True

@@ -45,10 +45,15 @@ def _report(acc, policy: str) -> dict:
   count, sample = acc
   if policy == "fail" and count:
     raise EmptyClientsError(
-        f"{count} client(s) have no examples (--empty-clients fail): "
-        f"{', '.join(repr(s) for s in sample)}" + (" ..." if count > len(sample) else ""))
-  return {"found": count, "policy": policy, "dropped": count if policy == "drop" else 0,
-          "sample": sample}
+      f"{count} client(s) have no examples (--empty-clients fail): "
+      f"{', '.join(repr(s) for s in sample)}" + (" ..." if count > len(sample) else "")
+    )
+  return {
+    "found": count,
+    "policy": policy,
+    "dropped": count if policy == "drop" else 0,
+    "sample": sample,
+  }
 
 
 class CheckEmptyClients(beam.PTransform):
@@ -67,11 +72,12 @@ class CheckEmptyClients(beam.PTransform):
 
   def expand(self, clients):
     policy = self._policy
-    report = (clients
-              | "EmptyIds" >> beam.FlatMap(
-                  lambda c: [c.client_id] if not c.records else [])
-              | "CountEmpty" >> beam.CombineGlobally(_EmptyIds())
-              | "Report" >> beam.Map(_report, policy))
+    report = (
+      clients
+      | "EmptyIds" >> beam.FlatMap(lambda c: [c.client_id] if not c.records else [])
+      | "CountEmpty" >> beam.CombineGlobally(_EmptyIds())
+      | "Report" >> beam.Map(_report, policy)
+    )
     if policy == "drop":
       kept = clients | "DropEmpty" >> beam.Filter(lambda c: bool(c.records))
     else:

@@ -19,8 +19,7 @@ import numpy as np
 
 from fedbeam.format.codec import encode_examples
 from fedbeam.format.spec import ElementSpec, numpy_dtype
-from fedbeam.pipelines.records import (BOOL, LIST, SCALAR, InputRecord, RawFeature,
-                                       _compatible)
+from fedbeam.pipelines.records import BOOL, LIST, SCALAR, InputRecord, RawFeature, _compatible
 
 
 @dataclasses.dataclass
@@ -40,8 +39,9 @@ class Column:
 
   def feature(self, i: int) -> RawFeature:
     dims = tuple(None if d < 0 else d for d in self.dims[i].tolist())
-    return RawFeature(self.leaves[self.starts[i]:self.ends[i]], self.kind,
-                      LIST if self.depth else SCALAR, dims)
+    return RawFeature(
+      self.leaves[self.starts[i] : self.ends[i]], self.kind, LIST if self.depth else SCALAR, dims
+    )
 
 
 @dataclasses.dataclass
@@ -88,7 +88,7 @@ def _stacked(column: Column, f, n: int) -> Optional[np.ndarray]:
   first = int(column.starts[0])
   if not np.array_equal(column.starts, first + size * np.arange(n)):
     return None
-  values = column.leaves[first:first + n * size].reshape(n, size)
+  values = column.leaves[first : first + n * size].reshape(n, size)
   if f.dtype == "string":
     return values
   if values.size and f.dtype == "bool" and column.kind != BOOL:
@@ -119,8 +119,9 @@ def encode_columns(batch: ColumnBatch, spec: ElementSpec) -> Optional[list]:
     stacked[f.name] = values
   records = encode_examples(stacked, spec, n)
   path, first = batch.path, batch.first_index
-  return [(client_id, (path, first + i), records[i])
-          for i, client_id in enumerate(batch.client_ids)]
+  return [
+    (client_id, (path, first + i), records[i]) for i, client_id in enumerate(batch.client_ids)
+  ]
 
 
 __all__ = ["Column", "ColumnBatch", "encode_columns"]

@@ -36,8 +36,13 @@ from typing import Any, Optional
 
 from apache_beam import DoFn, pvalue
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor
-from apache_beam.runners.common import (DoFnContext, DoFnInvoker, DoFnSignature, Receiver,
-                                        _OutputHandler)
+from apache_beam.runners.common import (
+  DoFnContext,
+  DoFnInvoker,
+  DoFnSignature,
+  Receiver,
+  _OutputHandler,
+)
 from apache_beam.runners.dask import dask_runner, transform_evaluator
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.sideinputs import SideInputMap
@@ -68,8 +73,9 @@ class _BundleReceivers(dict):
     return receiver
 
 
-def _run_bundle(items, signature: DoFnSignature, window_fn, invoker_kwargs: dict,
-                tagged: bool) -> list:
+def _run_bundle(
+  items, signature: DoFnSignature, window_fn, invoker_kwargs: dict, tagged: bool
+) -> list:
   """Runs one Dask partition as one bundle; returns its outputs, `finish_bundle`'s included.
 
   `tagged`: the ParDo has several outputs, so each output leaves as
@@ -78,9 +84,14 @@ def _run_bundle(items, signature: DoFnSignature, window_fn, invoker_kwargs: dict
   out: list = []
   receivers = _BundleReceivers(out)
   handler = _OutputHandler(
-      window_fn=window_fn, main_receivers=receivers[None], tagged_receivers=receivers,
-      per_element_output_counter=None, output_batch_converter=None,
-      process_yields_batches=False, process_batch_yields_elements=False)
+    window_fn=window_fn,
+    main_receivers=receivers[None],
+    tagged_receivers=receivers,
+    per_element_output_counter=None,
+    output_batch_converter=None,
+    process_yields_batches=False,
+    process_batch_yields_elements=False,
+  )
   invoker = DoFnInvoker.create_invoker(signature, handler, **invoker_kwargs)
   invoker.invoke_setup()
   invoker.invoke_start_bundle()
@@ -100,16 +111,20 @@ class _ParDo(transform_evaluator.ParDo):
     main_input = next(iter(self.applied.main_inputs.values()))
     window_fn = main_input.windowing.windowfn if hasattr(main_input, "windowing") else None
     invoker_kwargs = dict(
-        context=DoFnContext(transform.label, state=None),
-        side_inputs=side_inputs,
-        input_args=list(args),
-        input_kwargs=kwargs,
-        user_state_context=None,
-        bundle_finalizer_param=DoFn.BundleFinalizerParam(),
+      context=DoFnContext(transform.label, state=None),
+      side_inputs=side_inputs,
+      input_args=list(args),
+      input_kwargs=kwargs,
+      user_state_context=None,
+      bundle_finalizer_param=DoFn.BundleFinalizerParam(),
     )
     return input_bag.map(transform_evaluator.get_windowed_value, window_fn).map_partitions(
-        _run_bundle, DoFnSignature(transform.fn), window_fn, invoker_kwargs,
-        len(self.applied.outputs) > 1)
+      _run_bundle,
+      DoFnSignature(transform.fn),
+      window_fn,
+      invoker_kwargs,
+      len(self.applied.outputs) > 1,
+    )
 
 
 def _has_tag(item: tuple, *, tag: Optional[str]) -> bool:
@@ -133,8 +148,7 @@ class _DaskBagVisitor(PipelineVisitor):
     self.bags: dict = {}
 
   def _op(self, node: AppliedPTransform):
-    cls = transform_evaluator.TRANSLATIONS.get(node.transform.__class__,
-                                               transform_evaluator.NoOp)
+    cls = transform_evaluator.TRANSLATIONS.get(node.transform.__class__, transform_evaluator.NoOp)
     if cls is transform_evaluator.ParDo:
       cls = _ParDo
     return cls(node, bag_kwargs=self.bag_kwargs)
@@ -143,8 +157,11 @@ class _DaskBagVisitor(PipelineVisitor):
     op = self._op(node)
     kws: dict = {"input_bag": None, "side_inputs": None}
     if node.inputs:
-      bags = [None if isinstance(v, pvalue.PBegin) else self.bags[v]
-              for v in node.inputs if isinstance(v, pvalue.PBegin) or v in self.bags]
+      bags = [
+        None if isinstance(v, pvalue.PBegin) else self.bags[v]
+        for v in node.inputs
+        if isinstance(v, pvalue.PBegin) or v in self.bags
+      ]
       # Flatten takes a sequence even of one bag, as in Beam's visitor.
       one = len(bags) == 1 and not isinstance(op, transform_evaluator.Flatten)
       kws["input_bag"] = bags[0] if one else bags
@@ -153,13 +170,15 @@ class _DaskBagVisitor(PipelineVisitor):
     bag = op.apply(**kws)
     tagged = isinstance(op, _ParDo) and len(node.outputs) > 1
     for tag, output in node.outputs.items():
-      self.bags[output] = (bag.filter(functools.partial(_has_tag, tag=tag)).map(_value)
-                           if tagged else bag)
+      self.bags[output] = (
+        bag.filter(functools.partial(_has_tag, tag=tag)).map(_value) if tagged else bag
+      )
 
   def _side_input(self, si) -> SideInputMap:
     # pylint: disable=protected-access
-    values = transform_evaluator.DaskBagWindowedIterator(self.bags.get(si.pvalue),
-                                                         si._window_mapping_fn)
+    values = transform_evaluator.DaskBagWindowedIterator(
+      self.bags.get(si.pvalue), si._window_mapping_fn
+    )
     return SideInputMap(type(si), si._view_options(), values)
 
 

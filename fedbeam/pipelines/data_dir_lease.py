@@ -38,8 +38,8 @@ import json
 import os
 import socket
 import time
-import uuid
 from typing import Optional
+import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -47,8 +47,15 @@ from fedbeam.format.fs import file_ops, is_remote
 from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE, data_dir_name, join
 from fedbeam.format.metadata import metadata_path
 
-__all__ = ["LEASE_FILE", "REMOVING_MARK", "DataDirLease", "claim_data_dir", "committed_state",
-           "is_object_store", "remove_dead_data_dirs"]
+__all__ = [
+  "LEASE_FILE",
+  "REMOVING_MARK",
+  "DataDirLease",
+  "claim_data_dir",
+  "committed_state",
+  "is_object_store",
+  "remove_dead_data_dirs",
+]
 
 # A dead data directory is renamed to '<name><REMOVING_MARK><hex>' before it is deleted.
 REMOVING_MARK = ".removing-"
@@ -209,8 +216,12 @@ def claim_data_dir(root: str, job_key: str) -> DataDirLease:
       lease.release()
       replaces, candidates = replaces_now, []
       continue
-    info = {"job_key": job_key, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": time.time()}
+    info = {
+      "job_key": job_key,
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": time.time(),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info, sort_keys=True).encode("utf-8"), 0)
     return lease
@@ -232,8 +243,9 @@ def _remove_if_dead_local(root: str, name: str) -> bool:
     if fd is not None and not _lock(fd):
       return False  # A live job holds it.
     # Rename under the lock: a job locking this lease now sees its path change.
-    doomed = directory if REMOVING_MARK in name else (
-        f"{directory}{REMOVING_MARK}{uuid.uuid4().hex[:8]}")
+    doomed = (
+      directory if REMOVING_MARK in name else (f"{directory}{REMOVING_MARK}{uuid.uuid4().hex[:8]}")
+    )
     if doomed != directory:
       os.rename(directory, doomed)
   finally:
@@ -266,8 +278,11 @@ def remove_dead_data_dirs(root: str, keep: str, object_store: Optional[bool] = N
   if object_store is None:
     object_store = is_object_store(root)
   protected = {keep, committed_state(root)[0]}
-  names = [n for n in sorted(set(file_ops(root).listdir(root)))
-           if _is_data_dir(n.rstrip("/")) and n.rstrip("/") not in protected]
+  names = [
+    n
+    for n in sorted(set(file_ops(root).listdir(root)))
+    if _is_data_dir(n.rstrip("/")) and n.rstrip("/") not in protected
+  ]
   removed = []
   if object_store:
     kept_times = _file_times(join(root, keep))

@@ -39,8 +39,17 @@ from fedbeam.format.codec import Example, encode_example, features_field_header
 from fedbeam.format.layout import InvalidClientIdError, check_client_id
 from fedbeam.format.spec import ElementSpec
 from fedbeam.pipelines.column_batches import ColumnBatch
-from fedbeam.pipelines.records import (ANY_RANK, FLOAT32, INT64, STRING, InputError, InputRecord,
-                                       RawFeature, conform_record, encode_as_read)
+from fedbeam.pipelines.records import (
+  ANY_RANK,
+  FLOAT32,
+  INT64,
+  STRING,
+  InputError,
+  InputRecord,
+  RawFeature,
+  conform_record,
+  encode_as_read,
+)
 
 # Records of one length needed before they are encoded as a matrix.
 MIN_ALIKE = 8
@@ -49,8 +58,9 @@ MIN_ALIKE = 8
 _MAX_VARINT_BYTES = 9
 
 
-def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
-                         position: tuple[str, int]) -> InputRecord:
+def parse_example_record(
+  data: bytes, client_id_key: Optional[str], source: str, position: tuple[str, int]
+) -> InputRecord:
   """Turns a serialized tf.train.Example into an InputRecord.
 
   With `client_id_key` None the caller supplies the id separately (SQLite);
@@ -83,8 +93,9 @@ def parse_example_record(data: bytes, client_id_key: Optional[str], source: str,
   if client_id_key is not None:
     if not client_id:
       raise InputError(
-          f"{source}: client-id feature {client_id_key!r} is missing "
-          f"(features present: {sorted(fmap.keys())})")
+        f"{source}: client-id feature {client_id_key!r} is missing "
+        f"(features present: {sorted(fmap.keys())})"
+      )
     del fmap[client_id_key]
   return InputRecord(client_id, features, position, example)
 
@@ -93,12 +104,14 @@ def _client_id_feature(feature, kind: Optional[str], name: str, source: str) -> 
   """The id a client-id feature holds: one UTF-8 bytes value, or one int64 as its decimal string."""
   if kind not in ("bytes_list", "int64_list"):
     raise InputError(
-        f"{source}: client-id feature {name!r} is a {kind or 'typeless feature'}, "
-        "expected a bytes_list holding one UTF-8 string or an int64_list holding one integer")
+      f"{source}: client-id feature {name!r} is a {kind or 'typeless feature'}, "
+      "expected a bytes_list holding one UTF-8 string or an int64_list holding one integer"
+    )
   values = getattr(feature, kind).value
   if len(values) != 1:
     raise InputError(
-        f"{source}: client-id feature {name!r} has {len(values)} values, expected exactly one")
+      f"{source}: client-id feature {name!r} has {len(values)} values, expected exactly one"
+    )
   if kind == "int64_list":
     return str(values[0])
   try:
@@ -155,8 +168,9 @@ class ExampleBatch:
 
   def input_record(self, i: int) -> InputRecord:
     """Record i parsed (see `parse_example_record`, which also lists what raises)."""
-    record = parse_example_record(self.records[i], self.client_id_key, self.source(i),
-                                  self.position(i))
+    record = parse_example_record(
+      self.records[i], self.client_id_key, self.source(i), self.position(i)
+    )
     if self.client_ids is not None:
       record = dataclasses.replace(record, client_id=self.client_ids[i])
     return record
@@ -188,7 +202,9 @@ def encode_record(record: InputRecord, spec: ElementSpec) -> bytes:
   return data
 
 
-def encode_batch(batch: ExampleBatch, spec: ElementSpec) -> list[tuple[str, tuple[str, int], bytes]]:
+def encode_batch(
+  batch: ExampleBatch, spec: ElementSpec
+) -> list[tuple[str, tuple[str, int], bytes]]:
   """(client id, position, store record) of each record of `batch`, in order.
 
   The store records are those `encode_record(batch.input_record(i), spec)`
@@ -271,8 +287,11 @@ def _layout(template: bytes, client_id_key: Optional[str], spec: ElementSpec) ->
     for number, wire, s, e in example_wire.message_fields(template, fs, fe):
       if (number, wire) == (1, 2):
         for n, w, ks, ke in example_wire.message_fields(template, s, e):
-          if (client_id_key is not None and (n, w) == (1, 2)
-              and template[ks:ke] == client_id_key.encode("utf-8")):
+          if (
+            client_id_key is not None
+            and (n, w) == (1, 2)
+            and template[ks:ke] == client_id_key.encode("utf-8")
+          ):
             if id_entry is not None:
               return None
             id_entry = (entry_start, e)
@@ -306,8 +325,15 @@ def _layout(template: bytes, client_id_key: Optional[str], spec: ElementSpec) ->
   else:
     _, [(_, vs, ve)] = lists[client_id_key]
   (cs, ce) = id_entry
-  return _Layout(features_field_header(fe - fs - (ce - cs)), (fs, fe), id_entry, (vs, ve),
-                 lists, np.array(long_ends, np.intp), tuple(bounded))
+  return _Layout(
+    features_field_header(fe - fs - (ce - cs)),
+    (fs, fe),
+    id_entry,
+    (vs, ve),
+    lists,
+    np.array(long_ends, np.intp),
+    tuple(bounded),
+  )
 
 
 def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: list) -> list[int]:
@@ -343,8 +369,9 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
     return others
   (fs, fe), (cs, ce), (vs, ve) = layout.features, layout.id_entry, layout.id_value
   header = np.frombuffer(layout.header, np.uint8)
-  cut = np.concatenate([np.broadcast_to(header, (n, header.size)), matrix[:, fs:cs],
-                        matrix[:, ce:fe]], axis=1)
+  cut = np.concatenate(
+    [np.broadcast_to(header, (n, header.size)), matrix[:, fs:cs], matrix[:, ce:fe]], axis=1
+  )
   width = cut.shape[1]
   blob = cut.tobytes()
   ids = matrix[:, vs:ve].tobytes()
@@ -354,13 +381,19 @@ def _encode_alike(batch: ExampleBatch, rows: list[int], spec: ElementSpec, out: 
       others.append(i)
       continue
     try:
-      client_id = ids[j * id_width:(j + 1) * id_width].decode("utf-8")
+      client_id = ids[j * id_width : (j + 1) * id_width].decode("utf-8")
     except UnicodeDecodeError:
       others.append(i)  # Decoded again one by one, which names the record.
       continue
-    out[i] = (client_id, batch.position(i), blob[j * width:(j + 1) * width])
+    out[i] = (client_id, batch.position(i), blob[j * width : (j + 1) * width])
   return others
 
 
-__all__ = ["ExampleBatch", "as_input_records", "encode_batch", "encode_record",
-           "parse_example_record", "MIN_ALIKE"]
+__all__ = [
+  "ExampleBatch",
+  "as_input_records",
+  "encode_batch",
+  "encode_record",
+  "parse_example_record",
+  "MIN_ALIKE",
+]

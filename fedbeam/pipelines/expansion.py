@@ -27,11 +27,17 @@ import apache_beam as beam
 import numpy as np
 
 from fedbeam.batch_form import batch_form_of
+from fedbeam.format.codec import (
+  RecordDecodeError,
+  decode_examples,
+  encode_example,
+  encode_examples,
+  has_variable_length,
+  make_record_parser,
+)
 from fedbeam.format.spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
-from fedbeam.format.codec import (RecordDecodeError, decode_examples, encode_example,
-                                  encode_examples, has_variable_length, make_record_parser)
 
 MakeTransformFn = Callable[[str, int], Optional[Callable[[Any], Any]]]
 
@@ -53,12 +59,14 @@ def load_transform(reference: str) -> MakeTransformFn:
   try:
     module = importlib.import_module(module_name)
   except Exception as e:  # pylint: disable=broad-except
-    raise ExpansionError(f"--transform {reference!r}: cannot import module {module_name!r}: "
-                         f"{type(e).__name__}: {e}") from None
+    raise ExpansionError(
+      f"--transform {reference!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}"
+    ) from None
   fn = getattr(module, attr, None)
   if fn is None:
-    raise ExpansionError(f"--transform {reference!r}: module {module_name!r} has no "
-                         f"attribute {attr!r}")
+    raise ExpansionError(
+      f"--transform {reference!r}: module {module_name!r} has no attribute {attr!r}"
+    )
   if not callable(fn):
     raise ExpansionError(f"--transform {reference!r}: {attr!r} is not callable")
   return fn
@@ -88,14 +96,19 @@ def expansion_plan(num_raw: int, num_transformed_clients: Optional[int]) -> tupl
     raise ExpansionError(f"--num-transformed-clients must be positive, got {n}")
   if n < num_raw:
     raise ExpansionError(
-        f"--num-transformed-clients {n} is smaller than the number of raw clients "
-        f"({num_raw}); expansion cannot drop clients (pass at least {num_raw})")
+      f"--num-transformed-clients {n} is smaller than the number of raw clients "
+      f"({num_raw}); expansion cannot drop clients (pass at least {num_raw})"
+    )
   k = n // num_raw
   return k, n - k * num_raw, index_digits(n)
 
 
-def pseudo_clients_of(raw_client_id: str, num_raw: int, remainder_last: Optional[str],
-                      num_transformed_clients: Optional[int]) -> list[tuple[str, int]]:
+def pseudo_clients_of(
+  raw_client_id: str,
+  num_raw: int,
+  remainder_last: Optional[str],
+  num_transformed_clients: Optional[int],
+) -> list[tuple[str, int]]:
   """(pseudo-client id, index) of one raw client, in index order.
 
   `remainder_last` is the largest of the g smallest raw ids (None when g is
@@ -103,8 +116,10 @@ def pseudo_clients_of(raw_client_id: str, num_raw: int, remainder_last: Optional
   """
   k, g, digits = expansion_plan(num_raw, num_transformed_clients)
   count = k + (1 if g and remainder_last is not None and raw_client_id <= remainder_last else 0)
-  return [(raw_client_id if digits == 0 else pseudo_client_id(raw_client_id, index, digits), index)
-          for index in range(count)]
+  return [
+    (raw_client_id if digits == 0 else pseudo_client_id(raw_client_id, index, digits), index)
+    for index in range(count)
+  ]
 
 
 class PlanPseudoClients(beam.PTransform):
@@ -135,20 +150,25 @@ class PlanPseudoClients(beam.PTransform):
 
     g = num_raw | "RemainderSize" >> beam.Map(remainder_ids)
     smallest = ids | "TagWithG" >> beam.FlatMap(
-        lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g))
-    remainder_last = (smallest
-                      | "TopG" >> beam.CombineGlobally(SmallestN())
-                      | "LastOfTopG" >> beam.Map(
-                          lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None,
-                          beam.pvalue.AsSingleton(g)))
+      lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g)
+    )
+    remainder_last = (
+      smallest
+      | "TopG" >> beam.CombineGlobally(SmallestN())
+      | "LastOfTopG"
+      >> beam.Map(
+        lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None, beam.pvalue.AsSingleton(g)
+      )
+    )
     return {"num_raw": num_raw, "remainder_last": remainder_last}
 
 
 class _ExpandClient(beam.DoFn):
   """ClientRecords (raw) -> ClientRecords per pseudo-client, transformed."""
 
-  def __init__(self, make_transform_fn: Union[str, MakeTransformFn],
-               num_transformed_clients: Optional[int]):
+  def __init__(
+    self, make_transform_fn: Union[str, MakeTransformFn], num_transformed_clients: Optional[int]
+  ):
     self._make = make_transform_fn
     self._n = num_transformed_clients
     self._pseudo = beam.metrics.Metrics.counter("fedbeam", "pseudo_clients")
@@ -156,15 +176,15 @@ class _ExpandClient(beam.DoFn):
   def setup(self):
     self._fn = load_transform(self._make) if isinstance(self._make, str) else self._make
 
-  def process(self, client: ClientRecords, num_raw: int, remainder_last: Optional[str],
-              spec: ElementSpec) -> Iterable[ClientRecords]:
+  def process(
+    self, client: ClientRecords, num_raw: int, remainder_last: Optional[str], spec: ElementSpec
+  ) -> Iterable[ClientRecords]:
     raw_id = client.client_id
     elements = _ParsedClient(client.records, spec)
     for cid, index in pseudo_clients_of(raw_id, num_raw, remainder_last, self._n):
       records = apply_transform(self._fn, raw_id, index, client.records, spec, elements)
       self._pseudo.inc()
-      yield ClientRecords(client_id=cid, records=records, raw_client_id=raw_id,
-                          pseudo_index=index)
+      yield ClientRecords(client_id=cid, records=records, raw_client_id=raw_id, pseudo_index=index)
 
 
 class _ParsedClient:
@@ -192,50 +212,62 @@ class _ParsedClient:
 def _check_structure(where: str, got, spec: ElementSpec) -> None:
   """Raises ExpansionError unless `got` (TensorSpecs of one element) fits the spec."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   expected = spec.to_tensor_specs()
   if not isinstance(got, dict) or set(got) != set(expected):
-    raise ExpansionError(f"{where} changed the element structure: expected features "
-                         f"{list(expected)}, got {got}")
+    raise ExpansionError(
+      f"{where} changed the element structure: expected features {list(expected)}, got {got}"
+    )
   for name, want in expected.items():
     have = got[name]
     if not isinstance(have, tf.TensorSpec) or have.dtype != want.dtype:
       raise ExpansionError(f"{where} changed feature {name!r} from {want} to {have}")
     if not want.shape.is_compatible_with(have.shape):
-      raise ExpansionError(f"{where} changed the shape of feature {name!r} from "
-                           f"{want.shape} to {have.shape}")
+      raise ExpansionError(
+        f"{where} changed the shape of feature {name!r} from {want.shape} to {have.shape}"
+      )
 
 
 def _stacked_columns(where: str, out, count: int, spec: ElementSpec) -> dict[str, np.ndarray]:
   """A batch form's output as numpy columns; raises ExpansionError unless it fits the spec."""
   if not isinstance(out, Mapping) or set(out) != set(spec.names):
     keys = sorted(out) if isinstance(out, Mapping) else type(out).__name__
-    raise ExpansionError(f"{where} changed the element structure: expected features "
-                         f"{spec.names}, got {keys}")
+    raise ExpansionError(
+      f"{where} changed the element structure: expected features {spec.names}, got {keys}"
+    )
   columns = {}
   for f in spec.features:
     try:
       column = np.asarray(out[f.name])
     except Exception as e:  # pylint: disable=broad-except
-      raise ExpansionError(f"{where} returned feature {f.name!r} that is not an array: "
-                           f"{type(e).__name__}: {e}") from None
+      raise ExpansionError(
+        f"{where} returned feature {f.name!r} that is not an array: {type(e).__name__}: {e}"
+      ) from None
     want = numpy_dtype(f.dtype)
     ok_dtype = column.dtype.kind in "OS" if f.dtype == "string" else column.dtype == want
     if not ok_dtype:
-      raise ExpansionError(f"{where} changed feature {f.name!r} from {f.dtype} to "
-                           f"{column.dtype}")
+      raise ExpansionError(f"{where} changed feature {f.name!r} from {f.dtype} to {column.dtype}")
     if column.shape[:1] != (count,):
-      raise ExpansionError(f"{where} returned {column.shape[:1]} values of feature "
-                           f"{f.name!r} for {count} elements")
+      raise ExpansionError(
+        f"{where} returned {column.shape[:1]} values of feature {f.name!r} for {count} elements"
+      )
     if not want_shape_ok(f, column.shape[1:]):
-      raise ExpansionError(f"{where} changed the shape of feature {f.name!r} from "
-                           f"{list(f.shape)} to {list(column.shape[1:])}")
+      raise ExpansionError(
+        f"{where} changed the shape of feature {f.name!r} from "
+        f"{list(f.shape)} to {list(column.shape[1:])}"
+      )
     columns[f.name] = column
   return columns
 
 
-def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, index: int,
-                    records: list[bytes], spec: ElementSpec,
-                    parsed: Optional[_ParsedClient] = None) -> list[bytes]:
+def apply_transform(
+  make_transform_fn: MakeTransformFn,
+  raw_client_id: str,
+  index: int,
+  records: list[bytes],
+  spec: ElementSpec,
+  parsed: Optional[_ParsedClient] = None,
+) -> list[bytes]:
   """Runs `make_transform_fn(raw_client_id, index)` over serialized records.
 
   Returns the re-encoded records in the same order (the input list itself when
@@ -254,13 +286,16 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
   try:
     fn = make_transform_fn(raw_client_id, index)
   except Exception as e:  # pylint: disable=broad-except
-    raise ExpansionError(f"make_transform_fn({raw_client_id!r}, {index}) raised "
-                         f"{type(e).__name__}: {e}") from None
+    raise ExpansionError(
+      f"make_transform_fn({raw_client_id!r}, {index}) raised {type(e).__name__}: {e}"
+    ) from None
   if fn is None:
     return records
   if not callable(fn):
-    raise ExpansionError(f"make_transform_fn({raw_client_id!r}, {index}) returned "
-                         f"{type(fn).__name__}, expected a callable or None")
+    raise ExpansionError(
+      f"make_transform_fn({raw_client_id!r}, {index}) returned "
+      f"{type(fn).__name__}, expected a callable or None"
+    )
   if not records:
     return records
   parsed = parsed or _ParsedClient(records, spec)
@@ -274,16 +309,17 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
       out = batch_fn(collections.OrderedDict(arrays))
     except Exception as e:  # pylint: disable=broad-except
       raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
-    return encode_examples(_stacked_columns(where, out, len(records), spec), spec,
-                           len(records))
+    return encode_examples(_stacked_columns(where, out, len(records), spec), spec, len(records))
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   try:
     if arrays is not None:
       dataset = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(arrays))
     else:
       dataset = tf.data.Dataset.from_tensor_slices(tf.constant(records, tf.string)).map(
-          make_record_parser(spec))
+        make_record_parser(spec)
+      )
     dataset = dataset.map(fn)
   except Exception as e:  # pylint: disable=broad-except
     raise ExpansionError(f"{where} raised {type(e).__name__}: {e}") from None
@@ -295,8 +331,10 @@ def apply_transform(make_transform_fn: MakeTransformFn, raw_client_id: str, inde
       for f in spec.features:
         v = np.asarray(element[f.name])
         if not want_shape_ok(f, v.shape):
-          raise ExpansionError(f"{where} produced feature {f.name!r} of shape {v.shape}, "
-                               f"which does not fit {list(f.shape)}")
+          raise ExpansionError(
+            f"{where} produced feature {f.name!r} of shape {v.shape}, "
+            f"which does not fit {list(f.shape)}"
+          )
         values[f.name] = v.reshape(-1)
       out.append(encode_example(values, spec))
   except ExpansionError:
@@ -323,19 +361,26 @@ class ExpandPseudoClients(beam.PTransform):
   Raises (at run time) ExpansionError.
   """
 
-  def __init__(self, make_transform_fn: Union[str, MakeTransformFn],
-               num_transformed_clients: Optional[int], spec, plan=None):
+  def __init__(
+    self,
+    make_transform_fn: Union[str, MakeTransformFn],
+    num_transformed_clients: Optional[int],
+    spec,
+    plan=None,
+  ):
     """`plan`: optional output of `PlanPseudoClients` over the raw ids (else made from `clients`)."""
     super().__init__()
     self._plan = plan
     if num_transformed_clients is not None and num_transformed_clients <= 0:
       raise ExpansionError(
-          f"--num-transformed-clients must be positive, got {num_transformed_clients}")
+        f"--num-transformed-clients must be positive, got {num_transformed_clients}"
+      )
     if isinstance(make_transform_fn, str):
       load_transform(make_transform_fn)  # Fail at construction, not on a worker.
     elif not callable(make_transform_fn):
-      raise ExpansionError(f"make_transform_fn must be callable or 'module:function', got "
-                           f"{make_transform_fn!r}")
+      raise ExpansionError(
+        f"make_transform_fn must be callable or 'module:function', got {make_transform_fn!r}"
+      )
     self._make = make_transform_fn
     self._n = num_transformed_clients
     self._spec = spec
@@ -343,13 +388,15 @@ class ExpandPseudoClients(beam.PTransform):
   def expand(self, clients):
     plan = self._plan
     if plan is None:
-      plan = (clients
-              | "RawIds" >> beam.Map(lambda c: c.client_id)
-              | "Plan" >> PlanPseudoClients(self._n))
+      plan = (
+        clients | "RawIds" >> beam.Map(lambda c: c.client_id) | "Plan" >> PlanPseudoClients(self._n)
+      )
     return clients | "Expand" >> beam.ParDo(
-        _ExpandClient(self._make, self._n),
-        beam.pvalue.AsSingleton(plan["num_raw"]), beam.pvalue.AsSingleton(plan["remainder_last"]),
-        beam.pvalue.AsSingleton(self._spec))
+      _ExpandClient(self._make, self._n),
+      beam.pvalue.AsSingleton(plan["num_raw"]),
+      beam.pvalue.AsSingleton(plan["remainder_last"]),
+      beam.pvalue.AsSingleton(self._spec),
+    )
 
 
 class PseudoClientSizes(beam.PTransform):
@@ -376,6 +423,9 @@ class PseudoClientSizes(beam.PTransform):
     if plan is None:
       plan = raw_sizes | "RawIds" >> beam.Keys() | "Plan" >> PlanPseudoClients(n)
     return raw_sizes | "Sizes" >> beam.FlatMap(
-        lambda raw, num, last: [(cid, raw[0], raw[1])
-                                for cid, _ in pseudo_clients_of(raw[0], num, last, n)],
-        beam.pvalue.AsSingleton(plan["num_raw"]), beam.pvalue.AsSingleton(plan["remainder_last"]))
+      lambda raw, num, last: [
+        (cid, raw[0], raw[1]) for cid, _ in pseudo_clients_of(raw[0], num, last, n)
+      ],
+      beam.pvalue.AsSingleton(plan["num_raw"]),
+      beam.pvalue.AsSingleton(plan["remainder_last"]),
+    )

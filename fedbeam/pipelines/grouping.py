@@ -8,14 +8,18 @@ stable content key).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import apache_beam as beam
 
 from fedbeam.format.spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.column_batches import ColumnBatch, encode_columns
-from fedbeam.pipelines.example_records import (ExampleBatch, as_input_records, encode_batch,
-                                               encode_record)
+from fedbeam.pipelines.example_records import (
+  ExampleBatch,
+  as_input_records,
+  encode_batch,
+  encode_record,
+)
 from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord
 
 ORDER_BY_INPUT = "@input"
@@ -83,7 +87,8 @@ class _EncodeAndPregroup(beam.DoFn):
     else:
       for record in as_input_records(element):
         groups.setdefault(record.client_id, []).append(
-            (_sort_key(record, spec, order_by), encode_record(record, spec)))
+          (_sort_key(record, spec, order_by), encode_record(record, spec))
+        )
     yield from groups.items()
 
 
@@ -101,8 +106,9 @@ def _to_client(element) -> ClientRecords:
 
 def _check_spec(spec: Optional[ElementSpec], order_by: Optional[str]) -> ElementSpec:
   if spec is None:
-    raise InputError("the input holds no record, so no element spec can be inferred; "
-                     "pass --element-spec FILE")
+    raise InputError(
+      "the input holds no record, so no element spec can be inferred; pass --element-spec FILE"
+    )
   check_order_by(order_by, spec)
   return spec
 
@@ -125,8 +131,13 @@ class GroupByClient(beam.PTransform):
   match the spec.
   """
 
-  def __init__(self, spec, order_by: Optional[str] = None, declared_clients: bool = True,
-               after_encode: Optional[beam.PTransform] = None):
+  def __init__(
+    self,
+    spec,
+    order_by: Optional[str] = None,
+    declared_clients: bool = True,
+    after_encode: Optional[beam.PTransform] = None,
+  ):
     """`declared_clients` False: `clients` is known to be empty and is not read.
 
     The local runner buffers a Flatten's output between stages, so the records
@@ -145,14 +156,13 @@ class GroupByClient(beam.PTransform):
     order_by = self._order_by
     spec = self._spec | "CheckSpec" >> beam.Map(_check_spec, order_by)
     encoded = inputs["records"] | "Encode" >> beam.ParDo(
-        _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec))
+      _EncodeAndPregroup(order_by), beam.pvalue.AsSingleton(spec)
+    )
     if self._after_encode is not None:
       encoded = encoded | "AfterEncode" >> self._after_encode
     record_counts = encoded | "CountEncoded" >> beam.Map(_record_count)
     if self._declared_clients:
       declared = inputs["clients"] | "DeclareClients" >> beam.Map(lambda cid: (cid, []))
       encoded = (encoded, declared) | "Merge" >> beam.Flatten()
-    clients = (encoded
-               | "GroupByClient" >> beam.GroupByKey()
-               | "SortClient" >> beam.Map(_to_client))
+    clients = encoded | "GroupByClient" >> beam.GroupByKey() | "SortClient" >> beam.Map(_to_client)
     return {"clients": clients, "record_counts": record_counts}

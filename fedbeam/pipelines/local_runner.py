@@ -61,8 +61,16 @@ from typing import Iterator
 
 from fedbeam.pipelines.allocator import tuned_allocator
 
-__all__ = ["GROUPED_CHUNK_BYTES", "MAX_QUEUED_CHUNKS", "BeamInternalsError", "check_beam_internals",
-           "guarded_runner", "is_guarded", "local_runner_scope", "patched_attributes"]
+__all__ = [
+  "GROUPED_CHUNK_BYTES",
+  "MAX_QUEUED_CHUNKS",
+  "BeamInternalsError",
+  "check_beam_internals",
+  "guarded_runner",
+  "is_guarded",
+  "local_runner_scope",
+  "patched_attributes",
+]
 
 
 # Chunks at least this large go to the data channel as they are, not through
@@ -84,7 +92,7 @@ def _write_input(data_conn, data_out, byte_streams, may_wait) -> None:
   """
   send = getattr(data_out, "_flush_callback", None)
   queue = getattr(data_conn, "_to_send", None) if may_wait else None
-  for byte_stream in (byte_streams or []):
+  for byte_stream in byte_streams or []:
     if queue is not None:
       while queue.qsize() >= MAX_QUEUED_CHUNKS:
         if not may_wait():
@@ -115,14 +123,16 @@ class _InputSender:
     self.error: BaseException | None = None
     self._bundle_over = threading.Event()
     self._thread = threading.Thread(
-        target=self._run, args=(data_conn, data_out, byte_streams),
-        name="fedbeam-input-sender", daemon=True)
+      target=self._run,
+      args=(data_conn, data_out, byte_streams),
+      name="fedbeam-input-sender",
+      daemon=True,
+    )
     self._thread.start()
 
   def _run(self, data_conn, data_out, byte_streams) -> None:
     try:
-      _write_input(data_conn, data_out, byte_streams,
-                   lambda: not self._bundle_over.is_set())
+      _write_input(data_conn, data_out, byte_streams, lambda: not self._bundle_over.is_set())
     except BaseException as e:  # pylint: disable=broad-except
       self.error = e
     finally:
@@ -138,17 +148,20 @@ class _InputSender:
     return self.error
 
 
-def _send_input_in_background(self, process_bundle_id: str, read_transform_id: str,
-                              byte_streams) -> None:
+def _send_input_in_background(
+  self, process_bundle_id: str, read_transform_id: str, byte_streams
+) -> None:
   # BundleManager._send_input_to_worker. Over gRPC the input goes on an
   # `_InputSender`; the in-memory worker runs the bundle inside the request
   # that follows, so its input must be written before it (here, in full).
   from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
+
   data_conn = self._worker_handler.data_conn
   data_out = data_conn.output_stream(process_bundle_id, read_transform_id)
   if isinstance(data_conn, data_plane._GrpcDataChannel):  # pylint: disable=protected-access
     self.__dict__.setdefault("_fedbeam_senders", []).append(
-        _InputSender(data_conn, data_out, byte_streams))
+      _InputSender(data_conn, data_out, byte_streams)
+    )
     return
   _write_input(data_conn, data_out, byte_streams, None)
   data_out.close()
@@ -164,8 +177,9 @@ def _finishing_input_senders(original_process_bundle):
       errors = [sender.finish() for sender in self.__dict__.pop("_fedbeam_senders", ())]
     for error in errors:
       if error is not None:
-        raise RuntimeError("the local runner failed to send a bundle's input to its worker") \
-            from error
+        raise RuntimeError(
+          "the local runner failed to send a bundle's input to its worker"
+        ) from error
     return result
 
   process_bundle.fedbeam_original = original_process_bundle
@@ -191,10 +205,10 @@ class _EncodedShare:
 
   def __iter__(self):
     from apache_beam.coders.coder_impl import create_OutputStream  # pylint: disable=g-import-not-at-top
+
     stream = create_OutputStream()
     for encoded_key, values in self._items:
-      self._encode_to_stream(self._in_window((self._key_decode(encoded_key), values)), stream,
-                             True)
+      self._encode_to_stream(self._in_window((self._key_decode(encoded_key), values)), stream, True)
       if stream.size() >= GROUPED_CHUNK_BYTES:
         yield stream.get()
         stream = create_OutputStream()
@@ -210,19 +224,27 @@ def _partition_lazily(original_partition):
       return original_partition(self, n)
     from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
     from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+
     # What Beam's partition emits for each key under the global window.
     globally_window = window.GlobalWindows.windowed_value(
-        None, timestamp=window.GlobalWindow().max_timestamp(),
-        pane_info=windowed_value.PaneInfo(
-            is_first=True, is_last=True, timing=windowed_value.PaneInfoTiming.ON_TIME,
-            index=0, nonspeculative_index=0)).with_value
+      None,
+      timestamp=window.GlobalWindow().max_timestamp(),
+      pane_info=windowed_value.PaneInfo(
+        is_first=True,
+        is_last=True,
+        timing=windowed_value.PaneInfoTiming.ON_TIME,
+        index=0,
+        nonspeculative_index=0,
+      ),
+    ).with_value
     items = list(self._table.items())
     self._table.clear()
     encode = self._post_grouped_coder.get_impl().encode_to_stream
     key_decode = self._key_coder.get_impl().decode
     # Key i goes to worker i % n, as in Beam's partition.
-    self._grouped_output = [_EncodedShare(items[k::n], encode, key_decode, globally_window)
-                            for k in range(n)]
+    self._grouped_output = [
+      _EncodedShare(items[k::n], encode, key_decode, globally_window) for k in range(n)
+    ]
     return self._grouped_output
 
   partition.fedbeam_original = original_partition
@@ -254,18 +276,22 @@ def _beam_internals():
     BeamInternalsError: naming the first attribute this Beam version lacks.
   """
   try:
-    from apache_beam.runners.portability.fn_api_runner import execution  # pylint: disable=g-import-not-at-top
-    from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
-    from apache_beam.runners.portability.fn_api_runner import worker_handlers  # pylint: disable=g-import-not-at-top
+    from apache_beam.runners.portability.fn_api_runner import (
+      execution,  # pylint: disable=g-import-not-at-top
+      fn_runner,  # pylint: disable=g-import-not-at-top
+      worker_handlers,  # pylint: disable=g-import-not-at-top
+    )
     from apache_beam.runners.worker import data_plane  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise BeamInternalsError(f"fedbeam's local-runner guard cannot import Beam's FnApiRunner "
-                             f"modules: {e}") from e
+    raise BeamInternalsError(
+      f"fedbeam's local-runner guard cannot import Beam's FnApiRunner modules: {e}"
+    ) from e
   missing = []
 
   def need(owner, name: str, where: str, instance: bool = False) -> None:
-    found = (owner is not None
-             and (_sets_attribute(owner, name) if instance else hasattr(owner, name)))
+    found = owner is not None and (
+      _sets_attribute(owner, name) if instance else hasattr(owner, name)
+    )
     if not found:
       missing.append(f"{where}.{name}")
 
@@ -294,10 +320,11 @@ def _beam_internals():
     need(grouping, name, ex + ".GroupingBuffer", instance=True)
   if missing:
     raise BeamInternalsError(
-        f"fedbeam's local-runner guard relies on {missing[0]}, which this Beam version lacks"
-        + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
-        + "; fedbeam is tested with apache-beam 2.72. Run with another --runner, or use the "
-        "Beam version fedbeam pins")
+      f"fedbeam's local-runner guard relies on {missing[0]}, which this Beam version lacks"
+      + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
+      + "; fedbeam is tested with apache-beam 2.72. Run with another --runner, or use the "
+      "Beam version fedbeam pins"
+    )
   return execution, fn_runner, worker_handlers
 
 
@@ -313,10 +340,12 @@ def check_beam_internals() -> None:
 def patched_attributes() -> list[tuple[object, str]]:
   """(owner, name) of every attribute the guard replaces while it is in place."""
   execution, fn_runner, worker_handlers = _beam_internals()
-  return [(worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS"),
-          (fn_runner.BundleManager, "_send_input_to_worker"),
-          (fn_runner.BundleManager, "process_bundle"),
-          (execution.GroupingBuffer, "partition")]
+  return [
+    (worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS"),
+    (fn_runner.BundleManager, "_send_input_to_worker"),
+    (fn_runner.BundleManager, "process_bundle"),
+    (execution.GroupingBuffer, "partition"),
+  ]
 
 
 _lock = threading.Lock()
@@ -330,12 +359,12 @@ def _install() -> None:
   execution, fn_runner, worker_handlers = _beam_internals()  # Checks before changing anything.
   manager, grouping = fn_runner.BundleManager, execution.GroupingBuffer
   replacements = [
-      # 0 selects SizeBasedBufferingClosableOutputStream for the runner's data
-      # server and for in-process (multi_threading) workers alike.
-      (worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS", 0),
-      (manager, "_send_input_to_worker", _send_input_in_background),
-      (manager, "process_bundle", _finishing_input_senders(manager.process_bundle)),
-      (grouping, "partition", _partition_lazily(grouping.partition)),
+    # 0 selects SizeBasedBufferingClosableOutputStream for the runner's data
+    # server and for in-process (multi_threading) workers alike.
+    (worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS", 0),
+    (manager, "_send_input_to_worker", _send_input_in_background),
+    (manager, "process_bundle", _finishing_input_senders(manager.process_bundle)),
+    (grouping, "partition", _partition_lazily(grouping.partition)),
   ]
   for owner, name, value in replacements:
     _saved.append((owner, name, vars(owner).get(name, _ABSENT)))

@@ -32,10 +32,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
+from fedbeam.format.layout import InvalidClientIdError, check_client_id
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.column_batches import Column, ColumnBatch
 from fedbeam.pipelines.records import BOOL, STRING, InputError
-from fedbeam.format.layout import InvalidClientIdError, check_client_id
 
 _INT_KINDS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _FLOAT_KINDS = ("float16", "float32", "float64")
@@ -89,9 +89,11 @@ def _column_type(t, name: str, path: str, pa) -> _ColumnType:
   kind, cast = _leaf_kind(inner, pa)
   if kind is None:
     hint = " (flatten it into columns of their own)" if pa.types.is_struct(inner) else ""
-    raise InputError(f"{path}: column {name!r} has Arrow type {t}, which fedbeam cannot store"
-                     f"{hint}; use booleans, numbers, strings, binary, temporal types or "
-                     "lists of them")
+    raise InputError(
+      f"{path}: column {name!r} has Arrow type {t}, which fedbeam cannot store"
+      f"{hint}; use booleans, numbers, strings, binary, temporal types or "
+      "lists of them"
+    )
   return _ColumnType(kind, depth, cast)
 
 
@@ -124,8 +126,14 @@ def _convert_column(arr, ctype: _ColumnType, name: str, path: str, first: int, p
   if null is not None:
     fail(null, "is null; fedbeam needs a value in every row")
   if not n:
-    return Column(ctype.kind, ctype.depth, np.empty(0), np.empty(0, np.int64),
-                  np.empty(0, np.int64), np.zeros((0, ctype.depth), np.int64))
+    return Column(
+      ctype.kind,
+      ctype.depth,
+      np.empty(0),
+      np.empty(0, np.int64),
+      np.empty(0, np.int64),
+      np.zeros((0, ctype.depth), np.int64),
+    )
   # Row r's elements at the current level are level[starts[r]:ends[r]]
   # (at the top, row r itself); they are contiguous over the batch.
   starts, ends = np.arange(n, dtype=np.int64), np.arange(1, n + 1, dtype=np.int64)
@@ -134,7 +142,7 @@ def _convert_column(arr, ctype: _ColumnType, name: str, path: str, first: int, p
   for k in range(ctype.depth):
     offsets = _list_offsets(level, pa)
     lo, hi = int(starts[0]), int(ends[-1])
-    lengths = np.diff(offsets[lo:hi + 1])
+    lengths = np.diff(offsets[lo : hi + 1])
     # Every list at this depth within a row has the length of the row's first one.
     parent = np.repeat(np.arange(n), ends - starts)
     first_len = np.full(n, -1, dtype=np.int64)
@@ -143,9 +151,12 @@ def _convert_column(arr, ctype: _ColumnType, name: str, path: str, first: int, p
     bad = np.flatnonzero(lengths != first_len[parent])
     if bad.size:
       row = int(parent[bad[0]])
-      fail(row, f"is ragged: lists at depth {k + 1} have {first_len[row]} and "
-                f"{lengths[bad[0]]} items; nested lists must be rectangular (only the "
-                "leading dimension may vary between rows)")
+      fail(
+        row,
+        f"is ragged: lists at depth {k + 1} have {first_len[row]} and "
+        f"{lengths[bad[0]]} items; nested lists must be rectangular (only the "
+        "leading dimension may vary between rows)",
+      )
     dims[:, k] = first_len
     starts, ends = offsets[starts], offsets[ends]
     level = level.values
@@ -190,6 +201,7 @@ class _ReadParquetFile(beam.DoFn):
   def process(self, path: str) -> Iterable[ColumnBatch]:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
     key = self._client_id_key
     first = 0
     try:
@@ -197,16 +209,21 @@ class _ReadParquetFile(beam.DoFn):
         parquet = pq.ParquetFile(f)
         schema = parquet.schema_arrow
         if key not in schema.names:
-          raise InputError(f"{path}: client-id column {key!r} is missing "
-                           f"(columns: {schema.names})")
+          raise InputError(f"{path}: client-id column {key!r} is missing (columns: {schema.names})")
         id_type = schema.field(key).type
         if pa.types.is_dictionary(id_type):
           id_type = id_type.value_type
-        if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type)
-                or pa.types.is_large_string(id_type) or pa.types.is_binary(id_type)
-                or pa.types.is_large_binary(id_type)):
-          raise InputError(f"{path}: client-id column {key!r} has Arrow type {id_type}, "
-                           "expected strings or integers")
+        if not (
+          pa.types.is_integer(id_type)
+          or pa.types.is_string(id_type)
+          or pa.types.is_large_string(id_type)
+          or pa.types.is_binary(id_type)
+          or pa.types.is_large_binary(id_type)
+        ):
+          raise InputError(
+            f"{path}: client-id column {key!r} has Arrow type {id_type}, "
+            "expected strings or integers"
+          )
         names = [name for name in schema.names if name != key]
         if len(set(schema.names)) != len(schema.names):
           raise InputError(f"{path}: columns {schema.names} repeat a name")
@@ -221,8 +238,10 @@ class _ReadParquetFile(beam.DoFn):
 
   def _batch_records(self, batch, ctypes, path: str, first: int, pa) -> ColumnBatch:
     ids = _client_ids(batch.column(self._client_id_key), self._client_id_key, path, first, pa)
-    columns = {name: _convert_column(batch.column(name), ctype, name, path, first, pa)
-               for name, ctype in ctypes.items()}
+    columns = {
+      name: _convert_column(batch.column(name), ctype, name, path, first, pa)
+      for name, ctype in ctypes.items()
+    }
     self._records.inc(len(ids))
     return ColumnBatch(path, first, ids, columns)
 

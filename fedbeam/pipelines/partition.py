@@ -55,8 +55,16 @@ from fedbeam.example_proto import Example
 from fedbeam.pipelines.example_records import ExampleBatch
 from fedbeam.pipelines.records import BOOL, INT32, INT64, STRING, InputError, InputRecord
 
-__all__ = ["PARTITIONERS", "PartitionConfig", "PartitionError", "PartitionClients",
-           "PartitionPlan", "build_plan", "permute", "partition_sizes"]
+__all__ = [
+  "PARTITIONERS",
+  "PartitionConfig",
+  "PartitionError",
+  "PartitionClients",
+  "PartitionPlan",
+  "build_plan",
+  "permute",
+  "partition_sizes",
+]
 
 PARTITIONERS = ("iid", "dirichlet", "shard")
 # Flower's DirichletPartitioner gives up after this many redraws.
@@ -88,8 +96,9 @@ class PartitionConfig:
     if self.method not in PARTITIONERS:
       raise PartitionError(f"--partition {self.method!r}: use one of {list(PARTITIONERS)}")
     if self.num_clients is None or self.num_clients < 1:
-      raise PartitionError(f"--partition {self.method} needs --num-clients >= 1, "
-                           f"got {self.num_clients}")
+      raise PartitionError(
+        f"--partition {self.method} needs --num-clients >= 1, got {self.num_clients}"
+      )
     if self.method == "iid":
       if self.label_key is not None:
         raise PartitionError("--label-key is not used by --partition iid")
@@ -97,11 +106,9 @@ class PartitionConfig:
       raise PartitionError(f"--partition {self.method} needs --label-key")
     if self.method == "dirichlet":
       if self.alpha is None or not self.alpha > 0:
-        raise PartitionError(f"--partition dirichlet needs --dirichlet-alpha > 0, "
-                             f"got {self.alpha}")
+        raise PartitionError(f"--partition dirichlet needs --dirichlet-alpha > 0, got {self.alpha}")
       if self.min_client_examples < 0:
-        raise PartitionError(f"--min-client-examples must be >= 0, got "
-                             f"{self.min_client_examples}")
+        raise PartitionError(f"--min-client-examples must be >= 0, got {self.min_client_examples}")
     else:
       if self.alpha is not None or self.self_balancing:
         raise PartitionError("--dirichlet-alpha and --self-balancing need --partition dirichlet")
@@ -109,8 +116,9 @@ class PartitionConfig:
         raise PartitionError("--min-client-examples needs --partition dirichlet")
     if self.method == "shard":
       if self.shards_per_client is None or self.shards_per_client < 1:
-        raise PartitionError(f"--partition shard needs --shards-per-client >= 1, got "
-                             f"{self.shards_per_client}")
+        raise PartitionError(
+          f"--partition shard needs --shards-per-client >= 1, got {self.shards_per_client}"
+        )
       if self.shard_size is not None and self.shard_size < 1:
         raise PartitionError(f"--shard-size must be >= 1, got {self.shard_size}")
     elif self.shards_per_client is not None or self.shard_size is not None:
@@ -118,14 +126,19 @@ class PartitionConfig:
 
   def parameters(self) -> dict[str, Any]:
     """The parameters recorded in the store's metadata."""
-    out: dict[str, Any] = {"partition": self.method, "num_clients": self.num_clients,
-                           "partition_seed": self.seed}
+    out: dict[str, Any] = {
+      "partition": self.method,
+      "num_clients": self.num_clients,
+      "partition_seed": self.seed,
+    }
     if self.label_key is not None:
       out["label_key"] = self.label_key
     if self.method == "dirichlet":
-      out.update(dirichlet_alpha=float(self.alpha),
-                 min_client_examples=self.min_client_examples,
-                 self_balancing=self.self_balancing)
+      out.update(
+        dirichlet_alpha=float(self.alpha),
+        min_client_examples=self.min_client_examples,
+        self_balancing=self.self_balancing,
+      )
     if self.method == "shard":
       out.update(shards_per_client=self.shards_per_client, shard_size=self.shard_size)
     return out
@@ -189,6 +202,7 @@ def permute(values: Union[np.ndarray, Sequence[int]], size: int, key: bytes) -> 
 # Labels of the reader's elements
 # ----------------------------------------------------------------------------
 
+
 def _element_key(element) -> tuple[str, int]:
   if isinstance(element, ExampleBatch):
     return element.position(0)
@@ -207,32 +221,47 @@ def _example_label(data: bytes, label_key: str, source: str):
   except Exception as e:  # pylint: disable=broad-except
     raise InputError(f"{source}: not a serialized tf.train.Example ({e})") from None
   if label_key not in feature:
-    raise InputError(f"{source}: label feature {label_key!r} is missing "
-                     f"(features present: {sorted(feature.keys())})")
+    raise InputError(
+      f"{source}: label feature {label_key!r} is missing "
+      f"(features present: {sorted(feature.keys())})"
+    )
   f = feature[label_key]
   kind = f.WhichOneof("kind")
-  values = (f.int64_list.value if kind == "int64_list"
-            else f.bytes_list.value if kind == "bytes_list" else None)
+  values = (
+    f.int64_list.value
+    if kind == "int64_list"
+    else f.bytes_list.value
+    if kind == "bytes_list"
+    else None
+  )
   if values is None:
-    raise InputError(f"{source}: label feature {label_key!r} is a {kind or 'typeless feature'}; "
-                     "labels must be integers or strings")
+    raise InputError(
+      f"{source}: label feature {label_key!r} is a {kind or 'typeless feature'}; "
+      "labels must be integers or strings"
+    )
   if len(values) != 1:
-    raise InputError(f"{source}: label feature {label_key!r} has {len(values)} values, "
-                     "expected exactly one")
+    raise InputError(
+      f"{source}: label feature {label_key!r} has {len(values)} values, expected exactly one"
+    )
   return int(values[0]) if kind == "int64_list" else bytes(values[0])
 
 
 def _record_label(record: InputRecord, label_key: str):
   raw = record.features.get(label_key)
   if raw is None:
-    raise InputError(f"{record.source}: label feature {label_key!r} is missing "
-                     f"(features present: {sorted(record.features)})")
+    raise InputError(
+      f"{record.source}: label feature {label_key!r} is missing "
+      f"(features present: {sorted(record.features)})"
+    )
   if raw.kind not in (INT32, INT64, BOOL, STRING):
-    raise InputError(f"{record.source}: label feature {label_key!r} holds {raw.kind} values; "
-                     "labels must be integers or strings")
+    raise InputError(
+      f"{record.source}: label feature {label_key!r} holds {raw.kind} values; "
+      "labels must be integers or strings"
+    )
   if raw.size != 1:
-    raise InputError(f"{record.source}: label feature {label_key!r} has {raw.size} values, "
-                     "expected exactly one")
+    raise InputError(
+      f"{record.source}: label feature {label_key!r} has {raw.size} values, expected exactly one"
+    )
   value = raw.values[0]
   return bytes(value) if raw.kind == STRING else int(value)
 
@@ -246,8 +275,9 @@ def _element_labels(element, label_key: Optional[str]) -> list:
   if label_key is None:
     return [None] * (len(element) if isinstance(element, (ExampleBatch, list)) else 1)
   if isinstance(element, ExampleBatch):
-    return [_example_label(data, label_key, element.source(i))
-            for i, data in enumerate(element.records)]
+    return [
+      _example_label(data, label_key, element.source(i)) for i, data in enumerate(element.records)
+    ]
   return [_record_label(r, label_key) for r in _records(element)]
 
 
@@ -275,6 +305,7 @@ def _label_order(label) -> tuple:
 # The plan
 # ----------------------------------------------------------------------------
 
+
 def partition_sizes(total: int, num_clients: int) -> np.ndarray:
   """Flower's IidPartitioner sizes: `total // N`, one more for the first `total % N` clients."""
   div, mod = divmod(total, num_clients)
@@ -301,10 +332,11 @@ def _dirichlet_cuts(counts: np.ndarray, config: PartitionConfig) -> np.ndarray:
     if sizes.min() >= config.min_client_examples:
       return cuts
   raise PartitionError(
-      f"--partition dirichlet: no draw in {MAX_DIRICHLET_REDRAWS + 1} gave every client "
-      f"--min-client-examples {config.min_client_examples} (alpha {config.alpha}, "
-      f"{n_clients} clients, {int(counts.sum())} examples); raise --dirichlet-alpha or lower "
-      "--min-client-examples or --num-clients")
+    f"--partition dirichlet: no draw in {MAX_DIRICHLET_REDRAWS + 1} gave every client "
+    f"--min-client-examples {config.min_client_examples} (alpha {config.alpha}, "
+    f"{n_clients} clients, {int(counts.sum())} examples); raise --dirichlet-alpha or lower "
+    "--min-client-examples or --num-clients"
+  )
 
 
 @dataclasses.dataclass
@@ -332,8 +364,7 @@ class PartitionPlan:
 
   def permutation_key(self, k: int) -> bytes:
     label = self.labels[k]
-    text = ("-" if label is None else f"i{label}" if isinstance(label, int)
-            else "s" + label.hex())
+    text = "-" if label is None else f"i{label}" if isinstance(label, int) else "s" + label.hex()
     return f"fedbeam.partition/{self.method}/{self.seed}/{text}".encode("utf-8")
 
   def clients(self, k: int, ranks: np.ndarray) -> np.ndarray:
@@ -348,8 +379,9 @@ class PartitionPlan:
     return np.searchsorted(self.cuts[k], shuffled, side="right").astype(np.int64)
 
 
-def build_plan(element_counts: Iterable[tuple[tuple[str, int], tuple]],
-               config: PartitionConfig) -> PartitionPlan:
+def build_plan(
+  element_counts: Iterable[tuple[tuple[str, int], tuple]], config: PartitionConfig
+) -> PartitionPlan:
   """The plan from (element key, ((label, count), ...)) pairs, in any order.
 
   Raises:
@@ -359,8 +391,9 @@ def build_plan(element_counts: Iterable[tuple[tuple[str, int], tuple]],
   items = sorted(element_counts, key=lambda kv: kv[0])
   for (a, _), (b, _) in zip(items, items[1:]):
     if a == b:
-      raise PartitionError(f"two input elements start at {a[0]} record {a[1]}; a runner "
-                           "delivered a batch twice")
+      raise PartitionError(
+        f"two input elements start at {a[0]} record {a[1]}; a runner delivered a batch twice"
+      )
   all_labels = {label for _, counts in items for label, _ in counts}
   if len({type(label) for label in all_labels}) > 1:
     raise PartitionError(f"label feature {config.label_key!r} holds both integers and strings")
@@ -391,14 +424,18 @@ def _plan_shards(plan: PartitionPlan, total: int, config: PartitionConfig) -> No
   n, per_client = config.num_clients, config.shards_per_client
   size = config.shard_size or total // (n * per_client)
   if size < 1:
-    raise PartitionError(f"--partition shard: {total} examples cannot fill {n * per_client} "
-                         f"shards (--num-clients {n} x --shards-per-client {per_client})")
+    raise PartitionError(
+      f"--partition shard: {total} examples cannot fill {n * per_client} "
+      f"shards (--num-clients {n} x --shards-per-client {per_client})"
+    )
   usable = total // size
   if usable < n:
-    raise PartitionError(f"--partition shard: --shard-size {size} makes {usable} whole shards, "
-                         f"fewer than --num-clients {n}")
+    raise PartitionError(
+      f"--partition shard: --shard-size {size} makes {usable} whole shards, "
+      f"fewer than --num-clients {n}"
+    )
   rng = np.random.default_rng(config.seed)
-  chosen = rng.permutation(usable)[:n * per_client]
+  chosen = rng.permutation(usable)[: n * per_client]
   shard_client = np.full(usable, -1, np.int64)
   shard_client[chosen] = np.arange(len(chosen)) // per_client
   plan.label_starts = np.concatenate([[0], np.cumsum(plan.counts)[:-1]]).astype(np.int64)
@@ -410,6 +447,7 @@ def _plan_shards(plan: PartitionPlan, total: int, config: PartitionConfig) -> No
 # ----------------------------------------------------------------------------
 # Assignment
 # ----------------------------------------------------------------------------
+
 
 class _Assign(beam.DoFn):
   """A reader element -> the same records with client ids (dropped records left out)."""
@@ -432,10 +470,15 @@ class _Assign(beam.DoFn):
       return
     ids = tuple(str(c) for c in clients[kept].tolist())
     if isinstance(element, ExampleBatch):
-      yield ExampleBatch(element.path, element.position(int(kept[0]))[1],
-                         [element.records[i] for i in kept], None, client_ids=ids,
-                         indices=tuple(element.position(int(i))[1] for i in kept),
-                         index_name=element.index_name)
+      yield ExampleBatch(
+        element.path,
+        element.position(int(kept[0]))[1],
+        [element.records[i] for i in kept],
+        None,
+        client_ids=ids,
+        indices=tuple(element.position(int(i))[1] for i in kept),
+        index_name=element.index_name,
+      )
     else:
       records = _records(element)
       yield [dataclasses.replace(records[i], client_id=cid) for i, cid in zip(kept, ids)]
@@ -464,12 +507,13 @@ class PartitionClients(beam.PTransform):
 
   def expand(self, records):
     c = self._config
-    plan = (records
-            | "LabelCounts" >> beam.ParDo(_CountLabels(c.label_key))
-            | "GatherCounts" >> beam.combiners.ToList()
-            | "Plan" >> beam.Map(build_plan, c))
-    assigned = records | "Assign" >> beam.ParDo(_Assign(c.label_key),
-                                                beam.pvalue.AsSingleton(plan))
+    plan = (
+      records
+      | "LabelCounts" >> beam.ParDo(_CountLabels(c.label_key))
+      | "GatherCounts" >> beam.combiners.ToList()
+      | "Plan" >> beam.Map(build_plan, c)
+    )
+    assigned = records | "Assign" >> beam.ParDo(_Assign(c.label_key), beam.pvalue.AsSingleton(plan))
     clients = plan | "Clients" >> beam.FlatMap(_client_ids, c.num_clients)
     dropped = plan | "Dropped" >> beam.Map(lambda p: p.dropped)
     return {"records": assigned, "clients": clients, "dropped": dropped}

@@ -26,35 +26,64 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineRunner, create_runner
 
 import fedbeam
+from fedbeam.format.fs import file_ops
+from fedbeam.format.layout import (
+  DATA_DIR_PREFIX,
+  METADATA_FILE,
+  UNSPLIT,
+  StoreFormatError,
+  check_split_name,
+)
+from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam.format.spec import ElementSpec, ElementSpecError
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.checks import EMPTY_POLICIES, CheckEmptyClients
-from fedbeam.pipelines.expansion import (ExpandPseudoClients, ExpansionError, MakeTransformFn,
-                                         PlanPseudoClients, PseudoClientSizes, load_transform)
+from fedbeam.pipelines.data_dir_lease import claim_data_dir
 from fedbeam.pipelines.example_records import input_size
+from fedbeam.pipelines.expansion import (
+  ExpandPseudoClients,
+  ExpansionError,
+  MakeTransformFn,
+  PlanPseudoClients,
+  PseudoClientSizes,
+  load_transform,
+)
 from fedbeam.pipelines.grouping import GroupByClient, check_order_by
 from fedbeam.pipelines.local_runner import BeamInternalsError, local_runner_scope
 from fedbeam.pipelines.partition import PartitionClients, PartitionConfig, PartitionError
+from fedbeam.pipelines.progress import (
+  EXAMPLES_READ,
+  CountProgress,
+  ProgressChannel,
+  ProgressMonitor,
+)
 from fedbeam.pipelines.records import ClientRecords, InputError
 from fedbeam.pipelines.spec_inference import InferElementSpec
 from fedbeam.pipelines.split import SplitConfig, SplitError, SplitTrainTest
-from fedbeam.pipelines.data_dir_lease import claim_data_dir
-from fedbeam.pipelines.progress import (EXAMPLES_READ, CountProgress, ProgressChannel,
-                                        ProgressMonitor)
+from fedbeam.pipelines.store_writer import (
+  REPLACES_ANY,
+  RUNNER_FAULT,
+  StoreStatsFn,
+  StoreWriteError,
+  WriteStore,
+)
 from fedbeam.pipelines.transform_check import check_transform_on_first_record, first_input_record
-from fedbeam.pipelines.store_writer import (REPLACES_ANY, RUNNER_FAULT, CleanupError,
-                                            StoreStatsFn, StoreWriteError, WriteStore)
-from fedbeam.format.fs import file_ops
-from fedbeam.format.layout import (DATA_DIR_PREFIX, METADATA_FILE, UNSPLIT, StoreFormatError,
-                                    check_split_name)
-from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam.transforms import identity
 
-
-__all__ = ["PrepareConfig", "PrepareError", "PrepareResult", "PrepareStore",
-           "RecordCountMismatchError", "default_runner_options", "explain_pipeline_error",
-           "job_key", "match_inputs", "prepare_output_dir", "run_prepare",
-           "runs_on_local_runner"]
+__all__ = [
+  "PrepareConfig",
+  "PrepareError",
+  "PrepareResult",
+  "PrepareStore",
+  "RecordCountMismatchError",
+  "default_runner_options",
+  "explain_pipeline_error",
+  "job_key",
+  "match_inputs",
+  "prepare_output_dir",
+  "run_prepare",
+  "runs_on_local_runner",
+]
 
 
 class PrepareError(ValueError):
@@ -120,10 +149,14 @@ class PrepareConfig:
     return "raw" if self.expands else "client"
 
   def split_config(self) -> SplitConfig:
-    return SplitConfig(num_test_clients=self.num_test_clients, test_fraction=self.test_fraction,
-                       seed=self.split_seed, method=self.split_method,
-                       split_by=self.effective_split_by,
-                       min_test_examples=self.min_test_examples)
+    return SplitConfig(
+      num_test_clients=self.num_test_clients,
+      test_fraction=self.test_fraction,
+      seed=self.split_seed,
+      method=self.split_method,
+      split_by=self.effective_split_by,
+      min_test_examples=self.min_test_examples,
+    )
 
   def transform_name(self) -> Optional[str]:
     if self.transform is None:
@@ -141,23 +174,26 @@ class PrepareConfig:
     keyed input keep the metadata they had.
     """
     out = {
-        "input": self.input,
-        "input_format": self.input_format,
-        "client_id_key": self.client_id_key,
-        "element_spec": self.element_spec_path,
-        "order_by": self.order_by,
-        "num_shards": self.num_shards,
-        "sqlite_split": (self.sqlite_split if self.sqlite_split is None
-                         or isinstance(self.sqlite_split, str) else ",".join(self.sqlite_split)),
-        "num_transformed_clients": self.num_transformed_clients,
-        "transform": self.transform_name(),
-        "empty_clients": self.empty_clients,
-        "num_test_clients": self.num_test_clients,
-        "test_fraction": self.test_fraction,
-        "split_seed": self.split_seed if self.splits else None,
-        "split_method": self.split_method if self.splits else None,
-        "split_by": self.effective_split_by if self.splits else None,
-        "min_test_examples": self.min_test_examples if self.splits else None,
+      "input": self.input,
+      "input_format": self.input_format,
+      "client_id_key": self.client_id_key,
+      "element_spec": self.element_spec_path,
+      "order_by": self.order_by,
+      "num_shards": self.num_shards,
+      "sqlite_split": (
+        self.sqlite_split
+        if self.sqlite_split is None or isinstance(self.sqlite_split, str)
+        else ",".join(self.sqlite_split)
+      ),
+      "num_transformed_clients": self.num_transformed_clients,
+      "transform": self.transform_name(),
+      "empty_clients": self.empty_clients,
+      "num_test_clients": self.num_test_clients,
+      "test_fraction": self.test_fraction,
+      "split_seed": self.split_seed if self.splits else None,
+      "split_method": self.split_method if self.splits else None,
+      "split_by": self.effective_split_by if self.splits else None,
+      "min_test_examples": self.min_test_examples if self.splits else None,
     }
     if self.partition is not None:
       out.update(self.partition.parameters())
@@ -167,29 +203,39 @@ class PrepareConfig:
 
   def validate(self) -> None:
     if self.input_format not in sources.INPUT_FORMATS:
-      raise PrepareError(f"--input-format {self.input_format!r}: use one of "
-                         f"{list(sources.INPUT_FORMATS)}")
+      raise PrepareError(
+        f"--input-format {self.input_format!r}: use one of {list(sources.INPUT_FORMATS)}"
+      )
     if self.partition is not None:
       if self.client_id_key:
-        raise PrepareError("--partition and --client-id-key exclude each other: the client id "
-                           "key is the natural partition")
+        raise PrepareError(
+          "--partition and --client-id-key exclude each other: the client id "
+          "key is the natural partition"
+        )
       if self.input_format not in ("tfrecord", "avro"):
-        raise PrepareError(f"--partition needs input without client ids (tfrecord or avro), "
-                           f"not --input-format {self.input_format}")
+        raise PrepareError(
+          f"--partition needs input without client ids (tfrecord or avro), "
+          f"not --input-format {self.input_format}"
+        )
       try:
         self.partition.validate()
       except PartitionError as e:
         raise PrepareError(str(e)) from None
       if self.element_spec is not None and self.partition.label_key is not None:
         if self.partition.label_key not in self.element_spec:
-          raise PrepareError(f"--label-key {self.partition.label_key!r} is not a feature of "
-                             f"--element-spec (features: {self.element_spec.names})")
+          raise PrepareError(
+            f"--label-key {self.partition.label_key!r} is not a feature of "
+            f"--element-spec (features: {self.element_spec.names})"
+          )
     elif sources.needs_client_id_key(self.input_format) and not self.client_id_key:
-      raise PrepareError(f"--client-id-key is required with --input-format {self.input_format} "
-                         "(or --partition, for input without client ids)")
+      raise PrepareError(
+        f"--client-id-key is required with --input-format {self.input_format} "
+        "(or --partition, for input without client ids)"
+      )
     if self.input_format == "leaf" and self.client_id_key:
-      raise PrepareError("--client-id-key does not apply to --input-format leaf: "
-                         "the clients are the files' users")
+      raise PrepareError(
+        "--client-id-key does not apply to --input-format leaf: the clients are the files' users"
+      )
     names = sources.sqlite_split_names(self.sqlite_split)
     if names is not None and self.input_format != "tff-sqlite":
       raise PrepareError("--sqlite-split needs --input-format tff-sqlite")
@@ -199,22 +245,29 @@ class PrepareConfig:
       if self.input_format != "tff-sqlite":
         raise PrepareError("--keep-sqlite-splits needs --input-format tff-sqlite")
       if self.splits:
-        raise PrepareError("--keep-sqlite-splits keeps TFF's splits; it excludes "
-                           "--num-test-clients and --test-fraction")
+        raise PrepareError(
+          "--keep-sqlite-splits keeps TFF's splits; it excludes "
+          "--num-test-clients and --test-fraction"
+        )
       if self.expands:
-        raise PrepareError("--keep-sqlite-splits does not combine with pseudo-client expansion "
-                           "yet; expand one split at a time (--sqlite-split NAME)")
+        raise PrepareError(
+          "--keep-sqlite-splits does not combine with pseudo-client expansion "
+          "yet; expand one split at a time (--sqlite-split NAME)"
+        )
       for name in names or ():
         try:
           check_split_name(name, f"--sqlite-split {name!r}")
         except StoreFormatError as e:
-          raise PrepareError(f"{e}; with --keep-sqlite-splits a TFF split becomes a store "
-                             "split of that name") from None
+          raise PrepareError(
+            f"{e}; with --keep-sqlite-splits a TFF split becomes a store split of that name"
+          ) from None
     if self.num_shards is not None and self.num_shards < 1:
       raise PrepareError(f"--num-shards must be >= 1, got {self.num_shards}")
     if self.element_spec is not None and self.client_id_key in self.element_spec:
-      raise PrepareError(f"--element-spec lists the client-id feature {self.client_id_key!r}; "
-                         "the id is not part of the elements")
+      raise PrepareError(
+        f"--element-spec lists the client-id feature {self.client_id_key!r}; "
+        "the id is not part of the elements"
+      )
     if self.element_spec is not None:
       try:
         check_order_by(self.order_by, self.element_spec)
@@ -222,7 +275,8 @@ class PrepareConfig:
         raise PrepareError(str(e)) from None
     if self.num_transformed_clients is not None and self.num_transformed_clients <= 0:
       raise PrepareError(
-          f"--num-transformed-clients must be positive, got {self.num_transformed_clients}")
+        f"--num-transformed-clients must be positive, got {self.num_transformed_clients}"
+      )
     if isinstance(self.transform, str):
       try:
         load_transform(self.transform)
@@ -231,17 +285,23 @@ class PrepareConfig:
     elif self.transform is not None and not callable(self.transform):
       raise PrepareError(f"transform must be callable or 'module:function', got {self.transform!r}")
     if self.empty_clients not in EMPTY_POLICIES:
-      raise PrepareError(f"--empty-clients {self.empty_clients!r}: use one of "
-                         f"{list(EMPTY_POLICIES)}")
+      raise PrepareError(
+        f"--empty-clients {self.empty_clients!r}: use one of {list(EMPTY_POLICIES)}"
+      )
     if self.splits:
       try:
         self.split_config()
       except SplitError as e:
         raise PrepareError(str(e)) from None
     elif (self.split_method, self.split_by or "client", self.min_test_examples) != (
-        "hash", "client", 1):
-      raise PrepareError("--split-method, --split-by and --min-test-examples need "
-                         "--num-test-clients or --test-fraction")
+      "hash",
+      "client",
+      1,
+    ):
+      raise PrepareError(
+        "--split-method, --split-by and --min-test-examples need "
+        "--num-test-clients or --test-fraction"
+      )
 
 
 class PrepareStore(beam.PTransform):
@@ -282,11 +342,16 @@ class PrepareStore(beam.PTransform):
       message names the flag or path.
   """
 
-  def __init__(self, config: PrepareConfig, paths: Optional[Sequence[str]] = None,
-               job_key: Optional[str] = None, data_dir: Optional[str] = None,
-               replaces: Optional[str] = REPLACES_ANY,
-               fault_steps: Optional[Mapping[str, beam.PTransform]] = None,
-               progress: Optional[ProgressChannel] = None):
+  def __init__(
+    self,
+    config: PrepareConfig,
+    paths: Optional[Sequence[str]] = None,
+    job_key: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    replaces: Optional[str] = REPLACES_ANY,
+    fault_steps: Optional[Mapping[str, beam.PTransform]] = None,
+    progress: Optional[ProgressChannel] = None,
+  ):
     super().__init__()
     self._config = config
     self._paths = None if paths is None else list(paths)
@@ -316,17 +381,25 @@ class PrepareStore(beam.PTransform):
     paths, key = self._resolved()
     faults = self._fault_steps
     inputs = pbegin | "Read" >> sources.ReadClientInput(
-        paths, c.input_format, c.client_id_key, c.sqlite_split,
-        unkeyed=c.partition is not None, keep_sqlite_splits=c.keep_sqlite_splits)
+      paths,
+      c.input_format,
+      c.client_id_key,
+      c.sqlite_split,
+      unkeyed=c.partition is not None,
+      keep_sqlite_splits=c.keep_sqlite_splits,
+    )
     # Records are counted where they are read, by a step of their own, so no
     # fault of a later step (or of the runner around it) can change both this
     # figure and the ones it is checked against.
-    num_read = (inputs["records"]
-                | "CountRead" >> beam.Map(input_size)
-                | "SumRead" >> beam.CombineGlobally(sum))
+    num_read = (
+      inputs["records"]
+      | "CountRead" >> beam.Map(input_size)
+      | "SumRead" >> beam.CombineGlobally(sum)
+    )
     if self._progress is not None:
       _ = inputs["records"] | "ReportRead" >> beam.ParDo(
-          CountProgress(self._progress, EXAMPLES_READ, input_size))
+        CountProgress(self._progress, EXAMPLES_READ, input_size)
+      )
     if c.element_spec is not None:
       spec = pbegin | "ElementSpec" >> beam.Create([c.element_spec])
     else:
@@ -341,9 +414,11 @@ class PrepareStore(beam.PTransform):
       inputs = {"records": parted["records"], "clients": parted["clients"]}
       declares = True
       num_read = num_read | "LessDropped" >> beam.Map(
-          lambda read, dropped: read - dropped, beam.pvalue.AsSingleton(parted["dropped"]))
+        lambda read, dropped: read - dropped, beam.pvalue.AsSingleton(parted["dropped"])
+      )
     grouped = inputs | "GroupByClient" >> GroupByClient(
-        spec, c.order_by, declared_clients=declares, after_encode=faults.get("encoded"))
+      spec, c.order_by, declared_clients=declares, after_encode=faults.get("encoded")
+    )
     clients, record_counts = grouped["clients"], grouped["record_counts"]
     # What the steps after grouping need as side inputs (expansion counts, the
     # planned number of clients, the split) comes from ids and sizes alone, so
@@ -353,26 +428,33 @@ class PrepareStore(beam.PTransform):
       declared = inputs["clients"] | "DeclaredIds" >> beam.Map(lambda cid: (cid, 0))
       record_counts = (record_counts, declared) | "MergeIds" >> beam.Flatten()
     raw_sizes = record_counts | "RawClientSizes" >> beam.CombinePerKey(sum)
-    declared_rows = (sources.sqlite_row_count(paths[0], c.sqlite_split)
-                     if c.input_format == "tff-sqlite" else None)
+    declared_rows = (
+      sources.sqlite_row_count(paths[0], c.sqlite_split) if c.input_format == "tff-sqlite" else None
+    )
     raw_ids = raw_sizes | "RawIds" >> beam.Keys()
     num_raw = None
     if c.expands:
       plan = raw_ids | "PlanPseudoClients" >> PlanPseudoClients(c.num_transformed_clients)
       num_raw = plan["num_raw"]
       clients = clients | "ExpandPseudoClients" >> ExpandPseudoClients(
-          c.transform if c.transform is not None else identity, c.num_transformed_clients, spec,
-          plan=plan)
+        c.transform if c.transform is not None else identity,
+        c.num_transformed_clients,
+        spec,
+        plan=plan,
+      )
       n = c.num_transformed_clients
       planned_clients = plan["num_raw"] | "ExpandedCount" >> beam.Map(
-          lambda raw: raw if n is None else max(n, raw))
+        lambda raw: raw if n is None else max(n, raw)
+      )
       sizes = raw_sizes | "PseudoClientSizes" >> PseudoClientSizes(
-          c.num_transformed_clients, plan=plan)
+        c.num_transformed_clients, plan=plan
+      )
     else:
       planned_clients = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
       sizes = raw_sizes | "UnexpandedSizes" >> beam.MapTuple(lambda cid, num: (cid, cid, num))
-    accounted = _account_for_every_record(num_read, raw_sizes, grouped["clients"], declared_rows,
-                                          num_raw)
+    accounted = _account_for_every_record(
+      num_read, raw_sizes, grouped["clients"], declared_rows, num_raw
+    )
     if "clients" in faults:
       clients = clients | "AfterExpansion" >> faults["clients"]
     if c.keep_sqlite_splits:
@@ -382,8 +464,10 @@ class PrepareStore(beam.PTransform):
     clients, reports = checked["clients"], [accounted]
     if c.partition is not None:
       # num_input_records (from `accounted`) counts the records kept.
-      reports.append(parted["dropped"] | "DroppedReport" >> beam.Map(
-          lambda dropped: {"partition_dropped_examples": dropped}))
+      reports.append(
+        parted["dropped"]
+        | "DroppedReport" >> beam.Map(lambda dropped: {"partition_dropped_examples": dropped})
+      )
     if c.empty_clients == "drop":
       sizes = sizes | "DropEmptySizes" >> beam.Filter(lambda size: size[2] > 0)
     if c.splits:
@@ -394,22 +478,43 @@ class PrepareStore(beam.PTransform):
       reports.append(split["report"])
     elif c.keep_sqlite_splits:
       planned = sizes | "KeptSplits" >> beam.MapTuple(
-          lambda key, _, num: sources.kept_split_client(key)[::-1] + (num,))
+        lambda key, _, num: sources.kept_split_client(key)[::-1] + (num,)
+      )
     else:
       planned = sizes | "Unsplit" >> beam.MapTuple(lambda cid, _, num: (cid, UNSPLIT, num))
     # What each split should hold, from the planned sizes alone; the commit
     # checks it against the manifest rows the writer produced.
-    planned_splits = (planned
-                      | "PlannedRows" >> beam.MapTuple(lambda cid, name, num: {
-                          "client_id": cid, "split": name, "num_examples": num, "num_bytes": 0})
-                      | "PlannedSplits" >> beam.CombineGlobally(StoreStatsFn()))
+    planned_splits = (
+      planned
+      | "PlannedRows"
+      >> beam.MapTuple(
+        lambda cid, name, num: {
+          "client_id": cid,
+          "split": name,
+          "num_examples": num,
+          "num_bytes": 0,
+        }
+      )
+      | "PlannedSplits" >> beam.CombineGlobally(StoreStatsFn())
+    )
     return clients | "WriteStore" >> WriteStore(
-        c.output, spec, num_shards=c.num_shards, parameters=c.parameters(),
-        job_key=key, empty_report=checked["report"],
-        empty_policy=c.empty_clients, reports=reports, overwrite=c.overwrite,
-        planned_clients=planned_clients, planned_splits=planned_splits, input_records=num_read,
-        data_dir=self._data_dir, replaces=self._replaces, fsync=c.fsync,
-        progress=self._progress)
+      c.output,
+      spec,
+      num_shards=c.num_shards,
+      parameters=c.parameters(),
+      job_key=key,
+      empty_report=checked["report"],
+      empty_policy=c.empty_clients,
+      reports=reports,
+      overwrite=c.overwrite,
+      planned_clients=planned_clients,
+      planned_splits=planned_splits,
+      input_records=num_read,
+      data_dir=self._data_dir,
+      replaces=self._replaces,
+      fsync=c.fsync,
+      progress=self._progress,
+    )
 
 
 def _in_kept_split(client: ClientRecords) -> ClientRecords:
@@ -422,26 +527,34 @@ class RecordCountMismatchError(RuntimeError):
   """Records went missing between reading and grouping (a runner fault)."""
 
 
-def _check_counts(num_read: int, num_counted: int, num_grouped: int,
-                  declared_rows: Optional[int], num_raw: Optional[int] = None) -> dict[str, int]:
+def _check_counts(
+  num_read: int,
+  num_counted: int,
+  num_grouped: int,
+  declared_rows: Optional[int],
+  num_raw: Optional[int] = None,
+) -> dict[str, int]:
   if declared_rows is not None and num_read != declared_rows:
     raise RecordCountMismatchError(
-        f"the input database declares {declared_rows} example rows but {num_read} were read; "
-        + RUNNER_FAULT)
+      f"the input database declares {declared_rows} example rows but {num_read} were read; "
+      + RUNNER_FAULT
+    )
   if num_read != num_grouped:
     raise RecordCountMismatchError(
-        f"read {num_read} input records but grouped {num_grouped}; " + RUNNER_FAULT)
+      f"read {num_read} input records but grouped {num_grouped}; " + RUNNER_FAULT
+    )
   if num_read != num_counted:
     raise RecordCountMismatchError(
-        f"read {num_read} input records but the client sizes add up to {num_counted}; "
-        + RUNNER_FAULT)
+      f"read {num_read} input records but the client sizes add up to {num_counted}; " + RUNNER_FAULT
+    )
   if num_raw == 0:
     raise ExpansionError("the input has no client to expand")
   return {"num_input_records": num_read}
 
 
-def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optional[int] = None,
-                              num_raw=None):
+def _account_for_every_record(
+  num_read, raw_sizes, clients, declared_rows: Optional[int] = None, num_raw=None
+):
   """Singleton report {num_input_records}; fails the job if a step lost or duplicated records.
 
   Three figures from three different steps must agree: `num_read`
@@ -455,16 +568,22 @@ def _account_for_every_record(num_read, raw_sizes, clients, declared_rows: Optio
   of raw clients; none fails the job (after the checks above, so a runner
   fault is named as such).
   """
-  num_counted = (raw_sizes
-                 | "PlannedCounts" >> beam.Values()
-                 | "SumPlanned" >> beam.CombineGlobally(sum))
-  num_grouped = (clients
-                 | "ClientSizes" >> beam.Map(lambda c: len(c.records))
-                 | "CountGrouped" >> beam.CombineGlobally(sum))
+  num_counted = (
+    raw_sizes | "PlannedCounts" >> beam.Values() | "SumPlanned" >> beam.CombineGlobally(sum)
+  )
+  num_grouped = (
+    clients
+    | "ClientSizes" >> beam.Map(lambda c: len(c.records))
+    | "CountGrouped" >> beam.CombineGlobally(sum)
+  )
   extra = [] if num_raw is None else [beam.pvalue.AsSingleton(num_raw)]
   return num_read | "CheckRecordCounts" >> beam.Map(
-      _check_counts, beam.pvalue.AsSingleton(num_counted), beam.pvalue.AsSingleton(num_grouped),
-      declared_rows, *extra)
+    _check_counts,
+    beam.pvalue.AsSingleton(num_counted),
+    beam.pvalue.AsSingleton(num_grouped),
+    declared_rows,
+    *extra,
+  )
 
 
 def prepare_output_dir(output: str, overwrite: bool, create: bool = True) -> None:
@@ -483,20 +602,25 @@ def prepare_output_dir(output: str, overwrite: bool, create: bool = True) -> Non
   try:
     if FileSystems.exists(metadata_path(output)):
       if not overwrite:
-        raise PrepareError(f"--output {output} already holds a committed fedbeam store; "
-                           "pass --overwrite to replace it")
+        raise PrepareError(
+          f"--output {output} already holds a committed fedbeam store; "
+          "pass --overwrite to replace it"
+        )
       return
     fs = file_ops(output)
     if fs.exists(output):
       if not fs.isdir(output):
         raise PrepareError(f"--output {output} is a file, not a directory")
-      foreign = sorted(n for n in fs.listdir(output)
-                       if not n.startswith(DATA_DIR_PREFIX)
-                       and not n.startswith(f".{METADATA_FILE}.tmp-"))
+      foreign = sorted(
+        n
+        for n in fs.listdir(output)
+        if not n.startswith(DATA_DIR_PREFIX) and not n.startswith(f".{METADATA_FILE}.tmp-")
+      )
       if foreign:
         raise PrepareError(
-            f"--output {output} is not empty and holds no fedbeam store (it holds {foreign[0]!r}"
-            f"{' and more' if len(foreign) > 1 else ''}); pick an empty or new directory")
+          f"--output {output} is not empty and holds no fedbeam store (it holds {foreign[0]!r}"
+          f"{' and more' if len(foreign) > 1 else ''}); pick an empty or new directory"
+        )
     elif create:
       fs.makedirs(output)
   except PrepareError:
@@ -534,11 +658,16 @@ def job_key(config: PrepareConfig, inputs: Sequence[tuple[str, int, float]]) -> 
   Raises:
     ExpansionError: a `module:function` transform cannot be loaded.
   """
-  payload = json.dumps({"inputs": [list(i) for i in inputs], "parameters": config.parameters(),
-                        "spec": config.element_spec.to_json() if config.element_spec else None,
-                        "fedbeam": fedbeam.__version__,
-                        "transform_code": _transform_code_digest(config.transform)},
-                       sort_keys=True)
+  payload = json.dumps(
+    {
+      "inputs": [list(i) for i in inputs],
+      "parameters": config.parameters(),
+      "spec": config.element_spec.to_json() if config.element_spec else None,
+      "fedbeam": fedbeam.__version__,
+      "transform_code": _transform_code_digest(config.transform),
+    },
+    sort_keys=True,
+  )
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -554,6 +683,7 @@ def default_runner_options(beam_args: Sequence[str]) -> tuple[PipelineOptions, P
   name = options.view_as(StandardOptions).runner
   if name is None:
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
+
     return options, FnApiRunner()
   return options, create_runner(name) if isinstance(name, str) else name
 
@@ -567,6 +697,7 @@ def runs_on_local_runner(runner: PipelineRunner) -> bool:
   """
   from apache_beam.runners.direct.direct_runner import SwitchingDirectRunner  # pylint: disable=g-import-not-at-top
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
+
   return isinstance(runner, (FnApiRunner, SwitchingDirectRunner))
 
 
@@ -598,10 +729,19 @@ def _check_output_is_not_input(output: str, paths: Sequence[str]) -> None:
     raise PrepareError(f"--output {output} holds input files; write the store elsewhere")
 
 
-_KNOWN_ERRORS = ("InputError", "ElementSpecError", "StoreWriteError", "CleanupError",
-                 "InvalidClientIdError", "PartitionError", "BeamInternalsError",
-                 "ExpansionError", "SplitError", "EmptyClientsError",
-                 "RecordCountMismatchError")
+_KNOWN_ERRORS = (
+  "InputError",
+  "ElementSpecError",
+  "StoreWriteError",
+  "CleanupError",
+  "InvalidClientIdError",
+  "PartitionError",
+  "BeamInternalsError",
+  "ExpansionError",
+  "SplitError",
+  "EmptyClientsError",
+  "RecordCountMismatchError",
+)
 
 
 def explain_pipeline_error(error: BaseException) -> str:
@@ -634,28 +774,45 @@ class PrepareResult:
     examples = sum(s["num_examples"] for s in m["splits"])
     size = sum(s["num_bytes"] for s in m["splits"])
     rate = examples / self.seconds if self.seconds > 0 else float("inf")
-    lines = [f"store written: {clients} clients, {examples} examples, {size} bytes "
-             f"in {self.seconds:.1f} s ({rate:,.0f} examples/s)"]
+    lines = [
+      f"store written: {clients} clients, {examples} examples, {size} bytes "
+      f"in {self.seconds:.1f} s ({rate:,.0f} examples/s)"
+    ]
     for s in m["splits"]:
-      lines.append(f"  split {s['name']}: {s['num_clients']} clients, {s['num_examples']} "
-                   f"examples, {s['num_empty_clients']} empty")
+      lines.append(
+        f"  split {s['name']}: {s['num_clients']} clients, {s['num_examples']} "
+        f"examples, {s['num_empty_clients']} empty"
+      )
     if self.counters:
-      lines.append("  beam metrics: " + ", ".join(
-          f"{name}={value}" for name, value in sorted(self.counters.items())))
+      lines.append(
+        "  beam metrics: "
+        + ", ".join(f"{name}={value}" for name, value in sorted(self.counters.items()))
+      )
     p = m.get("parameters", {})
-    if p.get("split_by") == "client" and (p.get("num_transformed_clients") is not None
-                                          or p.get("transform") is not None):
-      lines.append("  note: --split-by client split pseudo-clients one by one: test clients "
-                   "share raw data with train (warped copies of test raw clients are in train)")
+    if p.get("split_by") == "client" and (
+      p.get("num_transformed_clients") is not None or p.get("transform") is not None
+    ):
+      lines.append(
+        "  note: --split-by client split pseudo-clients one by one: test clients "
+        "share raw data with train (warped copies of test raw clients are in train)"
+      )
     e = m["empty_clients"]
     if e["found"]:
-      lines.append(f"  empty clients: {e['found']} found, policy {e['policy']}, "
-                   f"{e['dropped']} dropped")
+      lines.append(
+        f"  empty clients: {e['found']} found, policy {e['policy']}, {e['dropped']} dropped"
+      )
     return "\n".join(lines)
 
 
-_OWN_ERRORS = (ElementSpecError, InputError, StoreWriteError, ExpansionError, SplitError,
-               PartitionError, BeamInternalsError)
+_OWN_ERRORS = (
+  ElementSpecError,
+  InputError,
+  StoreWriteError,
+  ExpansionError,
+  SplitError,
+  PartitionError,
+  BeamInternalsError,
+)
 
 
 def _failed_job_error(error: BaseException, lease) -> BaseException:
@@ -685,11 +842,13 @@ def _check_transform(config: PrepareConfig, paths: Sequence[str]) -> None:
   """Raises PrepareError when the transform fails on the input's first record."""
   fn = load_transform(config.transform) if isinstance(config.transform, str) else config.transform
   try:
-    record = first_input_record(paths, config.input_format, config.client_id_key,
-                                config.sqlite_split)
+    record = first_input_record(
+      paths, config.input_format, config.client_id_key, config.sqlite_split
+    )
     if record is not None:
-      check_transform_on_first_record(fn, record, config.element_spec,
-                                      config.num_transformed_clients, config.transform_name())
+      check_transform_on_first_record(
+        fn, record, config.element_spec, config.num_transformed_clients, config.transform_name()
+      )
   except (InputError, ExpansionError) as e:
     raise PrepareError(str(e)) from None
 
@@ -700,13 +859,18 @@ def job_url(result: Any, options: PipelineOptions) -> Optional[str]:
   if not callable(job_id):
     return None
   from apache_beam.options.pipeline_options import GoogleCloudOptions  # pylint: disable=g-import-not-at-top
+
   gcp = options.view_as(GoogleCloudOptions)
-  return (f"https://console.cloud.google.com/dataflow/jobs/{gcp.region}/{job_id()}"
-          f"?project={gcp.project}")
+  return (
+    f"https://console.cloud.google.com/dataflow/jobs/{gcp.region}/{job_id()}?project={gcp.project}"
+  )
 
 
-def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
-                report: Optional[Callable[[str], None]] = None) -> PrepareResult:
+def run_prepare(
+  config: PrepareConfig,
+  beam_args: Sequence[str] = (),
+  report: Optional[Callable[[str], None]] = None,
+) -> PrepareResult:
   """Runs a prepare job to completion and returns its result.
 
   `beam_args` are Beam pipeline flags (`--runner`, `--direct_num_workers`,
@@ -754,8 +918,9 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
         if report is not None and runs_on_local_runner(runner):  # workers share the disk
           channel = watching.enter_context(ProgressChannel())
         pipeline = beam.Pipeline(runner=runner, options=options)
-        _ = pipeline | "Prepare" >> PrepareStore(config, paths, key, data_dir=lease.data_dir,
-                                                 replaces=lease.replaces, progress=channel)
+        _ = pipeline | "Prepare" >> PrepareStore(
+          config, paths, key, data_dir=lease.data_dir, replaces=lease.replaces, progress=channel
+        )
         if channel is not None:
           watching.enter_context(ProgressMonitor(channel, report))
         result = pipeline.run()
@@ -771,8 +936,12 @@ def run_prepare(config: PrepareConfig, beam_args: Sequence[str] = (),
   seconds = time.monotonic() - start
   counters = {}
   try:
-    for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("fedbeam"))["counters"]:
-      counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+    for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("fedbeam"))[
+      "counters"
+    ]:
+      counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(
+        c.committed or c.attempted or 0
+      )
   except Exception:  # pylint: disable=broad-except
     pass  # Some runners do not report metrics; the metadata has the counts.
   try:

@@ -20,13 +20,20 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from typing import Any, Callable, Optional
+import uuid
 
 import apache_beam as beam
 
-__all__ = ["CLIENTS_WRITTEN", "CountProgress", "EXAMPLES_READ", "PROGRESS_INTERVAL_SECONDS",
-           "ProgressChannel", "ProgressMonitor", "format_progress"]
+__all__ = [
+  "CLIENTS_WRITTEN",
+  "CountProgress",
+  "EXAMPLES_READ",
+  "PROGRESS_INTERVAL_SECONDS",
+  "ProgressChannel",
+  "ProgressMonitor",
+  "format_progress",
+]
 
 # How often `ProgressMonitor` reports by default (read when a monitor is made).
 PROGRESS_INTERVAL_SECONDS = 10.0
@@ -73,8 +80,9 @@ class ProgressChannel:
 class CountProgress(beam.DoFn):
   """Counts `size(element)` of each element into a `ProgressChannel`; outputs nothing."""
 
-  def __init__(self, channel: ProgressChannel, counter: str,
-               size: Callable[[Any], int] = lambda _: 1):
+  def __init__(
+    self, channel: ProgressChannel, counter: str, size: Callable[[Any], int] = lambda _: 1
+  ):
     self._directory = channel.directory
     self._counter = counter
     self._size = size
@@ -112,8 +120,10 @@ def format_progress(totals: dict[str, int], seconds: float) -> str:
   """One progress line: the stage, examples read, clients written, elapsed time."""
   read, written = totals.get(EXAMPLES_READ, 0), totals.get(CLIENTS_WRITTEN, 0)
   stage = "writing clients" if written else "reading and grouping"
-  return (f"fedbeam prepare: {stage}: {read:,} examples read, {written:,} clients written, "
-          f"{seconds:.0f} s")
+  return (
+    f"fedbeam prepare: {stage}: {read:,} examples read, {written:,} clients written, "
+    f"{seconds:.0f} s"
+  )
 
 
 class ProgressMonitor:
@@ -125,8 +135,9 @@ class ProgressMonitor:
   exit (it is a daemon, so it never keeps the process alive).
   """
 
-  def __init__(self, channel: ProgressChannel, report: Callable[[str], None],
-               interval: Optional[float] = None):
+  def __init__(
+    self, channel: ProgressChannel, report: Callable[[str], None], interval: Optional[float] = None
+  ):
     self._channel = channel
     self._report = report
     self._interval = PROGRESS_INTERVAL_SECONDS if interval is None else interval

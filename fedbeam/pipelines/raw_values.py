@@ -17,9 +17,19 @@ from typing import Any, Optional
 
 import numpy as np
 
-from fedbeam.pipelines.records import (_NUMPY_OF_KIND, BOOL, FLOAT32, INT64, LIST, SCALAR, STRING,
-                                       UNKNOWN, InputError, RawFeature)
 from fedbeam.format.layout import InvalidClientIdError, check_client_id
+from fedbeam.pipelines.records import (
+  _NUMPY_OF_KIND,
+  BOOL,
+  FLOAT32,
+  INT64,
+  LIST,
+  SCALAR,
+  STRING,
+  UNKNOWN,
+  InputError,
+  RawFeature,
+)
 
 
 def client_id_of(value: Any, key: str, source: str) -> str:
@@ -34,8 +44,10 @@ def client_id_of(value: Any, key: str, source: str) -> str:
   if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
     return str(int(value))
   if not isinstance(value, (str, bytes)):
-    raise InputError(f"{source}: client-id field {key!r} is {type(value).__name__} {value!r}, "
-                     "expected a string or an integer")
+    raise InputError(
+      f"{source}: client-id field {key!r} is {type(value).__name__} {value!r}, "
+      "expected a string or an integer"
+    )
   try:
     return check_client_id(value, source)
   except InvalidClientIdError as e:
@@ -52,15 +64,19 @@ def _flatten(value: Any, depth: int, where: str) -> tuple[list, tuple]:
 
   def walk(v, level):
     if not isinstance(v, (list, tuple)):
-      raise InputError(f"{where} is nested {level} deep in places and {depth} in others; "
-                       "nested lists must all have the same depth")
+      raise InputError(
+        f"{where} is nested {level} deep in places and {depth} in others; "
+        "nested lists must all have the same depth"
+      )
     n = len(v)
     if dims[level] is None:
       dims[level] = n
     elif dims[level] != n:
-      raise InputError(f"{where} is ragged: lists at depth {level + 1} have {dims[level]} and "
-                       f"{n} items; nested lists must be rectangular (only the leading "
-                       "dimension may vary between records)")
+      raise InputError(
+        f"{where} is ragged: lists at depth {level + 1} have {dims[level]} and "
+        f"{n} items; nested lists must be rectangular (only the leading "
+        "dimension may vary between records)"
+      )
     if level + 1 == depth:
       leaves.extend(v)
     else:
@@ -132,8 +148,10 @@ def _leaf_kind(leaves: list, where: str) -> str:
   if type(None) in types:
     raise InputError(f"{where} holds a null; fedbeam needs a value in every place")
   if dict in types:
-    raise InputError(f"{where} holds an object; nested objects are not supported "
-                     "(flatten them into features of their own)")
+    raise InputError(
+      f"{where} holds an object; nested objects are not supported "
+      "(flatten them into features of their own)"
+    )
   if list in types:
     raise InputError(f"{where}: nested lists must all have the same depth")
   names = sorted(t.__name__ for t in types)
@@ -156,8 +174,10 @@ def json_feature(value: Any, name: str, source: str) -> RawFeature:
   if value is None:
     raise InputError(f"{where} is null; fedbeam needs a value in every record")
   if isinstance(value, dict):
-    raise InputError(f"{where} is an object; nested objects are not supported "
-                     "(flatten them into features of their own)")
+    raise InputError(
+      f"{where} is an object; nested objects are not supported "
+      "(flatten them into features of their own)"
+    )
   depth = _depth_of(value)
   leaves, dims = _flatten(value, depth, where)
   kind = _leaf_kind(leaves, where)

@@ -16,13 +16,26 @@ import numpy as np
 
 from fedbeam.format.codec import serialize_example
 from fedbeam.format.layout import UNSPLIT
-from fedbeam.format.spec import ElementSpec, ElementSpecError, numpy_dtype
+from fedbeam.format.spec import ElementSpec, numpy_dtype
 
 # Kinds of raw values a reader produces: each names the dtype inference gives it.
 STRING, FLOAT32, FLOAT64, INT32, INT64, BOOL = (
-    "string", "float32", "float64", "int32", "int64", "bool")
+  "string",
+  "float32",
+  "float64",
+  "int32",
+  "int64",
+  "bool",
+)
 FLOAT16, INT8, INT16, UINT8, UINT16, UINT32, UINT64 = (
-    "float16", "int8", "int16", "uint8", "uint16", "uint32", "uint64")
+  "float16",
+  "int8",
+  "int16",
+  "uint8",
+  "uint16",
+  "uint32",
+  "uint64",
+)
 # The values of an empty list of a format whose lists carry no item type (JSON).
 UNKNOWN = "unknown"
 # How a reader knows a feature's rank: Avro tells scalars from arrays;
@@ -34,10 +47,22 @@ class InputError(ValueError):
   """Bad input data; the message names the file and record at fault."""
 
 
-_NUMPY_OF_KIND = {STRING: object, FLOAT32: np.float32, FLOAT64: np.float64,
-                  INT32: np.int32, INT64: np.int64, BOOL: np.bool_, FLOAT16: np.float16,
-                  INT8: np.int8, INT16: np.int16, UINT8: np.uint8, UINT16: np.uint16,
-                  UINT32: np.uint32, UINT64: np.uint64, UNKNOWN: object}
+_NUMPY_OF_KIND = {
+  STRING: object,
+  FLOAT32: np.float32,
+  FLOAT64: np.float64,
+  INT32: np.int32,
+  INT64: np.int64,
+  BOOL: np.bool_,
+  FLOAT16: np.float16,
+  INT8: np.int8,
+  INT16: np.int16,
+  UINT8: np.uint8,
+  UINT16: np.uint16,
+  UINT32: np.uint32,
+  UINT64: np.uint64,
+  UNKNOWN: object,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,31 +225,34 @@ def conform_record(record: InputRecord, spec: ElementSpec) -> dict[str, np.ndarr
       raise InputError(f"{where}: feature {f.name!r} is missing")
     if not _compatible(raw.kind, f.dtype):
       raise InputError(
-          f"{where}: feature {f.name!r} holds {raw.kind} values, but the element spec "
-          f"says {f.dtype}")
+        f"{where}: feature {f.name!r} holds {raw.kind} values, but the element spec says {f.dtype}"
+      )
     n = raw.size
     if raw.dims is not None and len(raw.dims) > 1 and not _dims_fit(raw.dims, f.shape):
       raise InputError(
-          f"{where}: feature {f.name!r} has shape {_shape_text(raw.dims)}, which does not fit "
-          f"shape {list(f.shape)}")
+        f"{where}: feature {f.name!r} has shape {_shape_text(raw.dims)}, which does not fit "
+        f"shape {list(f.shape)}"
+      )
     if not _count_fits(f, n):
       raise InputError(
-          f"{where}: feature {f.name!r} has {n} values, which does not fit shape "
-          f"{list(f.shape)}")
+        f"{where}: feature {f.name!r} has {n} values, which does not fit shape {list(f.shape)}"
+      )
     values = raw.values
     target = numpy_dtype(f.dtype)
     if f.dtype == "bool" and raw.kind != BOOL and n:
       # astype(bool) would turn any non-zero integer into True and lose it.
       bad = values[(values != 0) & (values != 1)]
       if bad.size:
-        raise InputError(f"{where}: feature {f.name!r} has value {bad[0]}, but the element "
-                         "spec says bool (0 or 1)")
+        raise InputError(
+          f"{where}: feature {f.name!r} has value {bad[0]}, but the element spec says bool (0 or 1)"
+        )
     if f.dtype != "string" and not f.dtype.startswith("float") and f.dtype != "bool" and n:
       info = np.iinfo(target)
       lo, hi = values.min(), values.max()
       if lo < info.min or hi > info.max:
         raise InputError(
-            f"{where}: feature {f.name!r} has value {lo if lo < info.min else hi} outside "
-            f"the range of {f.dtype}")
+          f"{where}: feature {f.name!r} has value {lo if lo < info.min else hi} outside "
+          f"the range of {f.dtype}"
+        )
     out[f.name] = values if f.dtype == "string" else values.astype(target)
   return out

@@ -24,12 +24,20 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from fedbeam.pipelines.example_records import ExampleBatch
 from fedbeam.format.layout import InvalidClientIdError, check_client_id
 from fedbeam.format.tfrecord import CorruptRecordError, read_tfrecords
+from fedbeam.pipelines.example_records import ExampleBatch
 from fedbeam.pipelines.raw_values import client_id_of, typed_feature
-from fedbeam.pipelines.records import (BOOL, FLOAT32, FLOAT64, INT32, INT64, STRING, InputError,
-                                       InputRecord)
+from fedbeam.pipelines.records import (
+  BOOL,
+  FLOAT32,
+  FLOAT64,
+  INT32,
+  INT64,
+  STRING,
+  InputError,
+  InputRecord,
+)
 
 INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite", "parquet", "csv", "jsonl", "leaf")
 # Records of a TFRecord file handed on together (see ExampleBatch).
@@ -58,14 +66,18 @@ def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
     if not result.metadata_list:
       raise InputError(f"--input {part!r} matches no file")
     for m in result.metadata_list:
-      found_all[m.path] = (m.path, int(m.size_in_bytes),
-                           float(getattr(m, "last_updated_in_seconds", 0) or 0))
+      found_all[m.path] = (
+        m.path,
+        int(m.size_in_bytes),
+        float(getattr(m, "last_updated_in_seconds", 0) or 0),
+      )
   return [found_all[p] for p in sorted(found_all)]
 
 
 # ----------------------------------------------------------------------------
 # tf.train.Example
 # ----------------------------------------------------------------------------
+
 
 class _ReadTFRecordFile(beam.DoFn):
   """path -> `ExampleBatch`es of the file's records, in order."""
@@ -126,10 +138,12 @@ class _ReadFiles(beam.PTransform):
     self._client_id_key = client_id_key
 
   def expand(self, pbegin):
-    return (pbegin
-            | "ListFiles" >> beam.Create(self._paths)
-            | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadFiles" >> beam.ParDo(self.reader_cls(self._client_id_key)))
+    return (
+      pbegin
+      | "ListFiles" >> beam.Create(self._paths)
+      | "SpreadFiles" >> beam.Reshuffle()
+      | "ReadFiles" >> beam.ParDo(self.reader_cls(self._client_id_key))
+    )
 
 
 class ReadTFRecordExamples(_ReadFiles):
@@ -148,8 +162,15 @@ class ReadTFRecordExamples(_ReadFiles):
 # ----------------------------------------------------------------------------
 
 _AVRO_KINDS = {
-    "string": STRING, "bytes": STRING, "enum": STRING, "fixed": STRING,
-    "int": INT32, "long": INT64, "float": FLOAT32, "double": FLOAT64, "boolean": BOOL,
+  "string": STRING,
+  "bytes": STRING,
+  "enum": STRING,
+  "fixed": STRING,
+  "int": INT32,
+  "long": INT64,
+  "float": FLOAT32,
+  "double": FLOAT64,
+  "boolean": BOOL,
 }
 _EPOCH_DATE = datetime.date(1970, 1, 1)
 _EPOCH = datetime.datetime(1970, 1, 1)
@@ -173,15 +194,15 @@ def _as_int(convert):
 # Avro logical type -> (kind, convert what fastavro decodes into the underlying
 # value: days, milliseconds or microseconds as Avro stores them).
 _AVRO_LOGICAL = {
-    "date": (INT32, _as_int(lambda v: (v - _EPOCH_DATE).days)),
-    "time-millis": (INT32, _as_int(lambda v: _micros_of_day(v) // 1000)),
-    "time-micros": (INT64, _as_int(_micros_of_day)),
-    "timestamp-millis": (INT64, _as_int(lambda v: _micros_since_epoch(v) // 1000)),
-    "timestamp-micros": (INT64, _as_int(_micros_since_epoch)),
-    "local-timestamp-millis": (INT64, _as_int(lambda v: _micros_since_epoch(v) // 1000)),
-    "local-timestamp-micros": (INT64, _as_int(_micros_since_epoch)),
-    "uuid": (STRING, str),
-    "decimal": (FLOAT64, float),
+  "date": (INT32, _as_int(lambda v: (v - _EPOCH_DATE).days)),
+  "time-millis": (INT32, _as_int(lambda v: _micros_of_day(v) // 1000)),
+  "time-micros": (INT64, _as_int(_micros_of_day)),
+  "timestamp-millis": (INT64, _as_int(lambda v: _micros_since_epoch(v) // 1000)),
+  "timestamp-micros": (INT64, _as_int(_micros_since_epoch)),
+  "local-timestamp-millis": (INT64, _as_int(lambda v: _micros_since_epoch(v) // 1000)),
+  "local-timestamp-micros": (INT64, _as_int(_micros_since_epoch)),
+  "uuid": (STRING, str),
+  "decimal": (FLOAT64, float),
 }
 
 
@@ -199,8 +220,9 @@ def _avro_field(schema, field: str, path: str) -> _AvroField:
   if isinstance(schema, list):
     branches = [s for s in schema if s != "null"]
     if len(branches) != 1:
-      raise InputError(f"{path}: Avro field {field!r} is a union {schema}; "
-                       "only [\"null\", T] is supported")
+      raise InputError(
+        f'{path}: Avro field {field!r} is a union {schema}; only ["null", T] is supported'
+      )
     schema = branches[0]
   if isinstance(schema, dict):
     t = schema.get("type")
@@ -233,13 +255,13 @@ def _converted(value, depth: int, convert):
 
 
 class _ReadAvroFile(beam.DoFn):
-
   def __init__(self, client_id_key: Optional[str]):
     self._client_id_key = client_id_key
     self._records = beam.metrics.Metrics.counter("fedbeam", "input_records")
 
   def process(self, path: str) -> Iterable[list[InputRecord]]:
     import fastavro  # pylint: disable=g-import-not-at-top
+
     read = [0]  # Records read so far, for the error message.
     try:
       with FileSystems.open(path) as f:
@@ -268,8 +290,10 @@ class _ReadAvroFile(beam.DoFn):
     if self._client_id_key is None:
       client_id = ""  # A partitioner assigns it.
     elif self._client_id_key not in row:
-      raise InputError(f"{source}: client-id field {self._client_id_key!r} is missing "
-                       f"(fields present: {sorted(row)})")
+      raise InputError(
+        f"{source}: client-id field {self._client_id_key!r} is missing "
+        f"(fields present: {sorted(row)})"
+      )
     else:
       client_id = client_id_of(row[self._client_id_key], self._client_id_key, source)
     features = {}
@@ -303,6 +327,7 @@ class ReadAvroRecords(_ReadFiles):
 # ----------------------------------------------------------------------------
 # TFF SQLite client data
 # ----------------------------------------------------------------------------
+
 
 def _connect_readonly(path: str) -> sqlite3.Connection:
   return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -338,8 +363,9 @@ def kept_split_client(key: str) -> tuple[str, str]:
   return split_name, client_id
 
 
-def sqlite_row_ranges(path: str, split_name: Optional[Union[str, Sequence[str]]]
-                      ) -> list[tuple[int, int]]:
+def sqlite_row_ranges(
+  path: str, split_name: Optional[Union[str, Sequence[str]]]
+) -> list[tuple[int, int]]:
   """Splits the `examples` table of a TFF SQLite database into rowid ranges.
 
   Raises:
@@ -348,8 +374,9 @@ def sqlite_row_ranges(path: str, split_name: Optional[Union[str, Sequence[str]]]
       the split names it holds.
   """
   if "://" in path:
-    raise InputError(f"--input {path}: TFF SQLite databases must be local files "
-                     "(copy it to the machine first)")
+    raise InputError(
+      f"--input {path}: TFF SQLite databases must be local files (copy it to the machine first)"
+    )
   if not os.path.isfile(path):
     raise InputError(f"--input {path}: no such file")
   try:
@@ -357,27 +384,38 @@ def sqlite_row_ranges(path: str, split_name: Optional[Union[str, Sequence[str]]]
       tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
       missing = {"examples", "client_metadata"} - tables
       if missing:
-        raise InputError(f"{path}: not a TFF client-data database (missing table(s) "
-                         f"{sorted(missing)}; found {sorted(tables)})")
+        raise InputError(
+          f"{path}: not a TFF client-data database (missing table(s) "
+          f"{sorted(missing)}; found {sorted(tables)})"
+        )
       names = sqlite_split_names(split_name)
       if names is not None:
         present = _splits_in(con)
         absent = [n for n in names if n not in present]
         if absent:
-          raise InputError(f"--sqlite-split {absent[0]!r}: {path} has no such split_name; "
-                           f"its splits are {sorted(present, key=str)}")
+          raise InputError(
+            f"--sqlite-split {absent[0]!r}: {path} has no such split_name; "
+            f"its splits are {sorted(present, key=str)}"
+          )
       lo, hi = con.execute("SELECT min(rowid), max(rowid) FROM examples").fetchone()
   except sqlite3.DatabaseError as e:
     raise InputError(f"{path}: not a readable SQLite database ({e})") from None
   if lo is None:
     return []
-  return [(start, min(start + SQLITE_ROWS_PER_RANGE - 1, hi))
-          for start in range(lo, hi + 1, SQLITE_ROWS_PER_RANGE)]
+  return [
+    (start, min(start + SQLITE_ROWS_PER_RANGE - 1, hi))
+    for start in range(lo, hi + 1, SQLITE_ROWS_PER_RANGE)
+  ]
 
 
 def _splits_in(con: sqlite3.Connection) -> set:
-  return {r[0] for r in con.execute("SELECT DISTINCT split_name FROM client_metadata UNION "
-                                    "SELECT DISTINCT split_name FROM examples")}
+  return {
+    r[0]
+    for r in con.execute(
+      "SELECT DISTINCT split_name FROM client_metadata UNION "
+      "SELECT DISTINCT split_name FROM examples"
+    )
+  }
 
 
 def sqlite_splits(path: str) -> list[str]:
@@ -401,8 +439,9 @@ def sqlite_row_count(path: str, split_name: Optional[Union[str, Sequence[str]]])
   condition, params = _split_filter(split_name)
   try:
     with _connect_readonly(path) as con:
-      return int(con.execute(f"SELECT count(*) FROM examples WHERE {condition}",
-                             params).fetchone()[0])
+      return int(
+        con.execute(f"SELECT count(*) FROM examples WHERE {condition}", params).fetchone()[0]
+      )
   except sqlite3.DatabaseError as e:
     raise InputError(f"{path}: not a readable SQLite database ({e})") from None
 
@@ -423,8 +462,10 @@ class _ReadSqliteRange(beam.DoFn):
 
   def process(self, row_range: tuple[int, int]) -> Iterable[ExampleBatch]:
     condition, params = _split_filter(self._split_name)
-    query = ("SELECT rowid, client_id, serialized_example_proto, split_name FROM examples "
-             f"WHERE rowid BETWEEN ? AND ? AND {condition}")
+    query = (
+      "SELECT rowid, client_id, serialized_example_proto, split_name FROM examples "
+      f"WHERE rowid BETWEEN ? AND ? AND {condition}"
+    )
     path = self._path
     with _connect_readonly(path) as con:
       cursor = con.execute(query, list(row_range) + params)
@@ -440,13 +481,21 @@ class _ReadSqliteRange(beam.DoFn):
             raise InputError(str(e)) from None
           ids.append(kept_split_key(split, client_id) if self._keep_splits else client_id)
         rowids = tuple(row[0] for row in rows)
-        yield ExampleBatch(path, rowids[0], [bytes(row[2]) for row in rows], None,
-                           client_ids=tuple(ids), indices=rowids, index_name="rowid")
+        yield ExampleBatch(
+          path,
+          rowids[0],
+          [bytes(row[2]) for row in rows],
+          None,
+          client_ids=tuple(ids),
+          indices=rowids,
+          index_name="rowid",
+        )
         self._records.inc(len(rows))
 
 
-def _sqlite_declared_clients(path: str, split_name: Optional[Sequence[str]],
-                             keep_splits: bool = False) -> Iterable[str]:
+def _sqlite_declared_clients(
+  path: str, split_name: Optional[Sequence[str]], keep_splits: bool = False
+) -> Iterable[str]:
   condition, params = _split_filter(split_name)
   query = f"SELECT DISTINCT client_id, split_name FROM client_metadata WHERE {condition}"
   seen = set()
@@ -474,8 +523,12 @@ class ReadTffSqlite(beam.PTransform):
   of several splits stays one client per split.
   """
 
-  def __init__(self, path: str, split_name: Optional[Union[str, Sequence[str]]] = None,
-               keep_splits: bool = False):
+  def __init__(
+    self,
+    path: str,
+    split_name: Optional[Union[str, Sequence[str]]] = None,
+    keep_splits: bool = False,
+  ):
     super().__init__()
     self._path = path
     self._split_name = sqlite_split_names(split_name)
@@ -484,14 +537,17 @@ class ReadTffSqlite(beam.PTransform):
   def expand(self, pbegin):
     ranges = sqlite_row_ranges(self._path, self._split_name)
     path, split, keep = self._path, self._split_name, self._keep_splits
-    records = (pbegin
-               | "RowRanges" >> beam.Create(ranges)
-               | "SpreadRanges" >> beam.Reshuffle()
-               | "ReadRows" >> beam.ParDo(_ReadSqliteRange(path, split, keep)))
-    clients = (pbegin
-               | "Database" >> beam.Create([path])
-               | "ReadClientMetadata" >> beam.FlatMap(
-                   lambda p: _sqlite_declared_clients(p, split, keep)))
+    records = (
+      pbegin
+      | "RowRanges" >> beam.Create(ranges)
+      | "SpreadRanges" >> beam.Reshuffle()
+      | "ReadRows" >> beam.ParDo(_ReadSqliteRange(path, split, keep))
+    )
+    clients = (
+      pbegin
+      | "Database" >> beam.Create([path])
+      | "ReadClientMetadata" >> beam.FlatMap(lambda p: _sqlite_declared_clients(p, split, keep))
+    )
     return {"records": records, "clients": clients}
 
 
@@ -516,10 +572,15 @@ class ReadClientInput(beam.PTransform):
   with an empty id): `fedbeam.pipelines.partition` assigns them.
   """
 
-  def __init__(self, paths: Sequence[str], input_format: str,
-               client_id_key: Optional[str] = None,
-               sqlite_split: Optional[Union[str, Sequence[str]]] = None,
-               unkeyed: bool = False, keep_sqlite_splits: bool = False):
+  def __init__(
+    self,
+    paths: Sequence[str],
+    input_format: str,
+    client_id_key: Optional[str] = None,
+    sqlite_split: Optional[Union[str, Sequence[str]]] = None,
+    unkeyed: bool = False,
+    keep_sqlite_splits: bool = False,
+  ):
     """`unkeyed`: the input has no client id (TFRecord, Avro); a partitioner assigns them.
 
     `keep_sqlite_splits`: TFF SQLite ids are `kept_split_key`s (see `ReadTffSqlite`).
@@ -528,9 +589,11 @@ class ReadClientInput(beam.PTransform):
     if input_format not in INPUT_FORMATS:
       raise InputError(f"--input-format {input_format!r}: use one of {list(INPUT_FORMATS)}")
     if unkeyed and (client_id_key or input_format not in ("tfrecord", "avro")):
-      raise InputError(f"--partition takes --input-format tfrecord or avro without "
-                       f"--client-id-key (got {input_format}"
-                       + (f" with --client-id-key {client_id_key})" if client_id_key else ")"))
+      raise InputError(
+        f"--partition takes --input-format tfrecord or avro without "
+        f"--client-id-key (got {input_format}"
+        + (f" with --client-id-key {client_id_key})" if client_id_key else ")")
+      )
     if needs_client_id_key(input_format) and not client_id_key and not unkeyed:
       raise InputError(f"--client-id-key is required with --input-format {input_format}")
     if input_format == "tff-sqlite" and len(paths) != 1:
@@ -543,18 +606,20 @@ class ReadClientInput(beam.PTransform):
 
   def expand(self, pbegin):
     if self._format == "tff-sqlite":
-      return pbegin | "TffSqlite" >> ReadTffSqlite(self._paths[0], self._sqlite_split,
-                                                   self._keep_sqlite_splits)
+      return pbegin | "TffSqlite" >> ReadTffSqlite(
+        self._paths[0], self._sqlite_split, self._keep_sqlite_splits
+      )
     # The other readers import this module, so they are imported here.
     # pylint: disable-next=g-import-not-at-top
     from fedbeam.pipelines import parquet_source, text_sources
+
     reader_cls, label = {
-        "tfrecord": (ReadTFRecordExamples, "TFRecord"),
-        "avro": (ReadAvroRecords, "Avro"),
-        "parquet": (parquet_source.ReadParquetRecords, "Parquet"),
-        "csv": (text_sources.ReadCsvRecords, "Csv"),
-        "jsonl": (text_sources.ReadJsonLinesRecords, "JsonLines"),
-        "leaf": (text_sources.ReadLeafRecords, "Leaf"),
+      "tfrecord": (ReadTFRecordExamples, "TFRecord"),
+      "avro": (ReadAvroRecords, "Avro"),
+      "parquet": (parquet_source.ReadParquetRecords, "Parquet"),
+      "csv": (text_sources.ReadCsvRecords, "Csv"),
+      "jsonl": (text_sources.ReadJsonLinesRecords, "JsonLines"),
+      "leaf": (text_sources.ReadLeafRecords, "Leaf"),
     }[self._format]
     records = pbegin | label >> reader_cls(self._paths, self._key)
     clients = pbegin | "NoDeclaredClients" >> beam.Create([])

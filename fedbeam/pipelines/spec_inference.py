@@ -23,8 +23,16 @@ import apache_beam as beam
 from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.pipelines.column_batches import ColumnBatch
 from fedbeam.pipelines.example_records import as_input_records
-from fedbeam.pipelines.records import (_NUMPY_OF_KIND, ANY_RANK, FLOAT32, INT64, LIST, SCALAR,
-                                       UNKNOWN, InputError, InputRecord)
+from fedbeam.pipelines.records import (
+  _NUMPY_OF_KIND,
+  ANY_RANK,
+  FLOAT32,
+  INT64,
+  LIST,
+  SCALAR,
+  UNKNOWN,
+  InputError,
+)
 
 # Every kind but UNKNOWN is named after the dtype it infers.
 _DTYPE_OF_KIND = {kind: kind for kind in _NUMPY_OF_KIND if kind != UNKNOWN}
@@ -71,8 +79,7 @@ class InferElementSpecFn(beam.CombineFn):
   def create_accumulator(self) -> _Stats:
     return _Stats()
 
-  def _add_feature(self, acc: _Stats, name, kind, rank, lo, hi, source, inner=None,
-                   widens=False):
+  def _add_feature(self, acc: _Stats, name, kind, rank, lo, hi, source, inner=None, widens=False):
     cur = acc.features.get(name)
     if cur is None:
       acc.features[name] = [kind, rank, lo, hi, source, inner, widens]
@@ -87,18 +94,20 @@ class InferElementSpecFn(beam.CombineFn):
         cur[0] = _WIDENED[frozenset((cur[0], kind))]
       else:
         raise InputError(
-            f"feature {name!r} has inconsistent types across records: {cur[0]} in {cur[4]}, "
-            f"{kind} in {source}")
+          f"feature {name!r} has inconsistent types across records: {cur[0]} in {cur[4]}, "
+          f"{kind} in {source}"
+        )
     if cur[1] != rank:
       raise InputError(
-          f"feature {name!r} is a scalar in some records and an array in others "
-          f"({cur[4]}, {source})")
+        f"feature {name!r} is a scalar in some records and an array in others ({cur[4]}, {source})"
+      )
     try:
       merged = _merge_inner(cur[5], inner)
     except ValueError:
       raise InputError(
-          f"feature {name!r} has shape {_shape_text(cur[5], cur[2])} in {cur[4]} and "
-          f"{_shape_text(inner, lo)} in {source}; only the leading dimension may vary") from None
+        f"feature {name!r} has shape {_shape_text(cur[5], cur[2])} in {cur[4]} and "
+        f"{_shape_text(inner, lo)} in {source}; only the leading dimension may vary"
+      ) from None
     cur[2] = min(cur[2], lo)
     cur[3] = max(cur[3], hi)
     cur[5] = merged
@@ -110,8 +119,9 @@ class InferElementSpecFn(beam.CombineFn):
     if acc.feature_sets:
       other, other_source = next(iter(acc.feature_sets.items()))
       raise InputError(
-          f"records have different features: {other_source} has {sorted(other)}, "
-          f"{source} has {sorted(names)}")
+        f"records have different features: {other_source} has {sorted(other)}, "
+        f"{source} has {sorted(names)}"
+      )
     acc.feature_sets[names] = source
 
   def _add_columns(self, acc: _Stats, batch: ColumnBatch) -> _Stats:
@@ -135,8 +145,7 @@ class InferElementSpecFn(beam.CombineFn):
             self.add_input(acc, record)
           return acc
         inner.append(int(known[0]) if known.size else None)
-      summaries[name] = (column.kind, LIST, int(lead.min()), int(lead.max()),
-                         tuple(inner) or None)
+      summaries[name] = (column.kind, LIST, int(lead.min()), int(lead.max()), tuple(inner) or None)
     self._add_feature_set(acc, frozenset(batch.columns), source)
     for name, (kind, rank, lo, hi, inner) in summaries.items():
       self._add_feature(acc, name, kind, rank, lo, hi, source, inner)
@@ -176,11 +185,15 @@ class InferElementSpecFn(beam.CombineFn):
     for name in sorted(acc.features):
       kind, rank, lo, hi, source, inner, _ = acc.features[name]
       if kind == UNKNOWN:
-        raise InputError(f"feature {name!r} is an empty list in every record (e.g. {source}), "
-                         "so its type cannot be inferred; pass --element-spec FILE")
+        raise InputError(
+          f"feature {name!r} is an empty list in every record (e.g. {source}), "
+          "so its type cannot be inferred; pass --element-spec FILE"
+        )
       if inner is not None and None in inner:
-        raise InputError(f"feature {name!r} is empty in every record, so its inner dimensions "
-                         f"cannot be inferred (e.g. {source}); pass --element-spec FILE")
+        raise InputError(
+          f"feature {name!r} is empty in every record, so its inner dimensions "
+          f"cannot be inferred (e.g. {source}); pass --element-spec FILE"
+        )
       if rank == SCALAR or (rank == ANY_RANK and lo == hi == 1):
         shape: tuple = ()
       elif lo == hi:
@@ -201,9 +214,11 @@ class InferElementSpec(beam.PTransform):
   """
 
   def expand(self, records):
-    return (records
-            | "AsInputRecords" >> beam.FlatMap(_inference_inputs)
-            | "Infer" >> beam.CombineGlobally(InferElementSpecFn()))
+    return (
+      records
+      | "AsInputRecords" >> beam.FlatMap(_inference_inputs)
+      | "Infer" >> beam.CombineGlobally(InferElementSpecFn())
+    )
 
 
 def _inference_inputs(element):

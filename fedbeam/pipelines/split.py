@@ -58,8 +58,10 @@ class SplitConfig:
     if (self.num_test_clients is None) == (self.test_fraction is None):
       raise SplitError("give exactly one of --num-test-clients and --test-fraction")
     if self.num_test_clients is not None and self.num_test_clients <= 0:
-      raise SplitError(f"--num-test-clients must be > 0, got {self.num_test_clients} "
-                       "(Please specify num_test_clients > 0.)")
+      raise SplitError(
+        f"--num-test-clients must be > 0, got {self.num_test_clients} "
+        "(Please specify num_test_clients > 0.)"
+      )
     if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
       raise SplitError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
     if self.method not in SPLIT_METHODS:
@@ -75,18 +77,22 @@ class SplitConfig:
     """K for `num_units` units; raises SplitError unless 1 <= K <= num_units - 1."""
     what = "raw clients" if self.split_by == "raw" else "clients"
     if num_units <= 0:
-      raise SplitError(f"there are no {what} to split (the input holds none, or the runner "
-                       "lost them)")
+      raise SplitError(
+        f"there are no {what} to split (the input holds none, or the runner lost them)"
+      )
     if self.num_test_clients is not None:
       k = self.num_test_clients
     else:
       k = int(round(self.test_fraction * num_units))
       if k < 1:
-        raise SplitError(f"--test-fraction {self.test_fraction} of {num_units} {what} "
-                         "selects no test client")
+        raise SplitError(
+          f"--test-fraction {self.test_fraction} of {num_units} {what} selects no test client"
+        )
     if num_units <= k:
-      raise SplitError(f"The client_data supplied has only {num_units} {what}, but {k} test "
-                       f"clients were requested (at most {num_units - 1} can be test clients)")
+      raise SplitError(
+        f"The client_data supplied has only {num_units} {what}, but {k} test "
+        f"clients were requested (at most {num_units - 1} can be test clients)"
+      )
     return k
 
 
@@ -101,6 +107,7 @@ def tff_test_ids(units: list[tuple[str, bool]], k: int, seed: int) -> list[str]:
   Raises SplitError('Encountered too many clients with no data.') as TFF does.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   ids = sorted(u for u, _ in units)
   eligible = dict(units)
   np.random.RandomState(seed).shuffle(ids)
@@ -108,9 +115,10 @@ def tff_test_ids(units: list[tuple[str, bool]], k: int, seed: int) -> list[str]:
   while len(test) < k:
     if not ids or len(skipped) > 5 * k + 10:
       raise SplitError(
-          f"Encountered too many clients with no data: {len(skipped)} candidates had fewer "
-          f"than the required examples before {k} test clients were found "
-          f"({len(test)} found)")
+        f"Encountered too many clients with no data: {len(skipped)} candidates had fewer "
+        f"than the required examples before {k} test clients were found "
+        f"({len(test)} found)"
+      )
     cid = ids.pop()
     if eligible[cid]:
       test.append(cid)
@@ -122,13 +130,15 @@ def tff_test_ids(units: list[tuple[str, bool]], k: int, seed: int) -> list[str]:
 def _hash_threshold(top: list, k: int, ineligible_before: int) -> tuple:
   if len(top) < k:
     raise SplitError(
-        f"Encountered too many clients with no data: only {len(top)} clients have enough "
-        f"examples for the {k} test clients requested")
+      f"Encountered too many clients with no data: only {len(top)} clients have enough "
+      f"examples for the {k} test clients requested"
+    )
   if ineligible_before > 5 * k + 10:
     raise SplitError(
-        f"Encountered too many clients with no data: {ineligible_before} candidates had "
-        f"fewer than the required examples before {k} test clients were found "
-        f"(limit 5*{k}+10 = {5 * k + 10})")
+      f"Encountered too many clients with no data: {ineligible_before} candidates had "
+      f"fewer than the required examples before {k} test clients were found "
+      f"(limit 5*{k}+10 = {5 * k + 10})"
+    )
   return top[k - 1]
 
 
@@ -159,39 +169,52 @@ class SplitTrainTest(beam.PTransform):
     m = c.min_test_examples
     if self._sizes is not None:
       unit_counts = self._sizes | "UnitCounts" >> beam.Map(
-          lambda s: (s[1] if by_raw else s[0], s[2]))
+        lambda s: (s[1] if by_raw else s[0], s[2])
+      )
     else:
       unit_counts = clients | "UnitCounts" >> beam.Map(
-          lambda cl: (cl.raw_client_id if by_raw else cl.client_id, len(cl.records)))
-    units = (unit_counts
-             | "MinPerUnit" >> beam.CombinePerKey(min)
-             | "Eligibility" >> beam.MapTuple(lambda u, n: (u, n >= m)))
+        lambda cl: (cl.raw_client_id if by_raw else cl.client_id, len(cl.records))
+      )
+    units = (
+      unit_counts
+      | "MinPerUnit" >> beam.CombinePerKey(min)
+      | "Eligibility" >> beam.MapTuple(lambda u, n: (u, n >= m))
+    )
     num_units = units | "CountUnits" >> beam.combiners.Count.Globally()
     k = num_units | "ResolveK" >> beam.Map(c.resolve_k)
     k_side = beam.pvalue.AsSingleton(k)
 
     if c.method == "tff":
-      test_ids = (units
-                  | "GatherUnits" >> beam.combiners.ToList()
-                  | "TffChoice" >> beam.Map(lambda us, kk: sorted(tff_test_ids(us, kk, c.seed)),
-                                            k_side))
+      test_ids = (
+        units
+        | "GatherUnits" >> beam.combiners.ToList()
+        | "TffChoice" >> beam.Map(lambda us, kk: sorted(tff_test_ids(us, kk, c.seed)), k_side)
+      )
       # A set makes the per-client membership check O(1) on the workers.
       chosen_side = beam.pvalue.AsSingleton(test_ids | "AsSet" >> beam.Map(frozenset))
     else:
       keyed = units | "RankKey" >> beam.MapTuple(lambda u, ok: ((rank_key(c.seed, u), u), ok))
-      top = (keyed
-             | "Eligible" >> beam.Filter(lambda kv: kv[1])
-             | "TagWithK" >> beam.Map(lambda kv, kk: (kk, kv[0]), k_side)
-             | "TopK" >> beam.CombineGlobally(SmallestN()))
+      top = (
+        keyed
+        | "Eligible" >> beam.Filter(lambda kv: kv[1])
+        | "TagWithK" >> beam.Map(lambda kv, kk: (kk, kv[0]), k_side)
+        | "TopK" >> beam.CombineGlobally(SmallestN())
+      )
       provisional = top | "ProvisionalThreshold" >> beam.Map(
-          lambda t, kk: t[kk - 1] if len(t) >= kk else None, k_side)
-      skipped = (keyed
-                 | "Ineligible" >> beam.Filter(lambda kv: not kv[1])
-                 | "BeforeThreshold" >> beam.Filter(
-                     lambda kv, th: th is None or kv[0] < th, beam.pvalue.AsSingleton(provisional))
-                 | "CountSkipped" >> beam.combiners.Count.Globally())
+        lambda t, kk: t[kk - 1] if len(t) >= kk else None, k_side
+      )
+      skipped = (
+        keyed
+        | "Ineligible" >> beam.Filter(lambda kv: not kv[1])
+        | "BeforeThreshold"
+        >> beam.Filter(
+          lambda kv, th: th is None or kv[0] < th, beam.pvalue.AsSingleton(provisional)
+        )
+        | "CountSkipped" >> beam.combiners.Count.Globally()
+      )
       threshold = top | "Threshold" >> beam.Map(
-          _hash_threshold, k_side, beam.pvalue.AsSingleton(skipped))
+        _hash_threshold, k_side, beam.pvalue.AsSingleton(skipped)
+      )
       chosen_side = beam.pvalue.AsSingleton(threshold)
 
     def split_of(unit: str, count: int, chosen) -> str:
@@ -207,14 +230,21 @@ class SplitTrainTest(beam.PTransform):
       return dataclasses.replace(cl, split=split_of(unit, len(cl.records), chosen))
 
     assigned = clients | "Assign" >> beam.Map(assign, chosen_side)
-    report = k | "Report" >> beam.Map(lambda kk: {
-        "num_test_units": kk, "split_method": c.method, "split_by": c.split_by,
-        "split_seed": c.seed, "min_test_examples": m})
+    report = k | "Report" >> beam.Map(
+      lambda kk: {
+        "num_test_units": kk,
+        "split_method": c.method,
+        "split_by": c.split_by,
+        "split_seed": c.seed,
+        "min_test_examples": m,
+      }
+    )
     outputs = {"clients": assigned, "report": report}
     if self._sizes is not None:
       # The same choice applied to the planned sizes: what each split should
       # hold, for the commit to check against what was written.
       outputs["planned"] = self._sizes | "PlannedSplits" >> beam.Map(
-          lambda s, chosen: (s[0], split_of(s[1] if by_raw else s[0], s[2], chosen), s[2]),
-          chosen_side)
+        lambda s, chosen: (s[0], split_of(s[1] if by_raw else s[0], s[2], chosen), s[2]),
+        chosen_side,
+      )
     return outputs

@@ -19,26 +19,38 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-import zlib
 from typing import Any, Iterable, Mapping, Optional
+import zlib
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 import google_crc32c
 
 import fedbeam
+from fedbeam.format.fs import atomic_write, file_ops, temp_name
+from fedbeam.format.layout import (
+  FORMAT_VERSION,
+  ID_ENCODING,
+  MANIFEST_DIR,
+  MANIFEST_SPEC_KEY,
+  METADATA_FILE,
+  client_relative_path,
+  data_dir_name,
+  default_num_shards,
+  join,
+)
+from fedbeam.format.manifest import manifest_file_name, manifest_spec_value, manifest_sync_marker
+from fedbeam.format.metadata import (
+  metadata_path,
+  metadata_to_json,
+  parsed_schema,
+  validate_metadata,
+)
 from fedbeam.format.spec import ElementSpec
+from fedbeam.format.tfrecord import tfrecord_frames
 from fedbeam.pipelines.data_dir_lease import committed_state, is_object_store, remove_dead_data_dirs
 from fedbeam.pipelines.progress import CLIENTS_WRITTEN, CountProgress, ProgressChannel
 from fedbeam.pipelines.records import ClientRecords
-from fedbeam.format.fs import atomic_write, file_ops, temp_name
-from fedbeam.format.layout import (FORMAT_VERSION, ID_ENCODING, MANIFEST_DIR, MANIFEST_SPEC_KEY,
-                                   METADATA_FILE, client_relative_path, data_dir_name,
-                                   default_num_shards, join)
-from fedbeam.format.manifest import manifest_file_name, manifest_spec_value, manifest_sync_marker
-from fedbeam.format.metadata import (metadata_path, metadata_to_json, parsed_schema,
-                                     validate_metadata)
-from fedbeam.format.tfrecord import tfrecord_frames
 
 # Manifest rows per manifest file (the file count follows the client count).
 MANIFEST_ROWS_PER_FILE = 100_000
@@ -78,8 +90,9 @@ def _fsync_directory(directory: str) -> None:
     os.close(fd)
 
 
-def write_file_atomically(final_path: str, chunks: Iterable[bytes],
-                          fsync: bool = True) -> tuple[int, int]:
+def write_file_atomically(
+  final_path: str, chunks: Iterable[bytes], fsync: bool = True
+) -> tuple[int, int]:
   """Writes `chunks` to `final_path` with `fedbeam.format.fs.atomic_write`.
 
   A temporary file beside it is renamed into place; with `fsync` (local
@@ -121,19 +134,20 @@ class _WriteClientFile(beam.DoFn):
     rel = client_relative_path(client.client_id, client.split, num_shards)
     rel = posixpath.join(self._data_dir, rel)
     size, crc = write_file_atomically(
-        join(self._root, rel), tfrecord_frames(client.records), fsync=self._fsync)
+      join(self._root, rel), tfrecord_frames(client.records), fsync=self._fsync
+    )
     self._clients.inc()
     self._examples.inc(len(client.records))
     self._bytes.inc(size)
     yield {
-        "client_id": client.client_id,
-        "split": client.split,
-        "raw_client_id": client.raw_client_id,
-        "pseudo_index": int(client.pseudo_index),
-        "num_examples": len(client.records),
-        "num_bytes": size,
-        "path": rel,
-        "crc32c": crc,
+      "client_id": client.client_id,
+      "split": client.split,
+      "raw_client_id": client.raw_client_id,
+      "pseudo_index": int(client.pseudo_index),
+      "num_examples": len(client.records),
+      "num_bytes": size,
+      "path": rel,
+      "crc32c": crc,
     }
 
 
@@ -142,7 +156,6 @@ def _manifest_bucket(client_id: str, num_files: int) -> int:
 
 
 class _WriteManifestFile(beam.DoFn):
-
   def __init__(self, root: str, data_dir: str, job_key: str, fsync: bool = True):
     self._root = root
     self._data_dir = data_dir
@@ -151,7 +164,9 @@ class _WriteManifestFile(beam.DoFn):
 
   def process(self, element, num_files: int, spec: ElementSpec) -> Iterable[str]:
     import io  # pylint: disable=g-import-not-at-top
+
     import fastavro  # pylint: disable=g-import-not-at-top
+
     index, rows = element
     # By id, then split: a store of kept TFF splits holds an id in several splits.
     rows = sorted((r for r in rows if r is not None), key=lambda r: (r["client_id"], r["split"]))
@@ -159,12 +174,18 @@ class _WriteManifestFile(beam.DoFn):
     # The element spec also goes into each manifest file's header: a reader
     # compares it with the metadata's, so a dtype or shape edited in
     # metadata.json (same bytes, other values) is caught.
-    fastavro.writer(buf, parsed_schema("manifest"), rows, codec="null",
-                    sync_marker=manifest_sync_marker(self._job_key, index),
-                    metadata={MANIFEST_SPEC_KEY: manifest_spec_value(spec)})
+    fastavro.writer(
+      buf,
+      parsed_schema("manifest"),
+      rows,
+      codec="null",
+      sync_marker=manifest_sync_marker(self._job_key, index),
+      metadata={MANIFEST_SPEC_KEY: manifest_spec_value(spec)},
+    )
     name = manifest_file_name(index, num_files)
-    write_file_atomically(join(self._root, self._data_dir, MANIFEST_DIR, name),
-                          [buf.getvalue()], fsync=self._fsync)
+    write_file_atomically(
+      join(self._root, self._data_dir, MANIFEST_DIR, name), [buf.getvalue()], fsync=self._fsync
+    )
     yield name
 
 
@@ -178,8 +199,11 @@ def _files_in(directory: str) -> list[str]:
     if FileSystems.exists(directory):
       raise
     return []
-  return sorted(m.path[len(prefix):] for m in found
-                if m.path.startswith(prefix) and "/" not in m.path[len(prefix):])
+  return sorted(
+    m.path[len(prefix) :]
+    for m in found
+    if m.path.startswith(prefix) and "/" not in m.path[len(prefix) :]
+  )
 
 
 def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
@@ -221,8 +245,8 @@ def _check_no_path_collision(element):
   ids = sorted(set(ids))
   if len(ids) > 1:
     raise StoreWriteError(
-        f"client ids {ids!r} map to the same file {path}; fedbeam cannot store both "
-        "(shorten the ids)")
+      f"client ids {ids!r} map to the same file {path}; fedbeam cannot store both (shorten the ids)"
+    )
   return path
 
 
@@ -259,8 +283,7 @@ class StoreStatsFn(beam.CombineFn):
 
 
 # The end of every message of a check that found a runner fault.
-RUNNER_FAULT = ("the runner lost or duplicated data, so the store was not committed "
-                "(rerun the job)")
+RUNNER_FAULT = "the runner lost or duplicated data, so the store was not committed (rerun the job)"
 
 
 def check_planned_splits(planned: Mapping[str, Any], written: Mapping[str, Any]) -> None:
@@ -276,8 +299,9 @@ def check_planned_splits(planned: Mapping[str, Any], written: Mapping[str, Any])
     got = written["splits"].get(name, none)
     if tuple(want[:2]) != tuple(got[:2]):
       raise StoreWriteError(
-          f"split {name!r}: wrote {got[0]} clients with {got[1]} examples but the job planned "
-          f"{want[0]} clients with {want[1]} examples; {RUNNER_FAULT}")
+        f"split {name!r}: wrote {got[0]} clients with {got[1]} examples but the job planned "
+        f"{want[0]} clients with {want[1]} examples; {RUNNER_FAULT}"
+      )
 
 
 def _merge_reports(parameters: Mapping[str, Any], reports) -> dict[str, Any]:
@@ -318,6 +342,7 @@ class _RootLock:
   def __enter__(self):
     if not is_object_store(self._root):
       import fcntl  # pylint: disable=g-import-not-at-top
+
       self._fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
       fcntl.flock(self._fd, fcntl.LOCK_EX)
     return self
@@ -362,8 +387,13 @@ def _write_metadata(root: str, data: bytes, exclusive: bool, fsync: bool) -> Non
     _fsync_directory(root)
 
 
-def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool,
-                    replaces: Optional[str] = REPLACES_ANY, fsync: bool = True) -> None:
+def commit_metadata(
+  root: str,
+  metadata: Mapping[str, Any],
+  overwrite: bool,
+  replaces: Optional[str] = REPLACES_ANY,
+  fsync: bool = True,
+) -> None:
   """Writes `root/metadata.json`, the commit point of a store.
 
   The commit succeeds only if the store at `root` is still the one the job
@@ -387,8 +417,9 @@ def commit_metadata(root: str, metadata: Mapping[str, Any], overwrite: bool,
 
   def taken(what):
     return StoreWriteError(
-        f"another job committed a store at {root} while this one was writing ({what}); this "
-        "job's files were not committed (rerun the job, with --overwrite to replace that store)")
+      f"another job committed a store at {root} while this one was writing ({what}); this "
+      "job's files were not committed (rerun the job, with --overwrite to replace that store)"
+    )
 
   with _RootLock(root):
     found_dir, found = committed_state(root)
@@ -433,18 +464,26 @@ def clean_up_after_commit(root: str, data_dir: str) -> list[str]:
       _remove_temp_metadata(root)
   except Exception as e:  # pylint: disable=broad-except
     raise CleanupError(
-        f"the store at {root} was committed (its metadata names {data_dir}), but removing "
-        f"data it no longer needs failed: {e}; delete leftover data-* directories other than "
-        f"{data_dir} by hand, or let the next job that commits there remove them") from e
+      f"the store at {root} was committed (its metadata names {data_dir}), but removing "
+      f"data it no longer needs failed: {e}; delete leftover data-* directories other than "
+      f"{data_dir} by hand, or let the next job that commits there remove them"
+    ) from e
   return removed
 
 
 class _CommitStore(beam.DoFn):
   """Writes metadata.json last, then removes other jobs' data directories."""
 
-  def __init__(self, root: str, data_dir: str, parameters: Mapping[str, Any],
-               empty_policy: str, overwrite: bool, replaces: Optional[str] = REPLACES_ANY,
-               fsync: bool = True):
+  def __init__(
+    self,
+    root: str,
+    data_dir: str,
+    parameters: Mapping[str, Any],
+    empty_policy: str,
+    overwrite: bool,
+    replaces: Optional[str] = REPLACES_ANY,
+    fsync: bool = True,
+  ):
     self._root = root
     self._data_dir = data_dir
     self._parameters = dict(parameters)
@@ -453,49 +492,65 @@ class _CommitStore(beam.DoFn):
     self._replaces = replaces
     self._fsync = fsync
 
-  def process(self, _, stats, spec: ElementSpec, num_shards: int, manifest_files,
-              empty_report: Optional[Mapping[str, Any]] = None, reports=(), swept=(),
-              expected_clients: Optional[int] = None,
-              planned_splits: Optional[Mapping[str, Any]] = None,
-              input_records: Optional[int] = None):
+  def process(
+    self,
+    _,
+    stats,
+    spec: ElementSpec,
+    num_shards: int,
+    manifest_files,
+    empty_report: Optional[Mapping[str, Any]] = None,
+    reports=(),
+    swept=(),
+    expected_clients: Optional[int] = None,
+    planned_splits: Optional[Mapping[str, Any]] = None,
+    input_records: Optional[int] = None,
+  ):
     # Each figure below comes from a step other than the writer's, whose
     # manifest rows `stats` sums: a runner that loses or duplicates output
     # cannot make both sides agree.
     written = sum(c[0] for c in stats["splits"].values())
     if input_records and not written:
       raise StoreWriteError(
-          f"the readers read {input_records} input records but no client file was written; "
-          f"{RUNNER_FAULT}")
+        f"the readers read {input_records} input records but no client file was written; "
+        f"{RUNNER_FAULT}"
+      )
     if expected_clients is not None:
       dropped = int((empty_report or {}).get("dropped", 0))
       if written != expected_clients - dropped:
         raise StoreWriteError(
-            f"wrote {written} client files but the job makes {expected_clients - dropped} "
-            f"clients ({expected_clients} planned, {dropped} dropped as empty); {RUNNER_FAULT}")
+          f"wrote {written} client files but the job makes {expected_clients - dropped} "
+          f"clients ({expected_clients} planned, {dropped} dropped as empty); {RUNNER_FAULT}"
+        )
     if planned_splits is not None:
       check_planned_splits(planned_splits, stats)
     splits = [
-        {"name": name, "num_clients": c[0], "num_examples": c[1], "num_bytes": c[2],
-         "num_empty_clients": c[3]}
-        for name, c in sorted(stats["splits"].items())
+      {
+        "name": name,
+        "num_clients": c[0],
+        "num_examples": c[1],
+        "num_bytes": c[2],
+        "num_empty_clients": c[3],
+      }
+      for name, c in sorted(stats["splits"].items())
     ]
     report = dict(empty_report or {})
     metadata = {
-        "format_version": FORMAT_VERSION,
-        "fedbeam_version": fedbeam.__version__,
-        "element_spec": spec.to_metadata(),
-        "data_dir": self._data_dir,
-        "id_encoding": ID_ENCODING,
-        "num_shards": int(num_shards),
-        "manifest": {"num_files": len(manifest_files)},
-        "splits": splits,
-        "empty_clients": {
-            "found": int(report.get("found", stats["empty_count"])),
-            "policy": report.get("policy", self._empty_policy),
-            "dropped": int(report.get("dropped", 0)),
-            "sample": list(report.get("sample", stats["empty_sample"])),
-        },
-        "parameters": _merge_reports(self._parameters, reports),
+      "format_version": FORMAT_VERSION,
+      "fedbeam_version": fedbeam.__version__,
+      "element_spec": spec.to_metadata(),
+      "data_dir": self._data_dir,
+      "id_encoding": ID_ENCODING,
+      "num_shards": int(num_shards),
+      "manifest": {"num_files": len(manifest_files)},
+      "splits": splits,
+      "empty_clients": {
+        "found": int(report.get("found", stats["empty_count"])),
+        "policy": report.get("policy", self._empty_policy),
+        "dropped": int(report.get("dropped", 0)),
+        "sample": list(report.get("sample", stats["empty_sample"])),
+      },
+      "parameters": _merge_reports(self._parameters, reports),
     }
     validate_metadata(metadata, "new store metadata")
     self._commit(metadata, [s["name"] for s in splits])
@@ -506,13 +561,13 @@ class _CommitStore(beam.DoFn):
     """Sweeps the manifest directory, makes the data durable, commits the metadata."""
     data = join(self._root, self._data_dir)
     num_files = metadata["manifest"]["num_files"]
-    sweep_directory(join(data, MANIFEST_DIR),
-                    [manifest_file_name(i, num_files) for i in range(num_files)])
+    sweep_directory(
+      join(data, MANIFEST_DIR), [manifest_file_name(i, num_files) for i in range(num_files)]
+    )
     if self._fsync:
       # Client files were synced before their renames and shard directories
       # by their sweeps; what is left are the directories above them.
-      for directory in ([join(data, MANIFEST_DIR)]
-                        + [join(data, n) for n in split_names] + [data]):
+      for directory in [join(data, MANIFEST_DIR)] + [join(data, n) for n in split_names] + [data]:
         if FileSystems.exists(directory):
           _fsync_directory(directory)
     try:
@@ -539,13 +594,26 @@ class WriteStore(beam.PTransform):
   The caller prepares `root` (see `fedbeam.pipelines.prepare`).
   """
 
-  def __init__(self, root: str, spec, *, num_shards: Optional[int] = None,
-               parameters: Optional[Mapping[str, Any]] = None, job_key: str = "",
-               empty_report=None, empty_policy: str = "keep", reports=(),
-               overwrite: bool = False, planned_clients=None, planned_splits=None,
-               input_records=None, data_dir: Optional[str] = None,
-               replaces: Optional[str] = REPLACES_ANY, fsync: bool = True,
-               progress: Optional[ProgressChannel] = None):
+  def __init__(
+    self,
+    root: str,
+    spec,
+    *,
+    num_shards: Optional[int] = None,
+    parameters: Optional[Mapping[str, Any]] = None,
+    job_key: str = "",
+    empty_report=None,
+    empty_policy: str = "keep",
+    reports=(),
+    overwrite: bool = False,
+    planned_clients=None,
+    planned_splits=None,
+    input_records=None,
+    data_dir: Optional[str] = None,
+    replaces: Optional[str] = REPLACES_ANY,
+    fsync: bool = True,
+    progress: Optional[ProgressChannel] = None,
+  ):
     """`planned_clients`: optional singleton PCollection[int], the number of
     clients the job makes before empty ones are dropped, known without
     counting `clients` (which would hold every client back until the count is
@@ -570,7 +638,8 @@ class WriteStore(beam.PTransform):
     self._input_records = input_records
     self._overwrite = overwrite
     self._data_dir = data_dir or data_dir_name(
-        hashlib.sha256(job_key.encode()).hexdigest() if len(job_key) < 16 else job_key)
+      hashlib.sha256(job_key.encode()).hexdigest() if len(job_key) < 16 else job_key
+    )
     self._replaces = replaces
     self._fsync = fsync
     self._progress = progress
@@ -595,41 +664,54 @@ class WriteStore(beam.PTransform):
       num_shards = p | "NumShards" >> beam.Create([fixed])
     data_dir = self._data_dir
     rows = clients | "WriteClientFiles" >> beam.ParDo(
-        _WriteClientFile(root, data_dir, self._fsync), beam.pvalue.AsSingleton(num_shards))
+      _WriteClientFile(root, data_dir, self._fsync), beam.pvalue.AsSingleton(num_shards)
+    )
     if self._progress is not None:
       _ = rows | "ReportWritten" >> beam.ParDo(CountProgress(self._progress, CLIENTS_WRITTEN))
-    swept = (rows
-             | "KeyByShardDirectory" >> beam.Map(
-                 lambda r: (posixpath.dirname(r["path"]), posixpath.basename(r["path"])))
-             | "GroupByShardDirectory" >> beam.GroupByKey()
-             | "SweepShardDirectories" >> beam.ParDo(_SweepShardDirectory(root, self._fsync)))
+    swept = (
+      rows
+      | "KeyByShardDirectory"
+      >> beam.Map(lambda r: (posixpath.dirname(r["path"]), posixpath.basename(r["path"])))
+      | "GroupByShardDirectory" >> beam.GroupByKey()
+      | "SweepShardDirectories" >> beam.ParDo(_SweepShardDirectory(root, self._fsync))
+    )
 
     # Only long ids are named by a hash; check those never share a file.
-    collisions = (rows
-                  | "LongIdPaths" >> beam.Filter(lambda r: "~" in r["path"])
-                  | "KeyByPath" >> beam.Map(lambda r: (r["path"], r["client_id"]))
-                  | "GroupByPath" >> beam.GroupByKey()
-                  | "CheckPaths" >> beam.Map(_check_no_path_collision))
+    collisions = (
+      rows
+      | "LongIdPaths" >> beam.Filter(lambda r: "~" in r["path"])
+      | "KeyByPath" >> beam.Map(lambda r: (r["path"], r["client_id"]))
+      | "GroupByPath" >> beam.GroupByKey()
+      | "CheckPaths" >> beam.Map(_check_no_path_collision)
+    )
 
     num_files = num_clients | "PickManifestFiles" >> beam.Map(
-        lambda n: max(1, -(-n // MANIFEST_ROWS_PER_FILE)))
+      lambda n: max(1, -(-n // MANIFEST_ROWS_PER_FILE))
+    )
     all_buckets = num_files | "EveryManifestFile" >> beam.FlatMap(
-        lambda n: [(i, None) for i in range(n)])
+      lambda n: [(i, None) for i in range(n)]
+    )
     keyed_rows = rows | "KeyByManifestFile" >> beam.Map(
-        lambda r, n: (_manifest_bucket(r["client_id"], n), r), beam.pvalue.AsSingleton(num_files))
-    manifest_files = ((keyed_rows, all_buckets)
-                      | "MergeManifestRows" >> beam.Flatten()
-                      | "GroupManifestRows" >> beam.GroupByKey()
-                      | "WriteManifestFiles" >> beam.ParDo(
-                          _WriteManifestFile(root, data_dir, self._job_key, self._fsync),
-                          beam.pvalue.AsSingleton(num_files), beam.pvalue.AsSingleton(self._spec)))
+      lambda r, n: (_manifest_bucket(r["client_id"], n), r), beam.pvalue.AsSingleton(num_files)
+    )
+    manifest_files = (
+      (keyed_rows, all_buckets)
+      | "MergeManifestRows" >> beam.Flatten()
+      | "GroupManifestRows" >> beam.GroupByKey()
+      | "WriteManifestFiles"
+      >> beam.ParDo(
+        _WriteManifestFile(root, data_dir, self._job_key, self._fsync),
+        beam.pvalue.AsSingleton(num_files),
+        beam.pvalue.AsSingleton(self._spec),
+      )
+    )
     stats = rows | "Stats" >> beam.CombineGlobally(StoreStatsFn())
     side = dict(
-        stats=beam.pvalue.AsSingleton(stats),
-        spec=beam.pvalue.AsSingleton(self._spec),
-        num_shards=beam.pvalue.AsSingleton(num_shards),
-        manifest_files=beam.pvalue.AsList(manifest_files),
-        swept=beam.pvalue.AsList(swept),
+      stats=beam.pvalue.AsSingleton(stats),
+      spec=beam.pvalue.AsSingleton(self._spec),
+      num_shards=beam.pvalue.AsSingleton(num_shards),
+      manifest_files=beam.pvalue.AsList(manifest_files),
+      swept=beam.pvalue.AsList(swept),
     )
     if self._empty_report is not None:
       side["empty_report"] = beam.pvalue.AsSingleton(self._empty_report)
@@ -641,13 +723,19 @@ class WriteStore(beam.PTransform):
     if self._input_records is not None:
       side["input_records"] = beam.pvalue.AsSingleton(self._input_records)
     if self._reports:
-      side["reports"] = beam.pvalue.AsList(
-          tuple(self._reports) | "MergeReports" >> beam.Flatten())
+      side["reports"] = beam.pvalue.AsList(tuple(self._reports) | "MergeReports" >> beam.Flatten())
     # The collision check must finish before the commit.
     checked = p | "CommitTrigger" >> beam.Create([root])
-    checked = checked | "AfterPathCheck" >> beam.Map(
-        lambda r, _: r, beam.pvalue.AsList(collisions))
+    checked = checked | "AfterPathCheck" >> beam.Map(lambda r, _: r, beam.pvalue.AsList(collisions))
     return checked | "Commit" >> beam.ParDo(
-        _CommitStore(root, data_dir, self._parameters, self._empty_policy, self._overwrite,
-                     self._replaces, self._fsync),
-        **side)
+      _CommitStore(
+        root,
+        data_dir,
+        self._parameters,
+        self._empty_policy,
+        self._overwrite,
+        self._replaces,
+        self._fsync,
+      ),
+      **side,
+    )

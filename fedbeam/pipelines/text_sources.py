@@ -34,16 +34,24 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
+from fedbeam.format.layout import InvalidClientIdError, check_client_id
 from fedbeam.pipelines import sources
 from fedbeam.pipelines.raw_values import client_id_of, json_feature
-from fedbeam.pipelines.records import (FLOAT32, INT64, SCALAR, STRING, InputError, InputRecord,
-                                       RawFeature)
-from fedbeam.format.layout import InvalidClientIdError, check_client_id
+from fedbeam.pipelines.records import (
+  FLOAT32,
+  INT64,
+  SCALAR,
+  STRING,
+  InputError,
+  InputRecord,
+  RawFeature,
+)
 
 _INT_TEXT = re.compile(r"[+-]?[0-9]+\Z")
 _FLOAT_TEXT = re.compile(
-    r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?\Z|[+-]?(nan|inf|infinity)\Z",
-    re.IGNORECASE)
+  r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?\Z|[+-]?(nan|inf|infinity)\Z",
+  re.IGNORECASE,
+)
 
 
 def _csv_feature(cell: str, name: str, source: str) -> RawFeature:
@@ -53,8 +61,9 @@ def _csv_feature(cell: str, name: str, source: str) -> RawFeature:
     try:
       return RawFeature(np.array([int(cell)], dtype=np.int64), INT64, SCALAR, (), widens=True)
     except OverflowError:
-      raise InputError(f"{source}: column {name!r} holds {cell}, outside the range of "
-                       "int64") from None
+      raise InputError(
+        f"{source}: column {name!r} holds {cell}, outside the range of int64"
+      ) from None
   if _FLOAT_TEXT.match(cell):
     return RawFeature(np.array([float(cell)], dtype=np.float64), FLOAT32, SCALAR, (), widens=True)
   value = np.empty(1, dtype=object)
@@ -78,7 +87,7 @@ class _RawReader(io.RawIOBase):
 
   def readinto(self, buffer) -> int:
     data = self._f.read(len(buffer))
-    buffer[:len(data)] = data
+    buffer[: len(data)] = data
     return len(data)
 
 
@@ -113,7 +122,6 @@ class _ReadTextFile(beam.DoFn):
 
 
 class _ReadCsvFile(_ReadTextFile):
-
   def _records_of(self, text, path: str, where: list) -> Iterable[InputRecord]:
     key = self._client_id_key
     reader = csv.reader(text)
@@ -150,16 +158,15 @@ def _json_record(obj: Any, key: str, path: str, index: int, unit: str) -> InputR
   if not isinstance(obj, dict):
     raise InputError(f"{source}: expected a JSON object, got {type(obj).__name__}")
   if key not in obj:
-    raise InputError(f"{source}: client-id member {key!r} is missing "
-                     f"(members present: {sorted(obj)})")
+    raise InputError(
+      f"{source}: client-id member {key!r} is missing (members present: {sorted(obj)})"
+    )
   client_id = client_id_of(obj[key], key, source)
-  features = {name: json_feature(value, name, source)
-              for name, value in obj.items() if name != key}
+  features = {name: json_feature(value, name, source) for name, value in obj.items() if name != key}
   return InputRecord(client_id, features, (path, index), unit=unit)
 
 
 class _ReadJsonLinesFile(_ReadTextFile):
-
   def _records_of(self, text, path: str, where: list) -> Iterable[InputRecord]:
     for line_number, line in enumerate(text, start=1):
       where[0] = f"line {line_number}"
@@ -175,40 +182,45 @@ class _ReadJsonLinesFile(_ReadTextFile):
 def _leaf_users(data: Any, path: str) -> list:
   """The users of a parsed LEAF file, checked against its `user_data` and `num_samples`."""
   if not isinstance(data, dict) or not isinstance(data.get("user_data"), dict):
-    raise InputError(f"{path}: not a LEAF file (expected a JSON object with \"users\" and "
-                     "\"user_data\")")
+    raise InputError(
+      f'{path}: not a LEAF file (expected a JSON object with "users" and "user_data")'
+    )
   users = data.get("users")
   user_data = data["user_data"]
   if not isinstance(users, list):
-    raise InputError(f"{path}: not a LEAF file (\"users\" must be a list)")
+    raise InputError(f'{path}: not a LEAF file ("users" must be a list)')
   missing = [u for u in users if str(u) not in user_data]
   if missing:
-    raise InputError(f"{path}: user {missing[0]!r} is in \"users\" but not in \"user_data\"")
+    raise InputError(f'{path}: user {missing[0]!r} is in "users" but not in "user_data"')
   listed = {str(u) for u in users}
   extra = [u for u in user_data if u not in listed]
   if extra:
-    raise InputError(f"{path}: user {extra[0]!r} is in \"user_data\" but not in \"users\"")
+    raise InputError(f'{path}: user {extra[0]!r} is in "user_data" but not in "users"')
   counts = data.get("num_samples")
   if counts is not None and (not isinstance(counts, list) or len(counts) != len(users)):
-    raise InputError(f"{path}: \"num_samples\" must list one count per user "
-                     f"({len(users)} users)")
+    raise InputError(f'{path}: "num_samples" must list one count per user ({len(users)} users)')
   for k, user in enumerate(users):
     entry = user_data[str(user)]
     if not isinstance(entry, dict) or not entry:
-      raise InputError(f"{path}: user {user!r}: user_data must be an object of lists "
-                       "such as {\"x\": [...], \"y\": [...]}")
+      raise InputError(
+        f"{path}: user {user!r}: user_data must be an object of lists "
+        'such as {"x": [...], "y": [...]}'
+      )
     lengths = {name: len(v) if isinstance(v, list) else None for name, v in entry.items()}
     if None in lengths.values() or len(set(lengths.values())) != 1:
-      raise InputError(f"{path}: user {user!r}: user_data members must be lists of one "
-                       f"length (one item per example), got lengths {lengths}")
+      raise InputError(
+        f"{path}: user {user!r}: user_data members must be lists of one "
+        f"length (one item per example), got lengths {lengths}"
+      )
     if counts is not None and counts[k] != next(iter(lengths.values())):
-      raise InputError(f"{path}: user {user!r}: num_samples says {counts[k]} examples, "
-                       f"user_data holds {next(iter(lengths.values()))}")
+      raise InputError(
+        f"{path}: user {user!r}: num_samples says {counts[k]} examples, "
+        f"user_data holds {next(iter(lengths.values()))}"
+      )
   return users
 
 
 class _ReadLeafFile(_ReadTextFile):
-
   def _records_of(self, text, path: str, where: list) -> Iterable[InputRecord]:
     try:
       data = json.load(text)

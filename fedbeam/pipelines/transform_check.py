@@ -19,8 +19,12 @@ from fedbeam.pipelines.records import InputRecord
 from fedbeam.pipelines.spec_inference import InferElementSpecFn
 
 
-def first_input_record(paths: Sequence[str], input_format: str, client_id_key: Optional[str],
-                       sqlite_split: Optional[str] = None) -> Optional[InputRecord]:
+def first_input_record(
+  paths: Sequence[str],
+  input_format: str,
+  client_id_key: Optional[str],
+  sqlite_split: Optional[str] = None,
+) -> Optional[InputRecord]:
   """The first record of the first input file that has one, or None (no records).
 
   Reads with the pipeline's own readers, so the record is what the job sees.
@@ -50,14 +54,18 @@ def first_input_record(paths: Sequence[str], input_format: str, client_id_key: O
 
 def describe_spec(spec: ElementSpec) -> str:
   """`name: dtype[shape], ...`, as `fedbeam inspect` prints a spec."""
-  return ", ".join(f"{f.name}: {f.dtype}{list(f.shape)}".replace("None", "null")
-                   for f in spec.features)
+  return ", ".join(
+    f"{f.name}: {f.dtype}{list(f.shape)}".replace("None", "null") for f in spec.features
+  )
 
 
-def check_transform_on_first_record(make_transform_fn: MakeTransformFn,
-                                    record: InputRecord, spec: Optional[ElementSpec],
-                                    num_transformed_clients: Optional[int],
-                                    transform_name: str) -> None:
+def check_transform_on_first_record(
+  make_transform_fn: MakeTransformFn,
+  record: InputRecord,
+  spec: Optional[ElementSpec],
+  num_transformed_clients: Optional[int],
+  transform_name: str,
+) -> None:
   """Runs the transform of pseudo-clients 0 and 1 of `record`'s client on `record` alone.
 
   `spec` is the declared element spec, or None: then it is inferred from the
@@ -82,8 +90,9 @@ def check_transform_on_first_record(make_transform_fn: MakeTransformFn,
       apply_transform(make_transform_fn, record.client_id, index, [encoded], spec)
     except ExpansionError as e:
       raise ExpansionError(
-          f"{e} (--transform {transform_name} tried on {record.source} before the job "
-          f"started; the element spec is {{{describe_spec(spec)}}})") from None
+        f"{e} (--transform {transform_name} tried on {record.source} before the job "
+        f"started; the element spec is {{{describe_spec(spec)}}})"
+      ) from None
 
 
 __all__ = ["check_transform_on_first_record", "describe_spec", "first_input_record"]

@@ -9,17 +9,17 @@ names need TensorFlow Federated (the `fedbeam[tff]` extra).
 import importlib
 
 _EXPORTS = {
-    "StoreReader": "fedbeam.runtime.store_reader",
-    "open_store": "fedbeam.runtime.store_reader",
-    "StoreClientData": "fedbeam.runtime.client_data",
-    "load_client_data": "fedbeam.runtime.client_data",
-    "register_worker_cleanup": "fedbeam.runtime.tff_worker",
-    "stop_tff_workers": "fedbeam.runtime.tff_worker",
-    "build_model_delta_client_work": "fedbeam.runtime.client_work",
-    "SimulationLoop": "fedbeam.runtime.simulation",
-    "SimulationConfig": "fedbeam.runtime.simulation",
-    "ModelSpec": "fedbeam.runtime.models",
-    "get_model": "fedbeam.runtime.models",
+  "StoreReader": "fedbeam.runtime.store_reader",
+  "open_store": "fedbeam.runtime.store_reader",
+  "StoreClientData": "fedbeam.runtime.client_data",
+  "load_client_data": "fedbeam.runtime.client_data",
+  "register_worker_cleanup": "fedbeam.runtime.tff_worker",
+  "stop_tff_workers": "fedbeam.runtime.tff_worker",
+  "build_model_delta_client_work": "fedbeam.runtime.client_work",
+  "SimulationLoop": "fedbeam.runtime.simulation",
+  "SimulationConfig": "fedbeam.runtime.simulation",
+  "ModelSpec": "fedbeam.runtime.models",
+  "get_model": "fedbeam.runtime.models",
 }
 
 

@@ -15,17 +15,20 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedbeam.runtime.store_reader import (ClientFileError, StoreReader, client_dataset_builder,
-                                          client_file_error)
+from fedbeam.runtime.store_reader import (
+  ClientFileError,
+  StoreReader,
+  client_dataset_builder,
+  client_file_error,
+)
 from fedbeam.runtime.tff_worker import register_worker_cleanup
 
-
 __all__ = [
-    "ClientFileError",
-    "StoreClientData",
-    "client_dataset_builder",
-    "client_file_error",
-    "load_client_data",
+  "ClientFileError",
+  "StoreClientData",
+  "client_dataset_builder",
+  "client_file_error",
+  "load_client_data",
 ]
 
 
@@ -46,8 +49,9 @@ class StoreClientData(StoreReader, tff.simulation.datasets.ClientData):
     register_worker_cleanup()
     super().__init__(*args, **kwargs)
 
-  def create_tf_dataset_from_all_clients(self, seed: Optional[Union[int, Sequence[int]]] = None
-                                         ) -> tf.data.Dataset:
+  def create_tf_dataset_from_all_clients(
+    self, seed: Optional[Union[int, Sequence[int]]] = None
+  ) -> tf.data.Dataset:
     """Every client's examples, clients in TFF's seeded order, files read in parallel.
 
     Same order as TFF's implementation: clients shuffled by
@@ -60,9 +64,12 @@ class StoreClientData(StoreReader, tff.simulation.datasets.ClientData):
     return super().create_tf_dataset_from_all_clients(seed)
 
   @classmethod
-  def train_test_client_split(cls, client_data: "tff.simulation.datasets.ClientData",
-                              num_test_clients: int,
-                              seed: Optional[Union[int, Sequence[int]]] = None):
+  def train_test_client_split(
+    cls,
+    client_data: "tff.simulation.datasets.ClientData",
+    num_test_clients: int,
+    seed: Optional[Union[int, Sequence[int]]] = None,
+  ):
     """TFF's `train_test_client_split`, using manifest counts for StoreClientData.
 
     Same choice as TFF 0.87 for the same ids and seed: ids shuffled with
@@ -77,13 +84,15 @@ class StoreClientData(StoreReader, tff.simulation.datasets.ClientData):
     """
     if not isinstance(client_data, StoreClientData):
       return tff.simulation.datasets.ClientData.train_test_client_split(
-          client_data, num_test_clients, seed)
+        client_data, num_test_clients, seed
+      )
     if num_test_clients <= 0:
       raise ValueError("Please specify num_test_clients > 0.")
     if len(client_data.client_ids) <= num_test_clients:
       raise ValueError(
-          f"The client_data supplied has only {len(client_data.client_ids)} clients, but "
-          f"{num_test_clients} test clients were requested.")
+        f"The client_data supplied has only {len(client_data.client_ids)} clients, but "
+        f"{num_test_clients} test clients were requested."
+      )
     tff.simulation.datasets.client_data.check_numpy_random_seed(seed)
     train_ids = list(client_data.client_ids)
     np.random.RandomState(seed).shuffle(train_ids)

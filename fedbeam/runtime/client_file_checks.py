@@ -24,10 +24,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+
 # pylint: disable=g-direct-tensorflow-import
 from tensorflow.python.eager import context
-# pylint: enable=g-direct-tensorflow-import
 
+# pylint: enable=g-direct-tensorflow-import
 from fedbeam.format.fs import is_remote
 
 __all__ = ["RECORD_OVERHEAD_BYTES", "check_client_file", "ManifestFigures"]
@@ -85,8 +86,10 @@ def _count_records(buf, size: int, limit: int) -> tuple[int, Optional[str]]:
       return count, f"is damaged: record {count} has a truncated length header"
     length = _LENGTH.unpack_from(buf, pos)[0]
     if length > size - pos - RECORD_OVERHEAD_BYTES:
-      return count, (f"is damaged: record {count} says it is {length} bytes long, more than "
-                     f"the {size - pos} bytes left in the file")
+      return count, (
+        f"is damaged: record {count} says it is {length} bytes long, more than "
+        f"the {size - pos} bytes left in the file"
+      )
     pos += length + RECORD_OVERHEAD_BYTES
     count += 1
   return count, None
@@ -139,14 +142,20 @@ class ManifestFigures:
   10^5 and 10^6 clients).
   """
 
-  def __init__(self, client_ids: Sequence[str], num_examples: Sequence[int],
-               num_bytes: Sequence[int],
-               key_fn: Callable[[tf.Tensor], tf.Tensor] = _fingerprint_keys):
+  def __init__(
+    self,
+    client_ids: Sequence[str],
+    num_examples: Sequence[int],
+    num_bytes: Sequence[int],
+    key_fn: Callable[[tf.Tensor], tf.Tensor] = _fingerprint_keys,
+  ):
     """`key_fn`: tf.string vector -> int64 vector, the same in Python and in graphs."""
     self._key_fn = key_fn
     ids = list(client_ids)
-    figures = np.stack([np.asarray(num_examples, np.int64).reshape(-1),
-                        np.asarray(num_bytes, np.int64).reshape(-1)], axis=1)
+    figures = np.stack(
+      [np.asarray(num_examples, np.int64).reshape(-1), np.asarray(num_bytes, np.int64).reshape(-1)],
+      axis=1,
+    )
     # Built in Python even when the first traced read is inside a graph (TFF
     # traces computations into a tf.Graph, where tensors have no value).
     with context.eager_mode():
@@ -182,9 +191,11 @@ class ManifestFigures:
       value = tf.where(tf.equal(keys[i], key[0]), tf.constant(self._figures)[i], missing)
     if self._exact_ids:
       table = tf.lookup.StaticHashTable(
-          tf.lookup.KeyValueTensorInitializer(
-              tf.constant(self._exact_ids, tf.string),
-              tf.range(len(self._exact_ids), dtype=tf.int64)), default_value=-1)
+        tf.lookup.KeyValueTensorInitializer(
+          tf.constant(self._exact_ids, tf.string), tf.range(len(self._exact_ids), dtype=tf.int64)
+        ),
+        default_value=-1,
+      )
       j = table.lookup(client_id)
       exact = tf.constant(self._exact_figures)[tf.maximum(j, 0)]
       value = tf.where(j >= 0, exact, value)

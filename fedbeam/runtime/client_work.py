@@ -31,30 +31,29 @@ numbers as TFF's own runtime.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import logging
 import math
 import numbers
-from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
 import tensorflow as tf
 import tensorflow_federated as tff
-from tensorflow_federated.python.learning import loop_builder
-from tensorflow_federated.python.learning import tensor_utils
+from tensorflow_federated.python.learning import loop_builder, tensor_utils
 from tensorflow_federated.python.learning.templates import proximal_client_work
 
 __all__ = [
-    "ClientUpdate",
-    "KerasOptimizerFn",
-    "OptimizerArg",
-    "build_client_update",
-    "build_model_delta_client_work",
-    "build_model_delta_update_with_keras_optimizer",
-    "build_model_delta_update_with_tff_optimizer",
-    "check_delta_l2_regularizer",
-    "loop_implementation_for",
+  "ClientUpdate",
+  "KerasOptimizerFn",
+  "OptimizerArg",
+  "build_client_update",
+  "build_model_delta_client_work",
+  "build_model_delta_update_with_keras_optimizer",
+  "build_model_delta_update_with_tff_optimizer",
+  "check_delta_l2_regularizer",
+  "loop_implementation_for",
 ]
 
 KerasOptimizerFn = Callable[[], Any]
@@ -66,8 +65,8 @@ OptimizerArg = Union[tff.learning.optimizers.Optimizer, KerasOptimizerFn]
 ModelFn = Callable[[], tff.learning.models.VariableModel]
 
 _KERAS_OPTIMIZER_TYPES = (
-    tf.keras.optimizers.Optimizer,
-    tf.keras.optimizers.legacy.Optimizer,
+  tf.keras.optimizers.Optimizer,
+  tf.keras.optimizers.legacy.Optimizer,
 )
 
 
@@ -86,19 +85,17 @@ def check_delta_l2_regularizer(value: Any) -> float:
   """
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise ValueError(
-        "delta_l2_regularizer must be a nonnegative float, got "
-        f"{value!r} of type {type(value).__name__}"
+      "delta_l2_regularizer must be a nonnegative float, got "
+      f"{value!r} of type {type(value).__name__}"
     )
   as_float = float(value)
   if not math.isfinite(as_float) or as_float < 0.0:
-    raise ValueError(
-        f"delta_l2_regularizer must be a finite nonnegative float, got {value!r}"
-    )
+    raise ValueError(f"delta_l2_regularizer must be a finite nonnegative float, got {value!r}")
   return as_float
 
 
 def loop_implementation_for(
-    use_experimental_simulation_loop: bool,
+  use_experimental_simulation_loop: bool,
 ) -> tff.learning.LoopImplementation:
   """Maps `use_experimental_simulation_loop` onto TFF 0.87's `LoopImplementation`.
 
@@ -115,8 +112,7 @@ def loop_implementation_for(
   """
   if not isinstance(use_experimental_simulation_loop, bool):
     raise TypeError(
-        "use_experimental_simulation_loop must be a bool, got "
-        f"{use_experimental_simulation_loop!r}"
+      f"use_experimental_simulation_loop must be a bool, got {use_experimental_simulation_loop!r}"
     )
   if use_experimental_simulation_loop:
     return tff.learning.LoopImplementation.DATASET_ITERATOR
@@ -126,8 +122,7 @@ def loop_implementation_for(
 def _check_client_weighting(client_weighting: Any) -> None:
   if not isinstance(client_weighting, tff.learning.ClientWeighting):
     raise TypeError(
-        "client_weighting must be a tff.learning.ClientWeighting, got "
-        f"{client_weighting!r}"
+      f"client_weighting must be a tff.learning.ClientWeighting, got {client_weighting!r}"
     )
 
 
@@ -136,20 +131,20 @@ def _check_optimizer(optimizer: Any) -> None:
     return
   if isinstance(optimizer, _KERAS_OPTIMIZER_TYPES):
     raise TypeError(
-        "optimizer must be a tff.learning.optimizers.Optimizer or a no-arg "
-        "callable returning a tf.keras optimizer, not a Keras optimizer "
-        "instance: its variables would be shared by every client (pass "
-        "`lambda: tf.keras.optimizers.SGD(...)` instead)"
+      "optimizer must be a tff.learning.optimizers.Optimizer or a no-arg "
+      "callable returning a tf.keras optimizer, not a Keras optimizer "
+      "instance: its variables would be shared by every client (pass "
+      "`lambda: tf.keras.optimizers.SGD(...)` instead)"
     )
   if not callable(optimizer):
     raise TypeError(
-        "optimizer must be a tff.learning.optimizers.Optimizer or a no-arg "
-        f"callable returning a tf.keras optimizer, got {optimizer!r}"
+      "optimizer must be a tff.learning.optimizers.Optimizer or a no-arg "
+      f"callable returning a tf.keras optimizer, got {optimizer!r}"
     )
 
 
 def _checked_model_in_graph(
-    model_fn: ModelFn, graph: tf.Graph
+  model_fn: ModelFn, graph: tf.Graph
 ) -> tff.learning.models.VariableModel:
   """Calls `model_fn` twice inside `graph` and returns the first model.
 
@@ -164,31 +159,27 @@ def _checked_model_in_graph(
   first = model_fn()
   if not isinstance(first, tff.learning.models.VariableModel):
     raise TypeError(
-        "model_fn must return a tff.learning.models.VariableModel, got "
-        f"{type(first).__name__}"
+      f"model_fn must return a tff.learning.models.VariableModel, got {type(first).__name__}"
     )
   second = model_fn()
   if second is first:
     raise ValueError(
-        "model_fn returned the same model object on two calls; it must build "
-        "a new model from scratch on each call (e.g. call "
-        "tff.learning.models.from_keras_model on a newly built Keras model "
-        "inside model_fn)"
+      "model_fn returned the same model object on two calls; it must build "
+      "a new model from scratch on each call (e.g. call "
+      "tff.learning.models.from_keras_model on a newly built Keras model "
+      "inside model_fn)"
     )
-  for variable in list(first.trainable_variables) + list(
-      first.non_trainable_variables
-  ):
+  for variable in list(first.trainable_variables) + list(first.non_trainable_variables):
     if getattr(variable, "graph", None) is not graph:
       raise ValueError(
-          f"model_fn returned a model whose variable {variable.name!r} was "
-          "created outside model_fn; model_fn must not capture variables "
-          "(build the Keras model inside model_fn)"
+        f"model_fn returned a model whose variable {variable.name!r} was "
+        "created outside model_fn; model_fn must not capture variables "
+        "(build the Keras model inside model_fn)"
       )
   return first
 
 
 class _DropAbslMessage(logging.Filter):
-
   def __init__(self, prefix: str):
     super().__init__()
     self._prefix = prefix
@@ -228,9 +219,7 @@ def _create_keras_optimizer_variables(optimizer: Any, weights: Any) -> None:
   """
 
   def zero_update(opt, variables):
-    opt.apply_gradients(
-        [(tf.zeros_like(v), v) for v in tf.nest.flatten(variables)]
-    )
+    opt.apply_gradients([(tf.zeros_like(v), v) for v in tf.nest.flatten(variables)])
 
   tf.function(zero_update).get_concrete_function(optimizer, weights)
 
@@ -241,20 +230,20 @@ def _initial_values(variables: list[tf.Variable]) -> list[tf.Tensor]:
   return [v.initial_value for v in variables]
 
 
-def _add_proximal_term(
-    gradients: Any, weights: Any, initial_weights: Any, strength: float
-) -> Any:
+def _add_proximal_term(gradients: Any, weights: Any, initial_weights: Any, strength: float) -> Any:
   """Adds the gradient of `strength/2 * ||w - w_initial||^2`: a pull back."""
   return tf.nest.map_structure(
-      lambda g, w, w0: g + strength * (w - w0),
-      gradients, weights, initial_weights,
+    lambda g, w, w0: g + strength * (w - w0),
+    gradients,
+    weights,
+    initial_weights,
   )
 
 
 def _client_weight(
-    weighting: tff.learning.ClientWeighting,
-    has_non_finite_delta: tf.Tensor,
-    num_examples: tf.Tensor,
+  weighting: tff.learning.ClientWeighting,
+  has_non_finite_delta: tf.Tensor,
+  num_examples: tf.Tensor,
 ) -> tf.Tensor:
   # TFF's rule (`_choose_client_weight`): a client whose delta is not finite
   # gets weight 0 (its delta was zeroed).
@@ -272,11 +261,11 @@ def _count_examples(num_examples_sum: tf.Tensor, output: Any) -> tf.Tensor:
 
 
 def build_model_delta_update_with_tff_optimizer(
-    model_fn: ModelFn,
-    *,
-    weighting: tff.learning.ClientWeighting,
-    delta_l2_regularizer: float,
-    loop_implementation: tff.learning.LoopImplementation,
+  model_fn: ModelFn,
+  *,
+  weighting: tff.learning.ClientWeighting,
+  delta_l2_regularizer: float,
+  loop_implementation: tff.learning.LoopImplementation,
 ) -> Callable[[Any, Any, tf.data.Dataset], tuple[Any, Any]]:
   """Creates the FedAvg/FedProx client update for a TFF optimizer.
 
@@ -299,22 +288,18 @@ def build_model_delta_update_with_tff_optimizer(
   """
   if delta_l2_regularizer == 0.0:
     return proximal_client_work.build_model_delta_update_with_tff_optimizer(
-        model_fn,
-        weighting=weighting,
-        delta_l2_regularizer=0.0,
-        loop_implementation=loop_implementation,
+      model_fn,
+      weighting=weighting,
+      delta_l2_regularizer=0.0,
+      loop_implementation=loop_implementation,
     )
   model = model_fn()
-  dataset_reduce_fn = loop_builder.build_training_loop(
-      loop_implementation=loop_implementation
-  )
+  dataset_reduce_fn = loop_builder.build_training_loop(loop_implementation=loop_implementation)
 
   @tf.function
   def client_update(optimizer, initial_weights, data):
     model_weights = tff.learning.models.ModelWeights.from_model(model)
-    tf.nest.map_structure(
-        lambda a, b: a.assign(b), model_weights, initial_weights
-    )
+    tf.nest.map_structure(lambda a, b: a.assign(b), model_weights, initial_weights)
 
     def reduce_fn(state, batch):
       num_examples_sum, optimizer_state = state
@@ -322,61 +307,54 @@ def build_model_delta_update_with_tff_optimizer(
         output = model.forward_pass(batch, training=True)
       gradients = tape.gradient(output.loss, model_weights.trainable)
       gradients = _add_proximal_term(
-          gradients, model_weights.trainable, initial_weights.trainable,
-          delta_l2_regularizer,
+        gradients,
+        model_weights.trainable,
+        initial_weights.trainable,
+        delta_l2_regularizer,
       )
       optimizer_state, updated_weights = optimizer.next(
-          optimizer_state,
-          tuple(tf.nest.flatten(model_weights.trainable)),
-          tuple(tf.nest.flatten(gradients)),
+        optimizer_state,
+        tuple(tf.nest.flatten(model_weights.trainable)),
+        tuple(tf.nest.flatten(gradients)),
       )
-      updated_weights = tf.nest.pack_sequence_as(
-          model_weights.trainable, updated_weights
-      )
-      tf.nest.map_structure(
-          lambda a, b: a.assign(b), model_weights.trainable, updated_weights
-      )
+      updated_weights = tf.nest.pack_sequence_as(model_weights.trainable, updated_weights)
+      tf.nest.map_structure(lambda a, b: a.assign(b), model_weights.trainable, updated_weights)
       return _count_examples(num_examples_sum, output), optimizer_state
 
     def initial_state_for_reduce_fn():
       # Flat tuples: "for batch in data" would stack lists of tensors.
       trainable_tensor_specs = tf.nest.map_structure(
-          lambda v: tf.TensorSpec(v.shape, v.dtype),
-          tuple(tf.nest.flatten(model_weights.trainable)),
+        lambda v: tf.TensorSpec(v.shape, v.dtype),
+        tuple(tf.nest.flatten(model_weights.trainable)),
       )
       return (
-          tf.zeros(shape=[], dtype=tf.int64),
-          optimizer.initialize(trainable_tensor_specs),
+        tf.zeros(shape=[], dtype=tf.int64),
+        optimizer.initialize(trainable_tensor_specs),
       )
 
-    num_examples, _ = dataset_reduce_fn(
-        reduce_fn, data, initial_state_for_reduce_fn
-    )
+    num_examples, _ = dataset_reduce_fn(reduce_fn, data, initial_state_for_reduce_fn)
     client_delta = tf.nest.map_structure(
-        tf.subtract, initial_weights.trainable, model_weights.trainable
+      tf.subtract, initial_weights.trainable, model_weights.trainable
     )
-    client_delta, has_non_finite_delta = (
-        tensor_utils.zero_all_if_any_non_finite(client_delta)
-    )
+    client_delta, has_non_finite_delta = tensor_utils.zero_all_if_any_non_finite(client_delta)
     return (
-        tff.learning.templates.ClientResult(
-            update=client_delta,
-            update_weight=_client_weight(
-                weighting, has_non_finite_delta, num_examples),
-        ),
-        model.report_local_unfinalized_metrics(),
+      tff.learning.templates.ClientResult(
+        update=client_delta,
+        update_weight=_client_weight(weighting, has_non_finite_delta, num_examples),
+      ),
+      model.report_local_unfinalized_metrics(),
     )
 
   return client_update
 
 
 def build_model_delta_update_with_keras_optimizer(
-    model_fn: ModelFn,
-    optimizer_fn: KerasOptimizerFn,
-    *,
-    weighting: tff.learning.ClientWeighting,
-    delta_l2_regularizer: float,
-    loop_implementation: tff.learning.LoopImplementation,
+  model_fn: ModelFn,
+  optimizer_fn: KerasOptimizerFn,
+  *,
+  weighting: tff.learning.ClientWeighting,
+  delta_l2_regularizer: float,
+  loop_implementation: tff.learning.LoopImplementation,
 ) -> Callable[[Any, tf.data.Dataset], tuple[Any, Any]]:
   """Creates the FedProx client update for a Keras optimizer factory.
 
@@ -412,24 +390,19 @@ def build_model_delta_update_with_keras_optimizer(
   optimizer = optimizer_fn()
   if not isinstance(optimizer, _KERAS_OPTIMIZER_TYPES):
     raise TypeError(
-        "optimizer must return a tf.keras optimizer when called, got "
-        f"{type(optimizer).__name__}"
+      f"optimizer must return a tf.keras optimizer when called, got {type(optimizer).__name__}"
     )
   model_weights = tff.learning.models.ModelWeights.from_model(model)
   _create_keras_optimizer_variables(optimizer, model_weights.trainable)
   optimizer_variables = _optimizer_variables(optimizer)
   optimizer_initial_values = _initial_values(optimizer_variables)
-  dataset_reduce_fn = loop_builder.build_training_loop(
-      loop_implementation=loop_implementation
-  )
+  dataset_reduce_fn = loop_builder.build_training_loop(loop_implementation=loop_implementation)
 
   @tf.function
   def client_update(initial_weights, data):
     for variable, value in zip(optimizer_variables, optimizer_initial_values):
       variable.assign(value)
-    tf.nest.map_structure(
-        lambda a, b: a.assign(b), model_weights, initial_weights
-    )
+    tf.nest.map_structure(lambda a, b: a.assign(b), model_weights, initial_weights)
     trainable = tf.nest.flatten(model_weights.trainable)
 
     def reduce_fn(num_examples_sum, batch):
@@ -438,28 +411,25 @@ def build_model_delta_update_with_keras_optimizer(
       gradients = tape.gradient(output.loss, model_weights.trainable)
       if delta_l2_regularizer > 0.0:
         gradients = _add_proximal_term(
-            gradients, model_weights.trainable, initial_weights.trainable,
-            delta_l2_regularizer,
+          gradients,
+          model_weights.trainable,
+          initial_weights.trainable,
+          delta_l2_regularizer,
         )
       optimizer.apply_gradients(zip(tf.nest.flatten(gradients), trainable))
       return _count_examples(num_examples_sum, output)
 
-    num_examples = dataset_reduce_fn(
-        reduce_fn, data, lambda: tf.zeros(shape=[], dtype=tf.int64)
-    )
+    num_examples = dataset_reduce_fn(reduce_fn, data, lambda: tf.zeros(shape=[], dtype=tf.int64))
     client_delta = tf.nest.map_structure(
-        tf.subtract, initial_weights.trainable, model_weights.trainable
+      tf.subtract, initial_weights.trainable, model_weights.trainable
     )
-    client_delta, has_non_finite_delta = (
-        tensor_utils.zero_all_if_any_non_finite(client_delta)
-    )
+    client_delta, has_non_finite_delta = tensor_utils.zero_all_if_any_non_finite(client_delta)
     return (
-        tff.learning.templates.ClientResult(
-            update=client_delta,
-            update_weight=_client_weight(
-                weighting, has_non_finite_delta, num_examples),
-        ),
-        model.report_local_unfinalized_metrics(),
+      tff.learning.templates.ClientResult(
+        update=client_delta,
+        update_weight=_client_weight(weighting, has_non_finite_delta, num_examples),
+      ),
+      model.report_local_unfinalized_metrics(),
     )
 
   return client_update
@@ -485,11 +455,11 @@ class ClientUpdate:
 
 
 def build_client_update(
-    model_fn: ModelFn,
-    optimizer: OptimizerArg,
-    client_weighting: tff.learning.ClientWeighting,
-    delta_l2_regularizer: float = 0.0,
-    use_experimental_simulation_loop: bool = False,
+  model_fn: ModelFn,
+  optimizer: OptimizerArg,
+  client_weighting: tff.learning.ClientWeighting,
+  delta_l2_regularizer: float = 0.0,
+  use_experimental_simulation_loop: bool = False,
 ) -> ClientUpdate:
   """Builds the client update that `build_model_delta_client_work` runs.
 
@@ -518,27 +488,24 @@ def build_client_update(
   _check_client_weighting(client_weighting)
   _check_optimizer(optimizer)
   delta_l2_regularizer = check_delta_l2_regularizer(delta_l2_regularizer)
-  loop_implementation = loop_implementation_for(
-      use_experimental_simulation_loop
-  )
+  loop_implementation = loop_implementation_for(use_experimental_simulation_loop)
   built: list[tff.learning.models.VariableModel] = []
 
   def recording_model_fn():
     model = model_fn()
     if not isinstance(model, tff.learning.models.VariableModel):
       raise TypeError(
-          "model_fn must return a tff.learning.models.VariableModel, got "
-          f"{type(model).__name__}"
+        f"model_fn must return a tff.learning.models.VariableModel, got {type(model).__name__}"
       )
     built.append(model)
     return model
 
   if isinstance(optimizer, tff.learning.optimizers.Optimizer):
     tff_update = build_model_delta_update_with_tff_optimizer(
-        recording_model_fn,
-        weighting=client_weighting,
-        delta_l2_regularizer=delta_l2_regularizer,
-        loop_implementation=loop_implementation,
+      recording_model_fn,
+      weighting=client_weighting,
+      delta_l2_regularizer=delta_l2_regularizer,
+      loop_implementation=loop_implementation,
     )
 
     def update_fn(initial_weights, data):
@@ -546,22 +513,22 @@ def build_client_update(
 
   else:
     update_fn = build_model_delta_update_with_keras_optimizer(
-        recording_model_fn,
-        optimizer,
-        weighting=client_weighting,
-        delta_l2_regularizer=delta_l2_regularizer,
-        loop_implementation=loop_implementation,
+      recording_model_fn,
+      optimizer,
+      weighting=client_weighting,
+      delta_l2_regularizer=delta_l2_regularizer,
+      loop_implementation=loop_implementation,
     )
   return ClientUpdate(model=built[0], update_fn=update_fn)
 
 
 def build_model_delta_client_work(
-    model_fn: ModelFn,
-    optimizer: OptimizerArg,
-    client_weighting: tff.learning.ClientWeighting,
-    delta_l2_regularizer: float = 0.0,
-    metrics_aggregator: Optional[Callable[..., Any]] = None,
-    use_experimental_simulation_loop: bool = False,
+  model_fn: ModelFn,
+  optimizer: OptimizerArg,
+  client_weighting: tff.learning.ClientWeighting,
+  delta_l2_regularizer: float = 0.0,
+  metrics_aggregator: Optional[Callable[..., Any]] = None,
+  use_experimental_simulation_loop: bool = False,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Creates a `ClientWorkProcess` for federated averaging (and FedProx).
 
@@ -620,9 +587,7 @@ def build_model_delta_client_work(
   _check_client_weighting(client_weighting)
   _check_optimizer(optimizer)
   delta_l2_regularizer = check_delta_l2_regularizer(delta_l2_regularizer)
-  loop_implementation = loop_implementation_for(
-      use_experimental_simulation_loop
-  )
+  loop_implementation = loop_implementation_for(use_experimental_simulation_loop)
   if metrics_aggregator is None:
     metrics_aggregator = tff.learning.metrics.sum_then_finalize
 
@@ -634,8 +599,8 @@ def build_model_delta_client_work(
       keras_optimizer = optimizer()
       if not isinstance(keras_optimizer, _KERAS_OPTIMIZER_TYPES):
         raise TypeError(
-            "optimizer must return a tf.keras optimizer when called, got "
-            f"{type(keras_optimizer).__name__}"
+          "optimizer must return a tf.keras optimizer when called, got "
+          f"{type(keras_optimizer).__name__}"
         )
     metrics_aggregation_fn = metrics_aggregator(model.metric_finalizers())
 
@@ -643,12 +608,12 @@ def build_model_delta_client_work(
   if is_tff_optimizer and delta_l2_regularizer == 0.0:
     with _without_zero_regularizer_warning():
       return proximal_client_work.build_model_delta_client_work(
-          model_fn=model_fn,
-          optimizer=optimizer,
-          client_weighting=client_weighting,
-          delta_l2_regularizer=delta_l2_regularizer,
-          metrics_aggregator=metrics_aggregator,
-          loop_implementation=loop_implementation,
+        model_fn=model_fn,
+        optimizer=optimizer,
+        client_weighting=client_weighting,
+        delta_l2_regularizer=delta_l2_regularizer,
+        metrics_aggregator=metrics_aggregator,
+        loop_implementation=loop_implementation,
       )
 
   element_type = tff.types.tensorflow_to_type(model.input_spec)
@@ -659,18 +624,18 @@ def build_model_delta_client_work(
   def client_update_computation(initial_model_weights, dataset):
     if is_tff_optimizer:
       client_update = build_model_delta_update_with_tff_optimizer(
-          model_fn,
-          weighting=client_weighting,
-          delta_l2_regularizer=delta_l2_regularizer,
-          loop_implementation=loop_implementation,
-      )
-      return client_update(optimizer, initial_model_weights, dataset)
-    client_update = build_model_delta_update_with_keras_optimizer(
         model_fn,
-        optimizer,
         weighting=client_weighting,
         delta_l2_regularizer=delta_l2_regularizer,
         loop_implementation=loop_implementation,
+      )
+      return client_update(optimizer, initial_model_weights, dataset)
+    client_update = build_model_delta_update_with_keras_optimizer(
+      model_fn,
+      optimizer,
+      weighting=client_weighting,
+      delta_l2_regularizer=delta_l2_regularizer,
+      loop_implementation=loop_implementation,
     )
     return client_update(initial_model_weights, dataset)
 
@@ -679,20 +644,16 @@ def build_model_delta_client_work(
     return tff.federated_value((), tff.SERVER)
 
   @tff.federated_computation(
-      init_fn.type_signature.result,
-      tff.FederatedType(weights_type, tff.CLIENTS),
-      tff.FederatedType(data_type, tff.CLIENTS),
+    init_fn.type_signature.result,
+    tff.FederatedType(weights_type, tff.CLIENTS),
+    tff.FederatedType(data_type, tff.CLIENTS),
   )
   def next_fn(state, weights, client_data):
     client_result, model_outputs = tff.federated_map(
-        client_update_computation, (weights, client_data)
+      client_update_computation, (weights, client_data)
     )
     train_metrics = metrics_aggregation_fn(model_outputs)
-    measurements = tff.federated_zip(
-        collections.OrderedDict(train=train_metrics)
-    )
-    return tff.templates.MeasuredProcessOutput(
-        state, client_result, measurements
-    )
+    measurements = tff.federated_zip(collections.OrderedDict(train=train_metrics))
+    return tff.templates.MeasuredProcessOutput(state, client_result, measurements)
 
   return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)

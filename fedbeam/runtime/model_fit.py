@@ -9,8 +9,8 @@ and compares what comes out with the model's input spec.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
+import random
 from typing import Any
 
 import tensorflow as tf
@@ -26,8 +26,11 @@ def describe_specs(specs: Any) -> str:
   """`{name: dtype[shape], ...}` of a structure of `tf.TensorSpec`s (nested names dotted)."""
   if isinstance(specs, tf.TensorSpec):
     return f"{specs.dtype.name}{_shape(specs.shape)}"
-  return "{" + ", ".join(f"{path}: {s.dtype.name}{_shape(s.shape)}"
-                         for path, s in _with_paths(specs, "")) + "}"
+  return (
+    "{"
+    + ", ".join(f"{path}: {s.dtype.name}{_shape(s.shape)}" for path, s in _with_paths(specs, ""))
+    + "}"
+  )
 
 
 def _with_paths(specs: Any, prefix: str) -> list[tuple[str, Any]]:
@@ -53,7 +56,7 @@ def _cause(error: BaseException) -> str:
   name = type(error).__name__
   for kind in ("KeyError", "ValueError", "TypeError", "InvalidArgumentError"):
     if last.startswith(kind + ": "):
-      name, last = kind, last[len(kind) + 2:]
+      name, last = kind, last[len(kind) + 2 :]
   return f"{name}: {last.split(_GRAPH_NODE)[0]}"
 
 
@@ -72,8 +75,7 @@ def _synthetic(spec: tf.TensorSpec) -> tf.Tensor:
   return tf.zeros(shape, spec.dtype)
 
 
-def check_model_fits(model_name: str, model_fn: Any, preprocess: Any,
-                     element_spec: Any) -> None:
+def check_model_fits(model_name: str, model_fn: Any, preprocess: Any, element_spec: Any) -> None:
   """Raises ModelMismatchError unless the model can train on elements of `element_spec`.
 
   Args:
@@ -103,9 +105,10 @@ def check_model_fits(model_name: str, model_fn: Any, preprocess: Any,
 
   def refuse(reason: str) -> ModelMismatchError:
     return ModelMismatchError(
-        f"--model {model_name} does not fit the store: {reason}; the store's element spec is "
-        f"{describe_specs(element_spec)}, the model's input spec is "
-        f"{describe_specs(input_spec)}")
+      f"--model {model_name} does not fit the store: {reason}; the store's element spec is "
+      f"{describe_specs(element_spec)}, the model's input spec is "
+      f"{describe_specs(input_spec)}"
+    )
 
   if hasattr(element_spec, "to_tensor_specs"):  # a store's fedbeam ElementSpec
     element_spec = element_spec.to_tensor_specs()
@@ -117,7 +120,8 @@ def check_model_fits(model_name: str, model_fn: Any, preprocess: Any,
   except (KeyError, ValueError, TypeError, tf.errors.OpError) as e:
     raise refuse(f"its preprocessing failed on the store's elements ({_cause(e)})") from None
   batched = tf.nest.map_structure(
-      lambda s: tf.TensorSpec([None] + s.shape.as_list(), s.dtype), dataset.element_spec)
+    lambda s: tf.TensorSpec([None] + s.shape.as_list(), s.dtype), dataset.element_spec
+  )
   try:
     tf.nest.assert_same_structure(batched, input_spec, check_types=False)
   except (ValueError, TypeError):

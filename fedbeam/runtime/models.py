@@ -33,9 +33,9 @@ Built-in models (`get_model(name)`):
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 import dataclasses
 import importlib
-from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
@@ -44,14 +44,14 @@ import tensorflow_federated as tff
 from fedbeam.batch_form import with_batch_form
 
 __all__ = [
-    "CHAR_VOCAB_SIZE",
-    "ModelSpec",
-    "SEQUENCE_LENGTH",
-    "builtin_model_names",
-    "char_ids",
-    "char_rnn_preprocess",
-    "get_model",
-    "image_preprocess",
+  "CHAR_VOCAB_SIZE",
+  "ModelSpec",
+  "SEQUENCE_LENGTH",
+  "builtin_model_names",
+  "char_ids",
+  "char_rnn_preprocess",
+  "get_model",
+  "image_preprocess",
 ]
 
 Preprocess = Callable[[tf.data.Dataset], tf.data.Dataset]
@@ -78,12 +78,10 @@ class ModelSpec:
   description: str = ""
 
 
-def _classifier_spec(
-    height: int, width: int
-) -> collections.OrderedDict[str, tf.TensorSpec]:
+def _classifier_spec(height: int, width: int) -> collections.OrderedDict[str, tf.TensorSpec]:
   return collections.OrderedDict(
-      x=tf.TensorSpec([None, height, width], tf.float32),
-      y=tf.TensorSpec([None], tf.int32),
+    x=tf.TensorSpec([None, height, width], tf.float32),
+    y=tf.TensorSpec([None], tf.int32),
   )
 
 
@@ -116,43 +114,41 @@ def image_preprocess(height: int, width: int) -> Preprocess:
     pixels = tf.reshape(pixels, [count, height, width])
     # Background pixels are 0 in load_digits but 1 in TFF's EMNIST; scaling
     # by the maximum keeps either convention in [0, 1].
-    scale = tf.maximum(
-        tf.reduce_max(tf.abs(pixels), axis=[1, 2], keepdims=True), 1e-6)
+    scale = tf.maximum(tf.reduce_max(tf.abs(pixels), axis=[1, 2], keepdims=True), 1e-6)
     return collections.OrderedDict(
-        x=pixels / scale,
-        y=tf.cast(tf.reshape(elements["label"], [count]), tf.int32),
+      x=pixels / scale,
+      y=tf.cast(tf.reshape(elements["label"], [count]), tf.int32),
     )
 
   def to_example(element):
     # One element is a batch of one, so both forms give the same numbers.
-    one = to_examples({k: tf.expand_dims(element[k], 0)
-                       for k in ("pixels", "label")})
+    one = to_examples({k: tf.expand_dims(element[k], 0) for k in ("pixels", "label")})
     return collections.OrderedDict((k, v[0]) for k, v in one.items())
 
   def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    return dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=True)
+    return dataset.map(to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   return with_batch_form(preprocess, to_examples)
 
 
 def _from_keras(
-    keras_model: tf.keras.Model,
-    input_spec: Any,
-    metrics: Callable[[], list[tf.keras.metrics.Metric]] = lambda: [
-        tf.keras.metrics.SparseCategoricalAccuracy()
-    ],
+  keras_model: tf.keras.Model,
+  input_spec: Any,
+  metrics: Callable[[], list[tf.keras.metrics.Metric]] = lambda: [
+    tf.keras.metrics.SparseCategoricalAccuracy()
+  ],
 ) -> tff.learning.models.VariableModel:
   return tff.learning.models.from_keras_model(
-      keras_model,
-      input_spec=input_spec,
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      metrics=metrics(),
+    keras_model,
+    input_spec=input_spec,
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=metrics(),
   )
 
 
 def _digits_cnn() -> tff.learning.models.VariableModel:
-  keras_model = tf.keras.Sequential([
+  keras_model = tf.keras.Sequential(
+    [
       tf.keras.layers.Input([8, 8]),
       tf.keras.layers.Reshape([8, 8, 1]),
       tf.keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
@@ -160,12 +156,14 @@ def _digits_cnn() -> tff.learning.models.VariableModel:
       tf.keras.layers.Flatten(),
       tf.keras.layers.Dense(32, activation="relu"),
       tf.keras.layers.Dense(10),
-  ])
+    ]
+  )
   return _from_keras(keras_model, _classifier_spec(8, 8))
 
 
 def _emnist_cnn() -> tff.learning.models.VariableModel:
-  keras_model = tf.keras.Sequential([
+  keras_model = tf.keras.Sequential(
+    [
       tf.keras.layers.Input([28, 28]),
       tf.keras.layers.Reshape([28, 28, 1]),
       tf.keras.layers.Conv2D(32, 5, padding="same", activation="relu"),
@@ -175,7 +173,8 @@ def _emnist_cnn() -> tff.learning.models.VariableModel:
       tf.keras.layers.Flatten(),
       tf.keras.layers.Dense(128, activation="relu"),
       tf.keras.layers.Dense(62),
-  ])
+    ]
+  )
   return _from_keras(keras_model, _classifier_spec(28, 28))
 
 
@@ -199,12 +198,8 @@ def char_ids(snippet: tf.Tensor) -> tf.Tensor:
     An int32 vector `[BOS, id(c) for c in snippet, EOS]`; characters outside
     printable ASCII, newline and tab map to the out-of-vocabulary id.
   """
-  code_points = tf.strings.unicode_decode(
-      snippet, "UTF-8", errors="replace"
-  )
-  printable = (code_points >= _FIRST_PRINTABLE) & (
-      code_points <= _LAST_PRINTABLE
-  )
+  code_points = tf.strings.unicode_decode(snippet, "UTF-8", errors="replace")
+  printable = (code_points >= _FIRST_PRINTABLE) & (code_points <= _LAST_PRINTABLE)
   ids = tf.where(printable, code_points - _FIRST_PRINTABLE + 4, _OOV)
   ids = tf.where(tf.equal(code_points, ord("\n")), _NEWLINE_ID, ids)
   ids = tf.where(tf.equal(code_points, ord("\t")), _TAB_ID, ids)
@@ -212,7 +207,7 @@ def char_ids(snippet: tf.Tensor) -> tf.Tensor:
 
 
 def char_rnn_preprocess(
-    sequence_length: int = SEQUENCE_LENGTH,
+  sequence_length: int = SEQUENCE_LENGTH,
 ) -> Preprocess:
   """Turns `snippets` into next-character (x, y) id sequences.
 
@@ -235,7 +230,7 @@ def char_rnn_preprocess(
     ids = tf.pad(ids, [[0, padded_length - tf.size(ids)]])
     chunks = tf.reshape(ids, [-1, chunk])
     return tf.data.Dataset.from_tensor_slices(
-        collections.OrderedDict(x=chunks[:, :-1], y=chunks[:, 1:])
+      collections.OrderedDict(x=chunks[:, :-1], y=chunks[:, 1:])
     )
 
   def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -245,15 +240,17 @@ def char_rnn_preprocess(
 
 
 def _char_rnn() -> tff.learning.models.VariableModel:
-  keras_model = tf.keras.Sequential([
+  keras_model = tf.keras.Sequential(
+    [
       tf.keras.layers.Input([SEQUENCE_LENGTH], dtype=tf.int32),
       tf.keras.layers.Embedding(CHAR_VOCAB_SIZE, 32),
       tf.keras.layers.GRU(128, return_sequences=True),
       tf.keras.layers.Dense(CHAR_VOCAB_SIZE),
-  ])
+    ]
+  )
   spec = collections.OrderedDict(
-      x=tf.TensorSpec([None, SEQUENCE_LENGTH], tf.int32),
-      y=tf.TensorSpec([None, SEQUENCE_LENGTH], tf.int32),
+    x=tf.TensorSpec([None, SEQUENCE_LENGTH], tf.int32),
+    y=tf.TensorSpec([None, SEQUENCE_LENGTH], tf.int32),
   )
   # Padding targets are not characters: counted, a model that predicts
   # padding after every snippet scores the padding share (about a fifth of
@@ -261,34 +258,34 @@ def _char_rnn() -> tff.learning.models.VariableModel:
   # (`tff.simulation.baselines.shakespeare`) masks them with these metrics.
   keras_metrics = tff.simulation.baselines.keras_metrics
   return _from_keras(
-      keras_model,
-      spec,
-      metrics=lambda: [
-          keras_metrics.NumTokensCounter(masked_tokens=[_PAD]),
-          keras_metrics.MaskedCategoricalAccuracy(masked_tokens=[_PAD]),
-      ],
+    keras_model,
+    spec,
+    metrics=lambda: [
+      keras_metrics.NumTokensCounter(masked_tokens=[_PAD]),
+      keras_metrics.MaskedCategoricalAccuracy(masked_tokens=[_PAD]),
+    ],
   )
 
 
 _BUILTINS: dict[str, ModelSpec] = {
-    "digits-cnn": ModelSpec(
-        "digits-cnn",
-        _digits_cnn,
-        image_preprocess(8, 8),
-        "small CNN for 8x8 digits (`pixels` [8,8], `label`), 10 classes",
-    ),
-    "emnist-cnn": ModelSpec(
-        "emnist-cnn",
-        _emnist_cnn,
-        image_preprocess(28, 28),
-        "CNN for 28x28 EMNIST-like images (`pixels` [28,28], `label`), 62 classes",
-    ),
-    "char-rnn": ModelSpec(
-        "char-rnn",
-        _char_rnn,
-        char_rnn_preprocess(),
-        "GRU next-character model over `snippets` strings",
-    ),
+  "digits-cnn": ModelSpec(
+    "digits-cnn",
+    _digits_cnn,
+    image_preprocess(8, 8),
+    "small CNN for 8x8 digits (`pixels` [8,8], `label`), 10 classes",
+  ),
+  "emnist-cnn": ModelSpec(
+    "emnist-cnn",
+    _emnist_cnn,
+    image_preprocess(28, 28),
+    "CNN for 28x28 EMNIST-like images (`pixels` [28,28], `label`), 62 classes",
+  ),
+  "char-rnn": ModelSpec(
+    "char-rnn",
+    _char_rnn,
+    char_rnn_preprocess(),
+    "GRU next-character model over `snippets` strings",
+  ),
 }
 
 
@@ -300,23 +297,19 @@ def builtin_model_names() -> list[str]:
 def _resolve_reference(reference: str) -> Any:
   module_name, _, attribute_path = reference.partition(":")
   if not module_name or not attribute_path:
-    raise ValueError(
-        f"model reference {reference!r} must look like 'package.module:function'"
-    )
+    raise ValueError(f"model reference {reference!r} must look like 'package.module:function'")
   try:
     target: Any = importlib.import_module(module_name)
   except ImportError as error:
     raise ValueError(
-        f"cannot import module {module_name!r} of model reference "
-        f"{reference!r}: {error}"
+      f"cannot import module {module_name!r} of model reference {reference!r}: {error}"
     ) from error
   for attribute in attribute_path.split("."):
     try:
       target = getattr(target, attribute)
     except AttributeError as error:
       raise ValueError(
-          f"model reference {reference!r}: {module_name!r} has no attribute "
-          f"path {attribute_path!r}"
+        f"model reference {reference!r}: {module_name!r} has no attribute path {attribute_path!r}"
       ) from error
   return target
 
@@ -347,16 +340,15 @@ def get_model(name: str) -> ModelSpec:
     return _BUILTINS[name]
   if ":" not in name:
     raise ValueError(
-        f"unknown model {name!r}: choose one of "
-        f"{', '.join(builtin_model_names())} or give 'module:function'"
+      f"unknown model {name!r}: choose one of "
+      f"{', '.join(builtin_model_names())} or give 'module:function'"
     )
   target = _resolve_reference(name)
   if isinstance(target, ModelSpec):
     return target
   if not callable(target):
     raise ValueError(
-        f"model reference {name!r} resolves to {type(target).__name__}, "
-        "not a ModelSpec or a callable"
+      f"model reference {name!r} resolves to {type(target).__name__}, not a ModelSpec or a callable"
     )
   # A throwaway graph keeps the probe call from leaving eager variables.
   with tf.Graph().as_default():
@@ -366,6 +358,6 @@ def get_model(name: str) -> ModelSpec:
   if isinstance(built, tff.learning.models.VariableModel):
     return ModelSpec(name=name, model_fn=target, preprocess=_identity)
   raise ValueError(
-      f"model reference {name!r} returned {type(built).__name__}; expected "
-      "a ModelSpec or a tff.learning.models.VariableModel"
+    f"model reference {name!r} returned {type(built).__name__}; expected "
+    "a ModelSpec or a tff.learning.models.VariableModel"
   )

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 from collections.abc import Coroutine
+import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
@@ -24,13 +24,13 @@ __all__ = ["METRICS_COLUMNS", "RoundReleases", "metrics_row"]
 
 # The columns of metrics.csv, in order; `round` is the release managers' key.
 METRICS_COLUMNS = (
-    "round",
-    "train_loss",
-    "train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "seconds",
-    "examples",
+  "round",
+  "train_loss",
+  "train_accuracy",
+  "test_loss",
+  "test_accuracy",
+  "seconds",
+  "examples",
 )
 
 # A named tuple, not a dict: the CSV manager flattens a dict in sorted key
@@ -53,13 +53,13 @@ def metrics_row(result: "RoundResult") -> dict[str, str]:
   train_loss, train_accuracy = loss_and_accuracy(result.train_metrics)
   test_loss, test_accuracy = loss_and_accuracy(result.eval_metrics)
   return {
-      "round": str(result.round_num),
-      "train_loss": _format(train_loss),
-      "train_accuracy": _format(train_accuracy),
-      "test_loss": _format(test_loss),
-      "test_accuracy": _format(test_accuracy),
-      "seconds": f"{result.seconds:.6f}",
-      "examples": str(result.num_examples),
+    "round": str(result.round_num),
+    "train_loss": _format(train_loss),
+    "train_accuracy": _format(train_accuracy),
+    "test_loss": _format(test_loss),
+    "test_accuracy": _format(test_accuracy),
+    "seconds": f"{result.seconds:.6f}",
+    "examples": str(result.num_examples),
   }
 
 
@@ -85,23 +85,24 @@ class RoundReleases:
     import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
     self._csv = tff.program.CSVFileReleaseManager(
-        metrics_path, save_mode=tff.program.CSVSaveMode.APPEND, key_fieldname="round")
+      metrics_path, save_mode=tff.program.CSVSaveMode.APPEND, key_fieldname="round"
+    )
     self._tensorboard = tff.program.TensorBoardReleaseManager(tensorboard_dir)
     self._loop: Optional[asyncio.AbstractEventLoop] = None
     self._thread: Optional[threading.Thread] = None
 
   def __enter__(self) -> "RoundReleases":
     self._loop = asyncio.new_event_loop()
-    self._thread = threading.Thread(target=self._loop.run_forever,
-                                    name="fedbeam-round-releases", daemon=True)
+    self._thread = threading.Thread(
+      target=self._loop.run_forever, name="fedbeam-round-releases", daemon=True
+    )
     self._thread.start()
     return self
 
   def __exit__(self, *exc_info: Any) -> None:
     assert self._loop is not None and self._thread is not None
     # On the loop's own thread: the caller's thread may run a loop itself.
-    asyncio.run_coroutine_threadsafe(self._loop.shutdown_default_executor(),
-                                     self._loop).result()
+    asyncio.run_coroutine_threadsafe(self._loop.shutdown_default_executor(), self._loop).result()
     self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join()
     self._loop.close()
@@ -127,14 +128,22 @@ class RoundReleases:
     from fedbeam.runtime.simulation import loss_and_accuracy  # pylint: disable=g-import-not-at-top
 
     row = metrics_row(result)
-    self._run(self._csv.release(_MetricsValues(**{k: row[k] for k in METRICS_COLUMNS[1:]}),
-                                result.round_num))
+    self._run(
+      self._csv.release(
+        _MetricsValues(**{k: row[k] for k in METRICS_COLUMNS[1:]}), result.round_num
+      )
+    )
     train_loss, train_accuracy = loss_and_accuracy(result.train_metrics)
     test_loss, test_accuracy = loss_and_accuracy(result.eval_metrics)
     # None (not measured) is skipped by the manager, as it releases numbers only.
-    self._run(self._tensorboard.release({
-        "train": {"loss": train_loss, "accuracy": train_accuracy},
-        "test": {"loss": test_loss, "accuracy": test_accuracy},
-        "round": {"seconds": result.seconds, "examples": result.num_examples},
-    }, result.round_num))
+    self._run(
+      self._tensorboard.release(
+        {
+          "train": {"loss": train_loss, "accuracy": train_accuracy},
+          "test": {"loss": test_loss, "accuracy": test_accuracy},
+          "round": {"seconds": result.seconds, "examples": result.num_examples},
+        },
+        result.round_num,
+      )
+    )
     return row

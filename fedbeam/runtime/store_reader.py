@@ -16,29 +16,43 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
-# pylint: disable=g-direct-tensorflow-import
-from tensorflow.python.data.ops import dataset_ops
-from tensorflow.python.data.ops import readers as tf_readers
-from tensorflow.python.data.ops import structured_function
-from tensorflow.python.data.ops import unbatch_op
-from tensorflow.python.ops import gen_dataset_ops
-# pylint: enable=g-direct-tensorflow-import
 
-from fedbeam.format.spec import ElementSpec
-from fedbeam.format.codec import PARSE_BATCH, has_variable_length, make_batch_parser, make_record_parser, records_to_elements
+# pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.data.ops import dataset_ops, structured_function, unbatch_op
+from tensorflow.python.data.ops import readers as tf_readers
+from tensorflow.python.ops import gen_dataset_ops
+
+from fedbeam.format.codec import (
+  PARSE_BATCH,
+  has_variable_length,
+  make_batch_parser,
+  make_record_parser,
+  records_to_elements,
+)
 from fedbeam.format.fs import file_ops
-from fedbeam.format.layout import StoreFormatError, client_relative_path, client_relative_path_tf, join
+from fedbeam.format.layout import (
+  StoreFormatError,
+  client_relative_path,
+  client_relative_path_tf,
+  join,
+)
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import data_root, read_metadata
-from fedbeam.runtime.client_file_checks import (RECORD_OVERHEAD_BYTES, ManifestFigures,
-                                                check_client_file)
+
+# pylint: enable=g-direct-tensorflow-import
+from fedbeam.format.spec import ElementSpec
+from fedbeam.runtime.client_file_checks import (
+  RECORD_OVERHEAD_BYTES,
+  ManifestFigures,
+  check_client_file,
+)
 
 __all__ = [
-    "ClientFileError",
-    "StoreReader",
-    "client_dataset_builder",
-    "client_file_error",
-    "open_store",
+  "ClientFileError",
+  "StoreReader",
+  "client_dataset_builder",
+  "client_file_error",
+  "open_store",
 ]
 
 # Bytes of read-ahead per client file.
@@ -76,10 +90,12 @@ _NO_STATIC_OPTIMIZATION = _no_static_optimization()
 # parsed fixed-shape features do not have. TensorFlow is pinned; without these
 # internals the public ops give the same elements, more slowly.
 _SINGLE_DEVICE_FUNCTION_ATTRIBUTES = {"experimental_ints_on_device": True}
-_HAS_DATASET_INTERNALS = (hasattr(tf_readers, "_TFRecordDataset")
-                          and hasattr(structured_function, "StructuredFunctionWrapper")
-                          and hasattr(gen_dataset_ops, "map_dataset")
-                          and hasattr(unbatch_op, "_UnbatchDataset"))
+_HAS_DATASET_INTERNALS = (
+  hasattr(tf_readers, "_TFRecordDataset")
+  and hasattr(structured_function, "StructuredFunctionWrapper")
+  and hasattr(gen_dataset_ops, "map_dataset")
+  and hasattr(unbatch_op, "_UnbatchDataset")
+)
 
 
 class _SingleDeviceMapDataset(dataset_ops.UnaryDataset):
@@ -89,15 +105,19 @@ class _SingleDeviceMapDataset(dataset_ops.UnaryDataset):
     self._input_dataset = input_dataset
     self._name = None
     self._map_func = structured_function.StructuredFunctionWrapper(
-        map_func, "Dataset.map()", dataset=input_dataset,
-        defun_kwargs=dict(_SINGLE_DEVICE_FUNCTION_ATTRIBUTES))
+      map_func,
+      "Dataset.map()",
+      dataset=input_dataset,
+      defun_kwargs=dict(_SINGLE_DEVICE_FUNCTION_ATTRIBUTES),
+    )
     variant_tensor = gen_dataset_ops.map_dataset(
-        input_dataset._variant_tensor,  # pylint: disable=protected-access
-        self._map_func.function.captured_inputs,
-        f=self._map_func.function,
-        use_inter_op_parallelism=True,
-        preserve_cardinality=True,
-        **self._common_args)
+      input_dataset._variant_tensor,  # pylint: disable=protected-access
+      self._map_func.function.captured_inputs,
+      f=self._map_func.function,
+      use_inter_op_parallelism=True,
+      preserve_cardinality=True,
+      **self._common_args,
+    )
     super().__init__(input_dataset, variant_tensor)
 
   def _functions(self):
@@ -170,9 +190,11 @@ def _dataset_by_path_fn(spec: ElementSpec):
   def counted(path, num_examples):
     return build(path).apply(tf.data.experimental.assert_cardinality(num_examples))
 
-  return tf.function(counted, input_signature=[tf.TensorSpec([], tf.string),
-                                               tf.TensorSpec([], tf.int64)],
-                     autograph=False).get_concrete_function()
+  return tf.function(
+    counted,
+    input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64)],
+    autograph=False,
+  ).get_concrete_function()
 
 
 class ClientFileError(IOError):
@@ -180,22 +202,24 @@ class ClientFileError(IOError):
 
 
 def _file_problem(client_id: str, root: str, reason: str) -> str:
-  return (f"the file of client {client_id!r} in store {root} {reason}; "
-          f"run `fedbeam validate {root}`")
+  return f"the file of client {client_id!r} in store {root} {reason}; run `fedbeam validate {root}`"
 
 
 # TensorFlow errors a client's read raises, and what each says about the file.
 # InvalidArgument comes from the checks traced into graphs (their messages name
 # the client) and from records that do not parse; FailedPrecondition from
 # `assert_cardinality`.
-_READ_ERRORS = ((tf.errors.NotFoundError, "is missing"),
-                (tf.errors.DataLossError, "is damaged"),
-                (tf.errors.InvalidArgumentError, "does not match the store"),
-                (tf.errors.FailedPreconditionError, "does not match the manifest"))
+_READ_ERRORS = (
+  (tf.errors.NotFoundError, "is missing"),
+  (tf.errors.DataLossError, "is damaged"),
+  (tf.errors.InvalidArgumentError, "does not match the store"),
+  (tf.errors.FailedPreconditionError, "does not match the manifest"),
+)
 
 
-def client_file_error(error: tf.errors.OpError, client_id: str, root: str
-                      ) -> Optional[ClientFileError]:
+def client_file_error(
+  error: tf.errors.OpError, client_id: str, root: str
+) -> Optional[ClientFileError]:
   """The ClientFileError for a TensorFlow error raised reading client `client_id`'s file.
 
   For callers that read a client inside their own graph (a `tf.function` calling
@@ -262,10 +286,12 @@ def _failing_dataset(element_spec, message: str) -> tf.data.Dataset:
   Stands in for a client file that failed its open check, so that no
   consumer (`.batch()`, a tf.function) hands the file to TensorFlow's reader.
   """
+
   def fail(_):
     with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
       return tf.nest.map_structure(
-          lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype), element_spec)
+        lambda s: tf.zeros([0 if d is None else d for d in s.shape], s.dtype), element_spec
+      )
 
   return tf.data.Dataset.range(1).map(fail)
 
@@ -281,8 +307,14 @@ class StoreReader:
   `ClientData` contract on top.
   """
 
-  def __init__(self, root: str, metadata: Mapping[str, Any], splits: Sequence[str],
-               rows: Mapping[str, tuple[str, int, int]], ordered: bool = False):
+  def __init__(
+    self,
+    root: str,
+    metadata: Mapping[str, Any],
+    splits: Sequence[str],
+    rows: Mapping[str, tuple[str, int, int]],
+    ordered: bool = False,
+  ):
     """Use `open_store`. `rows` maps client id -> (split, num_examples, num_bytes).
 
     `client_ids` are sorted, or in the order of `rows` when `ordered`.
@@ -336,8 +368,9 @@ class StoreReader:
     for name in sorted({r[0] for r in rows.values()}):
       if not file_ops(data_dir).isdir(join(data_dir, name)):
         raise StoreFormatError(
-            f"store {path} is damaged: the directory of split {name!r} "
-            f"({join(data_dir, name)}) is missing")
+          f"store {path} is damaged: the directory of split {name!r} "
+          f"({join(data_dir, name)}) is missing"
+        )
     return cls(path, metadata, sorted(wanted), rows)
 
   # -- Client datasets --------------------------------------------------------
@@ -365,12 +398,15 @@ class StoreReader:
       ValueError: `client_id` is not a client of this ClientData (named).
     """
     if client_id not in self._rows:
-      raise ValueError(f"client id {client_id!r} is not a client of this ClientData "
-                       f"(store {self._root}, splits {list(self._splits)})")
+      raise ValueError(
+        f"client id {client_id!r} is not a client of this ClientData "
+        f"(store {self._root}, splits {list(self._splits)})"
+      )
     return self._client_dataset(client_id)
 
-  def create_tf_dataset_from_all_clients(self, seed: Optional[Union[int, Sequence[int]]] = None
-                                         ) -> tf.data.Dataset:
+  def create_tf_dataset_from_all_clients(
+    self, seed: Optional[Union[int, Sequence[int]]] = None
+  ) -> tf.data.Dataset:
     """Every client's examples, clients in TFF's seeded order, files read in parallel.
 
     Same order as TFF's implementation: clients shuffled by
@@ -383,21 +419,28 @@ class StoreReader:
     files = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
     if has_variable_length(self._spec):
       records = files.interleave(
-          lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES),
-          cycle_length=1, block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
-          deterministic=True)
+        lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES),
+        cycle_length=1,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+      )
       return records_to_elements(records, self._spec)
     # Each client file becomes one batch of all its records; several files are
     # read at once, and deterministic interleaving of one-element inputs keeps
     # the clients in order (an empty client contributes no batch).
     whole_clients = files.interleave(
-        lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES).batch(
-            _WHOLE_CLIENT_BATCH),
-        cycle_length=_PARALLEL_CLIENT_READS, block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      lambda p: tf.data.TFRecordDataset(p, buffer_size=_READ_BUFFER_BYTES).batch(
+        _WHOLE_CLIENT_BATCH
+      ),
+      cycle_length=_PARALLEL_CLIENT_READS,
+      block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
     return whole_clients.map(
-        make_batch_parser(self._spec), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True).unbatch()
+      make_batch_parser(self._spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    ).unbatch()
 
   # -- Store extras -----------------------------------------------------------
 
@@ -479,9 +522,11 @@ class StoreReader:
         if not keys:
           return tf.constant(largest)
         table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(keys, tf.string), tf.constant(values, tf.string)),
-            default_value=largest)
+          tf.lookup.KeyValueTensorInitializer(
+            tf.constant(keys, tf.string), tf.constant(values, tf.string)
+          ),
+          default_value=largest,
+        )
         return table.lookup(cid)
 
     def path_fn(client_id):
@@ -491,8 +536,9 @@ class StoreReader:
 
     return path_fn
 
-  def client_file_error(self, error: tf.errors.OpError, client_id: str
-                        ) -> Optional[ClientFileError]:
+  def client_file_error(
+    self, error: tf.errors.OpError, client_id: str
+  ) -> Optional[ClientFileError]:
     """`client_file_error(error, client_id, root)` for this store (None: not a file error)."""
     return client_file_error(error, client_id, self._root)
 
@@ -510,8 +556,9 @@ class StoreReader:
   def _manifest_figures(self) -> ManifestFigures:
     if self._figures is None:
       ids = list(self._rows)
-      self._figures = ManifestFigures(ids, [self._rows[c][1] for c in ids],
-                                      [self._rows[c][2] for c in ids])
+      self._figures = ManifestFigures(
+        ids, [self._rows[c][1] for c in ids], [self._rows[c][2] for c in ids]
+      )
     return self._figures
 
   def _checked_graph_dataset(self, client_id, path, found, num_examples, num_bytes):
@@ -528,13 +575,24 @@ class StoreReader:
     # StringLength is int32: compare sizes modulo 2^32 so files over 2 GiB still pass.
     low = lambda x: tf.bitwise.bitwise_and(x, 0xFFFFFFFF)  # noqa: E731
     check = tf.debugging.Assert(
-        tf.logical_or(tf.logical_not(found), tf.equal(low(size), low(num_bytes))),
-        [f"the file of client", client_id, f"in store {self._root} is", size,
-         "bytes, the manifest says", num_bytes, f"; run `fedbeam validate {self._root}`"])
+      tf.logical_or(tf.logical_not(found), tf.equal(low(size), low(num_bytes))),
+      [
+        "the file of client",
+        client_id,
+        f"in store {self._root} is",
+        size,
+        "bytes, the manifest says",
+        num_bytes,
+        f"; run `fedbeam validate {self._root}`",
+      ],
+    )
     with tf.control_dependencies([check]):
       dataset = self._build(path)
-    return dataset.apply(tf.data.experimental.assert_cardinality(
-        tf.where(found, num_examples, tf.constant(-1, tf.int64))))
+    return dataset.apply(
+      tf.data.experimental.assert_cardinality(
+        tf.where(found, num_examples, tf.constant(-1, tf.int64))
+      )
+    )
 
   def _client_dataset(self, client_id: str, wrap: bool = True) -> tf.data.Dataset:
     """The dataset of a known client, checked against its manifest row.
@@ -558,8 +616,12 @@ class StoreReader:
         dataset = self._dataset_by_path(path, tf.constant(num_examples, tf.int64))
     else:  # Inside a traced function: the pipeline goes into that graph.
       dataset = self._checked_graph_dataset(
-          tf.constant(client_id), path, tf.constant(True), tf.constant(num_examples, tf.int64),
-          tf.constant(num_bytes, tf.int64))
+        tf.constant(client_id),
+        path,
+        tf.constant(True),
+        tf.constant(num_examples, tf.int64),
+        tf.constant(num_bytes, tf.int64),
+      )
     return _ClientDataset(dataset, client_id, self._root, problem) if wrap else dataset
 
   def _build_dataset_fn(self):
@@ -577,8 +639,9 @@ class StoreReader:
     def dataset_fn(client_id):
       if not tf.executing_eagerly():
         found, num_examples, num_bytes = self._manifest_figures().lookup(client_id)
-        return self._checked_graph_dataset(client_id, path_fn(client_id), found, num_examples,
-                                           num_bytes)
+        return self._checked_graph_dataset(
+          client_id, path_fn(client_id), found, num_examples, num_bytes
+        )
       cid = client_id
       if isinstance(cid, tf.Tensor):
         cid = cid.numpy()
@@ -588,8 +651,10 @@ class StoreReader:
         return self._client_dataset(cid, wrap=False)
       if self._dataset_by_id is None:
         self._dataset_by_id = tf.function(
-            lambda cid: build(path_fn(cid)), input_signature=[tf.TensorSpec([], tf.string)],
-            autograph=False)
+          lambda cid: build(path_fn(cid)),
+          input_signature=[tf.TensorSpec([], tf.string)],
+          autograph=False,
+        )
       return self._dataset_by_id(client_id)
 
     return dataset_fn
@@ -616,8 +681,10 @@ class StoreReader:
     """
     if self._client_tensors_fn is None:
       if has_variable_length(self._spec):
-        raise ValueError("client_tensors_fn needs fixed-shape features; this store has "
-                         f"variable-length ones ({self._spec.to_json()})")
+        raise ValueError(
+          "client_tensors_fn needs fixed-shape features; this store has "
+          f"variable-length ones ({self._spec.to_json()})"
+        )
       parse, path_fn = make_batch_parser(self._spec), self._path_fn
       figures = self._manifest_figures()
       no_record = tf.zeros([0], tf.string)
@@ -628,18 +695,35 @@ class StoreReader:
         found, num_examples, num_bytes = figures.lookup(client_id)
         records = _read_records(path_fn(client_id))
         # An empty client yields no batch; the appended empty batch stands in.
-        whole = (records.batch(_WHOLE_CLIENT_BATCH)
-                 .concatenate(tf.data.Dataset.from_tensors(no_record))
-                 .take(1).with_options(_NO_STATIC_OPTIMIZATION)).get_single_element()
+        whole = (
+          records.batch(_WHOLE_CLIENT_BATCH)
+          .concatenate(tf.data.Dataset.from_tensors(no_record))
+          .take(1)
+          .with_options(_NO_STATIC_OPTIMIZATION)
+        ).get_single_element()
         count = tf.size(whole, out_type=tf.int64)
         framed = RECORD_OVERHEAD_BYTES * count + tf.reduce_sum(
-            tf.cast(tf.strings.length(whole), tf.int64))
+          tf.cast(tf.strings.length(whole), tf.int64)
+        )
         check = tf.debugging.Assert(
-            tf.logical_or(tf.logical_not(found), tf.logical_and(
-                tf.equal(count, num_examples), tf.equal(framed, num_bytes))),
-            ["the file of client", client_id, f"in store {root} holds", count, "records in",
-             framed, "bytes, the manifest says", num_examples, "records in", num_bytes,
-             f"bytes; run `fedbeam validate {root}`"])
+          tf.logical_or(
+            tf.logical_not(found),
+            tf.logical_and(tf.equal(count, num_examples), tf.equal(framed, num_bytes)),
+          ),
+          [
+            "the file of client",
+            client_id,
+            f"in store {root} holds",
+            count,
+            "records in",
+            framed,
+            "bytes, the manifest says",
+            num_examples,
+            "records in",
+            num_bytes,
+            f"bytes; run `fedbeam validate {root}`",
+          ],
+        )
         with tf.control_dependencies([check]):
           return parse(whole)
 
@@ -661,8 +745,7 @@ class _ClientTensorsFn:
     cid = cid.decode("utf-8", "surrogateescape") if isinstance(cid, bytes) else cid
     data = self._client_data
     if cid not in data:
-      raise ValueError(f"client id {cid!r} is not a client of this ClientData "
-                       f"(store {data.root})")
+      raise ValueError(f"client id {cid!r} is not a client of this ClientData (store {data.root})")
     problem = data._open_check(cid)  # pylint: disable=protected-access
     if problem is not None:
       raise ClientFileError(problem)
@@ -678,8 +761,9 @@ class _ClientTensorsFn:
     return self._function.get_concrete_function(*args, **kwargs)
 
 
-def _manifest_rows(path: str, metadata: Mapping[str, Any],
-                   wanted: Optional[set] = None) -> dict[str, tuple[str, int, int]]:
+def _manifest_rows(
+  path: str, metadata: Mapping[str, Any], wanted: Optional[set] = None
+) -> dict[str, tuple[str, int, int]]:
   """The manifest rows of the `wanted` splits (default all) as client id -> (split, num_examples,
   num_bytes), every row checked.
 
@@ -705,16 +789,19 @@ def _manifest_rows(path: str, metadata: Mapping[str, Any],
     cid, split = row["client_id"], row["split"]
     where = f"store {path} is damaged: manifest row of client {cid!r}"
     if split not in totals:
-      raise StoreFormatError(f"{where} names split {split!r}, which the metadata does not "
-                                f"list (its splits are {sorted(splits)})")
+      raise StoreFormatError(
+        f"{where} names split {split!r}, which the metadata does not "
+        f"list (its splits are {sorted(splits)})"
+      )
     if (split, cid) in seen:
       raise StoreFormatError(f"{where} appears twice in split {split!r}")
     seen.add((split, cid))
     num_examples, num_bytes = int(row["num_examples"]), int(row["num_bytes"])
     if (num_examples == 0) != (num_bytes == 0):
       raise StoreFormatError(
-          f"{where} has num_examples {num_examples} in num_bytes {num_bytes}: only an empty "
-          "client has 0 bytes")
+        f"{where} has num_examples {num_examples} in num_bytes {num_bytes}: only an empty "
+        "client has 0 bytes"
+      )
     if wanted is None or split in wanted:
       if cid in rows and shared is None:
         shared = (cid, rows[cid][0], split)
@@ -728,12 +815,15 @@ def _manifest_rows(path: str, metadata: Mapping[str, Any],
     for i, field in enumerate(("num_clients", "num_examples", "num_bytes", "num_empty_clients")):
       if field in splits[name] and int(splits[name][field]) != t[i]:
         raise StoreFormatError(
-            f"store {path} is damaged: split {name!r} has {field} {splits[name][field]} in "
-            f"the metadata but {t[i]} in the manifest; run `fedbeam validate {path}`")
+          f"store {path} is damaged: split {name!r} has {field} {splits[name][field]} in "
+          f"the metadata but {t[i]} in the manifest; run `fedbeam validate {path}`"
+        )
   if shared is not None:
     cid, one, other = shared
-    raise ValueError(f"store {path}: client {cid!r} is in splits {one!r} and {other!r}; load "
-                     "one split at a time (load_client_data(path, split=...))")
+    raise ValueError(
+      f"store {path}: client {cid!r} is in splits {one!r} and {other!r}; load "
+      "one split at a time (load_client_data(path, split=...))"
+    )
   return rows
 
 

@@ -50,18 +50,19 @@ from fedbeam.runtime.round_releases import METRICS_COLUMNS
 
 if TYPE_CHECKING:
   import tensorflow_federated as tff
+
   from fedbeam.runtime import models as models_lib
   from fedbeam.runtime import simulation
 
 __all__ = [
-    "METRICS_COLUMNS",
-    "RunDirectoryError",
-    "TrainError",
-    "TrainOptions",
-    "add_train_arguments",
-    "options_from_args",
-    "run_train",
-    "run_training",
+  "METRICS_COLUMNS",
+  "RunDirectoryError",
+  "TrainError",
+  "TrainOptions",
+  "add_train_arguments",
+  "options_from_args",
+  "run_train",
+  "run_training",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,10 +75,20 @@ LOCK_NAME = "train.lock"
 
 # Options that change the trained weights; a resumed run must repeat them.
 _RESULT_KEYS = (
-    "model", "clients_per_round", "client_epochs", "batch_size",
-    "client_optimizer", "client_lr", "server_optimizer", "server_lr",
-    "server_momentum", "delta_l2", "client_weighting", "seed",
-    "shuffle_buffer", "loop",
+  "model",
+  "clients_per_round",
+  "client_epochs",
+  "batch_size",
+  "client_optimizer",
+  "client_lr",
+  "server_optimizer",
+  "server_lr",
+  "server_momentum",
+  "delta_l2",
+  "client_weighting",
+  "seed",
+  "shuffle_buffer",
+  "loop",
 )
 
 
@@ -124,8 +135,13 @@ class TrainOptions:
     # The rules the flag parser applies (fedbeam.runtime.option_checks), for
     # options built in Python rather than parsed.
     try:
-      for name in ("rounds", "clients_per_round", "client_epochs", "batch_size",
-                   "clients_per_device"):
+      for name in (
+        "rounds",
+        "clients_per_round",
+        "client_epochs",
+        "batch_size",
+        "clients_per_device",
+      ):
         check_int(_flag(name), getattr(self, name), 1)
       for name in ("eval_every", "seed", "shuffle_buffer"):
         check_int(_flag(name), getattr(self, name), 0)
@@ -136,16 +152,15 @@ class TrainOptions:
     except ValueError as error:
       raise TrainError(str(error)) from None
     choices = {
-        "client_optimizer": ("sgd", "adam"),
-        "server_optimizer": ("sgd", "adam"),
-        "client_weighting": ("num_examples", "uniform"),
-        "loop": ("iterator", "reduce"),
+      "client_optimizer": ("sgd", "adam"),
+      "server_optimizer": ("sgd", "adam"),
+      "client_weighting": ("num_examples", "uniform"),
+      "loop": ("iterator", "reduce"),
     }
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise TrainError(
-            f"{_flag(name)} must be one of {', '.join(allowed)}, "
-            f"got {getattr(self, name)!r}"
+          f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
         )
     if self.server_optimizer == "adam" and self.server_momentum:
       raise TrainError("--server-momentum applies to --server-optimizer sgd only")
@@ -183,79 +198,142 @@ def _nonnegative_float(text: str) -> float:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds the flags of `fedbeam train` to `parser` (imports no TensorFlow)."""
   parser.description = (
-      "Federated averaging (FedProx with --delta-l2) over a store's train "
-      "split, evaluated on its test split; resumable with --resume."
+    "Federated averaging (FedProx with --delta-l2) over a store's train "
+    "split, evaluated on its test split; resumable with --resume."
   )
   parser.add_argument("store", help="a store written by `fedbeam prepare`")
   parser.add_argument(
-      "--model", required=True,
-      help="digits-cnn, emnist-cnn, char-rnn, or module:function returning a "
-      "fedbeam.runtime.models.ModelSpec or a tff.learning VariableModel")
-  parser.add_argument("--rounds", type=_positive_int, required=True,
-                      help="total rounds (a resumed run stops at this round)")
-  parser.add_argument("--clients-per-round", type=_positive_int, required=True,
-                      help="clients sampled (seeded) for each round")
-  parser.add_argument("--client-epochs", type=_positive_int, default=1,
-                      help="local epochs per round (default 1)")
-  parser.add_argument("--batch-size", type=_positive_int, default=20,
-                      help="client batch size (default 20)")
-  parser.add_argument("--client-optimizer", choices=("sgd", "adam"),
-                      default="sgd", help="TFF client optimizer (default sgd)")
-  parser.add_argument("--client-lr", type=_positive_float, default=0.1,
-                      help="client learning rate (default 0.1)")
-  parser.add_argument("--server-optimizer", choices=("sgd", "adam"),
-                      default="sgd", help="TFF server optimizer (default sgd)")
-  parser.add_argument("--server-lr", type=_positive_float, default=1.0,
-                      help="server learning rate (default 1.0: FedAvg)")
-  parser.add_argument("--server-momentum", type=_nonnegative_float,
-                      default=0.0, help="server SGD momentum (default 0)")
-  parser.add_argument("--delta-l2", type=_nonnegative_float, default=0.0,
-                      help="FedProx L2 pull toward the round's initial "
-                      "weights (default 0: FedAvg)")
-  parser.add_argument("--client-weighting", choices=("num_examples", "uniform"),
-                      default="num_examples",
-                      help="weights of the mean of client deltas")
-  parser.add_argument("--eval-every", type=_nonnegative_int, default=1,
-                      help="evaluate on the test split every N rounds and "
-                      "after the last (0: only after the last; default 1)")
-  parser.add_argument("--seed", type=_nonnegative_int, default=0,
-                      help="seeds initialization, client sampling, shuffles")
-  parser.add_argument("--shuffle-buffer", type=_nonnegative_int, default=1000,
-                      help="client shuffle buffer (0: stored order)")
-  parser.add_argument("--loop", choices=("iterator", "reduce"),
-                      default="iterator",
-                      help="client training loop: dataset iterator (needed "
-                      "for GPUs) or DatasetReduce")
-  parser.add_argument("--devices", default=None,
-                      help="comma-separated devices for clients, e.g. "
-                      "/device:GPU:0,/device:GPU:1 (default: all GPUs, else "
-                      "the CPU)")
-  parser.add_argument("--clients-per-device", type=_positive_int, default=1,
-                      help="clients each device trains at once, each on its "
-                      "own model copy (default 1; results do not change)")
-  parser.add_argument("--output", required=True,
-                      help="directory for metrics.csv, tensorboard/, "
-                      "checkpoint.npz")
+    "--model",
+    required=True,
+    help="digits-cnn, emnist-cnn, char-rnn, or module:function returning a "
+    "fedbeam.runtime.models.ModelSpec or a tff.learning VariableModel",
+  )
+  parser.add_argument(
+    "--rounds",
+    type=_positive_int,
+    required=True,
+    help="total rounds (a resumed run stops at this round)",
+  )
+  parser.add_argument(
+    "--clients-per-round",
+    type=_positive_int,
+    required=True,
+    help="clients sampled (seeded) for each round",
+  )
+  parser.add_argument(
+    "--client-epochs", type=_positive_int, default=1, help="local epochs per round (default 1)"
+  )
+  parser.add_argument(
+    "--batch-size", type=_positive_int, default=20, help="client batch size (default 20)"
+  )
+  parser.add_argument(
+    "--client-optimizer",
+    choices=("sgd", "adam"),
+    default="sgd",
+    help="TFF client optimizer (default sgd)",
+  )
+  parser.add_argument(
+    "--client-lr", type=_positive_float, default=0.1, help="client learning rate (default 0.1)"
+  )
+  parser.add_argument(
+    "--server-optimizer",
+    choices=("sgd", "adam"),
+    default="sgd",
+    help="TFF server optimizer (default sgd)",
+  )
+  parser.add_argument(
+    "--server-lr",
+    type=_positive_float,
+    default=1.0,
+    help="server learning rate (default 1.0: FedAvg)",
+  )
+  parser.add_argument(
+    "--server-momentum",
+    type=_nonnegative_float,
+    default=0.0,
+    help="server SGD momentum (default 0)",
+  )
+  parser.add_argument(
+    "--delta-l2",
+    type=_nonnegative_float,
+    default=0.0,
+    help="FedProx L2 pull toward the round's initial weights (default 0: FedAvg)",
+  )
+  parser.add_argument(
+    "--client-weighting",
+    choices=("num_examples", "uniform"),
+    default="num_examples",
+    help="weights of the mean of client deltas",
+  )
+  parser.add_argument(
+    "--eval-every",
+    type=_nonnegative_int,
+    default=1,
+    help="evaluate on the test split every N rounds and "
+    "after the last (0: only after the last; default 1)",
+  )
+  parser.add_argument(
+    "--seed",
+    type=_nonnegative_int,
+    default=0,
+    help="seeds initialization, client sampling, shuffles",
+  )
+  parser.add_argument(
+    "--shuffle-buffer",
+    type=_nonnegative_int,
+    default=1000,
+    help="client shuffle buffer (0: stored order)",
+  )
+  parser.add_argument(
+    "--loop",
+    choices=("iterator", "reduce"),
+    default="iterator",
+    help="client training loop: dataset iterator (needed for GPUs) or DatasetReduce",
+  )
+  parser.add_argument(
+    "--devices",
+    default=None,
+    help="comma-separated devices for clients, e.g. "
+    "/device:GPU:0,/device:GPU:1 (default: all GPUs, else "
+    "the CPU)",
+  )
+  parser.add_argument(
+    "--clients-per-device",
+    type=_positive_int,
+    default=1,
+    help="clients each device trains at once, each on its "
+    "own model copy (default 1; results do not change)",
+  )
+  parser.add_argument(
+    "--output", required=True, help="directory for metrics.csv, tensorboard/, checkpoint.npz"
+  )
   group = parser.add_mutually_exclusive_group()
-  group.add_argument("--resume", action="store_true",
-                     help="continue from DIR's checkpoint")
-  group.add_argument("--overwrite", action="store_true",
-                     help="discard a previous run's outputs in DIR")
-  parser.add_argument("--plot", action="store_true",
-                      help="after training, write DIR/accuracy.png: train and test "
-                           "accuracy per round, from metrics.csv")
-  parser.add_argument("--no-progress", action="store_true",
-                      help="no progress bar on stderr")
-  parser.add_argument("--train-split", metavar="NAME",
-                      help="the store's split to train on (default: 'train', "
-                      "or the single split 'all')")
-  parser.add_argument("--test-split", metavar="NAME",
-                      help="the split to evaluate on (default: 'test' when "
-                      "present)")
-  parser.add_argument("--test-store", metavar="STORE",
-                      help="evaluate on a split of this store instead "
-                      "(--test-split, default its 'test', or its single "
-                      "split)")
+  group.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint")
+  group.add_argument(
+    "--overwrite", action="store_true", help="discard a previous run's outputs in DIR"
+  )
+  parser.add_argument(
+    "--plot",
+    action="store_true",
+    help="after training, write DIR/accuracy.png: train and test "
+    "accuracy per round, from metrics.csv",
+  )
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+  parser.add_argument(
+    "--train-split",
+    metavar="NAME",
+    help="the store's split to train on (default: 'train', or the single split 'all')",
+  )
+  parser.add_argument(
+    "--test-split", metavar="NAME", help="the split to evaluate on (default: 'test' when present)"
+  )
+  parser.add_argument(
+    "--test-store",
+    metavar="STORE",
+    help="evaluate on a split of this store instead "
+    "(--test-split, default its 'test', or its single "
+    "split)",
+  )
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
@@ -270,34 +348,37 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     if not devices:
       raise TrainError("--devices must name at least one device")
   return TrainOptions(
-      model=args.model,
-      rounds=args.rounds,
-      clients_per_round=args.clients_per_round,
-      output=args.output,
-      client_epochs=args.client_epochs,
-      batch_size=args.batch_size,
-      client_optimizer=args.client_optimizer,
-      client_lr=args.client_lr,
-      server_optimizer=args.server_optimizer,
-      server_lr=args.server_lr,
-      server_momentum=args.server_momentum,
-      delta_l2=args.delta_l2,
-      client_weighting=args.client_weighting,
-      eval_every=args.eval_every,
-      seed=args.seed,
-      shuffle_buffer=args.shuffle_buffer,
-      loop=args.loop,
-      devices=devices,
-      clients_per_device=getattr(args, "clients_per_device", 1),
-      resume=args.resume,
-      overwrite=args.overwrite,
-      progress=not getattr(args, "no_progress", False),
+    model=args.model,
+    rounds=args.rounds,
+    clients_per_round=args.clients_per_round,
+    output=args.output,
+    client_epochs=args.client_epochs,
+    batch_size=args.batch_size,
+    client_optimizer=args.client_optimizer,
+    client_lr=args.client_lr,
+    server_optimizer=args.server_optimizer,
+    server_lr=args.server_lr,
+    server_momentum=args.server_momentum,
+    delta_l2=args.delta_l2,
+    client_weighting=args.client_weighting,
+    eval_every=args.eval_every,
+    seed=args.seed,
+    shuffle_buffer=args.shuffle_buffer,
+    loop=args.loop,
+    devices=devices,
+    clients_per_device=getattr(args, "clients_per_device", 1),
+    resume=args.resume,
+    overwrite=args.overwrite,
+    progress=not getattr(args, "no_progress", False),
   )
 
 
-def _load_store_splits(store: str, train_split: Optional[str] = None,
-                       test_split: Optional[str] = None,
-                       test_store: Optional[str] = None):
+def _load_store_splits(
+  store: str,
+  train_split: Optional[str] = None,
+  test_split: Optional[str] = None,
+  test_store: Optional[str] = None,
+):
   """Returns `(train, test or None)` ClientData of a store.
 
   By default a store with a `train` split trains on it and evaluates on
@@ -313,23 +394,23 @@ def _load_store_splits(store: str, train_split: Optional[str] = None,
   splits = tuple(s["name"] for s in read_metadata(store)["splits"])
   if train_split is None and "train" not in splits and splits != ("all",):
     raise TrainError(
-        f"store {store} has splits {list(splits)}; training needs a 'train' "
-        "split (and uses 'test' if present), a single 'all' split, or "
-        "--train-split NAME")
+      f"store {store} has splits {list(splits)}; training needs a 'train' "
+      "split (and uses 'test' if present), a single 'all' split, or "
+      "--train-split NAME"
+    )
   if train_split is None:
     train_split = "train" if "train" in splits else "all"
     if train_split == "all" and test_split is None and test_store is None:
-      logger.warning("store %s has a single split 'all': training on it, "
-                     "no evaluation", store)
+      logger.warning("store %s has a single split 'all': training on it, no evaluation", store)
   train = load_client_data(store, split=train_split)
   if test_store is not None:
     names = tuple(s["name"] for s in read_metadata(test_store)["splits"])
     if test_split is None:
-      test_split = "test" if "test" in names else (
-          names[0] if len(names) == 1 else None)
+      test_split = "test" if "test" in names else (names[0] if len(names) == 1 else None)
     if test_split is None:
-      raise TrainError(f"--test-store {test_store} has splits {list(names)}; "
-                       "name one with --test-split")
+      raise TrainError(
+        f"--test-store {test_store} has splits {list(names)}; name one with --test-split"
+      )
     return train, load_client_data(test_store, split=test_split)
   if test_split is None and train_split != "test" and "test" in splits:
     test_split = "test"
@@ -382,12 +463,16 @@ def run_train(args: argparse.Namespace) -> int:
     return fail(error, 2)
   try:
     train_data, test_data = _load_store_splits(
-        args.store, getattr(args, "train_split", None),
-        getattr(args, "test_split", None), getattr(args, "test_store", None))
+      args.store,
+      getattr(args, "train_split", None),
+      getattr(args, "test_split", None),
+      getattr(args, "test_store", None),
+    )
   except ValueError as error:
     # StoreFormatError and the loader's errors are ValueErrors.
     return fail(error, 1)
   from fedbeam.runtime.model_fit import ModelMismatchError, check_model_fits  # pylint: disable=g-import-not-at-top
+
   try:
     check_model_fits(options.model, spec.model_fn, spec.preprocess, train_data.element_spec)
   except ModelMismatchError as error:
@@ -397,8 +482,11 @@ def run_train(args: argparse.Namespace) -> int:
   except TrainError as error:
     return fail(error, 2)
   except simulation.ClientReadError as error:
-    hint = ("" if "fedbeam validate" in str(error)
-            else f"; `fedbeam validate {args.store}` checks every client file")
+    hint = (
+      ""
+      if "fedbeam validate" in str(error)
+      else f"; `fedbeam validate {args.store}` checks every client file"
+    )
     return fail(f"{error} (store {args.store}){hint}", 1)
   except ValueError as error:
     # Raised before the first round: data that does not fit the model, too
@@ -409,10 +497,14 @@ def run_train(args: argparse.Namespace) -> int:
     print(outcome.summary_line(), file=sys.stderr)
   if getattr(args, "plot", False):
     from fedbeam.plots import plot_accuracy  # pylint: disable=g-import-not-at-top
+
     plot = os.path.join(options.output, "accuracy.png")
     try:
-      plot_accuracy(os.path.join(options.output, METRICS_NAME), plot,
-                    title=f"--model {options.model} on {args.store}")
+      plot_accuracy(
+        os.path.join(options.output, METRICS_NAME),
+        plot,
+        title=f"--model {options.model} on {args.store}",
+      )
     except (ValueError, OSError) as error:
       return fail(f"--plot: {error}", 1)
     print(f"accuracy plot: {plot}", file=sys.stderr)
@@ -445,9 +537,11 @@ class TrainingOutcome:
     final = self.final
     loss, accuracy = loss_and_accuracy(final.eval_metrics or final.train_metrics)
     where = "test" if final.eval_metrics else "train"
-    return (f"round {final.round_num}: {where} loss {loss:.4f}, "
-            f"{where} accuracy {accuracy:.4f}" if loss is not None
-            and accuracy is not None else f"round {final.round_num} done")
+    return (
+      f"round {final.round_num}: {where} loss {loss:.4f}, {where} accuracy {accuracy:.4f}"
+      if loss is not None and accuracy is not None
+      else f"round {final.round_num} done"
+    )
 
 
 def _build_optimizers(options: TrainOptions):
@@ -461,7 +555,7 @@ def _build_optimizers(options: TrainOptions):
     server = tff.learning.optimizers.build_adam(options.server_lr)
   else:
     server = tff.learning.optimizers.build_sgdm(
-        options.server_lr, momentum=options.server_momentum or None
+      options.server_lr, momentum=options.server_momentum or None
     )
   return client, server
 
@@ -473,8 +567,9 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _store_identity(data: Optional["tff.simulation.datasets.ClientData"]
-                    ) -> Optional[dict[str, Any]]:
+def _store_identity(
+  data: Optional["tff.simulation.datasets.ClientData"],
+) -> Optional[dict[str, Any]]:
   """What identifies the store `data` was loaded from; None if it is no store.
 
   The data directory changes with every prepare job that writes the store
@@ -487,10 +582,15 @@ def _store_identity(data: Optional["tff.simulation.datasets.ClientData"]
   if not isinstance(data, StoreClientData):
     return None
   metadata = data.metadata
-  digest = hashlib.sha256(json.dumps(
-      metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
-  return {"path": data.root, "data_dir": metadata.get("data_dir"),
-          "metadata_sha256": digest, "splits": list(data.splits)}
+  digest = hashlib.sha256(
+    json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode("utf-8")
+  ).hexdigest()
+  return {
+    "path": data.root,
+    "data_dir": metadata.get("data_dir"),
+    "metadata_sha256": digest,
+    "splits": list(data.splits),
+  }
 
 
 def _same_store(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> bool:
@@ -503,18 +603,22 @@ def _same_store(a: Optional[dict[str, Any]], b: Optional[dict[str, Any]]) -> boo
 def _describe_store(identity: Optional[dict[str, Any]]) -> str:
   if identity is None:
     return "a ClientData that is not a store"
-  return (f"store {identity.get('path')} (data dir {identity.get('data_dir')}, metadata "
-          f"sha256 {str(identity.get('metadata_sha256'))[:16]}, splits "
-          f"{identity.get('splits')})")
+  return (
+    f"store {identity.get('path')} (data dir {identity.get('data_dir')}, metadata "
+    f"sha256 {str(identity.get('metadata_sha256'))[:16]}, splits "
+    f"{identity.get('splits')})"
+  )
 
 
-def _check_same_stores(recorded: dict[str, Any], wanted: dict[str, Any],
-                       where: str) -> Optional[str]:
+def _check_same_stores(
+  recorded: dict[str, Any], wanted: dict[str, Any], where: str
+) -> Optional[str]:
   """What differs between two `{'train': identity, 'test': identity}`; None if nothing."""
   differing = [
-      f"{role} data: the run used {_describe_store(recorded.get(role))}, this is "
-      f"{_describe_store(wanted.get(role))}"
-      for role in ("train", "test") if not _same_store(recorded.get(role), wanted.get(role))
+    f"{role} data: the run used {_describe_store(recorded.get(role))}, this is "
+    f"{_describe_store(wanted.get(role))}"
+    for role in ("train", "test")
+    if not _same_store(recorded.get(role), wanted.get(role))
   ]
   return f"{where} ({'; '.join(differing)})" if differing else None
 
@@ -533,8 +637,10 @@ def _locked_run_directory(output: str):
     TrainError: Another process holds the lock.
   """
   if is_remote(output):
-    logger.warning("%s is not on a local file system: it cannot be locked, so make "
-                   "sure no other run uses it", output)
+    logger.warning(
+      "%s is not on a local file system: it cannot be locked, so make sure no other run uses it",
+      output,
+    )
     yield
     return
   os.makedirs(output, exist_ok=True)
@@ -548,13 +654,13 @@ def _locked_run_directory(output: str):
       os.close(fd)
       try:
         owner = json.loads(holder)
-        holder = (f"pid {owner['pid']} on host {owner['host']}, started "
-                  f"{owner['started']}")
+        holder = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
       except (ValueError, KeyError, TypeError):
         holder = "holder unknown"
       raise TrainError(
-          f"{output} is in use by another fedbeam train ({holder}; lock {path}); wait "
-          "for it to finish or use another --output") from None
+        f"{output} is in use by another fedbeam train ({holder}; lock {path}); wait "
+        "for it to finish or use another --output"
+      ) from None
     try:
       same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
@@ -565,8 +671,11 @@ def _locked_run_directory(output: str):
     # this lock is on a file no one else will see; take the new one.
     os.close(fd)
   try:
-    owner = {"pid": os.getpid(), "host": socket.gethostname(),
-             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    owner = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(owner) + "\n").encode("utf-8"), 0)
     yield
@@ -577,8 +686,7 @@ def _locked_run_directory(output: str):
     os.close(fd)
 
 
-def _prepare_output(options: TrainOptions, has_test: bool,
-                    stores: dict[str, Any]) -> bool:
+def _prepare_output(options: TrainOptions, has_test: bool, stores: dict[str, Any]) -> bool:
   """Checks and prepares the output directory; True when resuming.
 
   `stores` is `{'train': identity, 'test': identity}` (`_store_identity`),
@@ -599,8 +707,8 @@ def _prepare_output(options: TrainOptions, has_test: bool,
     has_checkpoint = False
   elif has_checkpoint and not options.resume:
     raise TrainError(
-        f"{output} already holds a training run (checkpoint.npz); pass "
-        "--resume to continue it or --overwrite to start over"
+      f"{output} already holds a training run (checkpoint.npz); pass "
+      "--resume to continue it or --overwrite to start over"
     )
   tf.io.gfile.makedirs(output)
   wanted = dict(options.result_config(), has_test_split=has_test, stores=stores)
@@ -609,37 +717,39 @@ def _prepare_output(options: TrainOptions, has_test: bool,
       recorded = _read_json(config_path)
     except tf.errors.NotFoundError:
       raise TrainError(
-          f"{output} has a checkpoint but no {CONFIG_NAME}; use --overwrite to start over"
+        f"{output} has a checkpoint but no {CONFIG_NAME}; use --overwrite to start over"
       ) from None
     except (tf.errors.OpError, ValueError) as error:
       # ValueError: JSONDecodeError, UnicodeDecodeError.
       raise RunDirectoryError(
-          f"{config_path} is damaged ({error}); use --overwrite to start over"
+        f"{config_path} is damaged ({error}); use --overwrite to start over"
       ) from None
     if not isinstance(recorded, dict):
       raise RunDirectoryError(
-          f"{config_path} is damaged (not a JSON object); use --overwrite to start over")
+        f"{config_path} is damaged (not a JSON object); use --overwrite to start over"
+      )
     if "stores" in recorded:
       mismatch = _check_same_stores(
-          recorded["stores"] or {}, stores,
-          f"--resume against another store than the run in {output} was trained on")
+        recorded["stores"] or {},
+        stores,
+        f"--resume against another store than the run in {output} was trained on",
+      )
       if mismatch:
         raise TrainError(f"{mismatch}; pass the run's store or use another --output")
     else:
-      logger.warning("%s records no store (written by an older fedbeam): cannot check "
-                     "that this is the run's store", config_path)
+      logger.warning(
+        "%s records no store (written by an older fedbeam): cannot check "
+        "that this is the run's store",
+        config_path,
+      )
     differing = sorted(
-        k for k in (set(recorded) | set(wanted)) - {"stores"}
-        if recorded.get(k) != wanted.get(k)
+      k for k in (set(recorded) | set(wanted)) - {"stores"} if recorded.get(k) != wanted.get(k)
     )
     if differing:
-      details = ", ".join(
-          f"{k}: was {recorded.get(k)!r}, now {wanted.get(k)!r}"
-          for k in differing
-      )
+      details = ", ".join(f"{k}: was {recorded.get(k)!r}, now {wanted.get(k)!r}" for k in differing)
       raise TrainError(
-          f"--resume with different settings than the run in {output} "
-          f"({details}); use the same flags or another --output"
+        f"--resume with different settings than the run in {output} "
+        f"({details}); use the same flags or another --output"
       )
     return True
   if options.resume:
@@ -655,15 +765,14 @@ def _metrics_rows_up_to(path: str, last_round: int) -> list[dict[str, str]]:
     return []
   with tf.io.gfile.GFile(path, "r") as f:
     rows = list(csv.DictReader(f))
-  return [r for r in rows if r.get("round", "").isdigit()
-          and int(r["round"]) <= last_round]
+  return [r for r in rows if r.get("round", "").isdigit() and int(r["round"]) <= last_round]
 
 
 def run_training(
-    train_data: "tff.simulation.datasets.ClientData",
-    test_data: Optional["tff.simulation.datasets.ClientData"],
-    spec: "models_lib.ModelSpec",
-    options: TrainOptions,
+  train_data: "tff.simulation.datasets.ClientData",
+  test_data: Optional["tff.simulation.datasets.ClientData"],
+  spec: "models_lib.ModelSpec",
+  options: TrainOptions,
 ) -> TrainingOutcome:
   """Trains, writing metrics, TensorBoard summaries and a checkpoint per round.
 
@@ -697,8 +806,9 @@ def run_training(
     return _train_in_locked_directory(train_data, test_data, spec, options)
 
 
-def _check_checkpoint_belongs(path: str, metadata: dict[str, Any],
-                              options: TrainOptions, stores: dict[str, Any]) -> None:
+def _check_checkpoint_belongs(
+  path: str, metadata: dict[str, Any], options: TrainOptions, stores: dict[str, Any]
+) -> None:
   """Refuses a checkpoint whose own record of settings or stores is not config.json's.
 
   config.json is written when a run starts and the checkpoint after every
@@ -707,25 +817,27 @@ def _check_checkpoint_belongs(path: str, metadata: dict[str, Any],
   from fedbeam.runtime import simulation  # pylint: disable=g-import-not-at-top
 
   if metadata.get("seed") != options.seed:
-    raise TrainError(
-        f"checkpoint seed {metadata.get('seed')!r} differs from --seed {options.seed}")
+    raise TrainError(f"checkpoint seed {metadata.get('seed')!r} differs from --seed {options.seed}")
   if "config" in metadata and metadata["config"] != options.result_config():
     raise simulation.CheckpointError(
-        f"checkpoint {path} was written with other settings than {CONFIG_NAME} records; "
-        "it belongs to another run (use --overwrite to start over)")
+      f"checkpoint {path} was written with other settings than {CONFIG_NAME} records; "
+      "it belongs to another run (use --overwrite to start over)"
+    )
   if "stores" in metadata:
     mismatch = _check_same_stores(
-        metadata["stores"] or {}, stores,
-        f"checkpoint {path} was written for another store than {CONFIG_NAME} records")
+      metadata["stores"] or {},
+      stores,
+      f"checkpoint {path} was written for another store than {CONFIG_NAME} records",
+    )
     if mismatch:
       raise simulation.CheckpointError(f"{mismatch}; use --overwrite to start over")
 
 
 def _train_in_locked_directory(
-    train_data: "tff.simulation.datasets.ClientData",
-    test_data: Optional["tff.simulation.datasets.ClientData"],
-    spec: "models_lib.ModelSpec",
-    options: TrainOptions,
+  train_data: "tff.simulation.datasets.ClientData",
+  test_data: Optional["tff.simulation.datasets.ClientData"],
+  spec: "models_lib.ModelSpec",
+  options: TrainOptions,
 ) -> TrainingOutcome:
   """`run_training`'s work, while it holds the run directory's lock."""
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
@@ -739,25 +851,32 @@ def _train_in_locked_directory(
   stores = {"train": _store_identity(train_data), "test": _store_identity(test_data)}
   resuming = _prepare_output(options, has_test=test_data is not None, stores=stores)
   client_optimizer, server_optimizer = _build_optimizers(options)
-  weighting = (tff.learning.ClientWeighting.UNIFORM
-               if options.client_weighting == "uniform"
-               else tff.learning.ClientWeighting.NUM_EXAMPLES)
+  weighting = (
+    tff.learning.ClientWeighting.UNIFORM
+    if options.client_weighting == "uniform"
+    else tff.learning.ClientWeighting.NUM_EXAMPLES
+  )
   config = simulation.SimulationConfig(
-      clients_per_round=options.clients_per_round,
-      client_epochs=options.client_epochs,
-      batch_size=options.batch_size,
-      shuffle_buffer=options.shuffle_buffer,
-      seed=options.seed,
-      eval_every=options.eval_every,
-      client_weighting=weighting,
-      delta_l2_regularizer=options.delta_l2,
-      use_experimental_simulation_loop=options.loop == "iterator",
-      clients_per_device=options.clients_per_device,
+    clients_per_round=options.clients_per_round,
+    client_epochs=options.client_epochs,
+    batch_size=options.batch_size,
+    shuffle_buffer=options.shuffle_buffer,
+    seed=options.seed,
+    eval_every=options.eval_every,
+    client_weighting=weighting,
+    delta_l2_regularizer=options.delta_l2,
+    use_experimental_simulation_loop=options.loop == "iterator",
+    clients_per_device=options.clients_per_device,
   )
   loop = simulation.SimulationLoop(
-      spec.model_fn, client_optimizer, server_optimizer, train_data, config,
-      test_data=test_data, preprocess=spec.preprocess,
-      devices=list(options.devices) if options.devices else None,
+    spec.model_fn,
+    client_optimizer,
+    server_optimizer,
+    train_data,
+    config,
+    test_data=test_data,
+    preprocess=spec.preprocess,
+    devices=list(options.devices) if options.devices else None,
   )
   checkpoint_path = os.path.join(options.output, CHECKPOINT_NAME)
   metrics_path = os.path.join(options.output, METRICS_NAME)
@@ -783,28 +902,31 @@ def _train_in_locked_directory(
 
   releases = RoundReleases(metrics_path, os.path.join(options.output, TENSORBOARD_DIR))
   progress = tqdm(
-      total=options.rounds, initial=min(start_round, options.rounds),
-      unit="round", desc="train", file=sys.stderr,
-      disable=not options.progress, dynamic_ncols=True,
+    total=options.rounds,
+    initial=min(start_round, options.rounds),
+    unit="round",
+    desc="train",
+    file=sys.stderr,
+    disable=not options.progress,
+    dynamic_ncols=True,
   )
 
-  def on_round(result: "simulation.RoundResult",
-               current: "simulation.SimulationLoop") -> None:
+  def on_round(result: "simulation.RoundResult", current: "simulation.SimulationLoop") -> None:
     releases.release(result)
     # Last, so every round a checkpoint covers has its metrics row.
     simulation.save_state(
-        checkpoint_path,
-        current.state,
-        metadata={
-            "seed": options.seed,
-            "round_num": result.round_num,
-            # The per-round random state: generators are keyed by
-            # (seed, round), so these two numbers are all of it.
-            "rng": {"seed": options.seed, "next_round": result.round_num + 1},
-            "config": options.result_config(),
-            "stores": stores,
-            "saved_at": time.time(),
-        },
+      checkpoint_path,
+      current.state,
+      metadata={
+        "seed": options.seed,
+        "round_num": result.round_num,
+        # The per-round random state: generators are keyed by
+        # (seed, round), so these two numbers are all of it.
+        "rng": {"seed": options.seed, "next_round": result.round_num + 1},
+        "config": options.result_config(),
+        "stores": stores,
+        "saved_at": time.time(),
+      },
     )
     train_loss, train_accuracy = simulation.loss_and_accuracy(result.train_metrics)
     _, test_accuracy = simulation.loss_and_accuracy(result.eval_metrics)
@@ -830,5 +952,4 @@ def _train_in_locked_directory(
       rounds = loop.run(options.rounds, on_round=on_round)
   finally:
     progress.close()
-  return TrainingOutcome(start_round=start_round, rounds=rounds,
-                         state=loop.state)
+  return TrainingOutcome(start_round=start_round, rounds=rounds, state=loop.state)

@@ -36,20 +36,24 @@ from fedbeam.runtime.simulation.metrics import loss_and_accuracy
 from fedbeam.runtime.simulation.placement import default_devices
 from fedbeam.runtime.simulation.read_errors import ClientReadError
 from fedbeam.runtime.simulation.seeding import initial_model_weights
-from fedbeam.runtime.simulation.types import (ClientReport, RoundResult, SimulationConfig,
-                                              SimulationState)
+from fedbeam.runtime.simulation.types import (
+  ClientReport,
+  RoundResult,
+  SimulationConfig,
+  SimulationState,
+)
 
 __all__ = [
-    "CheckpointError",
-    "ClientReadError",
-    "ClientReport",
-    "RoundResult",
-    "SimulationConfig",
-    "SimulationLoop",
-    "SimulationState",
-    "default_devices",
-    "initial_model_weights",
-    "load_state",
-    "loss_and_accuracy",
-    "save_state",
+  "CheckpointError",
+  "ClientReadError",
+  "ClientReport",
+  "RoundResult",
+  "SimulationConfig",
+  "SimulationLoop",
+  "SimulationState",
+  "default_devices",
+  "initial_model_weights",
+  "load_state",
+  "loss_and_accuracy",
+  "save_state",
 ]

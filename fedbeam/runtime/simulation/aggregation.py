@@ -22,7 +22,7 @@ __all__ = ["ServerOptimizerStep", "weighted_mean_delta"]
 
 
 def weighted_mean_delta(
-    like: Sequence[np.ndarray], deltas: Sequence[tuple[Sequence[np.ndarray], float]]
+  like: Sequence[np.ndarray], deltas: Sequence[tuple[Sequence[np.ndarray], float]]
 ) -> tuple[list[np.ndarray], np.float32]:
   """The weighted mean of client deltas, in float32 as `MeanFactory` computes it.
 
@@ -53,8 +53,9 @@ def weighted_mean_delta(
 class ServerOptimizerStep:
   """A TFF server optimizer applied to the mean delta, as TFF's finalizer applies it."""
 
-  def __init__(self, optimizer: tff.learning.optimizers.Optimizer,
-               trainable_specs: Sequence[tf.TensorSpec]):
+  def __init__(
+    self, optimizer: tff.learning.optimizers.Optimizer, trainable_specs: Sequence[tf.TensorSpec]
+  ):
     """Traces the optimizer's `initialize` and `next`.
 
     Args:
@@ -76,8 +77,9 @@ class ServerOptimizerStep:
     """The optimizer's initial state, a structure of numpy values."""
     return to_numpy(self._initial_state())
 
-  def apply(self, state: Any, trainable: Sequence[np.ndarray],
-            mean_delta: Sequence[np.ndarray]) -> tuple[bool, Any, list[np.ndarray]]:
+  def apply(
+    self, state: Any, trainable: Sequence[np.ndarray], mean_delta: Sequence[np.ndarray]
+  ) -> tuple[bool, Any, list[np.ndarray]]:
     """One server step.
 
     Args:
@@ -93,8 +95,8 @@ class ServerOptimizerStep:
     if not all(np.all(np.isfinite(d)) for d in mean_delta):
       return False, state, list(trainable)
     new_state, new_trainable = self._step(
-        tf.nest.map_structure(tf.convert_to_tensor, state),
-        tuple(tf.convert_to_tensor(w) for w in trainable),
-        tuple(tf.convert_to_tensor(d) for d in mean_delta),
+      tf.nest.map_structure(tf.convert_to_tensor, state),
+      tuple(tf.convert_to_tensor(w) for w in trainable),
+      tuple(tf.convert_to_tensor(d) for d in mean_delta),
     )
     return True, to_numpy(new_state), [np.asarray(w) for w in new_trainable]

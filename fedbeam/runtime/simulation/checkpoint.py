@@ -17,8 +17,8 @@ import io
 import json
 import os
 import stat
-import zipfile
 from typing import Any, Optional
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -45,18 +45,20 @@ class CheckpointError(ValueError):
 _CHECKPOINT_OVERHEAD_BYTES = 16 << 20
 # Groups of numbered arrays in a checkpoint, with what a message calls them.
 _ARRAY_GROUPS = (
-    ("trainable", "trainable weights"),
-    ("non_trainable", "non-trainable weights"),
-    ("server_optimizer", "server optimizer values"),
+  ("trainable", "trainable weights"),
+  ("non_trainable", "non-trainable weights"),
+  ("server_optimizer", "server optimizer values"),
 )
 
 
 def _state_arrays(state: SimulationState) -> dict[str, np.ndarray]:
   """The numbered arrays of a state, keyed as in the checkpoint (without the metadata)."""
-  arrays: dict[str, np.ndarray] = {
-      "round_num": np.asarray(state.round_num, np.int64)}
-  values = (state.model_weights.trainable, state.model_weights.non_trainable,
-            tf.nest.flatten(state.server_optimizer_state))
+  arrays: dict[str, np.ndarray] = {"round_num": np.asarray(state.round_num, np.int64)}
+  values = (
+    state.model_weights.trainable,
+    state.model_weights.non_trainable,
+    tf.nest.flatten(state.server_optimizer_state),
+  )
   for (prefix, _), group in zip(_ARRAY_GROUPS, values):
     for i, w in enumerate(group):
       arrays[f"{prefix}/{i}"] = np.asarray(w)
@@ -64,7 +66,7 @@ def _state_arrays(state: SimulationState) -> dict[str, np.ndarray]:
 
 
 def save_state(
-    path: str, state: SimulationState, metadata: Optional[dict[str, Any]] = None
+  path: str, state: SimulationState, metadata: Optional[dict[str, Any]] = None
 ) -> None:
   """Writes `state` to `path` atomically (a temporary file, then a rename).
 
@@ -102,8 +104,9 @@ def _checkpoint_bytes(path: str, limit: int) -> bytes:
       size = info.st_size
     if size > limit:
       raise CheckpointError(
-          f"checkpoint {path} is {size} bytes, more than a checkpoint of this model "
-          f"and server optimizer can be ({limit} bytes)")
+        f"checkpoint {path} is {size} bytes, more than a checkpoint of this model "
+        f"and server optimizer can be ({limit} bytes)"
+      )
     with tf.io.gfile.GFile(path, "rb") as f:
       return f.read()
   except (FileNotFoundError, tf.errors.NotFoundError):
@@ -124,8 +127,9 @@ def _npy_header(entry) -> tuple[tuple[int, ...], np.dtype]:
   return shape, dtype
 
 
-def _checkpoint_arrays(path: str, content: bytes,
-                       expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _checkpoint_arrays(
+  path: str, content: bytes, expected: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
   """Reads the arrays of a checkpoint, each checked against `expected` before it is read.
 
   `expected` maps entry names (without `.npy`) to arrays of the wanted shape
@@ -136,12 +140,13 @@ def _checkpoint_arrays(path: str, content: bytes,
     damaged = archive.testzip()
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
     raise CheckpointError(
-        f"checkpoint {path} is truncated or damaged (not a complete .npz file: "
-        f"{error_cause(error)})") from None
+      f"checkpoint {path} is truncated or damaged (not a complete .npz file: {error_cause(error)})"
+    ) from None
   if damaged is not None:
     raise CheckpointError(
-        f"checkpoint {path} is damaged: its entry {damaged} fails its CRC-32 check")
-  names = {n[:-len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
+      f"checkpoint {path} is damaged: its entry {damaged} fails its CRC-32 check"
+    )
+  names = {n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
   if len(names) != len(archive.namelist()):
     raise CheckpointError(f"checkpoint {path} holds entries that are not .npy arrays")
   for prefix, label in _ARRAY_GROUPS:
@@ -149,13 +154,14 @@ def _checkpoint_arrays(path: str, content: bytes,
     want = sum(1 for n in expected if n.startswith(prefix + "/"))
     if have != want:
       raise CheckpointError(
-          f"checkpoint {path} holds {have} {label}, this model and server optimizer "
-          f"have {want}")
+        f"checkpoint {path} holds {have} {label}, this model and server optimizer have {want}"
+      )
   wanted = set(expected) | {"metadata"}
   if names != wanted:
     raise CheckpointError(
-        f"checkpoint {path} lacks entries {sorted(wanted - names)} and has unexpected "
-        f"entries {sorted(names - wanted)}")
+      f"checkpoint {path} lacks entries {sorted(wanted - names)} and has unexpected "
+      f"entries {sorted(names - wanted)}"
+    )
   arrays = {}
   for name in sorted(wanted):
     try:
@@ -170,8 +176,9 @@ def _checkpoint_arrays(path: str, content: bytes,
         want = f"{like.dtype.name} of shape {like.shape}"
       if not fits:
         raise CheckpointError(
-            f"checkpoint {path}: {name} is {dtype.name} of shape {shape}, this model and "
-            f"server optimizer need {want}")
+          f"checkpoint {path}: {name} is {dtype.name} of shape {shape}, this model and "
+          f"server optimizer need {want}"
+        )
       with archive.open(name + ".npy") as entry:
         arrays[name] = np.lib.format.read_array(entry, allow_pickle=False)
         trailing = len(entry.read())
@@ -179,16 +186,14 @@ def _checkpoint_arrays(path: str, content: bytes,
       raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
       raise CheckpointError(
-          f"checkpoint {path}: {name} is damaged ({error_cause(error)})") from None
+        f"checkpoint {path}: {name} is damaged ({error_cause(error)})"
+      ) from None
     if trailing:
-      raise CheckpointError(
-          f"checkpoint {path}: {name} has {trailing} bytes after its array data")
+      raise CheckpointError(f"checkpoint {path}: {name} has {trailing} bytes after its array data")
   return arrays
 
 
-def load_state(
-    path: str, like: SimulationState
-) -> tuple[SimulationState, dict[str, Any]]:
+def load_state(path: str, like: SimulationState) -> tuple[SimulationState, dict[str, Any]]:
   """Reads a state written by `save_state`, checked whole before it is returned.
 
   Every entry's CRC-32, count, shape and dtype are checked against `like`
@@ -223,21 +228,22 @@ def load_state(
     raise CheckpointError(f"checkpoint {path}: round number {round_num} is negative")
   if "round_num" in metadata and metadata["round_num"] != round_num:
     raise CheckpointError(
-        f"checkpoint {path}: round number {round_num}, but its metadata says "
-        f"{metadata['round_num']!r}")
+      f"checkpoint {path}: round number {round_num}, but its metadata says "
+      f"{metadata['round_num']!r}"
+    )
 
   def group(prefix: str) -> list[np.ndarray]:
     count = sum(1 for n in expected if n.startswith(prefix + "/"))
     return [arrays[f"{prefix}/{i}"] for i in range(count)]
 
   state = SimulationState(
-      round_num=round_num,
-      model_weights=tff.learning.models.ModelWeights(
-          trainable=group("trainable"),
-          non_trainable=group("non_trainable"),
-      ),
-      server_optimizer_state=tf.nest.pack_sequence_as(
-          like.server_optimizer_state, group("server_optimizer")
-      ),
+    round_num=round_num,
+    model_weights=tff.learning.models.ModelWeights(
+      trainable=group("trainable"),
+      non_trainable=group("non_trainable"),
+    ),
+    server_optimizer_state=tf.nest.pack_sequence_as(
+      like.server_optimizer_state, group("server_optimizer")
+    ),
   )
   return state, metadata

@@ -23,9 +23,9 @@ Preprocess = Callable[[tf.data.Dataset], tf.data.Dataset]
 
 
 def build_batches_fn(
-    train_data: tff.simulation.datasets.ClientData,
-    preprocess: Optional[Preprocess],
-    config: SimulationConfig,
+  train_data: tff.simulation.datasets.ClientData,
+  preprocess: Optional[Preprocess],
+  config: SimulationConfig,
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.data.Dataset]:
   """Returns `fn(client_id, shuffle_seed) -> batches`, traced once.
 
@@ -79,18 +79,15 @@ def build_batches_fn(
   def examples(client_id):
     """The client's preprocessed, unbatched elements."""
     if dataset_fn is None:
-      return per_element(train_data.create_tf_dataset_for_client(
-          client_id.numpy().decode("utf-8")))
+      return per_element(train_data.create_tf_dataset_for_client(client_id.numpy().decode("utf-8")))
     if tensors_fn is None:
       return per_element(dataset_fn(client_id))
     if batch_fn is None:
-      return per_element(
-          tf.data.Dataset.from_tensor_slices(tensors_fn(client_id)))
+      return per_element(tf.data.Dataset.from_tensor_slices(tensors_fn(client_id)))
     # A per-element map instantiates its function for every client's
     # dataset, which costs several times the vectorized preprocessing of
     # the whole client (bench/bench_loading.py, training part).
-    return tf.data.Dataset.from_tensor_slices(
-        batch_fn(tensors_fn(client_id)))
+    return tf.data.Dataset.from_tensor_slices(batch_fn(tensors_fn(client_id)))
 
   def make_batches(client_id, seed):
     dataset = examples(client_id)
@@ -100,9 +97,7 @@ def build_batches_fn(
       # client and round. The order depends only on the number of
       # elements, not on their values, so both forms of a preprocess
       # give the same batches.
-      dataset = dataset.shuffle(
-          config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True
-      )
+      dataset = dataset.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if config.client_epochs > 1:
       dataset = dataset.repeat(config.client_epochs)
     return dataset.batch(config.batch_size).with_options(options)
@@ -112,8 +107,9 @@ def build_batches_fn(
   return tf.function(make_batches)
 
 
-def prefetched(dataset: tf.data.Dataset, device: Optional[str],
-               prefetch_to_device: Optional[bool]) -> tf.data.Dataset:
+def prefetched(
+  dataset: tf.data.Dataset, device: Optional[str], prefetch_to_device: Optional[bool]
+) -> tf.data.Dataset:
   """`dataset`, copied ahead to `device` per `SimulationConfig.prefetch_to_device`.
 
   None: for non-CPU devices only. No device: `dataset` unchanged.
@@ -127,8 +123,7 @@ def prefetched(dataset: tf.data.Dataset, device: Optional[str],
   if to_device is None:
     to_device = tf.DeviceSpec.from_string(device).device_type != "CPU"
   if to_device:
-    dataset = dataset.apply(
-        tf.data.experimental.prefetch_to_device(device, 2))
+    dataset = dataset.apply(tf.data.experimental.prefetch_to_device(device, 2))
   return dataset
 
 
@@ -141,15 +136,14 @@ def check_input_spec(element_spec: Any, input_spec: Any) -> None:
   try:
     tf.nest.assert_same_structure(element_spec, input_spec, check_types=False)
     compatible = all(
-        e.dtype == i.dtype and i.shape.is_compatible_with(e.shape)
-        for e, i in zip(tf.nest.flatten(element_spec),
-                        tf.nest.flatten(input_spec))
+      e.dtype == i.dtype and i.shape.is_compatible_with(e.shape)
+      for e, i in zip(tf.nest.flatten(element_spec), tf.nest.flatten(input_spec))
     )
   except (ValueError, TypeError):
     compatible = False
   if not compatible:
     raise ValueError(
-        "the preprocessed, batched client data does not match the model's "
-        f"input spec: data {element_spec} vs model {input_spec}; check the "
-        "model's preprocessing against the store's features"
+      "the preprocessed, batched client data does not match the model's "
+      f"input spec: data {element_spec} vs model {input_spec}; check the "
+      "model's preprocessing against the store's features"
     )

@@ -19,8 +19,8 @@ __all__ = ["all_test_examples", "build_eval_fn", "unreadable_test_client"]
 
 
 def build_eval_fn(
-    model: tff.learning.models.VariableModel,
-    weights_template: tff.learning.models.ModelWeights,
+  model: tff.learning.models.VariableModel,
+  weights_template: tff.learning.models.ModelWeights,
 ) -> Callable[[Any, tf.data.Dataset], Any]:
   """Returns `evaluate(weights, batches) -> unfinalized metrics`, a `tf.function`.
 
@@ -31,9 +31,7 @@ def build_eval_fn(
 
   @tf.function
   def evaluate(weights, data):
-    tf.nest.map_structure(
-        lambda v, w: v.assign(w), weights_template, weights
-    )
+    tf.nest.map_structure(lambda v, w: v.assign(w), weights_template, weights)
     for batch in iter(data):
       model.forward_pass(batch, training=False)
     return model.report_local_unfinalized_metrics()
@@ -42,9 +40,9 @@ def build_eval_fn(
 
 
 def all_test_examples(
-    test_data: tff.simulation.datasets.ClientData,
-    preprocess: Optional[Callable[[tf.data.Dataset], tf.data.Dataset]],
-    batch_size: int,
+  test_data: tff.simulation.datasets.ClientData,
+  preprocess: Optional[Callable[[tf.data.Dataset], tf.data.Dataset]],
+  batch_size: int,
 ) -> tf.data.Dataset:
   """Every test example, preprocessed, in batches of `batch_size`, prefetched on the host."""
   dataset = test_data.create_tf_dataset_from_all_clients(seed=0)
@@ -56,7 +54,7 @@ def all_test_examples(
 
 
 def unreadable_test_client(
-    test_data: tff.simulation.datasets.ClientData, round_num: int, error: BaseException
+  test_data: tff.simulation.datasets.ClientData, round_num: int, error: BaseException
 ) -> ClientReadError:
   """The error of a failed evaluation, naming the first unreadable test client.
 
@@ -80,6 +78,5 @@ def unreadable_test_client(
       for _ in test_data.create_tf_dataset_for_client(client_id):
         pass
     except READ_ERRORS as client_error:
-      return ClientReadError(client_id, round_num, client_error,
-                             evaluating=True)
+      return ClientReadError(client_id, round_num, client_error, evaluating=True)
   return ClientReadError(None, round_num, error, evaluating=True)

@@ -9,9 +9,9 @@ sums and finalizes their metrics (`metrics`), and evaluates on the test data
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import logging
 import time
-from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -19,12 +19,22 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedbeam.runtime import client_work
-from fedbeam.runtime.simulation import (aggregation, client_input, evaluation, metrics,
-                                        placement, seeding)
+from fedbeam.runtime.simulation import (
+  aggregation,
+  client_input,
+  evaluation,
+  metrics,
+  placement,
+  seeding,
+)
 from fedbeam.runtime.simulation.client_input import Preprocess
 from fedbeam.runtime.simulation.read_errors import READ_ERRORS, reading_client
-from fedbeam.runtime.simulation.types import (ClientReport, RoundResult, SimulationConfig,
-                                              SimulationState)
+from fedbeam.runtime.simulation.types import (
+  ClientReport,
+  RoundResult,
+  SimulationConfig,
+  SimulationState,
+)
 
 __all__ = ["SimulationLoop"]
 
@@ -43,17 +53,17 @@ class SimulationLoop:
   """
 
   def __init__(
-      self,
-      model_fn: Callable[[], tff.learning.models.VariableModel],
-      client_optimizer: client_work.OptimizerArg,
-      server_optimizer: tff.learning.optimizers.Optimizer,
-      train_data: tff.simulation.datasets.ClientData,
-      config: SimulationConfig,
-      *,
-      test_data: Optional[tff.simulation.datasets.ClientData] = None,
-      preprocess: Optional[Preprocess] = None,
-      devices: Optional[Sequence[str]] = None,
-      initial_weights: Optional[tff.learning.models.ModelWeights] = None,
+    self,
+    model_fn: Callable[[], tff.learning.models.VariableModel],
+    client_optimizer: client_work.OptimizerArg,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    train_data: tff.simulation.datasets.ClientData,
+    config: SimulationConfig,
+    *,
+    test_data: Optional[tff.simulation.datasets.ClientData] = None,
+    preprocess: Optional[Preprocess] = None,
+    devices: Optional[Sequence[str]] = None,
+    initial_weights: Optional[tff.learning.models.ModelWeights] = None,
   ):
     """Builds one client model per device and the server state.
 
@@ -87,20 +97,16 @@ class SimulationLoop:
       raise TypeError(f"config must be a SimulationConfig, got {config!r}")
     if not isinstance(train_data, tff.simulation.datasets.ClientData):
       raise TypeError(
-          "train_data must be a tff.simulation.datasets.ClientData, got "
-          f"{type(train_data).__name__}"
+        f"train_data must be a tff.simulation.datasets.ClientData, got {type(train_data).__name__}"
       )
-    if test_data is not None and not isinstance(
-        test_data, tff.simulation.datasets.ClientData
-    ):
+    if test_data is not None and not isinstance(test_data, tff.simulation.datasets.ClientData):
       raise TypeError(
-          "test_data must be a tff.simulation.datasets.ClientData or None, "
-          f"got {type(test_data).__name__}"
+        "test_data must be a tff.simulation.datasets.ClientData or None, "
+        f"got {type(test_data).__name__}"
       )
     if not isinstance(server_optimizer, tff.learning.optimizers.Optimizer):
       raise TypeError(
-          "server_optimizer must be a tff.learning.optimizers.Optimizer, got "
-          f"{server_optimizer!r}"
+        f"server_optimizer must be a tff.learning.optimizers.Optimizer, got {server_optimizer!r}"
       )
     self._config = config
     self._train_data = train_data
@@ -111,8 +117,8 @@ class SimulationLoop:
     self._client_ids = sorted(train_data.client_ids)
     if config.clients_per_round > len(self._client_ids):
       raise ValueError(
-          f"clients_per_round={config.clients_per_round} exceeds the "
-          f"{len(self._client_ids)} training clients"
+        f"clients_per_round={config.clients_per_round} exceeds the "
+        f"{len(self._client_ids)} training clients"
       )
     self._make_batches = client_input.build_batches_fn(train_data, preprocess, config)
     self._devices = list(devices) if devices is not None else placement.default_devices()
@@ -132,18 +138,16 @@ class SimulationLoop:
     for device in self._slot_devices:
       with tf.device(device):
         self._updates.append(
-            client_work.build_client_update(
-                model_fn,
-                client_optimizer,
-                config.client_weighting,
-                config.delta_l2_regularizer,
-                config.use_experimental_simulation_loop,
-            )
+          client_work.build_client_update(
+            model_fn,
+            client_optimizer,
+            config.client_weighting,
+            config.delta_l2_regularizer,
+            config.use_experimental_simulation_loop,
+          )
         )
     first_model = self._updates[0].model
-    self._weights_template = tff.learning.models.ModelWeights.from_model(
-        first_model
-    )
+    self._weights_template = tff.learning.models.ModelWeights.from_model(first_model)
     self._finalizers = first_model.metric_finalizers()
     with reading_client(self._client_ids[0], None):
       first_batches = self._batched(self._client_ids[0], round_num=1)
@@ -151,15 +155,14 @@ class SimulationLoop:
     weights = self._checked_weights(initial_weights)
 
     trainable_specs = tuple(
-        tf.TensorSpec(v.shape, v.dtype)
-        for v in tf.nest.flatten(self._weights_template.trainable)
+      tf.TensorSpec(v.shape, v.dtype) for v in tf.nest.flatten(self._weights_template.trainable)
     )
     self._server_step = aggregation.ServerOptimizerStep(server_optimizer, trainable_specs)
     self._eval_fn = evaluation.build_eval_fn(first_model, self._weights_template)
     self._state = SimulationState(
-        round_num=0,
-        model_weights=weights,
-        server_optimizer_state=self._server_step.initial_state(),
+      round_num=0,
+      model_weights=weights,
+      server_optimizer_state=self._server_step.initial_state(),
     )
     self._trace(first_batches.take(0))
 
@@ -193,13 +196,9 @@ class SimulationLoop:
   def state(self) -> SimulationState:
     """The current state (a copy: mutating it does not affect the loop)."""
     return SimulationState(
-        round_num=self._state.round_num,
-        model_weights=tf.nest.map_structure(
-            np.copy, self._state.model_weights
-        ),
-        server_optimizer_state=tf.nest.map_structure(
-            np.copy, self._state.server_optimizer_state
-        ),
+      round_num=self._state.round_num,
+      model_weights=tf.nest.map_structure(np.copy, self._state.model_weights),
+      server_optimizer_state=tf.nest.map_structure(np.copy, self._state.server_optimizer_state),
     )
 
   def set_state(self, state: SimulationState) -> None:
@@ -211,52 +210,45 @@ class SimulationLoop:
     weights = self._checked_weights(state.model_weights)
     expected = self._state.server_optimizer_state
     try:
-      tf.nest.assert_same_structure(
-          expected, state.server_optimizer_state, check_types=False
-      )
+      tf.nest.assert_same_structure(expected, state.server_optimizer_state, check_types=False)
     except (ValueError, TypeError) as error:
-      raise ValueError(
-          f"server optimizer state does not fit this optimizer: {error}"
-      ) from error
-    if isinstance(state.round_num, bool) or not isinstance(
-        state.round_num, (int, np.integer)
-    ) or state.round_num < 0:
+      raise ValueError(f"server optimizer state does not fit this optimizer: {error}") from error
+    if (
+      isinstance(state.round_num, bool)
+      or not isinstance(state.round_num, (int, np.integer))
+      or state.round_num < 0
+    ):
       raise ValueError(f"round_num must be a nonnegative int: {state.round_num!r}")
     self._state = SimulationState(
-        round_num=int(state.round_num),
-        model_weights=weights,
-        server_optimizer_state=tf.nest.map_structure(
-            lambda old, new: np.asarray(new, dtype=np.asarray(old).dtype),
-            expected,
-            state.server_optimizer_state,
-        ),
+      round_num=int(state.round_num),
+      model_weights=weights,
+      server_optimizer_state=tf.nest.map_structure(
+        lambda old, new: np.asarray(new, dtype=np.asarray(old).dtype),
+        expected,
+        state.server_optimizer_state,
+      ),
     )
 
   def _checked_weights(
-      self, weights: tff.learning.models.ModelWeights
+    self, weights: tff.learning.models.ModelWeights
   ) -> tff.learning.models.ModelWeights:
     trainable = [np.asarray(w) for w in tf.nest.flatten(weights.trainable)]
-    non_trainable = [
-        np.asarray(w) for w in tf.nest.flatten(weights.non_trainable)
-    ]
+    non_trainable = [np.asarray(w) for w in tf.nest.flatten(weights.non_trainable)]
     template = self._weights_template
     for got, variables, label in (
-        (trainable, tf.nest.flatten(template.trainable), "trainable"),
-        (non_trainable, tf.nest.flatten(template.non_trainable),
-         "non_trainable"),
+      (trainable, tf.nest.flatten(template.trainable), "trainable"),
+      (non_trainable, tf.nest.flatten(template.non_trainable), "non_trainable"),
     ):
       if len(got) != len(variables) or any(
-          g.shape != tuple(v.shape) or g.dtype != v.dtype.as_numpy_dtype
-          for g, v in zip(got, variables)
+        g.shape != tuple(v.shape) or g.dtype != v.dtype.as_numpy_dtype
+        for g, v in zip(got, variables)
       ):
         raise ValueError(
-            f"{label} weights do not fit the model: got "
-            f"{[(g.shape, g.dtype.name) for g in got]}, model has "
-            f"{[(tuple(v.shape), v.dtype.name) for v in variables]}"
+          f"{label} weights do not fit the model: got "
+          f"{[(g.shape, g.dtype.name) for g in got]}, model has "
+          f"{[(tuple(v.shape), v.dtype.name) for v in variables]}"
         )
-    return tff.learning.models.ModelWeights(
-        trainable=trainable, non_trainable=non_trainable
-    )
+    return tff.learning.models.ModelWeights(trainable=trainable, non_trainable=non_trainable)
 
   def _packed_weights(self) -> Any:
     # The update assigns with tf.nest over the model's own containers, which
@@ -264,14 +256,14 @@ class SimulationLoop:
     # Tensors, not numpy arrays, so every call matches the traced signature.
     weights = self._state.model_weights
     return tff.learning.models.ModelWeights(
-        trainable=tf.nest.pack_sequence_as(
-            self._weights_template.trainable,
-            [tf.convert_to_tensor(w) for w in weights.trainable],
-        ),
-        non_trainable=tf.nest.pack_sequence_as(
-            self._weights_template.non_trainable,
-            [tf.convert_to_tensor(w) for w in weights.non_trainable],
-        ),
+      trainable=tf.nest.pack_sequence_as(
+        self._weights_template.trainable,
+        [tf.convert_to_tensor(w) for w in weights.trainable],
+      ),
+      non_trainable=tf.nest.pack_sequence_as(
+        self._weights_template.non_trainable,
+        [tf.convert_to_tensor(w) for w in weights.non_trainable],
+      ),
     )
 
   def sample_clients(self, round_num: int) -> list[str]:
@@ -284,8 +276,9 @@ class SimulationLoop:
       `clients_per_round` distinct client ids, in the order they are
       assigned to devices.
     """
-    return seeding.sample_clients(self._client_ids, self._config.seed, round_num,
-                                  self._config.clients_per_round)
+    return seeding.sample_clients(
+      self._client_ids, self._config.seed, round_num, self._config.clients_per_round
+    )
 
   def shuffle_seed(self, client_id: str, round_num: int) -> int:
     """The shuffle seed of a client's examples in round `round_num`."""
@@ -293,12 +286,12 @@ class SimulationLoop:
 
   def _batched(self, client_id: str, round_num: int) -> tf.data.Dataset:
     return self._make_batches(
-        tf.constant(client_id, tf.string),
-        tf.constant(self.shuffle_seed(client_id, round_num), tf.int64),
+      tf.constant(client_id, tf.string),
+      tf.constant(self.shuffle_seed(client_id, round_num), tf.int64),
     )
 
   def client_dataset(
-      self, client_id: str, round_num: int, device: Optional[str] = None
+    self, client_id: str, round_num: int, device: Optional[str] = None
   ) -> tf.data.Dataset:
     """The batches client `client_id` trains on in round `round_num`.
 
@@ -313,13 +306,11 @@ class SimulationLoop:
     """
     return self._prefetched(self._batched(client_id, round_num), device)
 
-  def _prefetched(
-      self, dataset: tf.data.Dataset, device: Optional[str]
-  ) -> tf.data.Dataset:
+  def _prefetched(self, dataset: tf.data.Dataset, device: Optional[str]) -> tf.data.Dataset:
     return client_input.prefetched(dataset, device, self._config.prefetch_to_device)
 
   def _run_client(
-      self, index: int, client_id: str, round_num: int, weights: Any
+    self, index: int, client_id: str, round_num: int, weights: Any
   ) -> tuple[list[np.ndarray], float, dict[str, Any], ClientReport]:
     slot = index % len(self._slot_devices)
     device = self._slot_devices[slot]
@@ -342,26 +333,32 @@ class SimulationLoop:
     else:
       num_examples = -1
     report = ClientReport(
-        client_id=client_id,
-        device=device,
-        ran_on=ran_on,
-        num_examples=num_examples,
-        weight=weight,
-        seconds=seconds,
+      client_id=client_id,
+      device=device,
+      ran_on=ran_on,
+      num_examples=num_examples,
+      weight=weight,
+      seconds=seconds,
     )
     logger.info(
-        "round %d: client %r ran on %s (%d examples, %.3fs)",
-        round_num, client_id, ran_on, num_examples, seconds,
+      "round %d: client %r ran on %s (%d examples, %.3fs)",
+      round_num,
+      client_id,
+      ran_on,
+      num_examples,
+      seconds,
     )
     return delta, weight, unfinalized, report
 
   def _run_clients(
-      self, client_ids: list[str], round_num: int
+    self, client_ids: list[str], round_num: int
   ) -> list[tuple[list[np.ndarray], float, dict[str, Any], ClientReport]]:
     weights = self._packed_weights()
     return placement.run_in_slots(
-        len(self._slot_devices), len(client_ids),
-        lambda slot, index: self._run_client(index, client_ids[index], round_num, weights))
+      len(self._slot_devices),
+      len(client_ids),
+      lambda slot, index: self._run_client(index, client_ids[index], round_num, weights),
+    )
 
   def run_round(self, evaluate: Optional[bool] = None) -> RoundResult:
     """Runs the next round and advances the state.
@@ -379,31 +376,34 @@ class SimulationLoop:
     results = self._run_clients(client_ids, round_num)
 
     mean_delta, total_weight = aggregation.weighted_mean_delta(
-        self._state.model_weights.trainable,
-        [(delta, weight) for delta, weight, _, _ in results])
+      self._state.model_weights.trainable, [(delta, weight) for delta, weight, _, _ in results]
+    )
     update_applied, server_state, trainable = self._server_step.apply(
-        self._state.server_optimizer_state, self._state.model_weights.trainable, mean_delta)
+      self._state.server_optimizer_state, self._state.model_weights.trainable, mean_delta
+    )
     if update_applied:
       model_weights = tff.learning.models.ModelWeights(
-          trainable=trainable,
-          non_trainable=list(self._state.model_weights.non_trainable),
+        trainable=trainable,
+        non_trainable=list(self._state.model_weights.non_trainable),
       )
     else:
       # TFF's finalizer rejects a non-finite update and keeps its state.
       logger.warning(
-          "round %d: the mean client delta is not finite (total weight %s); "
-          "the server keeps its weights", round_num, total_weight,
+        "round %d: the mean client delta is not finite (total weight %s); "
+        "the server keeps its weights",
+        round_num,
+        total_weight,
       )
       model_weights = self._state.model_weights
     self._state = SimulationState(round_num, model_weights, server_state)
 
     train_metrics = metrics.finalize_metrics(
-        self._finalizers, metrics.sum_metrics([r[2] for r in results]))
+      self._finalizers, metrics.sum_metrics([r[2] for r in results])
+    )
     reports = tuple(r[3] for r in results)
 
     if evaluate is None:
-      evaluate = (self._config.eval_every > 0
-                  and round_num % self._config.eval_every == 0)
+      evaluate = self._config.eval_every > 0 and round_num % self._config.eval_every == 0
     eval_metrics = None
     eval_seconds = 0.0
     if evaluate and self._test_data is not None:
@@ -411,24 +411,23 @@ class SimulationLoop:
       try:
         eval_metrics = self.evaluate()
       except READ_ERRORS as error:
-        raise evaluation.unreadable_test_client(
-            self._test_data, round_num, error) from error
+        raise evaluation.unreadable_test_client(self._test_data, round_num, error) from error
       eval_seconds = time.perf_counter() - eval_start
     return RoundResult(
-        round_num=round_num,
-        clients=reports,
-        train_metrics=train_metrics,
-        eval_metrics=eval_metrics,
-        num_examples=sum(max(r.num_examples, 0) for r in reports),
-        seconds=time.perf_counter() - start,
-        eval_seconds=eval_seconds,
-        update_applied=update_applied,
+      round_num=round_num,
+      clients=reports,
+      train_metrics=train_metrics,
+      eval_metrics=eval_metrics,
+      num_examples=sum(max(r.num_examples, 0) for r in reports),
+      seconds=time.perf_counter() - start,
+      eval_seconds=eval_seconds,
+      update_applied=update_applied,
     )
 
   def run(
-      self,
-      total_rounds: int,
-      on_round: Optional[Callable[[RoundResult, SimulationLoop], None]] = None,
+    self,
+    total_rounds: int,
+    on_round: Optional[Callable[[RoundResult, SimulationLoop], None]] = None,
   ) -> list[RoundResult]:
     """Runs rounds until `total_rounds` are done (none if already there).
 
@@ -482,9 +481,9 @@ class SimulationLoop:
       return None
     device = self._devices[0]
     dataset = self._prefetched(
-        evaluation.all_test_examples(
-            self._test_data, self._preprocess, self._config.eval_batch_size),
-        device)
+      evaluation.all_test_examples(self._test_data, self._preprocess, self._config.eval_batch_size),
+      device,
+    )
     model = self._updates[0].model
     with tf.device(device):
       model.reset_metrics()

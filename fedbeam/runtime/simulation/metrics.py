@@ -23,14 +23,12 @@ def sum_metrics(unfinalized: Sequence[dict[str, Any]]) -> Optional[dict[str, Any
   """Sums clients' unfinalized metrics (numpy structures of one shape); None for no client."""
   summed = None
   for metrics in unfinalized:
-    summed = metrics if summed is None else tf.nest.map_structure(
-        np.add, summed, metrics
-    )
+    summed = metrics if summed is None else tf.nest.map_structure(np.add, summed, metrics)
   return summed
 
 
 def finalize_metrics(
-    finalizers: dict[str, Callable[[Any], Any]], unfinalized: dict[str, Any]
+  finalizers: dict[str, Callable[[Any], Any]], unfinalized: dict[str, Any]
 ) -> dict[str, float]:
   """Applies a model's metric finalizers (`metric_finalizers()`) to unfinalized values.
 
@@ -49,15 +47,13 @@ def finalize_metrics(
     # eagerly they fail on tf.function's second, variable-lifting trace. The
     # wrapped Python function runs them eagerly instead.
     finalize_fn = getattr(finalizer, "python_function", finalizer)
-    value = np.asarray(finalize_fn(
-        tf.nest.map_structure(tf.convert_to_tensor, unfinalized[name])
-    ))
+    value = np.asarray(finalize_fn(tf.nest.map_structure(tf.convert_to_tensor, unfinalized[name])))
     finalized[name] = value.item() if value.size == 1 else value.tolist()
   return finalized
 
 
 def loss_and_accuracy(
-    metrics: Optional[dict[str, float]],
+  metrics: Optional[dict[str, float]],
 ) -> tuple[Optional[float], Optional[float]]:
   """Picks the loss and the accuracy out of finalized model metrics.
 
@@ -71,7 +67,5 @@ def loss_and_accuracy(
   if not metrics:
     return None, None
   loss = metrics.get("loss")
-  accuracy = next(
-      (v for k, v in metrics.items() if "accuracy" in k.lower()), None
-  )
+  accuracy = next((v for k, v in metrics.items() if "accuracy" in k.lower()), None)
   return loss, accuracy

@@ -9,8 +9,8 @@ placement never changes the numbers.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable, Sequence
+import concurrent.futures
 from typing import TypeVar
 
 import tensorflow as tf

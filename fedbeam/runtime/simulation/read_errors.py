@@ -6,8 +6,8 @@ names the client and the round, and carries the original error.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
+import contextlib
 from typing import Optional
 
 import tensorflow as tf
@@ -18,12 +18,12 @@ __all__ = ["READ_ERRORS", "ClientReadError", "error_cause", "reading_client"]
 # readers (a missing file, a CRC failure, a directory in its place, a record
 # that does not parse) and, from eager readers, `ClientFileError` (an OSError).
 READ_ERRORS = (
-    tf.errors.NotFoundError,
-    tf.errors.DataLossError,
-    tf.errors.FailedPreconditionError,
-    tf.errors.PermissionDeniedError,
-    tf.errors.InvalidArgumentError,
-    OSError,
+  tf.errors.NotFoundError,
+  tf.errors.DataLossError,
+  tf.errors.FailedPreconditionError,
+  tf.errors.PermissionDeniedError,
+  tf.errors.InvalidArgumentError,
+  OSError,
 )
 
 
@@ -53,8 +53,13 @@ class ClientReadError(RuntimeError):
       training client.
   """
 
-  def __init__(self, client_id: Optional[str], round_num: Optional[int],
-               cause: BaseException, evaluating: bool = False):
+  def __init__(
+    self,
+    client_id: Optional[str],
+    round_num: Optional[int],
+    cause: BaseException,
+    evaluating: bool = False,
+  ):
     self.client_id = client_id
     self.round_num = round_num
     self.cause = cause

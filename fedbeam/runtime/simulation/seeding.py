@@ -9,8 +9,8 @@ ends exactly where an uninterrupted run does.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
+import random
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ def _stable_int(*parts: Any, bits: int = 63) -> int:
 
 
 def initial_model_weights(
-    model_fn: Callable[[], tff.learning.models.VariableModel], seed: int
+  model_fn: Callable[[], tff.learning.models.VariableModel], seed: int
 ) -> tff.learning.models.ModelWeights:
   """Initializes a model's weights deterministically from `seed`.
 
@@ -54,17 +54,18 @@ def initial_model_weights(
       with tf.compat.v1.Session(graph=graph) as session:
         session.run(tf.compat.v1.variables_initializer(variables))
         trainable, non_trainable = session.run(
-            (list(weights.trainable), list(weights.non_trainable))
+          (list(weights.trainable), list(weights.non_trainable))
         )
   finally:
     random.setstate(python_random_state)
   return tff.learning.models.ModelWeights(
-      trainable=list(trainable), non_trainable=list(non_trainable)
+    trainable=list(trainable), non_trainable=list(non_trainable)
   )
 
 
-def sample_clients(client_ids: Sequence[str], seed: int, round_num: int,
-                   clients_per_round: int) -> list[str]:
+def sample_clients(
+  client_ids: Sequence[str], seed: int, round_num: int, clients_per_round: int
+) -> list[str]:
   """The clients of round `round_num`, drawn without replacement.
 
   Args:

@@ -54,34 +54,35 @@ class SimulationConfig:
   seed: int = 0
   eval_every: int = 1
   eval_batch_size: int = 256
-  client_weighting: tff.learning.ClientWeighting = (
-      tff.learning.ClientWeighting.NUM_EXAMPLES
-  )
+  client_weighting: tff.learning.ClientWeighting = tff.learning.ClientWeighting.NUM_EXAMPLES
   delta_l2_regularizer: float = 0.0
   use_experimental_simulation_loop: bool = True
   prefetch_to_device: Optional[bool] = None
   clients_per_device: int = 1
 
   def __post_init__(self):
-    for name in ("clients_per_round", "client_epochs", "batch_size",
-                 "eval_batch_size", "clients_per_device"):
+    for name in (
+      "clients_per_round",
+      "client_epochs",
+      "batch_size",
+      "eval_batch_size",
+      "clients_per_device",
+    ):
       check_int(name, getattr(self, name), 1)
     for name in ("shuffle_buffer", "seed", "eval_every"):
       check_int(name, getattr(self, name), 0)
     if self.prefetch_to_device not in (None, True, False):
       raise ValueError(
-          "prefetch_to_device must be None, True or False, got "
-          f"{self.prefetch_to_device!r}"
+        f"prefetch_to_device must be None, True or False, got {self.prefetch_to_device!r}"
       )
     if not isinstance(self.client_weighting, tff.learning.ClientWeighting):
       raise ValueError(
-          "client_weighting must be a tff.learning.ClientWeighting, got "
-          f"{self.client_weighting!r}"
+        f"client_weighting must be a tff.learning.ClientWeighting, got {self.client_weighting!r}"
       )
     object.__setattr__(
-        self,
-        "delta_l2_regularizer",
-        client_work.check_delta_l2_regularizer(self.delta_l2_regularizer),
+      self,
+      "delta_l2_regularizer",
+      client_work.check_delta_l2_regularizer(self.delta_l2_regularizer),
     )
 
 
