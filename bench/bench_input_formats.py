@@ -102,12 +102,13 @@ def _run(name: str, cmd: list[str], workload, args) -> dict:
 
 
 def _client_files(store: str) -> dict[str, tuple[int, int, int]]:
-  from fedbeam import store_format as sf  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
 
-  metadata = sf.read_metadata(store)
+  metadata = read_metadata(store)
   return {
     r["client_id"]: (r["num_examples"], r["num_bytes"], r["crc32c"])
-    for r in sf.read_manifest(store, metadata)
+    for r in read_manifest(store, metadata)
   }
 
 

@@ -343,6 +343,44 @@ def _run_inspect(args) -> int:
       print(f"fedbeam inspect: error: --plot {args.plot}: {e}", file=sys.stderr)
       return 1
     print(f"client-size histogram: {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    if args.label_feature:
+      return _plot_labels(args)
+  elif args.label_feature:
+    print("fedbeam inspect: error: --label-feature needs --plot FILE.png", file=sys.stderr)
+    return 2
+  return 0
+
+
+def label_plot_path(plot: str) -> str:
+  """Where `--label-feature` writes its figure: FILE-labels.png beside `--plot FILE.png`."""
+  stem = plot[: -len(".png")] if plot.lower().endswith(".png") else plot
+  return f"{stem}-labels.png"
+
+
+def _plot_labels(args) -> int:
+  from fedbeam.format.layout import StoreFormatError  # pylint: disable=g-import-not-at-top
+  from fedbeam.label_distribution import read_label_distribution  # pylint: disable=g-import-not-at-top
+  from fedbeam.plots import plot_label_distribution  # pylint: disable=g-import-not-at-top
+
+  path = label_plot_path(args.plot)
+  try:
+    distribution = read_label_distribution(args.store, args.label_feature, args.plot_clients)
+    plot_label_distribution(distribution, path)
+  except ValueError as e:  # StoreFormatError is one
+    code = 1 if isinstance(e, StoreFormatError) else 2
+    print(f"fedbeam inspect: error: {e}", file=sys.stderr)
+    return code
+  except OSError as e:
+    print(f"fedbeam inspect: error: {path}: {e}", file=sys.stderr)
+    return 1
+  out = sys.stderr if args.json else sys.stdout
+  n = len(distribution.client_ids)
+  print(
+    f"label distribution of the first {n} clients: {path}; mean per-client entropy of "
+    f"{args.label_feature!r} {distribution.mean_client_entropy:.3f} bits, their pooled labels "
+    f"{distribution.pooled_entropy:.3f} bits ({len(distribution.labels)} labels)",
+    file=out,
+  )
   return 0
 
 
@@ -422,6 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="FILE.png",
     help="also write a histogram of examples per client, per split "
     "(log count axis), to this PNG file",
+  )
+  inspect.add_argument(
+    "--label-feature",
+    metavar="NAME",
+    help="with --plot FILE.png: also write FILE-labels.png, each client's examples by the "
+    "values of this feature (a stacked bar per client), and print the mean per-client label "
+    "entropy next to that of the same clients' pooled labels",
+  )
+  inspect.add_argument(
+    "--plot-clients",
+    metavar="N",
+    type=int,
+    default=30,
+    help="clients --label-feature reads and plots, the first N by id (default 30)",
   )
   validate = sub.add_parser(
     "validate",

@@ -11,7 +11,7 @@ import csv
 import math
 from typing import Mapping, Optional, Sequence
 
-__all__ = ["plot_accuracy", "plot_client_sizes", "read_accuracy"]
+__all__ = ["plot_accuracy", "plot_client_sizes", "plot_label_distribution", "read_accuracy"]
 
 
 def _figure(width: float = 6.0, height: float = 3.5):
@@ -59,6 +59,55 @@ def plot_client_sizes(sizes: Mapping[str, Sequence[int]], path: str, title: str 
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+
+
+def plot_label_distribution(distribution, path: str, title: str = "") -> None:
+  """Writes a PNG stacked bar chart: each client's examples by label, one bar per client.
+
+  Args:
+    distribution: a `fedbeam.label_distribution.LabelDistribution`.
+    path: the PNG file to write.
+    title: the plot's title (default: names the feature and both entropies).
+
+  Raises:
+    ValueError: no client holds an example.
+    OSError: the file cannot be written.
+  """
+  counts = distribution.counts
+  if not counts.size or not counts.sum():
+    raise ValueError("no example to plot")
+  fig = _figure(width=max(6.0, 0.25 * len(distribution.client_ids) + 2.0), height=4.0)
+  ax = fig.add_subplot()
+  positions = list(range(len(distribution.client_ids)))
+  bottom = [0] * len(positions)
+  colors = _label_colors(len(distribution.labels))
+  for j, label in enumerate(distribution.labels):
+    column = [int(c) for c in counts[:, j]]
+    ax.bar(positions, column, bottom=bottom, color=colors[j], label=label, width=0.85)
+    bottom = [b + c for b, c in zip(bottom, column)]
+  ax.set_xticks(positions)
+  ax.set_xticklabels(distribution.client_ids, rotation=90, fontsize=6)
+  ax.set_xlabel("client")
+  ax.set_ylabel("examples")
+  ax.set_title(
+    title
+    or (
+      f"{distribution.feature} per client: mean client entropy "
+      f"{distribution.mean_client_entropy:.2f} bits, pooled {distribution.pooled_entropy:.2f}"
+    ),
+    fontsize=9,
+  )
+  if len(distribution.labels) <= 20:
+    ax.legend(fontsize=6, ncol=2, loc="upper right", title=distribution.feature)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def _label_colors(n: int) -> list:
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+
+  cmap = colormaps["tab20" if n > 10 else "tab10"]
+  return [cmap(i % cmap.N) for i in range(n)]
 
 
 def read_accuracy(metrics_csv: str) -> tuple[list[int], list[float], list[float]]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedbeam import cli, testing
-from fedbeam import store_format as sf
+from fedbeam.format.metadata import data_root, read_metadata
 import fedbeam.pipelines
 from fedbeam.pipelines import allocator, local_runner
 from fedbeam.pipelines.prepare import default_runner_options, runs_on_local_runner
@@ -48,7 +48,7 @@ def _beams_attributes():
 
 def _data_files(root):
   """{path relative to the data directory: bytes} of the client files and the manifest."""
-  data = sf.data_root(str(root), sf.read_metadata(str(root)))
+  data = data_root(str(root), read_metadata(str(root)))
   out = {}
   for dirpath, _, names in os.walk(data):
     for name in names:
@@ -126,8 +126,8 @@ def test_prepare_store_in_a_users_own_pipeline_writes_the_clis_store_byte_for_by
   assert sorted(own) == sorted(from_cli)
   assert [k for k in own if own[k] != from_cli[k]] == []
   assert (
-    sf.read_metadata(str(tmp_path / "own"))["data_dir"]
-    == sf.read_metadata(str(tmp_path / "cli"))["data_dir"]
+    read_metadata(str(tmp_path / "own"))["data_dir"]
+    == read_metadata(str(tmp_path / "cli"))["data_dir"]
   )
   report = validate_store(str(tmp_path / "own"), deep=True)
   assert report.ok, report.problems

@@ -51,7 +51,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import apache_beam as beam
 import numpy as np
 
-from fedbeam.example_proto import Example
+from fedbeam.format.codec import Example
 from fedbeam.pipelines.example_records import ExampleBatch
 from fedbeam.pipelines.records import BOOL, INT32, INT64, STRING, InputError, InputRecord
 
