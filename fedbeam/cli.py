@@ -17,6 +17,11 @@ from typing import Iterator, Optional, Sequence
 
 from fedbeam.command_logging import CommandLogging
 
+__all__ = [
+  "build_parser",
+  "main",
+]
+
 
 def _check_beam_args(args: Sequence[str]) -> Optional[str]:
   """Returns an error message for a pass-through argument Beam would not use, else None.

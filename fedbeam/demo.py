@@ -147,7 +147,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f"      examples per writer: min {sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]}",
     flush=True,
   )
-  cli.main(["inspect", store, "--plot", os.path.join(workdir, "client_sizes.png")])
+  cli.main(
+    [
+      "inspect",
+      store,
+      "--plot",
+      os.path.join(workdir, "client_sizes.png"),
+      "--label-feature",
+      "label",
+    ]
+  )
 
   print(
     f"[3/3] fedbeam train: {args.rounds} rounds of federated averaging, "

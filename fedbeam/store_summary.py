@@ -10,6 +10,12 @@ from fedbeam.format.layout import StoreFormatError
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import read_metadata
 
+__all__ = [
+  "PERCENTILES",
+  "summarize_store",
+  "format_summary",
+]
+
 PERCENTILES = (("min", 0), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
 
 

@@ -56,6 +56,12 @@ from fedbeam.format.metadata import read_metadata
 from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.format.tfrecord import CorruptRecordError, checksum, read_tfrecords
 
+__all__ = [
+  "MAX_LISTED_PROBLEMS",
+  "ValidationReport",
+  "validate_store",
+]
+
 # Problems listed before the report stops collecting (the count stays exact).
 MAX_LISTED_PROBLEMS = 1000
 

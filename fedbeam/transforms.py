@@ -28,6 +28,16 @@ import numpy as np
 from fedbeam.batch_form import with_batch_form
 from fedbeam.seeded_hash import seeded_int
 
+__all__ = [
+  "identity",
+  "transform_seed",
+  "affine_matrix",
+  "projective_coefficients",
+  "bilinear_warp",
+  "AffineTransform",
+  "random_affine",
+]
+
 
 def identity(raw_client_id: str, index: int) -> None:
   """Every pseudo-client holds its raw client's examples unchanged."""

@@ -39,6 +39,20 @@ from fedbeam.format.spec import ElementSpec, numpy_dtype
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
 
+__all__ = [
+  "ExpansionError",
+  "load_transform",
+  "index_digits",
+  "pseudo_client_id",
+  "expansion_plan",
+  "pseudo_clients_of",
+  "PlanPseudoClients",
+  "apply_transform",
+  "want_shape_ok",
+  "ExpandPseudoClients",
+  "PseudoClientSizes",
+]
+
 MakeTransformFn = Callable[[str, int], Optional[Callable[[Any], Any]]]
 
 

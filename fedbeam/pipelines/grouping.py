@@ -22,6 +22,12 @@ from fedbeam.pipelines.example_records import (
 )
 from fedbeam.pipelines.records import ClientRecords, InputError, InputRecord
 
+__all__ = [
+  "ORDER_BY_INPUT",
+  "check_order_by",
+  "GroupByClient",
+]
+
 ORDER_BY_INPUT = "@input"
 
 

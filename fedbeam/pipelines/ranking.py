@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import apache_beam as beam
 
+__all__ = [
+  "SmallestN",
+]
+
 
 class SmallestN(beam.CombineFn):
   """(n, item) -> the n smallest items, sorted ([] when there is no input).

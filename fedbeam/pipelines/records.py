@@ -18,6 +18,32 @@ from fedbeam.format.codec import serialize_example
 from fedbeam.format.layout import UNSPLIT
 from fedbeam.format.spec import ElementSpec, numpy_dtype
 
+__all__ = [
+  "STRING",
+  "FLOAT32",
+  "FLOAT64",
+  "INT32",
+  "INT64",
+  "BOOL",
+  "FLOAT16",
+  "INT8",
+  "INT16",
+  "UINT8",
+  "UINT16",
+  "UINT32",
+  "UINT64",
+  "UNKNOWN",
+  "SCALAR",
+  "LIST",
+  "ANY_RANK",
+  "InputError",
+  "RawFeature",
+  "InputRecord",
+  "ClientRecords",
+  "encode_as_read",
+  "conform_record",
+]
+
 # Kinds of raw values a reader produces: each names the dtype inference gives it.
 STRING, FLOAT32, FLOAT64, INT32, INT64, BOOL = (
   "string",

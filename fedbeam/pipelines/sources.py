@@ -39,6 +39,26 @@ from fedbeam.pipelines.records import (
   InputRecord,
 )
 
+__all__ = [
+  "INPUT_FORMATS",
+  "BATCH_RECORDS",
+  "BATCH_BYTES",
+  "SQLITE_ROWS_PER_RANGE",
+  "match_input_files",
+  "ReadTFRecordExamples",
+  "ReadAvroRecords",
+  "sqlite_split_names",
+  "kept_split_key",
+  "kept_split_client",
+  "sqlite_row_ranges",
+  "sqlite_splits",
+  "sqlite_row_count",
+  "ReadTffSqlite",
+  "needs_client_id_key",
+  "declares_clients",
+  "ReadClientInput",
+]
+
 INPUT_FORMATS = ("tfrecord", "avro", "tff-sqlite", "parquet", "csv", "jsonl", "leaf")
 # Records of a TFRecord file handed on together (see ExampleBatch).
 BATCH_RECORDS = 2048

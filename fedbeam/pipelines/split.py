@@ -34,6 +34,18 @@ from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
 from fedbeam.seeded_hash import seeded_int
 
+__all__ = [
+  "SPLIT_METHODS",
+  "SPLIT_BY",
+  "TRAIN",
+  "TEST",
+  "SplitError",
+  "SplitConfig",
+  "rank_key",
+  "tff_test_ids",
+  "SplitTrainTest",
+]
+
 SPLIT_METHODS = ("hash", "tff")
 SPLIT_BY = ("client", "raw")
 TRAIN, TEST = "train", "test"

@@ -52,6 +52,23 @@ from fedbeam.pipelines.data_dir_lease import committed_state, is_object_store, r
 from fedbeam.pipelines.progress import CLIENTS_WRITTEN, CountProgress, ProgressChannel
 from fedbeam.pipelines.records import ClientRecords
 
+__all__ = [
+  "MANIFEST_ROWS_PER_FILE",
+  "EMPTY_SAMPLE_SIZE",
+  "StoreWriteError",
+  "write_file_atomically",
+  "sweep_directory",
+  "StoreStatsFn",
+  "RUNNER_FAULT",
+  "check_planned_splits",
+  "REPLACES_ANY",
+  "CleanupError",
+  "commit_metadata",
+  "remove_other_data_dirs",
+  "clean_up_after_commit",
+  "WriteStore",
+]
+
 # Manifest rows per manifest file (the file count follows the client count).
 MANIFEST_ROWS_PER_FILE = 100_000
 # Ids of empty clients kept in the metadata's report.
