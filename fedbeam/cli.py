@@ -223,14 +223,6 @@ def _run_prepare(args, beam_args) -> int:
   from fedbeam.format.spec import ElementSpec, ElementSpecError  # pylint: disable=g-import-not-at-top
   from fedbeam.pipelines.prepare import PrepareConfig, PrepareError, run_prepare  # pylint: disable=g-import-not-at-top
 
-  if args.input_format in ("tfrecord", "avro") and not args.client_id_key:
-    # A flag missing for the chosen format is bad usage, like a missing required flag.
-    print(
-      f"fedbeam prepare: error: --client-id-key is required with --input-format "
-      f"{args.input_format}",
-      file=sys.stderr,
-    )
-    return 2
   error = _check_beam_args(beam_args)
   if error:
     print(f"fedbeam prepare: error: {error}", file=sys.stderr)
@@ -279,6 +271,14 @@ def _run_prepare(args, beam_args) -> int:
     if used:
       print(f"fedbeam prepare: error: {', '.join(used)} need --partition", file=sys.stderr)
       return 2
+  if args.input_format not in ("tff-sqlite", "leaf") and not args.client_id_key and not partition:
+    # A flag missing for the chosen format is bad usage, like a missing required flag.
+    print(
+      f"fedbeam prepare: error: --client-id-key is required with --input-format "
+      f"{args.input_format} (or --partition, for input without client ids)",
+      file=sys.stderr,
+    )
+    return 2
   config = PrepareConfig(
     input=args.input,
     input_format=args.input_format,

@@ -242,7 +242,24 @@ def _parse(argv):
 def _config(args):
   """The PrepareConfig `fedbeam prepare` builds from its flags, with DOC_SPEC for the spec file."""
   fields = {f.name for f in dataclasses.fields(PrepareConfig)}
-  flags = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "element_spec")}
+  # The partitioner's flags become a PartitionConfig; the documented Dataflow jobs have none.
+  partition_flags = (
+    "partition",
+    "num_clients",
+    "label_key",
+    "partition_seed",
+    "dirichlet_alpha",
+    "min_client_examples",
+    "self_balancing",
+    "shards_per_client",
+    "shard_size",
+  )
+  assert args.partition is None
+  flags = {
+    k: v
+    for k, v in vars(args).items()
+    if k not in ("command", "verbose", "element_spec") + partition_flags
+  }
   assert set(flags) <= fields, set(flags) - fields
   return PrepareConfig(
     **flags,

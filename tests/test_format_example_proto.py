@@ -53,9 +53,9 @@ def test_pipeline_worker_code_paths_do_not_import_tensorflow(tmp_path):
       import sys
       from fedbeam.format.codec import encode_examples
       from fedbeam.format.layout import client_file_name, client_relative_path
-      from fedbeam.pipelines import sources, store_writer
+      from fedbeam.pipelines import example_records, store_writer
       record = {example.SerializeToString()!r}
-      sources.parse_example_record(record, None, "test", ("f", 0))
+      example_records.parse_example_record(record, None, "test", ("f", 0))
       client_relative_path("client_ü", "train", 64)
       client_file_name("x" * 400)
       store_writer.sweep_directory({str(tmp_path)!r}, [])

@@ -205,8 +205,14 @@ def test_fedbeam_prepare_guards_its_run_and_a_plain_pipeline_afterwards_runs_on_
     )
     == 0
   )
+  # The launcher first tries the transform on the first input record for pseudo-clients 0
+  # and 1, before the job and outside its scope: those two calls see Beam as it is.
+  precheck, during_run = SEEN_BY_TRANSFORMS[:2], SEEN_BY_TRANSFORMS[2:]
+  assert (
+    precheck == [(False, 1000, "apache_beam.runners.portability.fn_api_runner.fn_runner", None)] * 2
+  )
   # During the run (its DoFns run in this process on the in-memory runner): guarded, tuned.
-  assert SEEN_BY_TRANSFORMS and set(SEEN_BY_TRANSFORMS) == {
+  assert during_run and set(during_run) == {
     (True, 0, local_runner.__name__, str(allocator.MMAP_THRESHOLD_BYTES))
   }
   # Afterwards: every attribute the guard replaced is Beam's own object again.

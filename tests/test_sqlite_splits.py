@@ -146,8 +146,7 @@ def test_a_missing_split_name_is_refused_naming_the_splits_there(db, tmp_path):
   with pytest.raises(
     PrepareError,
     match=r"--sqlite-split 'validation': .*splits\.sqlite has no "
-    r"such split_name; its splits are \['heldout', 'test', "
-    r"'train'\]",
+    r"such split; its splits are 'heldout', 'test', 'train'",
   ):
     fbt.prepare_store(db, tmp_path, sqlite_split=["train", "validation"], element_spec=SPEC)
   assert not os.path.exists(tmp_path / "store" / METADATA_FILE)

@@ -414,8 +414,8 @@ def sqlite_row_ranges(
         absent = [n for n in names if n not in present]
         if absent:
           raise InputError(
-            f"--sqlite-split {absent[0]!r}: {path} has no such split_name; "
-            f"its splits are {sorted(present, key=str)}"
+            f"--sqlite-split {absent[0]!r}: {path} has no such split; its splits are "
+            + (", ".join(repr(n) for n in sorted(present, key=str)) or "none")
           )
       lo, hi = con.execute("SELECT min(rowid), max(rowid) FROM examples").fetchone()
   except sqlite3.DatabaseError as e:

@@ -37,8 +37,8 @@ def first_input_record(
     reader = sources._ReadSqliteRange(paths[0], sqlite_split)  # pylint: disable=protected-access
     for row_range in ranges:
       for records in reader.process(row_range):
-        if records:
-          return records[0]
+        if len(records):
+          return _first(records)
     return None
   for path in paths:
     if input_format == "tfrecord":
@@ -47,9 +47,14 @@ def first_input_record(
     else:
       reader = sources._ReadAvroFile(client_id_key)  # pylint: disable=protected-access
       for records in reader.process(path):
-        if records:
-          return records[0]
+        if len(records):
+          return _first(records)
   return None
+
+
+def _first(records) -> InputRecord:
+  # Readers hand on ExampleBatches (TFRecord, TFF SQLite) or lists of records.
+  return records.input_record(0) if isinstance(records, ExampleBatch) else records[0]
 
 
 def describe_spec(spec: ElementSpec) -> str:
