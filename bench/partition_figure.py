@@ -31,19 +31,13 @@ NUM_CLIENTS = 20
 
 def label_counts(store: str) -> np.ndarray:
   """[clients, 10] examples per label, clients in the order 0..N-1, from the client files."""
-  from fedbeam.format.codec import decode_examples  # pylint: disable=g-import-not-at-top
-  from fedbeam.format.manifest import read_manifest  # pylint: disable=g-import-not-at-top
-  from fedbeam.format.metadata import read_metadata  # pylint: disable=g-import-not-at-top
-  from fedbeam.format.spec import ElementSpec  # pylint: disable=g-import-not-at-top
-  from fedbeam.format.tfrecord import read_tfrecords  # pylint: disable=g-import-not-at-top
+  from fedbeam.label_distribution import read_label_distribution  # pylint: disable=g-import-not-at-top
 
-  metadata = read_metadata(store)
-  spec = ElementSpec.from_metadata(metadata["element_spec"])
+  d = read_label_distribution(store, "label", max_clients=NUM_CLIENTS)
   out = np.zeros((NUM_CLIENTS, 10), np.int64)
-  for row in read_manifest(store, metadata):
-    with open(os.path.join(store, row["path"]), "rb") as f:
-      labels = decode_examples(list(read_tfrecords(f)), spec)["label"]
-    out[int(row["client_id"])] = np.bincount(labels.astype(int), minlength=10)
+  for i, client_id in enumerate(d.client_ids):
+    for j, label in enumerate(d.labels):
+      out[int(client_id), int(label)] = d.counts[i, j]
   return out
 
 

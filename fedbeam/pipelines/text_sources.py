@@ -118,7 +118,12 @@ class _ReadTextFile(beam.DoFn):
       yield record
 
   def _records_of(self, text, path: str, where: list) -> Iterable[InputRecord]:
-    raise NotImplementedError
+    """The records of one decoded file; each format's reader (below) defines it.
+
+    `where[0]` is kept at the position being read (line, row or user), for
+    the error messages of `process`.
+    """
+    raise NotImplementedError(f"{type(self).__name__} reads no format of its own")
 
 
 class _ReadCsvFile(_ReadTextFile):
