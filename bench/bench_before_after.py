@@ -1,13 +1,20 @@
-"""`fedbeam prepare` before and after a change: bench_pipeline's fedbeam rows, two checkouts.
+"""`fedbeam prepare` before and after a change: bench_pipeline's fedbeam rows, several checkouts.
 
 Runs bench_pipeline's `fedbeam_full` (group + 3x expansion + split + write)
-and `fedbeam_group` (group + write) rows with the `fedbeam` of two checkouts
-(`--before`, `--after`: worktree roots, each with its own `.venv`) on the
-same input files (bench/workload.py's TFRecord workload, written once under
-`--workdir`) and the same local runner flags (FnApiRunner, 2 worker
-processes). The two sides alternate, before first (B, A, B, A, ...), row by
-row, `--repeat` times, so that load from other work on the machine falls on
-both sides alike.
+and `fedbeam_group` (group + write) rows with the `fedbeam` of several sides
+on the same input files (bench/workload.py's TFRecord workload, written once
+under `--workdir`) and the same local runner flags (FnApiRunner, 2 worker
+processes). Sides: each `--before` checkout (a worktree root; repeatable),
+the `--after` checkout (this one), and each `--after-variant` (the after
+checkout with extra `fedbeam prepare` flags, e.g. `--no-fsync`). The sides
+take turns in that order, row by row, `--repeat` times, so that load from
+other work on the machine falls on all of them alike.
+
+`--env after` (the default) runs every side with the after checkout's
+virtualenv (`python -m fedbeam.cli` with `PYTHONPATH=<side root>`, checked
+before the runs: each side must import `fedbeam` from its own root), so a
+difference is the code's, not the installed packages'. `--env own` runs each
+side's own `.venv/bin/fedbeam`.
 
 Each run is a fresh process. Per run: the pipeline time `fedbeam prepare`
 reports ("store written: ... in X s"), the wall time of the process, and its
@@ -16,10 +23,10 @@ CPU time: user + system of the process and every descendant it reaped
 children), with a psutil poll of the live tree every 0.5 s as a cross-check
 (the larger of the two is kept). The load average is recorded before each
 run. Every run's store must have the same clients and examples as the first
-run of its row on the other side, or the benchmark fails.
+run of its row, or the benchmark fails.
 
 Writes bench/results/<--name>.json and the README section named by
-`--section`.
+`--section`; ratios there are after / that side (above 1.00: after is slower).
 
     .venv/bin/python -m bench.bench_before_after --before /work/wt-base \\
         > build/bench/logs/bench_before_after.log 2>&1
@@ -47,8 +54,26 @@ _SECONDS = re.compile(r"store written: .* in ([0-9.]+) s \(")
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--before", required=True, help="root of the checkout measured as 'before'")
+  p.add_argument(
+    "--before",
+    action="append",
+    required=True,
+    help="root of a checkout measured as 'before' (repeatable)",
+  )
   p.add_argument("--after", default=wl.ROOT, help="root of the 'after' checkout (this one)")
+  p.add_argument(
+    "--after-variant",
+    action="append",
+    default=[],
+    help="extra fedbeam prepare flags for one more side on the after checkout "
+    "(repeatable; e.g. --after-variant=--no-fsync)",
+  )
+  p.add_argument(
+    "--env",
+    choices=("after", "own"),
+    default="after",
+    help="after: every side runs in the after checkout's .venv; own: each in its own",
+  )
   p.add_argument("--scales", default="1,10", help="data sizes in units of 1,000 clients")
   p.add_argument("--rows", default=",".join(ROWS))
   p.add_argument("--repeat", type=int, default=3)
@@ -78,7 +103,7 @@ def git_commit(root: str) -> str:
   ).stdout.strip()
 
 
-def run_timed(cmd: list[str], log_path: str, cwd: str) -> dict:
+def run_timed(cmd: list[str], log_path: str, cwd: str, env: dict | None = None) -> dict:
   """Runs `cmd`; returns its exit status, wall time and CPU time (user + sys, whole tree)."""
   import psutil  # pylint: disable=g-import-not-at-top
 
@@ -93,6 +118,7 @@ def run_timed(cmd: list[str], log_path: str, cwd: str) -> dict:
       stderr=subprocess.STDOUT,
       stdin=subprocess.DEVNULL,
       cwd=cwd,
+      env=env,
       start_new_session=True,
     )
 
@@ -149,12 +175,50 @@ def row_extra(name: str, workload, expansion: int) -> list[str]:
   raise SystemExit(f"unknown row {name}")
 
 
-def run_side(side: str, root: str, name: str, workload, args, repeat: int) -> dict:
+def make_sides(args) -> list[dict]:
+  """The sides in the order they take turns: befores, after, after variants."""
+  after = os.path.abspath(args.after)
+  sides = [
+    {"label": f"before {git_commit(r)}", "kind": "before", "root": os.path.abspath(r), "flags": []}
+    for r in args.before
+  ]
+  sides.append({"label": "after", "kind": "after", "root": after, "flags": []})
+  for flags in args.after_variant:
+    sides.append(
+      {"label": f"after {flags}", "kind": "variant", "root": after, "flags": flags.split()}
+    )
+  for side in sides:
+    side["commit"] = git_commit(side["root"])
+    side["command"] = side_command(side, after, args.env)
+  return sides
+
+
+def side_command(side: dict, after_root: str, env: str) -> dict:
+  """The `fedbeam` command and environment of a side; checks which fedbeam it imports."""
+  if env == "own":
+    return {"argv": [os.path.join(side["root"], ".venv", "bin", "fedbeam")], "env": None}
+  python = os.path.join(after_root, ".venv", "bin", "python")
+  environ = dict(os.environ, PYTHONPATH=side["root"])
+  found = subprocess.run(
+    [python, "-c", "import fedbeam, os; print(os.path.realpath(fedbeam.__file__))"],
+    check=True,
+    capture_output=True,
+    text=True,
+    env=environ,
+    cwd=side["root"],
+  ).stdout.strip()
+  if not found.startswith(os.path.realpath(side["root"]) + os.sep):
+    raise SystemExit(f"{side['label']}: fedbeam imports from {found}, not from {side['root']}")
+  return {"argv": [python, "-m", "fedbeam.cli"], "env": environ}
+
+
+def run_side(side: dict, name: str, workload, args, repeat: int) -> dict:
   pattern = wl.input_pattern(workload, args.workdir)
-  store = os.path.join(args.workdir, "before_after", f"{name}-{workload.name}-{side}")
+  tag = side["label"].replace(" ", "_").replace("-", "")
+  store = os.path.join(args.workdir, "before_after", f"{name}-{workload.name}-{tag}")
   shutil.rmtree(store, ignore_errors=True)
   cmd = [
-    os.path.join(root, ".venv", "bin", "fedbeam"),
+    *side["command"]["argv"],
     "prepare",
     "--input",
     pattern,
@@ -168,16 +232,17 @@ def run_side(side: str, root: str, name: str, workload, args, repeat: int) -> di
     store,
     "--overwrite",
     *row_extra(name, workload, args.expansion),
+    *side["flags"],
     *wl.BEAM_LOCAL_ARGS,
   ]
   load = list(os.getloadavg())
   logf = os.path.join(
-    args.workdir, "logs", f"before_after-{name}-{workload.name}-{side}-{repeat}.log"
+    args.workdir, "logs", f"before_after-{name}-{workload.name}-{tag}-{repeat}.log"
   )
-  run = run_timed(cmd, logf, root)
+  run = run_timed(cmd, logf, side["root"], side["command"]["env"])
   run["loadavg_before"] = load
   if run["returncode"] != 0:
-    raise SystemExit(f"{side} {name} failed (exit {run['returncode']}); see {logf}")
+    raise SystemExit(f"{side['label']} {name} failed (exit {run['returncode']}); see {logf}")
   with open(logf, encoding="utf-8") as f:
     run["pipeline_s"] = float(_SECONDS.findall(f.read())[-1])
   with open(os.path.join(store, "metadata.json"), encoding="utf-8") as f:
@@ -201,49 +266,69 @@ def summarize(runs: list[dict]) -> dict:
   return out
 
 
+def _side_text(side: dict) -> str:
+  if side["kind"] == "variant":
+    return f"after with `{' '.join(side['flags'])}`"
+  return f"{side['kind']} (`{side['commit']}`)"
+
+
 def readme_section(result: dict) -> str:
-  b, a = result["before"]["commit"], result["after"]["commit"]
+  sides = result["sides"]
+  env = (
+    "every side in the after checkout's virtualenv (`python -m fedbeam.cli` with "
+    "`PYTHONPATH` at the side's checkout), so the installed packages are the same"
+    if result.get("env", "own") == "after"
+    else "each side in its own checkout's virtualenv"
+  )
   lines = [
     result["section"],
     "",
-    f"bench_pipeline's fedbeam rows, before (`{b}`) and after (`{a}`), on the same input "
-    "files: FnApiRunner with 2 worker processes (`--direct_num_workers=2 "
-    "--direct_running_mode=multi_processing`). Sides alternate (before, after, before, ...), "
+    "bench_pipeline's fedbeam rows on the same input files, sides: "
+    + ", ".join(_side_text(s) for s in sides)
+    + f"; {env}. FnApiRunner with 2 worker processes (`--direct_num_workers=2 "
+    "--direct_running_mode=multi_processing`). Sides take turns in that order, "
     "*runs* per side as given; medians with min–max. *pipeline s* is the time `fedbeam "
     "prepare` reports for its pipeline; *wall s* is the whole process (interpreter start and "
     "imports included); *CPU s* is user + system time of the process and its Beam worker "
     "processes (`os.wait4` rusage, cross-checked with a psutil poll of the tree). Ratios are "
-    "after / before of the medians (above 1.00 = slower after).",
+    "after / that side, of the medians (above 1.00 = after is slower).",
     "",
-    "| data | row | runs | pipeline s before | pipeline s after | ratio | wall s before | "
-    "wall s after | ratio | CPU s before | CPU s after | ratio |",
-    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    "| data | row | side | runs | pipeline s | after / side | wall s | after / side | "
+    "CPU s | after / side |",
+    "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ]
 
   def cell(s):
     return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
 
   for _key, row in result["rows"].items():
-    bs, as_ = row["before"], row["after"]
-    cells = []
-    for m in ("pipeline_s", "wall_s", "cpu_s"):
-      cells += [cell(bs[m]), cell(as_[m]), f"{as_[m]['median'] / bs[m]['median']:.2f}"]
-    lines.append(
-      f"| {row['scale']:g}x ({row['clients']:,} clients, {row['input_examples']:,} "
-      f"examples) | `{row['name']}` | {len(row['after_runs'])} | " + " | ".join(cells) + " |"
-    )
+    after = row["sides"]["after"]["summary"]
+    for side in sides:
+      got = row["sides"][side["label"]]
+      cells = []
+      for m in ("pipeline_s", "wall_s", "cpu_s"):
+        ratio = (
+          ""
+          if side["kind"] == "after"
+          else f"{after[m]['median'] / got['summary'][m]['median']:.2f}"
+        )
+        cells += [cell(got["summary"][m]), ratio]
+      lines.append(
+        f"| {row['scale']:g}x ({row['clients']:,} clients, {row['input_examples']:,} "
+        f"examples) | `{row['name']}` | {_side_text(side)} | {len(got['runs'])} | "
+        + " | ".join(cells)
+        + " |"
+      )
   loads = [
     r["loadavg_before"][0]
     for row in result["rows"].values()
-    for side in ("before_runs", "after_runs")
-    for r in row[side]
+    for got in row["sides"].values()
+    for r in got["runs"]
   ]
   lines += [
     "",
     f"1-minute load average seen before each run: {min(loads):.1f}–{max(loads):.1f} "
-    f"(median {statistics.median(loads):.1f}) on {result['machine']['nproc']} CPUs: other "
-    "work was running on the machine throughout, so wall times are inflated and noisy; CPU "
-    "time is the steadier figure.",
+    f"(median {statistics.median(loads):.1f}) on {result['machine']['nproc']} CPUs.",
     "",
     *([result["notes"].strip(), ""] if result.get("notes") else []),
     "Command (from the repository root):",
@@ -263,7 +348,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.merge:
     return merge(args)
-  sides = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
+  sides = make_sides(args)
   mach = wl.machine()
   run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
   rows = {}
@@ -272,22 +357,22 @@ def main(argv=None) -> int:
     wl.ensure_input(workload, args.workdir, log)
     for name in args.rows.split(","):
       key = f"{name}@{scale:g}"
-      runs = {"before": [], "after": []}
+      runs = {side["label"]: [] for side in sides}
+      first = None
       for repeat in range(args.repeat):
-        for side, root in sides.items():
-          run = run_side(side, root, name, workload, args, repeat)
-          first = (runs["before"] + runs["after"] or [run])[0]
+        for side in sides:
+          run = run_side(side, name, workload, args, repeat)
+          first = first or run
           if (run["clients"], run["examples"]) != (first["clients"], first["examples"]):
             raise SystemExit(
-              f"{key}: {side} wrote {run['clients']} clients, {run['examples']} "
-              f"examples; the first run wrote {first['clients']}, "
-              f"{first['examples']}"
+              f"{key}: {side['label']} wrote {run['clients']} clients, {run['examples']} "
+              f"examples; the first run wrote {first['clients']}, {first['examples']}"
             )
-          runs[side].append(run)
+          runs[side["label"]].append(run)
           log(
-            f"{key} {side} {repeat + 1}/{args.repeat}: pipeline {run['pipeline_s']:.1f} s, "
-            f"wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s (reaped "
-            f"{run['cpu_reaped_s']:.1f}, polled {run['cpu_polled_s']:.1f}), load "
+            f"{key} {side['label']} {repeat + 1}/{args.repeat}: pipeline "
+            f"{run['pipeline_s']:.1f} s, wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s "
+            f"(reaped {run['cpu_reaped_s']:.1f}, polled {run['cpu_polled_s']:.1f}), load "
             f"{run['loadavg_before'][0]:.1f}"
           )
       rows[key] = {
@@ -295,31 +380,33 @@ def main(argv=None) -> int:
         "scale": scale,
         "clients": workload.num_clients,
         "input_examples": workload.num_examples,
-        "output_clients": runs["after"][0]["clients"],
-        "output_examples": runs["after"][0]["examples"],
-        "before": summarize(runs["before"]),
-        "after": summarize(runs["after"]),
-        "before_runs": runs["before"],
-        "after_runs": runs["after"],
+        "output_clients": first["clients"],
+        "output_examples": first["examples"],
+        "sides": {label: {"summary": summarize(r), "runs": r} for label, r in runs.items()},
       }
-      for m in ("pipeline_s", "wall_s", "cpu_s"):
-        log(
-          f"{key} {m}: before {rows[key]['before'][m]['median']:.1f}, after "
-          f"{rows[key]['after'][m]['median']:.1f}, ratio "
-          f"{rows[key]['after'][m]['median'] / rows[key]['before'][m]['median']:.2f}"
-        )
+      after = rows[key]["sides"]["after"]["summary"]
+      for side in sides:
+        if side["kind"] != "after":
+          got = rows[key]["sides"][side["label"]]["summary"]
+          log(
+            f"{key} after / {side['label']}: "
+            + ", ".join(
+              f"{m} {after[m]['median'] / got[m]['median']:.2f}"
+              for m in ("pipeline_s", "wall_s", "cpu_s")
+            )
+          )
       if not args.no_write:
         write(args, argv, sides, rows, mach, run_id)
   return 0
 
 
 def merge(args) -> int:
-  """Writes the rows of several results files (same two commits) as one file and section."""
+  """Writes the rows of several results files (same sides) as one file and section."""
   parts = [wl.read_json(name + ".json") for name in args.merge.split(",")]
   if any(p is None for p in parts):
     raise SystemExit(f"missing results among {args.merge}")
-  if len({(p["before"]["commit"], p["after"]["commit"]) for p in parts}) != 1:
-    raise SystemExit("the results to merge measured different commits")
+  if len({json.dumps([(s["label"], s["commit"]) for s in p["sides"]]) for p in parts}) != 1:
+    raise SystemExit("the results to merge measured different sides")
   result = dict(
     parts[0],
     name=args.name,
@@ -346,14 +433,17 @@ def write(args, argv, sides, rows, mach, run_id) -> None:
     "repeat": args.repeat,
     "section": args.section,
     "name": args.name,
+    "env": args.env,
     "command": wl.command_line("bench.bench_before_after", argv),
-    "before": {"root": sides["before"], "commit": git_commit(sides["before"])},
-    "after": {"root": sides["after"], "commit": git_commit(sides["after"])},
+    "sides": [{k: v for k, v in s.items() if k != "command"} for s in sides],
     "beam_args": list(wl.BEAM_LOCAL_ARGS),
     "rows": rows,
     "machine": mach,
     "versions": wl.versions(),
   }
+  if args.notes:
+    with open(args.notes, encoding="utf-8") as f:
+      result["notes"] = f.read()
   wl.write_json(args.name + ".json", result)
   wl.write_readme_section(args.section, readme_section(result))
 

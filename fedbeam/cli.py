@@ -88,8 +88,8 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     "--no-fsync",
     dest="fsync",
     action="store_false",
-    help="do not fsync files and directories before the commit (faster on local "
-    "disks; a power loss after the commit can then damage the store)",
+    help="do not make the store's files durable (syncfs, fsync) before the commit (faster "
+    "on slow local disks; a power loss after the commit can then damage the store)",
   )
   pa = p.add_argument_group(
     "partitioners, for input without a client id (Flower Datasets' partitioners of the "

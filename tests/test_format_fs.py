@@ -1,11 +1,13 @@
 """fedbeam.format.fs: whole-or-nothing writes, temporary names, local and remote paths."""
 
+import errno
 import os
 import re
 
 import pytest
 
-from fedbeam.format.fs import atomic_write, file_ops, is_remote, temp_name
+from fedbeam.format import fs
+from fedbeam.format.fs import atomic_write, file_ops, is_remote, sync_filesystem, temp_name
 
 
 def test_atomic_write_writes_bytes_or_pieces_and_returns_the_size(tmp_path):
@@ -88,3 +90,31 @@ def test_atomic_write_to_a_url_goes_through_tf_gfile_whole_or_not_at_all():
   with tf.io.gfile.GFile(path, "rb") as f:
     assert f.read() == b"newer"
   assert file_ops(directory).listdir(directory) == ["file.bin"]
+
+
+def test_sync_filesystem_syncs_the_filesystem_holding_a_local_directory(tmp_path, monkeypatch):
+  synced = []
+  real = fs._syncfs
+  monkeypatch.setattr(fs, "_syncfs", lambda fd: (synced.append(os.fstat(fd).st_dev), real(fd))[1])
+  (tmp_path / "f").write_bytes(b"x")
+  sync_filesystem(str(tmp_path))
+  assert synced == [os.stat(tmp_path).st_dev]
+
+
+def test_sync_filesystem_names_the_path_on_a_write_error_and_on_a_missing_path(
+  tmp_path, monkeypatch
+):
+  with pytest.raises(FileNotFoundError, match="missing"):
+    sync_filesystem(str(tmp_path / "missing"))
+
+  def failing(fd):
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+  monkeypatch.setattr(fs, "_syncfs", failing)
+  with pytest.raises(OSError, match=f"cannot make the files under {tmp_path}.*Input/output"):
+    sync_filesystem(str(tmp_path))
+
+
+def test_sync_filesystem_does_nothing_for_an_object_store_url(monkeypatch):
+  monkeypatch.setattr(fs, "_syncfs", lambda fd: pytest.fail("synced a URL"))
+  sync_filesystem("gs://bucket/store/data-x")

@@ -5,6 +5,7 @@ process); a job is held mid-write by a transform that waits for a file, so a
 test decides when it goes on, or kills it. docs/reliability.md names these tests.
 """
 
+import errno
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ from test_reliability import SPEC, _clients, _files, tiny_disk  # noqa: F401 (ti
 import fedbeam
 from fedbeam import cli
 from fedbeam import testing as fbt
-from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE, MANIFEST_DIR
+from fedbeam.format import fs as fs_module
+from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE
 from fedbeam.format.manifest import read_manifest
 from fedbeam.format.metadata import metadata_path, read_metadata
 from fedbeam.pipelines.prepare import PrepareConfig, job_key
@@ -309,41 +311,75 @@ def _record_fsyncs(monkeypatch, metadata_path):
   return calls
 
 
-def test_files_and_directories_are_fsynced_before_the_commit(tmp_path, monkeypatch):
+def _record_syncfs(monkeypatch, output):
+  """Wraps fedbeam.format.fs._syncfs to record, per call, the store's files at that moment."""
+  calls = []
+  real = fs_module._syncfs
+
+  def recording(fd):
+    calls.append(
+      {
+        "path": os.readlink(f"/proc/self/fd/{fd}"),
+        "committed": os.path.exists(metadata_path(output)),
+        "files": {os.path.join(d, n) for d, _, names in os.walk(output) for n in names},
+      }
+    )
+    return real(fd)
+
+  monkeypatch.setattr(fs_module, "_syncfs", recording)
+  return calls
+
+
+def test_every_file_is_made_durable_by_one_syncfs_before_the_commit(tmp_path, monkeypatch):
   output = str(tmp_path / "store")
-  calls = _record_fsyncs(monkeypatch, metadata_path(output))
+  fsyncs = _record_fsyncs(monkeypatch, metadata_path(output))
+  syncs = _record_syncfs(monkeypatch, output)
   fbt.prepare_store(_clients(), str(tmp_path), element_spec=SPEC)
   metadata = read_metadata(output)
   data = os.path.join(output, metadata["data_dir"])
-  before = {path for path, committed in calls if not committed}
-  # Files are synced under their temporary names, before the rename.
-  synced_files = {
-    os.path.join(os.path.dirname(p), os.path.basename(p)[1:].split(".tmp-")[0])
-    for p in before
-    if ".tmp-" in os.path.basename(p)
-  }
   files = {os.path.join(d, n) for d, _, names in os.walk(data) for n in names}
   assert len(files) == 7  # 6 clients and 1 manifest file.
-  assert files <= synced_files
-  directories = {d for d, _, _ in os.walk(data)}
-  assert directories == {
-    data,
-    os.path.join(data, "all"),
-    os.path.join(data, "all", "00000"),
-    os.path.join(data, MANIFEST_DIR),
-  }
-  assert directories <= before
-  assert metadata_path(output) in synced_files
-  # The metadata's directory entry is synced after the commit.
-  assert (output, True) in calls
+  # One syncfs of the data directory's filesystem, after every client and
+  # manifest file is in place under its final name and before the commit:
+  # it makes their content and every directory entry durable at once.
+  assert len(syncs) == 1
+  (sync,) = syncs
+  assert sync["path"] == data
+  assert not sync["committed"]
+  # (and the job's lease, removed after the commit)
+  assert sync["files"] == files | {os.path.join(data, LEASE_FILE)}
+  # The commit itself: the metadata file is fsynced (under its temporary
+  # name) before it appears, and the store directory's entry after.
+  before = [path for path, committed in fsyncs if not committed]
+  assert [os.path.basename(p).split(".tmp-")[0] for p in before] == [
+    "." + os.path.basename(metadata_path(output))
+  ]
+  assert os.path.dirname(before[0]) == output
+  assert (output, True) in fsyncs
+  # No client or manifest file is fsynced on its own.
+  assert not any(p.startswith(data) for p, _ in fsyncs)
+
+
+def test_sync_failure_fails_the_job_and_commits_nothing(tmp_path, monkeypatch):
+  output = str(tmp_path / "store")
+
+  def failing(fd):
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+  monkeypatch.setattr(fs_module, "_syncfs", failing)
+  with pytest.raises(Exception, match="store not committed: .*cannot make the files under"):
+    fbt.prepare_store(_clients(), str(tmp_path), element_spec=SPEC)
+  assert not os.path.exists(metadata_path(output))
 
 
 def test_no_fsync_skips_every_fsync(tmp_path, monkeypatch):
   output = str(tmp_path / "store")
   calls = _record_fsyncs(monkeypatch, metadata_path(output))
+  syncs = _record_syncfs(monkeypatch, output)
   fbt.prepare_store(_clients(), str(tmp_path), element_spec=SPEC, fsync=False)
   assert validate_store(output, deep=True).ok
   assert calls == []
+  assert syncs == []
 
 
 # ---------------------------------------------------------------------------

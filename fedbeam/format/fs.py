@@ -6,12 +6,14 @@ does not use it; TensorFlow is imported only for a path with a scheme.
 `read_store_file` is how every byte of a store's metadata and manifest is
 read: bounded, regular files only, never through a link out of the store.
 `atomic_write` is how every file of a store and of a training run is
-written: whole or not at all.
+written: whole or not at all. `sync_filesystem` is how a store's files become
+durable before its commit: one `syncfs(2)` for all of them.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import os
 import posixpath
@@ -27,6 +29,7 @@ __all__ = [
   "is_remote",
   "temp_name",
   "atomic_write",
+  "sync_filesystem",
   "read_store_file",
   "file_kind",
   "remote_error_line",
@@ -105,6 +108,54 @@ def atomic_write(path: str, data: Union[bytes, Iterable[bytes]], fsync: bool = T
       pass
     raise
   return size
+
+
+def _load_syncfs():
+  try:
+    return ctypes.CDLL(None, use_errno=True).syncfs
+  except (AttributeError, OSError):
+    return None  # not Linux (or a libc without syncfs)
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(fd: int) -> None:
+  if _SYNCFS is None:
+    os.sync()  # flushes every filesystem; POSIX leaves waiting for it open, Linux waits
+    return
+  if _SYNCFS(fd) != 0:
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err))
+
+
+def sync_filesystem(path: str) -> None:
+  """Makes every file and directory entry on the local filesystem that holds `path` durable.
+
+  One `syncfs(2)` call on Linux: it returns once all dirty data and metadata of
+  that filesystem, written by any process of this machine (Beam's worker
+  processes too), has reached the disk, and (Linux 5.8 and later) reports a
+  write-back error that happened since the file descriptor was opened. The store
+  writer calls it once, before the commit, instead of fsyncing every client file
+  and directory: the kernel writes the files back in the background while the
+  job runs, in large batches, instead of the workers waiting for each file
+  (`bench/bench_durability.py`, bench/README.md "Durability before the
+  commit"). Elsewhere it falls back to `os.sync()`. For a URL (gs://...) it
+  does nothing: an object store makes an object durable when it is closed.
+
+  Raises:
+    OSError: `path` cannot be opened, or the filesystem reported a write error
+      (its message names `path`).
+  """
+  if is_remote(path):
+    return
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+  try:
+    _syncfs(fd)
+  except OSError as e:
+    raise OSError(e.errno, f"cannot make the files under {path} durable: {e.strerror}") from None
+  finally:
+    os.close(fd)
 
 
 FileOps = collections.namedtuple("FileOps", "exists isdir listdir makedirs open")

@@ -9,7 +9,8 @@ written by the last step, which depends (through side inputs) on every
 manifest file, every sweep and so on every client file. The commit succeeds
 only if the store at the output is still the one the job found (none, without
 `overwrite`): when another job committed first, this one fails and removes its
-files. On local disks files and directories are fsynced before the commit.
+files. On local disks one `syncfs` makes every file and directory durable
+before the commit (`fedbeam.format.fs.sync_filesystem`).
 After it, dead data directories are removed (`data_dir_lease`: never one a
 live job holds).
 """
@@ -27,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 import google_crc32c
 
 import fedbeam
-from fedbeam.format.fs import atomic_write, file_ops, temp_name
+from fedbeam.format.fs import atomic_write, file_ops, sync_filesystem, temp_name
 from fedbeam.format.layout import (
   FORMAT_VERSION,
   ID_ENCODING,
@@ -114,8 +115,9 @@ def write_file_atomically(
 
   A temporary file beside it is renamed into place; with `fsync` (local
   paths only) its content reaches the disk first, and the directory entry is
-  made durable by the caller (`_fsync_directory`, once per directory). A
-  failure deletes the temporary file.
+  made durable by the caller (`_fsync_directory`). Client and manifest files
+  are written with `fsync=False`: the commit makes them durable all at once
+  (`sync_filesystem`). A failure deletes the temporary file.
 
   Returns (number of bytes, CRC32C of the content).
 
@@ -139,10 +141,9 @@ def write_file_atomically(
 class _WriteClientFile(beam.DoFn):
   """ClientRecords -> manifest row (dict), after writing the client's file."""
 
-  def __init__(self, root: str, data_dir: str, fsync: bool = True):
+  def __init__(self, root: str, data_dir: str):
     self._root = root
     self._data_dir = data_dir
-    self._fsync = fsync
     self._clients = beam.metrics.Metrics.counter("fedbeam", "clients_written")
     self._examples = beam.metrics.Metrics.counter("fedbeam", "examples_written")
     self._bytes = beam.metrics.Metrics.counter("fedbeam", "bytes_written")
@@ -150,8 +151,9 @@ class _WriteClientFile(beam.DoFn):
   def process(self, client: ClientRecords, num_shards: int) -> Iterable[dict[str, Any]]:
     rel = client_relative_path(client.client_id, client.split, num_shards)
     rel = posixpath.join(self._data_dir, rel)
+    # Durable later, with every other file, by the commit's sync_filesystem.
     size, crc = write_file_atomically(
-      join(self._root, rel), tfrecord_frames(client.records), fsync=self._fsync
+      join(self._root, rel), tfrecord_frames(client.records), fsync=False
     )
     self._clients.inc()
     self._examples.inc(len(client.records))
@@ -173,11 +175,10 @@ def _manifest_bucket(client_id: str, num_files: int) -> int:
 
 
 class _WriteManifestFile(beam.DoFn):
-  def __init__(self, root: str, data_dir: str, job_key: str, fsync: bool = True):
+  def __init__(self, root: str, data_dir: str, job_key: str):
     self._root = root
     self._data_dir = data_dir
     self._job_key = job_key
-    self._fsync = fsync
 
   def process(self, element, num_files: int, spec: ElementSpec) -> Iterable[str]:
     import io  # pylint: disable=g-import-not-at-top
@@ -201,7 +202,7 @@ class _WriteManifestFile(beam.DoFn):
     )
     name = manifest_file_name(index, num_files)
     write_file_atomically(
-      join(self._root, self._data_dir, MANIFEST_DIR, name), [buf.getvalue()], fsync=self._fsync
+      join(self._root, self._data_dir, MANIFEST_DIR, name), [buf.getvalue()], fsync=False
     )
     yield name
 
@@ -237,22 +238,15 @@ def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
 
 
 class _SweepShardDirectory(beam.DoFn):
-  """(shard directory, file names) -> number of stray files removed.
+  """(shard directory, file names) -> number of stray files removed."""
 
-  With `fsync`, then makes the directory's entries durable: every client file
-  of the shard directory is in place by now (the group waits for them all).
-  """
-
-  def __init__(self, root: str, fsync: bool = True):
+  def __init__(self, root: str):
     self._root = root
-    self._fsync = fsync
     self._swept = beam.metrics.Metrics.counter("fedbeam", "stray_files_removed")
 
   def process(self, element):
     directory, names = element
     removed = sweep_directory(join(self._root, directory), names)
-    if self._fsync:
-      _fsync_directory(join(self._root, directory))
     self._swept.inc(len(removed))
     yield len(removed)
 
@@ -570,23 +564,30 @@ class _CommitStore(beam.DoFn):
       "parameters": _merge_reports(self._parameters, reports),
     }
     validate_metadata(metadata, "new store metadata")
-    self._commit(metadata, [s["name"] for s in splits])
+    self._commit(metadata)
     clean_up_after_commit(self._root, self._data_dir)
     yield metadata
 
-  def _commit(self, metadata: Mapping[str, Any], split_names: list[str]) -> None:
-    """Sweeps the manifest directory, makes the data durable, commits the metadata."""
+  def _commit(self, metadata: Mapping[str, Any]) -> None:
+    """Sweeps the manifest directory, makes the data durable, commits the metadata.
+
+    Durability is one `sync_filesystem` of the data directory here, after
+    every client and manifest file is in place under its final name (this
+    step waits for them all through its side inputs), rather than an fsync
+    per file in the workers: syncfs covers the files the workers wrote and
+    every directory entry, and the commit below is written only after it
+    returns, so a power loss leaves a complete store or none.
+    """
     data = join(self._root, self._data_dir)
     num_files = metadata["manifest"]["num_files"]
     sweep_directory(
       join(data, MANIFEST_DIR), [manifest_file_name(i, num_files) for i in range(num_files)]
     )
     if self._fsync:
-      # Client files were synced before their renames and shard directories
-      # by their sweeps; what is left are the directories above them.
-      for directory in [join(data, MANIFEST_DIR)] + [join(data, n) for n in split_names] + [data]:
-        if FileSystems.exists(directory):
-          _fsync_directory(directory)
+      try:
+        sync_filesystem(data)
+      except OSError as e:
+        raise StoreWriteError(f"store not committed: {e}") from e
     try:
       commit_metadata(self._root, metadata, self._overwrite, self._replaces, fsync=self._fsync)
     except StoreWriteError:
@@ -647,7 +648,8 @@ class WriteStore(beam.PTransform):
     job's data directory and the SHA-256 of the metadata it found (None: no
     store); the commit fails if another job committed meanwhile.
     `REPLACES_ANY` skips that check. `fsync`: make files and directories
-    durable before the commit (local disks). `progress`: a local
+    durable before the commit (local disks: one `sync_filesystem`; the
+    metadata file and the store directory are then fsynced). `progress`: a local
     `ProgressChannel` that counts the client files written as they are."""
     super().__init__()
     self._planned_clients = planned_clients
@@ -681,7 +683,7 @@ class WriteStore(beam.PTransform):
       num_shards = p | "NumShards" >> beam.Create([fixed])
     data_dir = self._data_dir
     rows = clients | "WriteClientFiles" >> beam.ParDo(
-      _WriteClientFile(root, data_dir, self._fsync), beam.pvalue.AsSingleton(num_shards)
+      _WriteClientFile(root, data_dir), beam.pvalue.AsSingleton(num_shards)
     )
     if self._progress is not None:
       _ = rows | "ReportWritten" >> beam.ParDo(CountProgress(self._progress, CLIENTS_WRITTEN))
@@ -690,7 +692,7 @@ class WriteStore(beam.PTransform):
       | "KeyByShardDirectory"
       >> beam.Map(lambda r: (posixpath.dirname(r["path"]), posixpath.basename(r["path"])))
       | "GroupByShardDirectory" >> beam.GroupByKey()
-      | "SweepShardDirectories" >> beam.ParDo(_SweepShardDirectory(root, self._fsync))
+      | "SweepShardDirectories" >> beam.ParDo(_SweepShardDirectory(root))
     )
 
     # Only long ids are named by a hash; check those never share a file.
@@ -717,7 +719,7 @@ class WriteStore(beam.PTransform):
       | "GroupManifestRows" >> beam.GroupByKey()
       | "WriteManifestFiles"
       >> beam.ParDo(
-        _WriteManifestFile(root, data_dir, self._job_key, self._fsync),
+        _WriteManifestFile(root, data_dir, self._job_key),
         beam.pvalue.AsSingleton(num_files),
         beam.pvalue.AsSingleton(self._spec),
       )
