@@ -405,3 +405,13 @@ def test_killed_job_leaves_no_store_and_a_rerun_matches_an_uninterrupted_run(tmp
   assert sorted(rerun_files) == sorted(clean_files)
   assert [k for k in clean_files if rerun_files[k] != clean_files[k]] == []
   assert load_client_data(str(output)).client_ids == sorted(clients)
+
+
+def test_input_pattern_without_a_directory_matches_in_the_current_directory(
+  tmp_path, capsys, monkeypatch
+):
+  testing.write_tfrecord_input(tmp_path / "part-0.tfrecord", CLIENTS)
+  monkeypatch.chdir(tmp_path)
+  code, err = _run(capsys, *_prepare_args("part-*.tfrecord", tmp_path / "out"))
+  assert code == 0, err
+  assert sorted(load_client_data(str(tmp_path / "out")).client_ids) == sorted(CLIENTS)

@@ -72,6 +72,10 @@ SQLITE_ROWS_PER_RANGE = 2 * BATCH_RECORDS
 def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
   """Expands a file pattern (comma-separated patterns allowed).
 
+  A local pattern without a directory (`digits-*.tfrecord`) matches in the
+  current directory, as a shell would (Beam's local filesystem lists only
+  the directory a pattern names, and such a pattern names none).
+
   Returns sorted (path, size in bytes, modification time) triples.
 
   Raises:
@@ -79,8 +83,12 @@ def match_input_files(pattern: str) -> list[tuple[str, int, float]]:
   """
   found_all: dict[str, tuple[str, int, float]] = {}
   for part in [p.strip() for p in pattern.split(",") if p.strip()]:
+    if "://" not in part and not os.path.dirname(part):
+      part_to_match = os.path.join(os.curdir, part)
+    else:
+      part_to_match = part
     try:
-      result = FileSystems.match([part])[0]
+      result = FileSystems.match([part_to_match])[0]
     except Exception as e:  # pylint: disable=broad-except
       raise InputError(f"--input {part!r}: cannot list files: {e}") from None
     if not result.metadata_list:
