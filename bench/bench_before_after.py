@@ -80,7 +80,9 @@ def parse_args(argv=None):
   p.add_argument("--expansion", type=int, default=3)
   p.add_argument("--workdir", default=wl.DEFAULT_WORKDIR)
   p.add_argument("--name", default="before_after", help="results file name, without .json")
-  p.add_argument("--section", default="## Runner portability (before/after)")
+  p.add_argument(
+    "--section", default="## Before/after: runner portability, format package, durability"
+  )
   p.add_argument("--no-write", action="store_true")
   p.add_argument("--notes", help="a Markdown file whose text follows the table (with --merge)")
   p.add_argument(
@@ -175,21 +177,27 @@ def row_extra(name: str, workload, expansion: int) -> list[str]:
   raise SystemExit(f"unknown row {name}")
 
 
-def make_sides(args) -> list[dict]:
-  """The sides in the order they take turns: befores, after, after variants."""
-  after = os.path.abspath(args.after)
-  sides = [
-    {"label": f"before {git_commit(r)}", "kind": "before", "root": os.path.abspath(r), "flags": []}
-    for r in args.before
-  ]
-  sides.append({"label": "after", "kind": "after", "root": after, "flags": []})
-  for flags in args.after_variant:
-    sides.append(
-      {"label": f"after {flags}", "kind": "variant", "root": after, "flags": flags.split()}
-    )
+def make_sides(
+  befores: list[str], after: str, variants: list[str] = (), env: str = "after"
+) -> list[dict]:
+  """The sides in the order they take turns: `befores` (checkout roots), `after`, then one
+  side per entry of `variants` (extra `fedbeam prepare` flags on the after checkout).
+
+  Each side: label, kind (before/after/variant), root, flags, commit, and the command
+  and environment `side_command` gives for `env`.
+  """
+  after = os.path.abspath(after)
+  sides = [{"kind": "before", "root": os.path.abspath(r), "flags": []} for r in befores]
+  sides.append({"kind": "after", "root": after, "flags": []})
+  sides += [{"kind": "variant", "root": after, "flags": f.split()} for f in variants]
   for side in sides:
     side["commit"] = git_commit(side["root"])
-    side["command"] = side_command(side, after, args.env)
+    side["label"] = {
+      "before": f"before {side['commit']}",
+      "after": "after",
+      "variant": "after " + " ".join(side["flags"]),
+    }[side["kind"]]
+    side["command"] = side_command(side, after, env)
   return sides
 
 
@@ -253,17 +261,18 @@ def run_side(side: dict, name: str, workload, args, repeat: int) -> dict:
   return run
 
 
+def spread(values: list[float]) -> dict:
+  """Median, min, max and the values themselves."""
+  return {
+    "median": statistics.median(values),
+    "min": min(values),
+    "max": max(values),
+    "runs": list(values),
+  }
+
+
 def summarize(runs: list[dict]) -> dict:
-  out = {}
-  for key in ("pipeline_s", "wall_s", "cpu_s"):
-    values = [r[key] for r in runs]
-    out[key] = {
-      "median": statistics.median(values),
-      "min": min(values),
-      "max": max(values),
-      "runs": values,
-    }
-  return out
+  return {key: spread([r[key] for r in runs]) for key in ("pipeline_s", "wall_s", "cpu_s")}
 
 
 def _side_text(side: dict) -> str:
@@ -330,15 +339,7 @@ def readme_section(result: dict) -> str:
     f"1-minute load average seen before each run: {min(loads):.1f}–{max(loads):.1f} "
     f"(median {statistics.median(loads):.1f}) on {result['machine']['nproc']} CPUs.",
     "",
-    *([result["notes"].strip(), ""] if result.get("notes") else []),
-    "Command (from the repository root):",
-    "",
-    "```sh",
-    result["command"],
-    "```",
-    "",
-    wl.machine_line(result["machine"], result["versions"]),
-    f"Raw numbers: `bench/results/{result['name']}.json`. Measured {result['run_id']}.",
+    *wl.section_footer(result),
   ]
   return "\n".join(lines)
 
@@ -348,7 +349,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.merge:
     return merge(args)
-  sides = make_sides(args)
+  sides = make_sides(args.before, args.after, args.after_variant, args.env)
   mach = wl.machine()
   run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
   rows = {}

@@ -29,7 +29,7 @@ import sys
 import time
 
 from bench import workload as wl
-from bench.bench_before_after import git_commit, run_timed, side_command
+from bench.bench_before_after import make_sides, run_timed, spread
 
 ROWS = "fedbeam_eager,fedbeam_graph,fedbeam_tensors,limit"
 _RESULT = re.compile(r"\] loading: (\{.*\})\s*$", re.M)
@@ -55,15 +55,7 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  after = os.path.abspath(args.after)
-  sides = [
-    {"label": f"before {git_commit(r)}", "kind": "before", "root": os.path.abspath(r)}
-    for r in args.before
-  ]
-  sides.append({"label": "after", "kind": "after", "root": after})
-  for side in sides:
-    side["commit"] = git_commit(side["root"])
-    side["command"] = side_command(side, after, "after")
+  sides = make_sides(args.before, args.after)
   run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
   mach = wl.machine()
   runs = {s["label"]: [] for s in sides}
@@ -95,17 +87,13 @@ def main(argv=None) -> int:
       figures = json.loads(found[-1])
       runs[side["label"]].append({"ms_per_client": figures, "loadavg_before": load, "log": logf})
       log(f"{side['label']} {repeat + 1}/{args.repeat} (load {load:.1f}): {figures}")
-  rows = {}
-  for row in args.rows.split(","):
-    rows[row] = {}
-    for side in sides:
-      values = [r["ms_per_client"][row] for r in runs[side["label"]]]
-      rows[row][side["label"]] = {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "runs": values,
-      }
+  rows = {
+    row: {
+      side["label"]: spread([r["ms_per_client"][row] for r in runs[side["label"]]])
+      for side in sides
+    }
+    for row in args.rows.split(",")
+  }
   result = {
     "benchmark": "bench_loading's fedbeam rows before/after",
     "run_id": run_id,
@@ -166,15 +154,7 @@ def readme_section(result: dict) -> str:
     f"1-minute load average before each run: {min(loads):.1f}–{max(loads):.1f} "
     f"(median {statistics.median(loads):.1f}) on {result['machine']['nproc']} CPUs.",
     "",
-    *([result["notes"].strip(), ""] if result.get("notes") else []),
-    "Command (from the repository root):",
-    "",
-    "```sh",
-    result["command"],
-    "```",
-    "",
-    wl.machine_line(result["machine"], result["versions"]),
-    f"Raw numbers: `bench/results/{result['name']}.json`. Measured {result['run_id']}.",
+    *wl.section_footer(result),
   ]
   return "\n".join(lines)
 

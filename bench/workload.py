@@ -827,6 +827,25 @@ def write_readme_section(title: str, section: str) -> None:
     f.write(text.rstrip("\n") + "\n")
 
 
+def section_footer(result: dict) -> list[str]:
+  """A README section's closing lines: `notes`, the `command`, the machine, the raw numbers.
+
+  `result` holds `command`, `machine`, `versions`, `name` (bench/results/<name>.json),
+  `run_id` and optionally `notes` (Markdown).
+  """
+  return [
+    *([result["notes"].strip(), ""] if result.get("notes") else []),
+    "Command (from the repository root):",
+    "",
+    "```sh",
+    result["command"],
+    "```",
+    "",
+    machine_line(result["machine"], result["versions"]),
+    f"Raw numbers: `bench/results/{result['name']}.json`. Measured {result['run_id']}.",
+  ]
+
+
 def machine_line(mach: dict, vers: dict) -> str:
   load = ", ".join(f"{x:.2f}" for x in mach["loadavg_at_start"])
   end = mach.get("loadavg_at_end")
