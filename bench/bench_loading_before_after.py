@@ -6,7 +6,9 @@ the after checkout's virtualenv with `PYTHONPATH` at the side's checkout, so
 each side runs its own bench_loading and its own fedbeam on the same installed
 packages (checked: each side must import fedbeam from its own root). Every
 side has its own work directory under `--workdir` (its own store of the same
-workload, written by its own `fedbeam prepare`). The sides take turns,
+workload, written by its own `fedbeam prepare`: bench_loading runs
+`<root>/.venv/bin/fedbeam`, so a before checkout without a `.venv` gets a
+link to the after checkout's, and `PYTHONPATH` still picks the side's code). The sides take turns,
 `--repeat` times; each run is a fresh process whose per-row figure is
 bench_loading's median ms per client over its timed rounds. Reported: the
 median over runs of those figures, and after / before.
@@ -32,7 +34,7 @@ from bench import workload as wl
 from bench.bench_before_after import make_sides, run_timed, spread
 
 ROWS = "fedbeam_eager,fedbeam_graph,fedbeam_tensors,limit"
-_RESULT = re.compile(r"\] loading: (\{.*\})\s*$", re.M)
+_RESULT = re.compile(r"^(?:\[[^\]]*\] )?loading: (\{.*\})\s*$", re.M)
 
 
 def parse_args(argv=None):
@@ -56,6 +58,10 @@ def log(msg: str) -> None:
 def main(argv=None) -> int:
   args = parse_args(argv)
   sides = make_sides(args.before, args.after)
+  for side in sides:
+    venv = os.path.join(side["root"], ".venv")
+    if not os.path.lexists(venv):
+      os.symlink(os.path.join(os.path.abspath(args.after), ".venv"), venv)
   run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
   mach = wl.machine()
   runs = {s["label"]: [] for s in sides}
