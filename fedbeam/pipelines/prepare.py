@@ -450,7 +450,11 @@ class PrepareStore(beam.PTransform):
         c.num_transformed_clients, plan=plan
       )
     else:
-      planned_clients = raw_ids | "CountRawClients" >> beam.combiners.Count.Globally()
+      planned_clients = (
+        raw_ids
+        | "CountRawClients"
+        >> beam.CombineGlobally(beam.combiners.CountCombineFn()).without_defaults()
+      )
       sizes = raw_sizes | "UnexpandedSizes" >> beam.MapTuple(lambda cid, num: (cid, cid, num))
     accounted = _account_for_every_record(
       num_read, raw_sizes, grouped["clients"], declared_rows, num_raw
@@ -495,7 +499,7 @@ class PrepareStore(beam.PTransform):
           "num_bytes": 0,
         }
       )
-      | "PlannedSplits" >> beam.CombineGlobally(StoreStatsFn())
+      | "PlannedSplits" >> beam.CombineGlobally(StoreStatsFn()).without_defaults()
     )
     return clients | "WriteStore" >> WriteStore(
       c.output,
@@ -568,19 +572,24 @@ def _account_for_every_record(
   of raw clients; none fails the job (after the checks above, so a runner
   fault is named as such).
   """
+  # Without defaults (an empty sum is the side input's default, 0), so the
+  # runner has no extra stage per figure; `num_read` keeps its default because
+  # it is the main input that makes the check run at all.
   num_counted = (
-    raw_sizes | "PlannedCounts" >> beam.Values() | "SumPlanned" >> beam.CombineGlobally(sum)
+    raw_sizes
+    | "PlannedCounts" >> beam.Values()
+    | "SumPlanned" >> beam.CombineGlobally(sum).without_defaults()
   )
   num_grouped = (
     clients
     | "ClientSizes" >> beam.Map(lambda c: len(c.records))
-    | "CountGrouped" >> beam.CombineGlobally(sum)
+    | "CountGrouped" >> beam.CombineGlobally(sum).without_defaults()
   )
   extra = [] if num_raw is None else [beam.pvalue.AsSingleton(num_raw)]
   return num_read | "CheckRecordCounts" >> beam.Map(
     _check_counts,
-    beam.pvalue.AsSingleton(num_counted),
-    beam.pvalue.AsSingleton(num_grouped),
+    beam.pvalue.AsSingleton(num_counted, default_value=0),
+    beam.pvalue.AsSingleton(num_grouped, default_value=0),
     declared_rows,
     *extra,
   )

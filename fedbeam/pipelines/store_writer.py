@@ -632,14 +632,20 @@ class WriteStore(beam.PTransform):
     fsync: bool = True,
     progress: Optional[ProgressChannel] = None,
   ):
-    """`planned_clients`: optional singleton PCollection[int], the number of
-    clients the job makes before empty ones are dropped, known without
-    counting `clients` (which would hold every client back until the count is
-    done). It picks the default shard count, and the commit fails unless
-    that many files (less the dropped ones) were written.
-    `planned_splits`: optional singleton `StoreStatsFn` output over the
-    clients' planned sizes; the commit fails unless every split holds the
-    planned clients and examples (`check_planned_splits`).
+    """`planned_clients`: optional PCollection[int] of at most one element
+    (none: 0), the number of clients the job makes before empty ones are
+    dropped, known without counting `clients` (which would hold every client
+    back until the count is done). It picks the default shard count, and the
+    commit fails unless that many files (less the dropped ones) were written.
+    `planned_splits`: optional `StoreStatsFn` output over the clients'
+    planned sizes, at most one element (none: no planned client); the commit
+    fails unless every split holds the planned clients and examples
+    (`check_planned_splits`).
+
+    The figures the commit checks are side inputs with a default for an
+    empty PCollection (`beam.CombineGlobally(...).without_defaults()` feeds
+    them), which saves the runner a stage per figure; an empty figure is the
+    same as a zero one, as a default-injecting CombineGlobally would make it.
     `input_records`: optional singleton PCollection[int], the records the
     input's readers read; the commit fails if they are not 0 and no client
     file was written.
@@ -678,12 +684,14 @@ class WriteStore(beam.PTransform):
     if self._num_shards is None:
       basis = num_clients if self._planned_clients is None else self._planned_clients
       num_shards = basis | "PickNumShards" >> beam.Map(default_num_shards)
+      no_shards = default_num_shards(0)
     else:
       fixed = self._num_shards
       num_shards = p | "NumShards" >> beam.Create([fixed])
+      no_shards = fixed
     data_dir = self._data_dir
     rows = clients | "WriteClientFiles" >> beam.ParDo(
-      _WriteClientFile(root, data_dir), beam.pvalue.AsSingleton(num_shards)
+      _WriteClientFile(root, data_dir), beam.pvalue.AsSingleton(num_shards, default_value=no_shards)
     )
     if self._progress is not None:
       _ = rows | "ReportWritten" >> beam.ParDo(CountProgress(self._progress, CLIENTS_WRITTEN))
@@ -724,11 +732,12 @@ class WriteStore(beam.PTransform):
         beam.pvalue.AsSingleton(self._spec),
       )
     )
-    stats = rows | "Stats" >> beam.CombineGlobally(StoreStatsFn())
+    stats = rows | "Stats" >> beam.CombineGlobally(StoreStatsFn()).without_defaults()
+    no_rows = StoreStatsFn().create_accumulator()
     side = dict(
-      stats=beam.pvalue.AsSingleton(stats),
+      stats=beam.pvalue.AsSingleton(stats, default_value=no_rows),
       spec=beam.pvalue.AsSingleton(self._spec),
-      num_shards=beam.pvalue.AsSingleton(num_shards),
+      num_shards=beam.pvalue.AsSingleton(num_shards, default_value=no_shards),
       manifest_files=beam.pvalue.AsList(manifest_files),
       swept=beam.pvalue.AsList(swept),
     )
@@ -736,9 +745,9 @@ class WriteStore(beam.PTransform):
       side["empty_report"] = beam.pvalue.AsSingleton(self._empty_report)
     if self._planned_clients is not None:
       # Fewer files than planned means the runner lost data.
-      side["expected_clients"] = beam.pvalue.AsSingleton(self._planned_clients)
+      side["expected_clients"] = beam.pvalue.AsSingleton(self._planned_clients, default_value=0)
     if self._planned_splits is not None:
-      side["planned_splits"] = beam.pvalue.AsSingleton(self._planned_splits)
+      side["planned_splits"] = beam.pvalue.AsSingleton(self._planned_splits, default_value=no_rows)
     if self._input_records is not None:
       side["input_records"] = beam.pvalue.AsSingleton(self._input_records)
     if self._reports:
