@@ -43,6 +43,9 @@ def parse_args(argv=None):
   p.add_argument("--after", default=wl.ROOT)
   p.add_argument("--rows", default=ROWS)
   p.add_argument("--repeat", type=int, default=3)
+  p.add_argument(
+    "--rounds", type=int, default=8, help="bench_loading's timed rounds per run (more: less noise)"
+  )
   p.add_argument("--workdir", default=os.path.join(wl.DEFAULT_WORKDIR, "loading_before_after"))
   p.add_argument("--name", default="loading_before_after")
   p.add_argument("--section", default="## Client loading before/after")
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
         "loading",
         "--rows",
         args.rows,
+        "--rounds",
+        str(args.rounds),
         "--no-write",
         "--workdir",
         workdir,
@@ -106,6 +111,7 @@ def main(argv=None) -> int:
     "name": args.name,
     "section": args.section,
     "command": wl.command_line("bench.bench_loading_before_after", argv),
+    "rounds": args.rounds,
     "sides": [{k: v for k, v in s.items() if k != "command"} for s in sides],
     "rows": rows,
     "runs": runs,
@@ -133,7 +139,8 @@ def readme_section(result: dict) -> str:
   lines = [
     result["section"],
     "",
-    "bench_loading's loading part (50 sampled clients per round out of 1,000, 8 timed rounds), "
+    "bench_loading's loading part (50 sampled clients per round out of 1,000, "
+    f"{result.get('rounds', 8)} timed rounds), "
     "fedbeam's rows and the limit, run by each side's own bench_loading and fedbeam in one "
     "virtualenv (`PYTHONPATH` at the side's checkout); sides take turns, "
     f"{len(next(iter(result['runs'].values())))} runs each, every run a fresh process. Figures: "

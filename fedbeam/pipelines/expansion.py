@@ -139,10 +139,11 @@ def pseudo_clients_of(
 class PlanPseudoClients(beam.PTransform):
   """Raw client ids -> what naming the pseudo-clients needs, from the ids alone.
 
-  Input: PCollection[str] of the raw client ids. Output: a dict of singleton
-  PCollections: `num_raw` (the number of raw clients) and `remainder_last`
-  (the largest of the g smallest raw ids, None when g is 0), the side inputs
-  of `pseudo_clients_of`. Computed once, it serves both `ExpandPseudoClients`
+  Input: PCollection[str] of the raw client ids. Output: a dict of
+  PCollections: `num_raw` (singleton: the number of raw clients) and
+  `remainder_last` (the largest of the g smallest raw ids; empty when g is 0,
+  read as a side input with default None), the side inputs of
+  `pseudo_clients_of`. Computed once, it serves both `ExpandPseudoClients`
   and `PseudoClientSizes`.
   """
 
@@ -166,9 +167,11 @@ class PlanPseudoClients(beam.PTransform):
     smallest = ids | "TagWithG" >> beam.FlatMap(
       lambda cid, gg: [(gg, cid)] if gg else [], beam.pvalue.AsSingleton(g)
     )
+    # Without defaults: with no remainder (g = 0) TopG has no input, and the
+    # side inputs' default (None) is remainder_last, at one stage less.
     remainder_last = (
       smallest
-      | "TopG" >> beam.CombineGlobally(SmallestN())
+      | "TopG" >> beam.CombineGlobally(SmallestN()).without_defaults()
       | "LastOfTopG"
       >> beam.Map(
         lambda top, gg: top[gg - 1] if gg and len(top) >= gg else None, beam.pvalue.AsSingleton(g)
@@ -408,7 +411,7 @@ class ExpandPseudoClients(beam.PTransform):
     return clients | "Expand" >> beam.ParDo(
       _ExpandClient(self._make, self._n),
       beam.pvalue.AsSingleton(plan["num_raw"]),
-      beam.pvalue.AsSingleton(plan["remainder_last"]),
+      beam.pvalue.AsSingleton(plan["remainder_last"], default_value=None),
       beam.pvalue.AsSingleton(self._spec),
     )
 
@@ -441,5 +444,5 @@ class PseudoClientSizes(beam.PTransform):
         (cid, raw[0], raw[1]) for cid, _ in pseudo_clients_of(raw[0], num, last, n)
       ],
       beam.pvalue.AsSingleton(plan["num_raw"]),
-      beam.pvalue.AsSingleton(plan["remainder_last"]),
+      beam.pvalue.AsSingleton(plan["remainder_last"], default_value=None),
     )

@@ -222,10 +222,11 @@ class SplitTrainTest(beam.PTransform):
         >> beam.Filter(
           lambda kv, th: th is None or kv[0] < th, beam.pvalue.AsSingleton(provisional)
         )
-        | "CountSkipped" >> beam.combiners.Count.Globally()
+        | "CountSkipped" >> beam.CombineGlobally(beam.combiners.CountCombineFn()).without_defaults()
       )
+      # An empty count is the side input's default, 0, at one stage less.
       threshold = top | "Threshold" >> beam.Map(
-        _hash_threshold, k_side, beam.pvalue.AsSingleton(skipped)
+        _hash_threshold, k_side, beam.pvalue.AsSingleton(skipped, default_value=0)
       )
       chosen_side = beam.pvalue.AsSingleton(threshold)
 
