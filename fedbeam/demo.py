@@ -25,6 +25,8 @@ NUM_WRITERS = 40
 DIRICHLET_ALPHA = 0.5
 PARTITION_SEED = 7
 
+__all__ = ["main"]
+
 
 def load_digits_examples() -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's digits: (images float32 [1797, 8, 8] in [0, 1], labels int64 [1797])."""

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:
+  from fedbeam.label_distribution import LabelDistribution
 
 __all__ = ["plot_accuracy", "plot_client_sizes", "plot_label_distribution", "read_accuracy"]
 
@@ -61,7 +64,7 @@ def plot_client_sizes(sizes: Mapping[str, Sequence[int]], path: str, title: str 
   fig.savefig(path, dpi=100)
 
 
-def plot_label_distribution(distribution, path: str, title: str = "") -> None:
+def plot_label_distribution(distribution: LabelDistribution, path: str, title: str = "") -> None:
   """Writes a PNG stacked bar chart: each client's examples by label, one bar per client.
 
   Args:

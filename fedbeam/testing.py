@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from fedbeam.format.layout import UNSPLIT, client_relative_path, join
 from fedbeam.format.metadata import read_metadata
 from fedbeam.format.spec import ElementSpec
 from fedbeam.format.tfrecord import tfrecord_frame
+
+if TYPE_CHECKING:
+  import tensorflow as tf
 
 Element = Mapping[str, Any]
 Clients = Mapping[str, Sequence[Element]]
@@ -470,7 +473,7 @@ def client_file(store_path: str, client_id: str, split: str = UNSPLIT) -> str:
   return join(store_path, metadata["data_dir"], rel)
 
 
-def dataset_elements(dataset) -> list[dict[str, np.ndarray]]:
+def dataset_elements(dataset: tf.data.Dataset) -> list[dict[str, np.ndarray]]:
   """The elements of a `tf.data.Dataset` of flat dicts, as numpy dicts.
 
   Strings are object arrays of `bytes` (kept exactly, trailing NUL bytes

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 import numpy as np
 
 from fedbeam.format import example_wire
 from fedbeam.format.spec import ElementSpec, FeatureSpec, numpy_dtype
+
+if TYPE_CHECKING:
+  import tensorflow as tf
 
 __all__ = [
   "Example",
@@ -271,7 +274,7 @@ def _decode_varints(data: bytes) -> np.ndarray:
   return np.bitwise_or.reduceat(shifted, starts)
 
 
-def decode_examples(records, spec: ElementSpec) -> dict[str, np.ndarray]:
+def decode_examples(records: Sequence[bytes], spec: ElementSpec) -> dict[str, np.ndarray]:
   """The elements of serialized Examples, stacked on axis 0, without TensorFlow.
 
   The numpy twin of `make_batch_parser`: returns `feature name -> array of
@@ -431,7 +434,7 @@ def make_record_parser(spec: ElementSpec) -> Callable[[Any], "collections.Ordere
 PARSE_BATCH = 256
 
 
-def records_to_elements(records, spec: ElementSpec):
+def records_to_elements(records: tf.data.Dataset, spec: ElementSpec) -> tf.data.Dataset:
   """Maps a dataset of serialized records to a dataset of elements with the spec's element_spec."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 

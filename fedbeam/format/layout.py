@@ -27,7 +27,10 @@ import base64
 import functools
 import posixpath
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+  import tensorflow as tf
 
 __all__ = [
   "FORMAT_VERSION",
@@ -191,7 +194,7 @@ def join(root: str, *parts: str) -> str:
 _HEX_BYTES = [f"{i:02x}" for i in range(256)]
 
 
-def client_relative_path_tf(client_id, split, num_shards: int):
+def client_relative_path_tf(client_id: tf.Tensor, split: tf.Tensor, num_shards: int) -> tf.Tensor:
   """In-graph twin of `client_relative_path`: a scalar tf.string path.
 
   `client_id` and `split` are scalar tf.string tensors; O(1) per lookup, no

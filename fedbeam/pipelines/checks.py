@@ -70,7 +70,7 @@ class CheckEmptyClients(beam.PTransform):
       raise ValueError(f"--empty-clients {policy!r}: use one of {list(EMPTY_POLICIES)}")
     self._policy = policy
 
-  def expand(self, clients):
+  def expand(self, clients: beam.PCollection[ClientRecords]) -> dict[str, beam.PCollection]:
     policy = self._policy
     report = (
       clients

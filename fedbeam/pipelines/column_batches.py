@@ -13,7 +13,7 @@ columns), the bytes `encode_record` gives row by row, after the checks
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class ColumnBatch:
   def __len__(self) -> int:
     return len(self.client_ids)
 
-  def input_records(self):
+  def input_records(self) -> Iterator[InputRecord]:
     """The rows as `InputRecord`s, in order."""
     for i, client_id in enumerate(self.client_ids):
       features = {name: column.feature(i) for name, column in self.columns.items()}

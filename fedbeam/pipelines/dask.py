@@ -32,7 +32,7 @@ with dots. Needs the `dask` extra (`pip install fedbeam[dask]`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from apache_beam import DoFn, pvalue
 from apache_beam.pipeline import AppliedPTransform, PipelineVisitor
@@ -46,6 +46,10 @@ from apache_beam.runners.common import (
 from apache_beam.runners.dask import dask_runner, transform_evaluator
 from apache_beam.runners.runner import PipelineState
 from apache_beam.transforms.sideinputs import SideInputMap
+
+if TYPE_CHECKING:
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.pipeline import Pipeline
 
 __all__ = ["DaskRunner"]
 
@@ -206,9 +210,9 @@ class DaskRunner(dask_runner.DaskRunner):
   """
 
   @staticmethod
-  def to_dask_bag_visitor(bag_kwargs=None) -> PipelineVisitor:
+  def to_dask_bag_visitor(bag_kwargs: Optional[dict[str, Any]] = None) -> PipelineVisitor:
     return _DaskBagVisitor(bag_kwargs)
 
-  def run_pipeline(self, pipeline, options) -> _DaskRunnerResult:
+  def run_pipeline(self, pipeline: Pipeline, options: PipelineOptions) -> _DaskRunnerResult:
     result = super().run_pipeline(pipeline, options)
     return _DaskRunnerResult(result.client, result.futures)

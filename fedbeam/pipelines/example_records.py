@@ -30,7 +30,7 @@ times its cost.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
@@ -179,7 +179,9 @@ class ExampleBatch:
     return (self.input_record(i) for i in range(len(self.records)))
 
 
-def as_input_records(element) -> Iterator[InputRecord]:
+def as_input_records(
+  element: Union[InputRecord, ExampleBatch, ColumnBatch, list[InputRecord]],
+) -> Iterator[InputRecord]:
   """An `InputRecord` as itself; an `ExampleBatch` as its records, parsed; a `ColumnBatch` as its
   rows; a list as its items."""
   if isinstance(element, (ExampleBatch, ColumnBatch)):

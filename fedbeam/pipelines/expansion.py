@@ -35,7 +35,7 @@ from fedbeam.format.codec import (
   has_variable_length,
   make_record_parser,
 )
-from fedbeam.format.spec import ElementSpec, numpy_dtype
+from fedbeam.format.spec import ElementSpec, FeatureSpec, numpy_dtype
 from fedbeam.pipelines.ranking import SmallestN
 from fedbeam.pipelines.records import ClientRecords
 
@@ -151,7 +151,7 @@ class PlanPseudoClients(beam.PTransform):
     super().__init__()
     self._n = num_transformed_clients
 
-  def expand(self, ids):
+  def expand(self, ids: beam.PCollection[str]) -> dict[str, beam.PCollection]:
     n = self._n
     num_raw = ids | "CountRaw" >> beam.combiners.Count.Globally()
 
@@ -361,7 +361,7 @@ def apply_transform(
   return out
 
 
-def want_shape_ok(feature, shape: tuple) -> bool:
+def want_shape_ok(feature: FeatureSpec, shape: tuple) -> bool:
   """Whether a produced value's shape fits the feature's declared shape."""
   if len(shape) != len(feature.shape):
     return False
@@ -382,8 +382,8 @@ class ExpandPseudoClients(beam.PTransform):
     self,
     make_transform_fn: Union[str, MakeTransformFn],
     num_transformed_clients: Optional[int],
-    spec,
-    plan=None,
+    spec: beam.PCollection[ElementSpec],
+    plan: Optional[dict[str, beam.PCollection]] = None,
   ):
     """`plan`: optional output of `PlanPseudoClients` over the raw ids (else made from `clients`)."""
     super().__init__()
@@ -402,7 +402,7 @@ class ExpandPseudoClients(beam.PTransform):
     self._n = num_transformed_clients
     self._spec = spec
 
-  def expand(self, clients):
+  def expand(self, clients: beam.PCollection[ClientRecords]) -> beam.PCollection[ClientRecords]:
     plan = self._plan
     if plan is None:
       plan = (
@@ -429,12 +429,18 @@ class PseudoClientSizes(beam.PTransform):
   time) ExpansionError as `ExpandPseudoClients` does.
   """
 
-  def __init__(self, num_transformed_clients: Optional[int], plan=None):
+  def __init__(
+    self,
+    num_transformed_clients: Optional[int],
+    plan: Optional[dict[str, beam.PCollection]] = None,
+  ):
     super().__init__()
     self._n = num_transformed_clients
     self._plan = plan
 
-  def expand(self, raw_sizes):
+  def expand(
+    self, raw_sizes: beam.PCollection[tuple[str, int]]
+  ) -> beam.PCollection[tuple[str, str, int]]:
     n = self._n
     plan = self._plan
     if plan is None:

@@ -139,7 +139,7 @@ class GroupByClient(beam.PTransform):
 
   def __init__(
     self,
-    spec,
+    spec: beam.PCollection[ElementSpec],
     order_by: Optional[str] = None,
     declared_clients: bool = True,
     after_encode: Optional[beam.PTransform] = None,
@@ -158,7 +158,7 @@ class GroupByClient(beam.PTransform):
     self._declared_clients = declared_clients
     self._after_encode = after_encode
 
-  def expand(self, inputs):
+  def expand(self, inputs: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
     order_by = self._order_by
     spec = self._spec | "CheckSpec" >> beam.Map(_check_spec, order_by)
     encoded = inputs["records"] | "Encode" >> beam.ParDo(

@@ -505,7 +505,9 @@ class PartitionClients(beam.PTransform):
     config.validate()
     self._config = config
 
-  def expand(self, records):
+  def expand(
+    self, records: beam.PCollection[Union[ExampleBatch, list[InputRecord]]]
+  ) -> dict[str, beam.PCollection]:
     c = self._config
     plan = (
       records

@@ -376,7 +376,7 @@ class PrepareStore(beam.PTransform):
       raise PrepareError(str(e)) from None
     return paths, key
 
-  def expand(self, pbegin):
+  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[dict[str, Any]]:
     c = self._config
     paths, key = self._resolved()
     faults = self._fault_steps

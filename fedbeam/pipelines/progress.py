@@ -87,19 +87,19 @@ class CountProgress(beam.DoFn):
     self._counter = counter
     self._size = size
 
-  def setup(self):
+  def setup(self) -> None:
     self._path = os.path.join(self._directory, f"{self._counter}-{uuid.uuid4().hex}{_SUFFIX}")
     self._count = 0
     self._written = 0
     self._last = 0.0
 
-  def process(self, element):
+  def process(self, element: Any) -> tuple[()]:
     self._count += self._size(element)
     if time.monotonic() - self._last >= 1.0:
       self._flush()
     return ()
 
-  def finish_bundle(self):
+  def finish_bundle(self) -> None:
     self._flush()
 
   def _flush(self) -> None:

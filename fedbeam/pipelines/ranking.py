@@ -8,6 +8,8 @@ on counts computed by the same pipeline. Each element carries N, as
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import apache_beam as beam
 
 __all__ = [
@@ -23,10 +25,12 @@ class SmallestN(beam.CombineFn):
   sorted order would cost O(m * n)).
   """
 
-  def create_accumulator(self):
+  def create_accumulator(self) -> tuple[int, list[Any]]:
     return (0, [])
 
-  def add_input(self, acc, element):
+  def add_input(
+    self, acc: tuple[int, list[Any]], element: tuple[int, Any]
+  ) -> tuple[int, list[Any]]:
     n, item = element
     acc_n, items = acc
     n = max(n, acc_n)
@@ -36,7 +40,7 @@ class SmallestN(beam.CombineFn):
       del items[n:]
     return (n, items)
 
-  def merge_accumulators(self, accs):
+  def merge_accumulators(self, accs: Iterable[tuple[int, list[Any]]]) -> tuple[int, list[Any]]:
     n, items = 0, []
     for a_n, a_items in accs:
       n = max(n, a_n)
@@ -45,12 +49,12 @@ class SmallestN(beam.CombineFn):
     del items[n:]
     return (n, items)
 
-  def compact(self, acc):
+  def compact(self, acc: tuple[int, list[Any]]) -> tuple[int, list[Any]]:
     n, items = acc
     items.sort()
     del items[n:]
     return (n, items)
 
-  def extract_output(self, acc):
+  def extract_output(self, acc: tuple[int, list[Any]]) -> list[Any]:
     n, items = acc
     return sorted(items)[:n]

@@ -165,7 +165,7 @@ class _ReadFiles(beam.PTransform):
     self._paths = list(paths)
     self._client_id_key = client_id_key
 
-  def expand(self, pbegin):
+  def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
     return (
       pbegin
       | "ListFiles" >> beam.Create(self._paths)
@@ -562,7 +562,7 @@ class ReadTffSqlite(beam.PTransform):
     self._split_name = sqlite_split_names(split_name)
     self._keep_splits = keep_splits
 
-  def expand(self, pbegin):
+  def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
     ranges = sqlite_row_ranges(self._path, self._split_name)
     path, split, keep = self._path, self._split_name, self._keep_splits
     records = (
@@ -632,7 +632,7 @@ class ReadClientInput(beam.PTransform):
     self._sqlite_split = sqlite_split
     self._keep_sqlite_splits = keep_sqlite_splits
 
-  def expand(self, pbegin):
+  def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
     if self._format == "tff-sqlite":
       return pbegin | "TffSqlite" >> ReadTffSqlite(
         self._paths[0], self._sqlite_split, self._keep_sqlite_splits

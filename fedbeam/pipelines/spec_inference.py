@@ -16,13 +16,13 @@ float32.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Union
 
 import apache_beam as beam
 
 from fedbeam.format.spec import ElementSpec, FeatureSpec
 from fedbeam.pipelines.column_batches import ColumnBatch
-from fedbeam.pipelines.example_records import as_input_records
+from fedbeam.pipelines.example_records import ExampleBatch, as_input_records
 from fedbeam.pipelines.records import (
   _NUMPY_OF_KIND,
   ANY_RANK,
@@ -32,6 +32,7 @@ from fedbeam.pipelines.records import (
   SCALAR,
   UNKNOWN,
   InputError,
+  InputRecord,
 )
 
 # Every kind but UNKNOWN is named after the dtype it infers.
@@ -152,7 +153,7 @@ class InferElementSpecFn(beam.CombineFn):
     acc.records += n
     return acc
 
-  def add_input(self, acc: _Stats, record) -> _Stats:
+  def add_input(self, acc: _Stats, record: Union[InputRecord, ColumnBatch]) -> _Stats:
     """Adds an `InputRecord`, or a `ColumnBatch` at once."""
     if isinstance(record, ColumnBatch):
       return self._add_columns(acc, record)
@@ -168,7 +169,7 @@ class InferElementSpecFn(beam.CombineFn):
     acc.records += 1
     return acc
 
-  def merge_accumulators(self, accumulators) -> _Stats:
+  def merge_accumulators(self, accumulators: Iterable[_Stats]) -> _Stats:
     out = _Stats()
     for acc in accumulators:
       for names, source in acc.feature_sets.items():
@@ -213,7 +214,9 @@ class InferElementSpec(beam.PTransform):
   None: no records.
   """
 
-  def expand(self, records):
+  def expand(
+    self, records: beam.PCollection[Union[InputRecord, ExampleBatch, ColumnBatch]]
+  ) -> beam.PCollection[Optional[ElementSpec]]:
     return (
       records
       | "AsInputRecords" >> beam.FlatMap(_inference_inputs)

@@ -170,12 +170,14 @@ class SplitTrainTest(beam.PTransform):
   examples)], the split each size lands in by the same choice.
   """
 
-  def __init__(self, config: SplitConfig, sizes=None):
+  def __init__(
+    self, config: SplitConfig, sizes: Optional[beam.PCollection[tuple[str, str, int]]] = None
+  ):
     super().__init__()
     self._config = config
     self._sizes = sizes
 
-  def expand(self, clients):
+  def expand(self, clients: beam.PCollection[ClientRecords]) -> dict[str, beam.PCollection]:
     c = self._config
     by_raw = c.split_by == "raw"
     m = c.min_test_examples

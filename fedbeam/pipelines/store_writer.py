@@ -264,10 +264,10 @@ def _check_no_path_collision(element):
 class StoreStatsFn(beam.CombineFn):
   """Manifest rows -> {"splits": {name: counts}, "num_clients", "empty": {count, sample}}."""
 
-  def create_accumulator(self):
+  def create_accumulator(self) -> dict[str, Any]:
     return {"splits": {}, "empty_count": 0, "empty_sample": []}
 
-  def add_input(self, acc, row):
+  def add_input(self, acc: dict[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
     s = acc["splits"].setdefault(row["split"], [0, 0, 0, 0])
     s[0] += 1
     s[1] += row["num_examples"]
@@ -278,7 +278,7 @@ class StoreStatsFn(beam.CombineFn):
       acc["empty_sample"] = sorted(acc["empty_sample"] + [row["client_id"]])[:EMPTY_SAMPLE_SIZE]
     return acc
 
-  def merge_accumulators(self, accs):
+  def merge_accumulators(self, accs: Iterable[dict[str, Any]]) -> dict[str, Any]:
     out = self.create_accumulator()
     for acc in accs:
       for name, counts in acc["splits"].items():
@@ -289,7 +289,7 @@ class StoreStatsFn(beam.CombineFn):
       out["empty_sample"] = sorted(out["empty_sample"] + acc["empty_sample"])[:EMPTY_SAMPLE_SIZE]
     return out
 
-  def extract_output(self, acc):
+  def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
     return acc
 
 
@@ -615,18 +615,18 @@ class WriteStore(beam.PTransform):
   def __init__(
     self,
     root: str,
-    spec,
+    spec: beam.PCollection[ElementSpec],
     *,
     num_shards: Optional[int] = None,
     parameters: Optional[Mapping[str, Any]] = None,
     job_key: str = "",
-    empty_report=None,
+    empty_report: Optional[beam.PCollection[dict[str, Any]]] = None,
     empty_policy: str = "keep",
-    reports=(),
+    reports: Iterable[beam.PCollection[dict[str, Any]]] = (),
     overwrite: bool = False,
-    planned_clients=None,
-    planned_splits=None,
-    input_records=None,
+    planned_clients: Optional[beam.PCollection[int]] = None,
+    planned_splits: Optional[beam.PCollection[dict[str, Any]]] = None,
+    input_records: Optional[beam.PCollection[int]] = None,
     data_dir: Optional[str] = None,
     replaces: Optional[str] = REPLACES_ANY,
     fsync: bool = True,
@@ -677,7 +677,7 @@ class WriteStore(beam.PTransform):
     self._empty_report = empty_report
     self._empty_policy = empty_policy
 
-  def expand(self, clients):
+  def expand(self, clients: beam.PCollection[ClientRecords]) -> beam.PCollection[dict[str, Any]]:
     root = self._root
     p = clients.pipeline
     num_clients = clients | "CountClients" >> beam.combiners.Count.Globally()

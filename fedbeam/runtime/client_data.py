@@ -9,7 +9,7 @@ extra) and registers `stop_tff_workers` at exit.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -42,7 +42,7 @@ class StoreClientData(StoreReader, tff.simulation.datasets.ClientData):
   `dataset_computation`.
   """
 
-  def __init__(self, *args, **kwargs):
+  def __init__(self, *args: Any, **kwargs: Any):
     # A loaded store is what TFF computations run on next, and TFF's first
     # computation starts a worker_binary its own clean-up leaves running: stop
     # it at exit. Registered here, on first use, not when the module is imported.
@@ -69,7 +69,7 @@ class StoreClientData(StoreReader, tff.simulation.datasets.ClientData):
     client_data: "tff.simulation.datasets.ClientData",
     num_test_clients: int,
     seed: Optional[Union[int, Sequence[int]]] = None,
-  ):
+  ) -> tuple[tff.simulation.datasets.ClientData, tff.simulation.datasets.ClientData]:
     """TFF's `train_test_client_split`, using manifest counts for StoreClientData.
 
     Same choice as TFF 0.87 for the same ids and seed: ids shuffled with

@@ -337,7 +337,7 @@ class StoreReader:
     self._client_tensors_fn = None
 
   @classmethod
-  def from_store(cls, path: str, split: Optional[str] = None):
+  def from_store(cls, path: str, split: Optional[str] = None) -> StoreReader:
     """Reads a committed store's metadata and manifest: a `cls` over `split`'s clients.
 
     Args:
@@ -380,11 +380,11 @@ class StoreReader:
     return self._client_ids
 
   @property
-  def element_type_structure(self):
+  def element_type_structure(self) -> Mapping[str, tf.TensorSpec]:
     return self._element_type_structure
 
   @property
-  def serializable_dataset_fn(self):
+  def serializable_dataset_fn(self) -> Callable[[str], tf.data.Dataset]:
     """fn(client_id) -> tf.data.Dataset, traceable by tf.function (no py_function)."""
     return self._dataset_fn
 
