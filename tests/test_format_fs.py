@@ -319,3 +319,30 @@ def test_every_public_function_is_documented_and_exported():
     assert name in fs.__all__
   for name in ("open_read", "makedirs", "remove", "remove_tree", "FileInfo"):
     assert name in fs.__all__
+
+
+def test_a_store_prepared_to_a_url_loads_back_and_validates(tmp_path):
+  # The whole store goes through the URL branch: the in-process runner with
+  # one worker shares this process's ram:// filesystem.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from fedbeam import testing  # pylint: disable=g-import-not-at-top
+  from fedbeam.store_validation import validate_store  # pylint: disable=g-import-not-at-top
+
+  clients = {
+    f"c{i}": [{"x": np.array([float(i), float(j)], np.float32)} for j in range(i + 1)]
+    for i in range(3)
+  }
+  out = testing.prepare_store(
+    clients,
+    tmp_path,
+    output=_ram("store") + "/out",
+    beam_args=["--direct_num_workers=1", "--direct_running_mode=in_memory"],
+  )
+  assert fs.exists(f"{out}/metadata.json")
+  back = testing.read_store(out)
+  assert sorted(back) == ["c0", "c1", "c2"]
+  for cid, elements in clients.items():
+    assert sorted(e["x"].tolist() for e in back[cid]) == [e["x"].tolist() for e in elements]
+  report = validate_store(out)
+  assert report.problems == []
