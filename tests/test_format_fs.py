@@ -346,3 +346,14 @@ def test_a_store_prepared_to_a_url_loads_back_and_validates(tmp_path):
     assert sorted(e["x"].tolist() for e in back[cid]) == [e["x"].tolist() for e in elements]
   report = validate_store(out)
   assert report.problems == []
+
+
+def test_walk_files_reports_a_path_it_cannot_list_to_onerror_or_raises(tmp_path):
+  (tmp_path / "f").write_bytes(b"1")
+  errors = []
+  walked = list(fs.walk_files(str(tmp_path / "f"), onerror=lambda d, e: errors.append((d, e))))
+  assert walked == [] and [(d, type(e)) for d, e in errors] == [
+    (str(tmp_path / "f"), NotADirectoryError)
+  ]
+  with pytest.raises(NotADirectoryError):
+    list(fs.walk_files(str(tmp_path / "f")))

@@ -207,7 +207,7 @@ class _WriteManifestFile(beam.DoFn):
     yield name
 
 
-def _files_in(directory: str) -> list[str]:
+def _entries_in(directory: str) -> list[str]:
   """Names of the entries directly in `directory` (hidden ones too); none if it is missing."""
   try:
     return fs.list_dir(directory)
@@ -220,15 +220,15 @@ def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
 
   Clears what a killed worker or an earlier run of the same job left behind
   (temporary files, clients that are not in this run's manifest).
+  Subdirectories are left alone.
   """
   keep = set(keep)
-  stray = [n for n in _files_in(directory) if n not in keep]
-  for name in stray:
+  stray = []
+  for name in _entries_in(directory):
     path = join(directory, name)
-    if fs.isdir(path):
-      fs.remove_tree(path)
-    else:
+    if name not in keep and not fs.isdir(path):  # asked of strays only: one request each remotely
       fs.remove(path)
+      stray.append(name)
   return stray
 
 
