@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import posixpath
-import stat
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from fedbeam.format.fs import file_kind, is_remote, read_store_file, remote_error_line
+from fedbeam.format.fs import is_remote, read_store_file, remote_error_line, walk_files
 from fedbeam.format.layout import (
   DATA_DIR_PREFIX,
   LEASE_FILE,
@@ -241,43 +239,30 @@ def _list_files(
   directory, whose files come and go). None (and a problem in the report)
   when a remote store cannot be listed.
   """
-  base = root.rstrip("/") or "/"
+
+  def prune(rel_dir: str) -> bool:
+    return "/" not in rel_dir and skip_top(rel_dir)
+
   if is_remote(root):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     try:
-      walk = list(tf.io.gfile.walk(base))
+      return {rel for rel, info in walk_files(root, prune) if info.is_file}
     except tf.errors.OpError as e:
       report.add(f"cannot list {root}: {remote_error_line(e)}")
       return None
-    return {
-      rel
-      for rel in (_relative(base, d, n) for d, _, names in walk for n in names)
-      if not ("/" in rel and skip_top(rel.split("/")[0]))
-    }
   found = set()
-  for dirpath, dirnames, filenames in os.walk(
-    base, onerror=lambda e: report.add(f"cannot list {e.filename}: {e.strerror}")
+  for rel, info in walk_files(
+    root, prune, onerror=lambda where, e: report.add(f"cannot list {where}: {e.strerror}")
   ):
-    if dirpath == base:
-      dirnames[:] = [d for d in dirnames if not skip_top(d)]
-    for name in filenames + dirnames:
-      full = os.path.join(dirpath, name)
-      mode = os.lstat(full).st_mode
-      if stat.S_ISREG(mode):
-        found.add(_relative(base, dirpath, name))
-      elif not stat.S_ISDIR(mode):
-        target = f" -> {os.readlink(full)}" if stat.S_ISLNK(mode) else ""
-        report.add(
-          f"{_relative(base, dirpath, name)}{target} is a {file_kind(mode)}; a store "
-          "holds only regular files and directories"
-        )
+    if info.is_file:
+      found.add(rel)
+    else:
+      target = f" -> {info.target}" if info.target is not None else ""
+      report.add(
+        f"{rel}{target} is a {info.kind}; a store holds only regular files and directories"
+      )
   return found
-
-
-def _relative(base: str, dirpath: str, name: str) -> str:
-  rel_dir = dirpath[len(base) :].lstrip("/")
-  return posixpath.join(rel_dir, name) if rel_dir else name
 
 
 def validate_store(path: str, deep: bool = False) -> ValidationReport:

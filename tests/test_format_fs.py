@@ -3,6 +3,9 @@
 import errno
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -118,3 +121,239 @@ def test_sync_filesystem_names_the_path_on_a_write_error_and_on_a_missing_path(
 def test_sync_filesystem_does_nothing_for_an_object_store_url(monkeypatch):
   monkeypatch.setattr(fs, "_syncfs", lambda fd: pytest.fail("synced a URL"))
   sync_filesystem("gs://bucket/store/data-x")
+
+
+# -- The operations of the store, the reader, validation and training ---------
+# Local paths through os, URLs through tf.io.gfile: TensorFlow's in-memory
+# filesystem (ram://, per process) stands in for gs://.
+
+
+def _ram(name):
+  return f"ram://fedbeam-test-fs-{name}"
+
+
+def test_local_exists_isdir_list_dir_makedirs_and_open_read(tmp_path):
+  root = str(tmp_path)
+  fs.makedirs(os.path.join(root, "a", "b"))
+  fs.makedirs(os.path.join(root, "a", "b"))  # exists already: no error
+  atomic_write(os.path.join(root, "a", "f"), b"data")
+  assert fs.exists(os.path.join(root, "a", "f")) and not fs.exists(os.path.join(root, "x"))
+  assert fs.isdir(os.path.join(root, "a")) and not fs.isdir(os.path.join(root, "a", "f"))
+  assert fs.list_dir(os.path.join(root, "a")) == ["b", "f"]
+  with fs.open_read(os.path.join(root, "a", "f")) as f:
+    assert f.read() == b"data"
+  with fs.open_read(os.path.join(root, "a", "f"), encoding="utf-8") as f:
+    assert f.read() == "data"
+  with pytest.raises(FileNotFoundError):
+    fs.list_dir(os.path.join(root, "x"))
+  with pytest.raises(NotADirectoryError):
+    fs.list_dir(os.path.join(root, "a", "f"))
+  with pytest.raises(FileNotFoundError):
+    fs.open_read(os.path.join(root, "x"))
+  with pytest.raises(FileExistsError):
+    fs.makedirs(os.path.join(root, "a", "f"))
+
+
+def test_local_file_info_describes_links_and_special_files_without_following_them(tmp_path):
+  (tmp_path / "f").write_bytes(b"12345")
+  os.symlink(str(tmp_path / "f"), tmp_path / "link")
+  os.mkfifo(tmp_path / "fifo")
+  info = fs.file_info(str(tmp_path / "f"))
+  assert (info.size, info.kind, info.is_file, info.target) == (5, "file", True, None)
+  assert info.mtime == os.stat(tmp_path / "f").st_mtime
+  link = fs.file_info(str(tmp_path / "link"))
+  assert (link.kind, link.is_file, link.target) == ("symbolic link", False, str(tmp_path / "f"))
+  assert fs.file_info(str(tmp_path / "link"), follow_links=True) == info
+  assert fs.file_info(str(tmp_path / "fifo")).kind == "FIFO"
+  assert fs.file_info(str(tmp_path)).kind == "directory"
+  with pytest.raises(FileNotFoundError):
+    fs.file_info(str(tmp_path / "missing"))
+
+
+def test_local_walk_files_lists_every_file_at_any_depth_and_prunes(tmp_path):
+  os.makedirs(tmp_path / "d" / "e")
+  (tmp_path / "top").write_bytes(b"1")
+  (tmp_path / "d" / "f").write_bytes(b"22")
+  (tmp_path / "d" / "e" / "g").write_bytes(b"333")
+  os.symlink("/", tmp_path / "d" / "to-root")  # described, never followed
+  os.mkfifo(tmp_path / "d" / "e" / "fifo")
+  walked = {rel: (info.kind, info.size) for rel, info in fs.walk_files(str(tmp_path))}
+  assert walked == {
+    "top": ("file", 1),
+    "d/f": ("file", 2),
+    "d/e/g": ("file", 3),
+    "d/to-root": ("symbolic link", 1),
+    "d/e/fifo": ("FIFO", 0),
+  }
+  assert fs.list_files(str(tmp_path)) == ["d/e/g", "d/f", "top"]
+  assert fs.list_files(str(tmp_path) + "/") == ["d/e/g", "d/f", "top"]
+  assert fs.list_files(str(tmp_path), prune=lambda rel: rel == "d/e") == ["d/f", "top"]
+  assert fs.list_files(str(tmp_path / "missing")) == []
+
+
+def test_local_walk_files_reports_a_directory_it_cannot_list_to_onerror(tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip("root lists any directory")
+  os.makedirs(tmp_path / "closed")
+  (tmp_path / "f").write_bytes(b"1")
+  os.chmod(tmp_path / "closed", 0)
+  try:
+    errors = []
+    walked = [rel for rel, _ in fs.walk_files(str(tmp_path), onerror=lambda d, e: errors.append(d))]
+    assert walked == ["f"] and errors == [str(tmp_path / "closed")]
+    with pytest.raises(PermissionError):
+      list(fs.walk_files(str(tmp_path)))
+  finally:
+    os.chmod(tmp_path / "closed", 0o755)
+
+
+def test_local_remove_and_remove_tree(tmp_path):
+  os.makedirs(tmp_path / "d" / "e")
+  (tmp_path / "d" / "e" / "f").write_bytes(b"1")
+  (tmp_path / "file").write_bytes(b"1")
+  with pytest.raises(IsADirectoryError):
+    fs.remove(str(tmp_path / "d"))
+  with pytest.raises(NotADirectoryError):
+    fs.remove_tree(str(tmp_path / "file"))
+  fs.remove(str(tmp_path / "file"))
+  fs.remove_tree(str(tmp_path / "d"))
+  assert os.listdir(tmp_path) == []
+  with pytest.raises(FileNotFoundError):
+    fs.remove(str(tmp_path / "file"))
+  with pytest.raises(FileNotFoundError):
+    fs.remove_tree(str(tmp_path / "d"))
+
+
+def test_url_exists_isdir_list_dir_file_info_open_read_and_remove():
+  root = _ram("ops")
+  fs.makedirs(f"{root}/d")
+  atomic_write(f"{root}/d/f", b"abc")
+  atomic_write(f"{root}/g", b"12")
+  assert fs.exists(f"{root}/d/f") and fs.exists(f"{root}/d") and not fs.exists(f"{root}/x")
+  assert fs.isdir(f"{root}/d") and not fs.isdir(f"{root}/g")
+  assert fs.list_dir(root) == ["d", "g"]
+  info = fs.file_info(f"{root}/d/f")
+  assert (info.size, info.kind, info.is_file, info.target) == (3, "file", True, None)
+  assert fs.file_info(f"{root}/d").kind == "directory"
+  with fs.open_read(f"{root}/g") as f:
+    assert f.read() == b"12"
+  with fs.open_read(f"{root}/g", encoding="utf-8") as f:
+    assert f.read() == "12"
+  for missing in (fs.file_info, fs.list_dir, fs.open_read, fs.remove, fs.remove_tree):
+    with pytest.raises(FileNotFoundError, match=f"{root}/x"):
+      missing(f"{root}/x")
+  with pytest.raises(NotADirectoryError):
+    fs.remove_tree(f"{root}/g")
+  fs.remove(f"{root}/g")
+  assert not fs.exists(f"{root}/g") and fs.list_dir(root) == ["d"]
+
+
+def test_url_walk_files_and_list_files_go_to_any_depth_and_prune():
+  root = _ram("walk")
+  fs.makedirs(f"{root}/data/a/b")
+  for rel in ("top", "data/f", "data/a/g", "data/a/b/h"):
+    atomic_write(f"{root}/{rel}", rel.encode())
+  walked = {rel: (info.kind, info.size) for rel, info in fs.walk_files(root)}
+  assert walked == {
+    "top": ("file", 3),
+    "data/f": ("file", 6),
+    "data/a/g": ("file", 8),
+    "data/a/b/h": ("file", 10),
+  }
+  assert fs.list_files(root) == ["data/a/b/h", "data/a/g", "data/f", "top"]
+  assert fs.list_files(root, prune=lambda rel: rel == "data/a") == ["data/f", "top"]
+  assert fs.list_files(f"{root}/data/a") == ["b/h", "g"]
+  assert fs.list_files(_ram("walk-missing")) == []
+
+
+def test_url_remove_tree_removes_every_object_under_the_prefix():
+  root = _ram("remove-tree")
+  fs.makedirs(f"{root}/dir/a/b")
+  for rel in ("dir/f", "dir/a/g", "dir/a/b/h", "dir-sibling/f", "other"):
+    atomic_write(f"{root}/{rel}", b"x")
+  fs.remove_tree(f"{root}/dir")
+  # (ram:// says "dir" exists while "dir-sibling" does: it matches names by prefix.)
+  for rel in ("dir/f", "dir/a", "dir/a/g", "dir/a/b/h"):
+    assert not fs.exists(f"{root}/{rel}"), rel
+  assert fs.exists(f"{root}/dir-sibling/f") and fs.exists(f"{root}/other")
+
+
+def test_url_remove_tree_removes_objects_under_directories_no_object_marks():
+  # An object store has no directories: objects written under a/b/ make "a" and
+  # "a/b" exist without a marker (ram:// does not list such directories).
+  root = _ram("remove-prefix")
+  for rel in ("dir/f", "dir/a/g", "dir/a/b/h", "keep"):
+    atomic_write(f"{root}/{rel}", b"x")
+  assert fs.isdir(f"{root}/dir/a")
+  fs.remove_tree(f"{root}/dir")
+  for rel in ("dir", "dir/f", "dir/a/g", "dir/a/b/h"):
+    assert not fs.exists(f"{root}/{rel}"), rel
+  assert fs.exists(f"{root}/keep")
+
+
+def test_the_filesystem_operations_of_a_local_path_do_not_import_tensorflow(tmp_path):
+  script = textwrap.dedent(f"""
+      import os, sys
+      from fedbeam.format import fs
+      root = {str(tmp_path)!r}
+      fs.makedirs(os.path.join(root, "d"))
+      fs.atomic_write(os.path.join(root, "d", "f"), b"x")
+      assert fs.exists(root) and fs.isdir(root) and fs.list_dir(root) == ["d"]
+      assert fs.list_files(root) == ["d/f"] and fs.file_info(os.path.join(root, "d", "f")).is_file
+      with fs.open_read(os.path.join(root, "d", "f")) as f:
+        f.read()
+      fs.remove(os.path.join(root, "d", "f"))
+      fs.remove_tree(os.path.join(root, "d"))
+      print("tensorflow" in sys.modules)
+      """)
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+  ).stdout
+  assert out.strip().splitlines()[-1] == "False"
+
+
+def test_every_public_function_is_documented_and_exported():
+  for name in fs.__all__:
+    assert getattr(fs, name).__doc__, name
+  for name in ("exists", "isdir", "list_dir", "list_files", "walk_files", "file_info"):
+    assert name in fs.__all__
+  for name in ("open_read", "makedirs", "remove", "remove_tree", "FileInfo"):
+    assert name in fs.__all__
+
+
+def test_a_store_prepared_to_a_url_loads_back_and_validates(tmp_path):
+  # The whole store goes through the URL branch: the in-process runner with
+  # one worker shares this process's ram:// filesystem.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from fedbeam import testing  # pylint: disable=g-import-not-at-top
+  from fedbeam.store_validation import validate_store  # pylint: disable=g-import-not-at-top
+
+  clients = {
+    f"c{i}": [{"x": np.array([float(i), float(j)], np.float32)} for j in range(i + 1)]
+    for i in range(3)
+  }
+  out = testing.prepare_store(
+    clients,
+    tmp_path,
+    output=_ram("store") + "/out",
+    beam_args=["--direct_num_workers=1", "--direct_running_mode=in_memory"],
+  )
+  assert fs.exists(f"{out}/metadata.json")
+  back = testing.read_store(out)
+  assert sorted(back) == ["c0", "c1", "c2"]
+  for cid, elements in clients.items():
+    assert sorted(e["x"].tolist() for e in back[cid]) == [e["x"].tolist() for e in elements]
+  report = validate_store(out)
+  assert report.problems == []
+
+
+def test_walk_files_reports_a_path_it_cannot_list_to_onerror_or_raises(tmp_path):
+  (tmp_path / "f").write_bytes(b"1")
+  errors = []
+  walked = list(fs.walk_files(str(tmp_path / "f"), onerror=lambda d, e: errors.append((d, e))))
+  assert walked == [] and [(d, type(e)) for d, e in errors] == [
+    (str(tmp_path / "f"), NotADirectoryError)
+  ]
+  with pytest.raises(NotADirectoryError):
+    list(fs.walk_files(str(tmp_path / "f")))

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedbeam.format.fs import file_ops, read_store_file
+from fedbeam.format.fs import isdir, list_dir, read_store_file
 from fedbeam.format.layout import (
   DATA_DIR_PREFIX,
   FORMAT_VERSION,
@@ -139,9 +139,8 @@ def read_metadata(root: str) -> dict[str, Any]:
 
 def _holds_data_dirs(root: str) -> bool:
   """Whether `root` is a directory holding data-* directories (False if it cannot be listed)."""
-  fs = file_ops(root)
   try:
-    return fs.isdir(root) and any(n.startswith(DATA_DIR_PREFIX) for n in fs.listdir(root))
+    return isdir(root) and any(n.startswith(DATA_DIR_PREFIX) for n in list_dir(root))
   except Exception:  # pylint: disable=broad-except
     # OSError locally, tf.errors.OpError remotely: either way no store is there to read.
     return False

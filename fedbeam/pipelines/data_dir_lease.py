@@ -41,9 +41,8 @@ import time
 from typing import Optional
 import uuid
 
-from apache_beam.io.filesystems import FileSystems
-
-from fedbeam.format.fs import file_ops, is_remote
+from fedbeam.format import fs
+from fedbeam.format.fs import is_remote
 from fedbeam.format.layout import DATA_DIR_PREFIX, LEASE_FILE, data_dir_name, join
 from fedbeam.format.metadata import metadata_path
 
@@ -78,10 +77,10 @@ def committed_state(root: str) -> tuple[Optional[str], Optional[str]]:
   """
   path = metadata_path(root)
   try:
-    with FileSystems.open(path) as f:
+    with fs.open_read(path) as f:
       data = f.read()
   except Exception:  # pylint: disable=broad-except
-    if FileSystems.exists(path):
+    if fs.exists(path):
       raise
     return None, None
   digest = hashlib.sha256(data).hexdigest()
@@ -155,8 +154,8 @@ class DataDirLease:
     """Deletes the job's data directory (a failed job's partial files); never a committed one."""
     if self.committed():
       return
-    if FileSystems.exists(self.path):
-      FileSystems.delete([self.path])
+    if fs.exists(self.path):
+      fs.remove_tree(self.path)
 
   def release(self) -> None:
     """Ends the claim: removes the lease file (and the directory if nothing else is in it)."""
@@ -251,17 +250,15 @@ def _remove_if_dead_local(root: str, name: str) -> bool:
   finally:
     if fd is not None:
       os.close(fd)
-  FileSystems.delete([doomed])
+  fs.remove_tree(doomed)
   return True
 
 
 def _file_times(directory: str) -> list[float]:
-  prefix = directory.rstrip("/") + "/"
   try:
-    found = FileSystems.match([prefix + "**"])[0].metadata_list
+    return [info.mtime for _, info in fs.walk_files(directory)]
   except Exception:  # pylint: disable=broad-except
     return []
-  return [m.last_updated_in_seconds for m in found]
 
 
 def remove_dead_data_dirs(root: str, keep: str, object_store: Optional[bool] = None) -> list[str]:
@@ -273,15 +270,13 @@ def remove_dead_data_dirs(root: str, keep: str, object_store: Optional[bool] = N
   the directories whose every file is older than the oldest file of `keep`.
 
   Raises:
-    OSError or Beam's BeamIOError: a directory could not be deleted.
+    OSError, or tf.errors.OpError on an object store: a directory could not be deleted.
   """
   if object_store is None:
     object_store = is_object_store(root)
   protected = {keep, committed_state(root)[0]}
   names = [
-    n
-    for n in sorted(set(file_ops(root).listdir(root)))
-    if _is_data_dir(n.rstrip("/")) and n.rstrip("/") not in protected
+    n for n in fs.list_dir(root) if _is_data_dir(n.rstrip("/")) and n.rstrip("/") not in protected
   ]
   removed = []
   if object_store:
@@ -293,7 +288,7 @@ def remove_dead_data_dirs(root: str, keep: str, object_store: Optional[bool] = N
       name = name.rstrip("/")
       times = _file_times(join(root, name))
       if times and max(times) < start:
-        FileSystems.delete([join(root, name)])
+        fs.remove_tree(join(root, name))
         removed.append(name)
     return removed
   for name in names:

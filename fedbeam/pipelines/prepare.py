@@ -21,12 +21,11 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineRunner, create_runner
 
 import fedbeam
-from fedbeam.format.fs import file_ops
+from fedbeam.format import fs
 from fedbeam.format.layout import (
   DATA_DIR_PREFIX,
   METADATA_FILE,
@@ -609,20 +608,19 @@ def prepare_output_dir(output: str, overwrite: bool, create: bool = True) -> Non
       files that are not fedbeam's, or cannot be created.
   """
   try:
-    if FileSystems.exists(metadata_path(output)):
+    if fs.exists(metadata_path(output)):
       if not overwrite:
         raise PrepareError(
           f"--output {output} already holds a committed fedbeam store; "
           "pass --overwrite to replace it"
         )
       return
-    fs = file_ops(output)
     if fs.exists(output):
       if not fs.isdir(output):
         raise PrepareError(f"--output {output} is a file, not a directory")
       foreign = sorted(
         n
-        for n in fs.listdir(output)
+        for n in fs.list_dir(output)
         if not n.startswith(DATA_DIR_PREFIX) and not n.startswith(f".{METADATA_FILE}.tmp-")
       )
       if foreign:

@@ -24,11 +24,11 @@ from typing import Any, Iterable, Mapping, Optional
 import zlib
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 import google_crc32c
 
 import fedbeam
-from fedbeam.format.fs import atomic_write, file_ops, sync_filesystem, temp_name
+from fedbeam.format import fs
+from fedbeam.format.fs import atomic_write, sync_filesystem, temp_name
 from fedbeam.format.layout import (
   FORMAT_VERSION,
   ID_ENCODING,
@@ -207,21 +207,12 @@ class _WriteManifestFile(beam.DoFn):
     yield name
 
 
-def _files_in(directory: str) -> list[str]:
-  """Names of the files directly in `directory` (hidden ones too); none if it is missing."""
-  prefix = directory.rstrip("/") + "/"
+def _entries_in(directory: str) -> list[str]:
+  """Names of the entries directly in `directory` (hidden ones too); none if it is missing."""
   try:
-    found = FileSystems.match([prefix + "*"])[0].metadata_list
-  except Exception:  # pylint: disable=broad-except
-    # Beam reports a pattern over a missing directory as a failed match.
-    if FileSystems.exists(directory):
-      raise
+    return fs.list_dir(directory)
+  except FileNotFoundError:
     return []
-  return sorted(
-    m.path[len(prefix) :]
-    for m in found
-    if m.path.startswith(prefix) and "/" not in m.path[len(prefix) :]
-  )
 
 
 def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
@@ -229,11 +220,15 @@ def sweep_directory(directory: str, keep: Iterable[str]) -> list[str]:
 
   Clears what a killed worker or an earlier run of the same job left behind
   (temporary files, clients that are not in this run's manifest).
+  Subdirectories are left alone.
   """
   keep = set(keep)
-  stray = [n for n in _files_in(directory) if n not in keep]
-  if stray:
-    FileSystems.delete([join(directory, n) for n in stray])
+  stray = []
+  for name in _entries_in(directory):
+    path = join(directory, name)
+    if name not in keep and not fs.isdir(path):  # asked of strays only: one request each remotely
+      fs.remove(path)
+      stray.append(name)
   return stray
 
 
@@ -368,7 +363,7 @@ def _remove_temp_metadata(root: str) -> None:
   """Deletes top-level temporary metadata files (of killed commits; callers hold the lock)."""
   for name in _list_directory(root):
     if name.startswith(f".{METADATA_FILE}.tmp-"):
-      FileSystems.delete([join(root, name)])
+      fs.remove(join(root, name))
 
 
 def _write_metadata(root: str, data: bytes, exclusive: bool, fsync: bool) -> None:
@@ -413,7 +408,7 @@ def commit_metadata(
   the job must have found none. On local disks the check and the write run
   under an exclusive lock on `root`, and without `overwrite` the file is
   created through a hard link, which fails atomically when it exists. Object
-  stores (no lock, no exclusive create through Beam's FileSystems) check
+  stores (no lock, no exclusive create through tf.io.gfile) check
   first and then write, which leaves a window of one write.
 
   A commit that finds its own metadata already in place (a retried commit)
@@ -449,8 +444,7 @@ def commit_metadata(
 
 def _list_directory(directory: str) -> list[str]:
   """Names of the entries (files and directories, hidden ones too) of `directory`."""
-  fs = file_ops(directory)
-  return sorted(set(fs.listdir(directory))) if fs.isdir(directory) else []
+  return fs.list_dir(directory) if fs.isdir(directory) else []
 
 
 def remove_other_data_dirs(root: str, keep: str) -> list[str]:
@@ -593,8 +587,8 @@ class _CommitStore(beam.DoFn):
     except StoreWriteError:
       # Another job won; remove this job's files unless the winner is this
       # very job (a retried commit).
-      if committed_state(self._root)[0] != self._data_dir:
-        FileSystems.delete([data])
+      if committed_state(self._root)[0] != self._data_dir and fs.exists(data):
+        fs.remove_tree(data)
       raise
 
 

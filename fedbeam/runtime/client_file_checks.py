@@ -17,8 +17,6 @@ Two halves, one per place a read can be checked (docs/reliability.md, "Reading a
 from __future__ import annotations
 
 import mmap
-import os
-import stat
 import struct
 from typing import Any, Callable, Optional, Sequence
 
@@ -29,7 +27,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 
 # pylint: enable=g-direct-tensorflow-import
-from fedbeam.format.fs import is_remote
+from fedbeam.format.fs import file_info, is_remote, open_read
 
 __all__ = ["RECORD_OVERHEAD_BYTES", "check_client_file", "ManifestFigures"]
 
@@ -40,26 +38,19 @@ _LENGTH = struct.Struct("<Q")
 
 def _file_size(path: str) -> tuple[Optional[int], Optional[str]]:
   """(size, None) for a regular file, else (None, the reason it cannot be read)."""
-  if is_remote(path):
-    if not tf.io.gfile.exists(path):
-      return None, "is missing"
-    info = tf.io.gfile.stat(path)
-    if info.is_directory:
-      return None, "is not a regular file"
-    return int(info.length), None
   try:
-    # lstat: a symbolic link is refused, not followed out of the store.
-    st = os.lstat(path)
+    # Not followed: a symbolic link is refused, not followed out of the store.
+    info = file_info(path)
   except FileNotFoundError:
     return None, "is missing"
-  except OSError as e:
+  except OSError as e:  # a local path (a URL's other errors are raised)
     return None, f"cannot be read ({e.strerror})"
   # A FIFO or device would block or stream without end when opened.
-  if stat.S_ISLNK(st.st_mode):
+  if info.kind == "symbolic link":
     return None, "is a symbolic link, not a regular file"
-  if not stat.S_ISREG(st.st_mode):
+  if not info.is_file:
     return None, "is not a regular file"
-  return st.st_size, None
+  return info.size, None
 
 
 def _count_records(buf, size: int, limit: int) -> tuple[int, Optional[str]]:
@@ -114,10 +105,10 @@ def check_client_file(path: str, num_examples: int, num_bytes: int) -> Optional[
   if size == 0:  # mmap refuses empty files
     count, reason = 0, None
   elif is_remote(path):
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with open_read(path) as f:
       count, reason = _count_records(f.read(size), size, num_examples)
   else:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+    with open_read(path) as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
       count, reason = _count_records(m, size, num_examples)
   if reason is not None:
     return reason

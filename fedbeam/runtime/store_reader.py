@@ -29,7 +29,7 @@ from fedbeam.format.codec import (
   make_record_parser,
   records_to_elements,
 )
-from fedbeam.format.fs import file_ops
+from fedbeam.format.fs import isdir
 from fedbeam.format.layout import (
   StoreFormatError,
   client_relative_path,
@@ -366,7 +366,7 @@ class StoreReader:
       raise ValueError(f"store {path} has no client in split(s) {sorted(wanted)}")
     data_dir = data_root(path, metadata)
     for name in sorted({r[0] for r in rows.values()}):
-      if not file_ops(data_dir).isdir(join(data_dir, name)):
+      if not isdir(join(data_dir, name)):
         raise StoreFormatError(
           f"store {path} is damaged: the directory of split {name!r} "
           f"({join(data_dir, name)}) is missing"

@@ -44,6 +44,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from fedbeam.format import fs
 from fedbeam.format.fs import atomic_write, is_remote
 from fedbeam.runtime.option_checks import check_int, check_number, parse_int, parse_number
 from fedbeam.runtime.round_releases import METRICS_COLUMNS
@@ -561,9 +562,7 @@ def _build_optimizers(options: TrainOptions):
 
 
 def _read_json(path: str) -> Any:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  with tf.io.gfile.GFile(path, "r") as f:
+  with fs.open_read(path, encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -697,29 +696,29 @@ def _prepare_output(options: TrainOptions, has_test: bool, stores: dict[str, Any
   output = options.output
   checkpoint = os.path.join(output, CHECKPOINT_NAME)
   config_path = os.path.join(output, CONFIG_NAME)
-  has_checkpoint = tf.io.gfile.exists(checkpoint)
+  has_checkpoint = fs.exists(checkpoint)
   if options.overwrite:
     for name in (CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME):
-      if tf.io.gfile.exists(os.path.join(output, name)):
-        tf.io.gfile.remove(os.path.join(output, name))
-    if tf.io.gfile.isdir(os.path.join(output, TENSORBOARD_DIR)):
-      tf.io.gfile.rmtree(os.path.join(output, TENSORBOARD_DIR))
+      if fs.exists(os.path.join(output, name)):
+        fs.remove(os.path.join(output, name))
+    if fs.isdir(os.path.join(output, TENSORBOARD_DIR)):
+      fs.remove_tree(os.path.join(output, TENSORBOARD_DIR))
     has_checkpoint = False
   elif has_checkpoint and not options.resume:
     raise TrainError(
       f"{output} already holds a training run (checkpoint.npz); pass "
       "--resume to continue it or --overwrite to start over"
     )
-  tf.io.gfile.makedirs(output)
+  fs.makedirs(output)
   wanted = dict(options.result_config(), has_test_split=has_test, stores=stores)
   if has_checkpoint:
     try:
       recorded = _read_json(config_path)
-    except tf.errors.NotFoundError:
+    except (FileNotFoundError, tf.errors.NotFoundError):
       raise TrainError(
         f"{output} has a checkpoint but no {CONFIG_NAME}; use --overwrite to start over"
       ) from None
-    except (tf.errors.OpError, ValueError) as error:
+    except (OSError, tf.errors.OpError, ValueError) as error:
       # ValueError: JSONDecodeError, UnicodeDecodeError.
       raise RunDirectoryError(
         f"{config_path} is damaged ({error}); use --overwrite to start over"
@@ -759,11 +758,9 @@ def _prepare_output(options: TrainOptions, has_test: bool, stores: dict[str, Any
 
 
 def _metrics_rows_up_to(path: str, last_round: int) -> list[dict[str, str]]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  if not tf.io.gfile.exists(path):
+  if not fs.exists(path):
     return []
-  with tf.io.gfile.GFile(path, "r") as f:
+  with fs.open_read(path, encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   return [r for r in rows if r.get("round", "").isdigit() and int(r["round"]) <= last_round]
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import stat
 from typing import Any, Optional
 import zipfile
 
@@ -24,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedbeam.format.fs import atomic_write
+from fedbeam.format.fs import atomic_write, file_info, open_read
 from fedbeam.runtime.simulation.read_errors import error_cause
 from fedbeam.runtime.simulation.types import SimulationState
 
@@ -76,7 +74,7 @@ def save_state(
   (a zip of `.npy` arrays), whose per-entry CRC-32 `load_state` checks.
 
   Args:
-    path: Destination file (any `tf.io.gfile` path).
+    path: Destination file (a local path or a URL such as gs://...).
     state: The state to save.
     metadata: JSON-serializable facts stored beside it (seed, flags...).
   """
@@ -90,24 +88,19 @@ def save_state(
 def _checkpoint_bytes(path: str, limit: int) -> bytes:
   """The content of a checkpoint file that is a regular file of at most `limit` bytes."""
   try:
-    if "://" in path:
-      if tf.io.gfile.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
-      size = tf.io.gfile.stat(path).length
-    else:
-      # Checked before opening: opening a FIFO would wait for a writer.
-      info = os.stat(path)
-      if stat.S_ISDIR(info.st_mode):
-        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
-      if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"checkpoint {path} is not a regular file")
-      size = info.st_size
+    # Checked before opening: opening a FIFO would wait for a writer.
+    info = file_info(path, follow_links=True)
+    if info.kind == "directory":
+      raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
+    if not info.is_file:
+      raise CheckpointError(f"checkpoint {path} is not a regular file")
+    size = info.size
     if size > limit:
       raise CheckpointError(
         f"checkpoint {path} is {size} bytes, more than a checkpoint of this model "
         f"and server optimizer can be ({limit} bytes)"
       )
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with open_read(path) as f:
       return f.read()
   except (FileNotFoundError, tf.errors.NotFoundError):
     raise CheckpointError(f"checkpoint {path} does not exist") from None
