@@ -3,8 +3,10 @@
 import errno
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -191,20 +193,42 @@ def test_local_walk_files_lists_every_file_at_any_depth_and_prunes(tmp_path):
   assert fs.list_files(str(tmp_path / "missing")) == []
 
 
-def test_local_walk_files_reports_a_directory_it_cannot_list_to_onerror(tmp_path):
-  if os.geteuid() == 0:
-    pytest.skip("root lists any directory")
-  os.makedirs(tmp_path / "closed")
-  (tmp_path / "f").write_bytes(b"1")
-  os.chmod(tmp_path / "closed", 0)
+def _walk_closed_directory(root: str) -> None:
+  errors = []
+  walked = [rel for rel, _ in fs.walk_files(root, onerror=lambda d, e: errors.append(d))]
+  assert walked == ["f"] and errors == [os.path.join(root, "closed")]
+  with pytest.raises(PermissionError):
+    list(fs.walk_files(root))
+
+
+def test_local_walk_files_reports_a_directory_it_cannot_list_to_onerror():
+  # Root lists any directory, so as root the walk runs in a child that has
+  # dropped to an unprivileged user.
+  root = tempfile.mkdtemp()
+  os.chmod(root, 0o755)
+  os.makedirs(os.path.join(root, "closed"))
+  with open(os.path.join(root, "f"), "wb") as f:
+    f.write(b"1")
+  os.chmod(os.path.join(root, "closed"), 0)
   try:
-    errors = []
-    walked = [rel for rel, _ in fs.walk_files(str(tmp_path), onerror=lambda d, e: errors.append(d))]
-    assert walked == ["f"] and errors == [str(tmp_path / "closed")]
-    with pytest.raises(PermissionError):
-      list(fs.walk_files(str(tmp_path)))
+    if os.geteuid() != 0:
+      _walk_closed_directory(root)
+      return
+    pid = os.fork()
+    if pid == 0:
+      code = 1
+      try:
+        os.setgid(65534)
+        os.setuid(65534)
+        _walk_closed_directory(root)
+        code = 0
+      finally:
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the walk as an unprivileged user failed"
   finally:
-    os.chmod(tmp_path / "closed", 0o755)
+    os.chmod(os.path.join(root, "closed"), 0o755)
+    shutil.rmtree(root)
 
 
 def test_local_remove_and_remove_tree(tmp_path):
