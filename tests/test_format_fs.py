@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from fedbeam.format import fs
-from fedbeam.format.fs import atomic_write, file_ops, is_remote, sync_filesystem, temp_name
+from fedbeam.format.fs import atomic_write, is_remote, sync_filesystem, temp_name
 
 
 def test_atomic_write_writes_bytes_or_pieces_and_returns_the_size(tmp_path):
@@ -67,14 +67,12 @@ def test_is_remote_tells_urls_from_local_paths():
   assert not is_remote("/tmp/odd:name")
 
 
-def test_file_ops_of_a_local_path_use_the_os_module(tmp_path):
-  fs = file_ops(str(tmp_path))
+def test_local_makedirs_is_idempotent_and_the_queries_see_what_was_written(tmp_path):
   fs.makedirs(str(tmp_path / "d"))
   fs.makedirs(str(tmp_path / "d"))  # exists already: no error
-  with fs.open(str(tmp_path / "d" / "f"), "wb") as f:
-    f.write(b"1")
+  atomic_write(str(tmp_path / "d" / "f"), b"1", fsync=False)
   assert fs.isdir(str(tmp_path / "d")) and fs.exists(str(tmp_path / "d" / "f"))
-  assert fs.listdir(str(tmp_path)) == ["d"]
+  assert fs.list_dir(str(tmp_path)) == ["d"]
 
 
 def test_atomic_write_to_a_url_goes_through_tf_gfile_whole_or_not_at_all():
@@ -94,7 +92,7 @@ def test_atomic_write_to_a_url_goes_through_tf_gfile_whole_or_not_at_all():
     atomic_write(path, pieces())
   with tf.io.gfile.GFile(path, "rb") as f:
     assert f.read() == b"newer"
-  assert file_ops(directory).listdir(directory) == ["file.bin"]
+  assert fs.list_dir(directory) == ["file.bin"]
 
 
 def test_sync_filesystem_syncs_the_filesystem_holding_a_local_directory(tmp_path, monkeypatch):

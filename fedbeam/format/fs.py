@@ -19,7 +19,6 @@ of its schemes are what a source wants).
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import errno
 import functools
@@ -34,8 +33,6 @@ from fedbeam.format.layout import MissingStoreFileError, StoreFormatError
 
 __all__ = [
   "FileInfo",
-  "FileOps",
-  "file_ops",
   "is_remote",
   "exists",
   "isdir",
@@ -178,33 +175,6 @@ def sync_filesystem(path: str) -> None:
     raise OSError(e.errno, f"cannot make the files under {path} durable: {e.strerror}") from None
   finally:
     os.close(fd)
-
-
-FileOps = collections.namedtuple("FileOps", "exists isdir listdir makedirs open")
-
-
-def file_ops(path: str) -> FileOps:
-  """Directory and file functions for `path`: the os module's for local paths,
-  tf.io.gfile's for URLs such as gs://.
-
-  Local paths need no TensorFlow, which takes seconds and hundreds of MB to
-  import in a process (the prepare job's runner and workers) that otherwise
-  does not use it. `listdir` names have no trailing '/'.
-  """
-  if is_remote(path):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    gfile = tf.io.gfile
-    return FileOps(
-      gfile.exists,
-      gfile.isdir,
-      lambda d: [n.rstrip("/") for n in gfile.listdir(d)],
-      gfile.makedirs,
-      gfile.GFile,
-    )
-  return FileOps(
-    os.path.exists, os.path.isdir, os.listdir, lambda d: os.makedirs(d, exist_ok=True), open
-  )
 
 
 def _gfile():
